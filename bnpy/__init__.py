@@ -1,0 +1,40 @@
+"""bnpy: batch normalization with its numerical core in C, for NumPy.
+
+    >>> import numpy as np, bnpy
+    >>> bn = bnpy.BatchNorm(3)
+    >>> y = bn(np.random.default_rng(0).normal(5, 2, size=(16, 3)))
+    >>> dx = bn.backward(np.ones_like(y))
+"""
+try:
+    from . import _core
+except ImportError:  # pragma: no cover - only when run from a source checkout
+    # Importing from a source checkout (python -m bnpy in the repository) finds
+    # this directory, which holds no compiled core unless built in place; look
+    # for the installed package's core as well before giving up.
+    from pkgutil import extend_path
+
+    __path__ = extend_path(__path__, __name__)
+    try:
+        from . import _core
+    except ImportError as error:
+        raise ImportError(
+            "bnpy's C extension (bnpy._core) is not built: run `pip install .` "
+            "in the repository, or `python setup.py build_ext --inplace`"
+        ) from error
+
+from ._core import (
+    BatchNorm,
+    batch_norm_backward,
+    batch_norm_forward,
+    batch_norm_inference,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "batch_norm_backward",
+    "__version__",
+]

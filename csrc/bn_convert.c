@@ -1,0 +1,378 @@
+/* bn_convert.c -- from Python arguments to checked C values and arrays. */
+#include "bn_module.h"
+
+#include <math.h>
+
+/* ---- scalar arguments ---------------------------------------------------- */
+
+static int is_bool(PyObject *obj)
+{
+    return PyBool_Check(obj) || PyArray_IsScalar(obj, Bool);
+}
+
+/* obj as a C long long if it is an integer (not a bool); -1 with TypeError. */
+static int parse_integer(PyObject *obj, const char *name, long long *out)
+{
+    if (is_bool(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an integer, got %.100s",
+                     name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *index = PyNumber_Index(obj);
+    if (index == NULL) {
+        return -1;
+    }
+    int overflow = 0;
+    *out = PyLong_AsLongLongAndOverflow(index, &overflow);
+    Py_DECREF(index);
+    if (*out == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "%s is out of range, got %R", name, obj);
+        return -1;
+    }
+    return 0;
+}
+
+/* obj as a double if it is a real number (not a bool, not a string). */
+static int parse_real(PyObject *obj, const char *name, double *out)
+{
+    if (is_bool(obj) || PyUnicode_Check(obj) || PyBytes_Check(obj)
+        || PyComplex_Check(obj) || PyArray_IsScalar(obj, ComplexFloating)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.100s",
+                     name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    double value = PyFloat_AsDouble(obj);
+    if (value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %.100s",
+                     name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
+int bn_parse_num_features(PyObject *obj, npy_intp *out)
+{
+    long long value;
+    if (parse_integer(obj, "num_features", &value) < 0) {
+        return -1;
+    }
+    if (value < 1 || value > NPY_MAX_INTP / 16) {
+        PyErr_Format(PyExc_ValueError,
+                     "num_features must be a positive integer, got %R", obj);
+        return -1;
+    }
+    *out = (npy_intp)value;
+    return 0;
+}
+
+int bn_parse_eps(PyObject *obj, double *out)
+{
+    double value;
+    if (parse_real(obj, "eps", &value) < 0) {
+        return -1;
+    }
+    if (!(value > 0.0) || !isfinite(value)) {
+        PyErr_Format(PyExc_ValueError, "eps must be a positive finite number, got %R", obj);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
+int bn_parse_momentum(PyObject *obj, double *out, int *is_none)
+{
+    if (obj == Py_None) {
+        *is_none = 1;
+        *out = 0.0;
+        return 0;
+    }
+    double value;
+    if (parse_real(obj, "momentum", &value) < 0) {
+        return -1;
+    }
+    if (!(value >= 0.0 && value <= 1.0)) {
+        PyErr_Format(PyExc_ValueError,
+                     "momentum must be a number in [0, 1] or None, got %R", obj);
+        return -1;
+    }
+    *is_none = 0;
+    *out = value;
+    return 0;
+}
+
+int bn_parse_bool(PyObject *obj, const char *name, int *out)
+{
+    if (!is_bool(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be True or False, got %R", name, obj);
+        return -1;
+    }
+    *out = PyObject_IsTrue(obj);
+    return *out < 0 ? -1 : 0;
+}
+
+int bn_parse_axis(PyObject *obj, int *out)
+{
+    long long value;
+    if (parse_integer(obj, "axis", &value) < 0) {
+        return -1;
+    }
+    if (value < -NPY_MAXDIMS || value >= NPY_MAXDIMS) {
+        PyErr_Format(PyExc_ValueError, "axis must be in [-%d, %d), got %R",
+                     NPY_MAXDIMS, NPY_MAXDIMS, obj);
+        return -1;
+    }
+    *out = (int)value;
+    return 0;
+}
+
+int bn_parse_dtype(PyObject *obj, int *typenum)
+{
+    PyArray_Descr *descr = NULL;
+    int is_name_or_type = PyUnicode_Check(obj) || PyType_Check(obj)
+                          || PyArray_DescrCheck(obj);
+    if (obj == Py_None || !is_name_or_type) {
+        PyErr_Format(PyExc_TypeError,
+                     "dtype must be np.float32 or np.float64 (or their names), got %R", obj);
+        return -1;
+    }
+    if (!PyArray_DescrConverter(obj, &descr)) {
+        PyErr_Clear();
+        descr = NULL;
+    }
+    int ok = descr != NULL && PyArray_ISNBO(descr->byteorder)
+             && (descr->type_num == NPY_FLOAT || descr->type_num == NPY_DOUBLE);
+    if (ok) {
+        *typenum = descr->type_num;
+    }
+    Py_XDECREF(descr);
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError,
+                     "dtype must be float32 or float64, got %R", obj);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- arrays -------------------------------------------------------------- */
+
+/* 1 for booleans, integers and floats: the kinds batch norm accepts. */
+static int is_real_kind(PyArray_Descr *descr)
+{
+    return PyDataType_ISBOOL(descr) || PyDataType_ISINTEGER(descr)
+           || PyDataType_ISFLOAT(descr);
+}
+
+/* Any array-like as an array of its own dtype, checked to be real. */
+static PyArrayObject *as_real_array(PyObject *obj, const char *name)
+{
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
+    if (arr == NULL) {
+        return NULL;
+    }
+    if (!is_real_kind(PyArray_DESCR(arr))) {
+        PyErr_Format(PyExc_TypeError, "%s must hold real numbers, got an array of dtype %R",
+                     name, (PyObject *)PyArray_DESCR(arr));
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+int bn_compute_typenum(PyObject *obj, const char *name)
+{
+    PyArrayObject *arr = as_real_array(obj, name);
+    if (arr == NULL) {
+        return -1;
+    }
+    int type = PyArray_TYPE(arr);
+    Py_DECREF(arr);
+    return (type == NPY_FLOAT || type == NPY_DOUBLE) ? type : NPY_DOUBLE;
+}
+
+PyArrayObject *bn_as_array(PyObject *obj, int typenum, const char *name)
+{
+    PyArrayObject *arr = as_real_array(obj, name);
+    if (arr == NULL) {
+        return NULL;
+    }
+    /* a well-formed view of arr, or a converted copy; steals the descr */
+    PyObject *result = PyArray_FromArray(arr, PyArray_DescrFromType(typenum),
+                                         NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    Py_DECREF(arr);
+    return (PyArrayObject *)result;
+}
+
+/* the shape of arr as a tuple, for error messages */
+static PyObject *shape_tuple(PyArrayObject *arr)
+{
+    int ndim = PyArray_NDIM(arr);
+    PyObject *tuple = PyTuple_New(ndim);
+    if (tuple == NULL) {
+        return NULL;
+    }
+    for (int d = 0; d < ndim; d++) {
+        PyObject *dim = PyLong_FromSsize_t(PyArray_DIM(arr, d));
+        if (dim == NULL) {
+            Py_DECREF(tuple);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(tuple, d, dim);
+    }
+    return tuple;
+}
+
+/* raise `exc` with a message that ends in arr's shape: "... (8, 32)" */
+static void raise_with_shape(PyObject *exc, PyArrayObject *arr, const char *message)
+{
+    PyObject *shape = shape_tuple(arr);
+    if (shape != NULL) {
+        PyErr_Format(exc, "%s%R", message, shape);
+        Py_DECREF(shape);
+    }
+}
+
+PyArrayObject *bn_as_vector(PyObject *obj, int typenum, npy_intp channels, const char *name)
+{
+    PyArrayObject *arr = bn_as_array(obj, typenum, name);
+    if (arr == NULL) {
+        return NULL;
+    }
+    if (PyArray_NDIM(arr) != 1 || PyArray_DIM(arr, 0) != channels) {
+        PyObject *shape = shape_tuple(arr);
+        if (shape != NULL) {
+            PyErr_Format(PyExc_ValueError, "%s must have shape (%zd,), got shape %R",
+                         name, (Py_ssize_t)channels, shape);
+            Py_DECREF(shape);
+        }
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+int bn_get_layout(PyArrayObject *x, int axis, npy_intp channels, bn_layout *layout)
+{
+    int ndim = PyArray_NDIM(x);
+    if (ndim < 2) {
+        raise_with_shape(PyExc_ValueError, x,
+                         "expected an input with at least 2 dimensions, got input of shape ");
+        return -1;
+    }
+    int resolved = axis < 0 ? axis + ndim : axis;
+    if (resolved < 0 || resolved >= ndim) {
+        char message[96];
+        PyOS_snprintf(message, sizeof message,
+                      "axis %d is out of bounds for input of shape ", axis);
+        raise_with_shape(PyExc_ValueError, x, message);
+        return -1;
+    }
+    npy_intp features = PyArray_DIM(x, resolved);
+    if (channels > 0 && features != channels) {
+        char message[128];
+        PyOS_snprintf(message, sizeof message,
+                      "expected %zd features on axis %d, got input of shape ",
+                      (Py_ssize_t)channels, axis);
+        raise_with_shape(PyExc_ValueError, x, message);
+        return -1;
+    }
+    layout->axis = resolved;
+    layout->shape.outer = 1;
+    layout->shape.channels = (size_t)features;
+    layout->shape.inner = 1;
+    for (int d = 0; d < resolved; d++) {
+        layout->shape.outer *= (size_t)PyArray_DIM(x, d);
+    }
+    for (int d = resolved + 1; d < ndim; d++) {
+        layout->shape.inner *= (size_t)PyArray_DIM(x, d);
+    }
+    return 0;
+}
+
+int bn_check_batch_size(PyArrayObject *x, const bn_layout *layout, const char *when)
+{
+    if (bn_count(layout->shape) != 1) {
+        return 0;
+    }
+    char message[128];
+    PyOS_snprintf(message, sizeof message,
+                  "Expected more than 1 value per channel when %s, got input of shape ", when);
+    raise_with_shape(PyExc_ValueError, x, message);
+    return -1;
+}
+
+int bn_arrays_overlap(PyArrayObject *a, PyArrayObject *b)
+{
+    /* both are contiguous here, so their bytes are one interval each */
+    const char *a_start = PyArray_BYTES(a), *b_start = PyArray_BYTES(b);
+    const char *a_end = a_start + PyArray_NBYTES(a), *b_end = b_start + PyArray_NBYTES(b);
+    return PyArray_NBYTES(a) > 0 && PyArray_NBYTES(b) > 0
+           && a_start < b_end && b_start < a_end;
+}
+
+int bn_same_shape(PyArrayObject *a, PyArrayObject *b)
+{
+    return PyArray_NDIM(a) == PyArray_NDIM(b)
+           && PyArray_CompareLists(PyArray_DIMS(a), PyArray_DIMS(b), PyArray_NDIM(a));
+}
+
+PyArrayObject *bn_output_like(PyObject *out, PyArrayObject *like, int typenum)
+{
+    if (out == NULL || out == Py_None) {
+        return (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(like), PyArray_DIMS(like),
+                                                  typenum);
+    }
+    if (!PyArray_Check(out)) {
+        PyErr_Format(PyExc_TypeError, "out must be a numpy.ndarray, got %.100s",
+                     Py_TYPE(out)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)out;
+    if (!bn_same_shape(arr, like)) {
+        PyObject *want = shape_tuple(like), *got = shape_tuple(arr);
+        if (want != NULL && got != NULL) {
+            PyErr_Format(PyExc_ValueError, "out must have shape %R, got shape %R", want, got);
+        }
+        Py_XDECREF(want);
+        Py_XDECREF(got);
+        return NULL;
+    }
+    if (PyArray_TYPE(arr) != typenum || !PyArray_ISNOTSWAPPED(arr)) {
+        PyArray_Descr *want = PyArray_DescrFromType(typenum);
+        PyErr_Format(PyExc_ValueError, "out must have dtype %R, got dtype %R",
+                     (PyObject *)want, (PyObject *)PyArray_DESCR(arr));
+        Py_DECREF(want);
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr)) {
+        PyErr_SetString(PyExc_ValueError, "out must be C-contiguous and aligned");
+        return NULL;
+    }
+    if (!PyArray_ISWRITEABLE(arr)) {
+        PyErr_SetString(PyExc_ValueError, "out must be writeable, got a read-only array");
+        return NULL;
+    }
+    if (bn_arrays_overlap(arr, like) && PyArray_BYTES(arr) != PyArray_BYTES(like)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "out partly overlaps the input; it may be the input itself or "
+                        "separate memory");
+        return NULL;
+    }
+    Py_INCREF(arr);
+    return arr;
+}
+
+PyArrayObject *bn_new_vector(int typenum, npy_intp n)
+{
+    return (PyArrayObject *)PyArray_SimpleNew(1, &n, typenum);
+}
+
+PyArrayObject *bn_new_matrix(int typenum, npy_intp rows, npy_intp n)
+{
+    npy_intp dims[2] = {rows, n};
+    return (PyArrayObject *)PyArray_SimpleNew(2, dims, typenum);
+}

@@ -1,0 +1,117 @@
+/* bn_dispatch.c -- pick the kernel for an array's dtype and run it without
+ * the GIL. Arrays reaching here are C-contiguous, aligned, native-order
+ * float32 or float64 (bn_as_array, bn_output_like), and the caller holds a
+ * reference to each, so none can go away while the GIL is released. */
+#include "bn_module.h"
+
+#define IS_F32(arr) (PyArray_TYPE(arr) == NPY_FLOAT)
+/* the data of an optional array, or NULL */
+#define DATA_OR_NULL(arr) ((arr) != NULL ? PyArray_DATA(arr) : NULL)
+
+void bn_run_stats(bn_partial *stats, double *scratch, PyArrayObject *x, bn_shape s)
+{
+    const void *x_data = PyArray_DATA(x);
+    int f32 = IS_F32(x);
+    Py_BEGIN_ALLOW_THREADS
+    if (f32) {
+        bn_stats_f32(stats, scratch, x_data, s);
+    }
+    else {
+        bn_stats_f64(stats, scratch, x_data, s);
+    }
+    Py_END_ALLOW_THREADS
+}
+
+void bn_run_running_moments(double *mean, double *invstd, PyArrayObject *running_mean,
+                            PyArrayObject *running_var, double eps)
+{
+    /* O(C): not worth dropping the GIL */
+    size_t channels = (size_t)PyArray_DIM(running_mean, 0);
+    if (IS_F32(running_mean)) {
+        bn_running_moments_f32(mean, invstd, PyArray_DATA(running_mean),
+                               PyArray_DATA(running_var), channels, eps);
+    }
+    else {
+        bn_running_moments_f64(mean, invstd, PyArray_DATA(running_mean),
+                               PyArray_DATA(running_var), channels, eps);
+    }
+}
+
+void bn_run_update_running(PyArrayObject *running_mean, PyArrayObject *running_var,
+                           const bn_partial *stats, double momentum)
+{
+    size_t channels = (size_t)PyArray_DIM(running_mean, 0);
+    if (IS_F32(running_mean)) {
+        bn_update_running_f32(PyArray_DATA(running_mean), PyArray_DATA(running_var),
+                              stats, channels, momentum);
+    }
+    else {
+        bn_update_running_f64(PyArray_DATA(running_mean), PyArray_DATA(running_var),
+                              stats, channels, momentum);
+    }
+}
+
+void bn_run_forward(PyArrayObject *y, PyArrayObject *x, const double *mean,
+                    const double *invstd, PyArrayObject *gamma, PyArrayObject *beta,
+                    bn_shape s)
+{
+    void *y_data = PyArray_DATA(y);
+    const void *x_data = PyArray_DATA(x);
+    const void *gamma_data = DATA_OR_NULL(gamma), *beta_data = DATA_OR_NULL(beta);
+    int f32 = IS_F32(x);
+    Py_BEGIN_ALLOW_THREADS
+    if (f32) {
+        bn_forward_f32(y_data, x_data, mean, invstd, gamma_data, beta_data, s);
+    }
+    else {
+        bn_forward_f64(y_data, x_data, mean, invstd, gamma_data, beta_data, s);
+    }
+    Py_END_ALLOW_THREADS
+}
+
+void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, PyArrayObject *dy,
+                     PyArrayObject *x, const double *mean, const double *invstd,
+                     PyArrayObject *gamma, bn_shape s, int training)
+{
+    void *dx_data = PyArray_DATA(dx);
+    const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
+    const void *gamma_data = DATA_OR_NULL(gamma);
+    int f32 = IS_F32(x);
+    Py_BEGIN_ALLOW_THREADS
+    if (f32) {
+        bn_backward_reduce_f32(dgamma, dbeta, dy_data, x_data, mean, invstd, s);
+        if (training) {
+            bn_backward_dx_train_f32(dx_data, dy_data, x_data, mean, invstd, gamma_data,
+                                     dgamma, dbeta, s);
+        }
+        else {
+            bn_backward_dx_eval_f32(dx_data, dy_data, invstd, gamma_data, s);
+        }
+    }
+    else {
+        bn_backward_reduce_f64(dgamma, dbeta, dy_data, x_data, mean, invstd, s);
+        if (training) {
+            bn_backward_dx_train_f64(dx_data, dy_data, x_data, mean, invstd, gamma_data,
+                                     dgamma, dbeta, s);
+        }
+        else {
+            bn_backward_dx_eval_f64(dx_data, dy_data, invstd, gamma_data, s);
+        }
+    }
+    Py_END_ALLOW_THREADS
+}
+
+PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp n)
+{
+    PyArrayObject *arr = bn_new_vector(typenum, n);
+    if (arr == NULL) {
+        return NULL;
+    }
+    if (typenum == NPY_FLOAT) {
+        bn_from_double_f32(PyArray_DATA(arr), values, (size_t)n);
+    }
+    else {
+        bn_from_double_f64(PyArray_DATA(arr), values, (size_t)n);
+    }
+    return arr;
+}

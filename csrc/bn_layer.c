@@ -1,0 +1,988 @@
+/* bn_layer.c -- bnpy.BatchNorm: the layer that owns gamma, beta and the
+ * running statistics, and remembers what backward needs from the last forward.
+ *
+ * Ownership: every PyArrayObject* member is a strong reference or NULL. The
+ * parameter and running-statistic arrays are made once in __init__ and never
+ * replaced: setters copy values into them, so a view handed to the user stays
+ * the layer's memory. Every call checks everything before it changes anything.
+ */
+#include "bn_module.h"
+
+#include <math.h>
+
+/* What backward needs from the last forward. */
+typedef struct {
+    PyArrayObject *x;       /* the input, C-contiguous in the layer's dtype; NULL before any forward */
+    PyArrayObject *moments; /* (2, C) float64: the mean and invstd that forward normalized with */
+    bn_shape shape;         /* x as [outer][C][inner] */
+    int batch_stats;        /* 1 when the moments were x's own batch statistics */
+} bn_saved;
+
+typedef struct {
+    PyObject_HEAD
+    /* configuration, fixed by __init__ */
+    int initialized;
+    npy_intp num_features;
+    int affine;
+    int track_running_stats;
+    int axis;    /* as given: may be negative */
+    int typenum; /* NPY_FLOAT or NPY_DOUBLE */
+    /* settable configuration */
+    double eps;
+    double momentum;
+    int momentum_is_none; /* cumulative average: momentum = 1 / num_batches_tracked */
+    int training;
+    /* state: (C,) arrays of the layer's dtype, or NULL */
+    PyArrayObject *gamma, *beta;               /* NULL unless affine */
+    PyArrayObject *running_mean, *running_var; /* NULL unless track_running_stats */
+    long long num_batches_tracked;
+    PyArrayObject *grad_gamma, *grad_beta;     /* NULL until a backward */
+    bn_saved saved;
+} BatchNormObject;
+
+#define CHANNELS(self) ((size_t)(self)->num_features)
+
+static int check_initialized(BatchNormObject *self)
+{
+    if (!self->initialized) {
+        PyErr_SetString(PyExc_RuntimeError, "BatchNorm.__init__ has not been called");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- construction and the GC protocol ------------------------------------ */
+
+/* a (C,) array of the layer's dtype filled with `value` */
+static PyArrayObject *filled_vector(BatchNormObject *self, double value)
+{
+    PyArrayObject *arr = bn_new_vector(self->typenum, self->num_features);
+    if (arr != NULL) {
+        PyObject *fill = PyFloat_FromDouble(value);
+        if (fill == NULL || PyArray_FillWithScalar(arr, fill) < 0) {
+            Py_CLEAR(arr);
+        }
+        Py_XDECREF(fill);
+    }
+    return arr;
+}
+
+static int BatchNorm_init(BatchNormObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"num_features", "eps", "momentum", "affine",
+                             "track_running_stats", "axis", "dtype", "training", NULL};
+    PyObject *features_obj, *eps_obj = NULL, *momentum_obj = NULL, *affine_obj = Py_True;
+    PyObject *track_obj = Py_True, *axis_obj = NULL, *dtype_obj = NULL, *training_obj = Py_True;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OOOOOO$O:BatchNorm", kwlist,
+                                     &features_obj, &eps_obj, &momentum_obj, &affine_obj,
+                                     &track_obj, &axis_obj, &dtype_obj, &training_obj)) {
+        return -1;
+    }
+    if (self->initialized) {
+        PyErr_SetString(PyExc_RuntimeError, "BatchNorm.__init__ was already called");
+        return -1;
+    }
+    BatchNormObject cfg = {0}; /* validated values, copied into self at the end */
+    cfg.eps = 1e-5;
+    cfg.momentum = 0.1;
+    cfg.typenum = NPY_FLOAT;
+    cfg.axis = 1;
+    if (bn_parse_num_features(features_obj, &cfg.num_features) < 0
+        || (eps_obj && bn_parse_eps(eps_obj, &cfg.eps) < 0)
+        || (momentum_obj && bn_parse_momentum(momentum_obj, &cfg.momentum,
+                                              &cfg.momentum_is_none) < 0)
+        || bn_parse_bool(affine_obj, "affine", &cfg.affine) < 0
+        || bn_parse_bool(track_obj, "track_running_stats", &cfg.track_running_stats) < 0
+        || (axis_obj && bn_parse_axis(axis_obj, &cfg.axis) < 0)
+        || (dtype_obj && bn_parse_dtype(dtype_obj, &cfg.typenum) < 0)
+        || bn_parse_bool(training_obj, "training", &cfg.training) < 0) {
+        return -1;
+    }
+    if (cfg.affine) {
+        cfg.gamma = filled_vector(&cfg, 1.0);
+        cfg.beta = filled_vector(&cfg, 0.0);
+    }
+    if (cfg.track_running_stats) {
+        cfg.running_mean = filled_vector(&cfg, 0.0);
+        cfg.running_var = filled_vector(&cfg, 1.0);
+    }
+    if ((cfg.affine && (cfg.gamma == NULL || cfg.beta == NULL))
+        || (cfg.track_running_stats && (cfg.running_mean == NULL || cfg.running_var == NULL))) {
+        Py_XDECREF(cfg.gamma);
+        Py_XDECREF(cfg.beta);
+        Py_XDECREF(cfg.running_mean);
+        Py_XDECREF(cfg.running_var);
+        return -1;
+    }
+    /* self is still all zeros and NULLs (tp_alloc): take the validated values */
+    self->num_features = cfg.num_features;
+    self->affine = cfg.affine;
+    self->track_running_stats = cfg.track_running_stats;
+    self->axis = cfg.axis;
+    self->typenum = cfg.typenum;
+    self->eps = cfg.eps;
+    self->momentum = cfg.momentum;
+    self->momentum_is_none = cfg.momentum_is_none;
+    self->training = cfg.training;
+    self->gamma = cfg.gamma;
+    self->beta = cfg.beta;
+    self->running_mean = cfg.running_mean;
+    self->running_var = cfg.running_var;
+    self->initialized = 1;
+    return 0;
+}
+
+static int BatchNorm_traverse(BatchNormObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->gamma);
+    Py_VISIT(self->beta);
+    Py_VISIT(self->running_mean);
+    Py_VISIT(self->running_var);
+    Py_VISIT(self->grad_gamma);
+    Py_VISIT(self->grad_beta);
+    Py_VISIT(self->saved.x);
+    Py_VISIT(self->saved.moments);
+    return 0;
+}
+
+static int BatchNorm_clear(BatchNormObject *self)
+{
+    Py_CLEAR(self->gamma);
+    Py_CLEAR(self->beta);
+    Py_CLEAR(self->running_mean);
+    Py_CLEAR(self->running_var);
+    Py_CLEAR(self->grad_gamma);
+    Py_CLEAR(self->grad_beta);
+    Py_CLEAR(self->saved.x);
+    Py_CLEAR(self->saved.moments);
+    self->initialized = 0;
+    return 0;
+}
+
+static void BatchNorm_dealloc(BatchNormObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    BatchNorm_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+/* ---- forward and backward ------------------------------------------------- */
+
+/* Forget the last forward's saved values, keeping the new ones. */
+static void replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObject *moments,
+                          bn_shape shape, int batch_stats)
+{
+    PyArrayObject *old_x = self->saved.x, *old_moments = self->saved.moments;
+    self->saved.x = x;
+    self->saved.moments = moments;
+    self->saved.shape = shape;
+    self->saved.batch_stats = batch_stats;
+    Py_XDECREF(old_x);
+    Py_XDECREF(old_moments);
+}
+
+/* running <- (1 - momentum) * running + momentum * batch, counting the batch */
+static void update_running_stats(BatchNormObject *self, const bn_partial *stats)
+{
+    self->num_batches_tracked += 1;
+    double momentum = self->momentum_is_none ? 1.0 / (double)self->num_batches_tracked
+                                             : self->momentum;
+    bn_run_update_running(self->running_mean, self->running_var, stats, momentum);
+}
+
+static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"x", "out", NULL};
+    PyObject *x_obj, *out_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$O:forward", kwlist, &x_obj, &out_obj)
+        || check_initialized(self) < 0) {
+        return NULL;
+    }
+    PyArrayObject *x = NULL, *y = NULL, *saved_x = NULL, *moments = NULL;
+    bn_partial *stats = NULL;
+    double *scratch = NULL;
+    bn_layout layout;
+    size_t channels = CHANNELS(self);
+    /* the mode and eps this call uses, whatever other threads set meanwhile */
+    int training = self->training;
+    int batch_stats = training || !self->track_running_stats;
+    double eps = self->eps;
+
+    x = bn_as_array(x_obj, self->typenum, "x");
+    if (x == NULL || bn_get_layout(x, self->axis, self->num_features, &layout) < 0) {
+        goto fail;
+    }
+    if (batch_stats && bn_check_batch_size(x, &layout, training
+                                           ? "training" : "using batch statistics") < 0) {
+        goto fail;
+    }
+    y = bn_output_like(out_obj, x, self->typenum);
+    if (y == NULL) {
+        goto fail;
+    }
+    /* backward needs x as it is now: keep a copy if y is about to overwrite it */
+    saved_x = bn_arrays_overlap(y, x) ? (PyArrayObject *)PyArray_NewCopy(x, NPY_CORDER)
+                                      : (PyArrayObject *)Py_NewRef(x);
+    moments = bn_new_matrix(NPY_DOUBLE, 2, self->num_features);
+    stats = PyMem_Malloc(channels * sizeof(bn_partial));
+    scratch = PyMem_Malloc(channels * sizeof(double));
+    if (saved_x == NULL || moments == NULL || stats == NULL || scratch == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+        goto fail;
+    }
+    double *mean = PyArray_DATA(moments), *invstd = mean + channels;
+    if (batch_stats) {
+        bn_run_stats(stats, scratch, x, layout.shape);
+        bn_batch_moments(mean, invstd, stats, channels, eps);
+    }
+    else {
+        bn_run_running_moments(mean, invstd, self->running_mean, self->running_var, eps);
+    }
+    bn_run_forward(y, x, mean, invstd, self->gamma, self->beta, layout.shape);
+
+    /* nothing fails from here on: commit */
+    if (training && self->track_running_stats && bn_count(layout.shape) > 0) {
+        update_running_stats(self, stats);
+    }
+    replace_saved(self, saved_x, moments, layout.shape, batch_stats);
+    PyMem_Free(stats);
+    PyMem_Free(scratch);
+    Py_DECREF(x);
+    return (PyObject *)y;
+
+fail:
+    PyMem_Free(stats);
+    PyMem_Free(scratch);
+    Py_XDECREF(x);
+    Py_XDECREF(y);
+    Py_XDECREF(saved_x);
+    Py_XDECREF(moments);
+    return NULL;
+}
+
+/* bn(x) is bn.forward(x), looked up so that subclasses can override forward */
+static PyObject *BatchNorm_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *forward = PyObject_GetAttrString(self, "forward");
+    if (forward == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Call(forward, args, kwargs);
+    Py_DECREF(forward);
+    return result;
+}
+
+/* ValueError: dy's shape is not the shape of the saved input */
+static void raise_dy_shape(PyArrayObject *dy, PyArrayObject *x)
+{
+    PyObject *want = PyObject_GetAttrString((PyObject *)x, "shape");
+    PyObject *got = PyObject_GetAttrString((PyObject *)dy, "shape");
+    if (want != NULL && got != NULL) {
+        PyErr_Format(PyExc_ValueError,
+                     "dy must have the shape of the last forward's input %R, got shape %R",
+                     want, got);
+    }
+    Py_XDECREF(want);
+    Py_XDECREF(got);
+}
+
+static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"dy", "out", NULL};
+    PyObject *dy_obj, *out_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$O:backward", kwlist, &dy_obj, &out_obj)
+        || check_initialized(self) < 0) {
+        return NULL;
+    }
+    if (self->saved.x == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "backward called before any forward: there is nothing to differentiate");
+        return NULL;
+    }
+    /* our own references to what the last forward saved, in case a forward
+       in another thread replaces it while the kernels run */
+    PyArrayObject *x = (PyArrayObject *)Py_NewRef(self->saved.x);
+    PyArrayObject *moments = (PyArrayObject *)Py_NewRef(self->saved.moments);
+    bn_shape shape = self->saved.shape;
+    int batch_stats = self->saved.batch_stats;
+    PyArrayObject *dy = NULL, *dx = NULL, *grad_gamma = NULL, *grad_beta = NULL;
+    size_t channels = CHANNELS(self);
+    double *sums = NULL;
+
+    dy = bn_as_array(dy_obj, self->typenum, "dy");
+    if (dy == NULL) {
+        goto fail;
+    }
+    if (!bn_same_shape(dy, x)) {
+        raise_dy_shape(dy, x);
+        goto fail;
+    }
+    dx = bn_output_like(out_obj, dy, self->typenum);
+    if (dx == NULL) {
+        goto fail;
+    }
+    if (bn_arrays_overlap(dx, x)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "out must not overlap the input of the last forward, "
+                        "which backward still needs");
+        goto fail;
+    }
+    sums = PyMem_Malloc(2 * channels * sizeof(double));
+    if (sums == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    double *dgamma = sums, *dbeta = sums + channels;
+    const double *mean = PyArray_DATA(moments), *invstd = mean + channels;
+    bn_run_backward(dx, dgamma, dbeta, dy, x, mean, invstd, self->gamma, shape, batch_stats);
+    if (self->affine) {
+        grad_gamma = bn_vector_from_double(self->typenum, dgamma, self->num_features);
+        grad_beta = bn_vector_from_double(self->typenum, dbeta, self->num_features);
+        if (grad_gamma == NULL || grad_beta == NULL) {
+            goto fail;
+        }
+        Py_XSETREF(self->grad_gamma, grad_gamma);
+        Py_XSETREF(self->grad_beta, grad_beta);
+    }
+    PyMem_Free(sums);
+    Py_DECREF(dy);
+    Py_DECREF(x);
+    Py_DECREF(moments);
+    return (PyObject *)dx;
+
+fail:
+    PyMem_Free(sums);
+    Py_XDECREF(dy);
+    Py_XDECREF(dx);
+    Py_XDECREF(grad_gamma);
+    Py_XDECREF(grad_beta);
+    Py_DECREF(x);
+    Py_DECREF(moments);
+    return NULL;
+}
+
+static PyObject *BatchNorm_train(BatchNormObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"mode", NULL};
+    PyObject *mode_obj = Py_True;
+    int mode;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:train", kwlist, &mode_obj)
+        || bn_parse_bool(mode_obj, "mode", &mode) < 0) {
+        return NULL;
+    }
+    self->training = mode;
+    return Py_NewRef(self);
+}
+
+static PyObject *BatchNorm_eval(BatchNormObject *self, PyObject *Py_UNUSED(ignored))
+{
+    self->training = 0;
+    return Py_NewRef(self);
+}
+
+/* ---- state_dict, load_state_dict ------------------------------------------ */
+
+/* d[key] = a copy of arr, unless arr is NULL */
+static int put_copy(PyObject *d, const char *key, PyArrayObject *arr)
+{
+    if (arr == NULL) {
+        return 0;
+    }
+    PyObject *copy = PyArray_NewCopy(arr, NPY_CORDER);
+    if (copy == NULL) {
+        return -1;
+    }
+    int status = PyDict_SetItemString(d, key, copy);
+    Py_DECREF(copy);
+    return status;
+}
+
+static PyObject *BatchNorm_state_dict(BatchNormObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_initialized(self) < 0) {
+        return NULL;
+    }
+    PyObject *d = PyDict_New();
+    if (d == NULL) {
+        return NULL;
+    }
+    if (put_copy(d, "gamma", self->gamma) < 0 || put_copy(d, "beta", self->beta) < 0
+        || put_copy(d, "running_mean", self->running_mean) < 0
+        || put_copy(d, "running_var", self->running_var) < 0) {
+        goto fail;
+    }
+    if (self->track_running_stats) {
+        PyObject *count = PyLong_FromLongLong(self->num_batches_tracked);
+        if (count == NULL || PyDict_SetItemString(d, "num_batches_tracked", count) < 0) {
+            Py_XDECREF(count);
+            goto fail;
+        }
+        Py_DECREF(count);
+    }
+    return d;
+
+fail:
+    Py_DECREF(d);
+    return NULL;
+}
+
+/* The values a state dict holds for this layer, checked, not yet applied. */
+typedef struct {
+    PyArrayObject *gamma, *beta, *running_mean, *running_var;
+    long long num_batches_tracked;
+} bn_loaded;
+
+static void loaded_clear(bn_loaded *v)
+{
+    Py_CLEAR(v->gamma);
+    Py_CLEAR(v->beta);
+    Py_CLEAR(v->running_mean);
+    Py_CLEAR(v->running_var);
+}
+
+/* ValueError unless every value of arr is finite */
+static int check_finite(PyArrayObject *arr, const char *key)
+{
+    npy_intp n = PyArray_SIZE(arr);
+    for (npy_intp i = 0; i < n; i++) {
+        double v = PyArray_TYPE(arr) == NPY_FLOAT ? ((float *)PyArray_DATA(arr))[i]
+                                                  : ((double *)PyArray_DATA(arr))[i];
+        if (!isfinite(v)) {
+            PyObject *bad = PyFloat_FromDouble(v);
+            if (bad != NULL) {
+                PyErr_Format(PyExc_ValueError,
+                             "state dict value %s must be finite, got %R at index %zd",
+                             key, bad, (Py_ssize_t)i);
+                Py_DECREF(bad);
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* *slot <- the checked (C,) vector d[key], or d[alias] (PyTorch's name). */
+static int load_vector(BatchNormObject *self, PyObject *d, const char *key, const char *alias,
+                       PyArrayObject **slot)
+{
+    PyObject *value = PyDict_GetItemString(d, key); /* borrowed */
+    PyObject *aliased = alias ? PyDict_GetItemString(d, alias) : NULL;
+    if (value != NULL && aliased != NULL) {
+        PyErr_Format(PyExc_ValueError,
+                     "state dict has both %s and %s, which name the same parameter", key, alias);
+        return -1;
+    }
+    const char *name = value != NULL ? key : alias;
+    value = value != NULL ? value : aliased;
+    if (value == NULL) {
+        PyErr_Format(PyExc_ValueError, "state dict is missing key '%s'", key);
+        return -1;
+    }
+    *slot = bn_as_vector(value, self->typenum, self->num_features, name);
+    if (*slot == NULL) {
+        return -1;
+    }
+    return check_finite(*slot, name);
+}
+
+static int load_count(PyObject *d, long long *count)
+{
+    PyObject *value = PyDict_GetItemString(d, "num_batches_tracked"); /* borrowed */
+    if (value == NULL) {
+        PyErr_SetString(PyExc_ValueError, "state dict is missing key 'num_batches_tracked'");
+        return -1;
+    }
+    /* an int, a NumPy integer, or a one-element integer array or tensor */
+    PyObject *index = PyNumber_Index(value);
+    if (index == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError,
+                     "state dict value num_batches_tracked must be an integer, got %R", value);
+        return -1;
+    }
+    *count = PyLong_AsLongLong(index);
+    Py_DECREF(index);
+    if ((*count == -1 && PyErr_Occurred()) || *count < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError,
+                     "state dict value num_batches_tracked must be a non-negative integer, "
+                     "got %R", value);
+        return -1;
+    }
+    return 0;
+}
+
+/* ValueError for a key this layer does not have */
+static int check_keys(BatchNormObject *self, PyObject *d)
+{
+    PyObject *key;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(d, &pos, &key, NULL)) {
+        const char *k = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+        if (k == NULL) {
+            PyErr_Clear();
+        }
+        int known = k != NULL
+            && ((self->affine && (!strcmp(k, "gamma") || !strcmp(k, "beta")
+                                  || !strcmp(k, "weight") || !strcmp(k, "bias")))
+                || (self->track_running_stats
+                    && (!strcmp(k, "running_mean") || !strcmp(k, "running_var")
+                        || !strcmp(k, "num_batches_tracked"))));
+        if (!known) {
+            PyErr_Format(PyExc_ValueError, "unexpected key %R in state dict for %s", key,
+                         self->affine && self->track_running_stats
+                             ? "a layer with parameters and running statistics"
+                             : self->affine ? "a layer without running statistics"
+                             : self->track_running_stats ? "a layer without gamma and beta"
+                             : "a layer with no state");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Check every value of d; on success v holds them all. */
+static int read_state(BatchNormObject *self, PyObject *d, bn_loaded *v)
+{
+    if (!PyDict_Check(d)) {
+        PyErr_Format(PyExc_TypeError, "state dict must be a dict, got %.100s",
+                     Py_TYPE(d)->tp_name);
+        return -1;
+    }
+    if (check_keys(self, d) < 0) {
+        return -1;
+    }
+    if (self->affine && (load_vector(self, d, "gamma", "weight", &v->gamma) < 0
+                         || load_vector(self, d, "beta", "bias", &v->beta) < 0)) {
+        return -1;
+    }
+    if (self->track_running_stats
+        && (load_vector(self, d, "running_mean", NULL, &v->running_mean) < 0
+            || load_vector(self, d, "running_var", NULL, &v->running_var) < 0
+            || load_count(d, &v->num_batches_tracked) < 0)) {
+        return -1;
+    }
+    return 0;
+}
+
+/* copy the values of src into dst, two (C,) arrays of one dtype */
+static void copy_values(PyArrayObject *dst, PyArrayObject *src)
+{
+    memcpy(PyArray_DATA(dst), PyArray_DATA(src), (size_t)PyArray_NBYTES(dst));
+}
+
+static void apply_state(BatchNormObject *self, const bn_loaded *v)
+{
+    if (self->affine) {
+        copy_values(self->gamma, v->gamma);
+        copy_values(self->beta, v->beta);
+    }
+    if (self->track_running_stats) {
+        copy_values(self->running_mean, v->running_mean);
+        copy_values(self->running_var, v->running_var);
+        self->num_batches_tracked = v->num_batches_tracked;
+    }
+}
+
+static PyObject *BatchNorm_load_state_dict(BatchNormObject *self, PyObject *d)
+{
+    if (check_initialized(self) < 0) {
+        return NULL;
+    }
+    bn_loaded v = {0};
+    if (read_state(self, d, &v) < 0) {
+        loaded_clear(&v);
+        return NULL;
+    }
+    apply_state(self, &v);
+    loaded_clear(&v);
+    Py_RETURN_NONE;
+}
+
+/* ---- attributes ---------------------------------------------------------- */
+
+/* A view of one of the layer's arrays, sharing its memory, or None. The view
+ * is a new object each time, so reshaping it cannot touch the layer. */
+static PyObject *view_or_none(PyArrayObject *arr)
+{
+    if (arr == NULL) {
+        Py_RETURN_NONE;
+    }
+    return PyArray_View(arr, NULL, NULL);
+}
+
+/* Copy `value` into the layer's (C,) array *slot after checking it. */
+static int set_vector(BatchNormObject *self, PyArrayObject *slot, PyObject *value,
+                      const char *name, const char *missing_because)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "cannot delete %s", name);
+        return -1;
+    }
+    if (check_initialized(self) < 0) {
+        return -1;
+    }
+    if (slot == NULL) {
+        PyErr_Format(PyExc_ValueError, "cannot set %s: the layer has none because %s",
+                     name, missing_because);
+        return -1;
+    }
+    PyArrayObject *arr = bn_as_vector(value, self->typenum, self->num_features, name);
+    if (arr == NULL) {
+        return -1;
+    }
+    copy_values(slot, arr);
+    Py_DECREF(arr);
+    return 0;
+}
+
+#define VECTOR_ATTRIBUTE(member, why_none)                                            \
+    static PyObject *get_##member(BatchNormObject *self, void *Py_UNUSED(closure))    \
+    {                                                                                 \
+        return view_or_none(self->member);                                            \
+    }                                                                                 \
+    static int set_##member(BatchNormObject *self, PyObject *value,                   \
+                            void *Py_UNUSED(closure))                                 \
+    {                                                                                 \
+        return set_vector(self, self->member, value, #member, why_none);              \
+    }
+
+VECTOR_ATTRIBUTE(gamma, "affine=False")
+VECTOR_ATTRIBUTE(beta, "affine=False")
+VECTOR_ATTRIBUTE(running_mean, "track_running_stats=False")
+VECTOR_ATTRIBUTE(running_var, "track_running_stats=False")
+
+static PyObject *get_grad_gamma(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return view_or_none(self->grad_gamma);
+}
+
+static PyObject *get_grad_beta(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return view_or_none(self->grad_beta);
+}
+
+static PyObject *get_num_batches_tracked(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(self->num_batches_tracked);
+}
+
+static PyObject *get_num_features(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->num_features);
+}
+
+static PyObject *get_affine(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->affine);
+}
+
+static PyObject *get_track_running_stats(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->track_running_stats);
+}
+
+static PyObject *get_axis(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->axis);
+}
+
+static PyObject *get_dtype(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    if (check_initialized(self) < 0) {
+        return NULL;
+    }
+    return (PyObject *)PyArray_DescrFromType(self->typenum);
+}
+
+static PyObject *get_eps(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return PyFloat_FromDouble(self->eps);
+}
+
+static int set_eps(BatchNormObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete eps");
+        return -1;
+    }
+    return bn_parse_eps(value, &self->eps);
+}
+
+static PyObject *get_momentum(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    if (self->momentum_is_none) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(self->momentum);
+}
+
+static int set_momentum(BatchNormObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    double momentum;
+    int is_none;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete momentum");
+        return -1;
+    }
+    if (bn_parse_momentum(value, &momentum, &is_none) < 0) {
+        return -1;
+    }
+    self->momentum = momentum;
+    self->momentum_is_none = is_none;
+    return 0;
+}
+
+static PyObject *get_training(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->training);
+}
+
+static int set_training(BatchNormObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete training");
+        return -1;
+    }
+    return bn_parse_bool(value, "training", &self->training);
+}
+
+#define GETTER(name, doc) {#name, (getter)get_##name, NULL, PyDoc_STR(doc), NULL}
+#define GETSETTER(name, doc) {#name, (getter)get_##name, (setter)set_##name, PyDoc_STR(doc), NULL}
+
+static PyGetSetDef BatchNorm_getset[] = {
+    GETSETTER(gamma, "Scale, shape (C,), sharing the layer's memory; None when affine=False."),
+    GETSETTER(beta, "Shift, shape (C,), sharing the layer's memory; None when affine=False."),
+    GETSETTER(running_mean, "Running mean, shape (C,); None when track_running_stats=False."),
+    GETSETTER(running_var,
+              "Running unbiased variance, shape (C,); None when track_running_stats=False."),
+    GETTER(grad_gamma, "dL/dgamma of the last backward, shape (C,); None before one."),
+    GETTER(grad_beta, "dL/dbeta of the last backward, shape (C,); None before one."),
+    GETTER(num_batches_tracked, "Number of training batches the running statistics saw."),
+    GETTER(num_features, "C, the number of features."),
+    GETTER(affine, "Whether the layer has gamma and beta."),
+    GETTER(track_running_stats, "Whether the layer keeps running statistics."),
+    GETTER(axis, "The feature axis of the input (negative counts from the end)."),
+    GETTER(dtype, "The dtype of the parameters and of the outputs."),
+    GETSETTER(eps, "The constant added to the variance, > 0."),
+    GETSETTER(momentum, "Weight of the new batch in the running statistics, in [0, 1], "
+                        "or None for a cumulative average."),
+    GETSETTER(training, "True in training mode, False in eval mode."),
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+/* ---- pickle, copy, repr -------------------------------------------------- */
+
+static PyObject *momentum_object(BatchNormObject *self)
+{
+    return get_momentum(self, NULL);
+}
+
+static PyObject *BatchNorm_reduce(BatchNormObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (check_initialized(self) < 0) {
+        return NULL;
+    }
+    PyObject *momentum = NULL, *args = NULL, *state_dict = NULL, *state = NULL;
+    PyObject *dict = NULL, *result = NULL;
+    PyObject *dtype_name = PyUnicode_FromString(self->typenum == NPY_FLOAT ? "float32"
+                                                                          : "float64");
+    momentum = momentum_object(self);
+    if (dtype_name == NULL || momentum == NULL) {
+        goto done;
+    }
+    args = Py_BuildValue("(ndOOOiO)", (Py_ssize_t)self->num_features, self->eps, momentum,
+                         self->affine ? Py_True : Py_False,
+                         self->track_running_stats ? Py_True : Py_False, self->axis,
+                         dtype_name);
+    state_dict = BatchNorm_state_dict(self, NULL);
+    if (args == NULL || state_dict == NULL) {
+        goto done;
+    }
+    state = Py_BuildValue("{sOsOsOsO}", "training", self->training ? Py_True : Py_False,
+                          "state_dict", state_dict,
+                          "grad_gamma", self->grad_gamma ? (PyObject *)self->grad_gamma : Py_None,
+                          "grad_beta", self->grad_beta ? (PyObject *)self->grad_beta : Py_None);
+    if (state == NULL) {
+        goto done;
+    }
+    /* the instance dict of a Python subclass travels too */
+    dict = PyObject_GenericGetDict((PyObject *)self, NULL);
+    if (dict == NULL) {
+        PyErr_Clear();
+    }
+    else if (PyDict_SetItemString(state, "__dict__", dict) < 0) {
+        goto done;
+    }
+    result = PyTuple_Pack(3, (PyObject *)Py_TYPE(self), args, state);
+
+done:
+    Py_XDECREF(dtype_name);
+    Py_XDECREF(momentum);
+    Py_XDECREF(args);
+    Py_XDECREF(state_dict);
+    Py_XDECREF(state);
+    Py_XDECREF(dict);
+    return result;
+}
+
+/* *slot <- a checked (C,) copy of value, or NULL for None */
+static int read_gradient(BatchNormObject *self, PyObject *value, const char *name,
+                         PyArrayObject **slot)
+{
+    if (value == NULL || value == Py_None) {
+        *slot = NULL;
+        return 0;
+    }
+    PyArrayObject *arr = bn_as_vector(value, self->typenum, self->num_features, name);
+    if (arr == NULL) {
+        return -1;
+    }
+    *slot = (PyArrayObject *)PyArray_NewCopy(arr, NPY_CORDER);
+    Py_DECREF(arr);
+    return *slot == NULL ? -1 : 0;
+}
+
+static PyObject *BatchNorm_setstate(BatchNormObject *self, PyObject *state)
+{
+    if (check_initialized(self) < 0) {
+        return NULL;
+    }
+    if (!PyDict_Check(state)) {
+        PyErr_SetString(PyExc_TypeError, "BatchNorm.__setstate__ expects a dict");
+        return NULL;
+    }
+    bn_loaded v = {0};
+    PyArrayObject *grad_gamma = NULL, *grad_beta = NULL;
+    PyObject *training = PyDict_GetItemString(state, "training");     /* borrowed */
+    PyObject *state_dict = PyDict_GetItemString(state, "state_dict"); /* borrowed */
+    PyObject *dict = PyDict_GetItemString(state, "__dict__");         /* borrowed */
+    int mode;
+    if (training == NULL || state_dict == NULL) {
+        PyErr_SetString(PyExc_ValueError,
+                        "BatchNorm.__setstate__: state lacks 'training' or 'state_dict'");
+        goto fail;
+    }
+    if (bn_parse_bool(training, "training", &mode) < 0 || read_state(self, state_dict, &v) < 0
+        || read_gradient(self, PyDict_GetItemString(state, "grad_gamma"), "grad_gamma",
+                         &grad_gamma) < 0
+        || read_gradient(self, PyDict_GetItemString(state, "grad_beta"), "grad_beta",
+                         &grad_beta) < 0) {
+        goto fail;
+    }
+    if (dict != NULL) {
+        PyObject *own = PyObject_GenericGetDict((PyObject *)self, NULL);
+        if (own == NULL || PyDict_Update(own, dict) < 0) {
+            Py_XDECREF(own);
+            goto fail;
+        }
+        Py_DECREF(own);
+    }
+    apply_state(self, &v);
+    loaded_clear(&v);
+    self->training = mode;
+    Py_XSETREF(self->grad_gamma, grad_gamma);
+    Py_XSETREF(self->grad_beta, grad_beta);
+    Py_RETURN_NONE;
+
+fail:
+    loaded_clear(&v);
+    Py_XDECREF(grad_gamma);
+    Py_XDECREF(grad_beta);
+    return NULL;
+}
+
+static PyObject *BatchNorm_repr(BatchNormObject *self)
+{
+    PyObject *name = PyObject_GetAttrString((PyObject *)Py_TYPE(self), "__name__");
+    if (name == NULL) {
+        return NULL;
+    }
+    if (!self->initialized) {
+        PyObject *r = PyUnicode_FromFormat("<uninitialized %U>", name);
+        Py_DECREF(name);
+        return r;
+    }
+    PyObject *eps = PyFloat_FromDouble(self->eps), *momentum = momentum_object(self);
+    PyObject *result = NULL;
+    if (eps != NULL && momentum != NULL) {
+        result = PyUnicode_FromFormat(
+            "%U(%zd, eps=%R, momentum=%R, affine=%s, track_running_stats=%s, axis=%d, "
+            "dtype='%s', training=%s)",
+            name, (Py_ssize_t)self->num_features, eps, momentum,
+            self->affine ? "True" : "False", self->track_running_stats ? "True" : "False",
+            self->axis, self->typenum == NPY_FLOAT ? "float32" : "float64",
+            self->training ? "True" : "False");
+    }
+    Py_DECREF(name);
+    Py_XDECREF(eps);
+    Py_XDECREF(momentum);
+    return result;
+}
+
+/* ---- the type ------------------------------------------------------------ */
+
+static PyMethodDef BatchNorm_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))BatchNorm_forward, METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("forward(x, *, out=None) -> y\n\n"
+               "Normalize x per feature along the layer's axis. In training mode with the\n"
+               "batch statistics (updating the running statistics when tracked); in eval\n"
+               "mode with the running statistics (or the batch statistics when they are\n"
+               "not tracked). Keeps what backward needs. y has x's shape and the layer's\n"
+               "dtype; out, when given, is a writable C-contiguous array to write y to.")},
+    {"backward", (PyCFunction)(void (*)(void))BatchNorm_backward, METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("backward(dy, *, out=None) -> dx\n\n"
+               "Gradient of the last forward for upstream gradient dy (its input's shape).\n"
+               "Sets grad_gamma and grad_beta (overwritten, not accumulated).")},
+    {"train", (PyCFunction)(void (*)(void))BatchNorm_train, METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("train(mode=True) -> self\n\nSet training mode (mode=False: eval mode).")},
+    {"eval", (PyCFunction)BatchNorm_eval, METH_NOARGS,
+     PyDoc_STR("eval() -> self\n\nSet eval mode: normalize with the running statistics.")},
+    {"state_dict", (PyCFunction)BatchNorm_state_dict, METH_NOARGS,
+     PyDoc_STR("state_dict() -> dict\n\nCopies of gamma, beta (when affine), running_mean,\n"
+               "running_var and num_batches_tracked (when tracked).")},
+    {"load_state_dict", (PyCFunction)BatchNorm_load_state_dict, METH_O,
+     PyDoc_STR("load_state_dict(state)\n\nCopy in a state dict (PyTorch's 'weight' and 'bias'\n"
+               "are accepted for gamma and beta) after checking keys, shapes and finiteness;\n"
+               "on any error the layer is left unchanged.")},
+    {"__reduce__", (PyCFunction)BatchNorm_reduce, METH_NOARGS, NULL},
+    {"__setstate__", (PyCFunction)BatchNorm_setstate, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(BatchNorm_doc,
+"BatchNorm(num_features, eps=1e-05, momentum=0.1, affine=True,\n"
+"          track_running_stats=True, axis=1, dtype=numpy.float32, *, training=True)\n"
+"\n"
+"Batch normalization over every axis but the feature axis `axis`:\n"
+"y = gamma * (x - mean) / sqrt(var + eps) + beta, per feature.\n"
+"\n"
+"momentum follows PyTorch: running = (1 - momentum) * running + momentum * batch;\n"
+"momentum=None keeps a cumulative average. running_var holds the unbiased\n"
+"variance; the biased one normalizes.");
+
+static PyType_Slot BatchNorm_slots[] = {
+    {Py_tp_doc, (void *)BatchNorm_doc},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, BatchNorm_init},
+    {Py_tp_dealloc, BatchNorm_dealloc},
+    {Py_tp_traverse, BatchNorm_traverse},
+    {Py_tp_clear, BatchNorm_clear},
+    {Py_tp_call, BatchNorm_call},
+    {Py_tp_repr, BatchNorm_repr},
+    {Py_tp_methods, BatchNorm_methods},
+    {Py_tp_getset, BatchNorm_getset},
+    {0, NULL},
+};
+
+PyType_Spec bn_batchnorm_spec = {
+    .name = "bnpy.BatchNorm",
+    .basicsize = sizeof(BatchNormObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = BatchNorm_slots,
+};

@@ -1,0 +1,111 @@
+/* bn_module.h -- what the files of the CPython binding share.
+ *
+ * The binding converts arguments, checks them, raises errors, releases the
+ * GIL and calls the kernels of bn_kernels.h. It holds no mathematics.
+ *
+ *   bn_convert.c     arguments -> C values and well-formed NumPy arrays
+ *   bn_dispatch.c    one function per kernel family: pick the dtype, drop the GIL
+ *   bn_layer.c       the bnpy.BatchNorm type
+ *   bn_functional.c  the stateless functional API
+ *   bn_module.c      module definition and multi-phase initialization
+ */
+#ifndef BNPY_BN_MODULE_H
+#define BNPY_BN_MODULE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define PY_ARRAY_UNIQUE_SYMBOL bnpy_ARRAY_API
+#ifndef BNPY_MODULE_OWNS_NUMPY_API
+#define NO_IMPORT_ARRAY
+#endif
+#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
+#include <numpy/arrayobject.h>
+#include <numpy/npy_2_compat.h>
+
+#include "bn_kernels.h"
+
+/* ---- module state -------------------------------------------------------- */
+
+typedef struct {
+    PyObject *batchnorm_type; /* bnpy.BatchNorm, a heap type */
+} bn_module_state;
+
+/* ---- bn_convert.c -------------------------------------------------------- */
+
+/* Where the features lie in an input: the [outer][C][inner] view. */
+typedef struct {
+    int axis;       /* resolved, 0 <= axis < ndim */
+    bn_shape shape; /* outer, channels, inner */
+} bn_layout;
+
+/* Validators of constructor and setter arguments; each raises an error that
+ * names the argument and returns -1 on failure, 0 on success. */
+int bn_parse_num_features(PyObject *obj, npy_intp *out);
+int bn_parse_eps(PyObject *obj, double *out);
+int bn_parse_momentum(PyObject *obj, double *out, int *is_none); /* None allowed */
+int bn_parse_bool(PyObject *obj, const char *name, int *out);
+int bn_parse_axis(PyObject *obj, int *out);
+int bn_parse_dtype(PyObject *obj, int *typenum); /* NPY_FLOAT or NPY_DOUBLE */
+
+/* The type a functional call computes in: float32 and float64 inputs keep
+ * their own, any other real input computes in float64. -1 and TypeError for
+ * complex, object, string and other non-real inputs. */
+int bn_compute_typenum(PyObject *obj, const char *name);
+
+/* obj as a new reference to a C-contiguous, aligned, native-order array of
+ * typenum (a copy only when needed). TypeError for non-real input. */
+PyArrayObject *bn_as_array(PyObject *obj, int typenum, const char *name);
+
+/* obj as a new (C,) array of typenum; ValueError naming `name` on another shape. */
+PyArrayObject *bn_as_vector(PyObject *obj, int typenum, npy_intp channels, const char *name);
+
+/* Resolve `axis` for x (ndim >= 2) and fill the layout. When channels > 0 the
+ * feature axis must have that length. ValueError with the shape otherwise. */
+int bn_get_layout(PyArrayObject *x, int axis, npy_intp channels, bn_layout *layout);
+
+/* Training needs more than one value per feature: ValueError otherwise. */
+int bn_check_batch_size(PyArrayObject *x, const bn_layout *layout, const char *when);
+
+/* The output array for an input shaped like `like`: `out` itself (a new
+ * reference) after checking it is a writable, C-contiguous, aligned,
+ * native-order ndarray of like's shape and typenum that does not partly
+ * overlap `like`; or a new array when out is NULL or None. */
+PyArrayObject *bn_output_like(PyObject *out, PyArrayObject *like, int typenum);
+
+/* 1 when the data of a and b overlap in memory, 0 otherwise. */
+int bn_arrays_overlap(PyArrayObject *a, PyArrayObject *b);
+
+/* 1 when a and b have the same shape. */
+int bn_same_shape(PyArrayObject *a, PyArrayObject *b);
+
+/* A new empty array of shape (n,) or (rows, n) of typenum. */
+PyArrayObject *bn_new_vector(int typenum, npy_intp n);
+PyArrayObject *bn_new_matrix(int typenum, npy_intp rows, npy_intp n);
+
+/* ---- bn_dispatch.c ------------------------------------------------------- */
+/* Each function picks the kernel for x's dtype (float32 or float64) and runs
+ * it without the GIL. Arrays are well formed (bn_as_array, bn_output_like);
+ * gamma and beta may be NULL. double buffers have length C. */
+
+void bn_run_stats(bn_partial *stats, double *scratch, PyArrayObject *x, bn_shape s);
+void bn_run_running_moments(double *mean, double *invstd, PyArrayObject *running_mean,
+                            PyArrayObject *running_var, double eps);
+void bn_run_update_running(PyArrayObject *running_mean, PyArrayObject *running_var,
+                           const bn_partial *stats, double momentum);
+void bn_run_forward(PyArrayObject *y, PyArrayObject *x, const double *mean,
+                    const double *invstd, PyArrayObject *gamma, PyArrayObject *beta,
+                    bn_shape s);
+/* dx, and dgamma/dbeta as double sums; training picks the gradient formula. */
+void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, PyArrayObject *dy,
+                     PyArrayObject *x, const double *mean, const double *invstd,
+                     PyArrayObject *gamma, bn_shape s, int training);
+/* A new (C,) array of typenum holding values rounded from double. */
+PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp n);
+
+/* ---- bn_layer.c, bn_functional.c ------------------------------------------ */
+
+extern PyType_Spec bn_batchnorm_spec;
+extern PyMethodDef bn_functional_methods[];
+
+#endif /* BNPY_BN_MODULE_H */
