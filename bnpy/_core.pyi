@@ -1,0 +1,85 @@
+"""Type stubs of bnpy._core, the C extension (see DESIGN.md section 3)."""
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+_DType = type[np.float32] | type[np.float64] | np.dtype[Any] | Literal["float32", "float64"]
+_Array = npt.NDArray[np.floating[Any]]
+
+class BatchNorm:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-05,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = 1,
+        dtype: _DType = ...,
+        *,
+        training: bool = True,
+    ) -> None: ...
+    # parameters and buffers: views that share the layer's memory; assigning copies in
+    gamma: _Array | None
+    beta: _Array | None
+    running_mean: _Array | None
+    running_var: _Array | None
+    @property
+    def grad_gamma(self) -> _Array | None: ...
+    @property
+    def grad_beta(self) -> _Array | None: ...
+    @property
+    def num_batches_tracked(self) -> int: ...
+    @property
+    def num_features(self) -> int: ...
+    @property
+    def affine(self) -> bool: ...
+    @property
+    def track_running_stats(self) -> bool: ...
+    @property
+    def axis(self) -> int: ...
+    @property
+    def dtype(self) -> np.dtype[Any]: ...
+    eps: float
+    momentum: float | None
+    training: bool
+    def forward(self, x: npt.ArrayLike, *, out: _Array | None = None) -> _Array: ...
+    def __call__(self, x: npt.ArrayLike, *, out: _Array | None = None) -> _Array: ...
+    def backward(self, dy: npt.ArrayLike, *, out: _Array | None = None) -> _Array: ...
+    def train(self, mode: bool = True) -> BatchNorm: ...
+    def eval(self) -> BatchNorm: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+def batch_norm_forward(
+    x: npt.ArrayLike,
+    gamma: npt.ArrayLike | None,
+    beta: npt.ArrayLike | None,
+    *,
+    eps: float = 1e-05,
+    axis: int = 1,
+    out: _Array | None = None,
+) -> tuple[_Array, _Array, _Array]: ...
+def batch_norm_inference(
+    x: npt.ArrayLike,
+    gamma: npt.ArrayLike | None,
+    beta: npt.ArrayLike | None,
+    mean: npt.ArrayLike,
+    var: npt.ArrayLike,
+    *,
+    eps: float = 1e-05,
+    axis: int = 1,
+    out: _Array | None = None,
+) -> _Array: ...
+def batch_norm_backward(
+    dy: npt.ArrayLike,
+    x: npt.ArrayLike,
+    gamma: npt.ArrayLike | None,
+    mean: npt.ArrayLike,
+    invstd: npt.ArrayLike,
+    *,
+    axis: int = 1,
+    training: bool = True,
+    out: _Array | None = None,
+) -> tuple[_Array, _Array | None, _Array | None]: ...
