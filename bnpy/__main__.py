@@ -87,15 +87,74 @@ def demo():
     _show_gradcheck(rng)
 
 
+# layouts the gradcheck sweep covers: (name, shape, axis)
+SWEEP_LAYOUTS = [
+    ("(N, C)", (6, 3), 1),
+    ("(N, C, L)", (4, 3, 3), 1),
+    ("(N, C, H, W)", (3, 2, 2, 3), 1),
+    ("(N, C, D, H, W)", (2, 2, 2, 2, 2), 1),
+    ("(N, H, W, C) axis=-1", (3, 2, 2, 3), -1),
+]
+
+
+def sweep_gradcheck(dtypes=(np.float64, np.float32), mode="full", seed=0):
+    """Yield (description, report) for every layout, dtype, mode and flag."""
+    from bnpy.gradcheck import check_layer
+
+    # not the seed gradcheck draws dy with: x drawn from the same stream would
+    # make dy an affine function of x-hat, whose training-mode dx is zero
+    rng = np.random.default_rng([seed, 1])
+    for name, shape, axis in SWEEP_LAYOUTS:
+        channels = shape[axis]
+        x = rng.normal(1.0, 2.0, size=shape)
+        for dtype in dtypes:
+            for training in (True, False):
+                for affine in (True, False):
+                    bn = bnpy.BatchNorm(channels, affine=affine, axis=axis, dtype=dtype)
+                    if affine:
+                        bn.gamma, bn.beta = rng.normal(size=channels), rng.normal(size=channels)
+                    bn.running_mean = rng.normal(size=channels)
+                    bn.running_var = rng.uniform(0.5, 2.0, size=channels)
+                    bn.train(training)
+                    description = (f"{name:<22} {np.dtype(dtype).name:<8} "
+                                   f"{'train' if training else 'eval':<6} affine={affine!s:<5}")
+                    yield description, check_layer(bn, x, mode=mode, seed=seed)
+
+
+def gradcheck_command(argv):
+    """python -m bnpy gradcheck [--fast]: one line per case, then a verdict."""
+    mode = "fast" if "--fast" in argv else "full"
+    print(f"Gradient check of bnpy.BatchNorm (mode={mode}): largest relative error "
+          "per case\n")
+    failed = 0
+    for description, report in sweep_gradcheck(mode=mode):
+        verdict = "ok" if report.passed else "FAILED"
+        failed += not report.passed
+        print(f"  {description}  max_rel_error {report.max_rel_error:.1e}  {verdict}")
+    print(f"\n{'all cases passed' if not failed else f'{failed} case(s) FAILED'} "
+          "(float32 cases use eps=1e-3, atol=1e-3, rtol=1e-2: float32 cannot resolve smaller steps)")
+    return 1 if failed else 0
+
+
+USAGE = """usage: python -m bnpy [command]
+
+  (no command)         the demonstration: normalization, running statistics,
+                       train versus eval, a finite-difference check
+  gradcheck [--fast]   check BatchNorm's gradients over layouts, dtypes, modes
+"""
+
+
 def main(argv):
-    if argv and argv[0] not in ("-h", "--help"):
-        print(f"unknown command {argv[0]!r}", file=sys.stderr)
-        return 2
-    if argv:
-        print("usage: python -m bnpy    run the demonstration")
+    if not argv:
+        demo()
         return 0
-    demo()
-    return 0
+    if argv[0] == "gradcheck":
+        return gradcheck_command(argv[1:])
+    if argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
