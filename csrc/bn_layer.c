@@ -445,19 +445,21 @@ static void loaded_clear(bn_loaded *v)
     Py_CLEAR(v->running_var);
 }
 
-/* ValueError unless every value of arr is finite */
-static int check_finite(PyArrayObject *arr, const char *key)
+/* ValueError unless every value of arr is finite (and >= 0 for a variance) */
+static int check_values(PyArrayObject *arr, const char *key)
 {
+    int is_variance = strcmp(key, "running_var") == 0;
     npy_intp n = PyArray_SIZE(arr);
     for (npy_intp i = 0; i < n; i++) {
         double v = PyArray_TYPE(arr) == NPY_FLOAT ? ((float *)PyArray_DATA(arr))[i]
                                                   : ((double *)PyArray_DATA(arr))[i];
-        if (!isfinite(v)) {
+        if (!isfinite(v) || (is_variance && v < 0.0)) {
             PyObject *bad = PyFloat_FromDouble(v);
             if (bad != NULL) {
                 PyErr_Format(PyExc_ValueError,
-                             "state dict value %s must be finite, got %R at index %zd",
-                             key, bad, (Py_ssize_t)i);
+                             "state dict value %s must be %s, got %R at index %zd", key,
+                             is_variance ? "finite and non-negative" : "finite", bad,
+                             (Py_ssize_t)i);
                 Py_DECREF(bad);
             }
             return -1;
@@ -487,7 +489,7 @@ static int load_vector(BatchNormObject *self, PyObject *d, const char *key, cons
     if (*slot == NULL) {
         return -1;
     }
-    return check_finite(*slot, name);
+    return check_values(*slot, name);
 }
 
 static int load_count(PyObject *d, long long *count)

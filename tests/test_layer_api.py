@@ -680,6 +680,7 @@ def _corrupt(kind):
         "inf-beta": ("beta", np.array([0, 0, np.inf], np.float32)),
         "neginf-running_mean": ("running_mean", np.array([-np.inf, 0, 0], np.float32)),
         "nan-running_var": ("running_var", np.array([1, 1, np.nan], np.float32)),
+        "negative-running_var": ("running_var", np.array([1, -0.5, 1], np.float32)),
     }[kind]
     sd[key] = how
     return sd, key
@@ -690,6 +691,7 @@ def _corrupt(kind):
     "missing-num_batches_tracked", "unknown",
     "shape-gamma", "shape-beta", "shape-running_mean", "shape-running_var",
     "nan-gamma", "inf-beta", "neginf-running_mean", "nan-running_var",
+    "negative-running_var",
 ])
 def test_load_state_dict_rejects(kind):
     bn = _trained()
