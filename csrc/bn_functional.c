@@ -236,20 +236,23 @@ done:
 PyMethodDef bn_functional_methods[] = {
     {"batch_norm_forward", (PyCFunction)(void (*)(void))batch_norm_forward,
      METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("batch_norm_forward(x, gamma, beta, *, eps=1e-05, axis=1, out=None)\n"
-               "    -> (y, mean, invstd)\n\n"
+     PyDoc_STR("batch_norm_forward($module, x, gamma, beta, *, eps=1e-05, axis=1, "
+               "out=None)\n--\n\n"
+               "Returns (y, mean, invstd).\n\n"
                "Training-mode batch normalization with x's own statistics. gamma and beta\n"
                "may be None. mean and invstd = 1/sqrt(var + eps), shape (C,), are what\n"
                "batch_norm_backward needs.")},
     {"batch_norm_inference", (PyCFunction)(void (*)(void))batch_norm_inference,
      METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("batch_norm_inference(x, gamma, beta, mean, var, *, eps=1e-05, axis=1,\n"
-               "                     out=None) -> y\n\n"
+     PyDoc_STR("batch_norm_inference($module, x, gamma, beta, mean, var, *, eps=1e-05, "
+               "axis=1, out=None)\n--\n\n"
+               "Returns y.\n\n"
                "Normalize x with given statistics (e.g. running mean and variance).")},
     {"batch_norm_backward", (PyCFunction)(void (*)(void))batch_norm_backward,
      METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("batch_norm_backward(dy, x, gamma, mean, invstd, *, axis=1, training=True,\n"
-               "                    out=None) -> (dx, dgamma, dbeta)\n\n"
+     PyDoc_STR("batch_norm_backward($module, dy, x, gamma, mean, invstd, *, axis=1, "
+               "training=True, out=None)\n--\n\n"
+               "Returns (dx, dgamma, dbeta).\n\n"
                "Gradients for upstream gradient dy. training=True: mean and invstd are x's\n"
                "batch statistics (from batch_norm_forward) and depend on x; training=False:\n"
                "they are constants. dgamma and dbeta are None when gamma is None.")},

@@ -931,25 +931,27 @@ static PyObject *BatchNorm_repr(BatchNormObject *self)
 
 static PyMethodDef BatchNorm_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))BatchNorm_forward, METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("forward(x, *, out=None) -> y\n\n"
+     PyDoc_STR("forward($self, x, *, out=None)\n--\n\n"
                "Normalize x per feature along the layer's axis. In training mode with the\n"
                "batch statistics (updating the running statistics when tracked); in eval\n"
                "mode with the running statistics (or the batch statistics when they are\n"
                "not tracked). Keeps what backward needs. y has x's shape and the layer's\n"
                "dtype; out, when given, is a writable C-contiguous array to write y to.")},
     {"backward", (PyCFunction)(void (*)(void))BatchNorm_backward, METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("backward(dy, *, out=None) -> dx\n\n"
+     PyDoc_STR("backward($self, dy, *, out=None)\n--\n\n"
                "Gradient of the last forward for upstream gradient dy (its input's shape).\n"
                "Sets grad_gamma and grad_beta (overwritten, not accumulated).")},
     {"train", (PyCFunction)(void (*)(void))BatchNorm_train, METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("train(mode=True) -> self\n\nSet training mode (mode=False: eval mode).")},
+     PyDoc_STR("train($self, mode=True)\n--\n\n"
+               "Set training mode (mode=False: eval mode); returns the layer.")},
     {"eval", (PyCFunction)BatchNorm_eval, METH_NOARGS,
-     PyDoc_STR("eval() -> self\n\nSet eval mode: normalize with the running statistics.")},
+     PyDoc_STR("eval($self)\n--\n\n"
+               "Set eval mode (normalize with the running statistics); returns the layer.")},
     {"state_dict", (PyCFunction)BatchNorm_state_dict, METH_NOARGS,
-     PyDoc_STR("state_dict() -> dict\n\nCopies of gamma, beta (when affine), running_mean,\n"
+     PyDoc_STR("state_dict($self)\n--\n\nCopies of gamma, beta (when affine), running_mean,\n"
                "running_var and num_batches_tracked (when tracked).")},
     {"load_state_dict", (PyCFunction)BatchNorm_load_state_dict, METH_O,
-     PyDoc_STR("load_state_dict(state)\n\nCopy in a state dict (PyTorch's 'weight' and 'bias'\n"
+     PyDoc_STR("load_state_dict($self, state, /)\n--\n\nCopy in a state dict (PyTorch's 'weight' and 'bias'\n"
                "are accepted for gamma and beta) after checking keys, shapes and finiteness;\n"
                "on any error the layer is left unchanged.")},
     {"__reduce__", (PyCFunction)BatchNorm_reduce, METH_NOARGS, NULL},
@@ -959,7 +961,8 @@ static PyMethodDef BatchNorm_methods[] = {
 
 PyDoc_STRVAR(BatchNorm_doc,
 "BatchNorm(num_features, eps=1e-05, momentum=0.1, affine=True,\n"
-"          track_running_stats=True, axis=1, dtype=numpy.float32, *, training=True)\n"
+"          track_running_stats=True, axis=1, dtype='float32', *, training=True)\n"
+"--\n"
 "\n"
 "Batch normalization over every axis but the feature axis `axis`:\n"
 "y = gamma * (x - mean) / sqrt(var + eps) + beta, per feature.\n"
