@@ -1,0 +1,36 @@
+"""Shared pytest fixtures.
+
+Only the ``torch`` fixture lives here: tests that compare bnpy with PyTorch
+ask for it and skip when torch is not installed. CI installs torch and sets
+``BNPY_REQUIRE_TORCH=1``; then a missing torch is a failure, not a skip, so
+that the comparison cannot silently stop running.
+"""
+import os
+
+import pytest
+
+_TRUE_VALUES = ("1", "true", "yes", "on")
+
+
+def _torch_required():
+    return os.environ.get("BNPY_REQUIRE_TORCH", "").strip().lower() in _TRUE_VALUES
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """The imported torch module, or skip (fail under BNPY_REQUIRE_TORCH=1)."""
+    try:
+        import torch as torch_module
+    except ImportError as exc:
+        if _torch_required():
+            pytest.fail(
+                "BNPY_REQUIRE_TORCH=1 is set but torch cannot be imported "
+                f"({type(exc).__name__}: {exc}); install torch or unset the variable",
+                pytrace=False,
+            )
+        pytest.skip(f"torch is not installed ({exc}); set BNPY_REQUIRE_TORCH=1 to fail instead")
+    # One thread: reductions are then deterministic, and the small tensors of
+    # the tests gain nothing from threads on a shared CI machine. Every test
+    # names its dtypes explicitly, so torch's default dtype is left alone.
+    torch_module.set_num_threads(1)
+    return torch_module
