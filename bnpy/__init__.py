@@ -27,14 +27,38 @@ from ._core import (
     batch_norm_backward,
     batch_norm_forward,
     batch_norm_inference,
+    get_num_threads,
+    has_openmp,
+    set_num_threads,
 )
 
 __version__ = "0.1.0"
+
+
+def _threads_from_environment():
+    """Apply BNPY_NUM_THREADS (a positive integer) if it is set."""
+    import os
+    import warnings
+
+    value = os.environ.get("BNPY_NUM_THREADS", "").strip()
+    if not value:
+        return
+    try:
+        set_num_threads(int(value))
+    except ValueError:
+        warnings.warn(f"BNPY_NUM_THREADS must be a positive integer, got {value!r}; "
+                      f"using {get_num_threads()} threads", RuntimeWarning, stacklevel=3)
+
+
+_threads_from_environment()
 
 __all__ = [
     "BatchNorm",
     "batch_norm_forward",
     "batch_norm_inference",
     "batch_norm_backward",
+    "set_num_threads",
+    "get_num_threads",
+    "has_openmp",
     "__version__",
 ]

@@ -8,16 +8,16 @@
 /* the data of an optional array, or NULL */
 #define DATA_OR_NULL(arr) ((arr) != NULL ? PyArray_DATA(arr) : NULL)
 
-void bn_run_stats(bn_partial *stats, double *scratch, PyArrayObject *x, bn_shape s)
+void bn_run_stats(bn_partial *stats, PyArrayObject *x, bn_shape s)
 {
     const void *x_data = PyArray_DATA(x);
     int f32 = IS_F32(x);
     Py_BEGIN_ALLOW_THREADS
     if (f32) {
-        bn_stats_f32(stats, scratch, x_data, s);
+        bn_stats_f32(stats, x_data, s);
     }
     else {
-        bn_stats_f64(stats, scratch, x_data, s);
+        bn_stats_f64(stats, x_data, s);
     }
     Py_END_ALLOW_THREADS
 }
@@ -51,7 +51,27 @@ void bn_run_update_running(PyArrayObject *running_mean, PyArrayObject *running_v
     }
 }
 
-void bn_run_forward(PyArrayObject *y, PyArrayObject *x, const double *mean,
+void bn_run_forward_train(PyArrayObject *y, bn_partial *stats, double *mean, double *invstd,
+                          double *work, PyArrayObject *x, PyArrayObject *gamma,
+                          PyArrayObject *beta, double eps, bn_shape s)
+{
+    void *y_data = PyArray_DATA(y);
+    const void *x_data = PyArray_DATA(x);
+    const void *gamma_data = DATA_OR_NULL(gamma), *beta_data = DATA_OR_NULL(beta);
+    int f32 = IS_F32(x);
+    Py_BEGIN_ALLOW_THREADS
+    if (f32) {
+        bn_forward_train_f32(y_data, stats, mean, invstd, work, x_data, gamma_data, beta_data,
+                             eps, s);
+    }
+    else {
+        bn_forward_train_f64(y_data, stats, mean, invstd, work, x_data, gamma_data, beta_data,
+                             eps, s);
+    }
+    Py_END_ALLOW_THREADS
+}
+
+void bn_run_forward(PyArrayObject *y, double *work, PyArrayObject *x, const double *mean,
                     const double *invstd, PyArrayObject *gamma, PyArrayObject *beta,
                     bn_shape s)
 {
@@ -61,17 +81,17 @@ void bn_run_forward(PyArrayObject *y, PyArrayObject *x, const double *mean,
     int f32 = IS_F32(x);
     Py_BEGIN_ALLOW_THREADS
     if (f32) {
-        bn_forward_f32(y_data, x_data, mean, invstd, gamma_data, beta_data, s);
+        bn_forward_f32(y_data, work, x_data, mean, invstd, gamma_data, beta_data, s);
     }
     else {
-        bn_forward_f64(y_data, x_data, mean, invstd, gamma_data, beta_data, s);
+        bn_forward_f64(y_data, work, x_data, mean, invstd, gamma_data, beta_data, s);
     }
     Py_END_ALLOW_THREADS
 }
 
-void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, PyArrayObject *dy,
-                     PyArrayObject *x, const double *mean, const double *invstd,
-                     PyArrayObject *gamma, bn_shape s, int training)
+void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *work,
+                     PyArrayObject *dy, PyArrayObject *x, const double *mean,
+                     const double *invstd, PyArrayObject *gamma, bn_shape s, int training)
 {
     void *dx_data = PyArray_DATA(dx);
     const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
@@ -79,24 +99,12 @@ void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, PyArrayOb
     int f32 = IS_F32(x);
     Py_BEGIN_ALLOW_THREADS
     if (f32) {
-        bn_backward_reduce_f32(dgamma, dbeta, dy_data, x_data, mean, invstd, s);
-        if (training) {
-            bn_backward_dx_train_f32(dx_data, dy_data, x_data, mean, invstd, gamma_data,
-                                     dgamma, dbeta, s);
-        }
-        else {
-            bn_backward_dx_eval_f32(dx_data, dy_data, invstd, gamma_data, s);
-        }
+        bn_backward_f32(dx_data, dgamma, dbeta, work, dy_data, x_data, mean, invstd,
+                        gamma_data, s, training);
     }
     else {
-        bn_backward_reduce_f64(dgamma, dbeta, dy_data, x_data, mean, invstd, s);
-        if (training) {
-            bn_backward_dx_train_f64(dx_data, dy_data, x_data, mean, invstd, gamma_data,
-                                     dgamma, dbeta, s);
-        }
-        else {
-            bn_backward_dx_eval_f64(dx_data, dy_data, invstd, gamma_data, s);
-        }
+        bn_backward_f64(dx_data, dgamma, dbeta, work, dy_data, x_data, mean, invstd,
+                        gamma_data, s, training);
     }
     Py_END_ALLOW_THREADS
 }
@@ -114,4 +122,14 @@ PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp
         bn_from_double_f64(PyArray_DATA(arr), values, (size_t)n);
     }
     return arr;
+}
+
+double *bn_new_workspace(bn_shape s)
+{
+    /* at least one element, so that a zero-size request is not NULL */
+    double *work = PyMem_Malloc((bn_workspace_size(s) + 1) * sizeof(double));
+    if (work == NULL) {
+        PyErr_NoMemory();
+    }
+    return work;
 }

@@ -47,7 +47,7 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
     PyArrayObject *x = NULL, *gamma = NULL, *beta = NULL, *y = NULL, *moments = NULL;
     PyArrayObject *mean = NULL, *invstd = NULL;
     bn_partial *stats = NULL;
-    double *scratch = NULL;
+    double *work = NULL;
     PyObject *result = NULL;
     bn_layout layout;
     int typenum = bn_compute_typenum(x_obj, "x");
@@ -67,17 +67,15 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
     y = bn_output_like(out_obj, x, typenum);
     moments = y ? bn_new_matrix(NPY_DOUBLE, 2, channels) : NULL;
     stats = PyMem_Malloc((size_t)channels * sizeof(bn_partial) + 1);
-    scratch = PyMem_Malloc((size_t)channels * sizeof(double) + 1);
-    if (y == NULL || moments == NULL || stats == NULL || scratch == NULL) {
+    work = y ? bn_new_workspace(layout.shape) : NULL;
+    if (y == NULL || moments == NULL || stats == NULL || work == NULL) {
         if (!PyErr_Occurred()) {
             PyErr_NoMemory();
         }
         goto done;
     }
     double *mean_d = PyArray_DATA(moments), *invstd_d = mean_d + channels;
-    bn_run_stats(stats, scratch, x, layout.shape);
-    bn_batch_moments(mean_d, invstd_d, stats, (size_t)channels, eps);
-    bn_run_forward(y, x, mean_d, invstd_d, gamma, beta, layout.shape);
+    bn_run_forward_train(y, stats, mean_d, invstd_d, work, x, gamma, beta, eps, layout.shape);
     mean = bn_vector_from_double(typenum, mean_d, channels);
     invstd = bn_vector_from_double(typenum, invstd_d, channels);
     if (mean != NULL && invstd != NULL) {
@@ -86,7 +84,7 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
 
 done:
     PyMem_Free(stats);
-    PyMem_Free(scratch);
+    PyMem_Free(work);
     Py_XDECREF(x);
     Py_XDECREF(gamma);
     Py_XDECREF(beta);
@@ -114,6 +112,7 @@ static PyObject *batch_norm_inference(PyObject *Py_UNUSED(module), PyObject *arg
     }
     PyArrayObject *x = NULL, *gamma = NULL, *beta = NULL, *y = NULL, *moments = NULL;
     PyArrayObject *mean = NULL, *var = NULL;
+    double *work = NULL;
     PyObject *result = NULL;
     bn_layout layout;
     int typenum = bn_compute_typenum(x_obj, "x");
@@ -132,15 +131,17 @@ static PyObject *batch_norm_inference(PyObject *Py_UNUSED(module), PyObject *arg
     }
     y = bn_output_like(out_obj, x, typenum);
     moments = y ? bn_new_matrix(NPY_DOUBLE, 2, channels) : NULL;
-    if (moments == NULL) {
+    work = moments ? bn_new_workspace(layout.shape) : NULL;
+    if (work == NULL) {
         goto done;
     }
     double *mean_d = PyArray_DATA(moments), *invstd_d = mean_d + channels;
     bn_run_running_moments(mean_d, invstd_d, mean, var, eps);
-    bn_run_forward(y, x, mean_d, invstd_d, gamma, beta, layout.shape);
+    bn_run_forward(y, work, x, mean_d, invstd_d, gamma, beta, layout.shape);
     result = Py_NewRef(y);
 
 done:
+    PyMem_Free(work);
     Py_XDECREF(x);
     Py_XDECREF(gamma);
     Py_XDECREF(beta);
@@ -168,6 +169,7 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
     }
     PyArrayObject *dy = NULL, *x = NULL, *gamma = NULL, *mean = NULL, *invstd = NULL;
     PyArrayObject *dx = NULL, *dgamma = NULL, *dbeta = NULL, *sums = NULL;
+    double *work = NULL;
     PyObject *result = NULL;
     bn_layout layout;
     int typenum = bn_compute_typenum(x_obj, "x");
@@ -204,12 +206,13 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
         goto done;
     }
     sums = bn_new_matrix(NPY_DOUBLE, 2, channels);
-    if (sums == NULL) {
+    work = sums ? bn_new_workspace(layout.shape) : NULL;
+    if (work == NULL) {
         goto done;
     }
     double *dgamma_d = PyArray_DATA(sums), *dbeta_d = dgamma_d + channels;
-    bn_run_backward(dx, dgamma_d, dbeta_d, dy, x, PyArray_DATA(mean), PyArray_DATA(invstd),
-                    gamma, layout.shape, training);
+    bn_run_backward(dx, dgamma_d, dbeta_d, work, dy, x, PyArray_DATA(mean),
+                    PyArray_DATA(invstd), gamma, layout.shape, training);
     if (gamma == NULL) {
         result = PyTuple_Pack(3, (PyObject *)dx, Py_None, Py_None);
         goto done;
@@ -221,6 +224,7 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
     }
 
 done:
+    PyMem_Free(work);
     Py_XDECREF(dy);
     Py_XDECREF(x);
     Py_XDECREF(gamma);

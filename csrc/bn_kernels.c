@@ -1,15 +1,132 @@
 /* bn_kernels.c -- the mathematics of batch normalization (DESIGN.md section 1).
  *
  * The per-type kernels live in bn_kernels_impl.h, instantiated here for float
- * and double; the type-free helpers are below.
+ * and double; the type-free helpers, the thread count and the build's
+ * vectorization and threading switches are below.
  */
 #include "bn_kernels.h"
 
 #include <math.h>
+#include <string.h>
+
+/* The vector helpers are always inlined: the ABI notes GCC gives for passing
+ * 64-byte vectors between functions do not apply. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#ifdef _OPENMP
+#include <omp.h>
+/* the loop that follows runs on `team` threads (a local int) when team > 1 */
+#define BN_PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(team) if(team > 1)")
+#else
+#define BN_PARALLEL_FOR (void)team;
+#endif
+
+/* Hot loops get one clone per instruction set, chosen when the library loads
+ * (GCC/Clang function multi-versioning), so the installed build is portable
+ * and still uses AVX2 or AVX-512 where the CPU has them. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(BN_NO_CLONES) \
+    && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define BN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef BN_CLONES
+#define BN_CLONES
+#endif
+
+/* Helpers of the cloned loops: always inlined, so that each clone compiles
+ * them for its own instruction set. */
+#if defined(__GNUC__)
+#define BN_INLINE static inline __attribute__((always_inline))
+#else
+#define BN_INLINE static inline
+#endif
+
+enum {
+    BN_LANES = 16,           /* lanes of a bn_lanes vector: independent accumulators */
+    BN_BLOCK = 16,           /* features summed together in the interleaved layout */
+    BN_TILE = 2048,          /* elements of a tile that the two passes share in L1 */
+    BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
+    BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
+};
+
+static int bn_num_threads = 0; /* 0 until set: OpenMP's default */
+
+void bn_set_num_threads(int n)
+{
+    bn_num_threads = n > 0 ? n : 1;
+}
+
+int bn_get_num_threads(void)
+{
+#ifdef _OPENMP
+    return bn_num_threads > 0 ? bn_num_threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int bn_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 size_t bn_count(bn_shape s)
 {
     return s.outer * s.inner;
+}
+
+size_t bn_workspace_size(bn_shape s)
+{
+    return 3 * s.channels;
+}
+
+/* threads for a call on shape s: one for small inputs */
+static int bn_team(bn_shape s)
+{
+    return bn_count(s) * s.channels >= BN_PARALLEL_MIN ? bn_get_num_threads() : 1;
+}
+
+/* rows of row_len elements an elementwise pass takes at a time */
+static size_t bn_rows_per_chunk(size_t row_len)
+{
+    return row_len >= BN_CHUNK ? 1 : BN_CHUNK / (row_len > 0 ? row_len : 1);
+}
+
+/* Eight doubles as one vector (GCC/Clang vector extensions): each clone maps
+ * it onto its own registers (one zmm, two ymm or four xmm), and every lane
+ * does the same operations in the same order on every instruction set. Row
+ * sums keep two of them, BN_LANES = 16 independent accumulators. */
+#if !defined(__GNUC__)
+#error "bnpy's kernels need the GCC or Clang vector extensions"
+#endif
+typedef double bn_vec __attribute__((vector_size(8 * sizeof(double))));
+typedef float bn_vec_f32 __attribute__((vector_size(8 * sizeof(float))));
+
+/* The sum of the 16 lanes of two accumulators, pairwise, in a fixed order */
+BN_INLINE double bn_lanes_total(const bn_vec *a, const bn_vec *b)
+{
+    bn_vec v = *a + *b;
+    double lanes[8];
+    memcpy(lanes, &v, sizeof lanes);
+    return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+           + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+}
+
+/* Partial statistics of `count` values from their first-pass mean and the sum
+ * of deviations from it and of their squares: sum_dev is count times the
+ * rounding error of the mean, so it corrects both (the corrected two-pass
+ * algorithm of Chan, Golub and LeVeque). */
+BN_INLINE bn_partial bn_corrected(double count, double mean, double sum_dev,
+                                      double sum_dev2)
+{
+    double correction = sum_dev / count;
+    double m2 = sum_dev2 - sum_dev * correction;
+    return (bn_partial){count, mean + correction, m2 > 0.0 ? m2 : 0.0};
 }
 
 void bn_partial_merge(bn_partial *a, const bn_partial *b)
@@ -39,13 +156,17 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
 }
 
 #define T float
+#define BN_ELEMENT_IS_FLOAT 1
 #define NAME(fn) fn##_f32
 #include "bn_kernels_impl.h"
 #undef T
+#undef BN_ELEMENT_IS_FLOAT
 #undef NAME
 
 #define T double
+#define BN_ELEMENT_IS_FLOAT 0
 #define NAME(fn) fn##_f64
 #include "bn_kernels_impl.h"
 #undef T
+#undef BN_ELEMENT_IS_FLOAT
 #undef NAME

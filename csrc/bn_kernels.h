@@ -34,14 +34,27 @@ typedef struct {
     double m2;    /* sum of squared deviations from that mean */
 } bn_partial;
 
+/* --- threads ------------------------------------------------------------ */
+
+/* Threads the kernels may use: OpenMP's default (OMP_NUM_THREADS, or the
+ * number of cores) until set; always 1 when built without OpenMP. Results do
+ * not depend on it: every sum has an order fixed by the shape alone. */
+void bn_set_num_threads(int n);
+int bn_get_num_threads(void);
+int bn_has_openmp(void);
+
+/* Doubles of workspace the forward and backward kernels need: the caller
+ * passes `work` with at least this many. */
+size_t bn_workspace_size(bn_shape s);
+
 /* --- statistics -------------------------------------------------------- */
 
-/* stats[C] <- count, mean and m2 of each feature of x, by the corrected
- * two-pass algorithm: a large common offset does not cancel the variance,
- * and a constant feature gets exactly its value as mean and m2 = 0.
- * sum[C] is scratch. */
-void bn_stats_f32(bn_partial *stats, double *scratch, const float *x, bn_shape s);
-void bn_stats_f64(bn_partial *stats, double *scratch, const double *x, bn_shape s);
+/* stats[C] <- count, mean and m2 of each feature of x. Each cache-sized tile
+ * of a feature gets the corrected two-pass algorithm, and tiles are combined
+ * with bn_partial_merge: a large common offset does not cancel the variance,
+ * and a constant feature gets exactly its value as mean and m2 = 0. */
+void bn_stats_f32(bn_partial *stats, const float *x, bn_shape s);
+void bn_stats_f64(bn_partial *stats, const double *x, bn_shape s);
 
 /* a <- the statistics of the union of the data behind a and b. */
 void bn_partial_merge(bn_partial *a, const bn_partial *b);
@@ -66,38 +79,38 @@ void bn_update_running_f64(double *running_mean, double *running_var,
 
 /* --- forward ----------------------------------------------------------- */
 
-/* y <- gamma * (x - mean) * invstd + beta, per feature. gamma and beta may be
- * NULL (no affine transform: gamma = 1, beta = 0). Serves training mode (batch
- * moments) and inference (running moments) alike. y may be x itself. */
-void bn_forward_f32(float *y, const float *x, const double *mean, const double *invstd,
-                    const float *gamma, const float *beta, bn_shape s);
-void bn_forward_f64(double *y, const double *x, const double *mean, const double *invstd,
-                    const double *gamma, const double *beta, bn_shape s);
+/* Training mode: stats[C], mean[C], invstd[C] <- x's batch statistics, and
+ * y <- gamma * (x - mean) * invstd + beta. Each feature is normalized while
+ * its data is still in cache when features are planar (inner > 1). gamma and
+ * beta may be NULL (gamma = 1, beta = 0). y may be x itself. */
+void bn_forward_train_f32(float *y, bn_partial *stats, double *mean, double *invstd,
+                          double *work, const float *x, const float *gamma, const float *beta,
+                          double eps, bn_shape s);
+void bn_forward_train_f64(double *y, bn_partial *stats, double *mean, double *invstd,
+                          double *work, const double *x, const double *gamma,
+                          const double *beta, double eps, bn_shape s);
+
+/* y <- gamma * (x - mean) * invstd + beta with given moments (inference with
+ * the running statistics). gamma and beta may be NULL. y may be x itself. */
+void bn_forward_f32(float *y, double *work, const float *x, const double *mean,
+                    const double *invstd, const float *gamma, const float *beta, bn_shape s);
+void bn_forward_f64(double *y, double *work, const double *x, const double *mean,
+                    const double *invstd, const double *gamma, const double *beta, bn_shape s);
 
 /* --- backward ---------------------------------------------------------- */
 
-/* dbeta[C] <- sum dy, dgamma[C] <- sum dy * xhat with xhat = (x - mean) * invstd. */
-void bn_backward_reduce_f32(double *dgamma, double *dbeta, const float *dy, const float *x,
-                            const double *mean, const double *invstd, bn_shape s);
-void bn_backward_reduce_f64(double *dgamma, double *dbeta, const double *dy, const double *x,
-                            const double *mean, const double *invstd, bn_shape s);
-
-/* dx <- gamma * invstd / n * (n * dy - dbeta - xhat * dgamma): the gradient
- * when mean and invstd are the batch statistics of x. gamma may be NULL (1).
- * dgamma and dbeta are the sums of bn_backward_reduce. dx may be dy itself. */
-void bn_backward_dx_train_f32(float *dx, const float *dy, const float *x, const double *mean,
-                              const double *invstd, const float *gamma, const double *dgamma,
-                              const double *dbeta, bn_shape s);
-void bn_backward_dx_train_f64(double *dx, const double *dy, const double *x, const double *mean,
-                              const double *invstd, const double *gamma, const double *dgamma,
-                              const double *dbeta, bn_shape s);
-
-/* dx <- dy * gamma * invstd: the gradient when mean and invstd are constants
- * (eval mode with running statistics). gamma may be NULL. dx may be dy. */
-void bn_backward_dx_eval_f32(float *dx, const float *dy, const double *invstd,
-                             const float *gamma, bn_shape s);
-void bn_backward_dx_eval_f64(double *dx, const double *dy, const double *invstd,
-                             const double *gamma, bn_shape s);
+/* dbeta[C] <- sum dy, dgamma[C] <- sum dy * xhat with xhat = (x - mean) * invstd,
+ * and dx <-
+ *   training: gamma * invstd / n * (n * dy - dbeta - xhat * dgamma)
+ *             (mean and invstd are x's batch statistics and depend on x);
+ *   otherwise: dy * gamma * invstd (they are constants).
+ * gamma may be NULL (1). dx may be dy itself, never x. */
+void bn_backward_f32(float *dx, double *dgamma, double *dbeta, double *work, const float *dy,
+                     const float *x, const double *mean, const double *invstd,
+                     const float *gamma, bn_shape s, int training);
+void bn_backward_f64(double *dx, double *dgamma, double *dbeta, double *work,
+                     const double *dy, const double *x, const double *mean,
+                     const double *invstd, const double *gamma, bn_shape s, int training);
 
 /* out[n] <- in[n] rounded to the element type. */
 void bn_from_double_f32(float *out, const double *in, size_t n);

@@ -203,7 +203,7 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     }
     PyArrayObject *x = NULL, *y = NULL, *saved_x = NULL, *moments = NULL;
     bn_partial *stats = NULL;
-    double *scratch = NULL;
+    double *work = NULL;
     bn_layout layout;
     size_t channels = CHANNELS(self);
     /* the mode and eps this call uses, whatever other threads set meanwhile */
@@ -228,8 +228,8 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
                                       : (PyArrayObject *)Py_NewRef(x);
     moments = bn_new_matrix(NPY_DOUBLE, 2, self->num_features);
     stats = PyMem_Malloc(channels * sizeof(bn_partial));
-    scratch = PyMem_Malloc(channels * sizeof(double));
-    if (saved_x == NULL || moments == NULL || stats == NULL || scratch == NULL) {
+    work = bn_new_workspace(layout.shape);
+    if (saved_x == NULL || moments == NULL || stats == NULL || work == NULL) {
         if (!PyErr_Occurred()) {
             PyErr_NoMemory();
         }
@@ -237,13 +237,13 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     }
     double *mean = PyArray_DATA(moments), *invstd = mean + channels;
     if (batch_stats) {
-        bn_run_stats(stats, scratch, x, layout.shape);
-        bn_batch_moments(mean, invstd, stats, channels, eps);
+        bn_run_forward_train(y, stats, mean, invstd, work, x, self->gamma, self->beta, eps,
+                             layout.shape);
     }
     else {
         bn_run_running_moments(mean, invstd, self->running_mean, self->running_var, eps);
+        bn_run_forward(y, work, x, mean, invstd, self->gamma, self->beta, layout.shape);
     }
-    bn_run_forward(y, x, mean, invstd, self->gamma, self->beta, layout.shape);
 
     /* nothing fails from here on: commit */
     if (training && self->track_running_stats && bn_count(layout.shape) > 0) {
@@ -251,13 +251,13 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     }
     replace_saved(self, saved_x, moments, layout.shape, batch_stats);
     PyMem_Free(stats);
-    PyMem_Free(scratch);
+    PyMem_Free(work);
     Py_DECREF(x);
     return (PyObject *)y;
 
 fail:
     PyMem_Free(stats);
-    PyMem_Free(scratch);
+    PyMem_Free(work);
     Py_XDECREF(x);
     Py_XDECREF(y);
     Py_XDECREF(saved_x);
@@ -312,7 +312,7 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     int batch_stats = self->saved.batch_stats;
     PyArrayObject *dy = NULL, *dx = NULL, *grad_gamma = NULL, *grad_beta = NULL;
     size_t channels = CHANNELS(self);
-    double *sums = NULL;
+    double *sums = NULL, *work = NULL;
 
     dy = bn_as_array(dy_obj, self->typenum, "dy");
     if (dy == NULL) {
@@ -333,13 +333,15 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
         goto fail;
     }
     sums = PyMem_Malloc(2 * channels * sizeof(double));
-    if (sums == NULL) {
+    work = bn_new_workspace(shape);
+    if (sums == NULL || work == NULL) {
         PyErr_NoMemory();
         goto fail;
     }
     double *dgamma = sums, *dbeta = sums + channels;
     const double *mean = PyArray_DATA(moments), *invstd = mean + channels;
-    bn_run_backward(dx, dgamma, dbeta, dy, x, mean, invstd, self->gamma, shape, batch_stats);
+    bn_run_backward(dx, dgamma, dbeta, work, dy, x, mean, invstd, self->gamma, shape,
+                    batch_stats);
     if (self->affine) {
         grad_gamma = bn_vector_from_double(self->typenum, dgamma, self->num_features);
         grad_beta = bn_vector_from_double(self->typenum, dbeta, self->num_features);
@@ -350,6 +352,7 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
         Py_XSETREF(self->grad_beta, grad_beta);
     }
     PyMem_Free(sums);
+    PyMem_Free(work);
     Py_DECREF(dy);
     Py_DECREF(x);
     Py_DECREF(moments);
@@ -357,6 +360,7 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
 
 fail:
     PyMem_Free(sums);
+    PyMem_Free(work);
     Py_XDECREF(dy);
     Py_XDECREF(dx);
     Py_XDECREF(grad_gamma);

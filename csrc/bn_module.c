@@ -3,8 +3,53 @@
 #define BNPY_MODULE_OWNS_NUMPY_API
 #include "bn_module.h"
 
+static PyObject *set_num_threads(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    if (PyBool_Check(arg) || !PyLong_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "set_num_threads expects an integer, got %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n < 1 || n > 4096) {
+        PyErr_Format(PyExc_ValueError, "number of threads must be in [1, 4096], got %ld", n);
+        return NULL;
+    }
+    bn_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *has_openmp(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(bn_has_openmp());
+}
+
+static PyObject *get_num_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLong(bn_get_num_threads());
+}
+
+static PyMethodDef thread_methods[] = {
+    {"set_num_threads", set_num_threads, METH_O,
+     PyDoc_STR("set_num_threads($module, n, /)\n--\n\n"
+               "Use n threads in the kernels (when bnpy was built with OpenMP).\n"
+               "Results do not depend on n.")},
+    {"get_num_threads", get_num_threads, METH_NOARGS,
+     PyDoc_STR("get_num_threads($module, /)\n--\n\n"
+               "The number of threads the kernels use (1 without OpenMP).")},
+    {"has_openmp", (PyCFunction)(void (*)(void))has_openmp, METH_NOARGS,
+     PyDoc_STR("has_openmp($module, /)\n--\n\nWhether bnpy was built with OpenMP.")},
+    {NULL, NULL, 0, NULL},
+};
+
 static int bn_exec(PyObject *module)
 {
+    if (PyModule_AddFunctions(module, thread_methods) < 0) {
+        return -1;
+    }
     if (PyArray_ImportNumPyAPI() < 0) {
         return -1;
     }

@@ -88,18 +88,24 @@ PyArrayObject *bn_new_matrix(int typenum, npy_intp rows, npy_intp n);
  * it without the GIL. Arrays are well formed (bn_as_array, bn_output_like);
  * gamma and beta may be NULL. double buffers have length C. */
 
-void bn_run_stats(bn_partial *stats, double *scratch, PyArrayObject *x, bn_shape s);
+void bn_run_stats(bn_partial *stats, PyArrayObject *x, bn_shape s);
 void bn_run_running_moments(double *mean, double *invstd, PyArrayObject *running_mean,
                             PyArrayObject *running_var, double eps);
 void bn_run_update_running(PyArrayObject *running_mean, PyArrayObject *running_var,
                            const bn_partial *stats, double momentum);
-void bn_run_forward(PyArrayObject *y, PyArrayObject *x, const double *mean,
+/* training mode: batch statistics (stats, mean, invstd) and y together */
+void bn_run_forward_train(PyArrayObject *y, bn_partial *stats, double *mean, double *invstd,
+                          double *work, PyArrayObject *x, PyArrayObject *gamma,
+                          PyArrayObject *beta, double eps, bn_shape s);
+void bn_run_forward(PyArrayObject *y, double *work, PyArrayObject *x, const double *mean,
                     const double *invstd, PyArrayObject *gamma, PyArrayObject *beta,
                     bn_shape s);
 /* dx, and dgamma/dbeta as double sums; training picks the gradient formula. */
-void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, PyArrayObject *dy,
-                     PyArrayObject *x, const double *mean, const double *invstd,
-                     PyArrayObject *gamma, bn_shape s, int training);
+void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *work,
+                     PyArrayObject *dy, PyArrayObject *x, const double *mean,
+                     const double *invstd, PyArrayObject *gamma, bn_shape s, int training);
+/* Workspace for the kernels on shape s (PyMem_Free it); NULL with MemoryError. */
+double *bn_new_workspace(bn_shape s);
 /* A new (C,) array of typenum holding values rounded from double. */
 PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp n);
 

@@ -6,7 +6,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 out="${OUT_DIR:-$(mktemp -d)}"
-flags=(-std=c11 -O2 -g -Wall -Wextra -Werror -pedantic)
+flags=(-std=c11 -O2 -g -ffp-contract=off -Wall -Wextra -Werror -pedantic -fopenmp)
 if [ "${1:-}" = "sanitize" ]; then
     flags+=(-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
 fi

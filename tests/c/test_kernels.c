@@ -25,22 +25,21 @@ static void test_worked_example(void)
     const double gamma[1] = {1.5}, beta[1] = {0.5};
     bn_shape s = {4, 1, 1}; /* (N=4, C=1) */
     bn_partial stats[1];
-    double scratch[1], mean[1], invstd[1], y[4], y_scaled[4];
+    double work[3], mean[1], invstd[1], y[4], y_scaled[4];
 
-    bn_stats_f64(stats, scratch, x, s);
+    bn_stats_f64(stats, x, s);
     CHECK_CLOSE(stats[0].count, 4, 0);
     CHECK_CLOSE(stats[0].mean, 2, 0);
     CHECK_CLOSE(stats[0].m2, 8, 0);
     bn_batch_moments(mean, invstd, stats, 1, 1e-12);
-    bn_forward_f64(y, x, mean, invstd, gamma, beta, s);
+    bn_forward_f64(y, work, x, mean, invstd, gamma, beta, s);
     const double want[4] = {0.5, 0.5 - sqrt(2.0) * 1.5, 0.5, 0.5 + sqrt(2.0) * 1.5};
     for (int i = 0; i < 4; i++) {
         CHECK_CLOSE(y[i], want[i], 1e-9);
     }
     /* scaling the input by 100 leaves y unchanged: the next layer sees the same */
-    bn_stats_f64(stats, scratch, scaled, s);
-    bn_batch_moments(mean, invstd, stats, 1, 1e-12);
-    bn_forward_f64(y_scaled, scaled, mean, invstd, gamma, beta, s);
+    bn_forward_train_f64(y_scaled, stats, mean, invstd, work, scaled, gamma, beta, 1e-12, s);
+    CHECK_CLOSE(stats[0].mean, 200, 0);
     for (int i = 0; i < 4; i++) {
         CHECK_CLOSE(y_scaled[i], y[i], 1e-9);
     }
@@ -60,8 +59,7 @@ static void test_layout_and_float32(void)
     }
     bn_shape s = {2, 3, 2};
     bn_partial stats[3];
-    double scratch[3];
-    bn_stats_f32(stats, scratch, x, s);
+    bn_stats_f32(stats, x, s);
     for (int c = 0; c < 3; c++) {
         CHECK_CLOSE(stats[c].mean, c + 1.5, 0);
         CHECK_CLOSE(stats[c].m2, 5.0, 0); /* deviations -1.5, -0.5, 0.5, 1.5 */
@@ -74,17 +72,15 @@ static void test_constant_and_offset(void)
     double x[6] = {0.1, 0.1, 0.1, 1e8 + 1, 1e8 - 1, 1e8};
     bn_shape constant = {3, 1, 1}, offset = {3, 1, 1};
     bn_partial stats[1];
-    double scratch[1], mean[1], invstd[1], y[3];
+    double work[3], mean[1], invstd[1], y[3];
     const double beta[1] = {0.25};
-    bn_stats_f64(stats, scratch, x, constant);
+    bn_forward_train_f64(y, stats, mean, invstd, work, x, NULL, beta, 1e-5, constant);
     CHECK_CLOSE(stats[0].mean, 0.1, 0);
     CHECK_CLOSE(stats[0].m2, 0, 0);
-    bn_batch_moments(mean, invstd, stats, 1, 1e-5);
-    bn_forward_f64(y, x, mean, invstd, NULL, beta, constant);
     for (int i = 0; i < 3; i++) {
         CHECK_CLOSE(y[i], 0.25, 0);
     }
-    bn_stats_f64(stats, scratch, x + 3, offset);
+    bn_stats_f64(stats, x + 3, offset);
     CHECK_CLOSE(stats[0].mean, 1e8, 0);
     CHECK_CLOSE(stats[0].m2, 2.0, 1e-9);
 }
@@ -94,10 +90,9 @@ static void test_merge(void)
 {
     const double x[5] = {1, 2, 3, 4, 10};
     bn_partial a[1], b[1], whole[1];
-    double scratch[1];
-    bn_stats_f64(a, scratch, x, (bn_shape){2, 1, 1});
-    bn_stats_f64(b, scratch, x + 2, (bn_shape){3, 1, 1});
-    bn_stats_f64(whole, scratch, x, (bn_shape){5, 1, 1});
+    bn_stats_f64(a, x, (bn_shape){2, 1, 1});
+    bn_stats_f64(b, x + 2, (bn_shape){3, 1, 1});
+    bn_stats_f64(whole, x, (bn_shape){5, 1, 1});
     bn_partial_merge(a, b);
     CHECK_CLOSE(a[0].count, whole[0].count, 0);
     CHECK_CLOSE(a[0].mean, whole[0].mean, 1e-15);
@@ -114,14 +109,13 @@ static void test_backward(void)
     const double x[4] = {2, 0, 2, 4}, dy[4] = {0.3, -1.0, 0.7, 0.2}, gamma[1] = {2.0};
     bn_shape s = {4, 1, 1};
     bn_partial stats[1];
-    double scratch[1], mean[1], invstd[1], dgamma[1], dbeta[1], dx[4];
-    bn_stats_f64(stats, scratch, x, s);
+    double work[3], mean[1], invstd[1], dgamma[1], dbeta[1], dx[4];
+    bn_stats_f64(stats, x, s);
     bn_batch_moments(mean, invstd, stats, 1, 0.0);
-    bn_backward_reduce_f64(dgamma, dbeta, dy, x, mean, invstd, s);
+    bn_backward_f64(dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, s, 1);
     CHECK_CLOSE(dbeta[0], 0.2, 1e-15);
     /* xhat = [0, -a, 0, a] with a = 2 * invstd: dgamma = (1.0 + 0.2) * a */
     CHECK_CLOSE(dgamma[0], 1.2 * 2 * invstd[0], 1e-15);
-    bn_backward_dx_train_f64(dx, dy, x, mean, invstd, gamma, dgamma, dbeta, s);
     double sum = 0, sum_xhat = 0;
     for (int i = 0; i < 4; i++) {
         sum += dx[i];
@@ -129,8 +123,9 @@ static void test_backward(void)
     }
     CHECK_CLOSE(sum, 0, 1e-14);
     CHECK_CLOSE(sum_xhat, 0, 1e-14);
-    bn_backward_dx_eval_f64(dx, dy, invstd, gamma, s);
+    bn_backward_f64(dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, s, 0);
     CHECK_CLOSE(dx[1], -1.0 * 2.0 * invstd[0], 1e-15);
+    CHECK_CLOSE(dbeta[0], 0.2, 1e-15);
 }
 
 /* Running statistics: momentum weights the new batch; the variance is unbiased. */
