@@ -8,16 +8,16 @@
 /* the data of an optional array, or NULL */
 #define DATA_OR_NULL(arr) ((arr) != NULL ? PyArray_DATA(arr) : NULL)
 
-void bn_run_stats(bn_partial *stats, PyArrayObject *x, bn_shape s)
+void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, bn_shape s)
 {
     const void *x_data = PyArray_DATA(x);
     int f32 = IS_F32(x);
     Py_BEGIN_ALLOW_THREADS
     if (f32) {
-        bn_stats_f32(stats, x_data, s);
+        bn_stats_f32(stats, work, x_data, s);
     }
     else {
-        bn_stats_f64(stats, x_data, s);
+        bn_stats_f64(stats, work, x_data, s);
     }
     Py_END_ALLOW_THREADS
 }

@@ -44,7 +44,7 @@
 
 enum {
     BN_LANES = 16,           /* lanes of a bn_lanes vector: independent accumulators */
-    BN_BLOCK = 16,           /* features summed together in the interleaved layout */
+    BN_GROUP_ROWS = 4096,    /* interleaved rows per reduction task: fixed by the shape */
     BN_TILE = 2048,          /* elements of a tile that the two passes share in L1 */
     BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
@@ -80,9 +80,33 @@ size_t bn_count(bn_shape s)
     return s.outer * s.inner;
 }
 
+/* interleaved layouts: the number of BN_GROUP_ROWS groups of rows */
+static size_t bn_row_groups(bn_shape s)
+{
+    return s.inner == 1 ? (s.outer + BN_GROUP_ROWS - 1) / BN_GROUP_ROWS : 0;
+}
+
+/* interleaved layouts: rows per wide row, so that a wide row holds at least
+ * 32 values */
+static size_t bn_fold(size_t channels)
+{
+    return channels >= 32 ? 1 : (32 + channels - 1) / channels;
+}
+
+/* wide[R] <- values[l % C] */
+static void bn_repeat(double *wide, const double *values, size_t C, size_t R)
+{
+    for (size_t l = 0; l < R; l++) {
+        wide[l] = values[l % C];
+    }
+}
+
 size_t bn_workspace_size(bn_shape s)
 {
-    return 3 * s.channels;
+    /* four coefficient vectors of a wide row (R >= C); interleaved
+     * reductions: per row group, C partials (3 doubles each) and 2R lanes */
+    size_t R = bn_fold(s.channels) * s.channels;
+    return 4 * R + bn_row_groups(s) * (3 * s.channels + 2 * R);
 }
 
 /* threads for a call on shape s: one for small inputs */

@@ -52,9 +52,10 @@ size_t bn_workspace_size(bn_shape s);
 /* stats[C] <- count, mean and m2 of each feature of x. Each cache-sized tile
  * of a feature gets the corrected two-pass algorithm, and tiles are combined
  * with bn_partial_merge: a large common offset does not cancel the variance,
- * and a constant feature gets exactly its value as mean and m2 = 0. */
-void bn_stats_f32(bn_partial *stats, const float *x, bn_shape s);
-void bn_stats_f64(bn_partial *stats, const double *x, bn_shape s);
+ * and a constant feature gets exactly its value as mean and m2 = 0.
+ * work: bn_workspace_size(s) doubles. */
+void bn_stats_f32(bn_partial *stats, double *work, const float *x, bn_shape s);
+void bn_stats_f64(bn_partial *stats, double *work, const double *x, bn_shape s);
 
 /* a <- the statistics of the union of the data behind a and b. */
 void bn_partial_merge(bn_partial *a, const bn_partial *b);

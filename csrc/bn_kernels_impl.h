@@ -11,10 +11,11 @@
  *       normalization (or both backward reductions, then dx) while its rows are
  *       still in cache, so memory sees one read of x. Row sums use BN_LANES
  *       independent accumulators, which the compiler vectorizes.
- *   interleaved (inner == 1): row o holds one value of every feature. Sums run
- *       down the rows for a block of BN_BLOCK features at once (vectorized
- *       across features); elementwise passes go row by row with per-feature
- *       coefficients from `work`.
+ *   interleaved (inner == 1): row o holds one value of every feature. Rows go
+ *       in fixed groups (one task each); statistics are Welford's, lane by
+ *       lane along "wide rows" (vectorized across features), and the groups'
+ *       results are merged in order. Elementwise passes take the values as one
+ *       long sequence with per-feature coefficients from `work`.
  * Every sum has an order fixed by the shape: results do not depend on the
  * number of threads, nor on the instruction set a clone was built for.
  */
@@ -268,121 +269,106 @@ BN_CLONES static void NAME(planar_backward_feature)(T *dx, double *dgamma, doubl
     }
 }
 
-/* ---- interleaved rows (inner == 1) ------------------------------------- */
+/* ---- interleaved rows (inner == 1) ------------------------------------- *
+ * Rows go in "wide rows" of `fold` rows, R = fold * C values, so that even a
+ * few features give a loop long enough to vectorize: lane l of a wide row
+ * holds feature l % C, and per-feature coefficients are repeated fold times. */
 
-/* stats[c0 .. c0 + width) over all rows, tile by tile; width <= BN_BLOCK */
-BN_INLINE void NAME(interleaved_block_stats)(bn_partial *stats, const T *x, bn_shape s,
-                                                 size_t c0, size_t width)
+/* partial[C] <- the statistics of rows o0 .. o1 of every feature: Welford's
+ * algorithm lane by lane down the wide rows (one pass, no cancellation), then
+ * the fold lanes of each feature merged in order. lanes[2R] is scratch. */
+BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
+                                                  const T *x, bn_shape s, size_t o0,
+                                                  size_t o1)
 {
-    size_t tile_rows = BN_TILE / BN_BLOCK;
-    for (size_t k = 0; k < width; k++) {
-        stats[c0 + k] = (bn_partial){0.0, 0.0, 0.0};
+    size_t C = s.channels, fold = bn_fold(C), R = fold * C;
+    size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C; /* lanes with one more */
+    double *mean = lanes, *m2 = lanes + R;
+    const T *base = x + o0 * C;
+    for (size_t l = 0; l < R; l++) {
+        mean[l] = m2[l] = 0.0;
     }
-    for (size_t o0 = 0; o0 < s.outer; o0 += tile_rows) {
-        size_t o1 = o0 + tile_rows < s.outer ? o0 + tile_rows : s.outer;
-        double count = (double)(o1 - o0);
-        double sum[BN_BLOCK] = {0}, mean[BN_BLOCK], dev[BN_BLOCK] = {0}, dev2[BN_BLOCK] = {0};
-        for (size_t o = o0; o < o1; o++) {
-            const T *row = x + o * s.channels + c0;
-            for (size_t k = 0; k < width; k++) {
-                sum[k] += (double)row[k];
-            }
+    for (size_t j = 0; j <= wide; j++) {
+        const T *row = base + j * R;
+        size_t width = j < wide ? R : rest;
+        double weight = 1.0 / (double)(j + 1); /* the j + 1-th value of each lane */
+        for (size_t l = 0; l < width; l++) {
+            double v = (double)row[l], delta = v - mean[l];
+            mean[l] += delta * weight;
+            m2[l] += delta * (v - mean[l]);
         }
-        for (size_t k = 0; k < width; k++) {
-            mean[k] = sum[k] / count;
-        }
-        for (size_t o = o0; o < o1; o++) {
-            const T *row = x + o * s.channels + c0;
-            for (size_t k = 0; k < width; k++) {
-                double d = (double)row[k] - mean[k];
-                dev[k] += d;
-                dev2[k] += d * d;
-            }
-        }
-        for (size_t k = 0; k < width; k++) {
-            bn_partial tile = bn_corrected(count, mean[k], dev[k], dev2[k]);
-            bn_partial_merge(&stats[c0 + k], &tile);
+    }
+    for (size_t c = 0; c < C; c++) {
+        partial[c] = (bn_partial){0.0, 0.0, 0.0};
+        for (size_t l = c; l < R; l += C) {
+            bn_partial lane = {(double)(wide + (l < rest)), mean[l], m2[l]};
+            bn_partial_merge(&partial[c], &lane);
         }
     }
 }
 
-BN_CLONES static void NAME(interleaved_stats_block)(bn_partial *stats, const T *x, bn_shape s,
-                                                  size_t c0)
+/* sums[2C] <- sum dy and sum dy * (x - mean) of rows o0 .. o1 per feature,
+ * lane by lane, then the fold lanes of each feature added in order.
+ * mean_wide[R]: the means repeated; lanes[2R] is scratch. */
+BN_CLONES static void NAME(interleaved_group_grads)(double *sums, double *lanes, const T *dy,
+                                                  const T *x, const double *mean_wide,
+                                                  bn_shape s, size_t o0, size_t o1)
 {
-    size_t width = s.channels - c0 < BN_BLOCK ? s.channels - c0 : BN_BLOCK;
-    if (width == BN_BLOCK) { /* a constant width the compiler can vectorize */
-        NAME(interleaved_block_stats)(stats, x, s, c0, BN_BLOCK);
+    size_t C = s.channels, fold = bn_fold(C), R = fold * C;
+    size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C;
+    double *sum_dy = lanes, *sum_dy_dev = lanes + R;
+    for (size_t l = 0; l < R; l++) {
+        sum_dy[l] = sum_dy_dev[l] = 0.0;
     }
-    else {
-        NAME(interleaved_block_stats)(stats, x, s, c0, width);
-    }
-}
-
-/* dbeta, dgamma (before the invstd factor) of features c0 .. c0 + width */
-BN_INLINE void NAME(interleaved_block_grads)(double *dgamma, double *dbeta, const T *dy,
-                                                 const T *x, const double *mean, bn_shape s,
-                                                 size_t c0, size_t width)
-{
-    double sum_dy[BN_BLOCK] = {0}, sum_dy_dev[BN_BLOCK] = {0};
-    for (size_t o = 0; o < s.outer; o++) {
-        const T *dy_row = dy + o * s.channels + c0, *x_row = x + o * s.channels + c0;
-        for (size_t k = 0; k < width; k++) {
-            double g = (double)dy_row[k];
-            sum_dy[k] += g;
-            sum_dy_dev[k] += g * ((double)x_row[k] - mean[c0 + k]);
+    for (size_t j = 0; j <= wide; j++) {
+        const T *dy_row = dy + o0 * C + j * R, *x_row = x + o0 * C + j * R;
+        size_t width = j < wide ? R : rest;
+        for (size_t l = 0; l < width; l++) {
+            double g = (double)dy_row[l];
+            sum_dy[l] += g;
+            sum_dy_dev[l] += g * ((double)x_row[l] - mean_wide[l]);
         }
     }
-    for (size_t k = 0; k < width; k++) {
-        dbeta[c0 + k] = sum_dy[k];
-        dgamma[c0 + k] = sum_dy_dev[k];
+    for (size_t c = 0; c < C; c++) {
+        sums[c] = sums[C + c] = 0.0;
+        for (size_t l = c; l < R; l += C) {
+            sums[c] += sum_dy[l];
+            sums[C + c] += sum_dy_dev[l];
+        }
     }
 }
 
-BN_CLONES static void NAME(interleaved_grads_block)(double *dgamma, double *dbeta, const T *dy,
-                                                  const T *x, const double *mean, bn_shape s,
-                                                  size_t c0)
-{
-    size_t width = s.channels - c0 < BN_BLOCK ? s.channels - c0 : BN_BLOCK;
-    if (width == BN_BLOCK) {
-        NAME(interleaved_block_grads)(dgamma, dbeta, dy, x, mean, s, c0, BN_BLOCK);
-    }
-    else {
-        NAME(interleaved_block_grads)(dgamma, dbeta, dy, x, mean, s, c0, width);
-    }
-}
-
-/* rows o0..o1: y <- (x - mean) * scale + shift, feature by feature */
-BN_CLONES static void NAME(interleaved_forward_rows)(T *y, const T *x, const double *mean,
+/* values i0 .. i1 of x (i0 a multiple of R): y <- (x - mean) * scale + shift,
+ * with the coefficients of the wide row */
+BN_CLONES static void NAME(interleaved_forward_span)(T *y, const T *x, const double *mean,
                                                    const double *scale, const double *shift,
-                                                   bn_shape s, size_t o0, size_t o1)
+                                                   size_t R, size_t i0, size_t i1)
 {
-    for (size_t o = o0; o < o1; o++) {
-        const T *x_row = x + o * s.channels;
-        T *y_row = y + o * s.channels;
-        for (size_t c = 0; c < s.channels; c++) {
-            y_row[c] = (T)(((double)x_row[c] - mean[c]) * scale[c] + shift[c]);
+    for (size_t w = i0; w < i1; w += R) {
+        size_t width = i1 - w < R ? i1 - w : R;
+        for (size_t l = 0; l < width; l++) {
+            y[w + l] = (T)(((double)x[w + l] - mean[l]) * scale[l] + shift[l]);
         }
     }
 }
 
-/* rows o0..o1 of dx; training: scale * (dy - mean_dy - (x - mean) * dev_coef) */
-BN_CLONES static void NAME(interleaved_dx_rows)(T *dx, const T *dy, const T *x,
+/* values i0 .. i1 of dx; training: scale * (dy - mean_dy - (x - mean) * dev_coef) */
+BN_CLONES static void NAME(interleaved_dx_span)(T *dx, const T *dy, const T *x,
                                               const double *mean, const double *scale,
                                               const double *mean_dy, const double *dev_coef,
-                                              bn_shape s, int training, size_t o0, size_t o1)
+                                              int training, size_t R, size_t i0, size_t i1)
 {
-    for (size_t o = o0; o < o1; o++) {
-        const T *dy_row = dy + o * s.channels, *x_row = x + o * s.channels;
-        T *dx_row = dx + o * s.channels;
+    for (size_t w = i0; w < i1; w += R) {
+        size_t width = i1 - w < R ? i1 - w : R;
         if (training) {
-            for (size_t c = 0; c < s.channels; c++) {
-                double dev = (double)x_row[c] - mean[c];
-                dx_row[c] = (T)(scale[c] * ((double)dy_row[c] - mean_dy[c] - dev * dev_coef[c]));
+            for (size_t l = 0; l < width; l++) {
+                double dev = (double)x[w + l] - mean[l];
+                dx[w + l] = (T)(scale[l] * ((double)dy[w + l] - mean_dy[l] - dev * dev_coef[l]));
             }
         }
         else {
-            for (size_t c = 0; c < s.channels; c++) {
-                dx_row[c] = (T)((double)dy_row[c] * scale[c]);
+            for (size_t l = 0; l < width; l++) {
+                dx[w + l] = (T)((double)dy[w + l] * scale[l]);
             }
         }
     }
@@ -390,61 +376,93 @@ BN_CLONES static void NAME(interleaved_dx_rows)(T *dx, const T *dy, const T *x,
 
 /* ---- the kernels of bn_kernels.h ---------------------------------------- */
 
-/* work[0:C] <- scale = invstd * gamma, work[C:2C] <- shift = beta */
+/* scale[R], shift[R] <- invstd * gamma and beta of feature l % C, for R a
+ * multiple of C (R = C for planar layouts, the wide row for interleaved) */
 static void NAME(affine_coefficients)(double *scale, double *shift, const double *invstd,
-                                      const T *gamma, const T *beta, size_t channels)
+                                      const T *gamma, const T *beta, size_t C, size_t R)
 {
-    for (size_t c = 0; c < channels; c++) {
-        scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        shift[c] = beta ? (double)beta[c] : 0.0;
+    for (size_t l = 0; l < R; l++) {
+        size_t c = l % C;
+        scale[l] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        shift[l] = beta ? (double)beta[c] : 0.0;
     }
 }
 
-void NAME(bn_stats)(bn_partial *stats, const T *x, bn_shape s)
+/* [o0, o1) of group g of BN_GROUP_ROWS rows */
+#define GROUP_ROWS(g, s, o0, o1)                                                    \
+    size_t o0 = (g) * BN_GROUP_ROWS;                                                \
+    size_t o1 = o0 + BN_GROUP_ROWS < (s).outer ? o0 + BN_GROUP_ROWS : (s).outer
+
+/* Interleaved statistics: rows in fixed groups of BN_GROUP_ROWS, one group
+ * per task; the groups' partials are merged in order, so the result does not
+ * depend on which thread took which group. work: bn_workspace_size doubles. */
+static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x, bn_shape s)
 {
-    /* stats[C]; x[outer][C][inner] */
+    size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
+    bn_partial *partials = (bn_partial *)(work + 4 * R); /* [groups][C] */
+    double *lanes = work + 4 * R + 3 * groups * C;        /* [groups][2R] */
     int team = bn_team(s);
-    if (s.inner != 1) {
-        BN_PARALLEL_FOR
-        for (size_t c = 0; c < s.channels; c++) {
-            NAME(planar_stats_feature)(stats, x, s, c);
+    BN_PARALLEL_FOR
+    for (size_t g = 0; g < groups; g++) {
+        GROUP_ROWS(g, s, o0, o1);
+        NAME(interleaved_group_stats)(partials + g * C, lanes + 2 * g * R, x, s, o0, o1);
+    }
+    for (size_t c = 0; c < C; c++) {
+        stats[c] = (bn_partial){0.0, 0.0, 0.0};
+        for (size_t g = 0; g < groups; g++) {
+            bn_partial_merge(&stats[c], &partials[g * C + c]);
         }
     }
-    else {
-        size_t blocks = (s.channels + BN_BLOCK - 1) / BN_BLOCK;
-        BN_PARALLEL_FOR
-        for (size_t b = 0; b < blocks; b++) {
-            NAME(interleaved_stats_block)(stats, x, s, b * BN_BLOCK);
-        }
+}
+
+void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, bn_shape s)
+{
+    /* stats[C]; x[outer][C][inner] */
+    if (s.inner == 1) {
+        NAME(interleaved_stats)(stats, work, x, s);
+        return;
+    }
+    int team = bn_team(s);
+    BN_PARALLEL_FOR
+    for (size_t c = 0; c < s.channels; c++) {
+        NAME(planar_stats_feature)(stats, x, s, c);
     }
 }
 
 void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean, const double *invstd,
                       const T *gamma, const T *beta, bn_shape s)
 {
-    /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C]; work [2C] */
-    double *scale = work, *shift = work + s.channels;
-    NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, s.channels);
-    size_t rows = s.inner != 1 ? s.outer * s.channels : s.outer;
-    size_t chunk = bn_rows_per_chunk(s.inner != 1 ? s.inner : s.channels);
-    size_t chunks = (rows + chunk - 1) / chunk;
+    /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
+    size_t C = s.channels;
     int team = bn_team(s);
-    BN_PARALLEL_FOR
-    for (size_t k = 0; k < chunks; k++) {
-        size_t r0 = k * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
-        if (s.inner != 1) {
+    if (s.inner != 1) {
+        double *scale = work, *shift = work + C;
+        NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, C);
+        size_t rows = s.outer * C, chunk = bn_rows_per_chunk(s.inner);
+        size_t chunks = (rows + chunk - 1) / chunk;
+        BN_PARALLEL_FOR
+        for (size_t k = 0; k < chunks; k++) {
+            size_t r0 = k * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
             NAME(planar_forward_rows)(y, x, mean, scale, shift, s, r0, r1);
         }
-        else {
-            NAME(interleaved_forward_rows)(y, x, mean, scale, shift, s, r0, r1);
-        }
+        return;
+    }
+    size_t R = bn_fold(C) * C, n = s.outer * C, span = bn_rows_per_chunk(R) * R;
+    double *mean_wide = work, *scale = work + R, *shift = work + 2 * R;
+    bn_repeat(mean_wide, mean, C, R);
+    NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, R);
+    size_t spans = (n + span - 1) / span;
+    BN_PARALLEL_FOR
+    for (size_t k = 0; k < spans; k++) {
+        size_t i0 = k * span, i1 = i0 + span < n ? i0 + span : n;
+        NAME(interleaved_forward_span)(y, x, mean_wide, scale, shift, R, i0, i1);
     }
 }
 
 void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd, double *work,
                             const T *x, const T *gamma, const T *beta, double eps, bn_shape s)
 {
-    /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C]; work [2C] */
+    /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
     if (s.inner != 1) {
         /* one contiguous range of features per thread, for the pipeline */
         int team = bn_team(s);
@@ -457,7 +475,7 @@ void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invst
         }
         return;
     }
-    NAME(bn_stats)(stats, x, s);
+    NAME(interleaved_stats)(stats, work, x, s);
     bn_batch_moments(mean, invstd, stats, s.channels, eps);
     NAME(bn_forward)(y, work, x, mean, invstd, gamma, beta, s);
 }
@@ -466,7 +484,7 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
                        const T *x, const double *mean, const double *invstd, const T *gamma,
                        bn_shape s, int training)
 {
-    /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C]; work [3C] */
+    /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     int team = bn_team(s);
     if (s.inner != 1) {
         BN_PARALLEL_FOR
@@ -476,27 +494,45 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
         }
         return;
     }
-    size_t blocks = (s.channels + BN_BLOCK - 1) / BN_BLOCK;
+    /* interleaved: the two sums by fixed row groups, added up in order */
+    size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
+    double *mean_wide = work, *scale = work + R, *mean_dy = work + 2 * R;
+    double *dev_coef = work + 3 * R;
+    double *sums = work + 4 * R;                    /* [groups][2C] */
+    double *lanes = work + 4 * R + 3 * groups * C;  /* [groups][2R] */
+    bn_repeat(mean_wide, mean, C, R);
     BN_PARALLEL_FOR
-    for (size_t b = 0; b < blocks; b++) {
-        NAME(interleaved_grads_block)(dgamma, dbeta, dy, x, mean, s, b * BN_BLOCK);
+    for (size_t g = 0; g < groups; g++) {
+        GROUP_ROWS(g, s, o0, o1);
+        NAME(interleaved_group_grads)(sums + 2 * g * C, lanes + 2 * g * R, dy, x, mean_wide,
+                                      s, o0, o1);
     }
     double n = (double)bn_count(s);
-    double *scale = work, *mean_dy = work + s.channels, *dev_coef = work + 2 * s.channels;
-    for (size_t c = 0; c < s.channels; c++) {
+    for (size_t c = 0; c < C; c++) {
+        dbeta[c] = dgamma[c] = 0.0;
+        for (size_t g = 0; g < groups; g++) {
+            dbeta[c] += sums[2 * g * C + c];
+            dgamma[c] += sums[2 * g * C + C + c];
+        }
         dgamma[c] *= invstd[c];
-        scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        mean_dy[c] = dbeta[c] / n;
-        dev_coef[c] = dgamma[c] * invstd[c] / n;
     }
-    size_t chunk = bn_rows_per_chunk(s.channels);
-    size_t chunks = (s.outer + chunk - 1) / chunk;
+    for (size_t l = 0; l < R; l++) {
+        size_t c = l % C;
+        scale[l] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        mean_dy[l] = dbeta[c] / n;
+        dev_coef[l] = dgamma[c] * invstd[c] / n;
+    }
+    size_t total = s.outer * C, span = bn_rows_per_chunk(R) * R;
+    size_t spans = (total + span - 1) / span;
     BN_PARALLEL_FOR
-    for (size_t k = 0; k < chunks; k++) {
-        size_t o0 = k * chunk, o1 = o0 + chunk < s.outer ? o0 + chunk : s.outer;
-        NAME(interleaved_dx_rows)(dx, dy, x, mean, scale, mean_dy, dev_coef, s, training, o0, o1);
+    for (size_t k = 0; k < spans; k++) {
+        size_t i0 = k * span, i1 = i0 + span < total ? i0 + span : total;
+        NAME(interleaved_dx_span)(dx, dy, x, mean_wide, scale, mean_dy, dev_coef, training, R,
+                                  i0, i1);
     }
 }
+
+#undef GROUP_ROWS
 
 void NAME(bn_running_moments)(double *mean, double *invstd, const T *running_mean,
                               const T *running_var, size_t channels, double eps)

@@ -88,7 +88,7 @@ PyArrayObject *bn_new_matrix(int typenum, npy_intp rows, npy_intp n);
  * it without the GIL. Arrays are well formed (bn_as_array, bn_output_like);
  * gamma and beta may be NULL. double buffers have length C. */
 
-void bn_run_stats(bn_partial *stats, PyArrayObject *x, bn_shape s);
+void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, bn_shape s);
 void bn_run_running_moments(double *mean, double *invstd, PyArrayObject *running_mean,
                             PyArrayObject *running_var, double eps);
 void bn_run_update_running(PyArrayObject *running_mean, PyArrayObject *running_var,

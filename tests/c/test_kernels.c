@@ -8,6 +8,9 @@
 
 static int failures = 0;
 
+/* workspace for the small shapes below; test_workspace checks it suffices */
+#define WORK 1024
+
 #define CHECK_CLOSE(got, want, tol)                                                   \
     do {                                                                              \
         double got_ = (got), want_ = (want);                                          \
@@ -25,9 +28,9 @@ static void test_worked_example(void)
     const double gamma[1] = {1.5}, beta[1] = {0.5};
     bn_shape s = {4, 1, 1}; /* (N=4, C=1) */
     bn_partial stats[1];
-    double work[3], mean[1], invstd[1], y[4], y_scaled[4];
+    double work[WORK], mean[1], invstd[1], y[4], y_scaled[4];
 
-    bn_stats_f64(stats, x, s);
+    bn_stats_f64(stats, work, x, s);
     CHECK_CLOSE(stats[0].count, 4, 0);
     CHECK_CLOSE(stats[0].mean, 2, 0);
     CHECK_CLOSE(stats[0].m2, 8, 0);
@@ -59,7 +62,8 @@ static void test_layout_and_float32(void)
     }
     bn_shape s = {2, 3, 2};
     bn_partial stats[3];
-    bn_stats_f32(stats, x, s);
+    double work[WORK];
+    bn_stats_f32(stats, work, x, s);
     for (int c = 0; c < 3; c++) {
         CHECK_CLOSE(stats[c].mean, c + 1.5, 0);
         CHECK_CLOSE(stats[c].m2, 5.0, 0); /* deviations -1.5, -0.5, 0.5, 1.5 */
@@ -72,7 +76,7 @@ static void test_constant_and_offset(void)
     double x[6] = {0.1, 0.1, 0.1, 1e8 + 1, 1e8 - 1, 1e8};
     bn_shape constant = {3, 1, 1}, offset = {3, 1, 1};
     bn_partial stats[1];
-    double work[3], mean[1], invstd[1], y[3];
+    double work[WORK], mean[1], invstd[1], y[3];
     const double beta[1] = {0.25};
     bn_forward_train_f64(y, stats, mean, invstd, work, x, NULL, beta, 1e-5, constant);
     CHECK_CLOSE(stats[0].mean, 0.1, 0);
@@ -80,7 +84,7 @@ static void test_constant_and_offset(void)
     for (int i = 0; i < 3; i++) {
         CHECK_CLOSE(y[i], 0.25, 0);
     }
-    bn_stats_f64(stats, x + 3, offset);
+    bn_stats_f64(stats, work, x + 3, offset);
     CHECK_CLOSE(stats[0].mean, 1e8, 0);
     CHECK_CLOSE(stats[0].m2, 2.0, 1e-9);
 }
@@ -90,9 +94,10 @@ static void test_merge(void)
 {
     const double x[5] = {1, 2, 3, 4, 10};
     bn_partial a[1], b[1], whole[1];
-    bn_stats_f64(a, x, (bn_shape){2, 1, 1});
-    bn_stats_f64(b, x + 2, (bn_shape){3, 1, 1});
-    bn_stats_f64(whole, x, (bn_shape){5, 1, 1});
+    double work[WORK];
+    bn_stats_f64(a, work, x, (bn_shape){2, 1, 1});
+    bn_stats_f64(b, work, x + 2, (bn_shape){3, 1, 1});
+    bn_stats_f64(whole, work, x, (bn_shape){5, 1, 1});
     bn_partial_merge(a, b);
     CHECK_CLOSE(a[0].count, whole[0].count, 0);
     CHECK_CLOSE(a[0].mean, whole[0].mean, 1e-15);
@@ -109,8 +114,8 @@ static void test_backward(void)
     const double x[4] = {2, 0, 2, 4}, dy[4] = {0.3, -1.0, 0.7, 0.2}, gamma[1] = {2.0};
     bn_shape s = {4, 1, 1};
     bn_partial stats[1];
-    double work[3], mean[1], invstd[1], dgamma[1], dbeta[1], dx[4];
-    bn_stats_f64(stats, x, s);
+    double work[WORK], mean[1], invstd[1], dgamma[1], dbeta[1], dx[4];
+    bn_stats_f64(stats, work, x, s);
     bn_batch_moments(mean, invstd, stats, 1, 0.0);
     bn_backward_f64(dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, s, 1);
     CHECK_CLOSE(dbeta[0], 0.2, 1e-15);
@@ -141,8 +146,18 @@ static void test_running_update(void)
     CHECK_CLOSE(moments_invstd[0], 1.0 / sqrt((double)running_var[0]), 1e-15);
 }
 
+/* The shapes these tests use fit in WORK doubles of workspace. */
+static void test_workspace(void)
+{
+    const bn_shape shapes[] = {{4, 1, 1}, {2, 3, 2}, {3, 1, 1}, {5, 1, 1}, {2, 1, 1}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        CHECK_CLOSE((double)(bn_workspace_size(shapes[i]) <= WORK), 1, 0);
+    }
+}
+
 int main(void)
 {
+    test_workspace();
     test_worked_example();
     test_layout_and_float32();
     test_constant_and_offset();
