@@ -93,11 +93,11 @@ static size_t bn_fold(size_t channels)
     return channels >= 32 ? 1 : (32 + channels - 1) / channels;
 }
 
-/* wide[R] <- values[l % C] */
-static void bn_repeat(double *wide, const double *values, size_t C, size_t R)
+/* wide[C .. R) <- repeats of wide[0 .. C), for R a multiple of C */
+static void bn_repeat(double *wide, size_t C, size_t R)
 {
-    for (size_t l = 0; l < R; l++) {
-        wide[l] = values[l % C];
+    for (size_t l = C; l < R; l++) {
+        wide[l] = wide[l - C];
     }
 }
 

@@ -381,10 +381,13 @@ BN_CLONES static void NAME(interleaved_dx_span)(T *dx, const T *dy, const T *x,
 static void NAME(affine_coefficients)(double *scale, double *shift, const double *invstd,
                                       const T *gamma, const T *beta, size_t C, size_t R)
 {
-    for (size_t l = 0; l < R; l++) {
-        size_t c = l % C;
-        scale[l] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        shift[l] = beta ? (double)beta[c] : 0.0;
+    for (size_t c = 0; c < C; c++) {
+        scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        shift[c] = beta ? (double)beta[c] : 0.0;
+    }
+    for (size_t l = C; l < R; l++) { /* the repeats */
+        scale[l] = scale[l - C];
+        shift[l] = shift[l - C];
     }
 }
 
@@ -449,7 +452,8 @@ void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean, const 
     }
     size_t R = bn_fold(C) * C, n = s.outer * C, span = bn_rows_per_chunk(R) * R;
     double *mean_wide = work, *scale = work + R, *shift = work + 2 * R;
-    bn_repeat(mean_wide, mean, C, R);
+    memcpy(mean_wide, mean, C * sizeof *mean);
+    bn_repeat(mean_wide, C, R);
     NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, R);
     size_t spans = (n + span - 1) / span;
     BN_PARALLEL_FOR
@@ -500,7 +504,8 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
     double *dev_coef = work + 3 * R;
     double *sums = work + 4 * R;                    /* [groups][2C] */
     double *lanes = work + 4 * R + 3 * groups * C;  /* [groups][2R] */
-    bn_repeat(mean_wide, mean, C, R);
+    memcpy(mean_wide, mean, C * sizeof *mean);
+    bn_repeat(mean_wide, C, R);
     BN_PARALLEL_FOR
     for (size_t g = 0; g < groups; g++) {
         GROUP_ROWS(g, s, o0, o1);
@@ -516,12 +521,14 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
         }
         dgamma[c] *= invstd[c];
     }
-    for (size_t l = 0; l < R; l++) {
-        size_t c = l % C;
-        scale[l] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        mean_dy[l] = dbeta[c] / n;
-        dev_coef[l] = dgamma[c] * invstd[c] / n;
+    for (size_t c = 0; c < C; c++) {
+        scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        mean_dy[c] = dbeta[c] / n;
+        dev_coef[c] = dgamma[c] * invstd[c] / n;
     }
+    bn_repeat(scale, C, R);
+    bn_repeat(mean_dy, C, R);
+    bn_repeat(dev_coef, C, R);
     size_t total = s.outer * C, span = bn_rows_per_chunk(R) * R;
     size_t spans = (total + span - 1) / span;
     BN_PARALLEL_FOR
