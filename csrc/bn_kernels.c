@@ -109,6 +109,41 @@ size_t bn_workspace_size(bn_shape s)
     return 4 * R + bn_row_groups(s) * (3 * s.channels + 2 * R);
 }
 
+/* A tile of a planar feature: rows o0 .. o1, columns i0 .. i1 of each */
+typedef struct {
+    size_t o0, o1, i0, i1;
+} bn_tile;
+
+/* planar layouts: the tiles of a feature. A row of BN_TILE values or more is
+ * cut into pieces of BN_TILE; shorter rows go BN_TILE / inner to a tile. */
+static size_t bn_tiles(bn_shape s)
+{
+    if (bn_count(s) == 0) {
+        return 0;
+    }
+    if (s.inner >= BN_TILE) {
+        return s.outer * ((s.inner + BN_TILE - 1) / BN_TILE);
+    }
+    size_t rows = BN_TILE / s.inner;
+    return (s.outer + rows - 1) / rows;
+}
+
+static bn_tile bn_tile_at(bn_shape s, size_t k)
+{
+    if (s.inner >= BN_TILE) {
+        size_t pieces = (s.inner + BN_TILE - 1) / BN_TILE, i0 = (k % pieces) * BN_TILE;
+        return (bn_tile){k / pieces, k / pieces + 1, i0,
+                         i0 + BN_TILE < s.inner ? i0 + BN_TILE : s.inner};
+    }
+    size_t rows = BN_TILE / s.inner, o0 = k * rows;
+    return (bn_tile){o0, o0 + rows < s.outer ? o0 + rows : s.outer, 0, s.inner};
+}
+
+/* The coefficients of one feature's dx (bn_backward's formula) */
+typedef struct {
+    double mean, scale, mean_dy, dev_coef;
+} bn_dx_coefficients;
+
 /* threads for a call on shape s: one for small inputs */
 static int bn_team(bn_shape s)
 {

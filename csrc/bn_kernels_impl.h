@@ -52,44 +52,6 @@ BN_INLINE void NAME(store_vec)(T *p, const bn_vec *v)
 
 /* ---- planar rows: two 8-lane accumulators, then the scalar tail ------------ */
 
-BN_INLINE double NAME(row_sum)(const T *row, size_t n)
-{
-    bn_vec a = {0}, b = {0};
-    size_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        a += NAME(load_vec)(row + i);
-        b += NAME(load_vec)(row + i + 8);
-    }
-    double tail = 0.0; /* the last n % BN_LANES values */
-    for (; i < n; i++) {
-        tail += (double)row[i];
-    }
-    return bn_lanes_total(&a, &b) + tail;
-}
-
-/* *sum_dev += sum (row - mean), *sum_dev2 += sum (row - mean)^2 */
-BN_INLINE void NAME(row_dev_sums)(double *sum_dev, double *sum_dev2, const T *row,
-                                  size_t n, double mean)
-{
-    bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
-    size_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        bn_vec da = NAME(load_vec)(row + i) - mean, db = NAME(load_vec)(row + i + 8) - mean;
-        a += da;
-        b += db;
-        a2 += da * da;
-        b2 += db * db;
-    }
-    double tail = 0.0, tail2 = 0.0;
-    for (; i < n; i++) {
-        double d = (double)row[i] - mean;
-        tail += d;
-        tail2 += d * d;
-    }
-    *sum_dev += bn_lanes_total(&a, &b) + tail;
-    *sum_dev2 += bn_lanes_total(&a2, &b2) + tail2;
-}
-
 /* *sum_dy += sum dy, *sum_dy_dev += sum dy * (x - mean) */
 BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *dy,
                                    const T *x, size_t n, double mean)
@@ -113,31 +75,98 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
     *sum_dy_dev += bn_lanes_total(&a2, &b2) + tail2;
 }
 
-/* the statistics of n contiguous values, two-pass while they are in L1 */
-BN_INLINE bn_partial NAME(tile_stats)(const T *p, size_t n)
-{
-    double count = (double)n, sum_dev = 0.0, sum_dev2 = 0.0;
-    double mean = NAME(row_sum)(p, n) / count;
-    NAME(row_dev_sums)(&sum_dev, &sum_dev2, p, n, mean);
-    return bn_corrected(count, mean, sum_dev, sum_dev2);
-}
+/* ---- planar tiles ---------------------------------------------------------
+ * A feature's statistics come tile by tile (bn_tile_at): each tile is small
+ * enough for L1, so its second pass is cheap, and holds either several whole
+ * rows or a piece of one long row. Lanes run along each row from the tile's
+ * first column; each row's last values (fewer than BN_LANES) go to a scalar
+ * tail. f points at the feature's first row; rows are s.channels * s.inner
+ * apart. */
 
-/* total <- total merged with the statistics of one row, tile by tile */
-BN_INLINE void NAME(merge_row_stats)(bn_partial *total, const T *row, size_t n)
+#define TILE_ROW(f, o, s) ((f) + (o) * (s).channels * (s).inner)
+
+/* the sum of the values of tile t */
+BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t)
 {
-    for (size_t i = 0; i < n; i += BN_TILE) {
-        bn_partial tile = NAME(tile_stats)(row + i, n - i < BN_TILE ? n - i : BN_TILE);
-        bn_partial_merge(total, &tile);
+    bn_vec a = {0}, b = {0};
+    double tail = 0.0;
+    for (size_t o = t.o0; o < t.o1; o++) {
+        const T *row = TILE_ROW(f, o, s);
+        size_t i = t.i0;
+        for (; i + BN_LANES <= t.i1; i += BN_LANES) {
+            a += NAME(load_vec)(row + i);
+            b += NAME(load_vec)(row + i + 8);
+        }
+        for (; i < t.i1; i++) {
+            tail += (double)row[i];
+        }
     }
+    return bn_lanes_total(&a, &b) + tail;
 }
 
-/* the statistics of feature c: its rows cut into tiles of at most BN_TILE
- * values, merged in order */
+/* the sum of the values of tile t while each of its places is normalized
+ * from the current feature: y <- (x - mean) * scale + shift. One loop, so
+ * the next feature's reads from memory overlap the current one's writes. */
+BN_INLINE double NAME(tile_sum_normalizing)(const T *f, T *y, const T *x, bn_shape s, bn_tile t,
+                                            double mean, double scale, double shift)
+{
+    bn_vec a = {0}, b = {0};
+    double tail = 0.0;
+    for (size_t o = t.o0; o < t.o1; o++) {
+        const T *row = TILE_ROW(f, o, s), *x_row = TILE_ROW(x, o, s);
+        T *y_row = TILE_ROW(y, o, s);
+        size_t i = t.i0;
+        for (; i + BN_LANES <= t.i1; i += BN_LANES) {
+            a += NAME(load_vec)(row + i);
+            b += NAME(load_vec)(row + i + 8);
+            bn_vec ya = (NAME(load_vec)(x_row + i) - mean) * scale + shift;
+            bn_vec yb = (NAME(load_vec)(x_row + i + 8) - mean) * scale + shift;
+            NAME(store_vec)(y_row + i, &ya);
+            NAME(store_vec)(y_row + i + 8, &yb);
+        }
+        for (; i < t.i1; i++) {
+            tail += (double)row[i];
+            y_row[i] = (T)(((double)x_row[i] - mean) * scale + shift);
+        }
+    }
+    return bn_lanes_total(&a, &b) + tail;
+}
+
+/* the statistics of tile t from its sum: the second pass, while it is in L1 */
+BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t, double sum)
+{
+    double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), mean = sum / count;
+    bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
+    double tail = 0.0, tail2 = 0.0;
+    for (size_t o = t.o0; o < t.o1; o++) {
+        const T *row = TILE_ROW(f, o, s);
+        size_t i = t.i0;
+        for (; i + BN_LANES <= t.i1; i += BN_LANES) {
+            bn_vec da = NAME(load_vec)(row + i) - mean, db = NAME(load_vec)(row + i + 8) - mean;
+            a += da;
+            b += db;
+            a2 += da * da;
+            b2 += db * db;
+        }
+        for (; i < t.i1; i++) {
+            double d = (double)row[i] - mean;
+            tail += d;
+            tail2 += d * d;
+        }
+    }
+    return bn_corrected(count, mean, bn_lanes_total(&a, &b) + tail,
+                        bn_lanes_total(&a2, &b2) + tail2);
+}
+
+/* the statistics of feature c, its tiles merged in order */
 BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c)
 {
+    const T *f = x + c * s.inner;
     bn_partial total = {0.0, 0.0, 0.0};
-    for (size_t o = 0; o < s.outer; o++) {
-        NAME(merge_row_stats)(&total, ROW(x, o, c, s), s.inner);
+    for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
+        bn_tile t = bn_tile_at(s, k);
+        bn_partial tile = NAME(tile_stats_from_sum)(f, s, t, NAME(tile_sum)(f, s, t));
+        bn_partial_merge(&total, &tile);
     }
     return total;
 }
@@ -151,36 +180,9 @@ BN_INLINE void NAME(normalize_row)(T *y, const T *x, size_t n, double mean, doub
     }
 }
 
-/* The statistics of next[0 .. n) (a tile, as tile_stats computes them) while
- * y[0 .. n) <- (x - mean) * scale + shift: the first pass over `next` and the
- * normalization share one loop, so reads from memory and writes overlap. */
-BN_INLINE bn_partial NAME(tile_stats_normalizing)(const T *next, T *y, const T *x, size_t n,
-                                                  double mean, double scale, double shift)
-{
-    bn_vec a = {0}, b = {0};
-    size_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        a += NAME(load_vec)(next + i);
-        b += NAME(load_vec)(next + i + 8);
-        bn_vec ya = (NAME(load_vec)(x + i) - mean) * scale + shift;
-        bn_vec yb = (NAME(load_vec)(x + i + 8) - mean) * scale + shift;
-        NAME(store_vec)(y + i, &ya);
-        NAME(store_vec)(y + i + 8, &yb);
-    }
-    double tail = 0.0;
-    for (; i < n; i++) {
-        tail += (double)next[i];
-        y[i] = (T)(((double)x[i] - mean) * scale + shift);
-    }
-    double count = (double)n, sum_dev = 0.0, sum_dev2 = 0.0;
-    double next_mean = (bn_lanes_total(&a, &b) + tail) / count;
-    NAME(row_dev_sums)(&sum_dev, &sum_dev2, next, n, next_mean);
-    return bn_corrected(count, next_mean, sum_dev, sum_dev2);
-}
-
-/* Training forward of features c0 .. c1 - 1, software-pipelined: row o of
- * feature c is normalized (its data comes back from cache) in the same loop
- * that streams row o of feature c + 1 in from memory for its statistics.
+/* Training forward of features c0 .. c1 - 1, software-pipelined: feature c
+ * is normalized (its data comes back from cache) in the same loops that
+ * stream feature c + 1 in from memory for its statistics, tile by tile.
  * Those come out exactly as planar_feature_stats computes them. */
 BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *mean,
                                                      double *invstd, const T *x,
@@ -202,19 +204,16 @@ BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, 
             }
             break;
         }
-        bn_partial next = {0.0, 0.0, 0.0};
-        for (size_t o = 0; o < s.outer; o++) {
-            const T *next_row = ROW(x, o, c + 1, s), *x_row = ROW(x, o, c, s);
-            T *y_row = ROW(y, o, c, s);
-            for (size_t i = 0; i < s.inner; i += BN_TILE) {
-                size_t n = s.inner - i < BN_TILE ? s.inner - i : BN_TILE;
-                bn_partial tile = NAME(tile_stats_normalizing)(next_row + i, y_row + i,
-                                                               x_row + i, n, mean[c], scale,
-                                                               shift);
-                bn_partial_merge(&next, &tile);
-            }
+        const T *next = x + (c + 1) * s.inner, *cur = x + c * s.inner;
+        T *out = y + c * s.inner;
+        bn_partial total = {0.0, 0.0, 0.0};
+        for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
+            bn_tile t = bn_tile_at(s, k);
+            double sum = NAME(tile_sum_normalizing)(next, out, cur, s, t, mean[c], scale, shift);
+            bn_partial tile = NAME(tile_stats_from_sum)(next, s, t, sum);
+            bn_partial_merge(&total, &tile);
         }
-        stats[c + 1] = next;
+        stats[c + 1] = total;
     }
 }
 
@@ -236,34 +235,113 @@ BN_CLONES static void NAME(planar_forward_rows)(T *y, const T *x, const double *
     }
 }
 
-/* feature c: both reductions, then dx, while its rows are in cache */
-BN_CLONES static void NAME(planar_backward_feature)(T *dx, double *dgamma, double *dbeta,
-                                                  const T *dy, const T *x, const double *mean,
-                                                  const double *invstd, const T *gamma,
-                                                  bn_shape s, int training, size_t c)
+/* The coefficients of dx for feature c from its two sums; sets dgamma[c], dbeta[c] */
+BN_INLINE bn_dx_coefficients NAME(dx_coefficients)(double *dgamma, double *dbeta,
+                                                   double sum_dy, double sum_dy_dev,
+                                                   const double *mean, const double *invstd,
+                                                   const T *gamma, bn_shape s, int training,
+                                                   size_t c)
 {
-    double m = mean[c], sum_dy = 0.0, sum_dy_dev = 0.0;
-    for (size_t o = 0; o < s.outer; o++) {
-        NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c, s), ROW(x, o, c, s), s.inner, m);
-    }
+    double n = (double)bn_count(s);
     dbeta[c] = sum_dy;
     dgamma[c] = sum_dy_dev * invstd[c];
-    double n = (double)bn_count(s);
-    double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-    double mean_dy = dbeta[c] / n;
-    double dev_coef = dgamma[c] * invstd[c] / n; /* xhat * dgamma / n = (x - m) * dev_coef */
-    for (size_t o = 0; o < s.outer; o++) {
-        const T *dy_row = ROW(dy, o, c, s), *x_row = ROW(x, o, c, s);
-        T *dx_row = ROW(dx, o, c, s);
-        if (training) {
-            for (size_t i = 0; i < s.inner; i++) {
-                double dev = (double)x_row[i] - m;
-                dx_row[i] = (T)(scale * ((double)dy_row[i] - mean_dy - dev * dev_coef));
+    bn_dx_coefficients k = {mean[c], invstd[c] * (gamma ? (double)gamma[c] : 1.0), 0.0, 0.0};
+    if (training) {
+        k.mean_dy = dbeta[c] / n;
+        k.dev_coef = dgamma[c] * invstd[c] / n; /* xhat * dgamma / n = (x - m) * dev_coef */
+    }
+    return k;
+}
+
+/* dx[i .. n) of one row: training: scale * (dy - mean_dy - (x - mean) * dev_coef);
+ * eval: dy * scale */
+BN_INLINE void NAME(dx_tail)(T *dx, const T *dy, const T *x, size_t i, size_t n,
+                             const bn_dx_coefficients *k, int training)
+{
+    for (; i < n; i++) {
+        dx[i] = training ? (T)(k->scale * ((double)dy[i] - k->mean_dy
+                                           - ((double)x[i] - k->mean) * k->dev_coef))
+                         : (T)((double)dy[i] * k->scale);
+    }
+}
+
+/* dx[i .. i + 8) of one row, exactly as dx_tail rounds it */
+BN_INLINE void NAME(dx_vec)(T *dx, const T *dy, const T *x, size_t i,
+                            const bn_dx_coefficients *k, int training)
+{
+    bn_vec g = NAME(load_vec)(dy + i), v;
+    if (training) {
+        v = k->scale * (g - k->mean_dy - (NAME(load_vec)(x + i) - k->mean) * k->dev_coef);
+    }
+    else {
+        v = g * k->scale;
+    }
+    NAME(store_vec)(dx + i, &v);
+}
+
+/* The sums of feature `next` over one row (as row_grad_sums computes them)
+ * while dx of the current feature's row is written: one loop, so the reads
+ * from memory and the writes overlap. */
+BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev,
+                                              const T *next_dy, const T *next_x,
+                                              double next_mean, T *dx, const T *dy,
+                                              const T *x, size_t n,
+                                              const bn_dx_coefficients *k, int training)
+{
+    bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
+    size_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        bn_vec ga = NAME(load_vec)(next_dy + i), gb = NAME(load_vec)(next_dy + i + 8);
+        a += ga;
+        b += gb;
+        a2 += ga * (NAME(load_vec)(next_x + i) - next_mean);
+        b2 += gb * (NAME(load_vec)(next_x + i + 8) - next_mean);
+        NAME(dx_vec)(dx, dy, x, i, k, training);
+        NAME(dx_vec)(dx, dy, x, i + 8, k, training);
+    }
+    double tail = 0.0, tail2 = 0.0;
+    for (size_t j = i; j < n; j++) {
+        double g = (double)next_dy[j];
+        tail += g;
+        tail2 += g * ((double)next_x[j] - next_mean);
+    }
+    NAME(dx_tail)(dx, dy, x, i, n, k, training);
+    *sum_dy += bn_lanes_total(&a, &b) + tail;
+    *sum_dy_dev += bn_lanes_total(&a2, &b2) + tail2;
+}
+
+/* Backward of features c0 .. c1 - 1, pipelined like the training forward:
+ * dx of feature c is written (its dy and x come back from cache) in the loop
+ * that streams feature c + 1's dy and x in for its two sums. */
+BN_CLONES static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
+                                                const T *dy, const T *x, const double *mean,
+                                                const double *invstd, const T *gamma,
+                                                bn_shape s, int training, size_t c0,
+                                                size_t c1)
+{
+    double sum_dy = 0.0, sum_dy_dev = 0.0;
+    for (size_t o = 0; o < s.outer && c0 < c1; o++) {
+        NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c0, s), ROW(x, o, c0, s), s.inner,
+                            mean[c0]);
+    }
+    for (size_t c = c0; c < c1; c++) {
+        bn_dx_coefficients k = NAME(dx_coefficients)(dgamma, dbeta, sum_dy, sum_dy_dev, mean,
+                                                     invstd, gamma, s, training, c);
+        sum_dy = sum_dy_dev = 0.0;
+        for (size_t o = 0; o < s.outer; o++) {
+            T *dx_row = ROW(dx, o, c, s);
+            const T *dy_row = ROW(dy, o, c, s), *x_row = ROW(x, o, c, s);
+            if (c + 1 < c1) {
+                NAME(row_grad_sums_writing_dx)(&sum_dy, &sum_dy_dev, ROW(dy, o, c + 1, s),
+                                               ROW(x, o, c + 1, s), mean[c + 1], dx_row,
+                                               dy_row, x_row, s.inner, &k, training);
             }
-        }
-        else {
-            for (size_t i = 0; i < s.inner; i++) {
-                dx_row[i] = (T)((double)dy_row[i] * scale);
+            else {
+                size_t i = 0;
+                for (; i + 8 <= s.inner; i += 8) {
+                    NAME(dx_vec)(dx_row, dy_row, x_row, i, &k, training);
+                }
+                NAME(dx_tail)(dx_row, dy_row, x_row, i, s.inner, &k, training);
             }
         }
     }
@@ -491,10 +569,13 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     int team = bn_team(s);
     if (s.inner != 1) {
+        /* one contiguous range of features per thread, for the pipeline */
+        size_t parts = (size_t)team;
         BN_PARALLEL_FOR
-        for (size_t c = 0; c < s.channels; c++) {
-            NAME(planar_backward_feature)(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, s,
-                                          training, c);
+        for (size_t p = 0; p < parts; p++) {
+            NAME(planar_backward_range)(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, s,
+                                        training, s.channels * p / parts,
+                                        s.channels * (p + 1) / parts);
         }
         return;
     }
@@ -570,3 +651,4 @@ void NAME(bn_from_double)(T *out, const double *in, size_t n)
 }
 
 #undef ROW
+#undef TILE_ROW
