@@ -4,6 +4,8 @@ import sys
 import numpy as np
 
 import bnpy
+from bnpy import nn
+from bnpy.data import spirals
 from bnpy.gradcheck import numerical_vjp, relative_error
 
 
@@ -136,11 +138,142 @@ def gradcheck_command(argv):
     return 1 if failed else 0
 
 
+# ---- python -m bnpy demo: a deep network with and without BatchNorm --------
+
+DEMO_NETWORK = dict(width=64, depth=20, activation="sigmoid")
+DEMO_TRAINING = [  # (learning rate, steps): a short low-rate phase at the end
+    (0.3, 500),    # lets the running statistics catch up with the weights
+    (0.03, 100),
+]
+DEMO_BATCH_SIZE = 64
+
+
+def _demo_networks(seed):
+    """The same 20-layer sigmoid network (same weights) without and with BatchNorm."""
+    return {name: nn.mlp(2, 3, batch_norm=batch_norm, rng=seed, **DEMO_NETWORK)
+            for name, batch_norm in (("plain", False), ("BatchNorm", True))}
+
+
+def _measure_at_init(models, x, labels):
+    """One forward and backward per model; per-layer pre-activation std and gradient norm."""
+    measured = {}
+    for name, model in models.items():
+        _, dlogits = nn.softmax_cross_entropy(model.forward(x), labels)
+        model.backward(dlogits)
+        stds = [nn.batch_std(v) for v in nn.preactivations(model)]
+        measured[name] = (stds, nn.weight_gradient_norms(model))
+    return measured
+
+
+def _print_init_table(measured):
+    (plain_std, plain_grad), (bn_std, bn_grad) = measured["plain"], measured["BatchNorm"]
+    print(f"  {'':>5}   {'pre-activation std':^20}   {'weight-gradient norm':^20}")
+    print(f"  {'layer':>5}   {'plain':>9} {'BatchNorm':>10}   {'plain':>9} {'BatchNorm':>10}")
+    for i in range(len(plain_grad)):
+        stds = (f"{plain_std[i]:>9.1e} {bn_std[i]:>10.1e}" if i < len(plain_std)
+                else f"{'-':>9} {'-':>10}")
+        print(f"  {i + 1:>5}   {stds}   {plain_grad[i]:>9.1e} {bn_grad[i]:>10.1e}")
+    print(f"\n  first / last layer's gradient norm: plain {plain_grad[0] / plain_grad[-1]:.1e}, "
+          f"BatchNorm {bn_grad[0] / bn_grad[-1]:.2g}")
+
+
+def _train(models, x, labels, seed):
+    """Train each model with nn.fit over the DEMO_TRAINING phases; return its losses."""
+    curves = {}
+    for name, model in models.items():
+        phases = [nn.fit(model, x, labels, lr=lr, steps=steps, batch_size=DEMO_BATCH_SIZE,
+                         rng=[seed, phase])
+                  for phase, (lr, steps) in enumerate(DEMO_TRAINING)]
+        curves[name] = np.concatenate(phases)
+    return curves
+
+
+def _print_results(models, curves, data):
+    print(f"  {'':<28} {'plain':>9} {'BatchNorm':>10}")
+    for what, pick in (("loss, first step", lambda c: c[0]),
+                       ("loss, mean of last 50 steps", lambda c: np.nanmean(c[-50:]))):
+        print(f"  {what:<28} {pick(curves['plain']):>9.3f} {pick(curves['BatchNorm']):>10.3f}")
+    accuracies = {}
+    for split, (x, labels) in data.items():
+        row = [nn.accuracy(model.eval().forward(x), labels) for model in models.values()]
+        accuracies[split] = dict(zip(models, row))
+        print(f"  {split + ' accuracy (eval mode)':<28} {row[0]:>9.1%} {row[1]:>10.1%}")
+    return accuracies
+
+
+def _plot_demo(path, models, measured, curves, test_data, accuracy):
+    """Write the demo's four panels to path."""
+    from matplotlib.figure import Figure
+
+    from bnpy import viz
+
+    fig = Figure(figsize=(12, 9), layout="constrained")
+    (ax_std, ax_grad), (ax_loss, ax_regions) = fig.subplots(2, 2)
+    viz.activation_stds({k: v[0] for k, v in measured.items()}, ax=ax_std,
+                        title="At initialization: pre-activation std by layer")
+    viz.gradient_norms({k: v[1] for k, v in measured.items()}, ax=ax_grad,
+                       title="At initialization: weight-gradient norm by layer")
+    viz.loss_curves(curves, ax=ax_loss, smooth=20,
+                    title="Training loss (moving average over 20 steps)")
+    viz.decision_regions(models["BatchNorm"], *test_data, ax=ax_regions,
+                         title=f"With BatchNorm: test set, accuracy {accuracy:.1%}")
+    fig.suptitle(f"A {DEMO_NETWORK['depth']}-layer {DEMO_NETWORK['activation']} network "
+                 "with and without BatchNorm")
+    fig.savefig(path, dpi=100)
+
+
+def train_demo(plot=None, seed=0):
+    """python -m bnpy demo: train one deep network with and without BatchNorm."""
+    x, labels = spirals(200, rng=seed)
+    test_data = spirals(200, rng=seed + 1)
+    models = _demo_networks(seed)
+    depth = DEMO_NETWORK["depth"]
+    print(f"bnpy {bnpy.__version__} demo: one {depth}-layer sigmoid network (width "
+          f"{DEMO_NETWORK['width']}), trained without and with BatchNorm")
+    print(f"on 3 interleaved spirals ({len(x)} training and {len(test_data[0])} test "
+          "points, bnpy.data.spirals).\n")
+    print("1. At initialization, one forward and backward pass over the training set.")
+    print("   Pre-activation std: each unit's standard deviation over the batch,")
+    print(f"   averaged over the layer's units (layer {depth} gives the logits).\n")
+    measured = _measure_at_init(models, x, labels)
+    _print_init_table(measured)
+    phases = ", then ".join(f"{steps} steps at lr {lr:g}" for lr, steps in DEMO_TRAINING)
+    print(f"\n2. Training with SGD, batches of {DEMO_BATCH_SIZE}: {phases}.\n")
+    curves = _train(models, x, labels, seed)
+    accuracies = _print_results(models, curves, {"train": (x, labels), "test": test_data})
+    print("\n   Chance is 33.3%: without BatchNorm the early layers get no gradient"
+          "\n   and the network cannot learn; with it, every layer trains.")
+    if plot:
+        _plot_demo(plot, models, measured, curves, test_data,
+                   accuracies["test"]["BatchNorm"])
+        print(f"\n   figure written to {plot}")
+
+
+def demo_command(argv):
+    """Parse `python -m bnpy demo [--plot FILE.png]` and run it."""
+    import argparse
+    import importlib.util
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bnpy demo",
+        description="Train a deep sigmoid network with and without BatchNorm.")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="also write a figure (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print('--plot needs matplotlib: pip install "bnpy[notebooks]"', file=sys.stderr)
+        return 2
+    train_demo(plot=args.plot)
+    return 0
+
+
 USAGE = """usage: python -m bnpy [command]
 
   (no command)         the demonstration: normalization, running statistics,
                        train versus eval, a finite-difference check
   gradcheck [--fast]   check BatchNorm's gradients over layouts, dtypes, modes
+  demo [--plot FILE]   train a 20-layer sigmoid network with and without
+                       BatchNorm; print per-layer statistics and accuracies
 """
 
 
@@ -150,6 +283,8 @@ def main(argv):
         return 0
     if argv[0] == "gradcheck":
         return gradcheck_command(argv[1:])
+    if argv[0] == "demo":
+        return demo_command(argv[1:])
     if argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

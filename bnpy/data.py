@@ -1,0 +1,37 @@
+"""Generated classification data for experiments: nothing is downloaded.
+
+    >>> from bnpy.data import spirals
+    >>> x, labels = spirals(100, n_classes=3, rng=0)
+    >>> x.shape, labels.shape
+    ((300, 2), (300,))
+"""
+import numpy as np
+
+__all__ = ["spirals"]
+
+
+def spirals(n_per_class, *, n_classes=3, turns=1.0, noise=0.2, rng=None):
+    """Interleaved spiral arms in the plane, one arm per class.
+
+    Arm k holds n_per_class points at radius r in [0, 1], angle
+    2*pi*(turns*r + k/n_classes), plus Gaussian noise of standard deviation
+    `noise` (radians) on the angle. No straight line separates the classes:
+    a network has to bend the plane. Returns (x, labels): x float32 of shape
+    (n_classes * n_per_class, 2), roughly unit scale, and int64 labels,
+    in arm order (shuffle or draw random batches before training on them).
+    rng is a seed or a numpy Generator: the same seed gives the same data.
+    """
+    if int(n_per_class) != n_per_class or n_per_class < 1:
+        raise ValueError(f"n_per_class must be a positive integer, got {n_per_class!r}")
+    if int(n_classes) != n_classes or n_classes < 2:
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise!r}")
+    rng = np.random.default_rng(rng)
+    n_per_class, n_classes = int(n_per_class), int(n_classes)
+    radius = np.tile(np.linspace(0.0, 1.0, n_per_class), n_classes)
+    labels = np.repeat(np.arange(n_classes), n_per_class)
+    angle = 2 * np.pi * (turns * radius + labels / n_classes)
+    angle += noise * rng.standard_normal(angle.shape)
+    x = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+    return (x / x.std()).astype(np.float32), labels.astype(np.int64)

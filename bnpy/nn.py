@@ -1,0 +1,447 @@
+"""bnpy.nn: just enough neural network, in plain NumPy, to experiment with batch norm.
+
+Every layer has ``forward(x)`` (also ``layer(x)``), ``backward(dy)`` returning
+dx for the last forward, ``train()``/``eval()`` and ``parameters()``, a list of
+``(param, grad)`` array pairs. A :class:`bnpy.BatchNorm` has the same methods
+and goes into a :class:`Sequential` as it is::
+
+    import numpy as np, bnpy
+    from bnpy import nn
+    from bnpy.data import spirals
+
+    x, labels = spirals(300, rng=0)
+    model = nn.Sequential(nn.Linear(2, 64, rng=0), bnpy.BatchNorm(64), nn.Tanh(),
+                          nn.Linear(64, 3, rng=1))
+    optimizer = nn.SGD(model, lr=0.5)
+    for step in range(200):
+        loss, dlogits = nn.softmax_cross_entropy(model(x), labels)
+        model.backward(dlogits)
+        optimizer.step()
+
+Gradients are overwritten by each backward, never accumulated (as in
+bnpy.BatchNorm), so there is no ``zero_grad``. :func:`mlp` builds the deep
+networks of the notebooks; :func:`fit` is the loop above with random
+mini-batches; :func:`preactivations`, :func:`batch_std` and
+:func:`weight_gradient_norms` measure what the notebooks plot.
+"""
+import numpy as np
+
+from ._core import BatchNorm
+
+__all__ = [
+    "Layer",
+    "Linear",
+    "ReLU",
+    "Tanh",
+    "Sigmoid",
+    "Sequential",
+    "SGD",
+    "softmax_cross_entropy",
+    "accuracy",
+    "mlp",
+    "fit",
+    "linear_layers",
+    "preactivations",
+    "batch_std",
+    "weight_gradient_norms",
+]
+
+
+def _as_float_array(x):
+    """x as a floating-point array: float inputs keep their dtype, others become float64."""
+    x = np.asarray(x)
+    if x.dtype.kind == "f":
+        return x
+    if x.dtype.kind in "biu":  # booleans, signed and unsigned integers
+        return x.astype(np.float64)
+    raise TypeError(f"expected an array of real numbers, got dtype {x.dtype}")
+
+
+def _float_dtype(dtype):
+    """np.dtype for float32 or float64 (as a type, a string or a dtype); ValueError otherwise."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+class Layer:
+    """What every bnpy.nn layer has: a mode, ``layer(x)``, no parameters by default."""
+
+    training = True
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def train(self, mode=True):
+        """Set training mode (eval mode when mode is False); return the layer."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval (inference) mode; return the layer."""
+        return self.train(False)
+
+    def parameters(self):
+        """A list of (param, grad) pairs; grad is None before the first backward."""
+        return []
+
+    def _saved(self, saved, dy):
+        """The array forward saved, and dy checked against its shape."""
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
+        dy = _as_float_array(dy)
+        if dy.shape != saved.shape:
+            raise ValueError(f"dy has shape {dy.shape}, but the last forward's "
+                             f"output has shape {saved.shape}")
+        return saved, dy
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Linear(Layer):
+    """y = x @ weight.T + bias, over the last axis of x.
+
+    weight has shape (out_features, in_features) and is drawn from
+    N(0, weight_scale**2 / in_features): weight_scale=1 keeps the variance of
+    a unit-variance input, larger values make the network's signal grow with
+    depth, smaller ones make it shrink. bias starts at zero (None when
+    bias=False). rng is a seed or a numpy Generator. Inputs are converted to
+    the layer's dtype and kept, without a copy, for backward (as BatchNorm
+    does: do not modify it in place in between). grad_weight and grad_bias are
+    None until a backward, then hold the gradients of the last backward.
+    """
+
+    def __init__(self, in_features, out_features, *, bias=True, weight_scale=1.0,
+                 dtype=np.float32, rng=None):
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        if not (np.isfinite(weight_scale) and weight_scale >= 0):
+            raise ValueError(f"weight_scale must be a finite number >= 0, got {weight_scale!r}")
+        self.dtype = _float_dtype(dtype)
+        std = weight_scale / np.sqrt(in_features)
+        shape = (out_features, in_features)
+        self.weight = (np.random.default_rng(rng).standard_normal(shape) * std).astype(self.dtype)
+        self.bias = np.zeros(out_features, self.dtype) if bias else None
+        self.grad_weight = None
+        self.grad_bias = None
+        self._x = None
+
+    def forward(self, x):
+        x = np.asarray(_as_float_array(x), dtype=self.dtype)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected {self.in_features} features on the last axis, "
+                             f"got input of shape {x.shape}")
+        y = x @ self.weight.T
+        if self.bias is not None:
+            y += self.bias
+        self._x = x
+        return y
+
+    def backward(self, dy):
+        if self._x is None:
+            raise RuntimeError("Linear.backward called before any forward")
+        dy = np.asarray(_as_float_array(dy), dtype=self.dtype)
+        expected = self._x.shape[:-1] + (self.out_features,)
+        if dy.shape != expected:
+            raise ValueError(f"dy has shape {dy.shape}, expected {expected}")
+        rows = dy.reshape(-1, self.out_features)
+        self.grad_weight = rows.T @ self._x.reshape(-1, self.in_features)
+        if self.bias is not None:
+            self.grad_bias = rows.sum(axis=0)
+        return dy @ self.weight
+
+    def parameters(self):
+        pairs = [(self.weight, self.grad_weight)]
+        if self.bias is not None:
+            pairs.append((self.bias, self.grad_bias))
+        return pairs
+
+    def __repr__(self):
+        return (f"Linear({self.in_features}, {self.out_features}, "
+                f"bias={self.bias is not None}, dtype='{self.dtype}')")
+
+
+class ReLU(Layer):
+    """y = max(x, 0); the gradient at 0 is taken as 0."""
+
+    _x = None
+
+    def forward(self, x):
+        self._x = _as_float_array(x)
+        return np.maximum(self._x, 0)
+
+    def backward(self, dy):
+        x, dy = self._saved(self._x, dy)
+        return dy * (x > 0)
+
+
+class Tanh(Layer):
+    """y = tanh(x); dy/dx = 1 - y**2."""
+
+    _y = None
+
+    def forward(self, x):
+        self._y = np.tanh(_as_float_array(x))
+        return self._y
+
+    def backward(self, dy):
+        y, dy = self._saved(self._y, dy)
+        return dy * (1 - y * y)
+
+
+class Sigmoid(Layer):
+    """y = 1 / (1 + exp(-x)); dy/dx = y * (1 - y). Never overflows."""
+
+    _y = None
+
+    def forward(self, x):
+        # the same function as 1 / (1 + exp(-x)), without exp's overflow
+        self._y = 0.5 * (1 + np.tanh(0.5 * _as_float_array(x)))
+        return self._y
+
+    def backward(self, dy):
+        y, dy = self._saved(self._y, dy)
+        return dy * y * (1 - y)
+
+
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+
+
+def _layer_parameters(layer):
+    """(param, grad) pairs of a bnpy.nn layer, or of a BatchNorm's gamma and beta."""
+    if hasattr(layer, "parameters"):
+        return list(layer.parameters())
+    if getattr(layer, "gamma", None) is None:  # BatchNorm(affine=False) and the like
+        return []
+    return [(layer.gamma, layer.grad_gamma), (layer.beta, layer.grad_beta)]
+
+
+class Sequential(Layer):
+    """Layers applied one after the other; backward runs them in reverse.
+
+    After a forward, ``outputs[i]`` is layer i's output; after a backward,
+    ``grads[i]`` is the gradient of the loss with respect to ``outputs[i]``
+    (so ``grads[-1]`` is the dy given to backward). Any object with
+    forward, backward, train and eval works as a layer, bnpy.BatchNorm included.
+    """
+
+    def __init__(self, *layers):
+        for i, layer in enumerate(layers):
+            missing = [m for m in ("forward", "backward", "train", "eval")
+                       if not callable(getattr(layer, m, None))]
+            if missing:
+                raise TypeError(f"layer {i} ({type(layer).__name__}) has no "
+                                f"{', '.join(missing)}")
+        self.layers = list(layers)
+        self.outputs = []
+        self.grads = []
+
+    def forward(self, x):
+        outputs = []
+        for layer in self.layers:
+            x = layer.forward(x)
+            outputs.append(x)
+        self.outputs = outputs
+        return x
+
+    def backward(self, dy):
+        if len(self.outputs) != len(self.layers):
+            raise RuntimeError("Sequential.backward called before any forward")
+        grads = [None] * len(self.layers)
+        for i in reversed(range(len(self.layers))):
+            grads[i] = dy = np.asarray(dy)
+            dy = self.layers[i].backward(dy)
+        self.grads = grads
+        return dy
+
+    def train(self, mode=True):
+        for layer in self.layers:
+            layer.train(mode)
+        return super().train(mode)
+
+    def parameters(self):
+        return [pair for layer in self.layers for pair in _layer_parameters(layer)]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+
+class SGD:
+    """Stochastic gradient descent with optional (heavy-ball) momentum, as PyTorch's.
+
+    step() updates every parameter of model.parameters() in place:
+    velocity = momentum * velocity + grad; param -= lr * velocity
+    (param -= lr * grad when momentum is 0).
+    """
+
+    def __init__(self, model, lr, momentum=0.0):
+        if not (np.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.model = model
+        self.lr = lr
+        self.momentum = momentum
+        self._velocities = None
+
+    def step(self):
+        """One update with the gradients of the last backward."""
+        pairs = self.model.parameters()
+        if any(grad is None for _, grad in pairs):
+            raise RuntimeError("SGD.step called before the model's first backward")
+        if self.momentum == 0:
+            for param, grad in pairs:
+                param -= self.lr * grad
+            return
+        if self._velocities is None:
+            self._velocities = [np.zeros_like(param) for param, _ in pairs]
+        for (param, grad), velocity in zip(pairs, self._velocities):
+            velocity *= self.momentum
+            velocity += grad
+            param -= self.lr * velocity
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy of softmax(logits) against integer labels, and its gradient.
+
+    logits has shape (N, K), labels N integers in [0, K). Returns (loss, dlogits):
+    loss a float, dlogits = (softmax(logits) - one_hot(labels)) / N with the
+    dtype of logits (float64 for non-float logits).
+    """
+    logits = _as_float_array(logits)
+    labels = np.asarray(labels)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (N, K), got {logits.shape}")
+    n, k = logits.shape
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be {n} integers, got shape {labels.shape} "
+                         f"and dtype {labels.dtype}")
+    if n and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}), got values from "
+                         f"{labels.min()} to {labels.max()}")
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    rows = np.arange(n)
+    loss = -log_probs[rows, labels].mean()
+    dlogits = np.exp(log_probs)
+    dlogits[rows, labels] -= 1
+    return float(loss), (dlogits / n).astype(logits.dtype)
+
+
+def accuracy(logits, labels):
+    """The fraction of rows whose largest logit is at the label."""
+    return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
+
+
+def mlp(in_features, out_features, *, width=64, depth=20, activation="sigmoid",
+        batch_norm=False, weight_scale=1.0, dtype=np.float32, rng=None):
+    """A deep fully connected network of `depth` Linear layers.
+
+    Every hidden block is Linear -> [BatchNorm] -> activation; the last Linear
+    gives the logits. activation is "sigmoid", "tanh", "relu" or a callable
+    returning a layer. With batch_norm the hidden Linear layers have no bias:
+    BatchNorm subtracts the mean, and its beta plays the bias's part.
+    rng (a seed or a Generator) draws every weight.
+    """
+    depth = _positive_int("depth", depth)
+    make_activation = ACTIVATIONS.get(activation, activation)
+    if not callable(make_activation):
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, "
+                         f"got {activation!r}")
+    rng = np.random.default_rng(rng)
+    sizes = [in_features] + [width] * (depth - 1) + [out_features]
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        last = i == depth - 1
+        layers.append(Linear(n_in, n_out, bias=last or not batch_norm,
+                             weight_scale=weight_scale, dtype=dtype, rng=rng))
+        if not last:
+            layers += [BatchNorm(n_out, dtype=dtype)] if batch_norm else []
+            layers.append(make_activation())
+    return Sequential(*layers)
+
+
+def fit(model, x, labels, *, lr, steps, batch_size=64, momentum=0.0, rng=None):
+    """Train model with SGD on random mini-batches; return the loss of every step.
+
+    Each step draws batch_size rows without replacement, runs forward,
+    softmax_cross_entropy, backward and one SGD step. Training stops at the
+    first non-finite loss (the network diverged): the remaining entries of
+    the returned float64 array of length `steps` are NaN.
+    """
+    x = np.asarray(x)
+    labels = np.asarray(labels)
+    steps = _positive_int("steps", steps)
+    batch_size = min(_positive_int("batch_size", batch_size), len(x))
+    rng = np.random.default_rng(rng)
+    optimizer = SGD(model, lr, momentum)
+    losses = np.full(steps, np.nan)
+    model.train()
+    for step in range(steps):
+        batch = rng.choice(len(x), size=batch_size, replace=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, dlogits = softmax_cross_entropy(model.forward(x[batch]), labels[batch])
+            if not np.isfinite(loss):
+                break
+            losses[step] = loss
+            model.backward(dlogits)
+            optimizer.step()
+    return losses
+
+
+# ---- what the notebooks measure ---------------------------------------------
+
+def linear_layers(model):
+    """The Linear layers of a Sequential, first to last."""
+    return [layer for layer in model.layers if isinstance(layer, Linear)]
+
+
+def preactivations(model):
+    """After a forward: the inputs of every activation layer, first to last.
+
+    These are the outputs of the layers just before each ReLU, Tanh or
+    Sigmoid: of a Linear in a plain network, of a BatchNorm with batch norm.
+    """
+    if len(model.outputs) != len(model.layers):
+        raise RuntimeError("preactivations needs a forward through the model first")
+    return [model.outputs[i - 1] for i, layer in enumerate(model.layers)
+            if i > 0 and isinstance(layer, (ReLU, Tanh, Sigmoid))]
+
+
+def batch_std(values, axis=0):
+    """Each unit's standard deviation over the batch, averaged over units.
+
+    This measures how much a layer's output still depends on the input: a
+    unit whose value is the same for every example carries no information,
+    however large its value.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(axis=axis).mean())
+
+
+def weight_gradient_norms(model):
+    """After a backward: the Frobenius norm of each Linear layer's grad_weight."""
+    layers = linear_layers(model)
+    if any(layer.grad_weight is None for layer in layers):
+        raise RuntimeError("weight_gradient_norms needs a backward through the model first")
+    return np.array([np.linalg.norm(layer.grad_weight) for layer in layers])

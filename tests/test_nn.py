@@ -1,0 +1,456 @@
+"""bnpy.nn: the small NumPy network toolkit the notebooks are built on.
+
+Every layer's backward is checked with bnpy.gradcheck; the deep-network tests
+pin what the notebooks and the demo claim: a 20-layer sigmoid network's
+gradient vanishes without BatchNorm and stays within a factor of ten with it,
+and BatchNorm trains it where the plain network cannot.
+"""
+import numpy as np
+import pytest
+
+import bnpy
+from bnpy import nn
+from bnpy.data import spirals
+from bnpy.gradcheck import gradcheck
+
+
+def model_gradcheck(model, x, **options):
+    """gradcheck of model's dx and of the gradient of every parameter it lists.
+
+    The layers are float64, whose gradients agree with finite differences to
+    about 1e-9: the tolerances are tighter than gradcheck's defaults, so that
+    a gradient wrong by 0.1 % fails.
+    """
+    options = {"atol": 1e-7, "rtol": 1e-5, **options}
+    params = [param for param, _ in model.parameters()]
+
+    def load(values):
+        for param, value in zip(params, values):
+            param[...] = value
+
+    def forward(x_, *values):
+        load(values)
+        return model.forward(x_)
+
+    def backward(dy, x_, *values):
+        load(values)
+        model.forward(x_)
+        dx = model.backward(dy)
+        return (dx, *[grad for _, grad in model.parameters()])
+
+    return gradcheck(forward, backward, [x, *params], **options)
+
+
+def data(shape, seed=0):
+    return np.random.default_rng(seed).normal(0.5, 1.5, size=shape)
+
+
+# ---- every layer's backward passes gradcheck --------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 4), (3, 2, 4)])
+def test_linear_gradients_pass_gradcheck(bias, shape):
+    layer = nn.Linear(4, 3, bias=bias, dtype=np.float64, rng=1)
+    report = model_gradcheck(layer, data(shape))
+    assert report.passed, report
+    assert len(report.inputs) == (3 if bias else 2)  # x, weight[, bias]: all checked
+    assert all(r.checked for r in report.inputs)
+
+
+@pytest.mark.parametrize("make", [nn.ReLU, nn.Tanh, nn.Sigmoid])
+def test_activation_gradients_pass_gradcheck(make):
+    x = data((6, 5))
+    x = np.sign(x) * (0.1 + np.abs(x))  # away from ReLU's kink at 0
+    report = model_gradcheck(make(), x)
+    assert report.passed, report
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_sequential_with_batchnorm_passes_gradcheck(training, affine):
+    model = nn.Sequential(
+        nn.Linear(3, 5, dtype=np.float64, rng=0), bnpy.BatchNorm(5, affine=affine, dtype=np.float64),
+        nn.Tanh(), nn.Linear(5, 4, dtype=np.float64, rng=1), nn.Sigmoid(),
+        nn.Linear(4, 2, dtype=np.float64, rng=2))
+    model.forward(data((8, 3), seed=3))  # running statistics away from (0, 1)
+    model.train(training)
+    model[1].momentum = 0.0  # forward calls during the check leave them alone
+    report = model_gradcheck(model, data((8, 3), seed=4))
+    assert report.passed, report
+    # x, 3 weights, 3 biases, and gamma and beta when affine
+    assert len(report.inputs) == 7 + 2 * affine
+
+
+def test_deep_mlp_gradients_pass_gradcheck_in_fast_mode():
+    model = nn.mlp(2, 3, width=6, depth=6, batch_norm=True, dtype=np.float64, rng=0)
+    report = model_gradcheck(model, data((10, 2)), mode="fast")
+    assert report.passed, report
+
+
+def test_softmax_cross_entropy_gradient_passes_gradcheck():
+    labels = np.array([0, 2, 1, 2, 0])
+
+    def forward(logits):
+        return np.array(nn.softmax_cross_entropy(logits, labels)[0])
+
+    def backward(dy, logits):
+        return dy * nn.softmax_cross_entropy(logits, labels)[1]
+
+    report = gradcheck(forward, backward, [data((5, 3))])
+    assert report.passed, report
+
+
+def test_a_wrong_layer_backward_is_caught():
+    """The checks above can fail: a Tanh whose backward forgets the square."""
+    class WrongTanh(nn.Tanh):
+        def backward(self, dy):
+            return dy * (1 - self._y)
+
+    report = model_gradcheck(WrongTanh(), data((4, 3)))
+    assert not report.passed
+
+
+# ---- the deep-network claims of the issue, the notebooks and the demo -------
+
+def deep_sigmoid(batch_norm, seed):
+    """A 20-layer sigmoid network of width 64 and one forward/backward on spirals."""
+    x, labels = spirals(200, rng=seed)
+    model = nn.mlp(2, 3, width=64, depth=20, activation="sigmoid",
+                   batch_norm=batch_norm, rng=seed)
+    _, dlogits = nn.softmax_cross_entropy(model.forward(x), labels)
+    model.backward(dlogits)
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gradient_vanishes_without_batchnorm_and_not_with_it(seed):
+    plain = nn.weight_gradient_norms(deep_sigmoid(False, seed))
+    normalized = nn.weight_gradient_norms(deep_sigmoid(True, seed))
+    assert len(plain) == len(normalized) == 20
+    assert plain[0] / plain[-1] < 1e-6
+    assert 0.1 <= normalized[0] / normalized[-1] <= 10
+
+
+def test_batchnorm_preactivations_have_mean_0_and_std_1_on_the_training_batch():
+    model = deep_sigmoid(True, seed=0)
+    preactivations = nn.preactivations(model)
+    assert len(preactivations) == 19
+    for values in preactivations:
+        assert values.shape == (600, 64)
+        np.testing.assert_allclose(values.mean(axis=0), 0, atol=1e-4)
+        assert np.median(values.std(axis=0)) > 0.999
+    # exactly: eps makes each unit's std sqrt(var / (var + eps)), var its input's variance
+    inputs = [model.outputs[i - 1] for i, layer in enumerate(model.layers)
+              if isinstance(layer, bnpy.BatchNorm)]
+    for before, after in zip(inputs, preactivations):
+        var = before.astype(np.float64).var(axis=0)
+        np.testing.assert_allclose(after.std(axis=0), np.sqrt(var / (var + 1e-5)), atol=1e-4)
+    # without BatchNorm the deep layers' units barely vary over the batch
+    plain = [nn.batch_std(v) for v in nn.preactivations(deep_sigmoid(False, seed=0))]
+    assert plain[-1] < 1e-4 * plain[0]
+
+
+def test_batchnorm_trains_where_the_plain_network_does_not():
+    x, labels = spirals(200, rng=0)
+    final = {}
+    for batch_norm in (False, True):
+        model = nn.mlp(2, 3, batch_norm=batch_norm, rng=0)  # 20 sigmoid layers of 64
+        losses = nn.fit(model, x, labels, lr=0.3, steps=300, batch_size=64, rng=1)
+        assert losses.shape == (300,) and np.all(np.isfinite(losses))
+        final[batch_norm] = losses[-50:].mean()
+    assert final[False] > 1.0  # chance level is log(3) = 1.0986
+    assert final[True] < final[False] - 0.3
+
+
+# ---- Linear, activations -----------------------------------------------------
+
+def test_linear_forward_is_x_weight_transposed_plus_bias():
+    layer = nn.Linear(4, 3, rng=0)
+    layer.bias[:] = [1.0, -2.0, 0.5]
+    x = data((5, 4))
+    y = layer(x)
+    assert y.dtype == np.float32 and y.shape == (5, 3)
+    np.testing.assert_allclose(y, x @ layer.weight.T.astype(np.float64) + layer.bias, rtol=1e-5)
+
+
+def test_linear_weights_have_the_documented_scale_and_are_reproducible():
+    layer = nn.Linear(400, 300, weight_scale=2.0, rng=7)
+    assert layer.weight.shape == (300, 400) and layer.weight.dtype == np.float32
+    assert layer.weight.std() == pytest.approx(2.0 / np.sqrt(400), rel=0.02)
+    assert abs(layer.weight.mean()) < 0.01
+    np.testing.assert_array_equal(layer.weight, nn.Linear(400, 300, weight_scale=2.0, rng=7).weight)
+    np.testing.assert_array_equal(layer.bias, 0)
+    assert nn.Linear(3, 2, bias=False).bias is None
+
+
+def test_linear_gradients_are_none_until_backward_then_overwritten():
+    layer = nn.Linear(3, 2, rng=0)
+    assert layer.grad_weight is None and layer.grad_bias is None
+    x = data((4, 3))
+    layer(x)
+    layer.backward(np.ones((4, 2)))
+    first = layer.grad_weight.copy()
+    layer.backward(np.ones((4, 2)))
+    np.testing.assert_allclose(layer.grad_weight, first)  # not accumulated
+    np.testing.assert_allclose(layer.grad_bias, [4, 4])
+
+
+def test_linear_errors():
+    layer = nn.Linear(3, 2)
+    with pytest.raises(RuntimeError, match="before any forward"):
+        layer.backward(np.ones((4, 2)))
+    with pytest.raises(ValueError, match="expected 3 features"):
+        layer(np.ones((4, 5)))
+    layer(np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"dy has shape \(4, 3\)"):
+        layer.backward(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="in_features"):
+        nn.Linear(0, 2)
+    with pytest.raises(TypeError, match="out_features"):
+        nn.Linear(2, 2.5)
+    with pytest.raises(ValueError, match="dtype"):
+        nn.Linear(2, 2, dtype=np.int32)
+    with pytest.raises(TypeError, match="real numbers"):
+        layer(np.ones((4, 3), dtype=complex))
+
+
+def test_activations_compute_their_functions():
+    x = np.linspace(-5, 5, 11)
+    np.testing.assert_allclose(nn.ReLU()(x), np.maximum(x, 0))
+    np.testing.assert_allclose(nn.Tanh()(x), np.tanh(x))
+    np.testing.assert_allclose(nn.Sigmoid()(x), 1 / (1 + np.exp(-x)), rtol=1e-14)
+
+
+def test_relu_gradient_at_zero_is_zero():
+    relu = nn.ReLU()
+    relu(np.array([-1.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(relu.backward(np.ones(3)), [0, 0, 1])
+
+
+def test_activations_keep_float_dtypes_and_convert_integers():
+    for layer in (nn.ReLU(), nn.Tanh(), nn.Sigmoid()):
+        assert layer(np.ones(3, dtype=np.float32)).dtype == np.float32
+        assert layer(np.arange(3)).dtype == np.float64
+
+
+def test_sigmoid_does_not_overflow_on_large_inputs():
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        y = nn.Sigmoid()(np.array([-1e4, 0.0, 1e4], dtype=np.float32))
+    np.testing.assert_array_equal(y, [0, 0.5, 1])
+
+
+def test_activation_backward_errors():
+    layer = nn.Sigmoid()
+    with pytest.raises(RuntimeError, match="Sigmoid.backward called before any forward"):
+        layer.backward(np.ones(3))
+    layer(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"dy has shape \(3, 2\)"):
+        layer.backward(np.ones((3, 2)))
+
+
+# ---- Sequential --------------------------------------------------------------
+
+def small_model(batch_norm=True):
+    layers = [nn.Linear(2, 4, rng=0)]
+    layers += [bnpy.BatchNorm(4)] if batch_norm else []
+    return nn.Sequential(*layers, nn.ReLU(), nn.Linear(4, 3, rng=1))
+
+
+def test_sequential_records_outputs_and_output_gradients():
+    model = small_model()
+    x, dy = data((6, 2)), data((6, 3), seed=1)
+    y = model(x)
+    assert len(model.outputs) == len(model) == 4
+    linear, _, _, last = model.layers
+    np.testing.assert_allclose(model.outputs[0], x @ linear.weight.T + linear.bias, rtol=1e-5)
+    np.testing.assert_allclose(model.outputs[1].mean(axis=0), 0, atol=1e-6)
+    np.testing.assert_array_equal(model.outputs[2], np.maximum(model.outputs[1], 0))
+    np.testing.assert_allclose(model.outputs[3], model.outputs[2] @ last.weight.T + last.bias,
+                               rtol=1e-5)
+    assert y is model.outputs[3]
+    dx = model.backward(dy)
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(model.grads[-1], dy)
+    relu_grad = model.grads[2]
+    np.testing.assert_allclose(relu_grad, dy @ model[3].weight, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(model.grads[1], relu_grad * (model.outputs[1] > 0))
+
+
+def test_sequential_train_and_eval_reach_every_layer():
+    model = small_model()
+    assert model.eval() is model
+    assert not model.training and not model[1].training and not model[2].training
+    model.train()
+    assert model.training and model[1].training and model[3].training
+
+
+def test_sequential_parameters_share_memory_with_the_layers():
+    model = small_model()
+    params = model.parameters()
+    # Linear weight and bias, BatchNorm gamma and beta, Linear weight and bias
+    assert [p.shape for p, _ in params] == [(4, 2), (4,), (4,), (4,), (3, 4), (3,)]
+    assert all(g is None for _, g in params)
+    params[2][0][:] = 3.0
+    np.testing.assert_array_equal(model[1].gamma, 3.0)
+    model(data((6, 2)))
+    model.backward(data((6, 3)))
+    grads = [g for _, g in model.parameters()]
+    np.testing.assert_array_equal(grads[2], model[1].grad_gamma)
+    np.testing.assert_array_equal(grads[4], model[3].grad_weight)
+    no_affine = nn.Sequential(bnpy.BatchNorm(4, affine=False))
+    assert no_affine.parameters() == []
+
+
+def test_sequential_errors():
+    with pytest.raises(TypeError, match="layer 1 .* has no forward, backward"):
+        nn.Sequential(nn.ReLU(), object())
+    with pytest.raises(RuntimeError, match="before any forward"):
+        small_model().backward(np.ones((2, 3)))
+
+
+# ---- SGD, loss, accuracy -----------------------------------------------------
+
+def one_linear_step(optimizer_options, steps):
+    """weight after `steps` SGD steps on one Linear layer, and the gradients seen."""
+    layer = nn.Linear(2, 1, bias=False, dtype=np.float64, rng=0)
+    model = nn.Sequential(layer)
+    optimizer = nn.SGD(model, **optimizer_options)
+    start, grads = layer.weight.copy(), []
+    for step in range(steps):
+        model(data((3, 2), seed=step))
+        model.backward(np.ones((3, 1)))
+        grads.append(layer.grad_weight.copy())
+        optimizer.step()
+    return start, grads, layer.weight
+
+
+def test_sgd_step_without_momentum():
+    start, grads, weight = one_linear_step(dict(lr=0.1), steps=1)
+    np.testing.assert_allclose(weight, start - 0.1 * grads[0])
+
+
+def test_sgd_step_with_momentum_is_pytorchs_heavy_ball():
+    start, (g1, g2), weight = one_linear_step(dict(lr=0.1, momentum=0.9), steps=2)
+    velocity = 0.9 * g1 + g2
+    np.testing.assert_allclose(weight, start - 0.1 * g1 - 0.1 * velocity)
+
+
+def test_sgd_updates_batchnorm_parameters_in_place():
+    model = small_model()
+    model(data((6, 2)))
+    model.backward(data((6, 3)))
+    expected = model[1].gamma - 0.5 * model[1].grad_gamma
+    nn.SGD(model, lr=0.5).step()
+    np.testing.assert_allclose(model[1].gamma, expected, rtol=1e-6)
+
+
+def test_sgd_errors():
+    with pytest.raises(RuntimeError, match="before the model's first backward"):
+        nn.SGD(small_model(), lr=0.1).step()
+    with pytest.raises(ValueError, match="lr"):
+        nn.SGD(small_model(), lr=0)
+    with pytest.raises(ValueError, match="momentum"):
+        nn.SGD(small_model(), lr=0.1, momentum=1.0)
+
+
+def test_softmax_cross_entropy_values():
+    logits = np.array([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]])
+    labels = np.array([0, 1])
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    loss, dlogits = nn.softmax_cross_entropy(logits, labels)
+    assert loss == pytest.approx(-np.log(probs[[0, 1], labels]).mean())
+    np.testing.assert_allclose(dlogits, (probs - np.eye(3)[labels]) / 2)
+
+
+def test_softmax_cross_entropy_is_stable_for_huge_logits():
+    logits = np.array([[1e4, 0.0], [0.0, 1e4]], dtype=np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        loss, dlogits = nn.softmax_cross_entropy(logits, np.array([1, 1]))
+    assert loss == pytest.approx(5e3)
+    assert dlogits.dtype == np.float32
+    np.testing.assert_allclose(dlogits, [[0.5, -0.5], [0, 0]])
+
+
+def test_softmax_cross_entropy_errors():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        nn.softmax_cross_entropy(np.zeros((2, 3)), np.array([0, 3]))
+    with pytest.raises(ValueError, match="labels must be 2 integers"):
+        nn.softmax_cross_entropy(np.zeros((2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        nn.softmax_cross_entropy(np.zeros(3), np.array([0]))
+
+
+def test_accuracy():
+    logits = np.array([[1, 0], [0, 1], [1, 0], [1, 0]])
+    assert nn.accuracy(logits, [0, 1, 1, 0]) == 0.75
+
+
+# ---- mlp, fit, measurements, data ---------------------------------------------
+
+def test_mlp_structure():
+    model = nn.mlp(2, 3, width=8, depth=4, activation="tanh", batch_norm=True)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Linear", "BatchNorm", "Tanh"] * 3 + ["Linear"]
+    linears = nn.linear_layers(model)
+    assert [(l.in_features, l.out_features) for l in linears] == [(2, 8), (8, 8), (8, 8), (8, 3)]
+    assert [l.bias is None for l in linears] == [True, True, True, False]
+    plain = nn.mlp(2, 3, width=8, depth=2, activation=nn.ReLU)
+    assert [type(layer).__name__ for layer in plain.layers] == ["Linear", "ReLU", "Linear"]
+    assert all(l.bias is not None for l in nn.linear_layers(plain))
+    with pytest.raises(ValueError, match="activation"):
+        nn.mlp(2, 3, activation="swish")
+
+
+def test_mlp_with_the_same_seed_has_the_same_weights_with_and_without_batchnorm():
+    plain, normalized = (nn.mlp(2, 3, batch_norm=b, rng=4) for b in (False, True))
+    for a, b in zip(nn.linear_layers(plain), nn.linear_layers(normalized)):
+        np.testing.assert_array_equal(a.weight, b.weight)
+
+
+def test_fit_stops_at_the_first_non_finite_loss():
+    x, labels = spirals(20, rng=0)
+    model = nn.mlp(2, 3, width=8, depth=3, activation="relu", weight_scale=10.0, rng=0)
+    forward_calls = []
+    forward = model.forward
+    model.forward = lambda x_: forward_calls.append(1) or forward(x_)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no floating-point warnings escape fit
+        losses = nn.fit(model, x, labels, lr=1e30, steps=20, batch_size=16, rng=0)
+    assert np.isfinite(losses[0])
+    assert np.isnan(losses[-1])
+    first_nan = np.argmax(np.isnan(losses))
+    assert np.all(np.isnan(losses[first_nan:])) and np.all(np.isfinite(losses[:first_nan]))
+    assert len(forward_calls) == first_nan + 1  # it stopped at the first non-finite loss
+
+
+def test_measurements_need_a_forward_or_backward_first():
+    model = small_model()
+    with pytest.raises(RuntimeError, match="forward"):
+        nn.preactivations(model)
+    model(data((4, 2)))
+    assert len(nn.preactivations(model)) == 1  # the BatchNorm's output, before the ReLU
+    with pytest.raises(RuntimeError, match="backward"):
+        nn.weight_gradient_norms(model)
+
+
+def test_batch_std_is_the_mean_of_per_unit_stds():
+    values = np.array([[0.0, 10.0], [2.0, 10.0]])  # unit 0 varies (std 1), unit 1 is constant
+    assert nn.batch_std(values) == pytest.approx(0.5)
+
+
+def test_spirals_without_noise_lie_on_the_documented_arms():
+    x, labels = spirals(5, n_classes=3, noise=0.0)
+    radius = np.tile(np.linspace(0, 1, 5), 3)
+    angle = 2 * np.pi * (radius + labels / 3)  # one turn, arms a third of a turn apart
+    expected = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    np.testing.assert_allclose(x, expected / expected.std(), atol=1e-6)
+
+
+def test_spirals():
+    x, labels = spirals(50, n_classes=4, rng=3)
+    assert x.shape == (200, 2) and x.dtype == np.float32
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [50] * 4
+    assert x.std() == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_array_equal(x, spirals(50, n_classes=4, rng=3)[0])
+    assert not np.array_equal(x, spirals(50, n_classes=4, rng=4)[0])
+    with pytest.raises(ValueError, match="n_classes"):
+        spirals(10, n_classes=1)
