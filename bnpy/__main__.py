@@ -274,6 +274,8 @@ USAGE = """usage: python -m bnpy [command]
   gradcheck [--fast]   check BatchNorm's gradients over layouts, dtypes, modes
   demo [--plot FILE]   train a 20-layer sigmoid network with and without
                        BatchNorm; print per-layer statistics and accuracies
+  bench [options]      time bnpy against PyTorch, NumPy and a copy
+                       (python -m bnpy bench --help)
 """
 
 
@@ -283,6 +285,10 @@ def main(argv):
         return 0
     if argv[0] == "gradcheck":
         return gradcheck_command(argv[1:])
+    if argv[0] == "bench":
+        from bnpy.bench import main as bench_main
+
+        return bench_main(argv[1:])
     if argv[0] == "demo":
         return demo_command(argv[1:])
     if argv[0] in ("-h", "--help"):

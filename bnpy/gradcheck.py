@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 MODES = ("full", "fast")
+_DY_STREAM = 0x6772616463  # "gradc": keys gradcheck's random stream apart from the user's
 
 
 class GradcheckError(AssertionError):
@@ -227,7 +228,9 @@ def gradcheck(forward, backward, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, mode
     forward(*inputs) returns an array y; backward(dy, *inputs) returns one
     gradient per input (None where an input has none). Inputs are converted to
     float64 copies; forward is called on them, then backward, then forward
-    again for the differences. dy is drawn from N(0, 1) with `seed`.
+    again for the differences. dy is drawn from N(0, 1) by a generator keyed
+    by `seed` (not default_rng(seed) itself, which the caller's data may come
+    from).
 
     mode="full" checks every element: |a - n| <= atol + rtol * |n|.
     mode="fast" checks `directions` random directions per input, comparing
@@ -241,7 +244,10 @@ def gradcheck(forward, backward, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, mode
     names = list(names) if names is not None else [f"input {i}" for i in range(len(inputs))]
     if len(names) != len(inputs):
         raise ValueError(f"got {len(names)} names for {len(inputs)} inputs")
-    rng = np.random.default_rng(seed)
+    # a stream of its own: data a user drew from default_rng(seed) must not
+    # coincide with dy (in training-mode batch norm, a dy that is an affine
+    # function of x-hat has dx = 0, and any wrong dx would pass)
+    rng = np.random.default_rng([seed, _DY_STREAM])
     y = np.asarray(forward(*inputs), dtype=np.float64)
     dy = rng.standard_normal(y.shape)
     analytic = _analytic_gradients(backward, dy, inputs)

@@ -303,3 +303,16 @@ def test_check_layer_without_affine_and_for_a_user_layer():
     report = check_layer(layer, rng.normal(size=(6, 3)))
     assert report.passed and report.max_rel_error < 1e-7, str(report)
     assert np.array_equal(layer.gamma, gamma)
+
+
+def test_data_drawn_with_the_same_seed_does_not_hide_a_wrong_gradient():
+    """dy comes from a stream of its own: were it default_rng(seed), data drawn
+    from default_rng(seed) too would make dy affine in x-hat, dx exactly 0, and
+    this 50% error invisible."""
+    x = np.random.default_rng(0).normal(3, 2, (16, 3))
+
+    def wrong(dy, x, gamma, beta):
+        dx, dgamma, dbeta = bn_backward(dy, x, gamma, beta)
+        return 1.5 * dx, dgamma, dbeta
+
+    assert not gradcheck(bn_forward, wrong, [x, np.ones(3), np.zeros(3)], seed=0).passed

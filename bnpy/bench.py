@@ -1,0 +1,220 @@
+"""Side-by-side timing of bnpy against PyTorch, the NumPy reference and a copy.
+
+Run it as ``python -m bnpy bench`` or ``python benchmarks/bench.py``. For every
+case it times, in the same run and interleaved repeat by repeat:
+
+- bnpy (the layer, writing into a preallocated ``out=``),
+- PyTorch's ``torch.nn.functional.batch_norm`` forward and its autograd
+  backward (``torch.autograd.grad``), when torch is installed,
+- ``bnpy.reference`` (float64 NumPy, one thread),
+- ``np.copyto`` of the same bytes: the floor for a pass that reads x and
+  writes y once,
+
+and prints medians in milliseconds, bnpy's GB/s (bytes it must move: x and y
+forward; x, dy and dx backward), and the ratios bnpy/copy and torch/bnpy.
+"""
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import bnpy
+from bnpy import reference
+
+# name, shape, feature axis
+CASES = [
+    ("NCHW 64x64x56x56", (64, 64, 56, 56), 1),
+    ("NHWC 64x56x56x64", (64, 56, 56, 64), -1),
+    ("NCHW 32x256x28x28", (32, 256, 28, 28), 1),
+    ("NC 256x1024", (256, 1024), 1),
+    ("NCHW 8x64x112x112", (8, 64, 112, 112), 1),
+    ("NCHW 128x64x56x56 (> L3)", (128, 64, 56, 56), 1),
+]
+QUICK_CASES = [
+    ("NCHW 8x16x14x14", (8, 16, 14, 14), 1),
+    ("NHWC 8x14x14x16", (8, 14, 14, 16), -1),
+    ("NC 64x32", (64, 32), 1),
+]
+OPS = ("forward-train", "forward-eval", "backward")
+
+
+def _time_once(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _medians(runners, repeats):
+    """Median seconds of each runner, timed in turn within every repeat so that
+    a noisy moment on a shared machine hits all of them alike."""
+    for fn in runners.values():  # warm up: page faults, caches, lazy setup
+        fn()
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, fn in runners.items():
+            times[name].append(_time_once(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _torch_runners(torch, x, dy, axis, op, momentum=0.1, eps=1e-5):
+    """torch's functional batch norm on the same data (channels-last stays
+    channels-last: a permuted view, the layout torch's NHWC kernels use)."""
+    xt = torch.from_numpy(x)
+    dyt = torch.from_numpy(dy)
+    if axis != 1:
+        xt, dyt = xt.permute(0, x.ndim - 1, *range(1, x.ndim - 1)), dyt.permute(
+            0, x.ndim - 1, *range(1, x.ndim - 1))
+    channels = x.shape[axis]
+    weight = torch.ones(channels, dtype=xt.dtype, requires_grad=True)
+    bias = torch.zeros(channels, dtype=xt.dtype, requires_grad=True)
+    running_mean = torch.zeros(channels, dtype=xt.dtype)
+    running_var = torch.ones(channels, dtype=xt.dtype)
+    F = torch.nn.functional
+    if op != "backward":
+        training = op == "forward-train"
+        with torch.no_grad():
+            return lambda: F.batch_norm(xt, running_mean, running_var, weight, bias,
+                                        training, momentum, eps)
+    xg = xt.detach().requires_grad_(True)
+    y = F.batch_norm(xg, running_mean, running_var, weight, bias, True, momentum, eps)
+    return lambda: torch.autograd.grad(y, (xg, weight, bias), dyt, retain_graph=True)
+
+
+def _bnpy_runner(x, dy, axis, op):
+    bn = bnpy.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
+    out = np.empty_like(x)
+    if op == "forward-train":
+        return lambda: bn.forward(x, out=out)
+    if op == "forward-eval":
+        bn.eval()
+        return lambda: bn.forward(x, out=out)
+    bn.forward(x)
+    return lambda: bn.backward(dy, out=out)
+
+
+def _reference_runner(x, dy, axis, op):
+    if op == "forward-train":
+        return lambda: reference.forward_train(x, axis=axis)
+    if op == "forward-eval":
+        channels = x.shape[axis]
+        return lambda: reference.forward_eval(x, np.zeros(channels), np.ones(channels),
+                                              axis=axis)
+    mean, var = reference.batch_stats(x, axis)
+    return lambda: reference.backward(dy, x, mean, var, axis=axis)
+
+
+def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print):
+    """Measure every case; returns a list of result dicts (times in seconds)."""
+    rows = []
+    for name, shape, axis in cases:
+        for dtype in dtypes:
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal(shape).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            copy_out = np.empty_like(x)
+            for op in OPS:
+                moved = x.nbytes * (3 if op == "backward" else 2)
+                reference_time = None
+                if with_reference:
+                    reference_time = _medians({"ref": _reference_runner(x, dy, axis, op)},
+                                              max(1, repeats // 4))["ref"]
+                for n_threads in threads:
+                    bnpy.set_num_threads(n_threads)
+                    runners = {"bnpy": _bnpy_runner(x, dy, axis, op),
+                               "copy": lambda: np.copyto(copy_out, x)}
+                    if torch is not None:
+                        torch.set_num_threads(n_threads)
+                        runners["torch"] = _torch_runners(torch, x, dy, axis, op)
+                    t = _medians(runners, repeats)
+                    row = dict(case=name, dtype=np.dtype(dtype).name, op=op, threads=n_threads,
+                               bnpy=t["bnpy"], torch=t.get("torch"), copy=t["copy"],
+                               reference=reference_time, bytes=moved)
+                    rows.append(row)
+                    echo(format_row(row))
+    return rows
+
+
+HEADER = (f"{'case':<26} {'dtype':<8} {'op':<14} {'thr':>3} {'bnpy ms':>9} {'GB/s':>6} "
+          f"{'torch ms':>9} {'numpy ms':>9} {'copy ms':>8} {'bnpy/copy':>9} {'torch/bnpy':>10}")
+
+
+def format_row(r):
+    def ms(t):
+        return f"{t * 1e3:9.2f}" if t is not None else f"{'-':>9}"
+
+    torch_ratio = f"{r['torch'] / r['bnpy']:10.2f}" if r["torch"] is not None else f"{'-':>10}"
+    return (f"{r['case']:<26} {r['dtype']:<8} {r['op']:<14} {r['threads']:>3} {ms(r['bnpy'])} "
+            f"{r['bytes'] / r['bnpy'] / 1e9:6.1f} {ms(r['torch'])} {ms(r['reference'])} "
+            f"{r['copy'] * 1e3:8.2f} {r['bnpy'] / r['copy']:9.2f} {torch_ratio}")
+
+
+def machine_description(torch=None):
+    """What the numbers were measured on."""
+    lines = [f"- Python {platform.python_version()}, NumPy {np.__version__}, "
+             f"bnpy {bnpy.__version__} (OpenMP: {bnpy.has_openmp()})"
+             + (f", PyTorch {torch.__version__}" if torch is not None else ", no PyTorch")]
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        keep = ("Model name", "CPU(s):", "L1d", "L2", "L3", "Thread(s) per core")
+        lines += [f"- {line.strip()}" for line in lscpu.splitlines()
+                  if line.strip().startswith(keep)]
+    except (OSError, subprocess.SubprocessError):
+        lines.append(f"- {platform.processor() or platform.machine()}, "
+                     f"{os.cpu_count()} logical CPUs")
+    return "\n".join(lines)
+
+
+def write_results(path, rows, torch, command):
+    with open(path, "w") as f:
+        f.write("# bnpy benchmark results\n\n")
+        f.write(f"Measured with `{command}` on:\n\n{machine_description(torch)}\n\n")
+        f.write("Medians of interleaved repeats; bnpy writes into a preallocated `out=`. "
+                "GB/s counts the bytes bnpy must move (forward: x and y; backward: x, dy, dx). "
+                "copy is `np.copyto` of x's bytes. The machine is shared and noisy: compare "
+                "the ratios within a row, not times across runs.\n\n")
+        f.write("```\n" + HEADER + "\n")
+        for r in rows:
+            f.write(format_row(r) + "\n")
+        f.write("```\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bnpy bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke test)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument("--no-reference", action="store_true", help="skip the slow NumPy reference")
+    parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
+    parser.add_argument("--results", default=None, help="write a Markdown table to this file")
+    args = parser.parse_args(argv)
+
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            print("(PyTorch is not installed: timing bnpy, NumPy and the copy only)")
+    cases = QUICK_CASES if args.quick else CASES
+    repeats = args.repeats or (3 if args.quick else 11)
+    threads = [int(t) for t in args.threads.split(",")]
+    dtypes = [np.dtype(d).type for d in args.dtypes.split(",")]
+    before = bnpy.get_num_threads()
+    print(HEADER)
+    try:
+        rows = run(cases, dtypes, threads, repeats, not args.no_reference, torch)
+    finally:
+        bnpy.set_num_threads(before)
+    if args.results:
+        write_results(args.results, rows, torch, "python -m bnpy bench " + " ".join(argv or sys.argv[1:]))
+        print(f"\nwrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
