@@ -109,17 +109,22 @@ void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *w
     Py_END_ALLOW_THREADS
 }
 
+void bn_run_from_double(PyArrayObject *out, const double *values)
+{
+    size_t n = (size_t)PyArray_SIZE(out);
+    if (IS_F32(out)) {
+        bn_from_double_f32(PyArray_DATA(out), values, n);
+    }
+    else {
+        bn_from_double_f64(PyArray_DATA(out), values, n);
+    }
+}
+
 PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp n)
 {
     PyArrayObject *arr = bn_new_vector(typenum, n);
-    if (arr == NULL) {
-        return NULL;
-    }
-    if (typenum == NPY_FLOAT) {
-        bn_from_double_f32(PyArray_DATA(arr), values, (size_t)n);
-    }
-    else {
-        bn_from_double_f64(PyArray_DATA(arr), values, (size_t)n);
+    if (arr != NULL) {
+        bn_run_from_double(arr, values);
     }
     return arr;
 }

@@ -20,6 +20,11 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    /* Serializes this layer's forward, backward and state changes: they read
+     * and write its buffers while the GIL is released. Taken only after the
+     * arguments are converted (which may run Python code) and everything the
+     * call allocates is allocated. */
+    PyThread_type_lock lock;
     /* configuration, fixed by __init__ */
     int initialized;
     npy_intp num_features;
@@ -41,6 +46,21 @@ typedef struct {
 } BatchNormObject;
 
 #define CHANNELS(self) ((size_t)(self)->num_features)
+
+/* Take the layer's lock, letting other threads run while it waits. */
+static void lock_layer(BatchNormObject *self)
+{
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static void unlock_layer(BatchNormObject *self)
+{
+    PyThread_release_lock(self->lock);
+}
 
 static int check_initialized(BatchNormObject *self)
 {
@@ -132,6 +152,21 @@ static int BatchNorm_init(BatchNormObject *self, PyObject *args, PyObject *kwarg
     return 0;
 }
 
+static PyObject *BatchNorm_new(PyTypeObject *type, PyObject *Py_UNUSED(args),
+                               PyObject *Py_UNUSED(kwargs))
+{
+    BatchNormObject *self = (BatchNormObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->lock = PyThread_allocate_lock();
+    if (self->lock == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
 static int BatchNorm_traverse(BatchNormObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
@@ -165,23 +200,55 @@ static void BatchNorm_dealloc(BatchNormObject *self)
     PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     BatchNorm_clear(self);
+    if (self->lock != NULL) {
+        PyThread_free_lock(self->lock);
+    }
     type->tp_free((PyObject *)self);
     Py_DECREF(type);
 }
 
 /* ---- forward and backward ------------------------------------------------- */
 
-/* Forget the last forward's saved values, keeping the new ones. */
+/* Keep the new saved values; the old ones go to *old (decref them after
+ * unlocking: freeing an array may run arbitrary code). */
 static void replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObject *moments,
-                          bn_shape shape, int batch_stats)
+                          bn_shape shape, int batch_stats, bn_saved *old)
 {
-    PyArrayObject *old_x = self->saved.x, *old_moments = self->saved.moments;
+    *old = self->saved;
     self->saved.x = x;
     self->saved.moments = moments;
     self->saved.shape = shape;
     self->saved.batch_stats = batch_stats;
-    Py_XDECREF(old_x);
-    Py_XDECREF(old_moments);
+}
+
+/* FloatingPointError naming the features whose statistics are not finite;
+ * 0 when all are. */
+static int check_finite_stats(const bn_partial *stats, size_t channels)
+{
+    PyObject *bad = NULL;
+    for (size_t c = 0; c < channels; c++) {
+        if (isfinite(stats[c].mean) && isfinite(stats[c].m2)) {
+            continue;
+        }
+        PyObject *index = PyLong_FromSize_t(c);
+        if (bad == NULL) {
+            bad = PyList_New(0);
+        }
+        if (index == NULL || bad == NULL || PyList_Append(bad, index) < 0) {
+            Py_XDECREF(index);
+            Py_XDECREF(bad);
+            return -1;
+        }
+        Py_DECREF(index);
+    }
+    if (bad == NULL) {
+        return 0;
+    }
+    PyErr_Format(PyExc_FloatingPointError,
+                 "the batch statistics of feature(s) %R are not finite (NaN or infinity in "
+                 "the input); the layer is unchanged", bad);
+    Py_DECREF(bad);
+    return -1;
 }
 
 /* running <- (1 - momentum) * running + momentum * batch, counting the batch */
@@ -204,19 +271,12 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     PyArrayObject *x = NULL, *y = NULL, *saved_x = NULL, *moments = NULL;
     bn_partial *stats = NULL;
     double *work = NULL;
+    bn_saved old = {0};
     bn_layout layout;
     size_t channels = CHANNELS(self);
-    /* the mode and eps this call uses, whatever other threads set meanwhile */
-    int training = self->training;
-    int batch_stats = training || !self->track_running_stats;
-    double eps = self->eps;
 
     x = bn_as_array(x_obj, self->typenum, "x");
     if (x == NULL || bn_get_layout(x, self->axis, self->num_features, &layout) < 0) {
-        goto fail;
-    }
-    if (batch_stats && bn_check_batch_size(x, &layout, training
-                                           ? "training" : "using batch statistics") < 0) {
         goto fail;
     }
     y = bn_output_like(out_obj, x, self->typenum);
@@ -235,26 +295,42 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
         }
         goto fail;
     }
+
+    lock_layer(self);
+    int training = self->training;
+    int batch_stats = training || !self->track_running_stats;
     double *mean = PyArray_DATA(moments), *invstd = mean + channels;
+    if (batch_stats && bn_check_batch_size(x, &layout, training
+                                           ? "training" : "using batch statistics") < 0) {
+        goto fail_locked;
+    }
     if (batch_stats) {
-        bn_run_forward_train(y, stats, mean, invstd, work, x, self->gamma, self->beta, eps,
-                             layout.shape);
+        bn_run_forward_train(y, stats, mean, invstd, work, x, self->gamma, self->beta,
+                             self->eps, layout.shape);
+        if (training && check_finite_stats(stats, channels) < 0) {
+            goto fail_locked;
+        }
     }
     else {
-        bn_run_running_moments(mean, invstd, self->running_mean, self->running_var, eps);
+        bn_run_running_moments(mean, invstd, self->running_mean, self->running_var, self->eps);
         bn_run_forward(y, work, x, mean, invstd, self->gamma, self->beta, layout.shape);
     }
-
     /* nothing fails from here on: commit */
     if (training && self->track_running_stats && bn_count(layout.shape) > 0) {
         update_running_stats(self, stats);
     }
-    replace_saved(self, saved_x, moments, layout.shape, batch_stats);
+    replace_saved(self, saved_x, moments, layout.shape, batch_stats, &old);
+    unlock_layer(self);
+
+    Py_XDECREF(old.x);
+    Py_XDECREF(old.moments);
     PyMem_Free(stats);
     PyMem_Free(work);
     Py_DECREF(x);
     return (PyObject *)y;
 
+fail_locked:
+    unlock_layer(self);
 fail:
     PyMem_Free(stats);
     PyMem_Free(work);
@@ -338,18 +414,29 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
         PyErr_NoMemory();
         goto fail;
     }
-    double *dgamma = sums, *dbeta = sums + channels;
-    const double *mean = PyArray_DATA(moments), *invstd = mean + channels;
-    bn_run_backward(dx, dgamma, dbeta, work, dy, x, mean, invstd, self->gamma, shape,
-                    batch_stats);
     if (self->affine) {
-        grad_gamma = bn_vector_from_double(self->typenum, dgamma, self->num_features);
-        grad_beta = bn_vector_from_double(self->typenum, dbeta, self->num_features);
+        grad_gamma = bn_new_vector(self->typenum, self->num_features);
+        grad_beta = bn_new_vector(self->typenum, self->num_features);
         if (grad_gamma == NULL || grad_beta == NULL) {
             goto fail;
         }
-        Py_XSETREF(self->grad_gamma, grad_gamma);
-        Py_XSETREF(self->grad_beta, grad_beta);
+    }
+    double *dgamma = sums, *dbeta = sums + channels;
+    const double *mean = PyArray_DATA(moments), *invstd = mean + channels;
+    lock_layer(self);
+    bn_run_backward(dx, dgamma, dbeta, work, dy, x, mean, invstd, self->gamma, shape,
+                    batch_stats);
+    PyArrayObject *old_grad_gamma = self->grad_gamma, *old_grad_beta = self->grad_beta;
+    if (self->affine) {
+        bn_run_from_double(grad_gamma, dgamma);
+        bn_run_from_double(grad_beta, dbeta);
+        self->grad_gamma = grad_gamma;
+        self->grad_beta = grad_beta;
+    }
+    unlock_layer(self);
+    if (self->affine) {
+        Py_XDECREF(old_grad_gamma);
+        Py_XDECREF(old_grad_beta);
     }
     PyMem_Free(sums);
     PyMem_Free(work);
@@ -605,7 +692,9 @@ static PyObject *BatchNorm_load_state_dict(BatchNormObject *self, PyObject *d)
         loaded_clear(&v);
         return NULL;
     }
+    lock_layer(self);
     apply_state(self, &v);
+    unlock_layer(self);
     loaded_clear(&v);
     Py_RETURN_NONE;
 }
@@ -642,7 +731,9 @@ static int set_vector(BatchNormObject *self, PyArrayObject *slot, PyObject *valu
     if (arr == NULL) {
         return -1;
     }
+    lock_layer(self);
     copy_values(slot, arr);
+    unlock_layer(self);
     Py_DECREF(arr);
     return 0;
 }
@@ -889,11 +980,16 @@ static PyObject *BatchNorm_setstate(BatchNormObject *self, PyObject *state)
         }
         Py_DECREF(own);
     }
+    lock_layer(self);
     apply_state(self, &v);
-    loaded_clear(&v);
     self->training = mode;
-    Py_XSETREF(self->grad_gamma, grad_gamma);
-    Py_XSETREF(self->grad_beta, grad_beta);
+    PyArrayObject *old_grad_gamma = self->grad_gamma, *old_grad_beta = self->grad_beta;
+    self->grad_gamma = grad_gamma;
+    self->grad_beta = grad_beta;
+    unlock_layer(self);
+    loaded_clear(&v);
+    Py_XDECREF(old_grad_gamma);
+    Py_XDECREF(old_grad_beta);
     Py_RETURN_NONE;
 
 fail:
@@ -977,7 +1073,7 @@ PyDoc_STRVAR(BatchNorm_doc,
 
 static PyType_Slot BatchNorm_slots[] = {
     {Py_tp_doc, (void *)BatchNorm_doc},
-    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_new, BatchNorm_new},
     {Py_tp_init, BatchNorm_init},
     {Py_tp_dealloc, BatchNorm_dealloc},
     {Py_tp_traverse, BatchNorm_traverse},

@@ -106,6 +106,8 @@ void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *w
                      const double *invstd, PyArrayObject *gamma, bn_shape s, int training);
 /* Workspace for the kernels on shape s (PyMem_Free it); NULL with MemoryError. */
 double *bn_new_workspace(bn_shape s);
+/* out (a float32 or float64 array) <- values rounded to its dtype */
+void bn_run_from_double(PyArrayObject *out, const double *values);
 /* A new (C,) array of typenum holding values rounded from double. */
 PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp n);
 
