@@ -48,6 +48,7 @@ enum {
     BN_TILE = 2048,          /* elements of a tile that the two passes share in L1 */
     BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
+    BN_PREFETCH_BYTES = 2048, /* how much of the next row to ask for ahead */
 };
 
 static int bn_num_threads = 0; /* 0 until set: OpenMP's default */
@@ -165,6 +166,17 @@ static size_t bn_rows_per_chunk(size_t row_len)
 #endif
 typedef double bn_vec __attribute__((vector_size(8 * sizeof(double))));
 typedef float bn_vec_f32 __attribute__((vector_size(8 * sizeof(float))));
+
+/* Ask for the start of the row at p (bytes long) before it is needed: a
+ * feature's rows lie far apart, and the hardware prefetcher only ramps up
+ * within a row, so every row would otherwise begin with a full miss. */
+BN_INLINE void bn_prefetch_row(const void *p, size_t bytes)
+{
+    size_t ahead = bytes < BN_PREFETCH_BYTES ? bytes : BN_PREFETCH_BYTES;
+    for (size_t k = 0; k < ahead; k += 64) {
+        __builtin_prefetch((const char *)p + k, 0, 3);
+    }
+}
 
 /* The sum of the 16 lanes of two accumulators, pairwise, in a fixed order */
 BN_INLINE double bn_lanes_total(const bn_vec *a, const bn_vec *b)

@@ -92,6 +92,9 @@ BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t)
     double tail = 0.0;
     for (size_t o = t.o0; o < t.o1; o++) {
         const T *row = TILE_ROW(f, o, s);
+        if (t.i0 == 0 && o + 1 < s.outer) {
+            bn_prefetch_row(TILE_ROW(f, o + 1, s), s.inner * sizeof(T));
+        }
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
             a += NAME(load_vec)(row + i);
