@@ -16,6 +16,7 @@ SOURCES = [
     "csrc/bn_convert.c",  # the binding: argument checks and conversions
     "csrc/bn_dispatch.c",
     "csrc/bn_layer.c",
+    "csrc/bn_layer_stats.c",
     "csrc/bn_functional.c",
     "csrc/bn_module.c",
 ]
@@ -53,7 +54,8 @@ class BuildExt(build_ext):
 core = Extension(
     "bnpy._core",
     sources=SOURCES,
-    depends=["csrc/bn_kernels.h", "csrc/bn_kernels_impl.h", "csrc/bn_module.h"],
+    depends=["csrc/bn_kernels.h", "csrc/bn_kernels_impl.h", "csrc/bn_module.h",
+             "csrc/bn_layer.h"],
     include_dirs=["csrc", numpy.get_include()],
 )
 

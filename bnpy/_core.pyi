@@ -1,4 +1,5 @@
 """Type stubs of bnpy._core, the C extension (see DESIGN.md section 3)."""
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -51,6 +52,7 @@ class BatchNorm:
     def eval(self) -> BatchNorm: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def calibrate(self, batches: Iterable[npt.ArrayLike], /) -> BatchNorm: ...
 
 def batch_norm_forward(
     x: npt.ArrayLike,

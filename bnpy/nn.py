@@ -22,7 +22,9 @@ Gradients are overwritten by each backward, never accumulated (as in
 bnpy.BatchNorm), so there is no ``zero_grad``. :func:`mlp` builds the deep
 networks of the notebooks; :func:`fit` is the loop above with random
 mini-batches; :func:`preactivations`, :func:`batch_std` and
-:func:`weight_gradient_norms` measure what the notebooks plot.
+:func:`weight_gradient_norms` measure what the notebooks plot;
+:func:`recalibrate` gives every BatchNorm of a trained model the exact
+statistics of a data set.
 """
 import numpy as np
 
@@ -44,6 +46,7 @@ __all__ = [
     "preactivations",
     "batch_std",
     "weight_gradient_norms",
+    "recalibrate",
 ]
 
 
@@ -445,3 +448,54 @@ def weight_gradient_norms(model):
     if any(layer.grad_weight is None for layer in layers):
         raise RuntimeError("weight_gradient_norms needs a backward through the model first")
     return np.array([np.linalg.norm(layer.grad_weight) for layer in layers])
+
+
+def _modes(layer):
+    """Every layer's training flag, nested Sequentials included, to put back."""
+    if isinstance(layer, Sequential):
+        return (layer.training, [_modes(inner) for inner in layer.layers])
+    return layer.training
+
+
+def _restore_modes(layer, modes):
+    if isinstance(layer, Sequential):
+        own, inner_modes = modes
+        for inner, mode in zip(layer.layers, inner_modes):
+            _restore_modes(inner, mode)
+        layer.training = own
+    else:
+        layer.train(modes)
+
+
+def _flatten(layer):
+    if isinstance(layer, Sequential):
+        return [leaf for inner in layer.layers for leaf in _flatten(inner)]
+    return [layer]
+
+
+def recalibrate(model, batches):
+    """Give every BatchNorm of `model` the exact statistics of `batches`.
+
+    Runs the data through the network in eval mode and calibrates each
+    BatchNorm in order (BatchNorm.calibrate: the exact mean and unbiased
+    variance of every value it sees, not an average of per-batch variances),
+    so each one sees inputs normalized by the already calibrated ones before
+    it. Like torch.optim.swa_utils.update_bn, but exact. Weights, gamma, beta
+    and every layer's mode are left as they were; returns the model.
+    """
+    layers = _flatten(model)
+    modes = _modes(model)
+    activations = [np.asarray(b) for b in batches]
+    try:
+        model.eval()
+        done = 0  # activations are the inputs of layers[done]
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, BatchNorm) or not layer.track_running_stats:
+                continue
+            for before in layers[done:i]:
+                activations = [before(a) for a in activations]
+            done = i
+            layer.calibrate(activations)
+    finally:
+        _restore_modes(model, modes)
+    return model

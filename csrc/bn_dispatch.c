@@ -8,16 +8,17 @@
 /* the data of an optional array, or NULL */
 #define DATA_OR_NULL(arr) ((arr) != NULL ? PyArray_DATA(arr) : NULL)
 
-void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, bn_shape s)
+void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, const double *shift,
+                  bn_shape s)
 {
     const void *x_data = PyArray_DATA(x);
     int f32 = IS_F32(x);
     Py_BEGIN_ALLOW_THREADS
     if (f32) {
-        bn_stats_f32(stats, work, x_data, s);
+        bn_stats_f32(stats, work, x_data, shift, s);
     }
     else {
-        bn_stats_f64(stats, work, x_data, s);
+        bn_stats_f64(stats, work, x_data, shift, s);
     }
     Py_END_ALLOW_THREADS
 }
@@ -105,6 +106,56 @@ void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *w
     else {
         bn_backward_f64(dx_data, dgamma, dbeta, work, dy_data, x_data, mean, invstd,
                         gamma_data, s, training);
+    }
+    Py_END_ALLOW_THREADS
+}
+
+void bn_run_set_running(PyArrayObject *running_mean, PyArrayObject *running_var,
+                        const bn_partial *stats)
+{
+    size_t channels = (size_t)PyArray_DIM(running_mean, 0);
+    if (IS_F32(running_mean)) {
+        bn_set_running_f32(PyArray_DATA(running_mean), PyArray_DATA(running_var), stats,
+                           channels);
+    }
+    else {
+        bn_set_running_f64(PyArray_DATA(running_mean), PyArray_DATA(running_var), stats,
+                           channels);
+    }
+}
+
+void bn_run_grad_sums(double *dgamma, double *dbeta, double *work, PyArrayObject *dy,
+                      PyArrayObject *x, const double *mean, const double *invstd, bn_shape s)
+{
+    const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
+    int f32 = IS_F32(x);
+    Py_BEGIN_ALLOW_THREADS
+    if (f32) {
+        bn_grad_sums_f32(dgamma, dbeta, work, dy_data, x_data, mean, invstd, s);
+    }
+    else {
+        bn_grad_sums_f64(dgamma, dbeta, work, dy_data, x_data, mean, invstd, s);
+    }
+    Py_END_ALLOW_THREADS
+}
+
+void bn_run_backward_dx(PyArrayObject *dx, double *work, PyArrayObject *dy, PyArrayObject *x,
+                        const double *mean, const double *invstd, PyArrayObject *gamma,
+                        const double *dgamma, const double *dbeta, double count, bn_shape s,
+                        int training)
+{
+    void *dx_data = PyArray_DATA(dx);
+    const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
+    const void *gamma_data = DATA_OR_NULL(gamma);
+    int f32 = IS_F32(x);
+    Py_BEGIN_ALLOW_THREADS
+    if (f32) {
+        bn_backward_dx_f32(dx_data, work, dy_data, x_data, mean, invstd, gamma_data, dgamma,
+                           dbeta, count, s, training);
+    }
+    else {
+        bn_backward_dx_f64(dx_data, work, dy_data, x_data, mean, invstd, gamma_data, dgamma,
+                           dbeta, count, s, training);
     }
     Py_END_ALLOW_THREADS
 }

@@ -216,6 +216,13 @@ void bn_partial_merge(bn_partial *a, const bn_partial *b)
     a->count = count;
 }
 
+void bn_partial_unshift(bn_partial *stats, const double *shift, size_t channels)
+{
+    for (size_t c = 0; c < channels; c++) {
+        stats[c].mean += shift[c];
+    }
+}
+
 void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
                       size_t channels, double eps)
 {

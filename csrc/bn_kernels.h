@@ -49,13 +49,22 @@ size_t bn_workspace_size(bn_shape s);
 
 /* --- statistics -------------------------------------------------------- */
 
-/* stats[C] <- count, mean and m2 of each feature of x. Each cache-sized tile
- * of a feature gets the corrected two-pass algorithm, and tiles are combined
- * with bn_partial_merge: a large common offset does not cancel the variance,
- * and a constant feature gets exactly its value as mean and m2 = 0.
+/* stats[C] <- count, mean and m2 of each feature of x less shift[C] (shift
+ * may be NULL: 0), so the means come out relative to the shift. Each
+ * cache-sized tile of a feature gets the corrected two-pass algorithm (planar
+ * layouts) or Welford's (interleaved), and tiles are combined with
+ * bn_partial_merge: a large common offset does not cancel the variance, and a
+ * constant feature gets exactly its value as mean and m2 = 0. Merging means
+ * far from 0 costs their last bits; statistics gathered over many blocks
+ * (calibration, processes) keep them by sharing a shift near the mean.
  * work: bn_workspace_size(s) doubles. */
-void bn_stats_f32(bn_partial *stats, double *work, const float *x, bn_shape s);
-void bn_stats_f64(bn_partial *stats, double *work, const double *x, bn_shape s);
+void bn_stats_f32(bn_partial *stats, double *work, const float *x, const double *shift,
+                  bn_shape s);
+void bn_stats_f64(bn_partial *stats, double *work, const double *x, const double *shift,
+                  bn_shape s);
+
+/* stats[c].mean += shift[c]: partials relative to a shift made absolute. */
+void bn_partial_unshift(bn_partial *stats, const double *shift, size_t channels);
 
 /* a <- the statistics of the union of the data behind a and b. */
 void bn_partial_merge(bn_partial *a, const bn_partial *b);
@@ -77,6 +86,13 @@ void bn_update_running_f32(float *running_mean, float *running_var,
                            const bn_partial *stats, size_t channels, double momentum);
 void bn_update_running_f64(double *running_mean, double *running_var,
                            const bn_partial *stats, size_t channels, double momentum);
+
+/* running_mean[C], running_var[C] <- the mean and the unbiased variance
+ * m2 / (count - 1) of stats (calibration: exact population statistics). */
+void bn_set_running_f32(float *running_mean, float *running_var, const bn_partial *stats,
+                        size_t channels);
+void bn_set_running_f64(double *running_mean, double *running_var, const bn_partial *stats,
+                        size_t channels);
 
 /* --- forward ----------------------------------------------------------- */
 
@@ -112,6 +128,24 @@ void bn_backward_f32(float *dx, double *dgamma, double *dbeta, double *work, con
 void bn_backward_f64(double *dx, double *dgamma, double *dbeta, double *work,
                      const double *dy, const double *x, const double *mean,
                      const double *invstd, const double *gamma, bn_shape s, int training);
+
+/* The two halves of bn_backward, for statistics gathered elsewhere (across
+ * processes): bn_grad_sums gives this block's dbeta[C] = sum dy and
+ * dgamma[C] = sum dy * xhat; bn_backward_dx gives dx from sums over `count`
+ * values in all (training: mean and invstd are the statistics of all those
+ * values; otherwise constants, and the sums are not used). */
+void bn_grad_sums_f32(double *dgamma, double *dbeta, double *work, const float *dy,
+                      const float *x, const double *mean, const double *invstd, bn_shape s);
+void bn_grad_sums_f64(double *dgamma, double *dbeta, double *work, const double *dy,
+                      const double *x, const double *mean, const double *invstd, bn_shape s);
+void bn_backward_dx_f32(float *dx, double *work, const float *dy, const float *x,
+                        const double *mean, const double *invstd, const float *gamma,
+                        const double *dgamma, const double *dbeta, double count, bn_shape s,
+                        int training);
+void bn_backward_dx_f64(double *dx, double *work, const double *dy, const double *x,
+                        const double *mean, const double *invstd, const double *gamma,
+                        const double *dgamma, const double *dbeta, double count, bn_shape s,
+                        int training);
 
 /* out[n] <- in[n] rounded to the element type. */
 void bn_from_double_f32(float *out, const double *in, size_t n);

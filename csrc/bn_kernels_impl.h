@@ -85,8 +85,8 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
 
 #define TILE_ROW(f, o, s) ((f) + (o) * (s).channels * (s).inner)
 
-/* the sum of the values of tile t */
-BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t)
+/* the sum of the values of tile t, less `shift` each */
+BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t, double shift)
 {
     bn_vec a = {0}, b = {0};
     double tail = 0.0;
@@ -97,11 +97,11 @@ BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t)
         }
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            a += NAME(load_vec)(row + i);
-            b += NAME(load_vec)(row + i + 8);
+            a += NAME(load_vec)(row + i) - shift;
+            b += NAME(load_vec)(row + i + 8) - shift;
         }
         for (; i < t.i1; i++) {
-            tail += (double)row[i];
+            tail += (double)row[i] - shift;
         }
     }
     return bn_lanes_total(&a, &b) + tail;
@@ -135,8 +135,10 @@ BN_INLINE double NAME(tile_sum_normalizing)(const T *f, T *y, const T *x, bn_sha
     return bn_lanes_total(&a, &b) + tail;
 }
 
-/* the statistics of tile t from its sum: the second pass, while it is in L1 */
-BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t, double sum)
+/* the statistics of tile t, less `shift`, from their sum: the second pass,
+ * while the tile is in L1 */
+BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t, double sum,
+                                               double shift)
 {
     double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), mean = sum / count;
     bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
@@ -145,14 +147,15 @@ BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t
         const T *row = TILE_ROW(f, o, s);
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            bn_vec da = NAME(load_vec)(row + i) - mean, db = NAME(load_vec)(row + i + 8) - mean;
+            bn_vec da = (NAME(load_vec)(row + i) - shift) - mean;
+            bn_vec db = (NAME(load_vec)(row + i + 8) - shift) - mean;
             a += da;
             b += db;
             a2 += da * da;
             b2 += db * db;
         }
         for (; i < t.i1; i++) {
-            double d = (double)row[i] - mean;
+            double d = ((double)row[i] - shift) - mean;
             tail += d;
             tail2 += d * d;
         }
@@ -161,14 +164,16 @@ BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t
                         bn_lanes_total(&a2, &b2) + tail2);
 }
 
-/* the statistics of feature c, its tiles merged in order */
-BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c)
+/* the statistics of feature c less `shift`, its tiles merged in order (with
+ * shift 0, exactly the statistics of the values) */
+BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c, double shift)
 {
     const T *f = x + c * s.inner;
     bn_partial total = {0.0, 0.0, 0.0};
     for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
         bn_tile t = bn_tile_at(s, k);
-        bn_partial tile = NAME(tile_stats_from_sum)(f, s, t, NAME(tile_sum)(f, s, t));
+        bn_partial tile = NAME(tile_stats_from_sum)(f, s, t, NAME(tile_sum)(f, s, t, shift),
+                                                    shift);
         bn_partial_merge(&total, &tile);
     }
     return total;
@@ -194,7 +199,7 @@ BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, 
                                                      size_t c1)
 {
     if (c0 < c1) {
-        stats[c0] = NAME(planar_feature_stats)(x, s, c0);
+        stats[c0] = NAME(planar_feature_stats)(x, s, c0, 0.0);
     }
     for (size_t c = c0; c < c1; c++) {
         bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
@@ -213,17 +218,17 @@ BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, 
         for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
             bn_tile t = bn_tile_at(s, k);
             double sum = NAME(tile_sum_normalizing)(next, out, cur, s, t, mean[c], scale, shift);
-            bn_partial tile = NAME(tile_stats_from_sum)(next, s, t, sum);
+            bn_partial tile = NAME(tile_stats_from_sum)(next, s, t, sum, 0.0);
             bn_partial_merge(&total, &tile);
         }
         stats[c + 1] = total;
     }
 }
 
-BN_CLONES static void NAME(planar_stats_feature)(bn_partial *stats, const T *x, bn_shape s,
-                                               size_t c)
+BN_CLONES static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
+                                               const double *shift, bn_shape s, size_t c)
 {
-    stats[c] = NAME(planar_feature_stats)(x, s, c);
+    stats[c] = NAME(planar_feature_stats)(x, s, c, shift ? shift[c] : 0.0);
 }
 
 /* rows r0..r1 of the [outer * C] rows: y <- (x - mean) * scale + shift */
@@ -355,12 +360,13 @@ BN_CLONES static void NAME(planar_backward_range)(T *dx, double *dgamma, double 
  * few features give a loop long enough to vectorize: lane l of a wide row
  * holds feature l % C, and per-feature coefficients are repeated fold times. */
 
-/* partial[C] <- the statistics of rows o0 .. o1 of every feature: Welford's
- * algorithm lane by lane down the wide rows (one pass, no cancellation), then
- * the fold lanes of each feature merged in order. lanes[2R] is scratch. */
+/* partial[C] <- the statistics of rows o0 .. o1 of every feature, less the
+ * shift (repeated over a wide row in shift_wide[R]): Welford's algorithm lane
+ * by lane down the wide rows (one pass, no cancellation), then the fold lanes
+ * of each feature merged in order. lanes[2R] is scratch. */
 BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
-                                                  const T *x, bn_shape s, size_t o0,
-                                                  size_t o1)
+                                                  const T *x, const double *shift_wide,
+                                                  bn_shape s, size_t o0, size_t o1)
 {
     size_t C = s.channels, fold = bn_fold(C), R = fold * C;
     size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C; /* lanes with one more */
@@ -374,7 +380,7 @@ BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double 
         size_t width = j < wide ? R : rest;
         double weight = 1.0 / (double)(j + 1); /* the j + 1-th value of each lane */
         for (size_t l = 0; l < width; l++) {
-            double v = (double)row[l], delta = v - mean[l];
+            double v = (double)row[l] - shift_wide[l], delta = v - mean[l];
             mean[l] += delta * weight;
             m2[l] += delta * (v - mean[l]);
         }
@@ -477,19 +483,27 @@ static void NAME(affine_coefficients)(double *scale, double *shift, const double
     size_t o0 = (g) * BN_GROUP_ROWS;                                                \
     size_t o1 = o0 + BN_GROUP_ROWS < (s).outer ? o0 + BN_GROUP_ROWS : (s).outer
 
-/* Interleaved statistics: rows in fixed groups of BN_GROUP_ROWS, one group
- * per task; the groups' partials are merged in order, so the result does not
- * depend on which thread took which group. work: bn_workspace_size doubles. */
-static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x, bn_shape s)
+/* Interleaved statistics (less shift[C], or 0 when NULL): rows in fixed
+ * groups of BN_GROUP_ROWS, one group per task; the groups' partials are
+ * merged in order, so the result does not depend on which thread took which
+ * group. work: bn_workspace_size doubles. */
+static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
+                                    const double *shift, bn_shape s)
 {
     size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
+    double *shift_wide = work; /* [R] */
+    for (size_t c = 0; c < C; c++) {
+        shift_wide[c] = shift ? shift[c] : 0.0;
+    }
+    bn_repeat(shift_wide, C, R);
     bn_partial *partials = (bn_partial *)(work + 4 * R); /* [groups][C] */
     double *lanes = work + 4 * R + 3 * groups * C;        /* [groups][2R] */
     int team = bn_team(s);
     BN_PARALLEL_FOR
     for (size_t g = 0; g < groups; g++) {
         GROUP_ROWS(g, s, o0, o1);
-        NAME(interleaved_group_stats)(partials + g * C, lanes + 2 * g * R, x, s, o0, o1);
+        NAME(interleaved_group_stats)(partials + g * C, lanes + 2 * g * R, x, shift_wide, s, o0,
+                                      o1);
     }
     for (size_t c = 0; c < C; c++) {
         stats[c] = (bn_partial){0.0, 0.0, 0.0};
@@ -499,17 +513,18 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
     }
 }
 
-void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, bn_shape s)
+void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
+                    bn_shape s)
 {
-    /* stats[C]; x[outer][C][inner] */
+    /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
     if (s.inner == 1) {
-        NAME(interleaved_stats)(stats, work, x, s);
+        NAME(interleaved_stats)(stats, work, x, shift, s);
         return;
     }
     int team = bn_team(s);
     BN_PARALLEL_FOR
     for (size_t c = 0; c < s.channels; c++) {
-        NAME(planar_stats_feature)(stats, x, s, c);
+        NAME(planar_stats_feature)(stats, x, shift, s, c);
     }
 }
 
@@ -560,43 +575,30 @@ void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invst
         }
         return;
     }
-    NAME(interleaved_stats)(stats, work, x, s);
+    NAME(interleaved_stats)(stats, work, x, NULL, s);
     bn_batch_moments(mean, invstd, stats, s.channels, eps);
     NAME(bn_forward)(y, work, x, mean, invstd, gamma, beta, s);
 }
 
-void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
-                       const T *x, const double *mean, const double *invstd, const T *gamma,
-                       bn_shape s, int training)
+/* interleaved: dbeta <- sum dy, dgamma <- sum dy * xhat by fixed row groups,
+ * added up in order. Leaves the means repeated over a wide row in work[0:R]. */
+static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy,
+                                        const T *x, const double *mean, const double *invstd,
+                                        bn_shape s)
 {
-    /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
-    int team = bn_team(s);
-    if (s.inner != 1) {
-        /* one contiguous range of features per thread, for the pipeline */
-        size_t parts = (size_t)team;
-        BN_PARALLEL_FOR
-        for (size_t p = 0; p < parts; p++) {
-            NAME(planar_backward_range)(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, s,
-                                        training, s.channels * p / parts,
-                                        s.channels * (p + 1) / parts);
-        }
-        return;
-    }
-    /* interleaved: the two sums by fixed row groups, added up in order */
     size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
-    double *mean_wide = work, *scale = work + R, *mean_dy = work + 2 * R;
-    double *dev_coef = work + 3 * R;
-    double *sums = work + 4 * R;                    /* [groups][2C] */
-    double *lanes = work + 4 * R + 3 * groups * C;  /* [groups][2R] */
+    double *mean_wide = work;
+    double *sums = work + 4 * R;                   /* [groups][2C] */
+    double *lanes = work + 4 * R + 3 * groups * C; /* [groups][2R] */
     memcpy(mean_wide, mean, C * sizeof *mean);
     bn_repeat(mean_wide, C, R);
+    int team = bn_team(s);
     BN_PARALLEL_FOR
     for (size_t g = 0; g < groups; g++) {
         GROUP_ROWS(g, s, o0, o1);
         NAME(interleaved_group_grads)(sums + 2 * g * C, lanes + 2 * g * R, dy, x, mean_wide,
                                       s, o0, o1);
     }
-    double n = (double)bn_count(s);
     for (size_t c = 0; c < C; c++) {
         dbeta[c] = dgamma[c] = 0.0;
         for (size_t g = 0; g < groups; g++) {
@@ -605,21 +607,129 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
         }
         dgamma[c] *= invstd[c];
     }
+}
+
+/* interleaved: dx from the sums over `count` values; work[0:R] holds the
+ * repeated means (interleaved_grad_sums leaves them there) */
+static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
+                                 const double *invstd, const T *gamma, const double *dgamma,
+                                 const double *dbeta, double count, bn_shape s, int training)
+{
+    size_t C = s.channels, R = bn_fold(C) * C;
+    double *mean_wide = work, *scale = work + R, *mean_dy = work + 2 * R;
+    double *dev_coef = work + 3 * R;
     for (size_t c = 0; c < C; c++) {
         scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        mean_dy[c] = dbeta[c] / n;
-        dev_coef[c] = dgamma[c] * invstd[c] / n;
+        mean_dy[c] = dbeta[c] / count;
+        dev_coef[c] = dgamma[c] * invstd[c] / count;
     }
     bn_repeat(scale, C, R);
     bn_repeat(mean_dy, C, R);
     bn_repeat(dev_coef, C, R);
     size_t total = s.outer * C, span = bn_rows_per_chunk(R) * R;
     size_t spans = (total + span - 1) / span;
+    int team = bn_team(s);
     BN_PARALLEL_FOR
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < total ? i0 + span : total;
         NAME(interleaved_dx_span)(dx, dy, x, mean_wide, scale, mean_dy, dev_coef, training, R,
                                   i0, i1);
+    }
+}
+
+void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
+                       const T *x, const double *mean, const double *invstd, const T *gamma,
+                       bn_shape s, int training)
+{
+    /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
+    if (s.inner == 1) {
+        NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
+        NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta,
+                             (double)bn_count(s), s, training);
+        return;
+    }
+    /* planar: one contiguous range of features per thread, for the pipeline */
+    int team = bn_team(s);
+    size_t parts = (size_t)team;
+    BN_PARALLEL_FOR
+    for (size_t p = 0; p < parts; p++) {
+        NAME(planar_backward_range)(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, s, training,
+                                    s.channels * p / parts, s.channels * (p + 1) / parts);
+    }
+}
+
+/* planar: the two sums of feature c */
+BN_CLONES static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
+                                                   const T *dy, const T *x,
+                                                   const double *mean, const double *invstd,
+                                                   bn_shape s, size_t c)
+{
+    double sum_dy = 0.0, sum_dy_dev = 0.0;
+    for (size_t o = 0; o < s.outer; o++) {
+        NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c, s), ROW(x, o, c, s), s.inner,
+                            mean[c]);
+    }
+    dbeta[c] = sum_dy;
+    dgamma[c] = sum_dy_dev * invstd[c];
+}
+
+/* planar: dx of rows r0 .. r1 (of the outer * C rows) from per-feature
+ * coefficients */
+BN_CLONES static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
+                                         const bn_dx_coefficients *k, bn_shape s,
+                                         int training, size_t r0, size_t r1)
+{
+    for (size_t r = r0; r < r1; r++) {
+        const bn_dx_coefficients *kc = &k[r % s.channels];
+        T *dx_row = dx + r * s.inner;
+        const T *dy_row = dy + r * s.inner, *x_row = x + r * s.inner;
+        size_t i = 0;
+        for (; i + 8 <= s.inner; i += 8) {
+            NAME(dx_vec)(dx_row, dy_row, x_row, i, kc, training);
+        }
+        NAME(dx_tail)(dx_row, dy_row, x_row, i, s.inner, kc, training);
+    }
+}
+
+void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy, const T *x,
+                        const double *mean, const double *invstd, bn_shape s)
+{
+    if (s.inner == 1) {
+        NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
+        return;
+    }
+    int team = bn_team(s);
+    BN_PARALLEL_FOR
+    for (size_t c = 0; c < s.channels; c++) {
+        NAME(planar_grad_sums_feature)(dgamma, dbeta, dy, x, mean, invstd, s, c);
+    }
+}
+
+void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, const double *mean,
+                          const double *invstd, const T *gamma, const double *dgamma,
+                          const double *dbeta, double count, bn_shape s, int training)
+{
+    size_t C = s.channels;
+    if (s.inner == 1) {
+        memcpy(work, mean, C * sizeof *mean);
+        bn_repeat(work, C, bn_fold(C) * C);
+        NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta, count, s, training);
+        return;
+    }
+    /* the coefficients as bn_dx_coefficients[C], in work (4 doubles each) */
+    bn_dx_coefficients *k = (bn_dx_coefficients *)work;
+    for (size_t c = 0; c < C; c++) {
+        double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        k[c] = (bn_dx_coefficients){mean[c], scale, training ? dbeta[c] / count : 0.0,
+                                    training ? dgamma[c] * invstd[c] / count : 0.0};
+    }
+    size_t rows = s.outer * C, chunk = bn_rows_per_chunk(s.inner);
+    size_t chunks = (rows + chunk - 1) / chunk;
+    int team = bn_team(s);
+    BN_PARALLEL_FOR
+    for (size_t j = 0; j < chunks; j++) {
+        size_t r0 = j * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+        NAME(planar_dx_rows)(dx, dy, x, k, s, training, r0, r1);
     }
 }
 
@@ -643,6 +753,15 @@ void NAME(bn_update_running)(T *running_mean, T *running_var, const bn_partial *
                               + momentum * stats[c].mean);
         running_var[c] = (T)((1.0 - momentum) * (double)running_var[c]
                              + momentum * unbiased_var);
+    }
+}
+
+void NAME(bn_set_running)(T *running_mean, T *running_var, const bn_partial *stats,
+                          size_t channels)
+{
+    for (size_t c = 0; c < channels; c++) {
+        running_mean[c] = (T)stats[c].mean;
+        running_var[c] = (T)(stats[c].m2 / (stats[c].count - 1.0));
     }
 }
 

@@ -10,66 +10,7 @@
 
 #include <math.h>
 
-/* What backward needs from the last forward. */
-typedef struct {
-    PyArrayObject *x;       /* the input, C-contiguous in the layer's dtype; NULL before any forward */
-    PyArrayObject *moments; /* (2, C) float64: the mean and invstd that forward normalized with */
-    bn_shape shape;         /* x as [outer][C][inner] */
-    int batch_stats;        /* 1 when the moments were x's own batch statistics */
-} bn_saved;
-
-typedef struct {
-    PyObject_HEAD
-    /* Serializes this layer's forward, backward and state changes: they read
-     * and write its buffers while the GIL is released. Taken only after the
-     * arguments are converted (which may run Python code) and everything the
-     * call allocates is allocated. */
-    PyThread_type_lock lock;
-    /* configuration, fixed by __init__ */
-    int initialized;
-    npy_intp num_features;
-    int affine;
-    int track_running_stats;
-    int axis;    /* as given: may be negative */
-    int typenum; /* NPY_FLOAT or NPY_DOUBLE */
-    /* settable configuration */
-    double eps;
-    double momentum;
-    int momentum_is_none; /* cumulative average: momentum = 1 / num_batches_tracked */
-    int training;
-    /* state: (C,) arrays of the layer's dtype, or NULL */
-    PyArrayObject *gamma, *beta;               /* NULL unless affine */
-    PyArrayObject *running_mean, *running_var; /* NULL unless track_running_stats */
-    long long num_batches_tracked;
-    PyArrayObject *grad_gamma, *grad_beta;     /* NULL until a backward */
-    bn_saved saved;
-} BatchNormObject;
-
-#define CHANNELS(self) ((size_t)(self)->num_features)
-
-/* Take the layer's lock, letting other threads run while it waits. */
-static void lock_layer(BatchNormObject *self)
-{
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(self->lock, WAIT_LOCK);
-        Py_END_ALLOW_THREADS
-    }
-}
-
-static void unlock_layer(BatchNormObject *self)
-{
-    PyThread_release_lock(self->lock);
-}
-
-static int check_initialized(BatchNormObject *self)
-{
-    if (!self->initialized) {
-        PyErr_SetString(PyExc_RuntimeError, "BatchNorm.__init__ has not been called");
-        return -1;
-    }
-    return 0;
-}
+#include "bn_layer.h"
 
 /* ---- construction and the GC protocol ------------------------------------ */
 
@@ -209,21 +150,14 @@ static void BatchNorm_dealloc(BatchNormObject *self)
 
 /* ---- forward and backward ------------------------------------------------- */
 
-/* Keep the new saved values; the old ones go to *old (decref them after
- * unlocking: freeing an array may run arbitrary code). */
-static void replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObject *moments,
-                          bn_shape shape, int batch_stats, bn_saved *old)
+void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObject *moments,
+                            bn_shape shape, int batch_stats, double count, bn_saved *old)
 {
     *old = self->saved;
-    self->saved.x = x;
-    self->saved.moments = moments;
-    self->saved.shape = shape;
-    self->saved.batch_stats = batch_stats;
+    self->saved = (bn_saved){x, moments, shape, batch_stats, count};
 }
 
-/* FloatingPointError naming the features whose statistics are not finite;
- * 0 when all are. */
-static int check_finite_stats(const bn_partial *stats, size_t channels)
+int bn_layer_check_finite_stats(const bn_partial *stats, size_t channels)
 {
     PyObject *bad = NULL;
     for (size_t c = 0; c < channels; c++) {
@@ -251,8 +185,7 @@ static int check_finite_stats(const bn_partial *stats, size_t channels)
     return -1;
 }
 
-/* running <- (1 - momentum) * running + momentum * batch, counting the batch */
-static void update_running_stats(BatchNormObject *self, const bn_partial *stats)
+void bn_layer_update_running(BatchNormObject *self, const bn_partial *stats)
 {
     self->num_batches_tracked += 1;
     double momentum = self->momentum_is_none ? 1.0 / (double)self->num_batches_tracked
@@ -307,7 +240,7 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     if (batch_stats) {
         bn_run_forward_train(y, stats, mean, invstd, work, x, self->gamma, self->beta,
                              self->eps, layout.shape);
-        if (training && check_finite_stats(stats, channels) < 0) {
+        if (training && bn_layer_check_finite_stats(stats, channels) < 0) {
             goto fail_locked;
         }
     }
@@ -317,9 +250,10 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     }
     /* nothing fails from here on: commit */
     if (training && self->track_running_stats && bn_count(layout.shape) > 0) {
-        update_running_stats(self, stats);
+        bn_layer_update_running(self, stats);
     }
-    replace_saved(self, saved_x, moments, layout.shape, batch_stats, &old);
+    bn_layer_replace_saved(self, saved_x, moments, layout.shape, batch_stats,
+                           (double)bn_count(layout.shape), &old);
     unlock_layer(self);
 
     Py_XDECREF(old.x);
@@ -378,6 +312,13 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     if (self->saved.x == NULL) {
         PyErr_SetString(PyExc_RuntimeError,
                         "backward called before any forward: there is nothing to differentiate");
+        return NULL;
+    }
+    if (self->saved.count != (double)bn_count(self->saved.shape)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the last forward normalized with statistics gathered beyond its "
+                        "input (across processes): backward needs the gradient sums of all "
+                        "of them, see bnpy.distributed.SyncBatchNorm");
         return NULL;
     }
     /* our own references to what the last forward saved, in case a forward
@@ -1054,6 +995,38 @@ static PyMethodDef BatchNorm_methods[] = {
      PyDoc_STR("load_state_dict($self, state, /)\n--\n\nCopy in a state dict (PyTorch's 'weight' and 'bias'\n"
                "are accepted for gamma and beta) after checking keys, shapes and finiteness;\n"
                "on any error the layer is left unchanged.")},
+    {"calibrate", (PyCFunction)BatchNorm_calibrate, METH_O,
+     PyDoc_STR("calibrate($self, batches, /)\n--\n\n"
+               "Set running_mean and running_var to the exact mean and unbiased variance\n"
+               "of all the values each feature sees in `batches` (an iterable of inputs),\n"
+               "merged batch by batch. Leaves gamma, beta, the mode and\n"
+               "num_batches_tracked alone; on any rejected batch the layer is unchanged.\n"
+               "Returns the layer.")},
+    {"_stats_of", (PyCFunction)(void (*)(void))BatchNorm_stats_of, METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("_stats_of($self, batches, *, shift=None)\n--\n\n"
+               "(C, 3) float64 partial statistics (count, mean, m2) of the batches less\n"
+               "shift (C,), merged in order: the means are relative to the shift.\n"
+               "Changes nothing.")},
+    {"_set_running_from_stats", (PyCFunction)(void (*)(void))BatchNorm_set_running_from_stats,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("_set_running_from_stats($self, stats, *, shift=None)\n--\n\n"
+               "Running statistics <- mean (+ shift) and unbiased variance of (C, 3)\n"
+               "partials.")},
+    {"_forward_from_stats", (PyCFunction)(void (*)(void))BatchNorm_forward_from_stats,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("_forward_from_stats($self, x, stats, *, shift=None, out=None)\n--\n\n"
+               "A batch-statistics forward that normalizes with (C, 3) partials gathered\n"
+               "elsewhere (x's among them; means relative to shift), updating the\n"
+               "running statistics with them in training mode.")},
+    {"_grad_sums", (PyCFunction)BatchNorm_grad_sums, METH_O,
+     PyDoc_STR("_grad_sums($self, dy, /)\n--\n\n"
+               "(2, C) float64: this input's sum of dy * xhat and of dy, for the last\n"
+               "forward. Changes nothing.")},
+    {"_backward_from_sums", (PyCFunction)(void (*)(void))BatchNorm_backward_from_sums,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("_backward_from_sums($self, dy, sums, local_sums, *, out=None)\n--\n\n"
+               "dx for the last _forward_from_stats from (2, C) sums over all its values;\n"
+               "grad_gamma and grad_beta <- local_sums, this input's share.")},
     {"__reduce__", (PyCFunction)BatchNorm_reduce, METH_NOARGS, NULL},
     {"__setstate__", (PyCFunction)BatchNorm_setstate, METH_O, NULL},
     {NULL, NULL, 0, NULL},

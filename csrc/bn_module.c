@@ -47,7 +47,8 @@ static PyMethodDef thread_methods[] = {
 
 static int bn_exec(PyObject *module)
 {
-    if (PyModule_AddFunctions(module, thread_methods) < 0) {
+    if (PyModule_AddFunctions(module, thread_methods) < 0
+        || PyModule_AddFunctions(module, bn_stats_methods) < 0) {
         return -1;
     }
     if (PyArray_ImportNumPyAPI() < 0) {

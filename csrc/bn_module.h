@@ -5,7 +5,8 @@
  *
  *   bn_convert.c     arguments -> C values and well-formed NumPy arrays
  *   bn_dispatch.c    one function per kernel family: pick the dtype, drop the GIL
- *   bn_layer.c       the bnpy.BatchNorm type
+ *   bn_layer.c       the bnpy.BatchNorm type (bn_layer.h)
+ *   bn_layer_stats.c its statistics gathered elsewhere: calibrate, SyncBatchNorm hooks
  *   bn_functional.c  the stateless functional API
  *   bn_module.c      module definition and multi-phase initialization
  */
@@ -88,7 +89,9 @@ PyArrayObject *bn_new_matrix(int typenum, npy_intp rows, npy_intp n);
  * it without the GIL. Arrays are well formed (bn_as_array, bn_output_like);
  * gamma and beta may be NULL. double buffers have length C. */
 
-void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, bn_shape s);
+/* statistics of x less shift[C] (or NULL) */
+void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, const double *shift,
+                  bn_shape s);
 void bn_run_running_moments(double *mean, double *invstd, PyArrayObject *running_mean,
                             PyArrayObject *running_var, double eps);
 void bn_run_update_running(PyArrayObject *running_mean, PyArrayObject *running_var,
@@ -106,6 +109,15 @@ void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *w
                      const double *invstd, PyArrayObject *gamma, bn_shape s, int training);
 /* Workspace for the kernels on shape s (PyMem_Free it); NULL with MemoryError. */
 double *bn_new_workspace(bn_shape s);
+void bn_run_set_running(PyArrayObject *running_mean, PyArrayObject *running_var,
+                        const bn_partial *stats);
+/* the two halves of bn_run_backward, for sums gathered elsewhere */
+void bn_run_grad_sums(double *dgamma, double *dbeta, double *work, PyArrayObject *dy,
+                      PyArrayObject *x, const double *mean, const double *invstd, bn_shape s);
+void bn_run_backward_dx(PyArrayObject *dx, double *work, PyArrayObject *dy, PyArrayObject *x,
+                        const double *mean, const double *invstd, PyArrayObject *gamma,
+                        const double *dgamma, const double *dbeta, double count, bn_shape s,
+                        int training);
 /* out (a float32 or float64 array) <- values rounded to its dtype */
 void bn_run_from_double(PyArrayObject *out, const double *values);
 /* A new (C,) array of typenum holding values rounded from double. */
@@ -115,5 +127,6 @@ PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp
 
 extern PyType_Spec bn_batchnorm_spec;
 extern PyMethodDef bn_functional_methods[];
+extern PyMethodDef bn_stats_methods[]; /* module functions of bn_layer_stats.c */
 
 #endif /* BNPY_BN_MODULE_H */

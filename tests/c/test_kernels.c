@@ -30,7 +30,7 @@ static void test_worked_example(void)
     bn_partial stats[1];
     double work[WORK], mean[1], invstd[1], y[4], y_scaled[4];
 
-    bn_stats_f64(stats, work, x, s);
+    bn_stats_f64(stats, work, x, NULL, s);
     CHECK_CLOSE(stats[0].count, 4, 0);
     CHECK_CLOSE(stats[0].mean, 2, 0);
     CHECK_CLOSE(stats[0].m2, 8, 0);
@@ -63,7 +63,7 @@ static void test_layout_and_float32(void)
     bn_shape s = {2, 3, 2};
     bn_partial stats[3];
     double work[WORK];
-    bn_stats_f32(stats, work, x, s);
+    bn_stats_f32(stats, work, x, NULL, s);
     for (int c = 0; c < 3; c++) {
         CHECK_CLOSE(stats[c].mean, c + 1.5, 0);
         CHECK_CLOSE(stats[c].m2, 5.0, 0); /* deviations -1.5, -0.5, 0.5, 1.5 */
@@ -84,7 +84,7 @@ static void test_constant_and_offset(void)
     for (int i = 0; i < 3; i++) {
         CHECK_CLOSE(y[i], 0.25, 0);
     }
-    bn_stats_f64(stats, work, x + 3, offset);
+    bn_stats_f64(stats, work, x + 3, NULL, offset);
     CHECK_CLOSE(stats[0].mean, 1e8, 0);
     CHECK_CLOSE(stats[0].m2, 2.0, 1e-9);
 }
@@ -95,9 +95,9 @@ static void test_merge(void)
     const double x[5] = {1, 2, 3, 4, 10};
     bn_partial a[1], b[1], whole[1];
     double work[WORK];
-    bn_stats_f64(a, work, x, (bn_shape){2, 1, 1});
-    bn_stats_f64(b, work, x + 2, (bn_shape){3, 1, 1});
-    bn_stats_f64(whole, work, x, (bn_shape){5, 1, 1});
+    bn_stats_f64(a, work, x, NULL, (bn_shape){2, 1, 1});
+    bn_stats_f64(b, work, x + 2, NULL, (bn_shape){3, 1, 1});
+    bn_stats_f64(whole, work, x, NULL, (bn_shape){5, 1, 1});
     bn_partial_merge(a, b);
     CHECK_CLOSE(a[0].count, whole[0].count, 0);
     CHECK_CLOSE(a[0].mean, whole[0].mean, 1e-15);
@@ -115,7 +115,7 @@ static void test_backward(void)
     bn_shape s = {4, 1, 1};
     bn_partial stats[1];
     double work[WORK], mean[1], invstd[1], dgamma[1], dbeta[1], dx[4];
-    bn_stats_f64(stats, work, x, s);
+    bn_stats_f64(stats, work, x, NULL, s);
     bn_batch_moments(mean, invstd, stats, 1, 0.0);
     bn_backward_f64(dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, s, 1);
     CHECK_CLOSE(dbeta[0], 0.2, 1e-15);

@@ -142,7 +142,7 @@ typedef struct {
         }                                                                                      \
         for (size_t k = 0; k < total; k++) out.y[k] = (double)y[k];                            \
         bn_partial *again = malloc(C * sizeof(bn_partial));                                    \
-        bn_stats_##SUFFIX(again, work, x, s);                                                  \
+        bn_stats_##SUFFIX(again, work, x, NULL, s);                                                  \
         for (size_t c = 0; c < C; c++) {                                                       \
             if (memcmp(&again[c], &stats[c], sizeof again[c]) != 0) {                          \
                 fail("bn_stats == bn_forward_train's stats", s, c, again[c].mean,              \
@@ -151,6 +151,21 @@ typedef struct {
         }                                                                                      \
         bn_backward_##SUFFIX(dx, out.dgamma, out.dbeta, work, dy, x, mean, invstd, g, s, 1);   \
         for (size_t k = 0; k < total; k++) out.dx[k] = (double)dx[k];                          \
+        {   /* the two halves give what the fused backward gives */                            \
+            double *dg = malloc(C * 8 + 8), *db = malloc(C * 8 + 8);                           \
+            bn_grad_sums_##SUFFIX(dg, db, work, dy, x, mean, invstd, s);                       \
+            bn_backward_dx_##SUFFIX(dx, work, dy, x, mean, invstd, g, dg, db,                  \
+                                    (double)bn_count(s), s, 1);                                \
+            for (size_t c = 0; c < C; c++)                                                     \
+                if (dg[c] != out.dgamma[c] || db[c] != out.dbeta[c])                           \
+                    fail("bn_grad_sums == bn_backward's sums", s, c, dg[c], out.dgamma[c]);   \
+            for (size_t k = 0; k < total; k++)                                                 \
+                if ((double)dx[k] != out.dx[k]) {                                              \
+                    fail("bn_backward_dx == bn_backward's dx", s, k, dx[k], out.dx[k]);        \
+                    break;                                                                     \
+                }                                                                              \
+            free(dg); free(db);                                                                \
+        }                                                                                      \
         double *ev_dgamma = malloc(C * 8), *ev_dbeta = malloc(C * 8);                          \
         bn_running_moments_##SUFFIX(mean, invstd, rm, rv, C, eps);                             \
         bn_forward_##SUFFIX(y, work, x, mean, invstd, g, b, s);                                \
@@ -293,7 +308,7 @@ static void check_empty(bn_shape s)
     double work[256], mean[3] = {0}, invstd[3] = {1, 1, 1}, dgamma[3] = {9, 9, 9}, dbeta[3] = {9, 9, 9};
     bn_partial stats[3];
     float dummy[1] = {0};
-    bn_stats_f32(stats, work, dummy, s);
+    bn_stats_f32(stats, work, dummy, NULL, s);
     bn_backward_f32(dummy, dgamma, dbeta, work, dummy, dummy, mean, invstd, NULL, s, 1);
     for (size_t c = 0; c < s.channels; c++) {
         if (stats[c].count != 0 || dgamma[c] != 0 || dbeta[c] != 0) {

@@ -1,0 +1,94 @@
+/* bn_layer.h -- the BatchNorm object, shared by the files that implement it:
+ *   bn_layer.c        construction, forward, backward, state, pickle, the type
+ *   bn_layer_stats.c  statistics gathered elsewhere: calibrate, and the hooks
+ *                     bnpy.distributed.SyncBatchNorm builds on
+ */
+#ifndef BNPY_BN_LAYER_H
+#define BNPY_BN_LAYER_H
+
+#include "bn_module.h"
+
+/* What backward needs from the last forward. */
+typedef struct {
+    PyArrayObject *x;       /* the input, C-contiguous in the layer's dtype; NULL before any forward */
+    PyArrayObject *moments; /* (2, C) float64: the mean and invstd that forward normalized with */
+    bn_shape shape;         /* x as [outer][C][inner] */
+    int batch_stats;        /* 1 when the moments were batch statistics (x's own, or
+                               gathered across processes with x's among them) */
+    double count;           /* values per feature those statistics came from */
+} bn_saved;
+
+typedef struct {
+    PyObject_HEAD
+    /* Serializes this layer's forward, backward and state changes: they read
+     * and write its buffers while the GIL is released. Taken only after the
+     * arguments are converted (which may run Python code) and everything the
+     * call allocates is allocated. */
+    PyThread_type_lock lock;
+    /* configuration, fixed by __init__ */
+    int initialized;
+    npy_intp num_features;
+    int affine;
+    int track_running_stats;
+    int axis;    /* as given: may be negative */
+    int typenum; /* NPY_FLOAT or NPY_DOUBLE */
+    /* settable configuration */
+    double eps;
+    double momentum;
+    int momentum_is_none; /* cumulative average: momentum = 1 / num_batches_tracked */
+    int training;
+    /* state: (C,) arrays of the layer's dtype, or NULL */
+    PyArrayObject *gamma, *beta;               /* NULL unless affine */
+    PyArrayObject *running_mean, *running_var; /* NULL unless track_running_stats */
+    long long num_batches_tracked;
+    PyArrayObject *grad_gamma, *grad_beta;     /* NULL until a backward */
+    bn_saved saved;
+} BatchNormObject;
+
+#define CHANNELS(self) ((size_t)(self)->num_features)
+
+/* Take the layer's lock, letting other threads run while it waits. */
+static inline void lock_layer(BatchNormObject *self)
+{
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+static inline void unlock_layer(BatchNormObject *self)
+{
+    PyThread_release_lock(self->lock);
+}
+
+static inline int check_initialized(BatchNormObject *self)
+{
+    if (!self->initialized) {
+        PyErr_SetString(PyExc_RuntimeError, "BatchNorm.__init__ has not been called");
+        return -1;
+    }
+    return 0;
+}
+
+/* Keep the new saved values; the old ones go to *old (decref them after
+ * unlocking: freeing an array may run arbitrary code). */
+void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObject *moments,
+                            bn_shape shape, int batch_stats, double count, bn_saved *old);
+
+/* running <- (1 - momentum) * running + momentum * batch, counting the batch */
+void bn_layer_update_running(BatchNormObject *self, const bn_partial *stats);
+
+/* FloatingPointError naming the features whose statistics are not finite */
+int bn_layer_check_finite_stats(const bn_partial *stats, size_t channels);
+
+/* the methods of bn_layer_stats.c */
+PyObject *BatchNorm_calibrate(BatchNormObject *self, PyObject *batches);
+PyObject *BatchNorm_stats_of(BatchNormObject *self, PyObject *args, PyObject *kwargs);
+PyObject *BatchNorm_set_running_from_stats(BatchNormObject *self, PyObject *args,
+                                           PyObject *kwargs);
+PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, PyObject *kwargs);
+PyObject *BatchNorm_grad_sums(BatchNormObject *self, PyObject *dy);
+PyObject *BatchNorm_backward_from_sums(BatchNormObject *self, PyObject *args, PyObject *kwargs);
+
+#endif /* BNPY_BN_LAYER_H */
