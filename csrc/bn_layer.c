@@ -157,6 +157,22 @@ void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObje
     self->saved = (bn_saved){x, moments, shape, batch_stats, count};
 }
 
+void bn_layer_swap_grads(BatchNormObject *self, PyArrayObject *grad_gamma,
+                         PyArrayObject *grad_beta, const double *dgamma, const double *dbeta,
+                         PyArrayObject **old)
+{
+    old[0] = old[1] = NULL;
+    if (!self->affine) {
+        return;
+    }
+    bn_run_from_double(grad_gamma, dgamma);
+    bn_run_from_double(grad_beta, dbeta);
+    old[0] = self->grad_gamma;
+    old[1] = self->grad_beta;
+    self->grad_gamma = grad_gamma;
+    self->grad_beta = grad_beta;
+}
+
 int bn_layer_check_finite_stats(const bn_partial *stats, size_t channels)
 {
     PyObject *bad = NULL;
@@ -367,18 +383,11 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     lock_layer(self);
     bn_run_backward(dx, dgamma, dbeta, work, dy, x, mean, invstd, self->gamma, shape,
                     batch_stats);
-    PyArrayObject *old_grad_gamma = self->grad_gamma, *old_grad_beta = self->grad_beta;
-    if (self->affine) {
-        bn_run_from_double(grad_gamma, dgamma);
-        bn_run_from_double(grad_beta, dbeta);
-        self->grad_gamma = grad_gamma;
-        self->grad_beta = grad_beta;
-    }
+    PyArrayObject *old_grads[2];
+    bn_layer_swap_grads(self, grad_gamma, grad_beta, dgamma, dbeta, old_grads);
     unlock_layer(self);
-    if (self->affine) {
-        Py_XDECREF(old_grad_gamma);
-        Py_XDECREF(old_grad_beta);
-    }
+    Py_XDECREF(old_grads[0]);
+    Py_XDECREF(old_grads[1]);
     PyMem_Free(sums);
     PyMem_Free(work);
     Py_DECREF(dy);

@@ -79,6 +79,13 @@ void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObje
 /* running <- (1 - momentum) * running + momentum * batch, counting the batch */
 void bn_layer_update_running(BatchNormObject *self, const bn_partial *stats);
 
+/* With the lock held, when affine: grad_gamma, grad_beta <- new arrays holding
+ * dgamma, dbeta rounded to the layer's dtype; old[2] <- the arrays they
+ * replace (NULL when not affine), to decref after unlocking. */
+void bn_layer_swap_grads(BatchNormObject *self, PyArrayObject *grad_gamma,
+                         PyArrayObject *grad_beta, const double *dgamma, const double *dbeta,
+                         PyArrayObject **old);
+
 /* FloatingPointError naming the features whose statistics are not finite */
 int bn_layer_check_finite_stats(const bn_partial *stats, size_t channels);
 

@@ -430,18 +430,11 @@ PyObject *BatchNorm_backward_from_sums(BatchNormObject *self, PyObject *args, Py
     lock_layer(self);
     bn_run_backward_dx(dx, work, dy, saved.x, mean, invstd, self->gamma, dgamma, dbeta,
                        saved.count, saved.shape, saved.batch_stats);
-    PyArrayObject *old_grad_gamma = self->grad_gamma, *old_grad_beta = self->grad_beta;
-    if (self->affine) {
-        bn_run_from_double(grad_gamma, local_dgamma);
-        bn_run_from_double(grad_beta, local_dbeta);
-        self->grad_gamma = grad_gamma;
-        self->grad_beta = grad_beta;
-    }
+    PyArrayObject *old_grads[2];
+    bn_layer_swap_grads(self, grad_gamma, grad_beta, local_dgamma, local_dbeta, old_grads);
     unlock_layer(self);
-    if (self->affine) {
-        Py_XDECREF(old_grad_gamma);
-        Py_XDECREF(old_grad_beta);
-    }
+    Py_XDECREF(old_grads[0]);
+    Py_XDECREF(old_grads[1]);
     PyMem_Free(work);
     Py_DECREF(dy);
     Py_DECREF(sums);

@@ -34,3 +34,23 @@ def torch():
     # names its dtypes explicitly, so torch's default dtype is left alone.
     torch_module.set_num_threads(1)
     return torch_module
+
+
+# --- hypothesis profiles ------------------------------------------------------
+# CI sets CI=true: examples are then derandomized (the same on every run, so a
+# failure reproduces and CI never flakes on a newly drawn example) and no
+# example database is written. Elsewhere examples are drawn afresh each run.
+# Both keep the number of examples modest so that the suite stays fast;
+# HYPOTHESIS_PROFILE=thorough runs many more, by hand.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # a test extra: only tests/test_properties.py needs it
+    pass
+else:
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("ci", max_examples=80, derandomize=True, database=None,
+                              print_blob=True, **_common)
+    settings.register_profile("dev", max_examples=80, **_common)
+    settings.register_profile("thorough", max_examples=2000, **_common)
+    _in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _in_ci else "dev"))
