@@ -157,6 +157,20 @@ void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObje
     self->saved = (bn_saved){x, moments, shape, batch_stats, count};
 }
 
+int bn_layer_check_saved(BatchNormObject *self)
+{
+    if (self->saved.x != NULL) {
+        return 0;
+    }
+    PyErr_SetString(PyExc_RuntimeError,
+                    self->saved.moments == NULL
+                        ? "backward called before any forward: there is nothing to differentiate"
+                        : "the last forward wrote its output over its input (out=x in eval "
+                          "mode), so backward has no input to differentiate at: use another "
+                          "out when you need backward");
+    return -1;
+}
+
 void bn_layer_swap_grads(BatchNormObject *self, PyArrayObject *grad_gamma,
                          PyArrayObject *grad_beta, const double *dgamma, const double *dbeta,
                          PyArrayObject **old)
@@ -232,13 +246,19 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     if (y == NULL) {
         goto fail;
     }
-    /* backward needs x as it is now: keep a copy if y is about to overwrite it */
-    saved_x = bn_arrays_overlap(y, x) ? (PyArrayObject *)PyArray_NewCopy(x, NPY_CORDER)
-                                      : (PyArrayObject *)Py_NewRef(x);
+    /* the mode of this call, whatever another thread sets meanwhile */
+    int training = self->training;
+    /* backward needs x as it is now. When y is about to overwrite it, training
+       keeps a copy; inference in place (out=x) does not: it gives up backward
+       rather than copy every input */
+    int in_place = bn_arrays_overlap(y, x);
+    saved_x = !in_place ? (PyArrayObject *)Py_NewRef(x)
+              : training ? (PyArrayObject *)PyArray_NewCopy(x, NPY_CORDER) : NULL;
     moments = bn_new_matrix(NPY_DOUBLE, 2, self->num_features);
     stats = PyMem_Malloc(channels * sizeof(bn_partial));
     work = bn_new_workspace(layout.shape);
-    if (saved_x == NULL || moments == NULL || stats == NULL || work == NULL) {
+    if ((saved_x == NULL && (training || !in_place)) || moments == NULL || stats == NULL
+        || work == NULL) {
         if (!PyErr_Occurred()) {
             PyErr_NoMemory();
         }
@@ -246,7 +266,6 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     }
 
     lock_layer(self);
-    int training = self->training;
     int batch_stats = training || !self->track_running_stats;
     double *mean = PyArray_DATA(moments), *invstd = mean + channels;
     if (batch_stats && bn_check_batch_size(x, &layout, training
@@ -325,9 +344,7 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
         || check_initialized(self) < 0) {
         return NULL;
     }
-    if (self->saved.x == NULL) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "backward called before any forward: there is nothing to differentiate");
+    if (bn_layer_check_saved(self) < 0) {
         return NULL;
     }
     if (self->saved.count != (double)bn_count(self->saved.shape)) {

@@ -79,6 +79,10 @@ void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObje
 /* running <- (1 - momentum) * running + momentum * batch, counting the batch */
 void bn_layer_update_running(BatchNormObject *self, const bn_partial *stats);
 
+/* 0 when the last forward saved its input for backward; RuntimeError saying
+ * why not otherwise (no forward yet, or inference in place). */
+int bn_layer_check_saved(BatchNormObject *self);
+
 /* With the lock held, when affine: grad_gamma, grad_beta <- new arrays holding
  * dgamma, dbeta rounded to the layer's dtype; old[2] <- the arrays they
  * replace (NULL when not affine), to decref after unlocking. */

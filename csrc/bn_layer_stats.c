@@ -339,9 +339,7 @@ fail:
 /* New references to what the last forward saved; RuntimeError before any. */
 static int take_saved(BatchNormObject *self, bn_saved *saved)
 {
-    if (self->saved.x == NULL) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "backward called before any forward: there is nothing to differentiate");
+    if (bn_layer_check_saved(self) < 0) {
         return -1;
     }
     *saved = self->saved;
