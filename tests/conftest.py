@@ -48,9 +48,9 @@ except ImportError:  # a test extra: only tests/test_properties.py needs it
     pass
 else:
     _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("ci", max_examples=80, derandomize=True, database=None,
+    settings.register_profile("ci", max_examples=100, derandomize=True, database=None,
                               print_blob=True, **_common)
-    settings.register_profile("dev", max_examples=80, **_common)
+    settings.register_profile("dev", max_examples=100, **_common)
     settings.register_profile("thorough", max_examples=2000, **_common)
     _in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _in_ci else "dev"))
