@@ -10,8 +10,7 @@ static int is_bool(PyObject *obj)
     return PyBool_Check(obj) || PyArray_IsScalar(obj, Bool);
 }
 
-/* obj as a C long long if it is an integer (not a bool); -1 with TypeError. */
-static int parse_integer(PyObject *obj, const char *name, long long *out)
+int bn_parse_integer(PyObject *obj, const char *name, long long *out)
 {
     if (is_bool(obj) || !PyIndex_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be an integer, got %.100s",
@@ -58,7 +57,7 @@ static int parse_real(PyObject *obj, const char *name, double *out)
 int bn_parse_num_features(PyObject *obj, npy_intp *out)
 {
     long long value;
-    if (parse_integer(obj, "num_features", &value) < 0) {
+    if (bn_parse_integer(obj, "num_features", &value) < 0) {
         return -1;
     }
     if (value < 1 || value > NPY_MAX_INTP / 16) {
@@ -118,7 +117,7 @@ int bn_parse_bool(PyObject *obj, const char *name, int *out)
 int bn_parse_axis(PyObject *obj, int *out)
 {
     long long value;
-    if (parse_integer(obj, "axis", &value) < 0) {
+    if (bn_parse_integer(obj, "axis", &value) < 0) {
         return -1;
     }
     if (value < -NPY_MAXDIMS || value >= NPY_MAXDIMS) {
@@ -364,6 +363,17 @@ PyArrayObject *bn_output_like(PyObject *out, PyArrayObject *like, int typenum)
     }
     Py_INCREF(arr);
     return arr;
+}
+
+int bn_check_separate(PyArrayObject *out, PyArrayObject *arr, const char *name)
+{
+    if (arr == NULL || !bn_arrays_overlap(out, arr)) {
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError,
+                 "out must not share memory with %s, which is read while out is written",
+                 name);
+    return -1;
 }
 
 PyArrayObject *bn_new_vector(int typenum, npy_intp n)

@@ -65,7 +65,11 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
         goto done;
     }
     y = bn_output_like(out_obj, x, typenum);
-    moments = y ? bn_new_matrix(NPY_DOUBLE, 2, channels) : NULL;
+    if (y == NULL || bn_check_separate(y, gamma, "gamma") < 0
+        || bn_check_separate(y, beta, "beta") < 0) {
+        goto done;
+    }
+    moments = bn_new_matrix(NPY_DOUBLE, 2, channels);
     stats = PyMem_Malloc((size_t)channels * sizeof(bn_partial) + 1);
     work = y ? bn_new_workspace(layout.shape) : NULL;
     if (y == NULL || moments == NULL || stats == NULL || work == NULL) {
@@ -130,7 +134,12 @@ static PyObject *batch_norm_inference(PyObject *Py_UNUSED(module), PyObject *arg
         goto done;
     }
     y = bn_output_like(out_obj, x, typenum);
-    moments = y ? bn_new_matrix(NPY_DOUBLE, 2, channels) : NULL;
+    if (y == NULL || bn_check_separate(y, gamma, "gamma") < 0
+        || bn_check_separate(y, beta, "beta") < 0 || bn_check_separate(y, mean, "mean") < 0
+        || bn_check_separate(y, var, "var") < 0) {
+        goto done;
+    }
+    moments = bn_new_matrix(NPY_DOUBLE, 2, channels);
     work = moments ? bn_new_workspace(layout.shape) : NULL;
     if (work == NULL) {
         goto done;
@@ -201,8 +210,14 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
     if (dx == NULL) {
         goto done;
     }
-    if (bn_arrays_overlap(dx, x) && dx != x) {
-        PyErr_SetString(PyExc_ValueError, "out must not partly overlap x");
+    /* dx may be x itself (each value is read before it is overwritten), not a part of it */
+    if (bn_arrays_overlap(dx, x) && PyArray_BYTES(dx) != PyArray_BYTES(x)) {
+        PyErr_SetString(PyExc_ValueError, "out partly overlaps x; it may be x itself or "
+                                          "separate memory");
+        goto done;
+    }
+    if (bn_check_separate(dx, gamma, "gamma") < 0 || bn_check_separate(dx, mean, "mean") < 0
+        || bn_check_separate(dx, invstd, "invstd") < 0) {
         goto done;
     }
     sums = bn_new_matrix(NPY_DOUBLE, 2, channels);

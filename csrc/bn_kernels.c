@@ -91,7 +91,7 @@ static size_t bn_row_groups(bn_shape s)
  * 32 values */
 static size_t bn_fold(size_t channels)
 {
-    return channels >= 32 ? 1 : (32 + channels - 1) / channels;
+    return channels >= 32 || channels == 0 ? 1 : (32 + channels - 1) / channels;
 }
 
 /* wide[C .. R) <- repeats of wide[0 .. C), for R a multiple of C */

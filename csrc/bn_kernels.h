@@ -121,7 +121,8 @@ void bn_forward_f64(double *y, double *work, const double *x, const double *mean
  *   training: gamma * invstd / n * (n * dy - dbeta - xhat * dgamma)
  *             (mean and invstd are x's batch statistics and depend on x);
  *   otherwise: dy * gamma * invstd (they are constants).
- * gamma may be NULL (1). dx may be dy itself, never x. */
+ * gamma may be NULL (1). dx may be dy or x itself (every value is read before
+ * it is overwritten), but not a part of either. */
 void bn_backward_f32(float *dx, double *dgamma, double *dbeta, double *work, const float *dy,
                      const float *x, const double *mean, const double *invstd,
                      const float *gamma, bn_shape s, int training);

@@ -516,6 +516,9 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
 void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
                     bn_shape s)
 {
+    if (s.channels == 0) { /* no features: nothing to compute */
+        return;
+    }
     /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
     if (s.inner == 1) {
         NAME(interleaved_stats)(stats, work, x, shift, s);
@@ -531,6 +534,9 @@ void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *s
 void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean, const double *invstd,
                       const T *gamma, const T *beta, bn_shape s)
 {
+    if (s.channels == 0) { /* no features: nothing to compute */
+        return;
+    }
     /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
     size_t C = s.channels;
     int team = bn_team(s);
@@ -562,6 +568,9 @@ void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean, const 
 void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd, double *work,
                             const T *x, const T *gamma, const T *beta, double eps, bn_shape s)
 {
+    if (s.channels == 0) { /* no features: nothing to compute */
+        return;
+    }
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
     if (s.inner != 1) {
         /* one contiguous range of features per thread, for the pipeline */
@@ -641,6 +650,9 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
                        const T *x, const double *mean, const double *invstd, const T *gamma,
                        bn_shape s, int training)
 {
+    if (s.channels == 0) { /* no features: nothing to compute */
+        return;
+    }
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     if (s.inner == 1) {
         NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
@@ -694,6 +706,9 @@ BN_CLONES static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
 void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy, const T *x,
                         const double *mean, const double *invstd, bn_shape s)
 {
+    if (s.channels == 0) { /* no features: nothing to compute */
+        return;
+    }
     if (s.inner == 1) {
         NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         return;
@@ -709,6 +724,9 @@ void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, const do
                           const double *invstd, const T *gamma, const double *dgamma,
                           const double *dbeta, double count, bn_shape s, int training)
 {
+    if (s.channels == 0) { /* no features: nothing to compute */
+        return;
+    }
     size_t C = s.channels;
     if (s.inner == 1) {
         memcpy(work, mean, C * sizeof *mean);

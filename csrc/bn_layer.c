@@ -210,7 +210,7 @@ int bn_layer_check_finite_stats(const bn_partial *stats, size_t channels)
     }
     PyErr_Format(PyExc_FloatingPointError,
                  "the batch statistics of feature(s) %R are not finite (NaN or infinity in "
-                 "the input); the layer is unchanged", bad);
+                 "the input, or values too large to square); the layer is unchanged", bad);
     Py_DECREF(bad);
     return -1;
 }
@@ -243,7 +243,10 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
         goto fail;
     }
     y = bn_output_like(out_obj, x, self->typenum);
-    if (y == NULL) {
+    if (y == NULL || bn_check_separate(y, self->gamma, "gamma") < 0
+        || bn_check_separate(y, self->beta, "beta") < 0
+        || bn_check_separate(y, self->running_mean, "running_mean") < 0
+        || bn_check_separate(y, self->running_var, "running_var") < 0) {
         goto fail;
     }
     /* the mode of this call, whatever another thread sets meanwhile */
@@ -276,6 +279,9 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
         bn_run_forward_train(y, stats, mean, invstd, work, x, self->gamma, self->beta,
                              self->eps, layout.shape);
         if (training && bn_layer_check_finite_stats(stats, channels) < 0) {
+            if (in_place) { /* put the caller's x back: a failed call changes nothing */
+                memcpy(PyArray_DATA(y), PyArray_DATA(saved_x), (size_t)PyArray_NBYTES(y));
+            }
             goto fail_locked;
         }
     }
@@ -380,6 +386,9 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
         PyErr_SetString(PyExc_ValueError,
                         "out must not overlap the input of the last forward, "
                         "which backward still needs");
+        goto fail;
+    }
+    if (bn_check_separate(dx, self->gamma, "gamma") < 0) {
         goto fail;
     }
     sums = PyMem_Malloc(2 * channels * sizeof(double));
@@ -555,6 +564,11 @@ static int load_count(PyObject *d, long long *count)
     PyObject *value = PyDict_GetItemString(d, "num_batches_tracked"); /* borrowed */
     if (value == NULL) {
         PyErr_SetString(PyExc_ValueError, "state dict is missing key 'num_batches_tracked'");
+        return -1;
+    }
+    if (PyBool_Check(value) || PyArray_IsScalar(value, Bool)) {
+        PyErr_Format(PyExc_ValueError,
+                     "state dict value num_batches_tracked must be an integer, got %R", value);
         return -1;
     }
     /* an int, a NumPy integer, or a one-element integer array or tensor */
@@ -905,6 +919,12 @@ static int read_gradient(BatchNormObject *self, PyObject *value, const char *nam
     }
     PyArrayObject *arr = bn_as_vector(value, self->typenum, self->num_features, name);
     if (arr == NULL) {
+        return -1;
+    }
+    if (!self->affine) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be None for a layer without gamma and beta (affine=False)", name);
+        Py_DECREF(arr);
         return -1;
     }
     *slot = (PyArrayObject *)PyArray_NewCopy(arr, NPY_CORDER);

@@ -5,17 +5,13 @@
 
 static PyObject *set_num_threads(PyObject *Py_UNUSED(module), PyObject *arg)
 {
-    if (PyBool_Check(arg) || !PyLong_Check(arg)) {
-        PyErr_Format(PyExc_TypeError, "set_num_threads expects an integer, got %.100s",
-                     Py_TYPE(arg)->tp_name);
-        return NULL;
-    }
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) {
+    long long n;
+    if (bn_parse_integer(arg, "the number of threads", &n) < 0) {
         return NULL;
     }
     if (n < 1 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "number of threads must be in [1, 4096], got %ld", n);
+        PyErr_Format(PyExc_ValueError, "the number of threads must be in [1, 4096], got %R",
+                     arg);
         return NULL;
     }
     bn_set_num_threads((int)n);

@@ -42,6 +42,9 @@ typedef struct {
 
 /* Validators of constructor and setter arguments; each raises an error that
  * names the argument and returns -1 on failure, 0 on success. */
+/* obj as a C long long if it is an integer (a Python or NumPy integer, not a
+ * bool): TypeError otherwise, ValueError when it does not fit. */
+int bn_parse_integer(PyObject *obj, const char *name, long long *out);
 int bn_parse_num_features(PyObject *obj, npy_intp *out);
 int bn_parse_eps(PyObject *obj, double *out);
 int bn_parse_momentum(PyObject *obj, double *out, int *is_none); /* None allowed */
@@ -60,6 +63,10 @@ PyArrayObject *bn_as_array(PyObject *obj, int typenum, const char *name);
 
 /* obj as a new (C,) array of typenum; ValueError naming `name` on another shape. */
 PyArrayObject *bn_as_vector(PyObject *obj, int typenum, npy_intp channels, const char *name);
+
+/* ValueError unless out shares no memory with arr (an input the kernel reads
+ * while it writes out); names the input. */
+int bn_check_separate(PyArrayObject *out, PyArrayObject *arr, const char *name);
 
 /* Resolve `axis` for x (ndim >= 2) and fill the layout. When channels > 0 the
  * feature axis must have that length. ValueError with the shape otherwise. */

@@ -382,9 +382,6 @@ def test_good_variants_of_the_bad_cases_work():
         setattr(bn, name, [1.0, 2.0, 3.0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "__setstate__ gives a layer with affine=False a grad_gamma and grad_beta, which "
-    "the README says stay None when affine=False"))
 def test_setstate_rejects_gradients_for_a_layer_without_affine():
     bn = _trained(affine=False)
     before = snapshot(bn)
@@ -687,10 +684,6 @@ def test_thread_functions_signatures(restore_threads):
     assert bnpy.get_num_threads() == (4096 if bnpy.has_openmp() else 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "set_num_threads takes only a Python int (PyLong_Check): np.int64(2) raises "
-    "TypeError, though BatchNorm(np.int64(3)) and axis=np.int64(...) take any integer "
-    "(operator.index)"))
 def test_set_num_threads_takes_numpy_integers(restore_threads):
     bnpy.set_num_threads(np.int64(2))
     assert bnpy.get_num_threads() == (2 if bnpy.has_openmp() else 1)

@@ -208,10 +208,6 @@ ZERO_FEATURE_CALLS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the functional API with a zero-length feature axis kills the interpreter with "
-    "SIGFPE: bn_fold() in csrc/bn_kernels.c divides by channels == 0 (reached from "
-    "bn_workspace_size via bn_new_workspace)"))
 @pytest.mark.parametrize("call", list(ZERO_FEATURE_CALLS))
 def test_functional_zero_features_does_not_crash(call):
     """No features: either a ValueError or empty results, but never a crash.

@@ -419,15 +419,10 @@ def test_layer_backward_out_must_not_touch_the_saved_input(dtype):
 @pytest.mark.parametrize("shape", [(6, C, 5), (3, 7, 3000), (20000, 5)],
                          ids=["small", "planar-tiles", "interleaved-groups"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_out_may_be_the_input_exactly(request, dtype, shape, same_object, function, target):
+def test_out_may_be_the_input_exactly(dtype, shape, same_object, function, target):
     """In place: out=x for the forwards, out=dy for the backwards (and out=x
     for the functional backward, which only reads x). The result is bitwise
     what a separate out gives; a view of the same memory counts as the same."""
-    if function == "backward" and target == "x" and not same_object:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "batch_norm_backward accepts out=x by object identity only (dx != x in "
-            "csrc/bn_functional.c): out=x.view(), the same memory, raises 'out must not "
-            "partly overlap x', while the forwards compare data pointers")))
     c = shape[1]
     x0, dy0 = data(shape, 1, dtype), data(shape, 2, dtype)
     want, want_bn = _run_any(function, dtype, x0, dy0, None, c)
@@ -498,10 +493,7 @@ def test_out_overlapping_a_copied_input_is_harmless(dtype):
 
 @pytest.mark.parametrize("shape", [
     pytest.param((6, C), id="interleaved"),
-    pytest.param((6, C, 5), id="planar", marks=pytest.mark.xfail(strict=True, reason=(
-        "planar kernels read gamma, beta (and backward's float64 mean, invstd) feature "
-        "by feature while writing out: an out that shares memory with them gives a "
-        "silently wrong result; the binding checks out's overlap with x and dy only"))),
+    pytest.param((6, C, 5), id="planar"),
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_out_aliasing_parameters_or_statistics(dtype, shape):

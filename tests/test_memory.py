@@ -127,6 +127,10 @@ def failing_calls():
     bad_sd = {**sd, "running_var": np.array([1.0] * (C - 1) + [np.nan], np.float32)}
     late_bad_sd = {**sd, "num_batches_tracked": -1}
     mean, invstd = np.zeros(C), np.ones(C)
+    buffer = np.concatenate([x.ravel(), np.zeros(1, x.dtype)])
+    shifted_x = buffer[1:].reshape(x.shape)  # x's memory, one element on
+    x = buffer[:-1].reshape(x.shape)
+    gamma_in_out = np.ones_like(x).reshape(x.shape[0], -1)[:, :x[0].size].reshape(x.shape)
     bad_grads = {"training": True, "state_dict": sd, "grad_gamma": np.ones(C),
                  "grad_beta": long_vector}
     return {
@@ -170,7 +174,9 @@ def failing_calls():
         "functional-backward-out": lambda: bnpy.batch_norm_backward(dy, x, mean, mean, invstd,
                                                                     out=bad_out),
         "functional-backward-overlap": lambda: bnpy.batch_norm_backward(
-            dy, x, mean, mean, invstd, out=x.view()),
+            dy, x, mean, mean, invstd, out=shifted_x),  # out partly overlaps x
+        "functional-forward-out-aliases-gamma": lambda: bnpy.batch_norm_forward(
+            x, gamma_in_out[0, :C], None, out=gamma_in_out),
         "functional-backward-dy": lambda: bnpy.batch_norm_backward(wide, x, None, mean, invstd),
         "functional-backward-training": lambda: bnpy.batch_norm_backward(
             dy, x, None, mean, invstd, training="no"),
