@@ -169,6 +169,43 @@ def machine_description(torch=None):
     return "\n".join(lines)
 
 
+LARGE_CASES = ("NCHW 64x64x56x56", "NCHW 128x64x56x56 (> L3)")
+
+
+def targets(rows):
+    """Issue 5's targets, each with the worst measured value and whether it was met."""
+    def pick(**match):
+        return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+    nchw32 = [r for r in pick(dtype="float32", threads=1) if r["case"].startswith("NCHW")]
+    lines = []
+
+    def check(label, values, limit, higher_is_better):
+        if not values:
+            return
+        worst = min(values) if higher_is_better else max(values)
+        met = worst >= limit if higher_is_better else worst <= limit
+        lines.append(f"- {label}: worst {worst:.2f} ({'met' if met else 'NOT met'}; "
+                     f"target {'>=' if higher_is_better else '<='} {limit})")
+
+    for op, limit in (("forward-train", 1.3), ("forward-eval", 1.15), ("backward", 2.0)):
+        check(f"NCHW float32, 1 thread, {op}: bnpy/copy",
+              [r["bnpy"] / r["copy"] for r in nchw32 if r["op"] == op], limit, False)
+    with_torch = [r for r in rows if r["torch"] is not None]
+    check("NCHW float32, 1 thread, training forward and backward: torch/bnpy",
+          [r["torch"] / r["bnpy"] for r in nchw32 if r["torch"] is not None
+           and r["op"] in ("forward-train", "backward")], 1.5, True)
+    check("every case, dtype, op and thread count: torch/bnpy",
+          [r["torch"] / r["bnpy"] for r in with_torch], 1.0, True)
+    speedups = []
+    for r in rows:
+        if r["case"] in LARGE_CASES and r["threads"] == 2:
+            one = pick(case=r["case"], dtype=r["dtype"], op=r["op"], threads=1)
+            speedups += [one[0]["bnpy"] / r["bnpy"]] if one else []
+    check("large cases: time at 1 thread / time at 2 threads", speedups, 1.6, True)
+    return lines
+
+
 def write_results(path, rows, torch, command):
     with open(path, "w") as f:
         f.write("# bnpy benchmark results\n\n")
@@ -177,6 +214,8 @@ def write_results(path, rows, torch, command):
                 "GB/s counts the bytes bnpy must move (forward: x and y; backward: x, dy, dx). "
                 "copy is `np.copyto` of x's bytes. The machine is shared and noisy: compare "
                 "the ratios within a row, not times across runs.\n\n")
+        f.write("## Against the targets\n\n" + "\n".join(targets(rows)) + "\n\n")
+        f.write("## All measurements\n\n")
         f.write("```\n" + HEADER + "\n")
         for r in rows:
             f.write(format_row(r) + "\n")

@@ -1,0 +1,29 @@
+"""The benchmark script runs and reports (speed itself is never asserted here)."""
+from bnpy import bench
+
+
+def test_quick_benchmark_writes_a_results_table(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    assert bench.main(["--quick", "--no-reference", "--threads", "1", "--dtypes", "float64",
+                       "--repeats", "1", "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "## Against the targets" in text and bench.HEADER in text
+    table = text.split(bench.HEADER, 1)[1]
+    rows = [line for line in table.splitlines() if " float64 " in line]
+    assert len(rows) == len(bench.QUICK_CASES) * len(bench.OPS)
+    assert "bnpy/copy" in capsys.readouterr().out
+
+
+def test_targets_are_judged_from_the_measurements():
+    def row(case, op, threads, bnpy, torch, copy):
+        return dict(case=case, dtype="float32", op=op, threads=threads, bnpy=bnpy,
+                    torch=torch, copy=copy, reference=None, bytes=1)
+
+    rows = [row("NCHW 64x64x56x56", "forward-train", 1, 1.2, 2.0, 1.0),
+            row("NCHW 64x64x56x56", "forward-train", 2, 0.6, 1.0, 1.0),
+            row("NCHW 64x64x56x56", "backward", 1, 2.5, 3.0, 1.0)]
+    lines = "\n".join(bench.targets(rows))
+    assert "forward-train: bnpy/copy: worst 1.20 (met" in lines
+    assert "backward: bnpy/copy: worst 2.50 (NOT met" in lines
+    assert "torch/bnpy: worst 1.20 (NOT met" in lines    # backward: 3.0 / 2.5
+    assert "1 thread / time at 2 threads: worst 2.00 (met" in lines
