@@ -646,6 +646,50 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
     }
 }
 
+/* planar, short rows: sums[2C] <- sum dy and sum dy * (x - mean) of rows
+ * o0 .. o1, walking memory in order (row o of every feature, then row o + 1):
+ * a feature's short rows lie far apart, and reading them feature by feature
+ * would jump through memory */
+BN_CLONES static void NAME(planar_group_grads)(double *sums, const T *dy, const T *x,
+                                             const double *mean, bn_shape s, size_t o0,
+                                             size_t o1)
+{
+    size_t C = s.channels;
+    for (size_t c = 0; c < 2 * C; c++) {
+        sums[c] = 0.0;
+    }
+    for (size_t o = o0; o < o1; o++) {
+        for (size_t c = 0; c < C; c++) {
+            NAME(row_grad_sums)(&sums[c], &sums[C + c], ROW(dy, o, c, s), ROW(x, o, c, s),
+                                s.inner, mean[c]);
+        }
+    }
+}
+
+/* planar, short rows: dbeta, dgamma by fixed groups of rows, added in order */
+static void NAME(planar_grad_sums_in_order)(double *dgamma, double *dbeta, double *work,
+                                            const T *dy, const T *x, const double *mean,
+                                            const double *invstd, bn_shape s)
+{
+    size_t C = s.channels, R = bn_fold(C) * C, groups = bn_planar_groups(s);
+    size_t rows = bn_planar_group_rows(s);
+    double *sums = work + 4 * R; /* [groups][2C] */
+    int team = bn_team(s);
+    BN_PARALLEL_FOR
+    for (size_t g = 0; g < groups; g++) {
+        size_t o0 = g * rows, o1 = o0 + rows < s.outer ? o0 + rows : s.outer;
+        NAME(planar_group_grads)(sums + 2 * g * C, dy, x, mean, s, o0, o1);
+    }
+    for (size_t c = 0; c < C; c++) {
+        dbeta[c] = dgamma[c] = 0.0;
+        for (size_t g = 0; g < groups; g++) {
+            dbeta[c] += sums[2 * g * C + c];
+            dgamma[c] += sums[2 * g * C + C + c];
+        }
+        dgamma[c] *= invstd[c];
+    }
+}
+
 void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
                        const T *x, const double *mean, const double *invstd, const T *gamma,
                        bn_shape s, int training)
@@ -657,6 +701,12 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
     if (s.inner == 1) {
         NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta,
+                             (double)bn_count(s), s, training);
+        return;
+    }
+    if (bn_planar_groups(s) > 0) { /* short rows: two passes in memory order */
+        NAME(planar_grad_sums_in_order)(dgamma, dbeta, work, dy, x, mean, invstd, s);
+        NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,
                              (double)bn_count(s), s, training);
         return;
     }
@@ -711,6 +761,10 @@ void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy
     }
     if (s.inner == 1) {
         NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
+        return;
+    }
+    if (bn_planar_groups(s) > 0) {
+        NAME(planar_grad_sums_in_order)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         return;
     }
     int team = bn_team(s);
