@@ -49,15 +49,16 @@ size_t bn_workspace_size(bn_shape s);
 
 /* --- statistics -------------------------------------------------------- */
 
-/* stats[C] <- count, mean and m2 of each feature of x less shift[C] (shift
- * may be NULL: 0), so the means come out relative to the shift. Each
- * cache-sized tile of a feature gets the corrected two-pass algorithm (planar
- * layouts) or Welford's (interleaved), and tiles are combined with
- * bn_partial_merge: a large common offset does not cancel the variance, and a
- * constant feature gets exactly its value as mean and m2 = 0. Merging means
- * far from 0 costs their last bits; statistics gathered over many blocks
- * (calibration, processes) keep them by sharing a shift near the mean.
- * work: bn_workspace_size(s) doubles. */
+/* stats[C] <- count, mean and m2 of each feature of x. Every value is taken
+ * less a shift, so that the means merged tile by tile (and block by block)
+ * stay small and keep their last bits: shift[C] when given, and then the
+ * means come out relative to it (for statistics merged further, e.g. across
+ * batches or processes); with shift NULL, each feature's first value, and
+ * the means come out absolute. Each cache-sized tile of a feature gets the
+ * corrected two-pass algorithm (planar layouts) or Welford's (interleaved),
+ * and tiles are combined with bn_partial_merge: a large common offset does
+ * not cancel the variance, and a constant feature gets exactly its value as
+ * mean and m2 = 0. work: bn_workspace_size(s) doubles. */
 void bn_stats_f32(bn_partial *stats, double *work, const float *x, const double *shift,
                   bn_shape s);
 void bn_stats_f64(bn_partial *stats, double *work, const double *x, const double *shift,
@@ -96,7 +97,8 @@ void bn_set_running_f64(double *running_mean, double *running_var, const bn_part
 
 /* --- forward ----------------------------------------------------------- */
 
-/* Training mode: stats[C], mean[C], invstd[C] <- x's batch statistics, and
+/* Training mode: stats[C], mean[C], invstd[C] <- x's batch statistics (as
+ * bn_stats with no shift gives them), and
  * y <- gamma * (x - mean) * invstd + beta. Each feature is normalized while
  * its data is still in cache when features are planar (inner > 1). gamma and
  * beta may be NULL (gamma = 1, beta = 0). y may be x itself. */

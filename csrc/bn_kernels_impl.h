@@ -85,8 +85,9 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
 
 #define TILE_ROW(f, o, s) ((f) + (o) * (s).channels * (s).inner)
 
-/* the sum of the values of tile t, less `shift` each */
-BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t, double shift)
+/* the sum of the values of tile t (the first pass: its rounding does not
+ * matter, the second pass corrects the mean it gives) */
+BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t)
 {
     bn_vec a = {0}, b = {0};
     double tail = 0.0;
@@ -97,11 +98,11 @@ BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t, double shift)
         }
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            a += NAME(load_vec)(row + i) - shift;
-            b += NAME(load_vec)(row + i + 8) - shift;
+            a += NAME(load_vec)(row + i);
+            b += NAME(load_vec)(row + i + 8);
         }
         for (; i < t.i1; i++) {
-            tail += (double)row[i] - shift;
+            tail += (double)row[i];
         }
     }
     return bn_lanes_total(&a, &b) + tail;
@@ -135,12 +136,22 @@ BN_INLINE double NAME(tile_sum_normalizing)(const T *f, T *y, const T *x, bn_sha
     return bn_lanes_total(&a, &b) + tail;
 }
 
-/* the statistics of tile t, less `shift`, from their sum: the second pass,
- * while the tile is in L1 */
+/* the first value of feature c: the shift its statistics are taken about,
+ * so that the means merged tile by tile stay small and keep their last bits
+ * (0 for an empty feature) */
+BN_INLINE double NAME(first_value)(const T *x, bn_shape s, size_t c)
+{
+    return bn_count(s) > 0 ? (double)x[c * s.inner] : 0.0;
+}
+
+/* the statistics of tile t, less `shift`, from the sum of its values: the
+ * second pass, while the tile is in L1. The first-pass mean may be off in
+ * its last bits (a sum of large values); the deviations from it, taken
+ * exactly about the shift, correct it. */
 BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t, double sum,
                                                double shift)
 {
-    double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), mean = sum / count;
+    double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), mean = sum / count - shift;
     bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
     double tail = 0.0, tail2 = 0.0;
     for (size_t o = t.o0; o < t.o1; o++) {
@@ -172,8 +183,7 @@ BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c
     bn_partial total = {0.0, 0.0, 0.0};
     for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
         bn_tile t = bn_tile_at(s, k);
-        bn_partial tile = NAME(tile_stats_from_sum)(f, s, t, NAME(tile_sum)(f, s, t, shift),
-                                                    shift);
+        bn_partial tile = NAME(tile_stats_from_sum)(f, s, t, NAME(tile_sum)(f, s, t), shift);
         bn_partial_merge(&total, &tile);
     }
     return total;
@@ -199,7 +209,9 @@ BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, 
                                                      size_t c1)
 {
     if (c0 < c1) {
-        stats[c0] = NAME(planar_feature_stats)(x, s, c0, 0.0);
+        double first = NAME(first_value)(x, s, c0);
+        stats[c0] = NAME(planar_feature_stats)(x, s, c0, first);
+        bn_partial_unshift(stats + c0, &first, 1);
     }
     for (size_t c = c0; c < c1; c++) {
         bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
@@ -213,14 +225,16 @@ BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, 
             break;
         }
         const T *next = x + (c + 1) * s.inner, *cur = x + c * s.inner;
+        double next_first = NAME(first_value)(x, s, c + 1);
         T *out = y + c * s.inner;
         bn_partial total = {0.0, 0.0, 0.0};
         for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
             bn_tile t = bn_tile_at(s, k);
             double sum = NAME(tile_sum_normalizing)(next, out, cur, s, t, mean[c], scale, shift);
-            bn_partial tile = NAME(tile_stats_from_sum)(next, s, t, sum, 0.0);
+            bn_partial tile = NAME(tile_stats_from_sum)(next, s, t, sum, next_first);
             bn_partial_merge(&total, &tile);
         }
+        bn_partial_unshift(&total, &next_first, 1);
         stats[c + 1] = total;
     }
 }
@@ -228,7 +242,12 @@ BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, 
 BN_CLONES static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
                                                const double *shift, bn_shape s, size_t c)
 {
-    stats[c] = NAME(planar_feature_stats)(x, s, c, shift ? shift[c] : 0.0);
+    /* no shift given: the feature's first value, and the mean made absolute */
+    double about = shift ? shift[c] : NAME(first_value)(x, s, c);
+    stats[c] = NAME(planar_feature_stats)(x, s, c, about);
+    if (!shift) {
+        bn_partial_unshift(stats + c, &about, 1);
+    }
 }
 
 /* rows r0..r1 of the [outer * C] rows: y <- (x - mean) * scale + shift */
@@ -493,7 +512,8 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
     size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
     double *shift_wide = work; /* [R] */
     for (size_t c = 0; c < C; c++) {
-        shift_wide[c] = shift ? shift[c] : 0.0;
+        /* no shift given: each feature's first value (row 0), undone at the end */
+        shift_wide[c] = shift ? shift[c] : s.outer > 0 ? (double)x[c] : 0.0;
     }
     bn_repeat(shift_wide, C, R);
     bn_partial *partials = (bn_partial *)(work + 4 * R); /* [groups][C] */
@@ -509,6 +529,9 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
         stats[c] = (bn_partial){0.0, 0.0, 0.0};
         for (size_t g = 0; g < groups; g++) {
             bn_partial_merge(&stats[c], &partials[g * C + c]);
+        }
+        if (!shift) {
+            stats[c].mean += shift_wide[c];
         }
     }
 }
