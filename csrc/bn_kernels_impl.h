@@ -536,6 +536,58 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
     }
 }
 
+/* planar, short rows: partial[C] <- the statistics of rows o0 .. o1 less
+ * about[C], walking memory in order; each row is a tile (two-pass in L1),
+ * merged into its feature's partial */
+BN_CLONES static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
+                                             const double *about, bn_shape s, size_t o0,
+                                             size_t o1)
+{
+    bn_tile row_tile = {0, 1, 0, s.inner};
+    for (size_t c = 0; c < s.channels; c++) {
+        partial[c] = (bn_partial){0.0, 0.0, 0.0};
+    }
+    for (size_t o = o0; o < o1; o++) {
+        for (size_t c = 0; c < s.channels; c++) {
+            const T *row = ROW(x, o, c, s);
+            bn_partial tile = NAME(tile_stats_from_sum)(row, s, row_tile,
+                                                        NAME(tile_sum)(row, s, row_tile),
+                                                        about[c]);
+            bn_partial_merge(&partial[c], &tile);
+        }
+    }
+}
+
+/* planar, short rows: stats[C] by fixed groups of rows in memory order,
+ * merged in order; less shift[C] (relative means), or about each feature's
+ * first value (absolute means) when shift is NULL */
+static void NAME(planar_stats_in_order)(bn_partial *stats, double *work, const T *x,
+                                        const double *shift, bn_shape s)
+{
+    size_t C = s.channels, R = bn_fold(C) * C, groups = bn_planar_groups(s);
+    size_t rows = bn_planar_group_rows(s);
+    double *about = work;                                /* [C] */
+    bn_partial *partials = (bn_partial *)(work + 4 * R); /* [groups][C] */
+    for (size_t c = 0; c < C; c++) {
+        about[c] = shift ? shift[c] : NAME(first_value)(x, s, c);
+    }
+    int team = bn_team(s);
+    BN_PARALLEL_FOR
+    for (size_t g = 0; g < groups; g++) {
+        size_t o0 = g * rows, o1 = o0 + rows < s.outer ? o0 + rows : s.outer;
+        NAME(planar_group_stats)(partials + g * C, x, about, s, o0, o1);
+    }
+    for (size_t c = 0; c < C; c++) {
+        stats[c] = (bn_partial){0.0, 0.0, 0.0};
+        for (size_t g = 0; g < groups; g++) {
+            bn_partial_merge(&stats[c], &partials[g * C + c]);
+        }
+        if (!shift) {
+            stats[c].mean += about[c];
+        }
+    }
+}
+
 void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
                     bn_shape s)
 {
@@ -545,6 +597,10 @@ void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *s
     /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
     if (s.inner == 1) {
         NAME(interleaved_stats)(stats, work, x, shift, s);
+        return;
+    }
+    if (bn_planar_groups(s) > 0) {
+        NAME(planar_stats_in_order)(stats, work, x, shift, s);
         return;
     }
     int team = bn_team(s);
@@ -595,7 +651,7 @@ void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invst
         return;
     }
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
-    if (s.inner != 1) {
+    if (s.inner != 1 && bn_planar_groups(s) == 0) {
         /* one contiguous range of features per thread, for the pipeline */
         int team = bn_team(s);
         size_t parts = (size_t)team;
@@ -607,7 +663,9 @@ void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invst
         }
         return;
     }
-    NAME(interleaved_stats)(stats, work, x, NULL, s);
+    /* interleaved, or short planar rows: statistics, then normalization, both
+       in memory order */
+    NAME(bn_stats)(stats, work, x, NULL, s);
     bn_batch_moments(mean, invstd, stats, s.channels, eps);
     NAME(bn_forward)(y, work, x, mean, invstd, gamma, beta, s);
 }
