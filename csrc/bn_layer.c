@@ -223,6 +223,52 @@ void bn_layer_update_running(BatchNormObject *self, const bn_partial *stats)
     bn_run_update_running(self->running_mean, self->running_var, stats, momentum);
 }
 
+int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *out_obj,
+                             int training, bn_forward_call *call)
+{
+    *call = (bn_forward_call){0};
+    call->x = bn_as_array(x_obj, self->typenum, "x");
+    if (call->x == NULL
+        || bn_get_layout(call->x, self->axis, self->num_features, &call->layout) < 0) {
+        goto fail;
+    }
+    call->y = bn_output_like(out_obj, call->x, self->typenum);
+    if (call->y == NULL || bn_check_separate(call->y, self->gamma, "gamma") < 0
+        || bn_check_separate(call->y, self->beta, "beta") < 0
+        || bn_check_separate(call->y, self->running_mean, "running_mean") < 0
+        || bn_check_separate(call->y, self->running_var, "running_var") < 0) {
+        goto fail;
+    }
+    /* backward needs x as it is now. When y is about to overwrite it, training
+       keeps a copy; inference in place (out=x) does not: it gives up backward
+       rather than copy every input */
+    call->in_place = bn_arrays_overlap(call->y, call->x);
+    call->saved_x = !call->in_place ? (PyArrayObject *)Py_NewRef(call->x)
+                    : training ? (PyArrayObject *)PyArray_NewCopy(call->x, NPY_CORDER)
+                               : NULL;
+    call->moments = bn_new_matrix(NPY_DOUBLE, 2, self->num_features);
+    call->work = bn_new_workspace(call->layout.shape);
+    if ((call->saved_x == NULL && (training || !call->in_place)) || call->moments == NULL
+        || call->work == NULL) {
+        goto fail;
+    }
+    return 0;
+
+fail:
+    bn_forward_call_clear(call);
+    return -1;
+}
+
+void bn_forward_call_clear(bn_forward_call *call)
+{
+    Py_CLEAR(call->x);
+    Py_CLEAR(call->y);
+    Py_CLEAR(call->saved_x);
+    Py_CLEAR(call->moments);
+    PyMem_Free(call->work);
+    call->work = NULL;
+}
+
 static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"x", "out", NULL};
@@ -231,88 +277,66 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
         || check_initialized(self) < 0) {
         return NULL;
     }
-    PyArrayObject *x = NULL, *y = NULL, *saved_x = NULL, *moments = NULL;
-    bn_partial *stats = NULL;
-    double *work = NULL;
+    bn_forward_call call;
     bn_saved old = {0};
-    bn_layout layout;
     size_t channels = CHANNELS(self);
-
-    x = bn_as_array(x_obj, self->typenum, "x");
-    if (x == NULL || bn_get_layout(x, self->axis, self->num_features, &layout) < 0) {
-        goto fail;
-    }
-    y = bn_output_like(out_obj, x, self->typenum);
-    if (y == NULL || bn_check_separate(y, self->gamma, "gamma") < 0
-        || bn_check_separate(y, self->beta, "beta") < 0
-        || bn_check_separate(y, self->running_mean, "running_mean") < 0
-        || bn_check_separate(y, self->running_var, "running_var") < 0) {
-        goto fail;
-    }
     /* the mode of this call, whatever another thread sets meanwhile */
     int training = self->training;
-    /* backward needs x as it is now. When y is about to overwrite it, training
-       keeps a copy; inference in place (out=x) does not: it gives up backward
-       rather than copy every input */
-    int in_place = bn_arrays_overlap(y, x);
-    saved_x = !in_place ? (PyArrayObject *)Py_NewRef(x)
-              : training ? (PyArrayObject *)PyArray_NewCopy(x, NPY_CORDER) : NULL;
-    moments = bn_new_matrix(NPY_DOUBLE, 2, self->num_features);
-    stats = PyMem_Malloc(channels * sizeof(bn_partial));
-    work = bn_new_workspace(layout.shape);
-    if ((saved_x == NULL && (training || !in_place)) || moments == NULL || stats == NULL
-        || work == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_NoMemory();
-        }
+    if (bn_layer_prepare_forward(self, x_obj, out_obj, training, &call) < 0) {
+        return NULL;
+    }
+    PyArrayObject *x = call.x, *y = call.y;
+    bn_shape shape = call.layout.shape;
+    double *work = call.work;
+    bn_partial *stats = PyMem_Malloc(channels * sizeof(bn_partial));
+    if (stats == NULL) {
+        PyErr_NoMemory();
         goto fail;
     }
 
     lock_layer(self);
     int batch_stats = training || !self->track_running_stats;
-    double *mean = PyArray_DATA(moments), *invstd = mean + channels;
-    if (batch_stats && bn_check_batch_size(x, &layout, training
+    double *mean = PyArray_DATA(call.moments), *invstd = mean + channels;
+    if (batch_stats && bn_check_batch_size(x, &call.layout, training
                                            ? "training" : "using batch statistics") < 0) {
         goto fail_locked;
     }
     if (batch_stats) {
         bn_run_forward_train(y, stats, mean, invstd, work, x, self->gamma, self->beta,
-                             self->eps, layout.shape);
+                             self->eps, shape);
         if (training && bn_layer_check_finite_stats(stats, channels) < 0) {
-            if (in_place) { /* put the caller's x back: a failed call changes nothing */
-                memcpy(PyArray_DATA(y), PyArray_DATA(saved_x), (size_t)PyArray_NBYTES(y));
+            if (call.in_place) { /* put the caller's x back: a failed call changes nothing */
+                memcpy(PyArray_DATA(y), PyArray_DATA(call.saved_x),
+                       (size_t)PyArray_NBYTES(y));
             }
             goto fail_locked;
         }
     }
     else {
         bn_run_running_moments(mean, invstd, self->running_mean, self->running_var, self->eps);
-        bn_run_forward(y, work, x, mean, invstd, self->gamma, self->beta, layout.shape);
+        bn_run_forward(y, work, x, mean, invstd, self->gamma, self->beta, shape);
     }
-    /* nothing fails from here on: commit */
-    if (training && self->track_running_stats && bn_count(layout.shape) > 0) {
+    /* nothing fails from here on: commit (the saved values move to the layer) */
+    if (training && self->track_running_stats && bn_count(shape) > 0) {
         bn_layer_update_running(self, stats);
     }
-    bn_layer_replace_saved(self, saved_x, moments, layout.shape, batch_stats,
-                           (double)bn_count(layout.shape), &old);
+    bn_layer_replace_saved(self, call.saved_x, call.moments, shape, batch_stats,
+                           (double)bn_count(shape), &old);
+    call.saved_x = call.moments = NULL;
     unlock_layer(self);
 
     Py_XDECREF(old.x);
     Py_XDECREF(old.moments);
     PyMem_Free(stats);
-    PyMem_Free(work);
-    Py_DECREF(x);
+    call.y = NULL; /* returned */
+    bn_forward_call_clear(&call);
     return (PyObject *)y;
 
 fail_locked:
     unlock_layer(self);
 fail:
     PyMem_Free(stats);
-    PyMem_Free(work);
-    Py_XDECREF(x);
-    Py_XDECREF(y);
-    Py_XDECREF(saved_x);
-    Py_XDECREF(moments);
+    bn_forward_call_clear(&call);
     return NULL;
 }
 

@@ -71,6 +71,25 @@ static inline int check_initialized(BatchNormObject *self)
     return 0;
 }
 
+/* What a forward prepares before it takes the layer's lock: every reference
+ * is owned by the struct (bn_forward_call_clear releases them). */
+typedef struct {
+    PyArrayObject *x;       /* the input in the layer's dtype */
+    PyArrayObject *y;       /* out (checked) or a new output */
+    PyArrayObject *saved_x; /* for backward: x, a copy of it (training in place),
+                               or NULL (inference in place: no backward) */
+    PyArrayObject *moments; /* (2, C) float64 */
+    double *work;           /* bn_workspace_size doubles */
+    bn_layout layout;
+    int in_place;           /* y is x itself */
+} bn_forward_call;
+
+/* Convert x, check it and out, allocate what the call needs. -1 with an
+ * error on failure (call is then cleared). */
+int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *out_obj,
+                             int training, bn_forward_call *call);
+void bn_forward_call_clear(bn_forward_call *call);
+
 /* Keep the new saved values; the old ones go to *old (decref them after
  * unlocking: freeing an array may run arbitrary code). */
 void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObject *moments,

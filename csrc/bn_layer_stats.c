@@ -272,33 +272,21 @@ PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, Py
         || check_initialized(self) < 0) {
         return NULL;
     }
-    PyArrayObject *x = NULL, *y = NULL, *saved_x = NULL, *moments = NULL, *stats = NULL;
-    double *work = NULL;
+    bn_forward_call call;
     bn_saved old = {0};
-    bn_layout layout;
     size_t channels = CHANNELS(self);
-
-    x = bn_as_array(x_obj, self->typenum, "x");
-    if (x == NULL || bn_get_layout(x, self->axis, self->num_features, &layout) < 0) {
-        goto fail;
+    int training = self->training; /* this call's mode */
+    if (bn_layer_prepare_forward(self, x_obj, out_obj, training, &call) < 0) {
+        return NULL;
     }
-    stats = absolute_stats(stats_obj, shift_obj, self->num_features);
-    y = stats ? bn_output_like(out_obj, x, self->typenum) : NULL;
-    if (y == NULL) {
-        goto fail;
-    }
-    saved_x = bn_arrays_overlap(y, x) ? (PyArrayObject *)PyArray_NewCopy(x, NPY_CORDER)
-                                      : (PyArrayObject *)Py_NewRef(x);
-    moments = bn_new_matrix(NPY_DOUBLE, 2, self->num_features);
-    work = bn_new_workspace(layout.shape);
-    if (saved_x == NULL || moments == NULL || work == NULL) {
+    PyArrayObject *stats = absolute_stats(stats_obj, shift_obj, self->num_features);
+    if (stats == NULL) {
         goto fail;
     }
     const bn_partial *p = PyArray_DATA(stats);
-    double *mean = PyArray_DATA(moments), *invstd = mean + channels;
+    double *mean = PyArray_DATA(call.moments), *invstd = mean + channels;
 
     lock_layer(self);
-    int training = self->training;
     if (!training && self->track_running_stats) {
         PyErr_SetString(PyExc_ValueError,
                         "_forward_from_stats normalizes with batch statistics; in eval mode "
@@ -310,29 +298,29 @@ PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, Py
         goto fail_locked;
     }
     bn_batch_moments(mean, invstd, p, channels, self->eps);
-    bn_run_forward(y, work, x, mean, invstd, self->gamma, self->beta, layout.shape);
+    bn_run_forward(call.y, call.work, call.x, mean, invstd, self->gamma, self->beta,
+                   call.layout.shape);
     if (training && self->track_running_stats) {
         bn_layer_update_running(self, p);
     }
-    bn_layer_replace_saved(self, saved_x, moments, layout.shape, 1, p[0].count, &old);
+    bn_layer_replace_saved(self, call.saved_x, call.moments, call.layout.shape, 1, p[0].count,
+                           &old);
+    call.saved_x = call.moments = NULL; /* now the layer's */
     unlock_layer(self);
 
     Py_XDECREF(old.x);
     Py_XDECREF(old.moments);
-    PyMem_Free(work);
-    Py_DECREF(x);
     Py_DECREF(stats);
-    return (PyObject *)y;
+    PyObject *y = (PyObject *)call.y;
+    call.y = NULL; /* returned */
+    bn_forward_call_clear(&call);
+    return y;
 
 fail_locked:
     unlock_layer(self);
 fail:
-    PyMem_Free(work);
-    Py_XDECREF(x);
-    Py_XDECREF(y);
-    Py_XDECREF(saved_x);
-    Py_XDECREF(moments);
     Py_XDECREF(stats);
+    bn_forward_call_clear(&call);
     return NULL;
 }
 

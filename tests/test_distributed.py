@@ -109,3 +109,13 @@ def test_ranks_match_one_process_on_the_concatenated_batch(mpi, ranks):
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("SyncBatchNorm matches one process") == ranks
+
+
+def test_forward_from_stats_checks_out_like_forward():
+    """The hook shares forward's checks: out may not alias the layer's gamma."""
+    layer = bnpy.BatchNorm(3, dtype=np.float64)
+    x = np.random.default_rng(3).normal(size=(1, 3))
+    stats = layer._stats_of([x, x + 1.0])
+    with pytest.raises(ValueError, match="gamma"):
+        layer._forward_from_stats(x, stats, out=layer.gamma.reshape(1, 3))
+    np.testing.assert_array_equal(layer.gamma, np.ones(3))
