@@ -23,30 +23,35 @@
 /* the row x[o][c][:] */
 #define ROW(ptr, o, c, s) ((ptr) + ((o) * (s).channels + (c)) * (s).inner)
 
-/* ---- vectors of 8 elements, as doubles ----------------------------------- */
+/* ---- sixteen elements at a time, as two vectors of doubles -------------- */
 
-/* p[0 .. 8) as doubles */
-BN_INLINE bn_vec NAME(load_vec)(const T *p)
+/* *lo, *hi <- p[0 .. 8), p[8 .. 16) as doubles */
+BN_INLINE void NAME(load_pair)(bn_vec *lo, bn_vec *hi, const T *p)
 {
 #if BN_ELEMENT_IS_FLOAT
-    bn_vec_f32 v;
+    bn_vec16_f32 v;
     memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, bn_vec);
+    bn_vec16 wide = __builtin_convertvector(v, bn_vec16);
+    memcpy(lo, &wide, sizeof *lo);
+    memcpy(hi, (const char *)&wide + sizeof *lo, sizeof *hi);
 #else
-    bn_vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
+    memcpy(lo, p, sizeof *lo);
+    memcpy(hi, p + 8, sizeof *hi);
 #endif
 }
 
-/* p[0 .. 8) <- v rounded to T */
-BN_INLINE void NAME(store_vec)(T *p, const bn_vec *v)
+/* p[0 .. 16) <- lo, hi rounded to T */
+BN_INLINE void NAME(store_pair)(T *p, const bn_vec *lo, const bn_vec *hi)
 {
 #if BN_ELEMENT_IS_FLOAT
-    bn_vec_f32 rounded = __builtin_convertvector(*v, bn_vec_f32);
+    bn_vec16 wide;
+    memcpy(&wide, lo, sizeof *lo);
+    memcpy((char *)&wide + sizeof *lo, hi, sizeof *hi);
+    bn_vec16_f32 rounded = __builtin_convertvector(wide, bn_vec16_f32);
     memcpy(p, &rounded, sizeof rounded);
 #else
-    memcpy(p, v, sizeof *v);
+    memcpy(p, lo, sizeof *lo);
+    memcpy(p + 8, hi, sizeof *hi);
 #endif
 }
 
@@ -59,11 +64,13 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
     bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
     size_t i = 0;
     for (; i + BN_LANES <= n; i += BN_LANES) {
-        bn_vec ga = NAME(load_vec)(dy + i), gb = NAME(load_vec)(dy + i + 8);
+        bn_vec ga, gb, xa, xb;
+        NAME(load_pair)(&ga, &gb, dy + i);
+        NAME(load_pair)(&xa, &xb, x + i);
         a += ga;
         b += gb;
-        a2 += ga * (NAME(load_vec)(x + i) - mean);
-        b2 += gb * (NAME(load_vec)(x + i + 8) - mean);
+        a2 += ga * (xa - mean);
+        b2 += gb * (xb - mean);
     }
     double tail = 0.0, tail2 = 0.0;
     for (; i < n; i++) {
@@ -98,8 +105,10 @@ BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t)
         }
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            a += NAME(load_vec)(row + i);
-            b += NAME(load_vec)(row + i + 8);
+            bn_vec va, vb;
+            NAME(load_pair)(&va, &vb, row + i);
+            a += va;
+            b += vb;
         }
         for (; i < t.i1; i++) {
             tail += (double)row[i];
@@ -121,12 +130,13 @@ BN_INLINE double NAME(tile_sum_normalizing)(const T *f, T *y, const T *x, bn_sha
         T *y_row = TILE_ROW(y, o, s);
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            a += NAME(load_vec)(row + i);
-            b += NAME(load_vec)(row + i + 8);
-            bn_vec ya = (NAME(load_vec)(x_row + i) - mean) * scale + shift;
-            bn_vec yb = (NAME(load_vec)(x_row + i + 8) - mean) * scale + shift;
-            NAME(store_vec)(y_row + i, &ya);
-            NAME(store_vec)(y_row + i + 8, &yb);
+            bn_vec va, vb, xa, xb;
+            NAME(load_pair)(&va, &vb, row + i);
+            NAME(load_pair)(&xa, &xb, x_row + i);
+            a += va;
+            b += vb;
+            bn_vec ya = (xa - mean) * scale + shift, yb = (xb - mean) * scale + shift;
+            NAME(store_pair)(y_row + i, &ya, &yb);
         }
         for (; i < t.i1; i++) {
             tail += (double)row[i];
@@ -158,8 +168,9 @@ BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t
         const T *row = TILE_ROW(f, o, s);
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            bn_vec da = (NAME(load_vec)(row + i) - shift) - mean;
-            bn_vec db = (NAME(load_vec)(row + i + 8) - shift) - mean;
+            bn_vec va, vb;
+            NAME(load_pair)(&va, &vb, row + i);
+            bn_vec da = (va - shift) - mean, db = (vb - shift) - mean;
             a += da;
             b += db;
             a2 += da * da;
@@ -292,18 +303,23 @@ BN_INLINE void NAME(dx_tail)(T *dx, const T *dy, const T *x, size_t i, size_t n,
     }
 }
 
-/* dx[i .. i + 8) of one row, exactly as dx_tail rounds it */
+/* dx[i .. i + 16) of one row, exactly as dx_tail rounds it */
 BN_INLINE void NAME(dx_vec)(T *dx, const T *dy, const T *x, size_t i,
                             const bn_dx_coefficients *k, int training)
 {
-    bn_vec g = NAME(load_vec)(dy + i), v;
+    bn_vec ga, gb, va, vb;
+    NAME(load_pair)(&ga, &gb, dy + i);
     if (training) {
-        v = k->scale * (g - k->mean_dy - (NAME(load_vec)(x + i) - k->mean) * k->dev_coef);
+        bn_vec xa, xb;
+        NAME(load_pair)(&xa, &xb, x + i);
+        va = k->scale * (ga - k->mean_dy - (xa - k->mean) * k->dev_coef);
+        vb = k->scale * (gb - k->mean_dy - (xb - k->mean) * k->dev_coef);
     }
     else {
-        v = g * k->scale;
+        va = ga * k->scale;
+        vb = gb * k->scale;
     }
-    NAME(store_vec)(dx + i, &v);
+    NAME(store_pair)(dx + i, &va, &vb);
 }
 
 /* The sums of feature `next` over one row (as row_grad_sums computes them)
@@ -318,13 +334,14 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
     bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
     size_t i = 0;
     for (; i + BN_LANES <= n; i += BN_LANES) {
-        bn_vec ga = NAME(load_vec)(next_dy + i), gb = NAME(load_vec)(next_dy + i + 8);
+        bn_vec ga, gb, xa, xb;
+        NAME(load_pair)(&ga, &gb, next_dy + i);
+        NAME(load_pair)(&xa, &xb, next_x + i);
         a += ga;
         b += gb;
-        a2 += ga * (NAME(load_vec)(next_x + i) - next_mean);
-        b2 += gb * (NAME(load_vec)(next_x + i + 8) - next_mean);
+        a2 += ga * (xa - next_mean);
+        b2 += gb * (xb - next_mean);
         NAME(dx_vec)(dx, dy, x, i, k, training);
-        NAME(dx_vec)(dx, dy, x, i + 8, k, training);
     }
     double tail = 0.0, tail2 = 0.0;
     for (size_t j = i; j < n; j++) {
@@ -365,7 +382,7 @@ BN_CLONES static void NAME(planar_backward_range)(T *dx, double *dgamma, double 
             }
             else {
                 size_t i = 0;
-                for (; i + 8 <= s.inner; i += 8) {
+                for (; i + BN_LANES <= s.inner; i += BN_LANES) {
                     NAME(dx_vec)(dx_row, dy_row, x_row, i, &k, training);
                 }
                 NAME(dx_tail)(dx_row, dy_row, x_row, i, s.inner, &k, training);
@@ -827,7 +844,7 @@ BN_CLONES static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
         T *dx_row = dx + r * s.inner;
         const T *dy_row = dy + r * s.inner, *x_row = x + r * s.inner;
         size_t i = 0;
-        for (; i + 8 <= s.inner; i += 8) {
+        for (; i + BN_LANES <= s.inner; i += BN_LANES) {
             NAME(dx_vec)(dx_row, dy_row, x_row, i, kc, training);
         }
         NAME(dx_tail)(dx_row, dy_row, x_row, i, s.inner, kc, training);
