@@ -6,6 +6,7 @@
  */
 #include "bn_kernels.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 

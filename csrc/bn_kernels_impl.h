@@ -55,6 +55,47 @@ BN_INLINE void NAME(store_pair)(T *p, const bn_vec *lo, const bn_vec *hi)
 #endif
 }
 
+/* The first pass's running sum of 16 lanes of x - about, kept in T: for
+ * floats it needs no conversion to double, and its rounding does not matter
+ * (the second pass corrects the mean it gives). About a value of the data,
+ * a constant feature sums to exactly 0. */
+#if BN_ELEMENT_IS_FLOAT
+typedef bn_vec16_f32 NAME(bn_rough);
+
+BN_INLINE void NAME(rough_add)(NAME(bn_rough) *sum, const T *p, T about)
+{
+    bn_vec16_f32 v;
+    memcpy(&v, p, sizeof v);
+    *sum += v - about;
+}
+
+BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
+{
+    bn_vec16 wide = __builtin_convertvector(*sum, bn_vec16);
+    bn_vec lo, hi;
+    memcpy(&lo, &wide, sizeof lo);
+    memcpy(&hi, (const char *)&wide + sizeof lo, sizeof hi);
+    return bn_lanes_total(&lo, &hi);
+}
+#else
+typedef struct {
+    bn_vec lo, hi;
+} NAME(bn_rough);
+
+BN_INLINE void NAME(rough_add)(NAME(bn_rough) *sum, const T *p, T about)
+{
+    bn_vec lo, hi;
+    NAME(load_pair)(&lo, &hi, p);
+    sum->lo += lo - about;
+    sum->hi += hi - about;
+}
+
+BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
+{
+    return bn_lanes_total(&sum->lo, &sum->hi);
+}
+#endif
+
 /* ---- planar rows: two 8-lane accumulators, then the scalar tail ------------ */
 
 /* *sum_dy += sum dy, *sum_dy_dev += sum dy * (x - mean) */
@@ -92,11 +133,36 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
 
 #define TILE_ROW(f, o, s) ((f) + (o) * (s).channels * (s).inner)
 
-/* the sum of the values of tile t (the first pass: its rounding does not
- * matter, the second pass corrects the mean it gives) */
-BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t)
+/* the value of T the first pass takes x about: the shift, or 0 when the
+ * shift is beyond T's range (converting it would be undefined) */
+BN_INLINE T NAME(rough_about)(double shift)
 {
-    bn_vec a = {0}, b = {0};
+#if BN_ELEMENT_IS_FLOAT
+    return shift >= -FLT_MAX && shift <= FLT_MAX ? (T)shift : (T)0;
+#else
+    return isfinite(shift) ? shift : 0.0;
+#endif
+}
+
+/* the sum of x - about over tile t, in double: the first pass's fallback when
+ * its sums in T overflow (floats near FLT_MAX) */
+static double NAME(tile_sum_wide)(const T *f, bn_shape s, bn_tile t, T about)
+{
+    double sum = 0.0;
+    for (size_t o = t.o0; o < t.o1; o++) {
+        const T *row = TILE_ROW(f, o, s);
+        for (size_t i = t.i0; i < t.i1; i++) {
+            sum += (double)row[i] - (double)about;
+        }
+    }
+    return sum;
+}
+
+/* the sum of x - about over tile t (the first pass: its rounding does not
+ * matter, the second pass corrects the mean it gives) */
+BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t, T about)
+{
+    NAME(bn_rough) sum = {0};
     double tail = 0.0;
     for (size_t o = t.o0; o < t.o1; o++) {
         const T *row = TILE_ROW(f, o, s);
@@ -105,45 +171,14 @@ BN_INLINE double NAME(tile_sum)(const T *f, bn_shape s, bn_tile t)
         }
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            bn_vec va, vb;
-            NAME(load_pair)(&va, &vb, row + i);
-            a += va;
-            b += vb;
+            NAME(rough_add)(&sum, row + i, about);
         }
         for (; i < t.i1; i++) {
-            tail += (double)row[i];
+            tail += (double)(row[i] - about);
         }
     }
-    return bn_lanes_total(&a, &b) + tail;
-}
-
-/* the sum of the values of tile t while each of its places is normalized
- * from the current feature: y <- (x - mean) * scale + shift. One loop, so
- * the next feature's reads from memory overlap the current one's writes. */
-BN_INLINE double NAME(tile_sum_normalizing)(const T *f, T *y, const T *x, bn_shape s, bn_tile t,
-                                            double mean, double scale, double shift)
-{
-    bn_vec a = {0}, b = {0};
-    double tail = 0.0;
-    for (size_t o = t.o0; o < t.o1; o++) {
-        const T *row = TILE_ROW(f, o, s), *x_row = TILE_ROW(x, o, s);
-        T *y_row = TILE_ROW(y, o, s);
-        size_t i = t.i0;
-        for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            bn_vec va, vb, xa, xb;
-            NAME(load_pair)(&va, &vb, row + i);
-            NAME(load_pair)(&xa, &xb, x_row + i);
-            a += va;
-            b += vb;
-            bn_vec ya = (xa - mean) * scale + shift, yb = (xb - mean) * scale + shift;
-            NAME(store_pair)(y_row + i, &ya, &yb);
-        }
-        for (; i < t.i1; i++) {
-            tail += (double)row[i];
-            y_row[i] = (T)(((double)x_row[i] - mean) * scale + shift);
-        }
-    }
-    return bn_lanes_total(&a, &b) + tail;
+    double total = NAME(rough_total)(&sum) + tail;
+    return isfinite(total) ? total : NAME(tile_sum_wide)(f, s, t, about);
 }
 
 /* the first value of feature c: the shift its statistics are taken about,
@@ -154,36 +189,59 @@ BN_INLINE double NAME(first_value)(const T *x, bn_shape s, size_t c)
     return bn_count(s) > 0 ? (double)x[c * s.inner] : 0.0;
 }
 
-/* the statistics of tile t, less `shift`, from the sum of its values: the
- * second pass, while the tile is in L1. The first-pass mean may be off in
- * its last bits (a sum of large values); the deviations from it, taken
- * exactly about the shift, correct it. */
-BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t, double sum,
-                                               double shift)
+/* The statistics of tile t, less `shift`, from the sum of its values less
+ * (T)shift (tile_sum): the second pass, while the tile is in L1. The first-pass mean may be off in
+ * its last bits (or more, for a float sum); the deviations from it correct
+ * it. With y given, the same loop normalizes the tile's places in the
+ * current feature: y <- (x - mean) * scale + beta, so that the stores (and
+ * the reads of x, from L2) keep memory busy while the deviations are summed. */
+BN_INLINE bn_partial NAME(tile_stats_normalizing)(const T *f, bn_shape s, bn_tile t, double sum,
+                                                  double shift, T *y, const T *x, double mean,
+                                                  double scale, double beta)
 {
-    double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), mean = sum / count - shift;
+    double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0));
+    double center = (double)NAME(rough_about)(shift) + sum / count;
     bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
     double tail = 0.0, tail2 = 0.0;
     for (size_t o = t.o0; o < t.o1; o++) {
-        const T *row = TILE_ROW(f, o, s);
+        const T *row = TILE_ROW(f, o, s), *x_row = y ? TILE_ROW(x, o, s) : NULL;
+        T *y_row = y ? TILE_ROW(y, o, s) : NULL;
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
             bn_vec va, vb;
             NAME(load_pair)(&va, &vb, row + i);
-            bn_vec da = (va - shift) - mean, db = (vb - shift) - mean;
+            bn_vec da = va - center, db = vb - center;
             a += da;
             b += db;
             a2 += da * da;
             b2 += db * db;
+            if (y) {
+                bn_vec xa, xb;
+                NAME(load_pair)(&xa, &xb, x_row + i);
+                bn_vec ya = (xa - mean) * scale + beta, yb = (xb - mean) * scale + beta;
+                NAME(store_pair)(y_row + i, &ya, &yb);
+            }
         }
         for (; i < t.i1; i++) {
-            double d = ((double)row[i] - shift) - mean;
+            double d = (double)row[i] - center;
             tail += d;
             tail2 += d * d;
+            if (y) {
+                y_row[i] = (T)(((double)x_row[i] - mean) * scale + beta);
+            }
         }
     }
-    return bn_corrected(count, mean, bn_lanes_total(&a, &b) + tail,
+    /* center - shift: exact when both are near the data (Sterbenz), which is
+       where it matters */
+    return bn_corrected(count, center - shift, bn_lanes_total(&a, &b) + tail,
                         bn_lanes_total(&a2, &b2) + tail2);
+}
+
+/* the statistics of tile t, less `shift`, from tile_sum's sum */
+BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t, double sum,
+                                               double shift)
+{
+    return NAME(tile_stats_normalizing)(f, s, t, sum, shift, NULL, NULL, 0.0, 0.0, 0.0);
 }
 
 /* the statistics of feature c less `shift`, its tiles merged in order (with
@@ -194,7 +252,7 @@ BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c
     bn_partial total = {0.0, 0.0, 0.0};
     for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
         bn_tile t = bn_tile_at(s, k);
-        bn_partial tile = NAME(tile_stats_from_sum)(f, s, t, NAME(tile_sum)(f, s, t), shift);
+        bn_partial tile = NAME(tile_stats_from_sum)(f, s, t, NAME(tile_sum)(f, s, t, NAME(rough_about)(shift)), shift);
         bn_partial_merge(&total, &tile);
     }
     return total;
@@ -241,8 +299,10 @@ BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, 
         bn_partial total = {0.0, 0.0, 0.0};
         for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
             bn_tile t = bn_tile_at(s, k);
-            double sum = NAME(tile_sum_normalizing)(next, out, cur, s, t, mean[c], scale, shift);
-            bn_partial tile = NAME(tile_stats_from_sum)(next, s, t, sum, next_first);
+            bn_partial tile = NAME(tile_stats_normalizing)(next, s, t, NAME(tile_sum)(next, s, t,
+                                                                          NAME(rough_about)(next_first)),
+                                                           next_first, out, cur, mean[c],
+                                                           scale, shift);
             bn_partial_merge(&total, &tile);
         }
         bn_partial_unshift(&total, &next_first, 1);
@@ -568,7 +628,8 @@ BN_CLONES static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
         for (size_t c = 0; c < s.channels; c++) {
             const T *row = ROW(x, o, c, s);
             bn_partial tile = NAME(tile_stats_from_sum)(row, s, row_tile,
-                                                        NAME(tile_sum)(row, s, row_tile),
+                                                        NAME(tile_sum)(row, s, row_tile,
+                                                                       NAME(rough_about)(about[c])),
                                                         about[c]);
             bn_partial_merge(&partial[c], &tile);
         }
