@@ -46,6 +46,7 @@
 enum {
     BN_LANES = 16,           /* lanes of a bn_lanes vector: independent accumulators */
     BN_GROUP_ROWS = 4096,    /* interleaved rows per reduction task: fixed by the shape */
+    BN_CENTER_ROWS = 16,     /* interleaved: wide rows whose mean centers the sums */
     BN_SHORT_ROW = 320,      /* planar rows shorter than this: passes in memory order
                                 (measured: rows of 49 and 196 values gain 2-3x, rows of
                                 400 and 784 are faster pipelined feature by feature) */
@@ -128,10 +129,10 @@ static size_t bn_planar_groups(bn_shape s)
 size_t bn_workspace_size(bn_shape s)
 {
     /* four coefficient vectors of a wide row (R >= C); interleaved
-     * reductions: per row group, C partials (3 doubles each) and 2R lanes;
+     * reductions: per row group, C partials (3 doubles each) and 3R lanes;
      * planar reductions in memory order: per group, C partials or 2C sums */
     size_t R = bn_fold(s.channels) * s.channels;
-    return 4 * R + bn_row_groups(s) * (3 * s.channels + 2 * R)
+    return 4 * R + bn_row_groups(s) * (3 * s.channels + 3 * R)
            + bn_planar_groups(s) * 3 * s.channels;
 }
 

