@@ -96,33 +96,6 @@ BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
 }
 #endif
 
-/* ---- planar rows: two 8-lane accumulators, then the scalar tail ------------ */
-
-/* *sum_dy += sum dy, *sum_dy_dev += sum dy * (x - mean) */
-BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *dy,
-                                   const T *x, size_t n, double mean)
-{
-    bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
-    size_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        bn_vec ga, gb, xa, xb;
-        NAME(load_pair)(&ga, &gb, dy + i);
-        NAME(load_pair)(&xa, &xb, x + i);
-        a += ga;
-        b += gb;
-        a2 += ga * (xa - mean);
-        b2 += gb * (xb - mean);
-    }
-    double tail = 0.0, tail2 = 0.0;
-    for (; i < n; i++) {
-        double g = (double)dy[i];
-        tail += g;
-        tail2 += g * ((double)x[i] - mean);
-    }
-    *sum_dy += bn_lanes_total(&a, &b) + tail;
-    *sum_dy_dev += bn_lanes_total(&a2, &b2) + tail2;
-}
-
 /* ---- planar tiles ---------------------------------------------------------
  * A feature's statistics come tile by tile (bn_tile_at): each tile is small
  * enough for L1, so its second pass is cheap, and holds either several whole
@@ -382,9 +355,21 @@ BN_INLINE void NAME(dx_vec)(T *dx, const T *dy, const T *x, size_t i,
     NAME(store_pair)(dx + i, &va, &vb);
 }
 
-/* The sums of feature `next` over one row (as row_grad_sums computes them)
- * while dx of the current feature's row is written: one loop, so the reads
- * from memory and the writes overlap. */
+/* dx[0 .. n) of one row */
+BN_INLINE void NAME(dx_row)(T *dx, const T *dy, const T *x, size_t n,
+                            const bn_dx_coefficients *k, int training)
+{
+    size_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        NAME(dx_vec)(dx, dy, x, i, k, training);
+    }
+    NAME(dx_tail)(dx, dy, x, i, n, k, training);
+}
+
+/* The sums of feature `next` over one row: *sum_dy += sum dy,
+ * *sum_dy_dev += sum dy * (x - next_mean). With dx given, the same loop writes
+ * dx of the current feature's row, so the reads from memory and the writes
+ * overlap; either way the sums add in the same order. */
 BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev,
                                               const T *next_dy, const T *next_x,
                                               double next_mean, T *dx, const T *dy,
@@ -401,7 +386,9 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
         b += gb;
         a2 += ga * (xa - next_mean);
         b2 += gb * (xb - next_mean);
-        NAME(dx_vec)(dx, dy, x, i, k, training);
+        if (dx) {
+            NAME(dx_vec)(dx, dy, x, i, k, training);
+        }
     }
     double tail = 0.0, tail2 = 0.0;
     for (size_t j = i; j < n; j++) {
@@ -409,9 +396,19 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
         tail += g;
         tail2 += g * ((double)next_x[j] - next_mean);
     }
-    NAME(dx_tail)(dx, dy, x, i, n, k, training);
+    if (dx) {
+        NAME(dx_tail)(dx, dy, x, i, n, k, training);
+    }
     *sum_dy += bn_lanes_total(&a, &b) + tail;
     *sum_dy_dev += bn_lanes_total(&a2, &b2) + tail2;
+}
+
+/* *sum_dy += sum dy, *sum_dy_dev += sum dy * (x - mean) over one row */
+BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *dy,
+                                   const T *x, size_t n, double mean)
+{
+    NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, NULL, NULL, NULL, n, NULL,
+                                   0);
 }
 
 /* Backward of features c0 .. c1 - 1, pipelined like the training forward:
@@ -441,11 +438,7 @@ BN_CLONES static void NAME(planar_backward_range)(T *dx, double *dgamma, double 
                                                dy_row, x_row, s.inner, &k, training);
             }
             else {
-                size_t i = 0;
-                for (; i + BN_LANES <= s.inner; i += BN_LANES) {
-                    NAME(dx_vec)(dx_row, dy_row, x_row, i, &k, training);
-                }
-                NAME(dx_tail)(dx_row, dy_row, x_row, i, s.inner, &k, training);
+                NAME(dx_row)(dx_row, dy_row, x_row, s.inner, &k, training);
             }
         }
     }
@@ -455,22 +448,6 @@ BN_CLONES static void NAME(planar_backward_range)(T *dx, double *dgamma, double 
  * Rows go in "wide rows" of `fold` rows, R = fold * C values, so that even a
  * few features give a loop long enough to vectorize: lane l of a wide row
  * holds feature l % C, and per-feature coefficients are repeated fold times. */
-
-/* partial[C] <- the lanes' statistics (mean[R] less the shift, m2[R]) of a
- * group of `wide` wide rows, `rest` lanes holding one more value: the fold
- * lanes of each feature merged in order */
-static void NAME(interleaved_merge_lanes)(bn_partial *partial, const double *mean,
-                                          const double *m2, size_t C, size_t R, size_t wide,
-                                          size_t rest)
-{
-    for (size_t c = 0; c < C; c++) {
-        partial[c] = (bn_partial){0.0, 0.0, 0.0};
-        for (size_t l = c; l < R; l += C) {
-            bn_partial lane = {(double)(wide + (l < rest)), mean[l], m2[l]};
-            bn_partial_merge(&partial[c], &lane);
-        }
-    }
-}
 
 /* partial[C] <- the statistics of rows o0 .. o1 of every feature, less the
  * shift (repeated over a wide row in shift_wide[R]). Lane by lane down the
@@ -508,15 +485,17 @@ BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double 
             sum2[l] += d * d;
         }
     }
-    for (size_t l = 0; l < R; l++) { /* sum -> the mean less the shift, sum2 -> m2 */
-        double count = (double)(wide + (l < rest));
-        bn_partial lane = count > 0.0 ? bn_corrected(count, center[l] - shift_wide[l], sum[l],
-                                                     sum2[l])
-                                      : (bn_partial){0.0, 0.0, 0.0};
-        sum[l] = lane.mean;
-        sum2[l] = lane.m2;
+    for (size_t c = 0; c < C; c++) { /* the fold lanes of each feature, in order */
+        partial[c] = (bn_partial){0.0, 0.0, 0.0};
+        for (size_t l = c; l < R; l += C) {
+            double count = (double)(wide + (l < rest));
+            if (count > 0.0) {
+                bn_partial lane = bn_corrected(count, center[l] - shift_wide[l], sum[l],
+                                               sum2[l]);
+                bn_partial_merge(&partial[c], &lane);
+            }
+        }
     }
-    NAME(interleaved_merge_lanes)(partial, sum, sum2, C, R, wide, rest);
 }
 
 /* sums[2C] <- sum dy and sum dy * (x - mean) of rows o0 .. o1 per feature,
@@ -933,11 +912,7 @@ BN_CLONES static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
         const bn_dx_coefficients *kc = &k[r % s.channels];
         T *dx_row = dx + r * s.inner;
         const T *dy_row = dy + r * s.inner, *x_row = x + r * s.inner;
-        size_t i = 0;
-        for (; i + BN_LANES <= s.inner; i += BN_LANES) {
-            NAME(dx_vec)(dx_row, dy_row, x_row, i, kc, training);
-        }
-        NAME(dx_tail)(dx_row, dy_row, x_row, i, s.inner, kc, training);
+        NAME(dx_row)(dx_row, dy_row, x_row, s.inner, kc, training);
     }
 }
 
