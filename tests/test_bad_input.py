@@ -18,17 +18,13 @@ import numpy as np
 import pytest
 
 import bnpy
+from bitwise import bits
 
 C = 3
 
 
 def data(shape, seed=0, dtype=np.float64):
     return (np.random.default_rng(seed).standard_normal(shape) * 2 + 0.5).astype(dtype)
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.dtype.str, a.shape, a.tobytes()
 
 
 class ArrayRaises:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import bnpy
+from bitwise import bits
 
 C = 3
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
@@ -43,11 +44,6 @@ LAYERS = {
 
 def data(shape, seed, dtype=np.float64):
     return (np.random.default_rng(seed).standard_normal(shape) * 2 + 1).astype(dtype)
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.dtype.str, a.shape, a.tobytes()
 
 
 def state(bn):

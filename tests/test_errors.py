@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import bnpy
+from bitwise import bits
 
 C = 3
 
@@ -24,11 +25,6 @@ def data(shape, seed=0):
 def shape_text(shape):
     """A shape as Python prints it, ready for pytest.raises(match=...)."""
     return re.escape(str(tuple(shape)))
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.dtype.str, a.shape, a.tobytes()
 
 
 # --- the layer: exact messages ----------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import bnpy
+from bitwise import bits
 
 C = 4
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
@@ -32,11 +33,6 @@ LAYOUTS = {
 def data(shape, seed, dtype):
     rng = np.random.default_rng(seed)
     return (rng.standard_normal(shape) * 2 + rng.uniform(-3, 3)).astype(dtype)
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.dtype.str, a.shape, a.tobytes()
 
 
 def native_copy(a):

@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 
 import bnpy
+from bnpy import reference
+from bnpy.reference import batch_stats, normalize
+from bitwise import bits
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
@@ -27,44 +30,9 @@ def data(shape, seed=0, scale=3.0, offset=1.0):
     return np.random.default_rng(seed).standard_normal(shape) * scale + offset
 
 
-def _along(v, x, axis):
-    """Reshape a (C,) vector to broadcast along x's feature axis."""
-    shape = [1] * x.ndim
-    shape[axis % x.ndim] = -1
-    return np.asarray(v, np.float64).reshape(shape)
-
-
-def batch_moments(x, axis=1):
-    x = np.asarray(x, np.float64)
-    flat = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-    return flat.mean(axis=0), flat.var(axis=0)
-
-
-def normalize(x, mean, var, gamma=None, beta=None, eps=1e-5, axis=1):
-    x = np.asarray(x, np.float64)
-    y = (x - _along(mean, x, axis)) / np.sqrt(_along(var, x, axis) + eps)
-    if gamma is not None:
-        y = y * _along(gamma, x, axis)
-    if beta is not None:
-        y = y + _along(beta, x, axis)
-    return y
-
-
 def train_grads(dy, x, gamma=None, eps=1e-5, axis=1):
     """(dx, dgamma, dbeta) of training-mode batch normalization."""
-    x = np.asarray(x, np.float64)
-    dy = np.asarray(dy, np.float64)
-    mean, var = batch_moments(x, axis)
-    invstd = 1.0 / np.sqrt(var + eps)
-    xhat = (x - _along(mean, x, axis)) * _along(invstd, x, axis)
-    others = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
-    n = x.size // x.shape[axis]
-    dbeta = dy.sum(axis=others)
-    dgamma = (dy * xhat).sum(axis=others)
-    g = np.ones_like(invstd) if gamma is None else np.asarray(gamma, np.float64)
-    dx = _along(g * invstd, x, axis) / n * (
-        n * dy - _along(dbeta, x, axis) - xhat * _along(dgamma, x, axis))
-    return dx, dgamma, dbeta
+    return reference.backward(dy, x, *batch_stats(x, axis), gamma, eps, axis, training=True)
 
 
 def state(bn):
@@ -80,11 +48,6 @@ def state(bn):
         g = getattr(bn, k)
         out[k] = None if g is None else (np.asarray(g).shape, np.asarray(g).tobytes())
     return out
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.dtype.str, a.shape, a.tobytes()
 
 
 # --- constructor ------------------------------------------------------------
@@ -227,7 +190,7 @@ def test_writing_through_views_changes_forward(dtype):
     bn = bnpy.BatchNorm(3, dtype=dtype)
     bn.gamma[:] = 2
     bn.beta[:] = [1, -1, 0.5]
-    mean, var = batch_moments(x.astype(dtype))
+    mean, var = batch_stats(x.astype(dtype))
     np.testing.assert_allclose(bn(x), normalize(x.astype(dtype), mean, var, [2, 2, 2], [1, -1, 0.5]),
                                **TOL[dtype])
 
@@ -299,14 +262,14 @@ def test_eps_and_momentum_are_settable():
     bn = bnpy.BatchNorm(3)
     bn.eps = 0.5
     assert bn.eps == 0.5
-    mean, var = batch_moments(x.astype(np.float32))
+    mean, var = batch_stats(x.astype(np.float32))
     np.testing.assert_allclose(bn(x), normalize(x.astype(np.float32), mean, var, eps=0.5), **TOL[F32])
 
     bn = bnpy.BatchNorm(3, dtype=np.float64)
     bn.momentum = 0.5
     assert bn.momentum == 0.5
     bn(x)
-    m, v = batch_moments(x)
+    m, v = batch_stats(x)
     np.testing.assert_allclose(bn.running_mean, 0.5 * m, **TOL[F64])
     np.testing.assert_allclose(bn.running_var, 0.5 + 0.5 * v * 10 / 9, **TOL[F64])
 
@@ -317,7 +280,7 @@ def test_eps_and_momentum_are_settable():
     x2 = data((10, 3), seed=1)
     bn(x)
     bn(x2)
-    m2, v2 = batch_moments(x2)
+    m2, v2 = batch_stats(x2)
     np.testing.assert_allclose(bn.running_mean, (m + m2) / 2, **TOL[F64])
     np.testing.assert_allclose(bn.running_var, (v + v2) / 2 * 10 / 9, **TOL[F64])
     assert bn.num_batches_tracked == 2
@@ -351,7 +314,7 @@ def test_train_and_eval_return_layer():
 def test_modes_choose_statistics():
     x = data((12, 3)).astype(np.float32)
     bn = bnpy.BatchNorm(3, momentum=0.5)
-    mean, var = batch_moments(x)
+    mean, var = batch_stats(x)
     y = bn(x)  # training: batch statistics, running stats updated
     np.testing.assert_allclose(y, normalize(x, mean, var), **TOL[F32])
     assert bn.num_batches_tracked == 1
@@ -834,7 +797,7 @@ def test_input_converted_to_layer_dtype(layer_dtype, input_dtype):
     assert y.dtype == layer_dtype and y.shape == (6, 4)
     ref = bnpy.BatchNorm(4, dtype=layer_dtype)(x.astype(layer_dtype))
     np.testing.assert_allclose(y, ref, **TOL[layer_dtype])
-    np.testing.assert_allclose(bn.running_mean, batch_moments(x)[0] * 0.1, **TOL[layer_dtype])
+    np.testing.assert_allclose(bn.running_mean, batch_stats(x)[0] * 0.1, **TOL[layer_dtype])
 
 
 def test_float64_input_to_float32_layer():
@@ -842,7 +805,7 @@ def test_float64_input_to_float32_layer():
     bn = bnpy.BatchNorm(3)
     y = bn(x)
     assert y.dtype == F32
-    mean, var = batch_moments(x)
+    mean, var = batch_stats(x)
     np.testing.assert_allclose(y, normalize(x, mean, var), rtol=1e-4, atol=1e-4)
 
 
@@ -850,7 +813,7 @@ def test_bool_input():
     x = np.array([[True, False], [False, False], [True, True], [False, True]])
     y = bnpy.BatchNorm(2)(x)
     assert y.dtype == F32
-    mean, var = batch_moments(x.astype(np.float64))
+    mean, var = batch_stats(x.astype(np.float64))
     np.testing.assert_allclose(y, normalize(x, mean, var), **TOL[F32])
 
 
@@ -859,7 +822,7 @@ def test_python_lists():
     bn = bnpy.BatchNorm(3)
     y = bn(x)
     assert isinstance(y, np.ndarray) and y.shape == (3, 3) and y.dtype == F32
-    mean, var = batch_moments(np.array(x))
+    mean, var = batch_stats(np.array(x))
     np.testing.assert_allclose(y, normalize(np.array(x), mean, var), **TOL[F32])
 
 
@@ -904,8 +867,8 @@ def test_axis_selects_feature_dimension():
         y = bn(nhwc)
         np.testing.assert_allclose(y, np.moveaxis(y1, 1, -1), **TOL[F64])
     bn = bnpy.BatchNorm(5, axis=2, dtype=np.float64)
-    mean, var = batch_moments(x, axis=2)
+    mean, var = batch_stats(x, axis=2)
     np.testing.assert_allclose(bn(x), normalize(x, mean, var, axis=2), **TOL[F64])
     bn = bnpy.BatchNorm(4, axis=0, dtype=np.float64)
-    mean, var = batch_moments(x, axis=0)
+    mean, var = batch_stats(x, axis=0)
     np.testing.assert_allclose(bn(x), normalize(x, mean, var, axis=0), **TOL[F64])

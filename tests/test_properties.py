@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import bnpy
 from bnpy import reference
+from bitwise import bits
 
 TOL = {np.float32: 2e-5, np.float64: 1e-10}
 
@@ -79,13 +80,6 @@ def strided(a, steps, order, byteswap):
 
 def contiguous(a):
     return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
-
-
-def bits(a):
-    if a is None:
-        return None
-    a = np.asarray(a)
-    return a.dtype.str, a.shape, a.tobytes()
 
 
 # --- comparison helpers ------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import bnpy
+from bitwise import bits
 
 JOIN_TIMEOUT = 120  # seconds: a deadlock fails the test instead of hanging the suite
 
@@ -45,11 +46,6 @@ def fast_switching():
 
 def data(shape, seed, dtype=np.float32):
     return (np.random.default_rng(seed).standard_normal(shape) * 2 + 0.5).astype(dtype)
-
-
-def bits(a):
-    a = np.asarray(a)
-    return a.dtype.str, a.shape, a.tobytes()
 
 
 def run_threads(workers):
