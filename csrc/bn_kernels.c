@@ -254,6 +254,22 @@ void bn_partial_unshift(bn_partial *stats, const double *shift, size_t channels)
     }
 }
 
+/* stats[C] <- the partials[groups][C] of row groups merged in order, then
+ * made absolute by adding unshift[C] to the means (when not NULL) */
+static void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t groups,
+                            size_t C, const double *unshift)
+{
+    for (size_t c = 0; c < C; c++) {
+        stats[c] = (bn_partial){0.0, 0.0, 0.0};
+        for (size_t g = 0; g < groups; g++) {
+            bn_partial_merge(&stats[c], &partials[g * C + c]);
+        }
+    }
+    if (unshift) {
+        bn_partial_unshift(stats, unshift, C);
+    }
+}
+
 void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
                       size_t channels, double eps)
 {

@@ -210,13 +210,12 @@ BN_INLINE bn_partial NAME(tile_stats_normalizing)(const T *f, bn_shape s, bn_til
                         bn_lanes_total(&a2, &b2) + tail2);
 }
 
-/* the statistics of tile t, less `shift`, from tile_sum's sum */
-BN_INLINE bn_partial NAME(tile_stats_from_sum)(const T *f, bn_shape s, bn_tile t, double sum,
-                                               double shift)
+/* the statistics of tile t, less `shift`: both passes */
+BN_INLINE bn_partial NAME(tile_stats)(const T *f, bn_shape s, bn_tile t, double shift)
 {
+    double sum = NAME(tile_sum)(f, s, t, NAME(rough_about)(shift));
     return NAME(tile_stats_normalizing)(f, s, t, sum, shift, NULL, NULL, 0.0, 0.0, 0.0);
 }
-
 /* the statistics of feature c less `shift`, its tiles merged in order (with
  * shift 0, exactly the statistics of the values) */
 BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c, double shift)
@@ -225,7 +224,7 @@ BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c
     bn_partial total = {0.0, 0.0, 0.0};
     for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
         bn_tile t = bn_tile_at(s, k);
-        bn_partial tile = NAME(tile_stats_from_sum)(f, s, t, NAME(tile_sum)(f, s, t, NAME(rough_about)(shift)), shift);
+        bn_partial tile = NAME(tile_stats)(f, s, t, shift);
         bn_partial_merge(&total, &tile);
     }
     return total;
@@ -610,15 +609,7 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
         NAME(interleaved_group_stats)(partials + g * C, lanes + 3 * g * R, x, shift_wide, s, o0,
                                       o1);
     }
-    for (size_t c = 0; c < C; c++) {
-        stats[c] = (bn_partial){0.0, 0.0, 0.0};
-        for (size_t g = 0; g < groups; g++) {
-            bn_partial_merge(&stats[c], &partials[g * C + c]);
-        }
-        if (!shift) {
-            stats[c].mean += shift_wide[c];
-        }
-    }
+    bn_merge_groups(stats, partials, groups, C, shift ? NULL : shift_wide);
 }
 
 /* planar, short rows: partial[C] <- the statistics of rows o0 .. o1 less
@@ -634,11 +625,7 @@ BN_CLONES static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
     }
     for (size_t o = o0; o < o1; o++) {
         for (size_t c = 0; c < s.channels; c++) {
-            const T *row = ROW(x, o, c, s);
-            bn_partial tile = NAME(tile_stats_from_sum)(row, s, row_tile,
-                                                        NAME(tile_sum)(row, s, row_tile,
-                                                                       NAME(rough_about)(about[c])),
-                                                        about[c]);
+            bn_partial tile = NAME(tile_stats)(ROW(x, o, c, s), s, row_tile, about[c]);
             bn_partial_merge(&partial[c], &tile);
         }
     }
@@ -663,15 +650,7 @@ static void NAME(planar_stats_in_order)(bn_partial *stats, double *work, const T
         size_t o0 = g * rows, o1 = o0 + rows < s.outer ? o0 + rows : s.outer;
         NAME(planar_group_stats)(partials + g * C, x, about, s, o0, o1);
     }
-    for (size_t c = 0; c < C; c++) {
-        stats[c] = (bn_partial){0.0, 0.0, 0.0};
-        for (size_t g = 0; g < groups; g++) {
-            bn_partial_merge(&stats[c], &partials[g * C + c]);
-        }
-        if (!shift) {
-            stats[c].mean += about[c];
-        }
-    }
+    bn_merge_groups(stats, partials, groups, C, shift ? NULL : about);
 }
 
 void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
