@@ -162,10 +162,10 @@ BN_INLINE double NAME(first_value)(const T *x, bn_shape s, size_t c)
     return bn_count(s) > 0 ? (double)x[c * s.inner] : 0.0;
 }
 
-/* The statistics of tile t, less `shift`, from the sum of its values less
- * (T)shift (tile_sum): the second pass, while the tile is in L1. The first-pass mean may be off in
- * its last bits (or more, for a float sum); the deviations from it correct
- * it. With y given, the same loop normalizes the tile's places in the
+/* The statistics of tile t, less `shift`, from tile_sum's sum about
+ * rough_about(shift): the second pass, while the tile is in L1. The
+ * first-pass mean may be off in its last bits (or more, for a float sum); the
+ * deviations from it correct it. With y given, the same loop normalizes the tile's places in the
  * current feature: y <- (x - mean) * scale + beta, so that the stores (and
  * the reads of x, from L2) keep memory busy while the deviations are summed. */
 BN_INLINE bn_partial NAME(tile_stats_normalizing)(const T *f, bn_shape s, bn_tile t, double sum,
