@@ -1,8 +1,10 @@
 """Build bnpy's C extension, bnpy._core (metadata lives in pyproject.toml).
 
 The kernels use OpenMP threads when the compiler has OpenMP (the build still
-works without it), and pick AVX2 or AVX-512 code at load time through
-function multi-versioning: nothing here compiles for the build machine's CPU.
+works without it). Their hot loops are built three times, for any x86-64 CPU,
+for AVX2 and for AVX-512 (`#pragma GCC target` in csrc/bn_kernels_avx2.c and
+csrc/bn_kernels_avx512.c), and the fastest the CPU runs is chosen at run
+time: nothing here compiles for the build machine's CPU.
 """
 import os
 import tempfile
@@ -13,6 +15,9 @@ from setuptools.command.build_ext import build_ext
 
 SOURCES = [
     "csrc/bn_kernels.c",  # the mathematics: pure C11, no Python
+    "csrc/bn_kernels_baseline.c",  # its hot kernels, once per instruction set
+    "csrc/bn_kernels_avx2.c",
+    "csrc/bn_kernels_avx512.c",
     "csrc/bn_convert.c",  # the binding: argument checks and conversions
     "csrc/bn_dispatch.c",
     "csrc/bn_layer.c",
@@ -21,7 +26,7 @@ SOURCES = [
     "csrc/bn_module.c",
 ]
 
-# -ffp-contract=off: no fused multiply-adds, so every instruction-set clone
+# -ffp-contract=off: no fused multiply-adds, so every instruction-set build
 # rounds exactly alike and results do not depend on the CPU.
 COMPILE_ARGS = ["-std=c11", "-O3", "-ffp-contract=off", "-Wall", "-Wextra",
                 "-Wno-missing-field-initializers"]
@@ -54,8 +59,9 @@ class BuildExt(build_ext):
 core = Extension(
     "bnpy._core",
     sources=SOURCES,
-    depends=["csrc/bn_kernels.h", "csrc/bn_kernels_impl.h", "csrc/bn_module.h",
-             "csrc/bn_layer.h"],
+    depends=["csrc/bn_kernels.h", "csrc/bn_kernels_internal.h", "csrc/bn_kernels_isa.h",
+             "csrc/bn_kernels_impl.h", "csrc/bn_running_impl.h", "csrc/bn_simd.h",
+             "csrc/bn_module.h", "csrc/bn_layer.h"],
     include_dirs=["csrc", numpy.get_include()],
 )
 

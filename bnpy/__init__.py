@@ -27,8 +27,11 @@ from ._core import (
     batch_norm_backward,
     batch_norm_forward,
     batch_norm_inference,
+    cpu_capabilities,
+    get_cpu_capability,
     get_num_threads,
     has_openmp,
+    set_cpu_capability,
     set_num_threads,
 )
 
@@ -50,7 +53,23 @@ def _threads_from_environment():
                       f"using {get_num_threads()} threads", RuntimeWarning, stacklevel=3)
 
 
+def _cpu_capability_from_environment():
+    """Apply BNPY_CPU_CAPABILITY ('default', 'avx2' or 'avx512') if it is set."""
+    import os
+    import warnings
+
+    value = os.environ.get("BNPY_CPU_CAPABILITY", "").strip().lower()
+    if not value:
+        return
+    try:
+        set_cpu_capability(value)
+    except ValueError as error:
+        warnings.warn(f"BNPY_CPU_CAPABILITY: {error}; using {get_cpu_capability()!r}",
+                      RuntimeWarning, stacklevel=3)
+
+
 _threads_from_environment()
+_cpu_capability_from_environment()
 
 __all__ = [
     "BatchNorm",
@@ -60,5 +79,8 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "has_openmp",
+    "set_cpu_capability",
+    "get_cpu_capability",
+    "cpu_capabilities",
     "__version__",
 ]

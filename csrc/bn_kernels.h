@@ -43,6 +43,26 @@ void bn_set_num_threads(int n);
 int bn_get_num_threads(void);
 int bn_has_openmp(void);
 
+/* --- instruction sets ------------------------------------------------- */
+
+/* The builds of the hot kernels (statistics, forward, backward), each
+ * vectorized for its instruction set; results are bitwise the same in all.
+ * The kernels run the best one the CPU supports unless told otherwise. */
+typedef enum {
+    BN_ISA_DEFAULT = 0, /* any CPU (SSE2 on x86-64) */
+    BN_ISA_AVX2 = 1,
+    BN_ISA_AVX512 = 2,  /* AVX-512F */
+} bn_isa;
+
+/* 1 when this build has code for isa and the CPU runs it, else 0 */
+int bn_isa_supported(bn_isa isa);
+/* Run the kernels with isa from now on: 0, or -1 (and nothing changes) when
+ * bn_isa_supported(isa) is 0. */
+int bn_set_isa(bn_isa isa);
+bn_isa bn_get_isa(void);
+/* "default", "avx2" or "avx512"; NULL for a value that is no bn_isa */
+const char *bn_isa_name(bn_isa isa);
+
 /* Doubles of workspace the forward and backward kernels need: the caller
  * passes `work` with at least this many. */
 size_t bn_workspace_size(bn_shape s);

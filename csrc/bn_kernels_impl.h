@@ -1,9 +1,12 @@
 /* bn_kernels_impl.h -- the kernels of bn_kernels.h for one element type.
  *
- * Included by bn_kernels.c once per type, with
+ * Included by bn_kernels_isa.h once per type in each instruction-set build,
+ * with
  *   T      the element type (float or double)
- *   NAME   a macro that appends the type's suffix: NAME(bn_forward) is
- *          bn_forward_f32 or bn_forward_f64.
+ *   NAME   a macro that appends the type's and the build's suffixes:
+ *          NAME(bn_forward) is bn_forward_f32_avx2, bn_forward_f64_avx512, ...
+ * and bn_simd.h's vectors. bn_kernels.c calls the entry points
+ * (NAME(bn_stats), ...) through the build's table.
  *
  * Two layouts of x[outer][C][inner], two strategies:
  *   planar (inner > 1): a feature's values are rows of `inner` contiguous
@@ -17,42 +20,36 @@
  *       results are merged in order. Elementwise passes take the values as one
  *       long sequence with per-feature coefficients from `work`.
  * Every sum has an order fixed by the shape: results do not depend on the
- * number of threads, nor on the instruction set a clone was built for.
+ * number of threads, nor on the instruction set of the build that runs.
  */
 
 /* the row x[o][c][:] */
 #define ROW(ptr, o, c, s) ((ptr) + ((o) * (s).channels + (c)) * (s).inner)
 
-/* ---- sixteen elements at a time, as two vectors of doubles -------------- */
+/* ---- sixteen elements at a time: one bn_lanes -------------------------- */
 
-/* *lo, *hi <- p[0 .. 8), p[8 .. 16) as doubles */
-BN_INLINE void NAME(load_pair)(bn_vec *lo, bn_vec *hi, const T *p)
+/* p[0 .. 16) as doubles (element loops: GCC turns them into whole-register
+ * conversions in every build, where __builtin_convertvector of 8 floats
+ * went through shuffles) */
+BN_INLINE bn_lanes NAME(load16)(const T *p)
 {
-#if BN_ELEMENT_IS_FLOAT
-    bn_vec16_f32 v;
-    memcpy(&v, p, sizeof v);
-    bn_vec16 wide = __builtin_convertvector(v, bn_vec16);
-    memcpy(lo, &wide, sizeof *lo);
-    memcpy(hi, (const char *)&wide + sizeof *lo, sizeof *hi);
-#else
-    memcpy(lo, p, sizeof *lo);
-    memcpy(hi, p + 8, sizeof *hi);
-#endif
+    bn_lanes v;
+    for (int k = 0; k < BN_K; k++) {
+        for (int j = 0; j < BN_W; j++) {
+            v.v[k][j] = (double)p[k * BN_W + j];
+        }
+    }
+    return v;
 }
 
-/* p[0 .. 16) <- lo, hi rounded to T */
-BN_INLINE void NAME(store_pair)(T *p, const bn_vec *lo, const bn_vec *hi)
+/* p[0 .. 16) <- v rounded to T */
+BN_INLINE void NAME(store16)(T *p, const bn_lanes *v)
 {
-#if BN_ELEMENT_IS_FLOAT
-    bn_vec16 wide;
-    memcpy(&wide, lo, sizeof *lo);
-    memcpy((char *)&wide + sizeof *lo, hi, sizeof *hi);
-    bn_vec16_f32 rounded = __builtin_convertvector(wide, bn_vec16_f32);
-    memcpy(p, &rounded, sizeof rounded);
-#else
-    memcpy(p, lo, sizeof *lo);
-    memcpy(p + 8, hi, sizeof *hi);
-#endif
+    for (int k = 0; k < BN_K; k++) {
+        for (int j = 0; j < BN_W; j++) {
+            p[k * BN_W + j] = (T)v->v[k][j];
+        }
+    }
 }
 
 /* The first pass's running sum of 16 lanes of x - about, kept in T: for
@@ -60,41 +57,34 @@ BN_INLINE void NAME(store_pair)(T *p, const bn_vec *lo, const bn_vec *hi)
  * (the second pass corrects the mean it gives). About a value of the data,
  * a constant feature sums to exactly 0. */
 #if BN_ELEMENT_IS_FLOAT
-typedef bn_vec16_f32 NAME(bn_rough);
-
-BN_INLINE void NAME(rough_add)(NAME(bn_rough) *sum, const T *p, T about)
-{
-    bn_vec16_f32 v;
-    memcpy(&v, p, sizeof v);
-    *sum += v - about;
-}
-
-BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
-{
-    bn_vec16 wide = __builtin_convertvector(*sum, bn_vec16);
-    bn_vec lo, hi;
-    memcpy(&lo, &wide, sizeof lo);
-    memcpy(&hi, (const char *)&wide + sizeof lo, sizeof hi);
-    return bn_lanes_total(&lo, &hi);
-}
+typedef bn_lanes_f32 NAME(bn_rough);
+typedef bn_vec_f32 NAME(bn_rough_vec);
+#define ROUGH_K BN_K_F32
+#define ROUGH_TOTAL bn_lanes_f32_total
 #else
-typedef struct {
-    bn_vec lo, hi;
-} NAME(bn_rough);
+typedef bn_lanes NAME(bn_rough);
+typedef bn_vec NAME(bn_rough_vec);
+#define ROUGH_K BN_K
+#define ROUGH_TOTAL bn_lanes_total
+#endif
 
 BN_INLINE void NAME(rough_add)(NAME(bn_rough) *sum, const T *p, T about)
 {
-    bn_vec lo, hi;
-    NAME(load_pair)(&lo, &hi, p);
-    sum->lo += lo - about;
-    sum->hi += hi - about;
+    for (int k = 0; k < ROUGH_K; k++) {
+        NAME(bn_rough_vec) v;
+        memcpy(&v, p + k * sizeof v / sizeof *p, sizeof v);
+        sum->v[k] += v - about;
+    }
 }
 
 BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
 {
-    return bn_lanes_total(&sum->lo, &sum->hi);
+    return ROUGH_TOTAL(sum);
 }
-#endif
+
+#undef ROUGH_K
+#undef ROUGH_W
+#undef ROUGH_TOTAL
 
 /* ---- planar tiles ---------------------------------------------------------
  * A feature's statistics come tile by tile (bn_tile_at): each tile is small
@@ -174,25 +164,25 @@ BN_INLINE bn_partial NAME(tile_stats_normalizing)(const T *f, bn_shape s, bn_til
 {
     double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0));
     double center = (double)NAME(rough_about)(shift) + sum / count;
-    bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
+    bn_lanes a = {0}, a2 = {0};
     double tail = 0.0, tail2 = 0.0;
     for (size_t o = t.o0; o < t.o1; o++) {
         const T *row = TILE_ROW(f, o, s), *x_row = y ? TILE_ROW(x, o, s) : NULL;
         T *y_row = y ? TILE_ROW(y, o, s) : NULL;
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-            bn_vec va, vb;
-            NAME(load_pair)(&va, &vb, row + i);
-            bn_vec da = va - center, db = vb - center;
-            a += da;
-            b += db;
-            a2 += da * da;
-            b2 += db * db;
+            bn_lanes v = NAME(load16)(row + i);
+            for (int k = 0; k < BN_K; k++) {
+                bn_vec d = v.v[k] - center;
+                a.v[k] += d;
+                a2.v[k] += d * d;
+            }
             if (y) {
-                bn_vec xa, xb;
-                NAME(load_pair)(&xa, &xb, x_row + i);
-                bn_vec ya = (xa - mean) * scale + beta, yb = (xb - mean) * scale + beta;
-                NAME(store_pair)(y_row + i, &ya, &yb);
+                bn_lanes out = NAME(load16)(x_row + i);
+                for (int k = 0; k < BN_K; k++) {
+                    out.v[k] = (out.v[k] - mean) * scale + beta;
+                }
+                NAME(store16)(y_row + i, &out);
             }
         }
         for (; i < t.i1; i++) {
@@ -206,8 +196,8 @@ BN_INLINE bn_partial NAME(tile_stats_normalizing)(const T *f, bn_shape s, bn_til
     }
     /* center - shift: exact when both are near the data (Sterbenz), which is
        where it matters */
-    return bn_corrected(count, center - shift, bn_lanes_total(&a, &b) + tail,
-                        bn_lanes_total(&a2, &b2) + tail2);
+    return bn_corrected(count, center - shift, bn_lanes_total(&a) + tail,
+                        bn_lanes_total(&a2) + tail2);
 }
 
 /* the statistics of tile t, less `shift`: both passes */
@@ -243,7 +233,7 @@ BN_INLINE void NAME(normalize_row)(T *y, const T *x, size_t n, double mean, doub
  * is normalized (its data comes back from cache) in the same loops that
  * stream feature c + 1 in from memory for its statistics, tile by tile.
  * Those come out exactly as planar_feature_stats computes them. */
-BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *mean,
+static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *mean,
                                                      double *invstd, const T *x,
                                                      const T *gamma, const T *beta,
                                                      double eps, bn_shape s, size_t c0,
@@ -282,7 +272,7 @@ BN_CLONES static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, 
     }
 }
 
-BN_CLONES static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
+static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
                                                const double *shift, bn_shape s, size_t c)
 {
     /* no shift given: the feature's first value, and the mean made absolute */
@@ -294,7 +284,7 @@ BN_CLONES static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
 }
 
 /* rows r0..r1 of the [outer * C] rows: y <- (x - mean) * scale + shift */
-BN_CLONES static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
+static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
                                               const double *scale, const double *shift,
                                               bn_shape s, size_t r0, size_t r1)
 {
@@ -339,19 +329,19 @@ BN_INLINE void NAME(dx_tail)(T *dx, const T *dy, const T *x, size_t i, size_t n,
 BN_INLINE void NAME(dx_vec)(T *dx, const T *dy, const T *x, size_t i,
                             const bn_dx_coefficients *k, int training)
 {
-    bn_vec ga, gb, va, vb;
-    NAME(load_pair)(&ga, &gb, dy + i);
+    bn_lanes v = NAME(load16)(dy + i);
     if (training) {
-        bn_vec xa, xb;
-        NAME(load_pair)(&xa, &xb, x + i);
-        va = k->scale * (ga - k->mean_dy - (xa - k->mean) * k->dev_coef);
-        vb = k->scale * (gb - k->mean_dy - (xb - k->mean) * k->dev_coef);
+        bn_lanes xv = NAME(load16)(x + i);
+        for (int q = 0; q < BN_K; q++) {
+            v.v[q] = k->scale * (v.v[q] - k->mean_dy - (xv.v[q] - k->mean) * k->dev_coef);
+        }
     }
     else {
-        va = ga * k->scale;
-        vb = gb * k->scale;
+        for (int q = 0; q < BN_K; q++) {
+            v.v[q] = v.v[q] * k->scale;
+        }
     }
-    NAME(store_pair)(dx + i, &va, &vb);
+    NAME(store16)(dx + i, &v);
 }
 
 /* dx[0 .. n) of one row */
@@ -375,16 +365,14 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
                                               const T *x, size_t n,
                                               const bn_dx_coefficients *k, int training)
 {
-    bn_vec a = {0}, b = {0}, a2 = {0}, b2 = {0};
+    bn_lanes a = {0}, a2 = {0};
     size_t i = 0;
     for (; i + BN_LANES <= n; i += BN_LANES) {
-        bn_vec ga, gb, xa, xb;
-        NAME(load_pair)(&ga, &gb, next_dy + i);
-        NAME(load_pair)(&xa, &xb, next_x + i);
-        a += ga;
-        b += gb;
-        a2 += ga * (xa - next_mean);
-        b2 += gb * (xb - next_mean);
+        bn_lanes g = NAME(load16)(next_dy + i), xv = NAME(load16)(next_x + i);
+        for (int q = 0; q < BN_K; q++) {
+            a.v[q] += g.v[q];
+            a2.v[q] += g.v[q] * (xv.v[q] - next_mean);
+        }
         if (dx) {
             NAME(dx_vec)(dx, dy, x, i, k, training);
         }
@@ -398,8 +386,8 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
     if (dx) {
         NAME(dx_tail)(dx, dy, x, i, n, k, training);
     }
-    *sum_dy += bn_lanes_total(&a, &b) + tail;
-    *sum_dy_dev += bn_lanes_total(&a2, &b2) + tail2;
+    *sum_dy += bn_lanes_total(&a) + tail;
+    *sum_dy_dev += bn_lanes_total(&a2) + tail2;
 }
 
 /* *sum_dy += sum dy, *sum_dy_dev += sum dy * (x - mean) over one row */
@@ -413,7 +401,7 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
 /* Backward of features c0 .. c1 - 1, pipelined like the training forward:
  * dx of feature c is written (its dy and x come back from cache) in the loop
  * that streams feature c + 1's dy and x in for its two sums. */
-BN_CLONES static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
+static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                                                 const T *dy, const T *x, const double *mean,
                                                 const double *invstd, const T *gamma,
                                                 bn_shape s, int training, size_t c0,
@@ -455,7 +443,7 @@ BN_CLONES static void NAME(planar_backward_range)(T *dx, double *dgamma, double 
  * center's own rows bound how far it can lie from the lane's mean: at most
  * sqrt(rows / BN_CENTER_ROWS) <= 16 standard deviations, so the sums cancel
  * at most 8 bits of 53. lanes[3R] is scratch. */
-BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
+static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
                                                   const T *x, const double *shift_wide,
                                                   bn_shape s, size_t o0, size_t o1)
 {
@@ -500,7 +488,7 @@ BN_CLONES static void NAME(interleaved_group_stats)(bn_partial *partial, double 
 /* sums[2C] <- sum dy and sum dy * (x - mean) of rows o0 .. o1 per feature,
  * lane by lane, then the fold lanes of each feature added in order.
  * mean_wide[R]: the means repeated; lanes[2R] is scratch. */
-BN_CLONES static void NAME(interleaved_group_grads)(double *sums, double *lanes, const T *dy,
+static void NAME(interleaved_group_grads)(double *sums, double *lanes, const T *dy,
                                                   const T *x, const double *mean_wide,
                                                   bn_shape s, size_t o0, size_t o1)
 {
@@ -530,7 +518,7 @@ BN_CLONES static void NAME(interleaved_group_grads)(double *sums, double *lanes,
 
 /* values i0 .. i1 of x (i0 a multiple of R): y <- (x - mean) * scale + shift,
  * with the coefficients of the wide row */
-BN_CLONES static void NAME(interleaved_forward_span)(T *y, const T *x, const double *mean,
+static void NAME(interleaved_forward_span)(T *y, const T *x, const double *mean,
                                                    const double *scale, const double *shift,
                                                    size_t R, size_t i0, size_t i1)
 {
@@ -543,7 +531,7 @@ BN_CLONES static void NAME(interleaved_forward_span)(T *y, const T *x, const dou
 }
 
 /* values i0 .. i1 of dx; training: scale * (dy - mean_dy - (x - mean) * dev_coef) */
-BN_CLONES static void NAME(interleaved_dx_span)(T *dx, const T *dy, const T *x,
+static void NAME(interleaved_dx_span)(T *dx, const T *dy, const T *x,
                                               const double *mean, const double *scale,
                                               const double *mean_dy, const double *dev_coef,
                                               int training, size_t R, size_t i0, size_t i1)
@@ -615,7 +603,7 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
 /* planar, short rows: partial[C] <- the statistics of rows o0 .. o1 less
  * about[C], walking memory in order; each row is a tile (two-pass in L1),
  * merged into its feature's partial */
-BN_CLONES static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
+static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
                                              const double *about, bn_shape s, size_t o0,
                                              size_t o1)
 {
@@ -653,7 +641,7 @@ static void NAME(planar_stats_in_order)(bn_partial *stats, double *work, const T
     bn_merge_groups(stats, partials, groups, C, shift ? NULL : about);
 }
 
-void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
+static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
                     bn_shape s)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
@@ -675,7 +663,7 @@ void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *s
     }
 }
 
-void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean, const double *invstd,
+static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean, const double *invstd,
                       const T *gamma, const T *beta, bn_shape s)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
@@ -709,7 +697,7 @@ void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean, const 
     }
 }
 
-void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd, double *work,
+static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd, double *work,
                             const T *x, const T *gamma, const T *beta, double eps, bn_shape s)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
@@ -796,7 +784,7 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
  * o0 .. o1, walking memory in order (row o of every feature, then row o + 1):
  * a feature's short rows lie far apart, and reading them feature by feature
  * would jump through memory */
-BN_CLONES static void NAME(planar_group_grads)(double *sums, const T *dy, const T *x,
+static void NAME(planar_group_grads)(double *sums, const T *dy, const T *x,
                                              const double *mean, bn_shape s, size_t o0,
                                              size_t o1)
 {
@@ -836,7 +824,12 @@ static void NAME(planar_grad_sums_in_order)(double *dgamma, double *dbeta, doubl
     }
 }
 
-void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
+static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
+                                 const double *mean, const double *invstd, const T *gamma,
+                                 const double *dgamma, const double *dbeta, double count,
+                                 bn_shape s, int training);
+
+static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
                        const T *x, const double *mean, const double *invstd, const T *gamma,
                        bn_shape s, int training)
 {
@@ -867,7 +860,7 @@ void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const
 }
 
 /* planar: the two sums of feature c */
-BN_CLONES static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
+static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
                                                    const T *dy, const T *x,
                                                    const double *mean, const double *invstd,
                                                    bn_shape s, size_t c)
@@ -883,7 +876,7 @@ BN_CLONES static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbe
 
 /* planar: dx of rows r0 .. r1 (of the outer * C rows) from per-feature
  * coefficients */
-BN_CLONES static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
+static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
                                          const bn_dx_coefficients *k, bn_shape s,
                                          int training, size_t r0, size_t r1)
 {
@@ -895,7 +888,7 @@ BN_CLONES static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
     }
 }
 
-void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy, const T *x,
+static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy, const T *x,
                         const double *mean, const double *invstd, bn_shape s)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
@@ -916,7 +909,7 @@ void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy
     }
 }
 
-void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, const double *mean,
+static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, const double *mean,
                           const double *invstd, const T *gamma, const double *dgamma,
                           const double *dbeta, double count, bn_shape s, int training)
 {
@@ -948,43 +941,6 @@ void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, const do
 }
 
 #undef GROUP_ROWS
-
-void NAME(bn_running_moments)(double *mean, double *invstd, const T *running_mean,
-                              const T *running_var, size_t channels, double eps)
-{
-    for (size_t c = 0; c < channels; c++) {
-        mean[c] = (double)running_mean[c];
-        invstd[c] = 1.0 / sqrt((double)running_var[c] + eps);
-    }
-}
-
-void NAME(bn_update_running)(T *running_mean, T *running_var, const bn_partial *stats,
-                             size_t channels, double momentum)
-{
-    for (size_t c = 0; c < channels; c++) {
-        double unbiased_var = stats[c].m2 / (stats[c].count - 1.0);
-        running_mean[c] = (T)((1.0 - momentum) * (double)running_mean[c]
-                              + momentum * stats[c].mean);
-        running_var[c] = (T)((1.0 - momentum) * (double)running_var[c]
-                             + momentum * unbiased_var);
-    }
-}
-
-void NAME(bn_set_running)(T *running_mean, T *running_var, const bn_partial *stats,
-                          size_t channels)
-{
-    for (size_t c = 0; c < channels; c++) {
-        running_mean[c] = (T)stats[c].mean;
-        running_var[c] = (T)(stats[c].m2 / (stats[c].count - 1.0));
-    }
-}
-
-void NAME(bn_from_double)(T *out, const double *in, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        out[i] = (T)in[i];
-    }
-}
 
 #undef ROW
 #undef TILE_ROW

@@ -28,7 +28,75 @@ static PyObject *get_num_threads(PyObject *Py_UNUSED(module), PyObject *Py_UNUSE
     return PyLong_FromLong(bn_get_num_threads());
 }
 
-static PyMethodDef thread_methods[] = {
+/* the bn_isa called name, or -1 */
+static int isa_named(const char *name)
+{
+    for (int isa = BN_ISA_DEFAULT; isa <= BN_ISA_AVX512; isa++) {
+        if (strcmp(name, bn_isa_name((bn_isa)isa)) == 0) {
+            return isa;
+        }
+    }
+    return -1;
+}
+
+/* ('default', 'avx2', ...): the builds this CPU runs, best last */
+static PyObject *cpu_capabilities(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    PyObject *names = PyList_New(0);
+    if (names == NULL) {
+        return NULL;
+    }
+    for (int isa = BN_ISA_DEFAULT; isa <= BN_ISA_AVX512; isa++) {
+        if (!bn_isa_supported((bn_isa)isa)) {
+            continue;
+        }
+        PyObject *name = PyUnicode_FromString(bn_isa_name((bn_isa)isa));
+        if (name == NULL || PyList_Append(names, name) < 0) {
+            Py_XDECREF(name);
+            Py_DECREF(names);
+            return NULL;
+        }
+        Py_DECREF(name);
+    }
+    PyObject *result = PyList_AsTuple(names);
+    Py_DECREF(names);
+    return result;
+}
+
+static PyObject *set_cpu_capability(PyObject *module, PyObject *arg)
+{
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (name == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "the CPU capability must be a str, got %.100s",
+                         Py_TYPE(arg)->tp_name);
+        }
+        return NULL;
+    }
+    int isa = isa_named(name);
+    if (isa < 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "expected a CPU capability 'default', 'avx2' or 'avx512', got %R", arg);
+        return NULL;
+    }
+    if (bn_set_isa((bn_isa)isa) < 0) {
+        PyObject *runs = cpu_capabilities(module, NULL);
+        if (runs != NULL) {
+            PyErr_Format(PyExc_ValueError, "this CPU (or this build) cannot run %R; it runs %R",
+                         arg, runs);
+            Py_DECREF(runs);
+        }
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *get_cpu_capability(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyUnicode_FromString(bn_isa_name(bn_get_isa()));
+}
+
+static PyMethodDef runtime_methods[] = {
     {"set_num_threads", set_num_threads, METH_O,
      PyDoc_STR("set_num_threads($module, n, /)\n--\n\n"
                "Use n threads in the kernels (when bnpy was built with OpenMP).\n"
@@ -38,12 +106,24 @@ static PyMethodDef thread_methods[] = {
                "The number of threads the kernels use (1 without OpenMP).")},
     {"has_openmp", (PyCFunction)(void (*)(void))has_openmp, METH_NOARGS,
      PyDoc_STR("has_openmp($module, /)\n--\n\nWhether bnpy was built with OpenMP.")},
+    {"set_cpu_capability", set_cpu_capability, METH_O,
+     PyDoc_STR("set_cpu_capability($module, name, /)\n--\n\n"
+               "Run the kernels built for name ('default', 'avx2' or 'avx512') from now\n"
+               "on: for testing and benchmarking. Results are bitwise the same in all;\n"
+               "ValueError when this CPU cannot run name.")},
+    {"get_cpu_capability", get_cpu_capability, METH_NOARGS,
+     PyDoc_STR("get_cpu_capability($module, /)\n--\n\n"
+               "The instruction set the kernels run: 'default', 'avx2' or 'avx512'\n"
+               "(the best this CPU supports unless set_cpu_capability chose another).")},
+    {"cpu_capabilities", cpu_capabilities, METH_NOARGS,
+     PyDoc_STR("cpu_capabilities($module, /)\n--\n\n"
+               "The instruction sets this CPU runs bnpy's kernels with, best last.")},
     {NULL, NULL, 0, NULL},
 };
 
 static int bn_exec(PyObject *module)
 {
-    if (PyModule_AddFunctions(module, thread_methods) < 0
+    if (PyModule_AddFunctions(module, runtime_methods) < 0
         || PyModule_AddFunctions(module, bn_stats_methods) < 0) {
         return -1;
     }

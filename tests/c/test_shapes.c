@@ -2,7 +2,8 @@
  * code path (planar rows cut into tiles, tiles of several short rows,
  * interleaved wide rows and row groups, empty and one-feature inputs),
  * against a naive long double reference, for both element types, and bitwise
- * the same on 1 and 3 threads. Build and run: bash tests/c/run.sh [sanitize] */
+ * the same on 1 and 3 threads and in every instruction-set build the CPU
+ * runs. Build and run: bash tests/c/run.sh [sanitize] */
 #include "bn_kernels.h"
 
 #include <math.h>
@@ -191,8 +192,19 @@ static int same_bits(const double *a, const double *b, size_t n)
     return n == 0 || memcmp(a, b, n * sizeof(double)) == 0;
 }
 
+/* every output of a and b bitwise the same */
+static int same_outputs(const outputs *a, const outputs *b, bn_shape s)
+{
+    size_t C = s.channels, total = bn_count(s) * C;
+    return same_bits(a->y, b->y, total) && same_bits(a->dx, b->dx, total)
+           && same_bits(a->mean, b->mean, C) && same_bits(a->var, b->var, C)
+           && same_bits(a->dgamma, b->dgamma, C) && same_bits(a->dbeta, b->dbeta, C)
+           && same_bits(a->y_eval, b->y_eval, total) && same_bits(a->dx_eval, b->dx_eval, total);
+}
+
 /* The kernels on shape s (data with an offset), both types, against naive();
- * the float64 results also bitwise equal on 1 and 3 threads. */
+ * the results also bitwise equal in every other instruction-set build, and
+ * (float64) on 1 and 3 threads. */
 static void check_shape(bn_shape s, double offset)
 {
     size_t C = s.channels, total = bn_count(s) * C, state = 42 + total;
@@ -246,14 +258,26 @@ static void check_shape(bn_shape s, double offset)
         check_all(label, s, got.y_eval, want_eval.y, total, tol, 4.0);
         snprintf(label, sizeof label, "%s dx (eval)", name);
         check_all(label, s, got.dx_eval, want_eval.dx, total, tol, 4.0);
+        bn_isa best = bn_get_isa();
+        for (int isa = BN_ISA_DEFAULT; isa < (int)best; isa++) {
+            if (bn_set_isa((bn_isa)isa) < 0) {
+                continue;
+            }
+            outputs other = type ? run_f64(s, xs, dys, gs, bs, rms, rvs, eps)
+                                 : run_f32(s, xs, dys, gs, bs, rms, rvs, eps);
+            bn_set_isa(best);
+            if (!same_outputs(&got, &other, s)) {
+                snprintf(label, sizeof label, "%s: %s == %s", name, bn_isa_name((bn_isa)isa),
+                         bn_isa_name(best));
+                fail(label, s, 0, 0, 0);
+            }
+            free_outputs(&other);
+        }
         if (type == 1) {
             bn_set_num_threads(3);
             outputs three = run_f64(s, xs, dys, gs, bs, rms, rvs, eps);
             bn_set_num_threads(1);
-            if (!same_bits(got.y, three.y, total) || !same_bits(got.dx, three.dx, total)
-                || !same_bits(got.mean, three.mean, C) || !same_bits(got.var, three.var, C)
-                || !same_bits(got.dgamma, three.dgamma, C)
-                || !same_bits(got.y_eval, three.y_eval, total)) {
+            if (!same_outputs(&got, &three, s)) {
                 fail("1 thread == 3 threads", s, 0, 0, 0);
             }
             free_outputs(&three);
@@ -342,6 +366,7 @@ int main(void)
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
     }
-    printf("C core, every path: all checks passed\n");
+    printf("C core, every path, builds up to %s: all checks passed\n",
+           bn_isa_name(bn_get_isa()));
     return 0;
 }

@@ -1,0 +1,209 @@
+/* bn_kernels_internal.h -- what bn_kernels.c and the instruction-set
+ * builds of the kernels (bn_kernels_isa.h) share: sizes, the shape helpers,
+ * the table of hot kernels one build provides.
+ *
+ * Not part of the kernels' interface: bn_kernels.h is.
+ */
+#ifndef BNPY_BN_KERNELS_INTERNAL_H
+#define BNPY_BN_KERNELS_INTERNAL_H
+
+#include "bn_kernels.h"
+
+#include <stddef.h>
+
+#if !defined(__GNUC__)
+#error "bnpy's kernels need the GCC or Clang vector extensions"
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+/* the loop that follows runs on `team` threads (a local int) when team > 1 */
+#define BN_PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(team) if(team > 1)")
+#else
+#define BN_PARALLEL_FOR (void)team;
+#endif
+
+/* Helpers of the hot loops: always inlined, so that each instruction-set
+ * build compiles them for its own registers. */
+#define BN_INLINE static inline __attribute__((always_inline))
+
+enum {
+    BN_LANES = 16,           /* independent accumulators of a row sum (bn_lanes) */
+    BN_GROUP_ROWS = 4096,    /* interleaved rows per reduction task: fixed by the shape */
+    BN_CENTER_ROWS = 16,     /* interleaved: wide rows whose mean centers the sums */
+    BN_SHORT_ROW = 320,      /* planar rows shorter than this: passes in memory order
+                                (measured: rows of 49 and 196 values gain 2-3x, rows of
+                                400 and 784 are faster pipelined feature by feature) */
+    BN_GROUP_VALUES = 1 << 16, /* values per planar reduction task in memory order */
+    BN_TILE = 2048,          /* elements of a tile that the two passes share in L1 */
+    BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
+    BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
+    BN_PREFETCH_BYTES = 2048, /* how much of the next row to ask for ahead */
+};
+
+/* interleaved layouts: the number of BN_GROUP_ROWS groups of rows */
+static inline size_t bn_row_groups(bn_shape s)
+{
+    return s.inner == 1 ? (s.outer + BN_GROUP_ROWS - 1) / BN_GROUP_ROWS : 0;
+}
+
+/* interleaved layouts: rows per wide row, so that a wide row holds at least
+ * 32 values */
+static inline size_t bn_fold(size_t channels)
+{
+    return channels >= 32 || channels == 0 ? 1 : (32 + channels - 1) / channels;
+}
+
+/* wide[C .. R) <- repeats of wide[0 .. C), for R a multiple of C */
+static inline void bn_repeat(double *wide, size_t C, size_t R)
+{
+    for (size_t l = C; l < R; l++) {
+        wide[l] = wide[l - C];
+    }
+}
+
+/* planar layouts with short rows: outer rows per reduction task in memory
+ * order, and the number of such groups (fixed by the shape) */
+static inline size_t bn_planar_group_rows(bn_shape s)
+{
+    size_t row_values = s.channels * s.inner;
+    return row_values >= BN_GROUP_VALUES || row_values == 0 ? 1
+                                                            : BN_GROUP_VALUES / row_values;
+}
+
+static inline size_t bn_planar_groups(bn_shape s)
+{
+    if (s.inner <= 1 || s.inner >= BN_SHORT_ROW) {
+        return 0;
+    }
+    size_t rows = bn_planar_group_rows(s);
+    return (s.outer + rows - 1) / rows;
+}
+
+/* A tile of a planar feature: rows o0 .. o1, columns i0 .. i1 of each */
+typedef struct {
+    size_t o0, o1, i0, i1;
+} bn_tile;
+
+/* planar layouts: the tiles of a feature. A row of BN_TILE values or more is
+ * cut into pieces of BN_TILE; shorter rows go BN_TILE / inner to a tile. */
+static inline size_t bn_tiles(bn_shape s)
+{
+    if (bn_count(s) == 0) {
+        return 0;
+    }
+    if (s.inner >= BN_TILE) {
+        return s.outer * ((s.inner + BN_TILE - 1) / BN_TILE);
+    }
+    size_t rows = BN_TILE / s.inner;
+    return (s.outer + rows - 1) / rows;
+}
+
+static inline bn_tile bn_tile_at(bn_shape s, size_t k)
+{
+    if (s.inner >= BN_TILE) {
+        size_t pieces = (s.inner + BN_TILE - 1) / BN_TILE, i0 = (k % pieces) * BN_TILE;
+        return (bn_tile){k / pieces, k / pieces + 1, i0,
+                         i0 + BN_TILE < s.inner ? i0 + BN_TILE : s.inner};
+    }
+    size_t rows = BN_TILE / s.inner, o0 = k * rows;
+    return (bn_tile){o0, o0 + rows < s.outer ? o0 + rows : s.outer, 0, s.inner};
+}
+
+/* The coefficients of one feature's dx (bn_backward's formula) */
+typedef struct {
+    double mean, scale, mean_dy, dev_coef;
+} bn_dx_coefficients;
+
+/* threads for a call on shape s: one for small inputs */
+static inline int bn_team(bn_shape s)
+{
+    return bn_count(s) * s.channels >= BN_PARALLEL_MIN ? bn_get_num_threads() : 1;
+}
+
+/* rows of row_len elements an elementwise pass takes at a time */
+static inline size_t bn_rows_per_chunk(size_t row_len)
+{
+    return row_len >= BN_CHUNK ? 1 : BN_CHUNK / (row_len > 0 ? row_len : 1);
+}
+
+/* Ask for the start of the row at p (bytes long) before it is needed: a
+ * feature's rows lie far apart, and the hardware prefetcher only ramps up
+ * within a row, so every row would otherwise begin with a full miss. */
+BN_INLINE void bn_prefetch_row(const void *p, size_t bytes)
+{
+    size_t ahead = bytes < BN_PREFETCH_BYTES ? bytes : BN_PREFETCH_BYTES;
+    for (size_t k = 0; k < ahead; k += 64) {
+        __builtin_prefetch((const char *)p + k, 0, 3);
+    }
+}
+
+/* The sum of BN_LANES accumulators in a fixed order: lane j with lane j + 8,
+ * then those eight pairwise */
+BN_INLINE double bn_lanes_sum(const double lanes[BN_LANES])
+{
+    double v[8];
+    for (int j = 0; j < 8; j++) {
+        v[j] = lanes[j] + lanes[j + 8];
+    }
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+/* Partial statistics of `count` values from their first-pass mean and the sum
+ * of deviations from it and of their squares: sum_dev is count times the
+ * rounding error of the mean, so it corrects both (the corrected two-pass
+ * algorithm of Chan, Golub and LeVeque). */
+BN_INLINE bn_partial bn_corrected(double count, double mean, double sum_dev, double sum_dev2)
+{
+    double correction = sum_dev / count;
+    double m2 = sum_dev2 - sum_dev * correction;
+    return (bn_partial){count, mean + correction, m2 > 0.0 ? m2 : 0.0};
+}
+
+/* stats[C] <- the partials[groups][C] of row groups merged in order, then
+ * made absolute by adding unshift[C] to the means (when not NULL) */
+void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t groups, size_t C,
+                     const double *unshift);
+
+/* The hot kernels of bn_kernels.h as one instruction-set build provides them
+ * (bn_kernels_isa.h); bn_kernels.c calls the best build the CPU runs. */
+typedef struct {
+    void (*stats_f32)(bn_partial *, double *, const float *, const double *, bn_shape);
+    void (*stats_f64)(bn_partial *, double *, const double *, const double *, bn_shape);
+    void (*forward_train_f32)(float *, bn_partial *, double *, double *, double *,
+                              const float *, const float *, const float *, double, bn_shape);
+    void (*forward_train_f64)(double *, bn_partial *, double *, double *, double *,
+                              const double *, const double *, const double *, double,
+                              bn_shape);
+    void (*forward_f32)(float *, double *, const float *, const double *, const double *,
+                        const float *, const float *, bn_shape);
+    void (*forward_f64)(double *, double *, const double *, const double *, const double *,
+                        const double *, const double *, bn_shape);
+    void (*backward_f32)(float *, double *, double *, double *, const float *, const float *,
+                         const double *, const double *, const float *, bn_shape, int);
+    void (*backward_f64)(double *, double *, double *, double *, const double *,
+                         const double *, const double *, const double *, const double *,
+                         bn_shape, int);
+    void (*grad_sums_f32)(double *, double *, double *, const float *, const float *,
+                          const double *, const double *, bn_shape);
+    void (*grad_sums_f64)(double *, double *, double *, const double *, const double *,
+                          const double *, const double *, bn_shape);
+    void (*backward_dx_f32)(float *, double *, const float *, const float *, const double *,
+                            const double *, const float *, const double *, const double *,
+                            double, bn_shape, int);
+    void (*backward_dx_f64)(double *, double *, const double *, const double *,
+                            const double *, const double *, const double *, const double *,
+                            const double *, double, bn_shape, int);
+} bn_kernel_table;
+
+/* The builds: baseline always; AVX2 and AVX-512 where GCC can target them
+ * (x86-64), each compiled with `#pragma GCC target` in its own file. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) \
+    && !defined(BN_BASELINE_ONLY)
+#define BN_HAVE_X86_BUILDS 1
+extern const bn_kernel_table bn_kernels_avx512;
+extern const bn_kernel_table bn_kernels_avx2;
+#endif
+extern const bn_kernel_table bn_kernels_baseline;
+
+#endif /* BNPY_BN_KERNELS_INTERNAL_H */

@@ -1,0 +1,44 @@
+/* bn_running_impl.h -- the per-feature functions of bn_kernels.h for one
+ * element type: running statistics and conversions, O(C) work each.
+ *
+ * Included by bn_kernels.c once per type, with T the element type and NAME a
+ * macro that appends the type's suffix (as bn_kernels_impl.h).
+ */
+
+void NAME(bn_running_moments)(double *mean, double *invstd, const T *running_mean,
+                              const T *running_var, size_t channels, double eps)
+{
+    for (size_t c = 0; c < channels; c++) {
+        mean[c] = (double)running_mean[c];
+        invstd[c] = 1.0 / sqrt((double)running_var[c] + eps);
+    }
+}
+
+void NAME(bn_update_running)(T *running_mean, T *running_var, const bn_partial *stats,
+                             size_t channels, double momentum)
+{
+    for (size_t c = 0; c < channels; c++) {
+        double unbiased_var = stats[c].m2 / (stats[c].count - 1.0);
+        running_mean[c] = (T)((1.0 - momentum) * (double)running_mean[c]
+                              + momentum * stats[c].mean);
+        running_var[c] = (T)((1.0 - momentum) * (double)running_var[c]
+                             + momentum * unbiased_var);
+    }
+}
+
+void NAME(bn_set_running)(T *running_mean, T *running_var, const bn_partial *stats,
+                          size_t channels)
+{
+    for (size_t c = 0; c < channels; c++) {
+        running_mean[c] = (T)stats[c].mean;
+        running_var[c] = (T)(stats[c].m2 / (stats[c].count - 1.0));
+    }
+}
+
+void NAME(bn_from_double)(T *out, const double *in, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        out[i] = (T)in[i];
+    }
+}
+
