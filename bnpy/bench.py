@@ -156,7 +156,8 @@ def format_row(r):
 def machine_description(torch=None):
     """What the numbers were measured on."""
     lines = [f"- Python {platform.python_version()}, NumPy {np.__version__}, "
-             f"bnpy {bnpy.__version__} (OpenMP: {bnpy.has_openmp()})"
+             f"bnpy {bnpy.__version__} (OpenMP: {bnpy.has_openmp()}; kernels built for "
+             f"{bnpy.get_cpu_capability()!r}, of {', '.join(bnpy.cpu_capabilities())})"
              + (f", PyTorch {torch.__version__}" if torch is not None else ", no PyTorch")]
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -231,6 +232,9 @@ def main(argv=None):
     parser.add_argument("--no-reference", action="store_true", help="skip the slow NumPy reference")
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--results", default=None, help="write a Markdown table to this file")
+    parser.add_argument("--cpu-capability", default=None, choices=("default", "avx2", "avx512"),
+                        help="time the kernels built for this instruction set "
+                             "(default: the best this CPU runs)")
     args = parser.parse_args(argv)
 
     torch = None
@@ -243,12 +247,16 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else 11)
     threads = [int(t) for t in args.threads.split(",")]
     dtypes = [np.dtype(d).type for d in args.dtypes.split(",")]
-    before = bnpy.get_num_threads()
+    before = bnpy.get_num_threads(), bnpy.get_cpu_capability()
+    if args.cpu_capability:
+        bnpy.set_cpu_capability(args.cpu_capability)
+    print(f"bnpy kernels built for {bnpy.get_cpu_capability()!r}")
     print(HEADER)
     try:
         rows = run(cases, dtypes, threads, repeats, not args.no_reference, torch)
     finally:
-        bnpy.set_num_threads(before)
+        bnpy.set_num_threads(before[0])
+        bnpy.set_cpu_capability(before[1])
     if args.results:
         write_results(args.results, rows, torch, "python -m bnpy bench " + " ".join(argv or sys.argv[1:]))
         print(f"\nwrote {args.results}")
