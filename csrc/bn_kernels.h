@@ -74,11 +74,14 @@ size_t bn_workspace_size(bn_shape s);
  * stay small and keep their last bits: shift[C] when given, and then the
  * means come out relative to it (for statistics merged further, e.g. across
  * batches or processes); with shift NULL, each feature's first value, and
- * the means come out absolute. Each cache-sized tile of a feature gets the
- * corrected two-pass algorithm (planar layouts) or Welford's (interleaved),
- * and tiles are combined with bn_partial_merge: a large common offset does
- * not cancel the variance, and a constant feature gets exactly its value as
- * mean and m2 = 0. work: bn_workspace_size(s) doubles. */
+ * the means come out absolute. Each cache-sized tile of a feature sums its
+ * deviations from a center near its mean, and their squares, corrected as in
+ * Chan, Golub and LeVeque's two-pass algorithm. The center is the mean so far
+ * of the feature's earlier tiles (planar layouts; a first pass finds it for
+ * the first tile) or the mean of each row group's first rows (interleaved).
+ * Tiles are combined with bn_partial_merge: a large common offset does not
+ * cancel the variance, and a constant feature gets exactly its value as mean
+ * and m2 = 0. work: bn_workspace_size(s) doubles. */
 void bn_stats_f32(bn_partial *stats, double *work, const float *x, const double *shift,
                   bn_shape s);
 void bn_stats_f64(bn_partial *stats, double *work, const double *x, const double *shift,

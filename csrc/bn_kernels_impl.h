@@ -15,9 +15,9 @@
  *       still in cache, so memory sees one read of x. Row sums use BN_LANES
  *       independent accumulators, which the compiler vectorizes.
  *   interleaved (inner == 1): row o holds one value of every feature. Rows go
- *       in fixed groups (one task each); statistics are Welford's, lane by
- *       lane along "wide rows" (vectorized across features), and the groups'
- *       results are merged in order. Elementwise passes take the values as one
+ *       in fixed groups (one task each); statistics are sums of deviations
+ *       from a center, lane by lane along "wide rows" (vectorized across
+ *       features), and the groups' results are merged in order. Elementwise passes take the values as one
  *       long sequence with per-feature coefficients from `work`.
  * Every sum has an order fixed by the shape: results do not depend on the
  * number of threads, nor on the instruction set of the build that runs.
@@ -88,8 +88,8 @@ BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
 
 /* ---- planar tiles ---------------------------------------------------------
  * A feature's statistics come tile by tile (bn_tile_at): each tile is small
- * enough for L1, so its second pass is cheap, and holds either several whole
- * rows or a piece of one long row. Lanes run along each row from the tile's
+ * enough for L1 (so that the first tile's two passes cost one read from
+ * memory) and holds either several whole rows or a piece of one long row. Lanes run along each row from the tile's
  * first column; each row's last values (fewer than BN_LANES) go to a scalar
  * tail. f points at the feature's first row; rows are s.channels * s.inner
  * apart. */
@@ -152,23 +152,43 @@ BN_INLINE double NAME(first_value)(const T *x, bn_shape s, size_t c)
     return bn_count(s) > 0 ? (double)x[c * s.inner] : 0.0;
 }
 
-/* The statistics of tile t, less `shift`, from tile_sum's sum about
- * rough_about(shift): the second pass, while the tile is in L1. The
- * first-pass mean may be off in its last bits (or more, for a float sum); the
- * deviations from it correct it. With y given, the same loop normalizes the tile's places in the
- * current feature: y <- (x - mean) * scale + beta, so that the stores (and
- * the reads of x, from L2) keep memory busy while the deviations are summed. */
-BN_INLINE bn_partial NAME(tile_stats_normalizing)(const T *f, bn_shape s, bn_tile t, double sum,
-                                                  double shift, T *y, const T *x, double mean,
-                                                  double scale, double beta)
+/* The center tile t's deviations are summed about: a value near the tile's
+ * mean. For a feature's first tile (so_far empty), a first pass finds it; for
+ * the others, the mean of the feature's values so far (so_far, less shift)
+ * is near enough and costs no pass: a tile whose mean lies far from it adds
+ * as much to the feature's m2 (between the tiles) as its sums can lose. */
+BN_INLINE double NAME(tile_center)(const T *f, bn_shape s, bn_tile t, double shift,
+                                   const bn_partial *so_far)
+{
+    double center = shift + so_far->mean;
+    if (so_far->count == 0.0 || !isfinite(center)) {
+        double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0));
+        T about = NAME(rough_about)(shift);
+        center = (double)about + NAME(tile_sum)(f, s, t, about) / count;
+    }
+    return center;
+}
+
+/* *total <- *total merged with the statistics of tile t, less `shift`: one
+ * pass of the deviations from tile_center and their squares, corrected
+ * (bn_corrected), while the tile streams in. With y given, the same loop
+ * normalizes the tile's places in the current feature:
+ * y <- (x - mean) * scale + beta, so that the reads of x (from cache) and the
+ * stores overlap the reads from memory. */
+BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_shape s,
+                                            bn_tile t, double shift, T *y, const T *x,
+                                            double mean, double scale, double beta)
 {
     double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0));
-    double center = (double)NAME(rough_about)(shift) + sum / count;
+    double center = NAME(tile_center)(f, s, t, shift, total);
     bn_lanes a = {0}, a2 = {0};
     double tail = 0.0, tail2 = 0.0;
     for (size_t o = t.o0; o < t.o1; o++) {
         const T *row = TILE_ROW(f, o, s), *x_row = y ? TILE_ROW(x, o, s) : NULL;
         T *y_row = y ? TILE_ROW(y, o, s) : NULL;
+        if (t.i0 == 0 && o + 1 < s.outer) {
+            bn_prefetch_row(TILE_ROW(f, o + 1, s), s.inner * sizeof(T));
+        }
         size_t i = t.i0;
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
             bn_lanes v = NAME(load16)(row + i);
@@ -196,16 +216,18 @@ BN_INLINE bn_partial NAME(tile_stats_normalizing)(const T *f, bn_shape s, bn_til
     }
     /* center - shift: exact when both are near the data (Sterbenz), which is
        where it matters */
-    return bn_corrected(count, center - shift, bn_lanes_total(&a) + tail,
-                        bn_lanes_total(&a2) + tail2);
+    bn_partial tile = bn_corrected(count, center - shift, bn_lanes_total(&a) + tail,
+                                   bn_lanes_total(&a2) + tail2);
+    bn_partial_merge(total, &tile);
 }
 
-/* the statistics of tile t, less `shift`: both passes */
-BN_INLINE bn_partial NAME(tile_stats)(const T *f, bn_shape s, bn_tile t, double shift)
+/* *total <- *total merged with the statistics of tile t, less `shift` */
+BN_INLINE void NAME(tile_stats)(bn_partial *total, const T *f, bn_shape s, bn_tile t,
+                                double shift)
 {
-    double sum = NAME(tile_sum)(f, s, t, NAME(rough_about)(shift));
-    return NAME(tile_stats_normalizing)(f, s, t, sum, shift, NULL, NULL, 0.0, 0.0, 0.0);
+    NAME(tile_stats_normalizing)(total, f, s, t, shift, NULL, NULL, 0.0, 0.0, 0.0);
 }
+
 /* the statistics of feature c less `shift`, its tiles merged in order (with
  * shift 0, exactly the statistics of the values) */
 BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c, double shift)
@@ -213,9 +235,7 @@ BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c
     const T *f = x + c * s.inner;
     bn_partial total = {0.0, 0.0, 0.0};
     for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
-        bn_tile t = bn_tile_at(s, k);
-        bn_partial tile = NAME(tile_stats)(f, s, t, shift);
-        bn_partial_merge(&total, &tile);
+        NAME(tile_stats)(&total, f, s, bn_tile_at(s, k), shift);
     }
     return total;
 }
@@ -260,12 +280,8 @@ static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *me
         T *out = y + c * s.inner;
         bn_partial total = {0.0, 0.0, 0.0};
         for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
-            bn_tile t = bn_tile_at(s, k);
-            bn_partial tile = NAME(tile_stats_normalizing)(next, s, t, NAME(tile_sum)(next, s, t,
-                                                                          NAME(rough_about)(next_first)),
-                                                           next_first, out, cur, mean[c],
-                                                           scale, shift);
-            bn_partial_merge(&total, &tile);
+            NAME(tile_stats_normalizing)(&total, next, s, bn_tile_at(s, k), next_first, out,
+                                         cur, mean[c], scale, shift);
         }
         bn_partial_unshift(&total, &next_first, 1);
         stats[c + 1] = total;
@@ -601,8 +617,8 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
 }
 
 /* planar, short rows: partial[C] <- the statistics of rows o0 .. o1 less
- * about[C], walking memory in order; each row is a tile (two-pass in L1),
- * merged into its feature's partial */
+ * about[C], walking memory in order; each row is a tile, merged into its
+ * feature's partial */
 static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
                                              const double *about, bn_shape s, size_t o0,
                                              size_t o1)
@@ -613,8 +629,7 @@ static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
     }
     for (size_t o = o0; o < o1; o++) {
         for (size_t c = 0; c < s.channels; c++) {
-            bn_partial tile = NAME(tile_stats)(ROW(x, o, c, s), s, row_tile, about[c]);
-            bn_partial_merge(&partial[c], &tile);
+            NAME(tile_stats)(&partial[c], ROW(x, o, c, s), s, row_tile, about[c]);
         }
     }
 }

@@ -35,7 +35,7 @@ enum {
                                 (measured: rows of 49 and 196 values gain 2-3x, rows of
                                 400 and 784 are faster pipelined feature by feature) */
     BN_GROUP_VALUES = 1 << 16, /* values per planar reduction task in memory order */
-    BN_TILE = 2048,          /* elements of a tile that the two passes share in L1 */
+    BN_TILE = 2048,          /* elements of a planar tile: small enough for L1 */
     BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
     BN_PREFETCH_BYTES = 2048, /* how much of the next row to ask for ahead */
