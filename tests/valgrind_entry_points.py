@@ -78,11 +78,18 @@ def exercise_functional(shape, axis, dtype):
 
 def main():
     bnpy.set_num_threads(1)
-    for shape, axis in [((6, 3, 5), 1), ((40, 3), 1), ((2, 4, 4, 5), -1), ((0, 3, 2), 1)]:
-        for dtype in (np.float32, np.float64):
-            if shape[0] > 0:
-                exercise_layer(shape, axis, dtype)
-            exercise_functional(shape, axis, dtype) if shape[0] > 1 else None
+    # every build the CPU runs as valgrind presents it (valgrind has no AVX-512)
+    for capability in bnpy.cpu_capabilities():
+        bnpy.set_cpu_capability(capability)
+        for shape, axis in [((6, 3, 5), 1), ((40, 3), 1), ((2, 4, 4, 5), -1), ((0, 3, 2), 1),
+                            ((3, 2, 40), 1)]:
+            for dtype in (np.float32, np.float64):
+                if shape[0] > 0:
+                    exercise_layer(shape, axis, dtype)
+                exercise_functional(shape, axis, dtype) if shape[0] > 1 else None
+    print("valgrind entry points: ran the builds", bnpy.cpu_capabilities(),
+          "last", bnpy.get_cpu_capability())
+    expect_error(bnpy.set_cpu_capability, "sse2")
     bnpy.get_num_threads()
     expect_error(bnpy.set_num_threads, 0)
     empty = bnpy.BatchNorm(2)
