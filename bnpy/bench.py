@@ -254,12 +254,13 @@ def main(argv=None):
     print(HEADER)
     try:
         rows = run(cases, dtypes, threads, repeats, not args.no_reference, torch)
+        if args.results:  # while the build that ran is still chosen: the file names it
+            write_results(args.results, rows, torch,
+                          "python -m bnpy bench " + " ".join(argv or sys.argv[1:]))
+            print(f"\nwrote {args.results}")
     finally:
         bnpy.set_num_threads(before[0])
         bnpy.set_cpu_capability(before[1])
-    if args.results:
-        write_results(args.results, rows, torch, "python -m bnpy bench " + " ".join(argv or sys.argv[1:]))
-        print(f"\nwrote {args.results}")
     return 0
 
 
