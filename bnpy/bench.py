@@ -247,7 +247,7 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else 11)
     threads = [int(t) for t in args.threads.split(",")]
     dtypes = [np.dtype(d).type for d in args.dtypes.split(",")]
-    before = bnpy.get_num_threads(), bnpy.get_cpu_capability()
+    threads_before, capability_before = bnpy.get_num_threads(), bnpy.get_cpu_capability()
     if args.cpu_capability:
         bnpy.set_cpu_capability(args.cpu_capability)
     print(f"bnpy kernels built for {bnpy.get_cpu_capability()!r}")
@@ -259,8 +259,8 @@ def main(argv=None):
                           "python -m bnpy bench " + " ".join(argv or sys.argv[1:]))
             print(f"\nwrote {args.results}")
     finally:
-        bnpy.set_num_threads(before[0])
-        bnpy.set_cpu_capability(before[1])
+        bnpy.set_num_threads(threads_before)
+        bnpy.set_cpu_capability(capability_before)
     return 0
 
 

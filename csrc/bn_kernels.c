@@ -92,6 +92,19 @@ void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t group
     }
 }
 
+void bn_add_group_grads(double *dgamma, double *dbeta, const double *sums, size_t groups,
+                        size_t C, const double *invstd)
+{
+    for (size_t c = 0; c < C; c++) {
+        dbeta[c] = dgamma[c] = 0.0;
+        for (size_t g = 0; g < groups; g++) {
+            dbeta[c] += sums[2 * g * C + c];
+            dgamma[c] += sums[2 * g * C + C + c];
+        }
+        dgamma[c] *= invstd[c];
+    }
+}
+
 void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
                       size_t channels, double eps)
 {

@@ -17,8 +17,9 @@
  *   interleaved (inner == 1): row o holds one value of every feature. Rows go
  *       in fixed groups (one task each); statistics are sums of deviations
  *       from a center, lane by lane along "wide rows" (vectorized across
- *       features), and the groups' results are merged in order. Elementwise passes take the values as one
- *       long sequence with per-feature coefficients from `work`.
+ *       features), and the groups' results are merged in order. Elementwise
+ *       passes take the values as one long sequence with per-feature
+ *       coefficients from `work`.
  * Every sum has an order fixed by the shape: results do not depend on the
  * number of threads, nor on the instruction set of the build that runs.
  */
@@ -60,11 +61,13 @@ BN_INLINE void NAME(store16)(T *p, const bn_lanes *v)
 typedef bn_lanes_f32 NAME(bn_rough);
 typedef bn_vec_f32 NAME(bn_rough_vec);
 #define ROUGH_K BN_K_F32
+#define ROUGH_W BN_W_F32
 #define ROUGH_TOTAL bn_lanes_f32_total
 #else
 typedef bn_lanes NAME(bn_rough);
 typedef bn_vec NAME(bn_rough_vec);
 #define ROUGH_K BN_K
+#define ROUGH_W BN_W
 #define ROUGH_TOTAL bn_lanes_total
 #endif
 
@@ -72,7 +75,7 @@ BN_INLINE void NAME(rough_add)(NAME(bn_rough) *sum, const T *p, T about)
 {
     for (int k = 0; k < ROUGH_K; k++) {
         NAME(bn_rough_vec) v;
-        memcpy(&v, p + k * sizeof v / sizeof *p, sizeof v);
+        memcpy(&v, p + k * ROUGH_W, sizeof v);
         sum->v[k] += v - about;
     }
 }
@@ -89,10 +92,10 @@ BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
 /* ---- planar tiles ---------------------------------------------------------
  * A feature's statistics come tile by tile (bn_tile_at): each tile is small
  * enough for L1 (so that the first tile's two passes cost one read from
- * memory) and holds either several whole rows or a piece of one long row. Lanes run along each row from the tile's
- * first column; each row's last values (fewer than BN_LANES) go to a scalar
- * tail. f points at the feature's first row; rows are s.channels * s.inner
- * apart. */
+ * memory) and holds either several whole rows or a piece of one long row.
+ * Lanes run along each row from the tile's first column; each row's last
+ * values (fewer than BN_LANES) go to a scalar tail. f points at the
+ * feature's first row; rows are s.channels * s.inner apart. */
 
 #define TILE_ROW(f, o, s) ((f) + (o) * (s).channels * (s).inner)
 
@@ -254,10 +257,10 @@ BN_INLINE void NAME(normalize_row)(T *y, const T *x, size_t n, double mean, doub
  * stream feature c + 1 in from memory for its statistics, tile by tile.
  * Those come out exactly as planar_feature_stats computes them. */
 static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *mean,
-                                                     double *invstd, const T *x,
-                                                     const T *gamma, const T *beta,
-                                                     double eps, bn_shape s, size_t c0,
-                                                     size_t c1)
+                                             double *invstd, const T *x,
+                                             const T *gamma, const T *beta,
+                                             double eps, bn_shape s, size_t c0,
+                                             size_t c1)
 {
     if (c0 < c1) {
         double first = NAME(first_value)(x, s, c0);
@@ -289,7 +292,7 @@ static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *me
 }
 
 static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
-                                               const double *shift, bn_shape s, size_t c)
+                                       const double *shift, bn_shape s, size_t c)
 {
     /* no shift given: the feature's first value, and the mean made absolute */
     double about = shift ? shift[c] : NAME(first_value)(x, s, c);
@@ -301,8 +304,8 @@ static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
 
 /* rows r0..r1 of the [outer * C] rows: y <- (x - mean) * scale + shift */
 static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
-                                              const double *scale, const double *shift,
-                                              bn_shape s, size_t r0, size_t r1)
+                                      const double *scale, const double *shift,
+                                      bn_shape s, size_t r0, size_t r1)
 {
     for (size_t r = r0; r < r1; r++) {
         size_t c = r % s.channels;
@@ -418,10 +421,10 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
  * dx of feature c is written (its dy and x come back from cache) in the loop
  * that streams feature c + 1's dy and x in for its two sums. */
 static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
-                                                const T *dy, const T *x, const double *mean,
-                                                const double *invstd, const T *gamma,
-                                                bn_shape s, int training, size_t c0,
-                                                size_t c1)
+                                        const T *dy, const T *x, const double *mean,
+                                        const double *invstd, const T *gamma,
+                                        bn_shape s, int training, size_t c0,
+                                        size_t c1)
 {
     double sum_dy = 0.0, sum_dy_dev = 0.0;
     for (size_t o = 0; o < s.outer && c0 < c1; o++) {
@@ -460,8 +463,8 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
  * sqrt(rows / BN_CENTER_ROWS) <= 16 standard deviations, so the sums cancel
  * at most 8 bits of 53. lanes[3R] is scratch. */
 static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
-                                                  const T *x, const double *shift_wide,
-                                                  bn_shape s, size_t o0, size_t o1)
+                                          const T *x, const double *shift_wide,
+                                          bn_shape s, size_t o0, size_t o1)
 {
     size_t C = s.channels, fold = bn_fold(C), R = fold * C;
     size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C; /* lanes with one more */
@@ -505,8 +508,8 @@ static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
  * lane by lane, then the fold lanes of each feature added in order.
  * mean_wide[R]: the means repeated; lanes[2R] is scratch. */
 static void NAME(interleaved_group_grads)(double *sums, double *lanes, const T *dy,
-                                                  const T *x, const double *mean_wide,
-                                                  bn_shape s, size_t o0, size_t o1)
+                                          const T *x, const double *mean_wide,
+                                          bn_shape s, size_t o0, size_t o1)
 {
     size_t C = s.channels, fold = bn_fold(C), R = fold * C;
     size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C;
@@ -535,8 +538,8 @@ static void NAME(interleaved_group_grads)(double *sums, double *lanes, const T *
 /* values i0 .. i1 of x (i0 a multiple of R): y <- (x - mean) * scale + shift,
  * with the coefficients of the wide row */
 static void NAME(interleaved_forward_span)(T *y, const T *x, const double *mean,
-                                                   const double *scale, const double *shift,
-                                                   size_t R, size_t i0, size_t i1)
+                                           const double *scale, const double *shift,
+                                           size_t R, size_t i0, size_t i1)
 {
     for (size_t w = i0; w < i1; w += R) {
         size_t width = i1 - w < R ? i1 - w : R;
@@ -548,9 +551,9 @@ static void NAME(interleaved_forward_span)(T *y, const T *x, const double *mean,
 
 /* values i0 .. i1 of dx; training: scale * (dy - mean_dy - (x - mean) * dev_coef) */
 static void NAME(interleaved_dx_span)(T *dx, const T *dy, const T *x,
-                                              const double *mean, const double *scale,
-                                              const double *mean_dy, const double *dev_coef,
-                                              int training, size_t R, size_t i0, size_t i1)
+                                      const double *mean, const double *scale,
+                                      const double *mean_dy, const double *dev_coef,
+                                      int training, size_t R, size_t i0, size_t i1)
 {
     for (size_t w = i0; w < i1; w += R) {
         size_t width = i1 - w < R ? i1 - w : R;
@@ -620,8 +623,8 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
  * about[C], walking memory in order; each row is a tile, merged into its
  * feature's partial */
 static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
-                                             const double *about, bn_shape s, size_t o0,
-                                             size_t o1)
+                                     const double *about, bn_shape s, size_t o0,
+                                     size_t o1)
 {
     bn_tile row_tile = {0, 1, 0, s.inner};
     for (size_t c = 0; c < s.channels; c++) {
@@ -657,7 +660,7 @@ static void NAME(planar_stats_in_order)(bn_partial *stats, double *work, const T
 }
 
 static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
-                    bn_shape s)
+                           bn_shape s)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
         return;
@@ -678,8 +681,8 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
     }
 }
 
-static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean, const double *invstd,
-                      const T *gamma, const T *beta, bn_shape s)
+static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
+                             const double *invstd, const T *gamma, const T *beta, bn_shape s)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
         return;
@@ -712,8 +715,9 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     }
 }
 
-static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd, double *work,
-                            const T *x, const T *gamma, const T *beta, double eps, bn_shape s)
+static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd,
+                                   double *work, const T *x, const T *gamma, const T *beta,
+                                   double eps, bn_shape s)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
         return;
@@ -757,14 +761,7 @@ static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *w
         NAME(interleaved_group_grads)(sums + 2 * g * C, lanes + 2 * g * R, dy, x, mean_wide,
                                       s, o0, o1);
     }
-    for (size_t c = 0; c < C; c++) {
-        dbeta[c] = dgamma[c] = 0.0;
-        for (size_t g = 0; g < groups; g++) {
-            dbeta[c] += sums[2 * g * C + c];
-            dgamma[c] += sums[2 * g * C + C + c];
-        }
-        dgamma[c] *= invstd[c];
-    }
+    bn_add_group_grads(dgamma, dbeta, sums, groups, C, invstd);
 }
 
 /* interleaved: dx from the sums over `count` values; work[0:R] holds the
@@ -800,8 +797,8 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
  * a feature's short rows lie far apart, and reading them feature by feature
  * would jump through memory */
 static void NAME(planar_group_grads)(double *sums, const T *dy, const T *x,
-                                             const double *mean, bn_shape s, size_t o0,
-                                             size_t o1)
+                                     const double *mean, bn_shape s, size_t o0,
+                                     size_t o1)
 {
     size_t C = s.channels;
     for (size_t c = 0; c < 2 * C; c++) {
@@ -829,14 +826,7 @@ static void NAME(planar_grad_sums_in_order)(double *dgamma, double *dbeta, doubl
         size_t o0 = g * rows, o1 = o0 + rows < s.outer ? o0 + rows : s.outer;
         NAME(planar_group_grads)(sums + 2 * g * C, dy, x, mean, s, o0, o1);
     }
-    for (size_t c = 0; c < C; c++) {
-        dbeta[c] = dgamma[c] = 0.0;
-        for (size_t g = 0; g < groups; g++) {
-            dbeta[c] += sums[2 * g * C + c];
-            dgamma[c] += sums[2 * g * C + C + c];
-        }
-        dgamma[c] *= invstd[c];
-    }
+    bn_add_group_grads(dgamma, dbeta, sums, groups, C, invstd);
 }
 
 static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
@@ -845,8 +835,8 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
                                  bn_shape s, int training);
 
 static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
-                       const T *x, const double *mean, const double *invstd, const T *gamma,
-                       bn_shape s, int training)
+                              const T *x, const double *mean, const double *invstd, const T *gamma,
+                              bn_shape s, int training)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
         return;
@@ -876,9 +866,9 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
 
 /* planar: the two sums of feature c */
 static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
-                                                   const T *dy, const T *x,
-                                                   const double *mean, const double *invstd,
-                                                   bn_shape s, size_t c)
+                                           const T *dy, const T *x,
+                                           const double *mean, const double *invstd,
+                                           bn_shape s, size_t c)
 {
     double sum_dy = 0.0, sum_dy_dev = 0.0;
     for (size_t o = 0; o < s.outer; o++) {
@@ -892,8 +882,8 @@ static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
 /* planar: dx of rows r0 .. r1 (of the outer * C rows) from per-feature
  * coefficients */
 static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
-                                         const bn_dx_coefficients *k, bn_shape s,
-                                         int training, size_t r0, size_t r1)
+                                 const bn_dx_coefficients *k, bn_shape s,
+                                 int training, size_t r0, size_t r1)
 {
     for (size_t r = r0; r < r1; r++) {
         const bn_dx_coefficients *kc = &k[r % s.channels];
@@ -904,7 +894,7 @@ static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
 }
 
 static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy, const T *x,
-                        const double *mean, const double *invstd, bn_shape s)
+                               const double *mean, const double *invstd, bn_shape s)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
         return;
@@ -925,8 +915,8 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
 }
 
 static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, const double *mean,
-                          const double *invstd, const T *gamma, const double *dgamma,
-                          const double *dbeta, double count, bn_shape s, int training)
+                                 const double *invstd, const T *gamma, const double *dgamma,
+                                 const double *dbeta, double count, bn_shape s, int training)
 {
     if (s.channels == 0) { /* no features: nothing to compute */
         return;

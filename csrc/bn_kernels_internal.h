@@ -165,6 +165,11 @@ BN_INLINE bn_partial bn_corrected(double count, double mean, double sum_dev, dou
 void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t groups, size_t C,
                      const double *unshift);
 
+/* dbeta[C], dgamma[C] <- the sums[groups][2C] of row groups (sum dy, then
+ * sum dy * (x - mean)) added in order, dgamma times invstd[C] */
+void bn_add_group_grads(double *dgamma, double *dbeta, const double *sums, size_t groups,
+                        size_t C, const double *invstd);
+
 /* The hot kernels of bn_kernels.h as one instruction-set build provides them
  * (bn_kernels_isa.h); bn_kernels.c calls the best build the CPU runs. */
 typedef struct {
