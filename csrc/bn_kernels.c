@@ -45,12 +45,11 @@ size_t bn_count(bn_shape s)
 
 size_t bn_workspace_size(bn_shape s)
 {
-    /* four coefficient vectors of a wide row (R >= C); interleaved
-     * reductions: per row group, C partials (3 doubles each) and 3R lanes;
-     * planar reductions in memory order: per group, C partials or 2C sums */
-    size_t R = bn_fold(s.channels) * s.channels;
-    return 4 * R + bn_row_groups(s) * (3 * s.channels + 3 * R)
-           + bn_planar_groups(s) * 3 * s.channels;
+    /* bn_work_parts: up to 7 doubles to reach a cache line, then four wide
+     * vectors, the row groups' partials or sums, and interleaved lanes */
+    size_t stride = bn_whole_lines(bn_fold(s.channels) * s.channels);
+    return 7 + 4 * stride + bn_whole_lines(3 * s.channels * bn_reduction_groups(s))
+           + bn_row_groups(s) * 3 * stride;
 }
 
 void bn_partial_merge(bn_partial *a, const bn_partial *b)
@@ -89,6 +88,37 @@ void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t group
     }
     if (unshift) {
         bn_partial_unshift(stats, unshift, C);
+    }
+}
+
+void bn_lane_partials(bn_partial *partial, const double *lanes, size_t stride,
+                      const double *shift_wide, bn_shape s, size_t o0, size_t o1)
+{
+    size_t C = s.channels, R = bn_fold(C) * C;
+    bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
+    const double *center = lanes, *sum = lanes + stride, *sum2 = lanes + 2 * stride;
+    for (size_t c = 0; c < C; c++) {
+        partial[c] = (bn_partial){0.0, 0.0, 0.0};
+        for (size_t l = c; l < R; l += C) {
+            double count = (double)(w.whole + (l < w.rest));
+            if (count > 0.0) {
+                bn_partial lane = bn_corrected(count, center[l] - shift_wide[l], sum[l],
+                                               sum2[l]);
+                bn_partial_merge(&partial[c], &lane);
+            }
+        }
+    }
+}
+
+void bn_lane_grads(double *sums, const double *lanes, size_t stride, size_t C, size_t R)
+{
+    const double *sum_dy = lanes, *sum_dy_dev = lanes + stride;
+    for (size_t c = 0; c < C; c++) {
+        sums[c] = sums[C + c] = 0.0;
+        for (size_t l = c; l < R; l += C) {
+            sums[c] += sum_dy[l];
+            sums[C + c] += sum_dy_dev[l];
+        }
     }
 }
 

@@ -455,82 +455,65 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
  * few features give a loop long enough to vectorize: lane l of a wide row
  * holds feature l % C, and per-feature coefficients are repeated fold times. */
 
-/* partial[C] <- the statistics of rows o0 .. o1 of every feature, less the
- * shift (repeated over a wide row in shift_wide[R]). Lane by lane down the
- * wide rows, in one pass: each lane's values less a center (the mean of the
- * group's first BN_CENTER_ROWS wide rows), summed with their squares. The
- * center's own rows bound how far it can lie from the lane's mean: at most
- * sqrt(rows / BN_CENTER_ROWS) <= 16 standard deviations, so the sums cancel
- * at most 8 bits of 53. lanes[3R] is scratch. */
-static void NAME(interleaved_group_stats)(bn_partial *partial, double *lanes,
-                                          const T *x, const double *shift_wide,
-                                          bn_shape s, size_t o0, size_t o1)
+/* Lanes l0 .. l1 of the wide rows o0 .. o1, in one pass down the rows: each
+ * lane's values less a center (the mean of the group's first BN_CENTER_ROWS
+ * wide rows), summed with their squares, into the lanes' center, sum and
+ * sum2 (vectors `stride` apart).
+ * The center's own rows bound how far it can lie from the lane's mean: at
+ * most sqrt(rows / BN_CENTER_ROWS) <= 16 standard deviations, so the sums
+ * cancel at most 8 bits of 53. Each lane's sums are the same however the
+ * lanes are cut into blocks. shift_wide[R]: the shift repeated. */
+static void NAME(interleaved_lane_stats)(double *lanes, size_t stride, const T *x,
+                                         const double *shift_wide, bn_shape s, size_t o0,
+                                         size_t o1, size_t l0, size_t l1)
 {
-    size_t C = s.channels, fold = bn_fold(C), R = fold * C;
-    size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C; /* lanes with one more */
-    size_t first = wide < BN_CENTER_ROWS ? wide : BN_CENTER_ROWS;
-    double *center = lanes, *sum = lanes + R, *sum2 = lanes + 2 * R;
+    size_t C = s.channels, R = bn_fold(C) * C;
+    bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
+    size_t first = w.whole < BN_CENTER_ROWS ? w.whole : BN_CENTER_ROWS;
+    double *center = lanes, *sum = lanes + stride, *sum2 = lanes + 2 * stride;
     const T *base = x + o0 * C;
-    for (size_t l = 0; l < R; l++) {
+    for (size_t l = l0; l < l1; l++) {
         center[l] = sum[l] = sum2[l] = 0.0;
     }
     for (size_t j = 0; j < first; j++) { /* the centers: means of the first rows */
-        for (size_t l = 0; l < R; l++) {
+        for (size_t l = l0; l < l1; l++) {
             center[l] += (double)base[j * R + l] - shift_wide[l];
         }
     }
-    for (size_t l = 0; l < R; l++) {
+    for (size_t l = l0; l < l1; l++) {
         center[l] = (first > 0 ? center[l] / (double)first : 0.0) + shift_wide[l];
     }
-    for (size_t j = 0; j <= wide; j++) {
+    for (size_t j = 0; j <= w.whole; j++) {
         const T *row = base + j * R;
-        size_t width = j < wide ? R : rest;
-        for (size_t l = 0; l < width; l++) {
+        size_t end = j < w.whole ? l1 : (w.rest < l1 ? w.rest : l1);
+        for (size_t l = l0; l < end; l++) {
             double d = (double)row[l] - center[l];
             sum[l] += d;
             sum2[l] += d * d;
         }
     }
-    for (size_t c = 0; c < C; c++) { /* the fold lanes of each feature, in order */
-        partial[c] = (bn_partial){0.0, 0.0, 0.0};
-        for (size_t l = c; l < R; l += C) {
-            double count = (double)(wide + (l < rest));
-            if (count > 0.0) {
-                bn_partial lane = bn_corrected(count, center[l] - shift_wide[l], sum[l],
-                                               sum2[l]);
-                bn_partial_merge(&partial[c], &lane);
-            }
-        }
-    }
 }
 
-/* sums[2C] <- sum dy and sum dy * (x - mean) of rows o0 .. o1 per feature,
- * lane by lane, then the fold lanes of each feature added in order.
- * mean_wide[R]: the means repeated; lanes[2R] is scratch. */
-static void NAME(interleaved_group_grads)(double *sums, double *lanes, const T *dy,
-                                          const T *x, const double *mean_wide,
-                                          bn_shape s, size_t o0, size_t o1)
+/* Lanes l0 .. l1 of rows o0 .. o1: sum dy and sum dy * (x - mean) into the
+ * lanes' sum_dy and sum_dy_dev (`stride` apart). mean_wide[R]: the means
+ * repeated. */
+static void NAME(interleaved_lane_grads)(double *lanes, size_t stride, const T *dy, const T *x,
+                                         const double *mean_wide, bn_shape s, size_t o0,
+                                         size_t o1, size_t l0, size_t l1)
 {
-    size_t C = s.channels, fold = bn_fold(C), R = fold * C;
-    size_t wide = (o1 - o0) / fold, rest = ((o1 - o0) % fold) * C;
-    double *sum_dy = lanes, *sum_dy_dev = lanes + R;
-    for (size_t l = 0; l < R; l++) {
+    size_t C = s.channels, R = bn_fold(C) * C;
+    bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
+    double *sum_dy = lanes, *sum_dy_dev = lanes + stride;
+    for (size_t l = l0; l < l1; l++) {
         sum_dy[l] = sum_dy_dev[l] = 0.0;
     }
-    for (size_t j = 0; j <= wide; j++) {
+    for (size_t j = 0; j <= w.whole; j++) {
         const T *dy_row = dy + o0 * C + j * R, *x_row = x + o0 * C + j * R;
-        size_t width = j < wide ? R : rest;
-        for (size_t l = 0; l < width; l++) {
+        size_t end = j < w.whole ? l1 : (w.rest < l1 ? w.rest : l1);
+        for (size_t l = l0; l < end; l++) {
             double g = (double)dy_row[l];
             sum_dy[l] += g;
             sum_dy_dev[l] += g * ((double)x_row[l] - mean_wide[l]);
-        }
-    }
-    for (size_t c = 0; c < C; c++) {
-        sums[c] = sums[C + c] = 0.0;
-        for (size_t l = c; l < R; l += C) {
-            sums[c] += sum_dy[l];
-            sums[C + c] += sum_dy_dev[l];
         }
     }
 }
@@ -594,27 +577,35 @@ static void NAME(affine_coefficients)(double *scale, double *shift, const double
     size_t o1 = o0 + BN_GROUP_ROWS < (s).outer ? o0 + BN_GROUP_ROWS : (s).outer
 
 /* Interleaved statistics (less shift[C], or 0 when NULL): rows in fixed
- * groups of BN_GROUP_ROWS, one group per task; the groups' partials are
- * merged in order, so the result does not depend on which thread took which
- * group. work: bn_workspace_size doubles. */
+ * groups of BN_GROUP_ROWS, each group's lanes in blocks (one task a block);
+ * the groups' partials are merged in order, so the result does not depend on
+ * which thread took which task. work: bn_workspace_size doubles. */
 static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
                                     const double *shift, bn_shape s)
 {
     size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
-    double *shift_wide = work; /* [R] */
+    bn_work parts = bn_work_parts(work, s);
+    double *shift_wide = parts.wide; /* [R] */
     for (size_t c = 0; c < C; c++) {
         /* no shift given: each feature's first value (row 0), undone at the end */
         shift_wide[c] = shift ? shift[c] : s.outer > 0 ? (double)x[c] : 0.0;
     }
     bn_repeat(shift_wide, C, R);
-    bn_partial *partials = (bn_partial *)(work + 4 * R); /* [groups][C] */
-    double *lanes = work + 4 * R + 3 * groups * C;        /* [groups][3R] */
+    bn_partial *partials = (bn_partial *)parts.groups; /* [groups][C] */
+    size_t lanes_per_group = 3 * parts.stride;
     int team = bn_team(s);
+    size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
+    for (size_t k = 0; k < tasks; k++) {
+        GROUP_ROWS(k / blocks, s, o0, o1);
+        bn_lane_range b = bn_lane_block(R, blocks, k % blocks);
+        NAME(interleaved_lane_stats)(parts.lanes + (k / blocks) * lanes_per_group, parts.stride,
+                                     x, shift_wide, s, o0, o1, b.l0, b.l1);
+    }
     for (size_t g = 0; g < groups; g++) {
         GROUP_ROWS(g, s, o0, o1);
-        NAME(interleaved_group_stats)(partials + g * C, lanes + 3 * g * R, x, shift_wide, s, o0,
-                                      o1);
+        bn_lane_partials(partials + g * C, parts.lanes + g * lanes_per_group, parts.stride,
+                         shift_wide, s, o0, o1);
     }
     bn_merge_groups(stats, partials, groups, C, shift ? NULL : shift_wide);
 }
@@ -643,10 +634,10 @@ static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
 static void NAME(planar_stats_in_order)(bn_partial *stats, double *work, const T *x,
                                         const double *shift, bn_shape s)
 {
-    size_t C = s.channels, R = bn_fold(C) * C, groups = bn_planar_groups(s);
-    size_t rows = bn_planar_group_rows(s);
-    double *about = work;                                /* [C] */
-    bn_partial *partials = (bn_partial *)(work + 4 * R); /* [groups][C] */
+    size_t C = s.channels, groups = bn_planar_groups(s), rows = bn_planar_group_rows(s);
+    bn_work parts = bn_work_parts(work, s);
+    double *about = parts.wide;                        /* [C] */
+    bn_partial *partials = (bn_partial *)parts.groups; /* [groups][C] */
     for (size_t c = 0; c < C; c++) {
         about[c] = shift ? shift[c] : NAME(first_value)(x, s, c);
     }
@@ -691,7 +682,8 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     size_t C = s.channels;
     int team = bn_team(s);
     if (s.inner != 1) {
-        double *scale = work, *shift = work + C;
+        bn_work parts = bn_work_parts(work, s);
+        double *scale = parts.wide, *shift = parts.wide + parts.stride;
         NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, C);
         size_t rows = s.outer * C, chunk = bn_rows_per_chunk(s.inner);
         size_t chunks = (rows + chunk - 1) / chunk;
@@ -703,7 +695,9 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
         return;
     }
     size_t R = bn_fold(C) * C, n = s.outer * C, span = bn_rows_per_chunk(R) * R;
-    double *mean_wide = work, *scale = work + R, *shift = work + 2 * R;
+    bn_work parts = bn_work_parts(work, s);
+    double *mean_wide = parts.wide, *scale = mean_wide + parts.stride;
+    double *shift = scale + parts.stride;
     memcpy(mean_wide, mean, C * sizeof *mean);
     bn_repeat(mean_wide, C, R);
     NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, R);
@@ -743,36 +737,45 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
 }
 
 /* interleaved: dbeta <- sum dy, dgamma <- sum dy * xhat by fixed row groups,
- * added up in order. Leaves the means repeated over a wide row in work[0:R]. */
+ * added up in order. Leaves the means repeated over a wide row in the
+ * workspace's first wide vector. */
 static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy,
                                         const T *x, const double *mean, const double *invstd,
                                         bn_shape s)
 {
     size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
-    double *mean_wide = work;
-    double *sums = work + 4 * R;                   /* [groups][2C] */
-    double *lanes = work + 4 * R + 3 * groups * C; /* [groups][2R] */
+    bn_work parts = bn_work_parts(work, s);
+    double *mean_wide = parts.wide;
+    double *sums = parts.groups; /* [groups][2C] */
+    size_t lanes_per_group = 3 * parts.stride;
     memcpy(mean_wide, mean, C * sizeof *mean);
     bn_repeat(mean_wide, C, R);
     int team = bn_team(s);
+    size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
+    for (size_t k = 0; k < tasks; k++) {
+        GROUP_ROWS(k / blocks, s, o0, o1);
+        bn_lane_range b = bn_lane_block(R, blocks, k % blocks);
+        NAME(interleaved_lane_grads)(parts.lanes + (k / blocks) * lanes_per_group, parts.stride,
+                                     dy, x, mean_wide, s, o0, o1, b.l0, b.l1);
+    }
     for (size_t g = 0; g < groups; g++) {
-        GROUP_ROWS(g, s, o0, o1);
-        NAME(interleaved_group_grads)(sums + 2 * g * C, lanes + 2 * g * R, dy, x, mean_wide,
-                                      s, o0, o1);
+        bn_lane_grads(sums + 2 * g * C, parts.lanes + g * lanes_per_group, parts.stride, C, R);
     }
     bn_add_group_grads(dgamma, dbeta, sums, groups, C, invstd);
 }
 
-/* interleaved: dx from the sums over `count` values; work[0:R] holds the
- * repeated means (interleaved_grad_sums leaves them there) */
+/* interleaved: dx from the sums over `count` values; the workspace's first
+ * wide vector holds the repeated means (interleaved_grad_sums leaves them
+ * there) */
 static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
                                  const double *invstd, const T *gamma, const double *dgamma,
                                  const double *dbeta, double count, bn_shape s, int training)
 {
     size_t C = s.channels, R = bn_fold(C) * C;
-    double *mean_wide = work, *scale = work + R, *mean_dy = work + 2 * R;
-    double *dev_coef = work + 3 * R;
+    bn_work parts = bn_work_parts(work, s);
+    double *mean_wide = parts.wide, *scale = mean_wide + parts.stride;
+    double *mean_dy = scale + parts.stride, *dev_coef = mean_dy + parts.stride;
     for (size_t c = 0; c < C; c++) {
         scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
         mean_dy[c] = dbeta[c] / count;
@@ -817,9 +820,8 @@ static void NAME(planar_grad_sums_in_order)(double *dgamma, double *dbeta, doubl
                                             const T *dy, const T *x, const double *mean,
                                             const double *invstd, bn_shape s)
 {
-    size_t C = s.channels, R = bn_fold(C) * C, groups = bn_planar_groups(s);
-    size_t rows = bn_planar_group_rows(s);
-    double *sums = work + 4 * R; /* [groups][2C] */
+    size_t C = s.channels, groups = bn_planar_groups(s), rows = bn_planar_group_rows(s);
+    double *sums = bn_work_parts(work, s).groups; /* [groups][2C] */
     int team = bn_team(s);
     BN_PARALLEL_FOR
     for (size_t g = 0; g < groups; g++) {
@@ -923,13 +925,14 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, c
     }
     size_t C = s.channels;
     if (s.inner == 1) {
-        memcpy(work, mean, C * sizeof *mean);
-        bn_repeat(work, C, bn_fold(C) * C);
+        double *mean_wide = bn_work_parts(work, s).wide;
+        memcpy(mean_wide, mean, C * sizeof *mean);
+        bn_repeat(mean_wide, C, bn_fold(C) * C);
         NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta, count, s, training);
         return;
     }
-    /* the coefficients as bn_dx_coefficients[C], in work (4 doubles each) */
-    bn_dx_coefficients *k = (bn_dx_coefficients *)work;
+    /* the coefficients as bn_dx_coefficients[C], in the 4 wide vectors */
+    bn_dx_coefficients *k = (bn_dx_coefficients *)bn_work_parts(work, s).wide;
     for (size_t c = 0; c < C; c++) {
         double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
         k[c] = (bn_dx_coefficients){mean[c], scale, training ? dbeta[c] / count : 0.0,

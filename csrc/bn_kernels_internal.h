@@ -9,6 +9,8 @@
 
 #include "bn_kernels.h"
 
+#include <stdint.h>
+
 #include <stddef.h>
 
 #if !defined(__GNUC__)
@@ -31,6 +33,7 @@ enum {
     BN_LANES = 16,           /* independent accumulators of a row sum (bn_lanes) */
     BN_GROUP_ROWS = 4096,    /* interleaved rows per reduction task: fixed by the shape */
     BN_CENTER_ROWS = 16,     /* interleaved: wide rows whose mean centers the sums */
+    BN_LANE_BLOCK_MIN = 256, /* interleaved: the fewest lanes a reduction task takes */
     BN_SHORT_ROW = 320,      /* planar rows shorter than this: passes in memory order
                                 (measured: rows of 49 and 196 values gain 2-3x, rows of
                                 400 and 784 are faster pipelined feature by feature) */
@@ -52,6 +55,43 @@ static inline size_t bn_row_groups(bn_shape s)
 static inline size_t bn_fold(size_t channels)
 {
     return channels >= 32 || channels == 0 ? 1 : (32 + channels - 1) / channels;
+}
+
+/* interleaved rows o0 .. o1 as wide rows: `whole` full ones, then `rest`
+ * lanes of a last, partial one */
+typedef struct {
+    size_t whole, rest;
+} bn_wide_rows;
+
+static inline bn_wide_rows bn_wide_rows_of(bn_shape s, size_t o0, size_t o1)
+{
+    size_t fold = bn_fold(s.channels);
+    return (bn_wide_rows){(o1 - o0) / fold, ((o1 - o0) % fold) * s.channels};
+}
+
+/* interleaved reductions: the blocks a row group's R lanes are cut into, one
+ * task each, so that a team has work for every thread even when the rows make
+ * fewer groups than threads. Each lane's sums are the same however the lanes
+ * are cut, so the results do not depend on the team. */
+static inline size_t bn_lane_blocks(size_t R, size_t groups, int team)
+{
+    if (groups == 0 || groups >= (size_t)team) {
+        return 1;
+    }
+    size_t want = ((size_t)team + groups - 1) / groups, most = R / BN_LANE_BLOCK_MIN;
+    return want < most ? want : most > 0 ? most : 1;
+}
+
+typedef struct {
+    size_t l0, l1;
+} bn_lane_range;
+
+/* lanes l0 .. l1 of block b of `blocks`: whole cache lines of doubles */
+static inline bn_lane_range bn_lane_block(size_t R, size_t blocks, size_t b)
+{
+    size_t width = ((R + blocks - 1) / blocks + 7) / 8 * 8;
+    size_t l0 = b * width < R ? b * width : R;
+    return (bn_lane_range){l0, l0 + width < R ? l0 + width : R};
 }
 
 /* wide[C .. R) <- repeats of wide[0 .. C), for R a multiple of C */
@@ -78,6 +118,42 @@ static inline size_t bn_planar_groups(bn_shape s)
     }
     size_t rows = bn_planar_group_rows(s);
     return (s.outer + rows - 1) / rows;
+}
+
+/* row groups of a reduction in memory order (interleaved or short planar rows) */
+static inline size_t bn_reduction_groups(bn_shape s)
+{
+    return bn_row_groups(s) + bn_planar_groups(s);
+}
+
+/* n doubles rounded up to whole 64-byte cache lines */
+static inline size_t bn_whole_lines(size_t n)
+{
+    return (n + 7) / 8 * 8;
+}
+
+/* The parts of a kernel's workspace (bn_workspace_size doubles), each on a
+ * cache line of its own, so that vectors of doubles in them never straddle
+ * two lines (a workspace only 16-byte aligned made the interleaved passes
+ * about 30% slower):
+ *   wide    4 vectors of `stride` (>= R) doubles: coefficients over a wide
+ *           row, or bn_dx_coefficients[C]
+ *   groups  per reduction row group: C partials (3 doubles each) or 2C sums
+ *   lanes   per interleaved row group: 3 vectors of `stride` lanes
+ * The parts depend only on `work` and the shape: two calls that share a
+ * workspace (bn_grad_sums, then bn_backward_dx) find the same parts. */
+typedef struct {
+    double *wide, *groups, *lanes;
+    size_t stride;
+} bn_work;
+
+static inline bn_work bn_work_parts(double *work, bn_shape s)
+{
+    size_t stride = bn_whole_lines(bn_fold(s.channels) * s.channels);
+    double *wide = (double *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
+    double *groups = wide + 4 * stride;
+    double *lanes = groups + bn_whole_lines(3 * s.channels * bn_reduction_groups(s));
+    return (bn_work){wide, groups, lanes, stride};
 }
 
 /* A tile of a planar feature: rows o0 .. o1, columns i0 .. i1 of each */
@@ -164,6 +240,16 @@ BN_INLINE bn_partial bn_corrected(double count, double mean, double sum_dev, dou
  * made absolute by adding unshift[C] to the means (when not NULL) */
 void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t groups, size_t C,
                      const double *unshift);
+
+/* partial[C] <- the lanes (center, sum, sum2; `stride` apart) of interleaved rows
+ * o0 .. o1 as statistics less shift_wide[R], the fold lanes of each feature
+ * merged in order */
+void bn_lane_partials(bn_partial *partial, const double *lanes, size_t stride,
+                      const double *shift_wide, bn_shape s, size_t o0, size_t o1);
+
+/* sums[2C] <- the lanes (sum dy, sum dy * (x - mean); `stride` apart) of a row group,
+ * the fold lanes of each feature added in order */
+void bn_lane_grads(double *sums, const double *lanes, size_t stride, size_t C, size_t R);
 
 /* dbeta[C], dgamma[C] <- the sums[groups][2C] of row groups (sum dy, then
  * sum dy * (x - mean)) added in order, dgamma times invstd[C] */
