@@ -3,7 +3,9 @@
 Run it as ``python -m bnpy bench`` or ``python benchmarks/bench.py``. For every
 case it times, in the same run and interleaved repeat by repeat:
 
-- bnpy (the layer, writing into a preallocated ``out=``),
+- bnpy (the layer, writing into a preallocated ``out=``; the op
+  ``backward-inplace`` writes dx over dy with ``out=dy``, as a training loop
+  can when nothing else needs dy),
 - PyTorch's ``torch.nn.functional.batch_norm`` forward and its autograd
   backward (``torch.autograd.grad``), when torch is installed,
 - ``bnpy.reference`` (float64 NumPy, one thread),
@@ -40,7 +42,8 @@ QUICK_CASES = [
     ("NHWC 8x14x14x16", (8, 14, 14, 16), -1),
     ("NC 64x32", (64, 32), 1),
 ]
-OPS = ("forward-train", "forward-eval", "backward")
+OPS = ("forward-train", "forward-eval", "backward", "backward-inplace")
+BACKWARDS = ("backward", "backward-inplace")
 
 
 def _time_once(fn):
@@ -75,7 +78,7 @@ def _torch_runners(torch, x, dy, axis, op, momentum=0.1, eps=1e-5):
     running_mean = torch.zeros(channels, dtype=xt.dtype)
     running_var = torch.ones(channels, dtype=xt.dtype)
     F = torch.nn.functional
-    if op != "backward":
+    if op not in BACKWARDS:  # torch has no in-place batch norm backward: both time autograd
         training = op == "forward-train"
         with torch.no_grad():
             return lambda: F.batch_norm(xt, running_mean, running_var, weight, bias,
@@ -94,6 +97,11 @@ def _bnpy_runner(x, dy, axis, op):
         bn.eval()
         return lambda: bn.forward(x, out=out)
     bn.forward(x)
+    if op == "backward-inplace":
+        # dx over dy, round after round: dx is dy less its projections on 1
+        # and xhat, so repeating it keeps the values where they are
+        grad = dy.copy()
+        return lambda: bn.backward(grad, out=grad)
     return lambda: bn.backward(dy, out=out)
 
 
@@ -118,9 +126,9 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
             dy = rng.standard_normal(shape).astype(dtype)
             copy_out = np.empty_like(x)
             for op in OPS:
-                moved = x.nbytes * (3 if op == "backward" else 2)
+                moved = x.nbytes * (3 if op in BACKWARDS else 2)
                 reference_time = None
-                if with_reference:
+                if with_reference and op != "backward-inplace":  # the same as backward
                     reference_time = _medians({"ref": _reference_runner(x, dy, axis, op)},
                                               max(1, repeats // 4))["ref"]
                 for n_threads in threads:
@@ -139,7 +147,7 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
     return rows
 
 
-HEADER = (f"{'case':<26} {'dtype':<8} {'op':<14} {'thr':>3} {'bnpy ms':>9} {'GB/s':>6} "
+HEADER = (f"{'case':<26} {'dtype':<8} {'op':<16} {'thr':>3} {'bnpy ms':>9} {'GB/s':>6} "
           f"{'torch ms':>9} {'numpy ms':>9} {'copy ms':>8} {'bnpy/copy':>9} {'torch/bnpy':>10}")
 
 
@@ -148,7 +156,7 @@ def format_row(r):
         return f"{t * 1e3:9.2f}" if t is not None else f"{'-':>9}"
 
     torch_ratio = f"{r['torch'] / r['bnpy']:10.2f}" if r["torch"] is not None else f"{'-':>10}"
-    return (f"{r['case']:<26} {r['dtype']:<8} {r['op']:<14} {r['threads']:>3} {ms(r['bnpy'])} "
+    return (f"{r['case']:<26} {r['dtype']:<8} {r['op']:<16} {r['threads']:>3} {ms(r['bnpy'])} "
             f"{r['bytes'] / r['bnpy'] / 1e9:6.1f} {ms(r['torch'])} {ms(r['reference'])} "
             f"{r['copy'] * 1e3:8.2f} {r['bnpy'] / r['copy']:9.2f} {torch_ratio}")
 
@@ -193,9 +201,10 @@ def targets(rows):
         check(f"NCHW float32, 1 thread, {op}: bnpy/copy",
               [r["bnpy"] / r["copy"] for r in nchw32 if r["op"] == op], limit, False)
     with_torch = [r for r in rows if r["torch"] is not None]
-    check("NCHW float32, 1 thread, training forward and backward: torch/bnpy",
-          [r["torch"] / r["bnpy"] for r in nchw32 if r["torch"] is not None
-           and r["op"] in ("forward-train", "backward")], 1.5, True)
+    for backward, how in (("backward", "separate out="), ("backward-inplace", "out=dy")):
+        check(f"NCHW float32, 1 thread, training forward and backward ({how}): torch/bnpy",
+              [r["torch"] / r["bnpy"] for r in nchw32 if r["torch"] is not None
+               and r["op"] in ("forward-train", backward)], 1.5, True)
     check("every case, dtype, op and thread count: torch/bnpy",
           [r["torch"] / r["bnpy"] for r in with_torch], 1.0, True)
     speedups = []
@@ -212,6 +221,8 @@ def write_results(path, rows, torch, command):
         f.write("# bnpy benchmark results\n\n")
         f.write(f"Measured with `{command}` on:\n\n{machine_description(torch)}\n\n")
         f.write("Medians of interleaved repeats; bnpy writes into a preallocated `out=`. "
+                "`backward-inplace` writes dx over dy (`out=dy`); torch's column there is its "
+                "usual autograd backward, which has no in-place form. "
                 "GB/s counts the bytes bnpy must move (forward: x and y; backward: x, dy, dx). "
                 "copy is `np.copyto` of x's bytes. The machine is shared and noisy: compare "
                 "the ratios within a row, not times across runs.\n\n")

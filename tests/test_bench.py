@@ -21,9 +21,13 @@ def test_targets_are_judged_from_the_measurements():
 
     rows = [row("NCHW 64x64x56x56", "forward-train", 1, 1.2, 2.0, 1.0),
             row("NCHW 64x64x56x56", "forward-train", 2, 0.6, 1.0, 1.0),
-            row("NCHW 64x64x56x56", "backward", 1, 2.5, 3.0, 1.0)]
+            row("NCHW 64x64x56x56", "backward", 1, 2.5, 3.0, 1.0),
+            row("NCHW 64x64x56x56", "backward-inplace", 1, 1.8, 3.0, 1.0)]
     lines = "\n".join(bench.targets(rows))
     assert "forward-train: bnpy/copy: worst 1.20 (met" in lines
     assert "backward: bnpy/copy: worst 2.50 (NOT met" in lines
-    assert "torch/bnpy: worst 1.20 (NOT met" in lines    # backward: 3.0 / 2.5
+    # torch's backward against each of bnpy's: 3.0 / 2.5, then 3.0 / 1.8
+    assert "backward (separate out=): torch/bnpy: worst 1.20 (NOT met" in lines
+    assert "backward (out=dy): torch/bnpy: worst 1.67 (met" in lines
+    assert "every case, dtype, op and thread count: torch/bnpy: worst 1.20 (met" in lines
     assert "1 thread / time at 2 threads: worst 2.00 (met" in lines
