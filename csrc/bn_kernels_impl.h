@@ -344,9 +344,23 @@ BN_INLINE void NAME(dx_tail)(T *dx, const T *dy, const T *x, size_t i, size_t n,
     }
 }
 
-/* dx[i .. i + 16) of one row, exactly as dx_tail rounds it */
+/* p[0 .. 16) <- v rounded to T, as store16, but past the caches where the
+ * build can (non-temporal stores; p on a cache line) */
+BN_INLINE void NAME(stream16)(T *p, const bn_lanes *v)
+{
+#if BN_CAN_STREAM && BN_ELEMENT_IS_FLOAT
+    bn_stream16_f32(p, v);
+#elif BN_CAN_STREAM
+    bn_stream16_f64(p, v);
+#else
+    NAME(store16)(p, v);
+#endif
+}
+
+/* dx[i .. i + 16) of one row, exactly as dx_tail rounds it; streamed past
+ * the caches when `stream` (dx + i then on a cache line) */
 BN_INLINE void NAME(dx_vec)(T *dx, const T *dy, const T *x, size_t i,
-                            const bn_dx_coefficients *k, int training)
+                            const bn_dx_coefficients *k, int training, int stream)
 {
     bn_lanes v = NAME(load16)(dy + i);
     if (training) {
@@ -360,32 +374,84 @@ BN_INLINE void NAME(dx_vec)(T *dx, const T *dy, const T *x, size_t i,
             v.v[q] = v.v[q] * k->scale;
         }
     }
-    NAME(store16)(dx + i, &v);
+    if (stream) {
+        NAME(stream16)(dx + i, &v);
+    }
+    else {
+        NAME(store16)(dx + i, &v);
+    }
 }
 
-/* dx[0 .. n) of one row */
-BN_INLINE void NAME(dx_row)(T *dx, const T *dy, const T *x, size_t n,
-                            const bn_dx_coefficients *k, int training)
+/* A row of dx to write: dx[0 .. n) from dy and x with coefficients k. When
+ * `stream`, its vectors go past the caches: they start at `head`, the first
+ * value on a cache line (the values before it go one by one). */
+typedef struct {
+    T *dx;
+    const T *dy, *x;
+    size_t n, head;
+    const bn_dx_coefficients *k;
+    int training, stream;
+} NAME(bn_dx_row);
+
+BN_INLINE NAME(bn_dx_row) NAME(dx_row_of)(T *dx, const T *dy, const T *x, size_t n,
+                                          const bn_dx_coefficients *k, int training,
+                                          int stream)
 {
-    size_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        NAME(dx_vec)(dx, dy, x, i, k, training);
+    size_t head = 0;
+    stream = stream && (uintptr_t)dx % sizeof(T) == 0; /* else no value starts a line */
+    if (stream) {
+        size_t to_line = (64 - (uintptr_t)dx % 64) % 64 / sizeof(T);
+        head = to_line < n ? to_line : n;
     }
-    NAME(dx_tail)(dx, dy, x, i, n, k, training);
+    return (NAME(bn_dx_row)){dx, dy, x, n, head, k, training, stream};
+}
+
+/* the values of row r before its vectors: 0 .. head */
+BN_INLINE void NAME(dx_head)(const NAME(bn_dx_row) *r)
+{
+    NAME(dx_tail)(r->dx, r->dy, r->x, 0, r->head, r->k, r->training);
+}
+
+/* the vector of row r at i, if the row has one there; returns the next i */
+BN_INLINE size_t NAME(dx_next_vec)(const NAME(bn_dx_row) *r, size_t i)
+{
+    if (i + BN_LANES > r->n) {
+        return i;
+    }
+    NAME(dx_vec)(r->dx, r->dy, r->x, i, r->k, r->training, r->stream);
+    return i + BN_LANES;
+}
+
+/* the rest of row r from i on */
+BN_INLINE void NAME(dx_rest)(const NAME(bn_dx_row) *r, size_t i)
+{
+    for (; i + BN_LANES <= r->n; i += BN_LANES) {
+        NAME(dx_vec)(r->dx, r->dy, r->x, i, r->k, r->training, r->stream);
+    }
+    NAME(dx_tail)(r->dx, r->dy, r->x, i, r->n, r->k, r->training);
+}
+
+/* dx of one whole row */
+BN_INLINE void NAME(dx_row)(const NAME(bn_dx_row) *r)
+{
+    NAME(dx_head)(r);
+    NAME(dx_rest)(r, r->head);
 }
 
 /* The sums of feature `next` over one row: *sum_dy += sum dy,
- * *sum_dy_dev += sum dy * (x - next_mean). With dx given, the same loop writes
- * dx of the current feature's row, so the reads from memory and the writes
+ * *sum_dy_dev += sum dy * (x - next_mean). With a dx row given, the same loop
+ * writes it (the current feature's), so the reads from memory and the writes
  * overlap; either way the sums add in the same order. */
 BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev,
                                               const T *next_dy, const T *next_x,
-                                              double next_mean, T *dx, const T *dy,
-                                              const T *x, size_t n,
-                                              const bn_dx_coefficients *k, int training)
+                                              double next_mean, size_t n,
+                                              const NAME(bn_dx_row) *dx)
 {
     bn_lanes a = {0}, a2 = {0};
-    size_t i = 0;
+    size_t i = 0, dx_at = dx ? dx->head : 0;
+    if (dx) {
+        NAME(dx_head)(dx);
+    }
     for (; i + BN_LANES <= n; i += BN_LANES) {
         bn_lanes g = NAME(load16)(next_dy + i), xv = NAME(load16)(next_x + i);
         for (int q = 0; q < BN_K; q++) {
@@ -393,7 +459,7 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
             a2.v[q] += g.v[q] * (xv.v[q] - next_mean);
         }
         if (dx) {
-            NAME(dx_vec)(dx, dy, x, i, k, training);
+            dx_at = NAME(dx_next_vec)(dx, dx_at);
         }
     }
     double tail = 0.0, tail2 = 0.0;
@@ -403,7 +469,7 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
         tail2 += g * ((double)next_x[j] - next_mean);
     }
     if (dx) {
-        NAME(dx_tail)(dx, dy, x, i, n, k, training);
+        NAME(dx_rest)(dx, dx_at);
     }
     *sum_dy += bn_lanes_total(&a) + tail;
     *sum_dy_dev += bn_lanes_total(&a2) + tail2;
@@ -413,17 +479,17 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
 BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *dy,
                                    const T *x, size_t n, double mean)
 {
-    NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, NULL, NULL, NULL, n, NULL,
-                                   0);
+    NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, n, NULL);
 }
 
 /* Backward of features c0 .. c1 - 1, pipelined like the training forward:
  * dx of feature c is written (its dy and x come back from cache) in the loop
- * that streams feature c + 1's dy and x in for its two sums. */
+ * that streams feature c + 1's dy and x in for its two sums. With `stream`,
+ * dx goes past the caches. */
 static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                                         const T *dy, const T *x, const double *mean,
                                         const double *invstd, const T *gamma,
-                                        bn_shape s, int training, size_t c0,
+                                        bn_shape s, int training, int stream, size_t c0,
                                         size_t c1)
 {
     double sum_dy = 0.0, sum_dy_dev = 0.0;
@@ -436,17 +502,21 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                                                      invstd, gamma, s, training, c);
         sum_dy = sum_dy_dev = 0.0;
         for (size_t o = 0; o < s.outer; o++) {
-            T *dx_row = ROW(dx, o, c, s);
-            const T *dy_row = ROW(dy, o, c, s), *x_row = ROW(x, o, c, s);
+            NAME(bn_dx_row) row = NAME(dx_row_of)(ROW(dx, o, c, s), ROW(dy, o, c, s),
+                                                  ROW(x, o, c, s), s.inner, &k, training,
+                                                  stream);
             if (c + 1 < c1) {
                 NAME(row_grad_sums_writing_dx)(&sum_dy, &sum_dy_dev, ROW(dy, o, c + 1, s),
-                                               ROW(x, o, c + 1, s), mean[c + 1], dx_row,
-                                               dy_row, x_row, s.inner, &k, training);
+                                               ROW(x, o, c + 1, s), mean[c + 1], s.inner,
+                                               &row);
             }
             else {
-                NAME(dx_row)(dx_row, dy_row, x_row, s.inner, &k, training);
+                NAME(dx_row)(&row);
             }
         }
+    }
+    if (stream) {
+        bn_stream_fence();
     }
 }
 
@@ -857,12 +927,13 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
         return;
     }
     /* planar: one contiguous range of features per thread, for the pipeline */
-    int team = bn_team(s);
+    int team = bn_team(s), stream = bn_stream_dx(dx, dy, bn_count(s) * s.channels * sizeof(T));
     size_t parts = (size_t)team;
     BN_PARALLEL_FOR
     for (size_t p = 0; p < parts; p++) {
         NAME(planar_backward_range)(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, s, training,
-                                    s.channels * p / parts, s.channels * (p + 1) / parts);
+                                    stream, s.channels * p / parts,
+                                    s.channels * (p + 1) / parts);
     }
 }
 
@@ -888,10 +959,10 @@ static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
                                  int training, size_t r0, size_t r1)
 {
     for (size_t r = r0; r < r1; r++) {
-        const bn_dx_coefficients *kc = &k[r % s.channels];
-        T *dx_row = dx + r * s.inner;
-        const T *dy_row = dy + r * s.inner, *x_row = x + r * s.inner;
-        NAME(dx_row)(dx_row, dy_row, x_row, s.inner, kc, training);
+        NAME(bn_dx_row) row = NAME(dx_row_of)(dx + r * s.inner, dy + r * s.inner,
+                                              x + r * s.inner, s.inner, &k[r % s.channels],
+                                              training, 0);
+        NAME(dx_row)(&row);
     }
 }
 

@@ -9,9 +9,8 @@
 
 #include "bn_kernels.h"
 
-#include <stdint.h>
-
 #include <stddef.h>
+#include <stdint.h>
 
 #if !defined(__GNUC__)
 #error "bnpy's kernels need the GCC or Clang vector extensions"
@@ -42,6 +41,7 @@ enum {
     BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
     BN_PREFETCH_BYTES = 2048, /* how much of the next row to ask for ahead */
+    BN_STREAM_BYTES = 16 << 20, /* a dx this large is written past the caches */
 };
 
 /* interleaved layouts: the number of BN_GROUP_ROWS groups of rows */
@@ -195,6 +195,16 @@ typedef struct {
 static inline int bn_team(bn_shape s)
 {
     return bn_count(s) * s.channels >= BN_PARALLEL_MIN ? bn_get_num_threads() : 1;
+}
+
+/* Whether the backward writes dx (`bytes` long) past the caches: only when
+ * it is large, so that the lines would leave the caches before anyone reads
+ * them, and not over dy (in place, dy's lines are in cache already). Measured
+ * (C harness, 64x64x56x56 float32, 1 thread): backward 2.07 -> 1.93 times a
+ * copy. */
+static inline int bn_stream_dx(const void *dx, const void *dy, size_t bytes)
+{
+    return dx != dy && bytes >= BN_STREAM_BYTES;
 }
 
 /* rows of row_len elements an elementwise pass takes at a time */

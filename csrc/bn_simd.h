@@ -63,4 +63,56 @@ BN_INLINE double bn_lanes_f32_total(const bn_lanes_f32 *a)
     return bn_lanes_sum(lanes);
 }
 
+/* Non-temporal stores: p[0 .. 16) <- v (rounded to float), past the caches,
+ * for outputs too large to stay in them; p on a cache line. bn_stream_fence
+ * orders them before what the thread does next. */
+#if defined(__SSE2__)
+#include <immintrin.h>
+#define BN_CAN_STREAM 1
+
+BN_INLINE void bn_stream16_f32(float *p, const bn_lanes *v)
+{
+#if BN_W == 8
+    __m256 lo = _mm512_cvtpd_ps((__m512d)v->v[0]), hi = _mm512_cvtpd_ps((__m512d)v->v[1]);
+    __m512d both = _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                                      _mm256_castps_pd(hi), 1);
+    _mm512_stream_ps(p, _mm512_castpd_ps(both));
+#elif BN_W == 4
+    for (int k = 0; k < BN_K; k += 2) {
+        __m128 lo = _mm256_cvtpd_ps((__m256d)v->v[k]), hi = _mm256_cvtpd_ps((__m256d)v->v[k + 1]);
+        _mm256_stream_ps(p + 4 * k, _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
+    }
+#else
+    for (int k = 0; k < BN_K; k += 2) {
+        __m128 lo = _mm_cvtpd_ps((__m128d)v->v[k]), hi = _mm_cvtpd_ps((__m128d)v->v[k + 1]);
+        _mm_stream_ps(p + 2 * k, _mm_movelh_ps(lo, hi));
+    }
+#endif
+}
+
+BN_INLINE void bn_stream16_f64(double *p, const bn_lanes *v)
+{
+    for (int k = 0; k < BN_K; k++) {
+#if BN_W == 8
+        _mm512_stream_pd(p + 8 * k, (__m512d)v->v[k]);
+#elif BN_W == 4
+        _mm256_stream_pd(p + 4 * k, (__m256d)v->v[k]);
+#else
+        _mm_stream_pd(p + 2 * k, (__m128d)v->v[k]);
+#endif
+    }
+}
+
+BN_INLINE void bn_stream_fence(void)
+{
+    _mm_sfence();
+}
+#else
+#define BN_CAN_STREAM 0
+
+BN_INLINE void bn_stream_fence(void)
+{
+}
+#endif
+
 #endif /* BNPY_BN_SIMD_H */

@@ -1,9 +1,10 @@
 """Shared pytest fixtures.
 
-Only the ``torch`` fixture lives here: tests that compare bnpy with PyTorch
-ask for it and skip when torch is not installed. CI installs torch and sets
+The ``torch`` fixture: tests that compare bnpy with PyTorch ask for it and
+skip when torch is not installed. CI installs torch and sets
 ``BNPY_REQUIRE_TORCH=1``; then a missing torch is a failure, not a skip, so
-that the comparison cannot silently stop running.
+that the comparison cannot silently stop running. The ``capability`` fixture
+sets the kernels' instruction set for one test.
 """
 import os
 
@@ -34,6 +35,17 @@ def torch():
     # names its dtypes explicitly, so torch's default dtype is left alone.
     torch_module.set_num_threads(1)
     return torch_module
+
+
+@pytest.fixture
+def capability():
+    """Set the kernels' instruction set for a test (bnpy.set_cpu_capability),
+    and put the original back after."""
+    import bnpy
+
+    before = bnpy.get_cpu_capability()
+    yield bnpy.set_cpu_capability
+    bnpy.set_cpu_capability(before)
 
 
 # --- hypothesis profiles ------------------------------------------------------

@@ -23,14 +23,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture
-def capability():
-    """Set the kernels' instruction set for a test, and put it back after."""
-    before = bnpy.get_cpu_capability()
-    yield bnpy.set_cpu_capability
-    bnpy.set_cpu_capability(before)
-
-
 def _everything(x, axis, dtype):
     """What the layer and the functional API compute for x, as bytes."""
     rng = np.random.default_rng(11)

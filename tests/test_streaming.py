@@ -1,0 +1,44 @@
+"""A dx too large for the caches (16 MiB or more) is written past them with
+non-temporal stores, starting at the first value of each row that begins a
+cache line. It must hold the same bits as the dx written through the caches:
+backward in place (out=dy) never streams, so the two are compared, in every
+instruction-set build, at every start of the rows within a cache line."""
+import numpy as np
+import pytest
+
+import bnpy
+
+STREAM_BYTES = 16 << 20
+
+
+def _at_line_offset(shape, dtype, offset):
+    """An empty array whose first value lies `offset` values past a 64-byte line."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = np.empty(count + 64 // dtype.itemsize * 2, dtype)
+    skip = (-raw.ctypes.data % 64) // dtype.itemsize + offset
+    return raw[skip:skip + count].reshape(shape)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("build", bnpy.cpu_capabilities())
+def test_streamed_dx_has_the_bits_of_dx_written_in_place(capability, build, dtype, training):
+    capability(build)
+    itemsize = np.dtype(dtype).itemsize
+    # odd rows: each of the 6 rows starts at another place within a line
+    shape = (2, 3, STREAM_BYTES // (6 * itemsize) + 3)
+    rng = np.random.default_rng(5)
+    x = rng.normal(2.0, 3.0, size=shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    bn = bnpy.BatchNorm(3, dtype=dtype)
+    bn.gamma, bn.beta = rng.normal(size=3), rng.normal(size=3)
+    bn.train(training)
+    bn.forward(x)
+    in_place = dy.copy()
+    bn.backward(in_place, out=in_place)
+    for offset in (0, 1, 64 // itemsize - 1):
+        out = _at_line_offset(shape, dtype, offset)
+        assert out.nbytes >= STREAM_BYTES
+        bn.backward(dy, out=out)
+        assert out.tobytes() == in_place.tobytes(), f"offset {offset}"
