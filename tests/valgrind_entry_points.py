@@ -76,6 +76,19 @@ def exercise_functional(shape, axis, dtype):
     expect_error(bnpy.batch_norm_forward, x, gamma[:1], beta, axis=axis)
 
 
+def exercise_streamed_backward(dtype):
+    """A dx of 16 MiB or more goes past the caches (non-temporal stores), row
+    by row from each row's first cache line: rows of odd length start at
+    different places within a line."""
+    itemsize = np.dtype(dtype).itemsize
+    shape = (2, 3, (16 << 20) // (6 * itemsize) + 3)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=shape).astype(dtype)
+    bn = bnpy.BatchNorm(3, dtype=dtype)
+    bn.forward(x)
+    bn.backward(x[::-1].copy(), out=np.empty_like(x))
+
+
 def main():
     bnpy.set_num_threads(1)
     # every build the CPU runs as valgrind presents it (valgrind has no AVX-512)
@@ -87,6 +100,8 @@ def main():
                 if shape[0] > 0:
                     exercise_layer(shape, axis, dtype)
                 exercise_functional(shape, axis, dtype) if shape[0] > 1 else None
+        for dtype in (np.float32, np.float64):
+            exercise_streamed_backward(dtype)
     print("valgrind entry points: ran the builds", bnpy.cpu_capabilities(),
           "last", bnpy.get_cpu_capability())
     expect_error(bnpy.set_cpu_capability, "sse2")
