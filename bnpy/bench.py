@@ -12,7 +12,9 @@ case it times, in the same run and interleaved repeat by repeat:
 - ``np.copyto`` of the same bytes: the floor for a pass that reads x and
   writes y once,
 
-and prints medians in milliseconds, bnpy's GB/s (bytes it must move: x and y
+and prints medians in milliseconds (with ``--rounds K``, the whole run K
+times and the median of each time over the rounds, so that a minute of load
+from elsewhere on a shared machine sways one round, not the result), bnpy's GB/s (bytes it must move: x and y
 forward; x, dy and dx backward), and the ratios bnpy/copy and torch/bnpy.
 """
 import argparse
@@ -147,6 +149,21 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
     return rows
 
 
+def median_over_rounds(rounds):
+    """One row per measurement: each time the median of its rounds' medians."""
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    combined = []
+    for same in zip(*rounds):  # every round measures the same rows in the same order
+        row = dict(same[0])
+        for key in ("bnpy", "torch", "copy", "reference"):
+            row[key] = median([r[key] for r in same])
+        combined.append(row)
+    return combined
+
+
 HEADER = (f"{'case':<26} {'dtype':<8} {'op':<16} {'thr':>3} {'bnpy ms':>9} {'GB/s':>6} "
           f"{'torch ms':>9} {'numpy ms':>9} {'copy ms':>8} {'bnpy/copy':>9} {'torch/bnpy':>10}")
 
@@ -220,7 +237,8 @@ def write_results(path, rows, torch, command):
     with open(path, "w") as f:
         f.write("# bnpy benchmark results\n\n")
         f.write(f"Measured with `{command}` on:\n\n{machine_description(torch)}\n\n")
-        f.write("Medians of interleaved repeats; bnpy writes into a preallocated `out=`. "
+        f.write("Medians of interleaved repeats (and of whole rounds, with --rounds); "
+                "bnpy writes into a preallocated `out=`. "
                 "`backward-inplace` writes dx over dy (`out=dy`); torch's column there is its "
                 "usual autograd backward, which has no in-place form. "
                 "GB/s counts the bytes bnpy must move (forward: x and y; backward: x, dy, dx). "
@@ -238,6 +256,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bnpy bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke test)")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run everything this many times; report the median of the rounds")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow NumPy reference")
@@ -264,7 +284,16 @@ def main(argv=None):
     print(f"bnpy kernels built for {bnpy.get_cpu_capability()!r}")
     print(HEADER)
     try:
-        rows = run(cases, dtypes, threads, repeats, not args.no_reference, torch)
+        rounds = []
+        for k in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {k + 1} of {args.rounds}")
+            rounds.append(run(cases, dtypes, threads, repeats, not args.no_reference, torch))
+        rows = median_over_rounds(rounds)
+        if args.rounds > 1:
+            print(f"\nmedians of {args.rounds} rounds\n{HEADER}")
+            for row in rows:
+                print(format_row(row))
         if args.results:  # while the build that ran is still chosen: the file names it
             write_results(args.results, rows, torch,
                           "python -m bnpy bench " + " ".join(argv or sys.argv[1:]))

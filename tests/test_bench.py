@@ -31,3 +31,14 @@ def test_targets_are_judged_from_the_measurements():
     assert "backward (out=dy): torch/bnpy: worst 1.67 (met" in lines
     assert "every case, dtype, op and thread count: torch/bnpy: worst 1.20 (met" in lines
     assert "1 thread / time at 2 threads: worst 2.00 (met" in lines
+
+
+def test_rounds_combine_into_the_median_of_each_time():
+    def row(bnpy, torch):
+        return dict(case="NC 2x3", dtype="float32", op="backward", threads=1, bnpy=bnpy,
+                    torch=torch, copy=1.0, reference=None, bytes=1)
+
+    rounds = [[row(3.0, None)], [row(1.0, 5.0)], [row(2.0, 4.0)]]
+    (combined,) = bench.median_over_rounds(rounds)
+    assert (combined["bnpy"], combined["torch"], combined["copy"]) == (2.0, 4.5, 1.0)
+    assert combined["reference"] is None
