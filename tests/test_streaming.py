@@ -20,19 +20,31 @@ def _at_line_offset(shape, dtype, offset):
     return raw[skip:skip + count].reshape(shape)
 
 
+def _long_rows(itemsize):
+    """6 odd rows: each starts at another place within a line"""
+    return (2, 3, STREAM_BYTES // (6 * itemsize) + 3)
+
+
+def _many_rows(itemsize):
+    """thousands of rows of 401 values (pipelined, not the short-row path)"""
+    return (STREAM_BYTES // (15 * 401 * itemsize) + 1, 15, 401)
+
+
+@pytest.mark.parametrize("rows", [_long_rows, _many_rows], ids=["long-rows", "many-rows"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("build", bnpy.cpu_capabilities())
-def test_streamed_dx_has_the_bits_of_dx_written_in_place(capability, build, dtype, training):
+def test_streamed_dx_has_the_bits_of_dx_written_in_place(capability, build, dtype, training,
+                                                          rows):
     capability(build)
     itemsize = np.dtype(dtype).itemsize
-    # odd rows: each of the 6 rows starts at another place within a line
-    shape = (2, 3, STREAM_BYTES // (6 * itemsize) + 3)
+    shape = rows(itemsize)
+    channels = shape[1]
     rng = np.random.default_rng(5)
     x = rng.normal(2.0, 3.0, size=shape).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
-    bn = bnpy.BatchNorm(3, dtype=dtype)
-    bn.gamma, bn.beta = rng.normal(size=3), rng.normal(size=3)
+    bn = bnpy.BatchNorm(channels, dtype=dtype)
+    bn.gamma, bn.beta = rng.normal(size=channels), rng.normal(size=channels)
     bn.train(training)
     bn.forward(x)
     in_place = dy.copy()
