@@ -4,9 +4,12 @@ The ``torch`` fixture: tests that compare bnpy with PyTorch ask for it and
 skip when torch is not installed. CI installs torch and sets
 ``BNPY_REQUIRE_TORCH=1``; then a missing torch is a failure, not a skip, so
 that the comparison cannot silently stop running. The ``capability`` fixture
-sets the kernels' instruction set for one test.
+sets the kernels' instruction set for one test; ``run_python`` runs code in a
+new interpreter with environment variables set.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -46,6 +49,20 @@ def capability():
     before = bnpy.get_cpu_capability()
     yield bnpy.set_cpu_capability
     bnpy.set_cpu_capability(before)
+
+
+@pytest.fixture
+def run_python():
+    """run(code, NAME=value, ...): `python -c code` in a new interpreter whose
+    environment is this one's with those variables set (None: removed);
+    returns the CompletedProcess, output as text."""
+    def run(code, **variables):
+        env = {k: v for k, v in os.environ.items() if k not in variables}
+        env.update({k: v for k, v in variables.items() if v is not None})
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True)
+
+    return run
 
 
 # --- hypothesis profiles ------------------------------------------------------

@@ -1,9 +1,6 @@
 """Instruction-set builds: every build of the kernels this CPU runs ('default',
 'avx2', 'avx512') gives bitwise the same results, and the choice can be made
 (and is checked) from Python and from the environment."""
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -56,13 +53,12 @@ def test_every_build_gives_bitwise_identical_results(capability, shape, axis, dt
         assert other == first, f"{name} differs from default"
 
 
-def test_default_build_is_always_there_and_best_is_chosen():
+def test_default_build_is_always_there_and_best_is_chosen(run_python):
     runs = bnpy.cpu_capabilities()
     assert runs[0] == "default"
     assert set(runs) <= {"default", "avx2", "avx512"}
     code = "import bnpy; print(bnpy.get_cpu_capability(), bnpy.cpu_capabilities()[-1])"
-    env = {k: v for k, v in os.environ.items() if k != "BNPY_CPU_CAPABILITY"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = run_python(code, BNPY_CPU_CAPABILITY=None)
     chosen, best = run.stdout.split()
     assert chosen == best, run.stderr
 
@@ -82,12 +78,10 @@ def test_set_cpu_capability_checks_its_argument(capability):
     assert bnpy.get_cpu_capability() == "default"
 
 
-def test_environment_variable_chooses_the_build():
+def test_environment_variable_chooses_the_build(run_python):
     code = "import bnpy; print(bnpy.get_cpu_capability())"
-    env = {**os.environ, "BNPY_CPU_CAPABILITY": "default"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = run_python(code, BNPY_CPU_CAPABILITY="default")
     assert run.stdout.strip() == "default", run.stderr
-    env["BNPY_CPU_CAPABILITY"] = "neon"
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = run_python(code, BNPY_CPU_CAPABILITY="neon")
     assert "BNPY_CPU_CAPABILITY" in run.stderr and "got 'neon'" in run.stderr
     assert run.stdout.strip() == bnpy.cpu_capabilities()[-1]

@@ -1,9 +1,6 @@
 """Threads and cache tiles: results do not depend on the thread count, and
 inputs large enough to span many tiles (and to run in parallel) still agree
 with the float64 reference."""
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -93,12 +90,10 @@ def test_set_num_threads_checks_its_argument(threads):
 
 
 @pytest.mark.skipif(not bnpy.has_openmp(), reason="built without OpenMP")
-def test_environment_variable_sets_the_thread_count():
+def test_environment_variable_sets_the_thread_count(run_python):
     code = "import bnpy; print(bnpy.get_num_threads())"
-    env = {**os.environ, "BNPY_NUM_THREADS": "3"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = run_python(code, BNPY_NUM_THREADS="3")
     assert run.stdout.strip() == "3", run.stderr
-    env["BNPY_NUM_THREADS"] = "many"
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    run = run_python(code, BNPY_NUM_THREADS="many")
     assert "BNPY_NUM_THREADS must be a positive integer" in run.stderr
     assert int(run.stdout) >= 1
