@@ -89,6 +89,129 @@ BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
 #undef ROUGH_W
 #undef ROUGH_TOTAL
 
+/* ---- rows of an elementwise pass ------------------------------------------
+ * One row of output, out[0 .. n), from in (and x) with one feature's
+ * coefficients k, as bn_row_op says. A streamed row (large outputs, see
+ * bn_stream_output) goes past the caches in vectors that start on cache
+ * lines: its values before the first line go one by one. The rounding is the
+ * same whichever way a value is written. */
+
+/* out[i .. n), one value at a time */
+BN_INLINE void NAME(row_values)(T *out, const T *in, const T *x, size_t i, size_t n,
+                                const bn_row_coefficients *k, bn_row_op op)
+{
+    for (; i < n; i++) {
+        double v = (double)in[i];
+        if (op == BN_ROW_DX_TRAIN) {
+            out[i] = (T)(k->scale * (v - k->mean_dy - ((double)x[i] - k->mean) * k->dev_coef));
+        }
+        else if (op == BN_ROW_NORMALIZE) {
+            out[i] = (T)((v - k->mean) * k->scale + k->beta);
+        }
+        else {
+            out[i] = (T)(v * k->scale);
+        }
+    }
+}
+
+/* p[0 .. 16) <- v rounded to T, as store16, but past the caches where the
+ * build can (non-temporal stores; p on a cache line) */
+BN_INLINE void NAME(stream16)(T *p, const bn_lanes *v)
+{
+#if BN_CAN_STREAM && BN_ELEMENT_IS_FLOAT
+    bn_stream16_f32(p, v);
+#elif BN_CAN_STREAM
+    bn_stream16_f64(p, v);
+#else
+    NAME(store16)(p, v);
+#endif
+}
+
+/* out[i .. i + 16), exactly as row_values rounds it; streamed when `stream`
+ * (out + i then on a cache line) */
+BN_INLINE void NAME(row_vec)(T *out, const T *in, const T *x, size_t i,
+                             const bn_row_coefficients *k, bn_row_op op, int stream)
+{
+    bn_lanes v = NAME(load16)(in + i);
+    if (op == BN_ROW_DX_TRAIN) {
+        bn_lanes xv = NAME(load16)(x + i);
+        for (int q = 0; q < BN_K; q++) {
+            v.v[q] = k->scale * (v.v[q] - k->mean_dy - (xv.v[q] - k->mean) * k->dev_coef);
+        }
+    }
+    else if (op == BN_ROW_NORMALIZE) {
+        for (int q = 0; q < BN_K; q++) {
+            v.v[q] = (v.v[q] - k->mean) * k->scale + k->beta;
+        }
+    }
+    else {
+        for (int q = 0; q < BN_K; q++) {
+            v.v[q] = v.v[q] * k->scale;
+        }
+    }
+    if (stream) {
+        NAME(stream16)(out + i, &v);
+    }
+    else {
+        NAME(store16)(out + i, &v);
+    }
+}
+
+/* A row to write; its vectors start at `head` (0 unless streamed) */
+typedef struct {
+    T *out;
+    const T *in, *x;
+    size_t n, head;
+    const bn_row_coefficients *k;
+    bn_row_op op;
+    int stream;
+} NAME(bn_out_row);
+
+BN_INLINE NAME(bn_out_row) NAME(out_row_of)(T *out, const T *in, const T *x, size_t n,
+                                            const bn_row_coefficients *k, bn_row_op op,
+                                            int stream)
+{
+    size_t head = 0;
+    stream = stream && (uintptr_t)out % sizeof(T) == 0; /* else no value starts a line */
+    if (stream) {
+        size_t to_line = (64 - (uintptr_t)out % 64) % 64 / sizeof(T);
+        head = to_line < n ? to_line : n;
+    }
+    return (NAME(bn_out_row)){out, in, x, n, head, k, op, stream};
+}
+
+/* the values of row r before its vectors: 0 .. head */
+BN_INLINE void NAME(out_head)(const NAME(bn_out_row) *r)
+{
+    NAME(row_values)(r->out, r->in, r->x, 0, r->head, r->k, r->op);
+}
+
+/* the vector of row r at i, if the row has one there; returns the next i */
+BN_INLINE size_t NAME(out_next_vec)(const NAME(bn_out_row) *r, size_t i)
+{
+    if (i + BN_LANES > r->n) {
+        return i;
+    }
+    NAME(row_vec)(r->out, r->in, r->x, i, r->k, r->op, r->stream);
+    return i + BN_LANES;
+}
+
+/* the rest of row r from i on */
+BN_INLINE void NAME(out_rest)(const NAME(bn_out_row) *r, size_t i)
+{
+    for (; i + BN_LANES <= r->n; i += BN_LANES) {
+        NAME(row_vec)(r->out, r->in, r->x, i, r->k, r->op, r->stream);
+    }
+    NAME(row_values)(r->out, r->in, r->x, i, r->n, r->k, r->op);
+}
+
+/* one whole row */
+BN_INLINE void NAME(out_row)(const NAME(bn_out_row) *r)
+{
+    NAME(out_head)(r);
+    NAME(out_rest)(r, r->head);
+}
+
 /* ---- planar tiles ---------------------------------------------------------
  * A feature's statistics come tile by tile (bn_tile_at): each tile is small
  * enough for L1 (so that the first tile's two passes cost one read from
@@ -172,23 +295,38 @@ BN_INLINE double NAME(tile_center)(const T *f, bn_shape s, bn_tile t, double shi
     return center;
 }
 
+/* A feature to normalize tile by tile: y <- (x - k.mean) * k.scale + k.beta,
+ * streamed when `stream` */
+typedef struct {
+    T *y;
+    const T *x;
+    const bn_row_coefficients *k;
+    int stream;
+} NAME(bn_normalizing);
+
 /* *total <- *total merged with the statistics of tile t, less `shift`: one
  * pass of the deviations from tile_center and their squares, corrected
- * (bn_corrected), while the tile streams in. With y given, the same loop
- * normalizes the tile's places in the current feature:
- * y <- (x - mean) * scale + beta, so that the reads of x (from cache) and the
- * stores overlap the reads from memory. */
+ * (bn_corrected), while the tile streams in. With `norm` given, the same loop
+ * normalizes the tile's places in the feature it names, so that the reads of
+ * its x (from cache) and the stores overlap the reads from memory. */
 BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_shape s,
-                                            bn_tile t, double shift, T *y, const T *x,
-                                            double mean, double scale, double beta)
+                                            bn_tile t, double shift,
+                                            const NAME(bn_normalizing) *norm)
 {
     double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0));
     double center = NAME(tile_center)(f, s, t, shift, total);
     bn_lanes a = {0}, a2 = {0};
     double tail = 0.0, tail2 = 0.0;
     for (size_t o = t.o0; o < t.o1; o++) {
-        const T *row = TILE_ROW(f, o, s), *x_row = y ? TILE_ROW(x, o, s) : NULL;
-        T *y_row = y ? TILE_ROW(y, o, s) : NULL;
+        const T *row = TILE_ROW(f, o, s);
+        NAME(bn_out_row) y = {0};
+        size_t y_at = 0;
+        if (norm) { /* the places t.i0 .. t.i1 of its row o */
+            y = NAME(out_row_of)(TILE_ROW(norm->y, o, s) + t.i0, TILE_ROW(norm->x, o, s) + t.i0,
+                                 NULL, t.i1 - t.i0, norm->k, BN_ROW_NORMALIZE, norm->stream);
+            NAME(out_head)(&y);
+            y_at = y.head;
+        }
         if (t.i0 == 0 && o + 1 < s.outer) {
             bn_prefetch_row(TILE_ROW(f, o + 1, s), s.inner * sizeof(T));
         }
@@ -200,21 +338,17 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
                 a.v[k] += d;
                 a2.v[k] += d * d;
             }
-            if (y) {
-                bn_lanes out = NAME(load16)(x_row + i);
-                for (int k = 0; k < BN_K; k++) {
-                    out.v[k] = (out.v[k] - mean) * scale + beta;
-                }
-                NAME(store16)(y_row + i, &out);
+            if (norm) {
+                y_at = NAME(out_next_vec)(&y, y_at);
             }
         }
         for (; i < t.i1; i++) {
             double d = (double)row[i] - center;
             tail += d;
             tail2 += d * d;
-            if (y) {
-                y_row[i] = (T)(((double)x_row[i] - mean) * scale + beta);
-            }
+        }
+        if (norm) {
+            NAME(out_rest)(&y, y_at);
         }
     }
     /* center - shift: exact when both are near the data (Sterbenz), which is
@@ -228,7 +362,7 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
 BN_INLINE void NAME(tile_stats)(bn_partial *total, const T *f, bn_shape s, bn_tile t,
                                 double shift)
 {
-    NAME(tile_stats_normalizing)(total, f, s, t, shift, NULL, NULL, 0.0, 0.0, 0.0);
+    NAME(tile_stats_normalizing)(total, f, s, t, shift, NULL);
 }
 
 /* the statistics of feature c less `shift`, its tiles merged in order (with
@@ -243,23 +377,15 @@ BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c
     return total;
 }
 
-/* y[0 .. n) <- (x - mean) * scale + shift */
-BN_INLINE void NAME(normalize_row)(T *y, const T *x, size_t n, double mean, double scale,
-                                   double shift)
-{
-    for (size_t i = 0; i < n; i++) {
-        y[i] = (T)(((double)x[i] - mean) * scale + shift);
-    }
-}
-
 /* Training forward of features c0 .. c1 - 1, software-pipelined: feature c
  * is normalized (its data comes back from cache) in the same loops that
  * stream feature c + 1 in from memory for its statistics, tile by tile.
- * Those come out exactly as planar_feature_stats computes them. */
+ * Those come out exactly as planar_feature_stats computes them. With
+ * `stream`, y goes past the caches. */
 static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *mean,
                                              double *invstd, const T *x,
                                              const T *gamma, const T *beta,
-                                             double eps, bn_shape s, size_t c0,
+                                             double eps, bn_shape s, int stream, size_t c0,
                                              size_t c1)
 {
     if (c0 < c1) {
@@ -269,25 +395,29 @@ static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *me
     }
     for (size_t c = c0; c < c1; c++) {
         bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
-        double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        double shift = beta ? (double)beta[c] : 0.0;
-        if (c + 1 == c1) {
+        bn_row_coefficients k = {.mean = mean[c],
+                                 .scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0),
+                                 .beta = beta ? (double)beta[c] : 0.0};
+        if (c + 1 == c1) { /* the last: no statistics left to overlap with */
             for (size_t o = 0; o < s.outer; o++) {
-                NAME(normalize_row)(ROW(y, o, c, s), ROW(x, o, c, s), s.inner, mean[c],
-                                    scale, shift);
+                NAME(bn_out_row) row = NAME(out_row_of)(ROW(y, o, c, s), ROW(x, o, c, s), NULL,
+                                                        s.inner, &k, BN_ROW_NORMALIZE, stream);
+                NAME(out_row)(&row);
             }
             break;
         }
-        const T *next = x + (c + 1) * s.inner, *cur = x + c * s.inner;
+        NAME(bn_normalizing) norm = {y + c * s.inner, x + c * s.inner, &k, stream};
+        const T *next = x + (c + 1) * s.inner;
         double next_first = NAME(first_value)(x, s, c + 1);
-        T *out = y + c * s.inner;
         bn_partial total = {0.0, 0.0, 0.0};
-        for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
-            NAME(tile_stats_normalizing)(&total, next, s, bn_tile_at(s, k), next_first, out,
-                                         cur, mean[c], scale, shift);
+        for (size_t t = 0, tiles = bn_tiles(s); t < tiles; t++) {
+            NAME(tile_stats_normalizing)(&total, next, s, bn_tile_at(s, t), next_first, &norm);
         }
         bn_partial_unshift(&total, &next_first, 1);
         stats[c + 1] = total;
+    }
+    if (stream) {
+        bn_stream_fence();
     }
 }
 
@@ -309,133 +439,30 @@ static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
 {
     for (size_t r = r0; r < r1; r++) {
         size_t c = r % s.channels;
-        NAME(normalize_row)(y + r * s.inner, x + r * s.inner, s.inner, mean[c], scale[c],
-                            shift[c]);
+        bn_row_coefficients k = {.mean = mean[c], .scale = scale[c], .beta = shift[c]};
+        NAME(bn_out_row) row = NAME(out_row_of)(y + r * s.inner, x + r * s.inner, NULL,
+                                                s.inner, &k, BN_ROW_NORMALIZE, 0);
+        NAME(out_row)(&row);
     }
 }
 
 /* The coefficients of dx for feature c from its two sums; sets dgamma[c], dbeta[c] */
-BN_INLINE bn_dx_coefficients NAME(dx_coefficients)(double *dgamma, double *dbeta,
-                                                   double sum_dy, double sum_dy_dev,
-                                                   const double *mean, const double *invstd,
-                                                   const T *gamma, bn_shape s, int training,
-                                                   size_t c)
+BN_INLINE bn_row_coefficients NAME(dx_coefficients)(double *dgamma, double *dbeta,
+                                                    double sum_dy, double sum_dy_dev,
+                                                    const double *mean, const double *invstd,
+                                                    const T *gamma, bn_shape s, int training,
+                                                    size_t c)
 {
     double n = (double)bn_count(s);
     dbeta[c] = sum_dy;
     dgamma[c] = sum_dy_dev * invstd[c];
-    bn_dx_coefficients k = {mean[c], invstd[c] * (gamma ? (double)gamma[c] : 1.0), 0.0, 0.0};
+    bn_row_coefficients k = {.mean = mean[c],
+                             .scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0)};
     if (training) {
         k.mean_dy = dbeta[c] / n;
         k.dev_coef = dgamma[c] * invstd[c] / n; /* xhat * dgamma / n = (x - m) * dev_coef */
     }
     return k;
-}
-
-/* dx[i .. n) of one row: training: scale * (dy - mean_dy - (x - mean) * dev_coef);
- * eval: dy * scale */
-BN_INLINE void NAME(dx_tail)(T *dx, const T *dy, const T *x, size_t i, size_t n,
-                             const bn_dx_coefficients *k, int training)
-{
-    for (; i < n; i++) {
-        dx[i] = training ? (T)(k->scale * ((double)dy[i] - k->mean_dy
-                                           - ((double)x[i] - k->mean) * k->dev_coef))
-                         : (T)((double)dy[i] * k->scale);
-    }
-}
-
-/* p[0 .. 16) <- v rounded to T, as store16, but past the caches where the
- * build can (non-temporal stores; p on a cache line) */
-BN_INLINE void NAME(stream16)(T *p, const bn_lanes *v)
-{
-#if BN_CAN_STREAM && BN_ELEMENT_IS_FLOAT
-    bn_stream16_f32(p, v);
-#elif BN_CAN_STREAM
-    bn_stream16_f64(p, v);
-#else
-    NAME(store16)(p, v);
-#endif
-}
-
-/* dx[i .. i + 16) of one row, exactly as dx_tail rounds it; streamed past
- * the caches when `stream` (dx + i then on a cache line) */
-BN_INLINE void NAME(dx_vec)(T *dx, const T *dy, const T *x, size_t i,
-                            const bn_dx_coefficients *k, int training, int stream)
-{
-    bn_lanes v = NAME(load16)(dy + i);
-    if (training) {
-        bn_lanes xv = NAME(load16)(x + i);
-        for (int q = 0; q < BN_K; q++) {
-            v.v[q] = k->scale * (v.v[q] - k->mean_dy - (xv.v[q] - k->mean) * k->dev_coef);
-        }
-    }
-    else {
-        for (int q = 0; q < BN_K; q++) {
-            v.v[q] = v.v[q] * k->scale;
-        }
-    }
-    if (stream) {
-        NAME(stream16)(dx + i, &v);
-    }
-    else {
-        NAME(store16)(dx + i, &v);
-    }
-}
-
-/* A row of dx to write: dx[0 .. n) from dy and x with coefficients k. When
- * `stream`, its vectors go past the caches: they start at `head`, the first
- * value on a cache line (the values before it go one by one). */
-typedef struct {
-    T *dx;
-    const T *dy, *x;
-    size_t n, head;
-    const bn_dx_coefficients *k;
-    int training, stream;
-} NAME(bn_dx_row);
-
-BN_INLINE NAME(bn_dx_row) NAME(dx_row_of)(T *dx, const T *dy, const T *x, size_t n,
-                                          const bn_dx_coefficients *k, int training,
-                                          int stream)
-{
-    size_t head = 0;
-    stream = stream && (uintptr_t)dx % sizeof(T) == 0; /* else no value starts a line */
-    if (stream) {
-        size_t to_line = (64 - (uintptr_t)dx % 64) % 64 / sizeof(T);
-        head = to_line < n ? to_line : n;
-    }
-    return (NAME(bn_dx_row)){dx, dy, x, n, head, k, training, stream};
-}
-
-/* the values of row r before its vectors: 0 .. head */
-BN_INLINE void NAME(dx_head)(const NAME(bn_dx_row) *r)
-{
-    NAME(dx_tail)(r->dx, r->dy, r->x, 0, r->head, r->k, r->training);
-}
-
-/* the vector of row r at i, if the row has one there; returns the next i */
-BN_INLINE size_t NAME(dx_next_vec)(const NAME(bn_dx_row) *r, size_t i)
-{
-    if (i + BN_LANES > r->n) {
-        return i;
-    }
-    NAME(dx_vec)(r->dx, r->dy, r->x, i, r->k, r->training, r->stream);
-    return i + BN_LANES;
-}
-
-/* the rest of row r from i on */
-BN_INLINE void NAME(dx_rest)(const NAME(bn_dx_row) *r, size_t i)
-{
-    for (; i + BN_LANES <= r->n; i += BN_LANES) {
-        NAME(dx_vec)(r->dx, r->dy, r->x, i, r->k, r->training, r->stream);
-    }
-    NAME(dx_tail)(r->dx, r->dy, r->x, i, r->n, r->k, r->training);
-}
-
-/* dx of one whole row */
-BN_INLINE void NAME(dx_row)(const NAME(bn_dx_row) *r)
-{
-    NAME(dx_head)(r);
-    NAME(dx_rest)(r, r->head);
 }
 
 /* The sums of feature `next` over one row: *sum_dy += sum dy,
@@ -445,12 +472,12 @@ BN_INLINE void NAME(dx_row)(const NAME(bn_dx_row) *r)
 BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev,
                                               const T *next_dy, const T *next_x,
                                               double next_mean, size_t n,
-                                              const NAME(bn_dx_row) *dx)
+                                              const NAME(bn_out_row) *dx)
 {
     bn_lanes a = {0}, a2 = {0};
     size_t i = 0, dx_at = dx ? dx->head : 0;
     if (dx) {
-        NAME(dx_head)(dx);
+        NAME(out_head)(dx);
     }
     for (; i + BN_LANES <= n; i += BN_LANES) {
         bn_lanes g = NAME(load16)(next_dy + i), xv = NAME(load16)(next_x + i);
@@ -459,7 +486,7 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
             a2.v[q] += g.v[q] * (xv.v[q] - next_mean);
         }
         if (dx) {
-            dx_at = NAME(dx_next_vec)(dx, dx_at);
+            dx_at = NAME(out_next_vec)(dx, dx_at);
         }
     }
     double tail = 0.0, tail2 = 0.0;
@@ -469,7 +496,7 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
         tail2 += g * ((double)next_x[j] - next_mean);
     }
     if (dx) {
-        NAME(dx_rest)(dx, dx_at);
+        NAME(out_rest)(dx, dx_at);
     }
     *sum_dy += bn_lanes_total(&a) + tail;
     *sum_dy_dev += bn_lanes_total(&a2) + tail2;
@@ -498,20 +525,20 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                             mean[c0]);
     }
     for (size_t c = c0; c < c1; c++) {
-        bn_dx_coefficients k = NAME(dx_coefficients)(dgamma, dbeta, sum_dy, sum_dy_dev, mean,
-                                                     invstd, gamma, s, training, c);
+        bn_row_coefficients k = NAME(dx_coefficients)(dgamma, dbeta, sum_dy, sum_dy_dev, mean,
+                                                      invstd, gamma, s, training, c);
         sum_dy = sum_dy_dev = 0.0;
         for (size_t o = 0; o < s.outer; o++) {
-            NAME(bn_dx_row) row = NAME(dx_row_of)(ROW(dx, o, c, s), ROW(dy, o, c, s),
-                                                  ROW(x, o, c, s), s.inner, &k, training,
-                                                  stream);
+            NAME(bn_out_row) row = NAME(out_row_of)(ROW(dx, o, c, s), ROW(dy, o, c, s),
+                                                    ROW(x, o, c, s), s.inner, &k,
+                                                    bn_dx_op(training), stream);
             if (c + 1 < c1) {
                 NAME(row_grad_sums_writing_dx)(&sum_dy, &sum_dy_dev, ROW(dy, o, c + 1, s),
                                                ROW(x, o, c + 1, s), mean[c + 1], s.inner,
                                                &row);
             }
             else {
-                NAME(dx_row)(&row);
+                NAME(out_row)(&row);
             }
         }
     }
@@ -789,12 +816,12 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
     if (s.inner != 1 && bn_planar_groups(s) == 0) {
         /* one contiguous range of features per thread, for the pipeline */
-        int team = bn_team(s);
+        int team = bn_team(s), stream = bn_stream_y(y, x, s, sizeof(T));
         size_t parts = (size_t)team;
         BN_PARALLEL_FOR
         for (size_t p = 0; p < parts; p++) {
             NAME(planar_forward_train_range)(y, stats, mean, invstd, x, gamma, beta, eps, s,
-                                             s.channels * p / parts,
+                                             stream, s.channels * p / parts,
                                              s.channels * (p + 1) / parts);
         }
         return;
@@ -927,7 +954,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
         return;
     }
     /* planar: one contiguous range of features per thread, for the pipeline */
-    int team = bn_team(s), stream = bn_stream_dx(dx, dy, bn_count(s) * s.channels * sizeof(T));
+    int team = bn_team(s), stream = bn_stream_output(dx, dy, bn_count(s) * s.channels * sizeof(T));
     size_t parts = (size_t)team;
     BN_PARALLEL_FOR
     for (size_t p = 0; p < parts; p++) {
@@ -955,14 +982,14 @@ static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
 /* planar: dx of rows r0 .. r1 (of the outer * C rows) from per-feature
  * coefficients */
 static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
-                                 const bn_dx_coefficients *k, bn_shape s,
+                                 const bn_row_coefficients *k, bn_shape s,
                                  int training, size_t r0, size_t r1)
 {
     for (size_t r = r0; r < r1; r++) {
-        NAME(bn_dx_row) row = NAME(dx_row_of)(dx + r * s.inner, dy + r * s.inner,
-                                              x + r * s.inner, s.inner, &k[r % s.channels],
-                                              training, 0);
-        NAME(dx_row)(&row);
+        NAME(bn_out_row) row = NAME(out_row_of)(dx + r * s.inner, dy + r * s.inner,
+                                                x + r * s.inner, s.inner, &k[r % s.channels],
+                                                bn_dx_op(training), 0);
+        NAME(out_row)(&row);
     }
 }
 
@@ -1002,12 +1029,14 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, c
         NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta, count, s, training);
         return;
     }
-    /* the coefficients as bn_dx_coefficients[C], in the 4 wide vectors */
-    bn_dx_coefficients *k = (bn_dx_coefficients *)bn_work_parts(work, s).wide;
+    /* the coefficients as bn_row_coefficients[C], in the 4 wide vectors */
+    bn_row_coefficients *k = (bn_row_coefficients *)bn_work_parts(work, s).wide;
     for (size_t c = 0; c < C; c++) {
         double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        k[c] = (bn_dx_coefficients){mean[c], scale, training ? dbeta[c] / count : 0.0,
-                                    training ? dgamma[c] * invstd[c] / count : 0.0};
+        k[c] = (bn_row_coefficients){.mean = mean[c],
+                                     .scale = scale,
+                                     .mean_dy = training ? dbeta[c] / count : 0.0,
+                                     .dev_coef = training ? dgamma[c] * invstd[c] / count : 0.0};
     }
     size_t rows = s.outer * C, chunk = bn_rows_per_chunk(s.inner);
     size_t chunks = (rows + chunk - 1) / chunk;

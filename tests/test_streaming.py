@@ -1,21 +1,26 @@
-"""A dx too large for the caches (16 MiB or more) is written past them with
-non-temporal stores, starting at the first value of each row that begins a
-cache line. It must hold the same bits as the dx written through the caches:
-backward in place (out=dy) never streams, so the two are compared, in every
-instruction-set build, at every start of the rows within a cache line."""
+"""Outputs too large for the caches (16 MiB or more) are written past them
+with non-temporal stores, starting at the first value of each row that
+begins a cache line: dx in the backward, and y in the training forward when
+its features are 1 MiB or more. They must hold the same bits as outputs
+written through the caches: written in place (dx over dy, y over x), they
+never stream, so the two are compared, in every instruction-set build, at
+every start of the rows within a cache line."""
 import numpy as np
 import pytest
 
 import bnpy
 
 STREAM_BYTES = 16 << 20
+FEATURE_STREAM_BYTES = 1 << 20
 
 
 def _at_line_offset(shape, dtype, offset):
-    """An empty array whose first value lies `offset` values past a 64-byte line."""
+    """An array of NaN whose first value lies `offset` values past a 64-byte
+    line (NaN, so that a value left unwritten shows: freed memory may still
+    hold the right bits)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
-    raw = np.empty(count + 64 // dtype.itemsize * 2, dtype)
+    raw = np.full(count + 64 // dtype.itemsize * 2, np.nan, dtype)
     skip = (-raw.ctypes.data % 64) // dtype.itemsize + offset
     return raw[skip:skip + count].reshape(shape)
 
@@ -26,7 +31,8 @@ def _long_rows(itemsize):
 
 
 def _many_rows(itemsize):
-    """thousands of rows of 401 values (pipelined, not the short-row path)"""
+    """thousands of rows of 401 values (pipelined, not the short-row path);
+    features of just over 1 MiB"""
     return (STREAM_BYTES // (15 * 401 * itemsize) + 1, 15, 401)
 
 
@@ -77,3 +83,43 @@ def test_streamed_dx_over_x_itself(capability, build, dtype):
     assert got[0] is x
     for w, g, s in zip(want, got, separate):
         assert w.tobytes() == g.tobytes() == s.tobytes()
+
+
+@pytest.mark.parametrize("rows", [_long_rows, _many_rows], ids=["long-rows", "many-rows"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("build", bnpy.cpu_capabilities())
+def test_streamed_y_has_the_bits_of_y_written_in_place(capability, build, dtype, rows):
+    capability(build)
+    itemsize = np.dtype(dtype).itemsize
+    shape = rows(itemsize)
+    channels = shape[1]
+    assert np.prod(shape) // channels * itemsize >= FEATURE_STREAM_BYTES
+    rng = np.random.default_rng(7)
+    x = rng.normal(2.0, 3.0, size=shape).astype(dtype)
+    gamma, beta = rng.normal(size=channels), rng.normal(size=channels)
+    bn = bnpy.BatchNorm(channels, dtype=dtype)
+    in_place = x.copy()
+    bn.gamma, bn.beta = gamma, beta
+    bn.forward(in_place, out=in_place)
+    for offset in (0, 1, 64 // itemsize - 1):
+        out = _at_line_offset(shape, dtype, offset)
+        assert out.nbytes >= STREAM_BYTES
+        bn = bnpy.BatchNorm(channels, dtype=dtype)
+        bn.gamma, bn.beta = gamma, beta
+        bn.forward(x, out=out)
+        assert out.tobytes() == in_place.tobytes(), f"offset {offset}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_y_of_the_functional_forward(dtype):
+    """The functional forward streams too, on the same condition; its
+    statistics do not depend on where y goes"""
+    itemsize = np.dtype(dtype).itemsize
+    shape = (2, 3, STREAM_BYTES // (6 * itemsize) + 7)
+    x = np.random.default_rng(8).normal(5.0, 0.5, size=shape).astype(dtype)
+    y, mean, invstd = bnpy.batch_norm_forward(x, None, None, axis=1,
+                                              out=_at_line_offset(shape, dtype, 3))
+    in_place = x.copy()
+    y2, mean2, invstd2 = bnpy.batch_norm_forward(in_place, None, None, axis=1, out=in_place)
+    assert y.tobytes() == y2.tobytes()
+    assert mean.tobytes() == mean2.tobytes() and invstd.tobytes() == invstd2.tobytes()

@@ -76,10 +76,10 @@ def exercise_functional(shape, axis, dtype):
     expect_error(bnpy.batch_norm_forward, x, gamma[:1], beta, axis=axis)
 
 
-def exercise_streamed_backward(dtype):
-    """A dx of 16 MiB or more goes past the caches (non-temporal stores), row
-    by row from each row's first cache line: rows of odd length start at
-    different places within a line."""
+def exercise_streamed_outputs(dtype):
+    """A y (features of 1 MiB or more) or dx of 16 MiB or more goes past the
+    caches (non-temporal stores), row by row from each row's first cache
+    line: rows of odd length start at different places within a line."""
     itemsize = np.dtype(dtype).itemsize
     shape = (2, 3, (16 << 20) // (6 * itemsize) + 3)
     rng = np.random.default_rng(2)
@@ -101,7 +101,7 @@ def main():
                     exercise_layer(shape, axis, dtype)
                 exercise_functional(shape, axis, dtype) if shape[0] > 1 else None
         for dtype in (np.float32, np.float64):
-            exercise_streamed_backward(dtype)
+            exercise_streamed_outputs(dtype)
     print("valgrind entry points: ran the builds", bnpy.cpu_capabilities(),
           "last", bnpy.get_cpu_capability())
     expect_error(bnpy.set_cpu_capability, "sse2")
