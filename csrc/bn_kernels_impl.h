@@ -552,6 +552,24 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
  * few features give a loop long enough to vectorize: lane l of a wide row
  * holds feature l % C, and per-feature coefficients are repeated fold times. */
 
+/* sum, sum2 += lanes l0 .. l1 of the BN_ROWS_AT_ONCE wide rows from `row` (R
+ * apart) less center, and their squares: each lane loaded and stored once for
+ * the rows, its additions in the order of one row at a time */
+BN_INLINE void NAME(lane_stats_rows)(double *sum, double *sum2, const double *center,
+                                     const T *row, size_t R, size_t l0, size_t l1)
+{
+    for (size_t l = l0; l < l1; l++) {
+        double c = center[l], a = sum[l], a2 = sum2[l];
+        for (size_t k = 0; k < BN_ROWS_AT_ONCE; k++) {
+            double d = (double)row[k * R + l] - c;
+            a += d;
+            a2 += d * d;
+        }
+        sum[l] = a;
+        sum2[l] = a2;
+    }
+}
+
 /* Lanes l0 .. l1 of the wide rows o0 .. o1, in one pass down the rows: each
  * lane's values less a center (the mean of the group's first BN_CENTER_ROWS
  * wide rows), summed with their squares, into the lanes' center, sum and
@@ -559,10 +577,11 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
  * The center's own rows bound how far it can lie from the lane's mean: at
  * most sqrt(rows / BN_CENTER_ROWS) <= 16 standard deviations, so the sums
  * cancel at most 8 bits of 53. Each lane's sums are the same however the
- * lanes are cut into blocks. shift_wide[R]: the shift repeated. */
+ * lanes are cut into blocks, and with `by_blocks` (lane_stats_rows) or not.
+ * shift_wide[R]: the shift repeated. */
 static void NAME(interleaved_lane_stats)(double *lanes, size_t stride, const T *x,
                                          const double *shift_wide, bn_shape s, size_t o0,
-                                         size_t o1, size_t l0, size_t l1)
+                                         size_t o1, size_t l0, size_t l1, int by_blocks)
 {
     size_t C = s.channels, R = bn_fold(C) * C;
     bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
@@ -580,7 +599,11 @@ static void NAME(interleaved_lane_stats)(double *lanes, size_t stride, const T *
     for (size_t l = l0; l < l1; l++) {
         center[l] = (first > 0 ? center[l] / (double)first : 0.0) + shift_wide[l];
     }
-    for (size_t j = 0; j <= w.whole; j++) {
+    size_t j = 0;
+    for (; by_blocks && j + BN_ROWS_AT_ONCE <= w.whole; j += BN_ROWS_AT_ONCE) {
+        NAME(lane_stats_rows)(sum, sum2, center, base + j * R, R, l0, l1);
+    }
+    for (; j <= w.whole; j++) {
         const T *row = base + j * R;
         size_t end = j < w.whole ? l1 : (w.rest < l1 ? w.rest : l1);
         for (size_t l = l0; l < end; l++) {
@@ -690,14 +713,14 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
     bn_repeat(shift_wide, C, R);
     bn_partial *partials = (bn_partial *)parts.groups; /* [groups][C] */
     size_t lanes_per_group = 3 * parts.stride;
-    int team = bn_team(s);
+    int team = bn_team(s), by_blocks = bn_sums_by_row_blocks(s, sizeof(T));
     size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
     for (size_t k = 0; k < tasks; k++) {
         GROUP_ROWS(k / blocks, s, o0, o1);
         bn_lane_range b = bn_lane_block(R, blocks, k % blocks);
         NAME(interleaved_lane_stats)(parts.lanes + (k / blocks) * lanes_per_group, parts.stride,
-                                     x, shift_wide, s, o0, o1, b.l0, b.l1);
+                                     x, shift_wide, s, o0, o1, b.l0, b.l1, by_blocks);
     }
     for (size_t g = 0; g < groups; g++) {
         GROUP_ROWS(g, s, o0, o1);
