@@ -48,7 +48,7 @@ size_t bn_workspace_size(bn_shape s)
     /* bn_work_parts: up to 7 doubles to reach a cache line (work, a
      * double *, is 8-byte aligned), then four wide vectors, the row groups'
      * partials or sums, and interleaved lanes */
-    size_t stride = bn_whole_lines(bn_fold(s.channels) * s.channels);
+    size_t stride = bn_work_stride(s);
     return 7 + 4 * stride + bn_whole_lines(3 * s.channels * bn_reduction_groups(s))
            + bn_row_groups(s) * 3 * stride;
 }

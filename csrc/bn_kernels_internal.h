@@ -150,9 +150,15 @@ typedef struct {
     size_t stride;
 } bn_work;
 
+/* the length of a wide or lane vector: a wide row (R doubles) in whole lines */
+static inline size_t bn_work_stride(bn_shape s)
+{
+    return bn_whole_lines(bn_fold(s.channels) * s.channels);
+}
+
 static inline bn_work bn_work_parts(double *work, bn_shape s)
 {
-    size_t stride = bn_whole_lines(bn_fold(s.channels) * s.channels);
+    size_t stride = bn_work_stride(s);
     double *wide = (double *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
     double *groups = wide + 4 * stride;
     double *lanes = groups + bn_whole_lines(3 * s.channels * bn_reduction_groups(s));
