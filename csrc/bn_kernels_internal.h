@@ -45,6 +45,7 @@ enum {
     BN_IN_CACHE_BYTES = 4 << 20, /* ... when x is this small */
     BN_STREAM_BYTES = 16 << 20, /* an output this large is written past the caches */
     BN_STREAM_FEATURE_BYTES = 1 << 20, /* ... in the training forward, if features are this large */
+    BN_ALIGN_ROW_BYTES = 256, /* an output row this long starts its vectors on a cache line */
 };
 
 /* interleaved layouts: the number of BN_GROUP_ROWS groups of rows */

@@ -1,4 +1,5 @@
-"""Arrays compared to the last bit: the helper the test modules share."""
+"""Arrays compared to the last bit, and arrays placed within a cache line:
+the helpers the test modules share."""
 import numpy as np
 
 
@@ -9,3 +10,14 @@ def bits(a):
         return None
     a = np.asarray(a)
     return a.dtype.str, a.shape, a.tobytes()
+
+
+def at_line_offset(shape, dtype, offset):
+    """An array of NaN whose first value lies `offset` values past a 64-byte
+    line (NaN, so that a value left unwritten shows: freed memory may still
+    hold the right bits)."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = np.full(count + 64 // dtype.itemsize * 2, np.nan, dtype)
+    skip = (-raw.ctypes.data % 64) // dtype.itemsize + offset
+    return raw[skip:skip + count].reshape(shape)

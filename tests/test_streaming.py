@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 
 import bnpy
+from bitwise import at_line_offset
 
 STREAM_BYTES = 16 << 20
 FEATURE_STREAM_BYTES = 1 << 20
-
-
-def _at_line_offset(shape, dtype, offset):
-    """An array of NaN whose first value lies `offset` values past a 64-byte
-    line (NaN, so that a value left unwritten shows: freed memory may still
-    hold the right bits)."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    raw = np.full(count + 64 // dtype.itemsize * 2, np.nan, dtype)
-    skip = (-raw.ctypes.data % 64) // dtype.itemsize + offset
-    return raw[skip:skip + count].reshape(shape)
 
 
 def _long_rows(itemsize):
@@ -56,7 +46,7 @@ def test_streamed_dx_has_the_bits_of_dx_written_in_place(capability, build, dtyp
     in_place = dy.copy()
     bn.backward(in_place, out=in_place)
     for offset in (0, 1, 64 // itemsize - 1):
-        out = _at_line_offset(shape, dtype, offset)
+        out = at_line_offset(shape, dtype, offset)
         assert out.nbytes >= STREAM_BYTES
         bn.backward(dy, out=out)
         assert out.tobytes() == in_place.tobytes(), f"offset {offset}"
@@ -101,7 +91,7 @@ def test_streamed_y_has_the_bits_of_y_written_in_place(capability, build, dtype,
     in_place = x.copy()
     bn.forward(in_place, out=in_place)
     for offset in (0, 1, 64 // itemsize - 1):
-        out = _at_line_offset(shape, dtype, offset)
+        out = at_line_offset(shape, dtype, offset)
         assert out.nbytes >= STREAM_BYTES
         bn.forward(x, out=out)
         assert out.tobytes() == in_place.tobytes(), f"offset {offset}"
@@ -115,7 +105,7 @@ def test_streamed_y_of_the_functional_forward(dtype):
     shape = (2, 3, STREAM_BYTES // (6 * itemsize) + 7)
     x = np.random.default_rng(8).normal(5.0, 0.5, size=shape).astype(dtype)
     y, mean, invstd = bnpy.batch_norm_forward(x, None, None, axis=1,
-                                              out=_at_line_offset(shape, dtype, 3))
+                                              out=at_line_offset(shape, dtype, 3))
     in_place = x.copy()
     y2, mean2, invstd2 = bnpy.batch_norm_forward(in_place, None, None, axis=1, out=in_place)
     assert y.tobytes() == y2.tobytes()
