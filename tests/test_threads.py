@@ -13,7 +13,7 @@ from bnpy import reference
 LARGE = [
     ((3, 5, 5000), 1),           # planar, rows of 5000 values: tiles inside a row
     ((4, 7, 96, 97), 1),         # planar, odd row length
-    ((300, 4, 60), 1),           # planar short rows: backward in memory order, 2 row groups
+    ((1200, 4, 60), 1),          # planar short rows: backward in memory order, 2 row groups
     ((70000, 3), 1),             # interleaved, hundreds of row tiles
     ((200, 1030), 1),            # interleaved, one row group: its lanes cut between threads
     ((2, 61, 61, 37), -1),       # channels-last, 37 features: a partial block of 16
