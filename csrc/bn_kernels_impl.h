@@ -93,11 +93,11 @@ BN_INLINE double NAME(rough_total)(const NAME(bn_rough) *sum)
  * One row of output, out[0 .. n), from in (and x) with one feature's
  * coefficients k, as bn_row_op says. A streamed row (large outputs, see
  * bn_stream_output) goes past the caches in vectors that must start on cache
- * lines, and so does a row of BN_ALIGN_ROW_BYTES or more, whose vectors would
- * otherwise each straddle two lines (NumPy's large arrays start 16 bytes into
- * one): float64 inference ran 1.3-1.5x slower so. The values before the
- * first line go one by one. The rounding is the same whichever way a value
- * is written. */
+ * lines. A row of BN_ALIGN_ROW_BYTES or more, streamed or not, also starts
+ * its vectors on a line: NumPy's large arrays start 16 bytes into one, where
+ * every AVX-512 store (every other AVX2 one) would straddle two lines, and
+ * float64 inference ran 1.3-1.5x slower so. The values before the first line
+ * go one by one. The rounding is the same whichever way a value is written. */
 
 /* out[i .. n), one value at a time */
 BN_INLINE void NAME(row_values)(T *out, const T *in, const T *x, size_t i, size_t n,

@@ -26,7 +26,7 @@ from bnpy import reference
 # name: (shape, axis); every family of kernels
 LAYOUTS = {
     "interleaved": ((30000, 3), 1),        # 8 row groups of 4096 rows
-    "planar-short-rows": ((600, 3, 50), 1),  # tiles of 40 whole rows
+    "planar-short-rows": ((2000, 3, 50), 1),  # in memory order: two row groups
     "planar-long-rows": ((6, 3, 5000), 1),   # rows cut into 2048-value tiles
     "channels-last": ((100, 30, 3), -1),
 }

@@ -18,7 +18,7 @@ def exact(values):
 @pytest.mark.parametrize("shape, axis", [
     ((6000, 2), 1),        # interleaved: two row groups, many wide rows
     ((12, 2, 2500), 1),    # planar: rows cut into tiles, the next feature pipelined
-    ((300, 2, 7), 1),      # planar: tiles of many short rows
+    ((300, 2, 7), 1),      # planar short rows: in memory order
 ])
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):

@@ -345,7 +345,8 @@ int main(void)
 {
     const bn_shape shapes[] = {
         {2, 3, 5000},  /* planar: rows cut into tiles */
-        {37, 2, 100},  /* planar: tiles of several short rows */
+        {37, 2, 400},  /* planar: tiles of five rows, pipelined feature by feature */
+        {37, 2, 100},  /* planar short rows: in memory order, one row group */
         {2000, 3, 50}, /* planar short rows: backward in memory order, two row groups */
         {5, 4, 3},     /* planar: rows shorter than a vector */
         {9000, 3, 1},  /* interleaved: wide rows of 11, three row groups */
