@@ -744,13 +744,15 @@ static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
                                      const double *about, bn_shape s, size_t o0,
                                      size_t o1)
 {
-    bn_tile row_tile = {0, 1, 0, s.inner};
     for (size_t c = 0; c < s.channels; c++) {
         partial[c] = (bn_partial){0.0, 0.0, 0.0};
     }
     for (size_t o = o0; o < o1; o++) {
+        /* row o of each feature, counted from the feature's first row, so that
+           the tile prefetches no row past the last */
+        bn_tile row_o = {o, o + 1, 0, s.inner};
         for (size_t c = 0; c < s.channels; c++) {
-            NAME(tile_stats)(&partial[c], ROW(x, o, c, s), s, row_tile, about[c]);
+            NAME(tile_stats)(&partial[c], x + c * s.inner, s, row_o, about[c]);
         }
     }
 }
