@@ -450,6 +450,23 @@ static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
     }
 }
 
+/* The coefficients of dx for feature c (bn_row_op's formulas) from its dgamma
+ * and dbeta, sums over `count` values: the pipelined backward and
+ * bn_backward_dx both take them from here, so that they agree bitwise */
+BN_INLINE bn_row_coefficients NAME(dx_row_coefficients)(const double *mean,
+                                                        const double *invstd, const T *gamma,
+                                                        double dgamma, double dbeta,
+                                                        double count, int training, size_t c)
+{
+    bn_row_coefficients k = {.mean = mean[c],
+                             .scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0)};
+    if (training) {
+        k.mean_dy = dbeta / count;
+        k.dev_coef = dgamma * invstd[c] / count; /* xhat * dgamma / n = (x - m) * dev_coef */
+    }
+    return k;
+}
+
 /* The coefficients of dx for feature c from its two sums; sets dgamma[c], dbeta[c] */
 BN_INLINE bn_row_coefficients NAME(dx_coefficients)(double *dgamma, double *dbeta,
                                                     double sum_dy, double sum_dy_dev,
@@ -457,16 +474,10 @@ BN_INLINE bn_row_coefficients NAME(dx_coefficients)(double *dgamma, double *dbet
                                                     const T *gamma, bn_shape s, int training,
                                                     size_t c)
 {
-    double n = (double)bn_count(s);
     dbeta[c] = sum_dy;
     dgamma[c] = sum_dy_dev * invstd[c];
-    bn_row_coefficients k = {.mean = mean[c],
-                             .scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0)};
-    if (training) {
-        k.mean_dy = dbeta[c] / n;
-        k.dev_coef = dgamma[c] * invstd[c] / n; /* xhat * dgamma / n = (x - m) * dev_coef */
-    }
-    return k;
+    return NAME(dx_row_coefficients)(mean, invstd, gamma, dgamma[c], dbeta[c],
+                                     (double)bn_count(s), training, c);
 }
 
 /* The sums of feature `next` over one row: *sum_dy += sum dy,
@@ -1064,11 +1075,8 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, c
     /* the coefficients as bn_row_coefficients[C], in the 4 wide vectors */
     bn_row_coefficients *k = (bn_row_coefficients *)bn_work_parts(work, s).wide;
     for (size_t c = 0; c < C; c++) {
-        double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        k[c] = (bn_row_coefficients){.mean = mean[c],
-                                     .scale = scale,
-                                     .mean_dy = training ? dbeta[c] / count : 0.0,
-                                     .dev_coef = training ? dgamma[c] * invstd[c] / count : 0.0};
+        k[c] = NAME(dx_row_coefficients)(mean, invstd, gamma, dgamma[c], dbeta[c], count,
+                                         training, c);
     }
     size_t rows = s.outer * C, chunk = bn_rows_per_chunk(s.inner);
     size_t chunks = (rows + chunk - 1) / chunk;
