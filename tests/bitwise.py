@@ -21,3 +21,13 @@ def at_line_offset(shape, dtype, offset):
     raw = np.full(count + 64 // dtype.itemsize * 2, np.nan, dtype)
     skip = (-raw.ctypes.data % 64) // dtype.itemsize + offset
     return raw[skip:skip + count].reshape(shape)
+
+
+def assert_same_bits_at_line_offsets(write, want, offsets):
+    """write(out) into an array of NaN like want, placed at each of `offsets`
+    values past a line: every value is written, and out has want's bits."""
+    for offset in offsets:
+        out = at_line_offset(want.shape, want.dtype, offset)
+        write(out)
+        assert np.isfinite(out).all(), f"offset {offset}: values left unwritten"
+        assert out.tobytes() == want.tobytes(), f"offset {offset}"
