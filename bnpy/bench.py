@@ -16,8 +16,11 @@ and prints medians in milliseconds (with ``--rounds K``, the whole run K
 times and the median of each time over the rounds, so that a minute of load
 from elsewhere on a shared machine sways one round, not the result), bnpy's GB/s (bytes it must move: x and y
 forward; x, dy and dx backward), and the ratios bnpy/copy and torch/bnpy.
+
+``--steady-heap`` times torch at its fastest: see ``steady_heap``.
 """
 import argparse
+import ctypes
 import os
 import platform
 import statistics
@@ -46,6 +49,28 @@ QUICK_CASES = [
 ]
 OPS = ("forward-train", "forward-eval", "backward", "backward-inplace")
 BACKWARDS = ("backward", "backward-inplace")
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def steady_heap():
+    """Make glibc's malloc keep freed memory for reuse: nothing mapped per
+    allocation, nothing handed back to the system. torch allocates its output
+    on every call. With glibc's defaults, outputs over 32 MiB are mapped
+    afresh each time, so every call pays a page fault per 4 KiB; smaller ones
+    do so in some runs and not in others. torch's backward of 32x256x28x28
+    took 10 or 20 ms from run to run. With this, torch runs as it does under
+    an allocator that keeps memory (jemalloc, tcmalloc): at its fastest.
+    bnpy allocates nothing per call (out=), so it is not affected. This
+    changes the whole process. Returns whether the C library took the
+    settings (False when it is not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 
 def _time_once(fn):
@@ -233,7 +258,7 @@ def targets(rows):
     return lines
 
 
-def write_results(path, rows, torch, command):
+def write_results(path, rows, torch, command, steady=False):
     with open(path, "w") as f:
         f.write("# bnpy benchmark results\n\n")
         f.write(f"Measured with `{command}` on:\n\n{machine_description(torch)}\n\n")
@@ -243,7 +268,12 @@ def write_results(path, rows, torch, command):
                 "usual autograd backward, which has no in-place form. "
                 "GB/s counts the bytes bnpy must move (forward: x and y; backward: x, dy, dx). "
                 "copy is `np.copyto` of x's bytes. The machine is shared and noisy: compare "
-                "the ratios within a row, not times across runs.\n\n")
+                "the ratios within a row, not times across runs.")
+        f.write(" Freed memory stayed in the process (`--steady-heap`): torch's outputs reuse "
+                "their pages instead of faulting new ones in, its fastest mode.\n\n" if steady
+                else " glibc's malloc ran with its defaults: torch's outputs over 32 MiB fault "
+                "in new pages on every call, smaller ones in some runs (see `--steady-heap`)."
+                "\n\n")
         f.write("## Against the targets\n\n" + "\n".join(targets(rows)) + "\n\n")
         f.write("## All measurements\n\n")
         f.write("```\n" + HEADER + "\n")
@@ -266,8 +296,15 @@ def main(argv=None):
     parser.add_argument("--cpu-capability", default=None, choices=("default", "avx2", "avx512"),
                         help="time the kernels built for this instruction set "
                              "(default: the best this CPU runs)")
+    parser.add_argument("--steady-heap", action="store_true",
+                        help="keep freed memory in the process (glibc), so that torch's "
+                             "per-call outputs reuse pages: torch at its fastest")
     args = parser.parse_args(argv)
 
+    steady = args.steady_heap and steady_heap()
+    if args.steady_heap and not steady:
+        print("(--steady-heap: this C library's malloc does not take glibc's settings; "
+              "timing with its defaults)")
     torch = None
     if not args.no_torch:
         try:
@@ -296,7 +333,7 @@ def main(argv=None):
                 print(format_row(row))
         if args.results:  # while the build that ran is still chosen: the file names it
             write_results(args.results, rows, torch,
-                          "python -m bnpy bench " + " ".join(argv or sys.argv[1:]))
+                          "python -m bnpy bench " + " ".join(argv or sys.argv[1:]), steady)
             print(f"\nwrote {args.results}")
     finally:
         bnpy.set_num_threads(threads_before)

@@ -1,4 +1,10 @@
 """The benchmark script runs and reports (speed itself is never asserted here)."""
+import platform
+import subprocess
+import sys
+
+import pytest
+
 from bnpy import bench
 
 
@@ -42,3 +48,32 @@ def test_rounds_combine_into_the_median_of_each_time():
     (combined,) = bench.median_over_rounds(rounds)
     assert (combined["bnpy"], combined["torch"], combined["copy"]) == (2.0, 4.5, 1.0)
     assert combined["reference"] is None
+
+
+# In a child process: steady_heap changes the allocator of the whole process.
+FAULTS_OF_A_FRESH_ARRAY = """
+import resource
+import numpy as np
+from bnpy import bench
+
+def faults_of_a_fresh_64_mib_array():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(8 << 20)  # every page written
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del a
+    return faults
+
+default = faults_of_a_fresh_64_mib_array()
+assert bench.steady_heap()
+faults_of_a_fresh_64_mib_array()  # the first one grows the heap
+print(default, faults_of_a_fresh_64_mib_array())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="steady_heap sets glibc's malloc")
+def test_steady_heap_reuses_freed_pages_instead_of_faulting_in_new_ones():
+    done = subprocess.run([sys.executable, "-c", FAULTS_OF_A_FRESH_ARRAY],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    default, steady = map(int, done.stdout.split())
+    assert steady * 10 < default, (default, steady)
