@@ -218,17 +218,10 @@ BN_INLINE size_t NAME(out_next_vec)(const NAME(bn_out_row) *r, size_t i)
     return i + BN_LANES;
 }
 
-/* the rest of row r from i on, asking ahead for what it reads (in the passes
- * that write rows one after another, from memory: inference 8x64x112x112
- * went from 1.06 to 1.00 times a copy for float32, 1.01 to 0.94 for float64,
- * C harness, medians of 9) */
+/* the rest of row r from i on */
 BN_INLINE void NAME(out_rest)(const NAME(bn_out_row) *r, size_t i)
 {
     for (; i + BN_LANES <= r->n; i += BN_LANES) {
-        NAME(prefetch_ahead)(r->in, i, r->n);
-        if (r->x) {
-            NAME(prefetch_ahead)(r->x, i, r->n);
-        }
         NAME(row_vec)(r->out, r->in, r->x, i, r->k, r->op, r->stream);
     }
     NAME(row_values)(r->out, r->in, r->x, i, r->n, r->k, r->op);
