@@ -77,3 +77,24 @@ def test_steady_heap_reuses_freed_pages_instead_of_faulting_in_new_ones():
     assert done.returncode == 0, done.stderr
     default, steady = map(int, done.stdout.split())
     assert steady * 10 < default, (default, steady)
+
+
+def _compare_builds():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "compare_builds.py"
+    spec = importlib.util.spec_from_file_location("compare_builds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_builds_reports_the_median_time_and_ratio_of_the_rounds():
+    compare = _compare_builds()
+    rounds = [(1.0, 2.0), (3.0, 1.0), (2.0, 3.0)]  # (seconds, ratio to the copy) per round
+    results = {"main": {"1x2x3x4": {name: rounds for name in compare.PASSES}}}
+    lines = compare.table(["main"], results).splitlines()
+    assert lines[0].split() == ["1x2x3x4", "main"]
+    assert len(lines) == 1 + len(compare.PASSES)
+    assert all(line.split()[1:] == ["2000.00", "ms", "(2.00x)"] for line in lines[1:])

@@ -1,0 +1,127 @@
+"""Time two or more versions of bnpy side by side, in the benchmark's setting.
+
+    python benchmarks/compare_builds.py [--rounds 5] [--shapes "[(32,256,28,28)]"] REV_OR_DIR ...
+
+Each argument is a git revision of this repository (exported with
+`git archive` and built in a temporary directory) or a directory holding a
+built bnpy. Every round runs one Python process per version, in turn, and
+each process times bnpy's NCHW float32 passes at 1 thread together with a
+copy of the same bytes (`np.copyto`), repeat by repeat. The table gives, per
+version, the median time and the median ratio to the copy of the same
+process: on a shared, noisy machine the ratio is what compares.
+
+It exists because a C harness that runs one pass back to back on warm data
+can miss what the benchmark sees: a change the harness found neutral took
+the in-place backward of 32x256x28x28 from 1.15 to 1.47 times a copy here.
+"""
+import argparse
+import ast
+import collections
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PASSES = ("train", "eval", "backward", "inplace")
+
+# Run in each version's own process; prints {shape: {pass: [seconds per repeat]}}.
+CHILD = r"""
+import json, sys, time
+import numpy as np
+import bnpy
+
+bnpy.set_num_threads(1)
+shapes, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
+out = {}
+for shape in shapes:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, copied, grad = np.empty_like(x), np.empty_like(x), dy.copy()
+    train, infer = bnpy.BatchNorm(shape[1]), bnpy.BatchNorm(shape[1])
+    train.forward(x)
+    infer.eval()
+    runs = {"train": lambda: train.forward(x, out=y), "eval": lambda: infer.forward(x, out=y),
+            "backward": lambda: train.backward(dy, out=y),
+            "inplace": lambda: train.backward(grad, out=grad),
+            "copy": lambda: np.copyto(copied, x)}
+    times = {name: [] for name in runs}
+    for run in runs.values():  # warm up
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    out["x".join(map(str, shape))] = times
+print(json.dumps(out))
+"""
+
+
+def built_version(spec, workdir):
+    """A directory with a built bnpy: spec itself, or git revision spec built in workdir."""
+    if os.path.isdir(spec):
+        return spec
+    target = os.path.join(workdir, spec.replace("/", "_"))
+    os.makedirs(target)
+    archive = subprocess.run(["git", "-C", REPO, "archive", spec], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=target,
+                   capture_output=True, check=True)
+    return target
+
+
+def time_version(directory, shapes, repeats):
+    env = dict(os.environ, PYTHONPATH=directory, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), str(repeats)],
+                          capture_output=True, text=True, env=env, cwd=directory)
+    if done.returncode != 0:
+        raise RuntimeError(f"timing {directory} failed:\n{done.stderr}")
+    return json.loads(done.stdout)
+
+
+def table(specs, results):
+    """results[spec][shape][pass]: per round, the median seconds and ratio to the copy"""
+    lines = []
+    for shape in results[specs[0]]:
+        lines.append(shape + "".join(f"  {spec[:24]:>24}" for spec in specs))
+        for name in PASSES:
+            cells = []
+            for spec in specs:
+                rounds = results[spec][shape][name]
+                ms = statistics.median(t for t, _ in rounds) * 1e3
+                ratio = statistics.median(r for _, r in rounds)
+                cells.append(f"{ms:9.2f} ms ({ratio:4.2f}x)")
+            lines.append(f"  {name:<10}" + "".join(f"  {c:>24}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("versions", nargs="+", help="git revisions or directories with a built bnpy")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="repeats per process")
+    parser.add_argument("--shapes", default="[(32,256,28,28),(8,64,112,112),(128,64,56,56)]",
+                        help="a Python list of NCHW shapes")
+    args = parser.parse_args(argv)
+    shapes = [list(shape) for shape in ast.literal_eval(args.shapes)]
+    results = {spec: collections.defaultdict(lambda: collections.defaultdict(list))
+               for spec in args.versions}
+    with tempfile.TemporaryDirectory() as workdir:
+        directories = {spec: built_version(spec, workdir) for spec in args.versions}
+        for _ in range(args.rounds):
+            for spec, directory in directories.items():
+                for shape, times in time_version(directory, shapes, args.repeats).items():
+                    copy = statistics.median(times["copy"])
+                    for name in PASSES:
+                        t = statistics.median(times[name])
+                        results[spec][shape][name].append((t, t / copy))
+    print(table(args.versions, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
