@@ -573,11 +573,11 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
             NAME(bn_out_row) row = NAME(out_row_of)(ROW(dx, o, c, s), ROW(dy, o, c, s),
                                                     ROW(x, o, c, s), s.inner, &k,
                                                     bn_dx_op(training), stream);
-            if (c + 1 < c1 && o + 1 < s.outer) {
-                bn_prefetch_row(ROW(dy, o + 1, c + 1, s), s.inner * sizeof(T));
-                bn_prefetch_row(ROW(x, o + 1, c + 1, s), s.inner * sizeof(T));
-            }
             if (c + 1 < c1) {
+                if (o + 1 < s.outer) {
+                    bn_prefetch_row(ROW(dy, o + 1, c + 1, s), s.inner * sizeof(T));
+                    bn_prefetch_row(ROW(x, o + 1, c + 1, s), s.inner * sizeof(T));
+                }
                 NAME(row_grad_sums_writing_dx)(&sum_dy, &sum_dy_dev, ROW(dy, o, c + 1, s),
                                                ROW(x, o, c + 1, s), mean[c + 1], s.inner,
                                                &row);
