@@ -5,8 +5,9 @@
 Each argument is a git revision of this repository (exported with
 `git archive` and built in a temporary directory) or a directory holding a
 built bnpy. Every round runs one Python process per version, in turn, and
-each process times bnpy's NCHW float32 passes at 1 thread together with a
-copy of the same bytes (`np.copyto`), repeat by repeat. The table gives, per
+each process times bnpy's NCHW float32 passes at 1 thread with that
+version's own benchmark runners (`bnpy.bench`), interleaved repeat by
+repeat with a copy of the same bytes (`np.copyto`). The table gives, per
 version, the median time and the median ratio to the copy of the same
 process: on a shared, noisy machine the ratio is what compares.
 
@@ -25,38 +26,27 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PASSES = ("train", "eval", "backward", "inplace")
+PASSES = ("forward-train", "forward-eval", "backward", "backward-inplace")  # bench.OPS
 
-# Run in each version's own process; prints {shape: {pass: [seconds per repeat]}}.
+# Run in each version's own process, with that version's benchmark runners
+# (bnpy.bench); prints {shape: {pass: median seconds}}, the copy's too.
 CHILD = r"""
-import json, sys, time
+import json, sys
 import numpy as np
 import bnpy
+from bnpy import bench
 
 bnpy.set_num_threads(1)
-shapes, repeats = json.loads(sys.argv[1]), int(sys.argv[2])
+shapes, passes, repeats = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
 out = {}
 for shape in shapes:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
-    y, copied, grad = np.empty_like(x), np.empty_like(x), dy.copy()
-    train, infer = bnpy.BatchNorm(shape[1]), bnpy.BatchNorm(shape[1])
-    train.forward(x)
-    infer.eval()
-    runs = {"train": lambda: train.forward(x, out=y), "eval": lambda: infer.forward(x, out=y),
-            "backward": lambda: train.backward(dy, out=y),
-            "inplace": lambda: train.backward(grad, out=grad),
-            "copy": lambda: np.copyto(copied, x)}
-    times = {name: [] for name in runs}
-    for run in runs.values():  # warm up
-        run()
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    out["x".join(map(str, shape))] = times
+    copied = np.empty_like(x)
+    runners = {name: bench._bnpy_runner(x, dy, 1, name) for name in passes}
+    runners["copy"] = lambda: np.copyto(copied, x)
+    out["x".join(map(str, shape))] = bench._medians(runners, repeats)
 print(json.dumps(out))
 """
 
@@ -76,7 +66,8 @@ def built_version(spec, workdir):
 
 def time_version(directory, shapes, repeats):
     env = dict(os.environ, PYTHONPATH=directory, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), str(repeats)],
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), json.dumps(PASSES),
+                           str(repeats)],
                           capture_output=True, text=True, env=env, cwd=directory)
     if done.returncode != 0:
         raise RuntimeError(f"timing {directory} failed:\n{done.stderr}")
@@ -95,7 +86,7 @@ def table(specs, results):
                 ms = statistics.median(t for t, _ in rounds) * 1e3
                 ratio = statistics.median(r for _, r in rounds)
                 cells.append(f"{ms:9.2f} ms ({ratio:4.2f}x)")
-            lines.append(f"  {name:<10}" + "".join(f"  {c:>24}" for c in cells))
+            lines.append(f"  {name:<16}" + "".join(f"  {c:>24}" for c in cells))
     return "\n".join(lines)
 
 
@@ -115,10 +106,9 @@ def main(argv=None):
         for _ in range(args.rounds):
             for spec, directory in directories.items():
                 for shape, times in time_version(directory, shapes, args.repeats).items():
-                    copy = statistics.median(times["copy"])
                     for name in PASSES:
-                        t = statistics.median(times[name])
-                        results[spec][shape][name].append((t, t / copy))
+                        results[spec][shape][name].append((times[name],
+                                                           times[name] / times["copy"]))
     print(table(args.versions, results))
     return 0
 
