@@ -53,6 +53,16 @@ BN_INLINE void NAME(store16)(T *p, const bn_lanes *v)
     }
 }
 
+/* Ask for the lines `ahead` bytes past p[i0 .. i1) (one request a line),
+ * as far as p[0 .. n) has them: no pointer past the array is formed */
+BN_INLINE void NAME(prefetch_span)(const T *p, size_t i0, size_t i1, size_t n, size_t ahead)
+{
+    size_t skip = ahead / sizeof(T);
+    for (size_t i = i0; i < i1 && i + skip < n; i += 64 / sizeof(T)) {
+        __builtin_prefetch(p + i + skip, 0, 3);
+    }
+}
+
 /* Ask for the lines BN_AHEAD_BYTES past row[i .. i + 16), while the row (n
  * values) has them. The pipelined passes read one row from memory while they
  * read another back from cache and write a third, and the hardware
@@ -65,10 +75,14 @@ BN_INLINE void NAME(store16)(T *p, const bn_lanes *v)
  * harness, medians of 22); the forward's normalizing did not gain so. */
 BN_INLINE void NAME(prefetch_ahead)(const T *row, size_t i, size_t n)
 {
-    size_t at = i + BN_AHEAD_BYTES / sizeof(T);
-    for (size_t k = 0; k < BN_LANES && at + k < n; k += 64 / sizeof(T)) {
-        __builtin_prefetch(row + at + k, 0, 3);
-    }
+    NAME(prefetch_span)(row, i, i + BN_LANES, n, BN_AHEAD_BYTES);
+}
+
+/* Ask for the lines `ahead` bytes past p[i0 .. i1) in the interleaved passes'
+ * stream of rows (p[0 .. n)): see bn_interleaved_far_ahead */
+BN_INLINE void NAME(prefetch_far)(const T *p, size_t i0, size_t i1, size_t n)
+{
+    NAME(prefetch_span)(p, i0, i1, n, BN_FAR_AHEAD_BYTES);
 }
 
 /* The first pass's running sum of 16 lanes of x - about, kept in T: for
@@ -625,13 +639,14 @@ BN_INLINE void NAME(lane_stats_rows)(double *restrict sum, double *restrict sum2
  * The center's own rows bound how far it can lie from the lane's mean: at
  * most sqrt(rows / BN_CENTER_ROWS) <= 16 standard deviations, so the sums
  * cancel at most 8 bits of 53. Each lane's sums are the same however the
- * lanes are cut into blocks, and with `by_blocks` (lane_stats_rows) or not.
+ * lanes are cut into blocks, and with `by_blocks` (lane_stats_rows; x in
+ * cache) or not (one row a pass, x asked for far ahead: prefetch_far).
  * shift_wide[R]: the shift repeated. */
 static void NAME(interleaved_lane_stats)(double *lanes, size_t stride, const T *x,
                                          const double *shift_wide, bn_shape s, size_t o0,
                                          size_t o1, size_t l0, size_t l1, int by_blocks)
 {
-    size_t C = s.channels, R = bn_fold(C) * C;
+    size_t C = s.channels, R = bn_fold(C) * C, n = s.outer * C;
     bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
     size_t first = w.whole < BN_CENTER_ROWS ? w.whole : BN_CENTER_ROWS;
     double *center = lanes, *sum = lanes + stride, *sum2 = lanes + 2 * stride;
@@ -654,6 +669,10 @@ static void NAME(interleaved_lane_stats)(double *lanes, size_t stride, const T *
     for (; j <= w.whole; j++) {
         const T *row = base + j * R;
         size_t end = j < w.whole ? l1 : (w.rest < l1 ? w.rest : l1);
+        if (!by_blocks) {
+            size_t at = o0 * C + j * R; /* row's place in x */
+            NAME(prefetch_far)(x, at + l0, at + end, n);
+        }
         for (size_t l = l0; l < end; l++) {
             double d = (double)row[l] - center[l];
             sum[l] += d;
@@ -663,21 +682,26 @@ static void NAME(interleaved_lane_stats)(double *lanes, size_t stride, const T *
 }
 
 /* Lanes l0 .. l1 of rows o0 .. o1: sum dy and sum dy * (x - mean) into the
- * lanes' sum_dy and sum_dy_dev (`stride` apart). mean_wide[R]: the means
- * repeated. */
+ * lanes' sum_dy and sum_dy_dev (`stride` apart); dy and x asked for far
+ * ahead when `far`. mean_wide[R]: the means repeated. */
 static void NAME(interleaved_lane_grads)(double *lanes, size_t stride, const T *dy, const T *x,
                                          const double *mean_wide, bn_shape s, size_t o0,
-                                         size_t o1, size_t l0, size_t l1)
+                                         size_t o1, size_t l0, size_t l1, int far)
 {
-    size_t C = s.channels, R = bn_fold(C) * C;
+    size_t C = s.channels, R = bn_fold(C) * C, n = s.outer * C;
     bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
     double *sum_dy = lanes, *sum_dy_dev = lanes + stride;
     for (size_t l = l0; l < l1; l++) {
         sum_dy[l] = sum_dy_dev[l] = 0.0;
     }
     for (size_t j = 0; j <= w.whole; j++) {
-        const T *dy_row = dy + o0 * C + j * R, *x_row = x + o0 * C + j * R;
+        size_t at = o0 * C + j * R; /* the row's place in dy and x */
+        const T *dy_row = dy + at, *x_row = x + at;
         size_t end = j < w.whole ? l1 : (w.rest < l1 ? w.rest : l1);
+        if (far) {
+            NAME(prefetch_far)(dy, at + l0, at + end, n);
+            NAME(prefetch_far)(x, at + l0, at + end, n);
+        }
         for (size_t l = l0; l < end; l++) {
             double g = (double)dy_row[l];
             sum_dy[l] += g;
@@ -686,28 +710,40 @@ static void NAME(interleaved_lane_grads)(double *lanes, size_t stride, const T *
     }
 }
 
-/* values i0 .. i1 of x (i0 a multiple of R): y <- (x - mean) * scale + shift,
- * with the coefficients of the wide row */
+/* values i0 .. i1 of x[n] (i0 a multiple of R): y <- (x - mean) * scale +
+ * shift, with the coefficients of the wide row; x asked for far ahead when
+ * `far` */
 static void NAME(interleaved_forward_span)(T *y, const T *x, const double *mean,
                                            const double *scale, const double *shift,
-                                           size_t R, size_t i0, size_t i1)
+                                           size_t R, size_t i0, size_t i1, size_t n, int far)
 {
     for (size_t w = i0; w < i1; w += R) {
         size_t width = i1 - w < R ? i1 - w : R;
+        if (far) {
+            NAME(prefetch_far)(x, w, w + width, n);
+        }
         for (size_t l = 0; l < width; l++) {
             y[w + l] = (T)(((double)x[w + l] - mean[l]) * scale[l] + shift[l]);
         }
     }
 }
 
-/* values i0 .. i1 of dx; training: scale * (dy - mean_dy - (x - mean) * dev_coef) */
+/* values i0 .. i1 of dx[n]; training: scale * (dy - mean_dy - (x - mean) *
+ * dev_coef); dy (and x) asked for far ahead when `far` */
 static void NAME(interleaved_dx_span)(T *dx, const T *dy, const T *x,
                                       const double *mean, const double *scale,
                                       const double *mean_dy, const double *dev_coef,
-                                      int training, size_t R, size_t i0, size_t i1)
+                                      int training, size_t R, size_t i0, size_t i1, size_t n,
+                                      int far)
 {
     for (size_t w = i0; w < i1; w += R) {
         size_t width = i1 - w < R ? i1 - w : R;
+        if (far) {
+            NAME(prefetch_far)(dy, w, w + width, n);
+        }
+        if (far && training) {
+            NAME(prefetch_far)(x, w, w + width, n);
+        }
         if (training) {
             for (size_t l = 0; l < width; l++) {
                 double dev = (double)x[w + l] - mean[l];
@@ -872,10 +908,11 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     bn_repeat(mean_wide, C, R);
     NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, R);
     size_t spans = (n + span - 1) / span;
+    int far = bn_interleaved_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < n ? i0 + span : n;
-        NAME(interleaved_forward_span)(y, x, mean_wide, scale, shift, R, i0, i1);
+        NAME(interleaved_forward_span)(y, x, mean_wide, scale, shift, R, i0, i1, n, far);
     }
 }
 
@@ -920,14 +957,14 @@ static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *w
     size_t lanes_per_group = 3 * parts.stride;
     memcpy(mean_wide, mean, C * sizeof *mean);
     bn_repeat(mean_wide, C, R);
-    int team = bn_team(s);
+    int team = bn_team(s), far = bn_interleaved_far_ahead(s, sizeof(T));
     size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
     for (size_t k = 0; k < tasks; k++) {
         GROUP_ROWS(k / blocks, s, o0, o1);
         bn_lane_range b = bn_lane_block(R, blocks, k % blocks);
         NAME(interleaved_lane_grads)(parts.lanes + (k / blocks) * lanes_per_group, parts.stride,
-                                     dy, x, mean_wide, s, o0, o1, b.l0, b.l1);
+                                     dy, x, mean_wide, s, o0, o1, b.l0, b.l1, far);
     }
     for (size_t g = 0; g < groups; g++) {
         bn_lane_grads(sums + 2 * g * C, parts.lanes + g * lanes_per_group, parts.stride, C, R);
@@ -956,12 +993,12 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
     bn_repeat(dev_coef, C, R);
     size_t total = s.outer * C, span = bn_rows_per_chunk(R) * R;
     size_t spans = (total + span - 1) / span;
-    int team = bn_team(s);
+    int team = bn_team(s), far = bn_interleaved_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < total ? i0 + span : total;
         NAME(interleaved_dx_span)(dx, dy, x, mean_wide, scale, mean_dy, dev_coef, training, R,
-                                  i0, i1);
+                                  i0, i1, total, far);
     }
 }
 
