@@ -1,12 +1,14 @@
 """Time two or more versions of bnpy side by side, in the benchmark's setting.
 
-    python benchmarks/compare_builds.py [--rounds 5] [--shapes "[(32,256,28,28)]"] REV_OR_DIR ...
+    python benchmarks/compare_builds.py [--rounds 5] [--shapes "[(32,256,28,28)]"]
+                                        [--axis 1] [--dtype float32] REV_OR_DIR ...
 
 Each argument is a git revision of this repository (exported with
 `git archive` and built in a temporary directory) or a directory holding a
 built bnpy. Every round runs one Python process per version, in turn, and
-each process times bnpy's NCHW float32 passes at 1 thread with that
-version's own benchmark runners (`bnpy.bench`), interleaved repeat by
+each process times bnpy's passes at 1 thread (by default on NCHW float32
+shapes; `--axis -1` makes them channels-last, as the benchmark's NHWC case)
+with that version's own benchmark runners (`bnpy.bench`), interleaved repeat by
 repeat with a copy of the same bytes (`np.copyto`). The table gives, per
 version, the median time and the median ratio to the copy of the same
 process: on a shared, noisy machine the ratio is what compares.
@@ -38,13 +40,14 @@ from bnpy import bench
 
 bnpy.set_num_threads(1)
 shapes, passes, repeats = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+axis, dtype = int(sys.argv[4]), np.dtype(sys.argv[5])
 out = {}
 for shape in shapes:
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
     copied = np.empty_like(x)
-    runners = {name: bench._bnpy_runner(x, dy, 1, name) for name in passes}
+    runners = {name: bench._bnpy_runner(x, dy, axis, name) for name in passes}
     runners["copy"] = lambda: np.copyto(copied, x)
     out["x".join(map(str, shape))] = bench._medians(runners, repeats)
 print(json.dumps(out))
@@ -64,10 +67,10 @@ def built_version(spec, workdir):
     return target
 
 
-def time_version(directory, shapes, repeats):
+def time_version(directory, shapes, repeats, axis=1, dtype="float32"):
     env = dict(os.environ, PYTHONPATH=directory, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), json.dumps(PASSES),
-                           str(repeats)],
+                           str(repeats), str(axis), dtype],
                           capture_output=True, text=True, env=env, cwd=directory)
     if done.returncode != 0:
         raise RuntimeError(f"timing {directory} failed:\n{done.stderr}")
@@ -96,7 +99,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=15, help="repeats per process")
     parser.add_argument("--shapes", default="[(32,256,28,28),(8,64,112,112),(128,64,56,56)]",
-                        help="a Python list of NCHW shapes")
+                        help="a Python list of shapes of x")
+    parser.add_argument("--axis", type=int, default=1,
+                        help="the feature axis (-1: channels-last)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     args = parser.parse_args(argv)
     shapes = [list(shape) for shape in ast.literal_eval(args.shapes)]
     results = {spec: collections.defaultdict(lambda: collections.defaultdict(list))
@@ -105,7 +111,8 @@ def main(argv=None):
         directories = {spec: built_version(spec, workdir) for spec in args.versions}
         for _ in range(args.rounds):
             for spec, directory in directories.items():
-                for shape, times in time_version(directory, shapes, args.repeats).items():
+                for shape, times in time_version(directory, shapes, args.repeats, args.axis,
+                                                 args.dtype).items():
                     for name in PASSES:
                         results[spec][shape][name].append((times[name],
                                                            times[name] / times["copy"]))
