@@ -78,8 +78,8 @@ BN_INLINE void NAME(prefetch_ahead)(const T *row, size_t i, size_t n)
     NAME(prefetch_span)(row, i, i + BN_LANES, n, BN_AHEAD_BYTES);
 }
 
-/* Ask for the lines `ahead` bytes past p[i0 .. i1) in the interleaved passes'
- * stream of rows (p[0 .. n)): see bn_interleaved_far_ahead */
+/* Ask for the lines BN_FAR_AHEAD_BYTES past p[i0 .. i1) in a pass's stream
+ * of short rows, p[0 .. n): see bn_far_ahead */
 BN_INLINE void NAME(prefetch_far)(const T *p, size_t i0, size_t i1, size_t n)
 {
     NAME(prefetch_span)(p, i0, i1, n, BN_FAR_AHEAD_BYTES);
@@ -470,13 +470,18 @@ static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
     }
 }
 
-/* rows r0..r1 of the [outer * C] rows: y <- (x - mean) * scale + shift */
+/* rows r0..r1 of the [outer * C] rows: y <- (x - mean) * scale + shift; x
+ * asked for far ahead when `far` */
 static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
                                       const double *scale, const double *shift,
-                                      bn_shape s, size_t r0, size_t r1)
+                                      bn_shape s, size_t r0, size_t r1, int far)
 {
+    size_t n = s.outer * s.channels * s.inner;
     for (size_t r = r0; r < r1; r++) {
         size_t c = r % s.channels;
+        if (far) {
+            NAME(prefetch_far)(x, r * s.inner, (r + 1) * s.inner, n);
+        }
         bn_row_coefficients k = {.mean = mean[c], .scale = scale[c], .beta = shift[c]};
         NAME(bn_out_row) row = NAME(out_row_of)(y + r * s.inner, x + r * s.inner, NULL,
                                                 s.inner, &k, BN_ROW_NORMALIZE, 0);
@@ -893,10 +898,11 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
         NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, C);
         size_t rows = s.outer * C, chunk = bn_rows_per_chunk(s.inner);
         size_t chunks = (rows + chunk - 1) / chunk;
+        int far = bn_far_ahead(s, sizeof(T));
         BN_PARALLEL_FOR
         for (size_t k = 0; k < chunks; k++) {
             size_t r0 = k * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
-            NAME(planar_forward_rows)(y, x, mean, scale, shift, s, r0, r1);
+            NAME(planar_forward_rows)(y, x, mean, scale, shift, s, r0, r1, far);
         }
         return;
     }
@@ -908,7 +914,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     bn_repeat(mean_wide, C, R);
     NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, R);
     size_t spans = (n + span - 1) / span;
-    int far = bn_interleaved_far_ahead(s, sizeof(T));
+    int far = bn_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < n ? i0 + span : n;
@@ -957,7 +963,7 @@ static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *w
     size_t lanes_per_group = 3 * parts.stride;
     memcpy(mean_wide, mean, C * sizeof *mean);
     bn_repeat(mean_wide, C, R);
-    int team = bn_team(s), far = bn_interleaved_far_ahead(s, sizeof(T));
+    int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
     size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
     for (size_t k = 0; k < tasks; k++) {
@@ -993,7 +999,7 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
     bn_repeat(dev_coef, C, R);
     size_t total = s.outer * C, span = bn_rows_per_chunk(R) * R;
     size_t spans = (total + span - 1) / span;
-    int team = bn_team(s), far = bn_interleaved_far_ahead(s, sizeof(T));
+    int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < total ? i0 + span : total;
@@ -1005,17 +1011,22 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
 /* planar, short rows: sums[2C] <- sum dy and sum dy * (x - mean) of rows
  * o0 .. o1, walking memory in order (row o of every feature, then row o + 1):
  * a feature's short rows lie far apart, and reading them feature by feature
- * would jump through memory */
+ * would jump through memory. dy and x asked for far ahead when `far`. */
 static void NAME(planar_group_grads)(double *sums, const T *dy, const T *x,
                                      const double *mean, bn_shape s, size_t o0,
-                                     size_t o1)
+                                     size_t o1, int far)
 {
-    size_t C = s.channels;
+    size_t C = s.channels, n = s.outer * C * s.inner;
     for (size_t c = 0; c < 2 * C; c++) {
         sums[c] = 0.0;
     }
     for (size_t o = o0; o < o1; o++) {
         for (size_t c = 0; c < C; c++) {
+            size_t at = (o * C + c) * s.inner; /* the row's place in dy and x */
+            if (far) {
+                NAME(prefetch_far)(dy, at, at + s.inner, n);
+                NAME(prefetch_far)(x, at, at + s.inner, n);
+            }
             NAME(row_grad_sums)(&sums[c], &sums[C + c], ROW(dy, o, c, s), ROW(x, o, c, s),
                                 s.inner, mean[c]);
         }
@@ -1029,11 +1040,11 @@ static void NAME(planar_grad_sums_in_order)(double *dgamma, double *dbeta, doubl
 {
     size_t C = s.channels, groups = bn_planar_groups(s), rows = bn_planar_group_rows(s);
     double *sums = bn_work_parts(work, s).groups; /* [groups][2C] */
-    int team = bn_team(s);
+    int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
     for (size_t g = 0; g < groups; g++) {
         size_t o0 = g * rows, o1 = o0 + rows < s.outer ? o0 + rows : s.outer;
-        NAME(planar_group_grads)(sums + 2 * g * C, dy, x, mean, s, o0, o1);
+        NAME(planar_group_grads)(sums + 2 * g * C, dy, x, mean, s, o0, o1, far);
     }
     bn_add_group_grads(dgamma, dbeta, sums, groups, C, invstd);
 }
@@ -1090,12 +1101,19 @@ static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
 }
 
 /* planar: dx of rows r0 .. r1 (of the outer * C rows) from per-feature
- * coefficients */
+ * coefficients; dy (and x) asked for far ahead when `far` */
 static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
                                  const bn_row_coefficients *k, bn_shape s,
-                                 int training, size_t r0, size_t r1)
+                                 int training, size_t r0, size_t r1, int far)
 {
+    size_t n = s.outer * s.channels * s.inner;
     for (size_t r = r0; r < r1; r++) {
+        if (far) {
+            NAME(prefetch_far)(dy, r * s.inner, (r + 1) * s.inner, n);
+        }
+        if (far && training) {
+            NAME(prefetch_far)(x, r * s.inner, (r + 1) * s.inner, n);
+        }
         NAME(bn_out_row) row = NAME(out_row_of)(dx + r * s.inner, dy + r * s.inner,
                                                 x + r * s.inner, s.inner, &k[r % s.channels],
                                                 bn_dx_op(training), 0);
@@ -1147,11 +1165,11 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, c
     }
     size_t rows = s.outer * C, chunk = bn_rows_per_chunk(s.inner);
     size_t chunks = (rows + chunk - 1) / chunk;
-    int team = bn_team(s);
+    int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
     for (size_t j = 0; j < chunks; j++) {
         size_t r0 = j * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
-        NAME(planar_dx_rows)(dx, dy, x, k, s, training, r0, r1);
+        NAME(planar_dx_rows)(dx, dy, x, k, s, training, r0, r1, far);
     }
 }
 

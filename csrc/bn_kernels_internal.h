@@ -46,7 +46,7 @@ enum {
     BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
     BN_AHEAD_BYTES = 512,    /* how far ahead in a row a pass reading memory asks for */
-    BN_FAR_AHEAD_BYTES = 2048, /* ... and an interleaved pass, in its one stream of rows */
+    BN_FAR_AHEAD_BYTES = 2048, /* ... and a pass down a stream of short rows (bn_far_ahead) */
     BN_ROWS_AT_ONCE = 4,     /* interleaved statistics of data in cache: wide rows a pass */
     BN_IN_CACHE_BYTES = 4 << 20, /* ... when x is this small */
     BN_STREAM_BYTES = 16 << 20, /* an output this large is written past the caches */
@@ -273,17 +273,24 @@ static inline int bn_sums_by_row_blocks(bn_shape s, size_t elem_size)
     return bn_in_cache(s, elem_size);
 }
 
-/* Whether the interleaved passes ask for their data BN_FAR_AHEAD_BYTES ahead
- * (prefetch_far): only when it comes from memory. Their short rows follow
- * one another, a single stream that the hardware prefetcher alone did not
- * keep ahead of: 200704x64 float32 (channels-last 64x56x56x64), 1 thread, C
- * harness, medians of 8 runs, times a copy: statistics 0.77 -> 0.53 (a plain
- * read of x is 0.51), gradient sums 1.17 -> 0.87, normalizing 1.05 -> 0.97,
- * dx 1.52 -> 1.28; 4 KB ahead gained less. In cache they only cost:
- * 256x1024's gradient sums took 1.4 times as long. */
-static inline int bn_interleaved_far_ahead(bn_shape s, size_t elem_size)
+/* Whether the passes that walk memory in order through short rows (inner
+ * == 1, or planar rows shorter than BN_SHORT_ROW) ask for their data
+ * BN_FAR_AHEAD_BYTES ahead (prefetch_far): only when it comes from memory.
+ * Their rows follow one another, a single stream that the hardware
+ * prefetcher alone did not keep ahead of. C harness, float32, 1 thread,
+ * medians of 5-8 runs, times a copy:
+ *   200704x64 (channels-last 64x56x56x64): statistics 0.77 -> 0.53 (a plain
+ *     read of x is 0.51), gradient sums 1.17 -> 0.87, normalizing 1.05 ->
+ *     0.97, dx 1.52 -> 1.28; 4 KB ahead gained less;
+ *   256x512x7x7: gradient sums 1.22 -> 0.92, normalizing 1.09 -> 0.91, dx
+ *     1.48 -> 1.27 (and at 2 threads too); its statistics, which pay a tile's
+ *     overhead every row, did not gain (nor did 64x256x14x14's), and ask for
+ *     nothing; rows of 3136 values lost 5-10% and ask for nothing.
+ * In cache the requests only cost: 256x1024's gradient sums took 1.4 times
+ * as long. */
+static inline int bn_far_ahead(bn_shape s, size_t elem_size)
 {
-    return !bn_in_cache(s, elem_size);
+    return s.inner < BN_SHORT_ROW && !bn_in_cache(s, elem_size);
 }
 
 /* rows of row_len elements an elementwise pass takes at a time */
