@@ -18,6 +18,10 @@ LARGE = [
     ((200, 1030), 1),            # interleaved, one row group: its lanes cut between threads
     ((2, 61, 61, 37), -1),       # channels-last, 37 features: a partial block of 16
     ((9, 3, 17, 2, 19), 2),      # a middle feature axis
+    # past the caches (x over 4 MiB even as float32): the passes down short
+    # rows ask for them far ahead (bn_far_ahead)
+    ((150000, 8), 1),            # interleaved
+    ((1100, 16, 64), 1),         # planar short rows
 ]
 
 
