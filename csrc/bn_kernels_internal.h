@@ -299,19 +299,6 @@ static inline size_t bn_rows_per_chunk(size_t row_len)
     return row_len >= BN_CHUNK ? 1 : BN_CHUNK / (row_len > 0 ? row_len : 1);
 }
 
-/* Ask for the start of the row at p (bytes long) before it is needed: a
- * feature's rows lie far apart, and the hardware prefetcher only ramps up
- * within a row, so every row would otherwise begin with a full miss. The
- * loops then ask for the rest BN_AHEAD_BYTES ahead (prefetch_ahead); asking
- * for 2 KB of a row of 3 KB at its start was slower. */
-BN_INLINE void bn_prefetch_row(const void *p, size_t bytes)
-{
-    size_t ahead = bytes < BN_AHEAD_BYTES ? bytes : BN_AHEAD_BYTES;
-    for (size_t k = 0; k < ahead; k += 64) {
-        __builtin_prefetch((const char *)p + k, 0, 3);
-    }
-}
-
 /* The sum of BN_LANES accumulators in a fixed order: lane j with lane j + 8,
  * then those eight pairwise */
 BN_INLINE double bn_lanes_sum(const double lanes[BN_LANES])
