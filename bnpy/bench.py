@@ -1,7 +1,8 @@
 """Side-by-side timing of bnpy against PyTorch, the NumPy reference and a copy.
 
 Run it as ``python -m bnpy bench`` or ``python benchmarks/bench.py``. For every
-case it times, in the same run and interleaved repeat by repeat:
+case it times, in the same run and interleaved repeat by repeat (every thread
+count in the same repeats, so the speedup from threads compares like moments):
 
 - bnpy (the layer, writing into a preallocated ``out=``; the op
   ``backward-inplace`` writes dx over dy with ``out=dy``, as a training loop
@@ -79,14 +80,36 @@ def _time_once(fn):
     return time.perf_counter() - start
 
 
+class _OnThreads:
+    """fn, timed on `threads` threads: set_threads(threads) runs before each
+    call, outside the timing, so that runs on different thread counts can be
+    interleaved repeat by repeat."""
+
+    def __init__(self, threads, fn, set_threads):
+        self.threads, self.fn, self.set_threads = threads, fn, set_threads
+
+    def prepare(self):
+        self.set_threads(self.threads)
+
+    def __call__(self):
+        return self.fn()
+
+
+def _prepare(fn):
+    if isinstance(fn, _OnThreads):
+        fn.prepare()
+
+
 def _medians(runners, repeats):
     """Median seconds of each runner, timed in turn within every repeat so that
     a noisy moment on a shared machine hits all of them alike."""
     for fn in runners.values():  # warm up: page faults, caches, lazy setup
+        _prepare(fn)
         fn()
     times = {name: [] for name in runners}
     for _ in range(repeats):
         for name, fn in runners.items():
+            _prepare(fn)
             times[name].append(_time_once(fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -115,9 +138,10 @@ def _torch_runners(torch, x, dy, axis, op, momentum=0.1, eps=1e-5):
     return lambda: torch.autograd.grad(y, (xg, weight, bias), dyt, retain_graph=True)
 
 
-def _bnpy_runner(x, dy, axis, op):
+def _bnpy_runner(x, dy, axis, op, out=None):
+    """bnpy's layer doing `op`, writing into out (a new array when None)."""
     bn = bnpy.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
-    out = np.empty_like(x)
+    out = np.empty_like(x) if out is None else out
     if op == "forward-train":
         return lambda: bn.forward(x, out=out)
     if op == "forward-eval":
@@ -127,8 +151,8 @@ def _bnpy_runner(x, dy, axis, op):
     if op == "backward-inplace":
         # dx over dy, round after round: dx is dy less its projections on 1
         # and xhat, so repeating it keeps the values where they are
-        grad = dy.copy()
-        return lambda: bn.backward(grad, out=grad)
+        np.copyto(out, dy)
+        return lambda: bn.backward(out, out=out)
     return lambda: bn.backward(dy, out=out)
 
 
@@ -158,16 +182,20 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
                 if with_reference and op != "backward-inplace":  # the same as backward
                     reference_time = _medians({"ref": _reference_runner(x, dy, axis, op)},
                                               max(1, repeats // 4))["ref"]
-                for n_threads in threads:
-                    bnpy.set_num_threads(n_threads)
-                    runners = {"bnpy": _bnpy_runner(x, dy, axis, op),
-                               "copy": lambda: np.copyto(copy_out, x)}
+                # every thread count in the same repeats, so that the speedup
+                # compares moments alike; the thread counts share bnpy's out=
+                out = np.empty_like(x)
+                runners = {"copy": lambda: np.copyto(copy_out, x)}
+                for n in threads:
+                    runners["bnpy", n] = _OnThreads(n, _bnpy_runner(x, dy, axis, op, out),
+                                                    bnpy.set_num_threads)
                     if torch is not None:
-                        torch.set_num_threads(n_threads)
-                        runners["torch"] = _torch_runners(torch, x, dy, axis, op)
-                    t = _medians(runners, repeats)
-                    row = dict(case=name, dtype=np.dtype(dtype).name, op=op, threads=n_threads,
-                               bnpy=t["bnpy"], torch=t.get("torch"), copy=t["copy"],
+                        runners["torch", n] = _OnThreads(
+                            n, _torch_runners(torch, x, dy, axis, op), torch.set_num_threads)
+                t = _medians(runners, repeats)
+                for n in threads:
+                    row = dict(case=name, dtype=np.dtype(dtype).name, op=op, threads=n,
+                               bnpy=t["bnpy", n], torch=t.get(("torch", n)), copy=t["copy"],
                                reference=reference_time, bytes=moved)
                     rows.append(row)
                     echo(format_row(row))
@@ -214,10 +242,20 @@ def machine_description(torch=None):
         keep = ("Model name", "CPU(s):", "L1d", "L2", "L3", "Thread(s) per core")
         lines += [f"- {line.strip()}" for line in lscpu.splitlines()
                   if line.strip().startswith(keep)]
+        lines += _cache_sizes_each()
     except (OSError, subprocess.SubprocessError):
         lines.append(f"- {platform.processor() or platform.machine()}, "
                      f"{os.cpu_count()} logical CPUs")
     return "\n".join(lines)
+
+
+def _cache_sizes_each():
+    """lscpu's summary adds up the instances of a cache (2 cores' 1 MiB L2s
+    read "2 MiB (2 instances)"): the size of one, from its table."""
+    table = subprocess.run(["lscpu", "-C=NAME,ONE-SIZE"], capture_output=True, text=True,
+                           timeout=10).stdout.split()
+    pairs = list(zip(table[2::2], table[3::2]))  # after the header NAME ONE-SIZE
+    return [f"- one of each cache: {', '.join(f'{n} {size}' for n, size in pairs)}"] if pairs else []
 
 
 LARGE_CASES = ("NCHW 64x64x56x56", "NCHW 128x64x56x56 (> L3)")

@@ -39,6 +39,25 @@ def test_targets_are_judged_from_the_measurements():
     assert "1 thread / time at 2 threads: worst 2.00 (met" in lines
 
 
+def test_runs_on_different_thread_counts_alternate_each_on_its_own_count():
+    import bnpy
+
+    seen = []
+
+    def record(label):
+        return lambda: seen.append((label, bnpy.get_num_threads()))
+
+    before = bnpy.get_num_threads()
+    try:
+        bench._medians({"one": bench._OnThreads(1, record("one"), bnpy.set_num_threads),
+                        "two": bench._OnThreads(2, record("two"), bnpy.set_num_threads),
+                        "plain": record("plain")}, repeats=2)
+    finally:
+        bnpy.set_num_threads(before)
+    # a warm-up call each, then the repeats in turn; a plain runner keeps the last count
+    assert seen == [("one", 1), ("two", 2), ("plain", 2)] * 3
+
+
 def test_rounds_combine_into_the_median_of_each_time():
     def row(bnpy, torch):
         return dict(case="NC 2x3", dtype="float32", op="backward", threads=1, bnpy=bnpy,
