@@ -830,8 +830,8 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
 }
 
 /* planar, short rows: partial[C] <- the statistics of rows o0 .. o1 less
- * about[C], walking memory in order; each row is a tile, merged into its
- * feature's partial */
+ * about[C], walking memory in blocks of bn_short_tile_rows rows: the block's
+ * rows of each feature are a tile, merged into the feature's partial */
 static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
                                      const double *about, bn_shape s, size_t o0,
                                      size_t o1)
@@ -839,12 +839,13 @@ static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
     for (size_t c = 0; c < s.channels; c++) {
         partial[c] = (bn_partial){0.0, 0.0, 0.0};
     }
-    for (size_t o = o0; o < o1; o++) {
-        /* row o of each feature, counted from the feature's first row, so that
-           the tile prefetches no row past the last */
-        bn_tile row_o = {o, o + 1, 0, s.inner};
+    size_t rows = bn_short_tile_rows(s);
+    for (size_t o = o0; o < o1; o += rows) {
+        /* rows counted from the feature's first row, so that the tile
+           prefetches no row past the last */
+        bn_tile block = {o, o + rows < o1 ? o + rows : o1, 0, s.inner};
         for (size_t c = 0; c < s.channels; c++) {
-            NAME(tile_stats)(&partial[c], x + c * s.inner, s, row_o, about[c]);
+            NAME(tile_stats)(&partial[c], x + c * s.inner, s, block, about[c]);
         }
     }
 }

@@ -43,6 +43,7 @@ enum {
                                   with 1 << 16, 14x14 and 7x7 training forwards ran
                                   1.25-1.55x slower) */
     BN_TILE = 2048,          /* elements of a planar tile: small enough for L1 */
+    BN_SHORT_TILE = 256,     /* values of a short-row statistics tile (bn_short_tile_rows) */
     BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
     BN_AHEAD_BYTES = 512,    /* how far ahead in a row a pass reading memory asks for */
@@ -202,6 +203,20 @@ static inline bn_tile bn_tile_at(bn_shape s, size_t k)
     return (bn_tile){o0, o0 + rows < s.outer ? o0 + rows : s.outer, 0, s.inner};
 }
 
+/* short planar rows: the rows of one feature a statistics tile takes, while
+ * the pass walks memory in blocks of that many rows. Every tile pays a
+ * center, two 16-lane totals and a merge; a row of 49 values a tile spent
+ * more on those than on its values. Measured (C harness, float32, 1 thread,
+ * statistics pass, times a copy; a plain read of x is 0.55): 256x512x7x7
+ * 1.67 -> 1.02-1.10 (5 rows a tile; 2-6 rows did about as well), 1024x256x4x4
+ * 3.44 -> 1.37, 512x256x10x10 0.83 -> 0.68; rows of 196 values lost with
+ * more than one (0.75 -> 0.82-0.89): each row a tile streams from its own
+ * place. */
+static inline size_t bn_short_tile_rows(bn_shape s)
+{
+    return s.inner >= BN_SHORT_TILE || s.inner == 0 ? 1 : BN_SHORT_TILE / s.inner;
+}
+
 /* What a row of an elementwise pass writes, from its input `in` (and x):
  *   BN_ROW_NORMALIZE  y = (x - mean) * scale + beta         (in = x)
  *   BN_ROW_DX_EVAL    dx = dy * scale                        (in = dy)
@@ -283,8 +298,8 @@ static inline int bn_sums_by_row_blocks(bn_shape s, size_t elem_size)
  *     read of x is 0.51), gradient sums 1.17 -> 0.87, normalizing 1.05 ->
  *     0.97, dx 1.52 -> 1.28; 4 KB ahead gained less;
  *   256x512x7x7: gradient sums 1.22 -> 0.92, normalizing 1.09 -> 0.91, dx
- *     1.48 -> 1.27 (and at 2 threads too); its statistics, which pay a tile's
- *     overhead every row, did not gain (nor did 64x256x14x14's), and ask for
+ *     1.48 -> 1.27 (and at 2 threads too); its statistics (then a tile a row:
+ *     bn_short_tile_rows) did not gain (nor did 64x256x14x14's), and ask for
  *     nothing; rows of 3136 values lost 5-10% and ask for nothing.
  * In cache the requests only cost: 256x1024's gradient sums took 1.4 times
  * as long. */

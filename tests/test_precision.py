@@ -46,3 +46,21 @@ def test_interleaved_statistics_when_the_first_rows_are_far_from_the_rest(first_
         mean, var = exact(x[:, c])
         assert abs(float((Fraction(float(layer.running_var[c])) - var) / var)) < 1e-14
         assert abs(float((Fraction(float(layer.running_mean[c])) - mean) / abs(mean))) < 1e-15
+
+
+@pytest.mark.parametrize("inner", [7, 49])
+@pytest.mark.parametrize("first_tile_off_by", [0.0, 1e4])
+def test_short_row_statistics_when_the_first_tile_is_far_from_the_rest(inner, first_tile_off_by):
+    """Short planar rows: a statistics tile takes 256 // inner rows of a
+    feature; the first one centers on its own mean, each later one on the mean
+    of the tiles before it. A first tile far from the rest puts every later
+    center far from its tile's values: the squares those lose, the spread
+    between the tiles makes up. Still exact to rounding."""
+    x = np.random.default_rng(2).normal(1e6, 1.0, size=(400, 2, inner))
+    x[:256 // inner] -= first_tile_off_by  # exactly the first tile's rows
+    layer = bnpy.BatchNorm(2, dtype=np.float64, momentum=1.0)
+    layer(x)
+    for c in range(2):
+        mean, var = exact(x[:, c].ravel())
+        assert abs(float((Fraction(float(layer.running_var[c])) - var) / var)) < 1e-14
+        assert abs(float((Fraction(float(layer.running_mean[c])) - mean) / abs(mean))) < 1e-15
