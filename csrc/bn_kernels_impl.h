@@ -529,16 +529,16 @@ BN_INLINE bn_row_coefficients NAME(dx_coefficients)(double *dgamma, double *dbet
                                      (double)bn_count(s), training, c);
 }
 
-/* The sums of feature `next` over one row: *sum_dy += sum dy,
- * *sum_dy_dev += sum dy * (x - next_mean). With a dx row given, the same loop
- * writes it (the current feature's), so the reads from memory and the writes
- * overlap; either way the sums add in the same order. */
-BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev,
-                                              const T *next_dy, const T *next_x,
-                                              double next_mean, size_t n,
-                                              const NAME(bn_out_row) *dx)
+/* One row of feature `next` added to 16 lanes (from the row's first value)
+ * and a scalar tail: a, tail += dy; a2, tail2 += dy * (x - next_mean). With a
+ * dx row given, the same loop writes it (the current feature's), so the reads
+ * from memory and the writes overlap; either way the sums add in the same
+ * order. */
+BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double *tail,
+                                               double *tail2, const T *next_dy,
+                                               const T *next_x, double next_mean, size_t n,
+                                               const NAME(bn_out_row) *dx)
 {
-    bn_lanes a = {0}, a2 = {0};
     size_t i = 0, dx_at = dx ? dx->head : 0;
     if (dx) {
         NAME(out_head)(dx);
@@ -552,22 +552,34 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
         }
         bn_lanes g = NAME(load16)(next_dy + i), xv = NAME(load16)(next_x + i);
         for (int q = 0; q < BN_K; q++) {
-            a.v[q] += g.v[q];
-            a2.v[q] += g.v[q] * (xv.v[q] - next_mean);
+            a->v[q] += g.v[q];
+            a2->v[q] += g.v[q] * (xv.v[q] - next_mean);
         }
         if (dx) {
             dx_at = NAME(out_next_vec)(dx, dx_at);
         }
     }
-    double tail = 0.0, tail2 = 0.0;
     for (size_t j = i; j < n; j++) {
         double g = (double)next_dy[j];
-        tail += g;
-        tail2 += g * ((double)next_x[j] - next_mean);
+        *tail += g;
+        *tail2 += g * ((double)next_x[j] - next_mean);
     }
     if (dx) {
         NAME(out_rest)(dx, dx_at);
     }
+}
+
+/* The sums of feature `next` over one row: *sum_dy += sum dy,
+ * *sum_dy_dev += sum dy * (x - next_mean), with the dx row written in the same
+ * loop when given (row_grad_lanes_writing_dx) */
+BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev,
+                                              const T *next_dy, const T *next_x,
+                                              double next_mean, size_t n,
+                                              const NAME(bn_out_row) *dx)
+{
+    bn_lanes a = {0}, a2 = {0};
+    double tail = 0.0, tail2 = 0.0;
+    NAME(row_grad_lanes_writing_dx)(&a, &a2, &tail, &tail2, next_dy, next_x, next_mean, n, dx);
     *sum_dy += bn_lanes_total(&a) + tail;
     *sum_dy_dev += bn_lanes_total(&a2) + tail2;
 }
@@ -1020,26 +1032,35 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
 }
 
 /* planar, short rows: sums[2C] <- sum dy and sum dy * (x - mean) of rows
- * o0 .. o1, walking memory in order (row o of every feature, then row o + 1):
- * a feature's short rows lie far apart, and reading them feature by feature
- * would jump through memory. dy and x asked for far ahead when `far`. */
+ * o0 .. o1, walking memory in blocks of bn_short_tile_rows rows (those rows
+ * of every feature, then the next block's): a feature's short rows lie far
+ * apart, and reading them feature by feature would jump through memory. A
+ * block's rows of a feature share 16 lanes, added up once. dy and x asked for
+ * far ahead when `far`. */
 static void NAME(planar_group_grads)(double *sums, const T *dy, const T *x,
                                      const double *mean, bn_shape s, size_t o0,
                                      size_t o1, int far)
 {
-    size_t C = s.channels, n = s.outer * C * s.inner;
+    size_t C = s.channels, n = s.outer * C * s.inner, rows = bn_short_tile_rows(s);
     for (size_t c = 0; c < 2 * C; c++) {
         sums[c] = 0.0;
     }
-    for (size_t o = o0; o < o1; o++) {
+    for (size_t b0 = o0; b0 < o1; b0 += rows) {
+        size_t b1 = b0 + rows < o1 ? b0 + rows : o1;
         for (size_t c = 0; c < C; c++) {
-            size_t at = (o * C + c) * s.inner; /* the row's place in dy and x */
-            if (far) {
-                NAME(prefetch_far)(dy, at, at + s.inner, n);
-                NAME(prefetch_far)(x, at, at + s.inner, n);
+            bn_lanes a = {0}, a2 = {0};
+            double tail = 0.0, tail2 = 0.0;
+            for (size_t o = b0; o < b1; o++) {
+                size_t at = (o * C + c) * s.inner; /* the row's place in dy and x */
+                if (far) {
+                    NAME(prefetch_far)(dy, at, at + s.inner, n);
+                    NAME(prefetch_far)(x, at, at + s.inner, n);
+                }
+                NAME(row_grad_lanes_writing_dx)(&a, &a2, &tail, &tail2, dy + at, x + at,
+                                                mean[c], s.inner, NULL);
             }
-            NAME(row_grad_sums)(&sums[c], &sums[C + c], ROW(dy, o, c, s), ROW(x, o, c, s),
-                                s.inner, mean[c]);
+            sums[c] += bn_lanes_total(&a) + tail;
+            sums[C + c] += bn_lanes_total(&a2) + tail2;
         }
     }
 }
