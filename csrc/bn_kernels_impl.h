@@ -787,19 +787,18 @@ static void NAME(interleaved_dx_span)(T *dx, const T *dy, const T *x,
 
 /* ---- the kernels of bn_kernels.h ---------------------------------------- */
 
-/* scale[R], shift[R] <- invstd * gamma and beta of feature l % C, for R a
- * multiple of C (R = C for planar layouts, the wide row for interleaved) */
+/* scale[R], shift[R] <- invstd * gamma and beta of the features, spread
+ * (bn_spread) over a wide row of R values; R = C, inner = 1 for planar rows */
 static void NAME(affine_coefficients)(double *scale, double *shift, const double *invstd,
-                                      const T *gamma, const T *beta, size_t C, size_t R)
+                                      const T *gamma, const T *beta, size_t C, size_t inner,
+                                      size_t R)
 {
     for (size_t c = 0; c < C; c++) {
         scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
         shift[c] = beta ? (double)beta[c] : 0.0;
     }
-    for (size_t l = C; l < R; l++) { /* the repeats */
-        scale[l] = scale[l - C];
-        shift[l] = shift[l - C];
-    }
+    bn_spread(scale, C, inner, R);
+    bn_spread(shift, C, inner, R);
 }
 
 /* [o0, o1) of group g of BN_GROUP_ROWS rows */
@@ -915,10 +914,10 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
     size_t C = s.channels;
     int team = bn_team(s);
-    if (s.inner != 1) {
+    if (s.inner != 1 && !bn_spreads(s)) {
         bn_work parts = bn_work_parts(work, s);
         double *scale = parts.wide, *shift = parts.wide + parts.stride;
-        NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, C);
+        NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, 1, C);
         size_t rows = s.outer * C, chunk = bn_rows_per_chunk(s.inner);
         size_t chunks = (rows + chunk - 1) / chunk;
         int far = bn_far_ahead(s, sizeof(T));
@@ -929,13 +928,15 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
         }
         return;
     }
-    size_t R = bn_fold(C) * C, n = s.outer * C, span = bn_rows_per_chunk(R) * R;
+    /* interleaved, or short planar rows spread over wide rows (bn_spreads) */
+    size_t W = bn_wide_width(s), R = bn_fold(W) * W, n = s.outer * W;
+    size_t span = bn_rows_per_chunk(R) * R;
     bn_work parts = bn_work_parts(work, s);
     double *mean_wide = parts.wide, *scale = mean_wide + parts.stride;
     double *shift = scale + parts.stride;
     memcpy(mean_wide, mean, C * sizeof *mean);
-    bn_repeat(mean_wide, C, R);
-    NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, R);
+    bn_spread(mean_wide, C, s.inner, R);
+    NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, s.inner, R);
     size_t spans = (n + span - 1) / span;
     int far = bn_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
@@ -1001,14 +1002,14 @@ static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *w
     bn_add_group_grads(dgamma, dbeta, sums, groups, C, invstd);
 }
 
-/* interleaved: dx from the sums over `count` values; the workspace's first
- * wide vector holds the repeated means (interleaved_grad_sums leaves them
- * there) */
+/* interleaved, or short planar rows spread (bn_spreads): dx from the sums
+ * over `count` values; the workspace's first wide vector holds the means,
+ * spread (interleaved_grad_sums leaves them there) */
 static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
                                  const double *invstd, const T *gamma, const double *dgamma,
                                  const double *dbeta, double count, bn_shape s, int training)
 {
-    size_t C = s.channels, R = bn_fold(C) * C;
+    size_t C = s.channels, W = bn_wide_width(s), R = bn_fold(W) * W;
     bn_work parts = bn_work_parts(work, s);
     double *mean_wide = parts.wide, *scale = mean_wide + parts.stride;
     double *mean_dy = scale + parts.stride, *dev_coef = mean_dy + parts.stride;
@@ -1017,10 +1018,10 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
         mean_dy[c] = dbeta[c] / count;
         dev_coef[c] = dgamma[c] * invstd[c] / count;
     }
-    bn_repeat(scale, C, R);
-    bn_repeat(mean_dy, C, R);
-    bn_repeat(dev_coef, C, R);
-    size_t total = s.outer * C, span = bn_rows_per_chunk(R) * R;
+    bn_spread(scale, C, s.inner, R);
+    bn_spread(mean_dy, C, s.inner, R);
+    bn_spread(dev_coef, C, s.inner, R);
+    size_t total = s.outer * W, span = bn_rows_per_chunk(R) * R;
     size_t spans = (total + span - 1) / span;
     int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
@@ -1182,10 +1183,11 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, c
         return;
     }
     size_t C = s.channels;
-    if (s.inner == 1) {
+    if (s.inner == 1 || bn_spreads(s)) {
         double *mean_wide = bn_work_parts(work, s).wide;
+        size_t W = bn_wide_width(s);
         memcpy(mean_wide, mean, C * sizeof *mean);
-        bn_repeat(mean_wide, C, bn_fold(C) * C);
+        bn_spread(mean_wide, C, s.inner, bn_fold(W) * W);
         NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta, count, s, training);
         return;
     }
