@@ -111,12 +111,23 @@ void bn_lane_partials(bn_partial *partial, const double *lanes, size_t stride,
     }
 }
 
-void bn_lane_grads(double *sums, const double *lanes, size_t stride, size_t C, size_t R)
+/* the k-th of the fold * inner lanes of feature c in a wide row of
+ * interleaved (or spread) shape s: in order of the wide row's repeats, then of
+ * the feature's places in its row */
+static size_t bn_feature_lane(bn_shape s, size_t c, size_t k)
 {
+    size_t width = bn_wide_width(s);
+    return k / s.inner * width + c * s.inner + k % s.inner;
+}
+
+void bn_lane_grads(double *sums, const double *lanes, size_t stride, bn_shape s)
+{
+    size_t C = s.channels, lanes_each = bn_fold(bn_wide_width(s)) * s.inner;
     const double *sum_dy = lanes, *sum_dy_dev = lanes + stride;
     for (size_t c = 0; c < C; c++) {
         sums[c] = sums[C + c] = 0.0;
-        for (size_t l = c; l < R; l += C) {
+        for (size_t k = 0; k < lanes_each; k++) {
+            size_t l = bn_feature_lane(s, c, k);
             sums[c] += sum_dy[l];
             sums[C + c] += sum_dy_dev[l];
         }

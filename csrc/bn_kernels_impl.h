@@ -980,13 +980,15 @@ static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *w
                                         const T *x, const double *mean, const double *invstd,
                                         bn_shape s)
 {
-    size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
+    size_t C = s.channels, groups = bn_row_groups(s);
+    bn_shape wide = bn_wide_shape(s); /* spread short planar rows: rows of C * inner */
+    size_t R = bn_fold(wide.channels) * wide.channels;
     bn_work parts = bn_work_parts(work, s);
     double *mean_wide = parts.wide;
     double *sums = parts.groups; /* [groups][2C] */
     size_t lanes_per_group = 3 * parts.stride;
     memcpy(mean_wide, mean, C * sizeof *mean);
-    bn_repeat(mean_wide, C, R);
+    bn_spread(mean_wide, C, s.inner, R);
     int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
     size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
@@ -994,10 +996,10 @@ static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *w
         GROUP_ROWS(k / blocks, s, o0, o1);
         bn_lane_range b = bn_lane_block(R, blocks, k % blocks);
         NAME(interleaved_lane_grads)(parts.lanes + (k / blocks) * lanes_per_group, parts.stride,
-                                     dy, x, mean_wide, s, o0, o1, b.l0, b.l1, far);
+                                     dy, x, mean_wide, wide, o0, o1, b.l0, b.l1, far);
     }
     for (size_t g = 0; g < groups; g++) {
-        bn_lane_grads(sums + 2 * g * C, parts.lanes + g * lanes_per_group, parts.stride, C, R);
+        bn_lane_grads(sums + 2 * g * C, parts.lanes + g * lanes_per_group, parts.stride, s);
     }
     bn_add_group_grads(dgamma, dbeta, sums, groups, C, invstd);
 }
@@ -1095,7 +1097,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
         return;
     }
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
-    if (s.inner == 1) {
+    if (s.inner == 1 || bn_spread_sums(s)) {
         NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta,
                              (double)bn_count(s), s, training);
@@ -1160,7 +1162,7 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
     if (s.channels == 0) { /* no features: nothing to compute */
         return;
     }
-    if (s.inner == 1) {
+    if (s.inner == 1 || bn_spread_sums(s)) {
         NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         return;
     }

@@ -12,8 +12,10 @@ SHAPES = [
     ((3, 5, 5000), 1),       # planar, rows of 5000: tiles within a row, a tail of 8
     ((4, 7, 47, 43), 1),     # planar, rows of 2021 (one tile and a tail of 5)
     ((5, 3, 337), 1),        # planar, rows just above the short-row limit
-    ((1200, 4, 60), 1),      # planar short rows: in memory order, two row groups
-    ((16, 6, 15), 1),        # rows shorter than one vector
+    ((1200, 4, 60), 1),      # planar short rows: elementwise passes spread over wide rows
+    ((700, 3, 150), 1),      # planar short rows: in memory order, two row groups
+    ((60, 100, 100), 1),     # too many features to spread: tiles of two short rows
+    ((16, 6, 15), 1),        # rows shorter than one vector (gradient sums spread too)
     ((9000, 3), 1),          # interleaved, three features folded into wide rows
     ((2, 21, 23, 37), -1),   # channels-last, 37 features
     ((5, 3, 17, 2, 19), 2),  # a middle feature axis

@@ -291,16 +291,18 @@ static void check_shape(bn_shape s, double offset)
 }
 
 /* A constant feature normalizes to exactly beta on every path. */
+enum { MAX_FEATURES = 128 }; /* of the shapes main checks */
+
 static void check_constant(bn_shape s)
 {
     size_t C = s.channels, total = bn_count(s) * C;
     float *x = malloc(total * sizeof(float)), *y = malloc(total * sizeof(float));
-    float beta[64];
+    float beta[MAX_FEATURES];
     for (size_t k = 0; k < total; k++) x[k] = 0.1f + (float)((k / s.inner) % C);
     for (size_t c = 0; c < C; c++) beta[c] = 0.25f * (float)c - 3.0f;
     double *work = malloc(bn_workspace_size(s) * sizeof(double));
-    bn_partial stats[64];
-    double mean[64], invstd[64];
+    bn_partial stats[MAX_FEATURES];
+    double mean[MAX_FEATURES], invstd[MAX_FEATURES];
     bn_forward_train_f32(y, stats, mean, invstd, work, x, NULL, beta, 1e-5, s);
     for (size_t k = 0; k < total; k++) {
         size_t c = (k / s.inner) % C;
@@ -346,15 +348,23 @@ int main(void)
     const bn_shape shapes[] = {
         {2, 3, 5000},  /* planar: rows cut into tiles */
         {37, 2, 400},  /* planar: tiles of five rows, pipelined feature by feature */
-        {37, 2, 100},  /* planar short rows: in memory order, one row group */
-        {2000, 3, 50}, /* planar short rows: backward in memory order, two row groups */
-        {5, 4, 3},     /* planar: rows shorter than a vector */
+        {37, 2, 100},  /* planar short rows: elementwise passes spread over wide rows */
+        {2000, 3, 50}, /* the same, two row groups of statistics */
+        {5, 4, 3},     /* rows shorter than a vector: gradient sums spread too */
+        {3000, 3, 20}, /* spread gradient sums */
+        {700, 3, 150}, /* planar short rows: in memory order, two row groups */
+        {60, 100, 100}, /* short rows, too many features to spread: tiles of two rows,
+                           three row groups */
         {9000, 3, 1},  /* interleaved: wide rows of 11, three row groups */
         {300, 40, 1},  /* interleaved: a wide row is one row */
         {7, 1, 1},     /* one feature */
         {2, 5, 1},     /* two values per feature */
     };
     for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++) {
+        if (shapes[k].channels > MAX_FEATURES) {
+            fail("shape with more features than MAX_FEATURES", shapes[k], 0, 0, 0);
+            continue;
+        }
         check_shape(shapes[k], 0.0);
         check_shape(shapes[k], 1e4); /* a large common offset */
         check_constant(shapes[k]);
