@@ -58,7 +58,6 @@ enum {
     BN_ALIGN_ROW_BYTES = 256, /* an output row this long starts its vectors on a cache line */
 };
 
-
 /* interleaved layouts: rows per wide row, so that a wide row holds at least
  * 32 values */
 static inline size_t bn_fold(size_t channels)
@@ -159,8 +158,9 @@ static inline bn_shape bn_wide_shape(bn_shape s)
  * BN_SPREAD_SUMS_ROW values, which have at most one vector and a scalar tail
  * that adds one value at a time. The statistics keep their tiles (their
  * precision: each tile centers on the mean so far). Measured (compare_builds,
- * float32, 1 thread, backward, times a copy): 256x512x3x3 4.79 -> 3.25,
- * 1024x64x5x5 4.26 -> 3.27; 128x128x7x7 lost (2.36 -> 2.81). */
+ * float32, 1 thread, backward, times a copy, two runs): 256x512x3x3
+ * 4.79 -> 3.25 and 6.81 -> 3.64, 1024x64x5x5 4.26 -> 3.27 and 4.55 -> 3.52;
+ * 128x128x7x7 lost (2.36 -> 2.81) and keeps the blocks. */
 static inline int bn_spread_sums(bn_shape s)
 {
     return bn_spreads(s) && s.inner < BN_SPREAD_SUMS_ROW;
@@ -266,17 +266,16 @@ static inline bn_tile bn_tile_at(bn_shape s, size_t k)
 }
 
 /* short planar rows: the rows of one feature a statistics tile takes, while
- * the pass walks memory in blocks of that many rows; the gradient sums walk
- * the same blocks, a block's rows of a feature sharing 16 lanes (256x512x7x7:
- * 1.46 -> 1.27-1.36 times a copy; compare_builds, backward of 128x512x7x7:
- * 2.21 -> 2.04). Every tile pays a
+ * the pass walks memory in blocks of that many rows. Every tile pays a
  * center, two 16-lane totals and a merge; a row of 49 values a tile spent
  * more on those than on its values. Measured (C harness, float32, 1 thread,
  * statistics pass, times a copy; a plain read of x is 0.55): 256x512x7x7
  * 1.67 -> 1.02-1.10 (5 rows a tile; 2-6 rows did about as well), 1024x256x4x4
  * 3.44 -> 1.37, 512x256x10x10 0.83 -> 0.68; rows of 196 values lost with
  * more than one (0.75 -> 0.82-0.89): each row a tile streams from its own
- * place. */
+ * place. The gradient sums walk the same blocks, a block's rows of a feature
+ * sharing 16 lanes: 256x512x7x7 1.46 -> 1.27-1.36; compare_builds, backward
+ * of 128x512x7x7, 2.21 -> 2.04. */
 static inline size_t bn_short_tile_rows(bn_shape s)
 {
     return s.inner >= BN_SHORT_TILE || s.inner == 0 ? 1 : BN_SHORT_TILE / s.inner;
