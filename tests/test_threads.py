@@ -16,7 +16,7 @@ LARGE = [
     ((1200, 4, 60), 1),          # planar short rows: elementwise passes spread over wide rows
     ((2000, 8, 9), 1),           # rows of 9: the gradient sums spread too
     ((1200, 4, 150), 1),         # planar short rows in memory order, 2 row groups
-    ((60, 100, 100), 1),         # too many features to spread: tiles of 2 rows, 3 row groups
+    ((30, 200, 100), 1),         # too many features to spread: tiles of 2 rows, 3 row groups
     ((70000, 3), 1),             # interleaved, hundreds of row tiles
     ((200, 1030), 1),            # interleaved, one row group: its lanes cut between threads
     ((2, 61, 61, 37), -1),       # channels-last, 37 features: a partial block of 16
@@ -25,7 +25,7 @@ LARGE = [
     # rows ask for them far ahead (bn_far_ahead)
     ((150000, 8), 1),            # interleaved
     ((1100, 16, 64), 1),         # planar short rows, elementwise passes spread
-    ((200, 100, 60), 1),         # planar short rows, too many features to spread
+    ((100, 300, 60), 1),         # planar short rows, too many features to spread
 ]
 
 

@@ -291,7 +291,7 @@ static void check_shape(bn_shape s, double offset)
 }
 
 /* A constant feature normalizes to exactly beta on every path. */
-enum { MAX_FEATURES = 128 }; /* of the shapes main checks */
+enum { MAX_FEATURES = 256 }; /* of the shapes main checks */
 
 static void check_constant(bn_shape s)
 {
@@ -353,7 +353,7 @@ int main(void)
         {5, 4, 3},     /* rows shorter than a vector: gradient sums spread too */
         {3000, 3, 20}, /* spread gradient sums */
         {700, 3, 150}, /* planar short rows: in memory order, two row groups */
-        {60, 100, 100}, /* short rows, too many features to spread: tiles of two rows,
+        {30, 200, 100}, /* short rows, too many features to spread: tiles of two rows,
                            three row groups */
         {9000, 3, 1},  /* interleaved: wide rows of 11, three row groups */
         {300, 40, 1},  /* interleaved: a wide row is one row */
