@@ -636,7 +636,9 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
 /* ---- interleaved rows (inner == 1) ------------------------------------- *
  * Rows go in "wide rows" of `fold` rows, R = fold * C values, so that even a
  * few features give a loop long enough to vectorize: lane l of a wide row
- * holds feature l % C, and per-feature coefficients are repeated fold times. */
+ * holds feature l % C, and per-feature coefficients are repeated fold times.
+ * Short planar rows spread (bn_spreads) take the same passes, each outer row
+ * of C * inner values a row of pseudo-features (bn_wide_shape). */
 
 /* sum, sum2 += lanes l0 .. l1 of the BN_ROWS_AT_ONCE wide rows from `row` (R
  * apart) less center, and their squares: each lane loaded and stored once for
@@ -710,7 +712,7 @@ static void NAME(interleaved_lane_stats)(double *lanes, size_t stride, const T *
 
 /* Lanes l0 .. l1 of rows o0 .. o1: sum dy and sum dy * (x - mean) into the
  * lanes' sum_dy and sum_dy_dev (`stride` apart); dy and x asked for far
- * ahead when `far`. mean_wide[R]: the means repeated. */
+ * ahead when `far`. mean_wide[R]: each lane's mean. */
 static void NAME(interleaved_lane_grads)(double *lanes, size_t stride, const T *dy, const T *x,
                                          const double *mean_wide, bn_shape s, size_t o0,
                                          size_t o1, size_t l0, size_t l1, int far)
@@ -929,7 +931,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
         return;
     }
     /* interleaved, or short planar rows spread over wide rows (bn_spreads) */
-    size_t W = bn_wide_width(s), R = bn_fold(W) * W, n = s.outer * W;
+    size_t W = bn_wide_width(s), R = bn_wide_len(s), n = s.outer * W;
     size_t span = bn_rows_per_chunk(R) * R;
     bn_work parts = bn_work_parts(work, s);
     double *mean_wide = parts.wide, *scale = mean_wide + parts.stride;
@@ -973,16 +975,16 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
     NAME(bn_forward)(y, work, x, mean, invstd, gamma, beta, s);
 }
 
-/* interleaved: dbeta <- sum dy, dgamma <- sum dy * xhat by fixed row groups,
- * added up in order. Leaves the means repeated over a wide row in the
- * workspace's first wide vector. */
+/* interleaved (or short planar rows spread, bn_spread_sums): dbeta <- sum dy,
+ * dgamma <- sum dy * xhat by fixed row groups, added up in order. Leaves the
+ * means spread over a wide row in the workspace's first wide vector. */
 static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy,
                                         const T *x, const double *mean, const double *invstd,
                                         bn_shape s)
 {
     size_t C = s.channels, groups = bn_row_groups(s);
     bn_shape wide = bn_wide_shape(s); /* spread short planar rows: rows of C * inner */
-    size_t R = bn_fold(wide.channels) * wide.channels;
+    size_t R = bn_wide_len(s);
     bn_work parts = bn_work_parts(work, s);
     double *mean_wide = parts.wide;
     double *sums = parts.groups; /* [groups][2C] */
@@ -1011,7 +1013,7 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
                                  const double *invstd, const T *gamma, const double *dgamma,
                                  const double *dbeta, double count, bn_shape s, int training)
 {
-    size_t C = s.channels, W = bn_wide_width(s), R = bn_fold(W) * W;
+    size_t C = s.channels, W = bn_wide_width(s), R = bn_wide_len(s);
     bn_work parts = bn_work_parts(work, s);
     double *mean_wide = parts.wide, *scale = mean_wide + parts.stride;
     double *mean_dy = scale + parts.stride, *dev_coef = mean_dy + parts.stride;
@@ -1187,9 +1189,8 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, c
     size_t C = s.channels;
     if (s.inner == 1 || bn_spreads(s)) {
         double *mean_wide = bn_work_parts(work, s).wide;
-        size_t W = bn_wide_width(s);
         memcpy(mean_wide, mean, C * sizeof *mean);
-        bn_spread(mean_wide, C, s.inner, bn_fold(W) * W);
+        bn_spread(mean_wide, C, s.inner, bn_wide_len(s));
         NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta, count, s, training);
         return;
     }

@@ -136,6 +136,13 @@ static inline size_t bn_wide_width(bn_shape s)
     return bn_spreads(s) ? s.channels * s.inner : s.channels;
 }
 
+/* the values of a wide row, R: its pattern folded to at least 32 values */
+static inline size_t bn_wide_len(bn_shape s)
+{
+    size_t width = bn_wide_width(s);
+    return bn_fold(width) * width;
+}
+
 /* wide[0 .. R) <- the per-feature values wide[0 .. C), spread: lane l holds
  * that of feature (l % (C * inner)) / inner (inner == 1: bn_repeat) */
 static inline void bn_spread(double *wide, size_t C, size_t inner, size_t R)
@@ -225,8 +232,7 @@ typedef struct {
 /* the length of a wide or lane vector: a wide row (R doubles) in whole lines */
 static inline size_t bn_work_stride(bn_shape s)
 {
-    size_t width = bn_wide_width(s);
-    return bn_whole_lines(bn_fold(width) * width);
+    return bn_whole_lines(bn_wide_len(s));
 }
 
 static inline bn_work bn_work_parts(double *work, bn_shape s)
