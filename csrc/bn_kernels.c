@@ -50,7 +50,7 @@ size_t bn_workspace_size(bn_shape s)
      * partials or sums, and interleaved lanes */
     size_t stride = bn_work_stride(s);
     return 7 + 4 * stride + bn_whole_lines(3 * s.channels * bn_reduction_groups(s))
-           + bn_row_groups(s) * 3 * stride;
+           + bn_row_groups(s) * BN_LANE_VECTORS * stride;
 }
 
 void bn_partial_merge(bn_partial *a, const bn_partial *b)
@@ -92,42 +92,33 @@ void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t group
     }
 }
 
-void bn_lane_partials(bn_partial *partial, const double *lanes, size_t stride,
-                      const double *shift_wide, bn_shape s, size_t o0, size_t o1)
+/* The lanes of feature c in a wide row of interleaved (or spread) shape s,
+ * in order of the wide row's repeats, then of the feature's places in its
+ * row: l = repeat * width + c * inner + i */
+#define FOR_FEATURE_LANE(s, c, l)                                                     \
+    for (size_t width_ = bn_wide_width(s), r_ = 0, end_ = bn_wide_len(s); r_ < end_;   \
+         r_ += width_)                                                                \
+        for (size_t l = r_ + (c) * (s).inner; l < r_ + ((c) + 1) * (s).inner; l++)
+
+void bn_lane_partials(bn_partial *partial, bn_lane_stats v, bn_shape s, size_t o0, size_t o1)
 {
-    size_t C = s.channels, R = bn_fold(C) * C;
-    bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
-    const double *center = lanes, *sum = lanes + stride, *sum2 = lanes + 2 * stride;
-    for (size_t c = 0; c < C; c++) {
+    bn_wide_rows w = bn_wide_rows_of(bn_wide_shape(s), o0, o1);
+    for (size_t c = 0; c < s.channels; c++) {
         partial[c] = (bn_partial){0.0, 0.0, 0.0};
-        for (size_t l = c; l < R; l += C) {
-            double count = (double)(w.whole + (l < w.rest));
-            if (count > 0.0) {
-                bn_partial lane = bn_corrected(count, center[l] - shift_wide[l], sum[l],
-                                               sum2[l]);
-                bn_partial_merge(&partial[c], &lane);
-            }
+        FOR_FEATURE_LANE(s, c, l) {
+            bn_partial lane = {(double)(w.whole + (l < w.rest)), v.mean[l], v.m2[l]};
+            bn_partial_merge(&partial[c], &lane);
         }
     }
 }
 
-/* the k-th of the fold * inner lanes of feature c in a wide row of
- * interleaved (or spread) shape s: in order of the wide row's repeats, then of
- * the feature's places in its row */
-static size_t bn_feature_lane(bn_shape s, size_t c, size_t k)
-{
-    size_t width = bn_wide_width(s);
-    return k / s.inner * width + c * s.inner + k % s.inner;
-}
-
 void bn_lane_grads(double *sums, const double *lanes, size_t stride, bn_shape s)
 {
-    size_t C = s.channels, lanes_each = bn_fold(bn_wide_width(s)) * s.inner;
+    size_t C = s.channels;
     const double *sum_dy = lanes, *sum_dy_dev = lanes + stride;
     for (size_t c = 0; c < C; c++) {
         sums[c] = sums[C + c] = 0.0;
-        for (size_t k = 0; k < lanes_each; k++) {
-            size_t l = bn_feature_lane(s, c, k);
+        FOR_FEATURE_LANE(s, c, l) {
             sums[c] += sum_dy[l];
             sums[C + c] += sum_dy_dev[l];
         }

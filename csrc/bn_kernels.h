@@ -77,9 +77,11 @@ size_t bn_workspace_size(bn_shape s);
  * the means come out absolute. Each cache-sized tile of a feature sums its
  * deviations from a center near its mean, and their squares, corrected as in
  * Chan, Golub and LeVeque's two-pass algorithm. The center is the mean so far
- * of the feature's earlier tiles (planar layouts; a first pass finds it for
- * the first tile) or the mean of each row group's first rows (interleaved).
- * Tiles are combined with bn_partial_merge: a large common offset does not
+ * of the feature's earlier tiles (a first pass finds it for the first tile).
+ * Interleaved layouts, and planar rows of a few values, sum each lane of a
+ * wide row (bn_wide_shape) alike, in blocks of rows no longer than the rows
+ * before them (bn_next_lane_block). Tiles are combined with
+ * bn_partial_merge: a large common offset does not
  * cancel the variance, and a constant feature gets exactly its value as mean
  * and m2 = 0. work: bn_workspace_size(s) doubles. */
 void bn_stats_f32(bn_partial *stats, double *work, const float *x, const double *shift,

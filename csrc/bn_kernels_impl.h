@@ -661,52 +661,74 @@ BN_INLINE void NAME(lane_stats_rows)(double *restrict sum, double *restrict sum2
     }
 }
 
-/* Lanes l0 .. l1 of the wide rows o0 .. o1, in one pass down the rows: each
- * lane's values less a center (the mean of the group's first BN_CENTER_ROWS
- * wide rows), summed with their squares, into the lanes' center, sum and
- * sum2 (vectors `stride` apart).
- * The center's own rows bound how far it can lie from the lane's mean: at
- * most sqrt(rows / BN_CENTER_ROWS) <= 16 standard deviations, so the sums
- * cancel at most 8 bits of 53. Each lane's sums are the same however the
- * lanes are cut into blocks, and with `by_blocks` (lane_stats_rows; x in
- * cache) or not (one row a pass, x asked for far ahead: prefetch_far).
- * shift_wide[R]: the shift repeated. */
-static void NAME(interleaved_lane_stats)(double *lanes, size_t stride, const T *x,
+/* lanes l0 .. l1 of wide rows j0 .. j1 from base (R apart): each value less
+ * its lane's center added to the lane's sum, its square to sum2, one row
+ * after another; with `by_blocks` BN_ROWS_AT_ONCE rows a pass (x in cache),
+ * else one row a pass with x asked for far ahead (prefetch_far; `at` is
+ * base's place in x[n]). Either way each lane adds in the same order. */
+BN_INLINE void NAME(lane_stats_span)(bn_lane_stats v, const T *base, size_t R, size_t j0,
+                                     size_t j1, size_t l0, size_t l1, int by_blocks,
+                                     const T *x, size_t at, size_t n)
+{
+    size_t j = j0;
+    for (; j + BN_ROWS_AT_ONCE <= j1; j += BN_ROWS_AT_ONCE) {
+        for (size_t k = 0; !by_blocks && k < BN_ROWS_AT_ONCE; k++) {
+            NAME(prefetch_far)(x, at + (j + k) * R + l0, at + (j + k) * R + l1, n);
+        }
+        NAME(lane_stats_rows)(v.sum, v.sum2, v.center, base + j * R, R, l0, l1);
+    }
+    for (; j < j1; j++) {
+        const T *row = base + j * R;
+        if (!by_blocks) {
+            NAME(prefetch_far)(x, at + j * R + l0, at + j * R + l1, n);
+        }
+        for (size_t l = l0; l < l1; l++) {
+            double d = (double)row[l] - v.center[l];
+            v.sum[l] += d;
+            v.sum2[l] += d * d;
+        }
+    }
+}
+
+/* Lanes l0 .. l1 of the wide rows o0 .. o1, in one pass down the rows, into
+ * each lane's mean (less shift_wide[R]) and m2 (bn_lane_stats). The rows go in
+ * blocks, each summed as deviations from a center, corrected and merged as in
+ * Chan, Golub and LeVeque: the first block (BN_CENTER_ROWS rows) about its own
+ * mean, found by a first pass; each later one about the mean of the rows
+ * before it, and no longer than they are (bn_next_lane_block), so that
+ * however far those rows lie from the block's, the block's squares exceed
+ * the m2 they add by at most a factor of two, and its BN_LANE_BLOCK_ROWS
+ * additions at most round away what the planar tiles' do. The partial wide
+ * row at the end is a block of one value for lanes below w.rest. A lane's
+ * results are the same however the lanes are cut into blocks, and with or
+ * without `by_blocks`. */
+static void NAME(interleaved_lane_stats)(bn_lane_stats v, const T *x,
                                          const double *shift_wide, bn_shape s, size_t o0,
                                          size_t o1, size_t l0, size_t l1, int by_blocks)
 {
-    size_t C = s.channels, R = bn_fold(C) * C, n = s.outer * C;
+    size_t C = s.channels, R = bn_fold(C) * C, n = s.outer * C, at = o0 * C;
     bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
     size_t first = w.whole < BN_CENTER_ROWS ? w.whole : BN_CENTER_ROWS;
-    double *center = lanes, *sum = lanes + stride, *sum2 = lanes + 2 * stride;
-    const T *base = x + o0 * C;
-    for (size_t l = l0; l < l1; l++) {
-        center[l] = sum[l] = sum2[l] = 0.0;
-    }
-    for (size_t j = 0; j < first; j++) { /* the centers: means of the first rows */
+    const T *base = x + at;
+    bn_lane_stats_clear(v, l0, l1);
+    for (size_t j = 0; j < first; j++) { /* the first block's center: its mean */
         for (size_t l = l0; l < l1; l++) {
-            center[l] += (double)base[j * R + l] - shift_wide[l];
+            v.center[l] += (double)base[j * R + l] - shift_wide[l];
         }
     }
     for (size_t l = l0; l < l1; l++) {
-        center[l] = (first > 0 ? center[l] / (double)first : 0.0) + shift_wide[l];
+        v.center[l] = (first > 0 ? v.center[l] / (double)first : 0.0) + shift_wide[l];
     }
-    size_t j = 0;
-    for (; by_blocks && j + BN_ROWS_AT_ONCE <= w.whole; j += BN_ROWS_AT_ONCE) {
-        NAME(lane_stats_rows)(sum, sum2, center, base + j * R, R, l0, l1);
+    for (size_t j0 = 0; j0 < w.whole;) {
+        size_t j1 = bn_next_lane_block(j0, w.whole);
+        NAME(lane_stats_span)(v, base, R, j0, j1, l0, l1, by_blocks, x, at, n);
+        bn_lane_stats_merge(v, shift_wide, (double)j0, (double)(j1 - j0), l0, l1);
+        j0 = j1;
     }
-    for (; j <= w.whole; j++) {
-        const T *row = base + j * R;
-        size_t end = j < w.whole ? l1 : (w.rest < l1 ? w.rest : l1);
-        if (!by_blocks) {
-            size_t at = o0 * C + j * R; /* row's place in x */
-            NAME(prefetch_far)(x, at + l0, at + end, n);
-        }
-        for (size_t l = l0; l < end; l++) {
-            double d = (double)row[l] - center[l];
-            sum[l] += d;
-            sum2[l] += d * d;
-        }
+    size_t rest_end = w.rest < l1 ? w.rest : l1; /* lanes with one more value */
+    if (l0 < rest_end) {
+        NAME(lane_stats_span)(v, base, R, w.whole, w.whole + 1, l0, rest_end, 0, x, at, n);
+        bn_lane_stats_merge(v, shift_wide, (double)w.whole, 1.0, l0, rest_end);
     }
 }
 
@@ -808,38 +830,44 @@ static void NAME(affine_coefficients)(double *scale, double *shift, const double
     size_t o0 = (g) * BN_GROUP_ROWS;                                                \
     size_t o1 = o0 + BN_GROUP_ROWS < (s).outer ? o0 + BN_GROUP_ROWS : (s).outer
 
-/* Interleaved statistics (less shift[C], or 0 when NULL): rows in fixed
- * groups of BN_GROUP_ROWS, each group's lanes in blocks (one task a block);
- * the groups' partials are merged in order, so the result does not depend on
- * which thread took which task. work: bn_workspace_size doubles. */
+/* Interleaved statistics (less shift[C], or each feature's first value when
+ * NULL, undone at the end), and those of short planar rows spread over wide
+ * rows (bn_spread_sums): rows in fixed groups of BN_GROUP_ROWS, each group's
+ * lanes in blocks (one task a block); the groups' partials are merged in
+ * order, so the result does not depend on which thread took which task.
+ * work: bn_workspace_size doubles. */
 static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
                                     const double *shift, bn_shape s)
 {
-    size_t C = s.channels, R = bn_fold(C) * C, groups = bn_row_groups(s);
+    size_t C = s.channels, groups = bn_row_groups(s);
+    bn_shape wide = bn_wide_shape(s);
+    size_t R = bn_wide_len(s);
     bn_work parts = bn_work_parts(work, s);
-    double *shift_wide = parts.wide; /* [R] */
+    double *shift_wide = parts.wide, *first = parts.wide + parts.stride; /* [R], [C] */
     for (size_t c = 0; c < C; c++) {
-        /* no shift given: each feature's first value (row 0), undone at the end */
-        shift_wide[c] = shift ? shift[c] : s.outer > 0 ? (double)x[c] : 0.0;
+        first[c] = s.outer > 0 ? (double)x[c * s.inner] : 0.0; /* x[0][c][0] */
+        shift_wide[c] = shift ? shift[c] : first[c];
     }
-    bn_repeat(shift_wide, C, R);
+    bn_spread(shift_wide, C, s.inner, R);
     bn_partial *partials = (bn_partial *)parts.groups; /* [groups][C] */
-    size_t lanes_per_group = 3 * parts.stride;
+    size_t lanes_per_group = BN_LANE_VECTORS * parts.stride;
     int team = bn_team(s), by_blocks = bn_sums_by_row_blocks(s, sizeof(T));
     size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
     for (size_t k = 0; k < tasks; k++) {
         GROUP_ROWS(k / blocks, s, o0, o1);
         bn_lane_range b = bn_lane_block(R, blocks, k % blocks);
-        NAME(interleaved_lane_stats)(parts.lanes + (k / blocks) * lanes_per_group, parts.stride,
-                                     x, shift_wide, s, o0, o1, b.l0, b.l1, by_blocks);
+        bn_lane_stats v = bn_lane_stats_at(parts.lanes + (k / blocks) * lanes_per_group,
+                                           parts.stride);
+        NAME(interleaved_lane_stats)(v, x, shift_wide, wide, o0, o1, b.l0, b.l1, by_blocks);
     }
     for (size_t g = 0; g < groups; g++) {
         GROUP_ROWS(g, s, o0, o1);
-        bn_lane_partials(partials + g * C, parts.lanes + g * lanes_per_group, parts.stride,
-                         shift_wide, s, o0, o1);
+        bn_lane_partials(partials + g * C,
+                         bn_lane_stats_at(parts.lanes + g * lanes_per_group, parts.stride), s,
+                         o0, o1);
     }
-    bn_merge_groups(stats, partials, groups, C, shift ? NULL : shift_wide);
+    bn_merge_groups(stats, partials, groups, C, shift ? NULL : first);
 }
 
 /* planar, short rows: partial[C] <- the statistics of rows o0 .. o1 less
@@ -988,7 +1016,7 @@ static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *w
     bn_work parts = bn_work_parts(work, s);
     double *mean_wide = parts.wide;
     double *sums = parts.groups; /* [groups][2C] */
-    size_t lanes_per_group = 3 * parts.stride;
+    size_t lanes_per_group = BN_LANE_VECTORS * parts.stride;
     memcpy(mean_wide, mean, C * sizeof *mean);
     bn_spread(mean_wide, C, s.inner, R);
     int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));

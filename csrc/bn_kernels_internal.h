@@ -31,7 +31,9 @@
 enum {
     BN_LANES = 16,           /* independent accumulators of a row sum (bn_lanes) */
     BN_GROUP_ROWS = 4096,    /* interleaved rows per reduction task: fixed by the shape */
-    BN_CENTER_ROWS = 16,     /* interleaved: wide rows whose mean centers the sums */
+    BN_CENTER_ROWS = 16,     /* interleaved: wide rows of a group's first statistics block */
+    BN_LANE_BLOCK_ROWS = 256, /* ... and the most of any later one (bn_next_lane_block) */
+    BN_LANE_VECTORS = 5,     /* lane vectors a row group's reductions use (bn_lane_stats) */
     BN_LANE_BLOCK_MIN = 256, /* interleaved: the fewest lanes a reduction task takes */
     BN_SHORT_ROW = 320,      /* planar rows shorter than this: passes in memory order
                                 (measured: the backward of rows of 49 values 1.7x faster
@@ -51,7 +53,7 @@ enum {
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
     BN_AHEAD_BYTES = 512,    /* how far ahead in a row a pass reading memory asks for */
     BN_FAR_AHEAD_BYTES = 2048, /* ... and a pass down a stream of short rows (bn_far_ahead) */
-    BN_ROWS_AT_ONCE = 4,     /* interleaved statistics of data in cache: wide rows a pass */
+    BN_ROWS_AT_ONCE = 4,     /* interleaved statistics: wide rows a pass */
     BN_IN_CACHE_BYTES = 4 << 20, /* ... when x is this small */
     BN_STREAM_BYTES = 16 << 20, /* an output this large is written past the caches */
     BN_STREAM_FEATURE_BYTES = 1 << 20, /* ... in the training forward, if features are this large */
@@ -221,7 +223,8 @@ static inline size_t bn_whole_lines(size_t n)
  *   wide    4 vectors of `stride` (>= R) doubles: coefficients over a wide
  *           row, or bn_row_coefficients[C]
  *   groups  per reduction row group: C partials (3 doubles each) or 2C sums
- *   lanes   per interleaved row group: 3 vectors of `stride` lanes
+ *   lanes   per interleaved row group: BN_LANE_VECTORS vectors of `stride`
+ *           lanes
  * The parts depend only on `work` and the shape: two calls that share a
  * workspace (bn_grad_sums, then bn_backward_dx) find the same parts. */
 typedef struct {
@@ -414,11 +417,68 @@ BN_INLINE bn_partial bn_corrected(double count, double mean, double sum_dev, dou
 void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t groups, size_t C,
                      const double *unshift);
 
-/* partial[C] <- the lanes (center, sum, sum2; `stride` apart) of interleaved rows
- * o0 .. o1 as statistics less shift_wide[R], the fold lanes of each feature
- * merged in order */
-void bn_lane_partials(bn_partial *partial, const double *lanes, size_t stride,
-                      const double *shift_wide, bn_shape s, size_t o0, size_t o1);
+/* The statistics of each lane of a row group of interleaved rows, in vectors
+ * of the group's workspace `stride` apart: the mean (less the shift) and m2 of
+ * the blocks merged so far, and the block being summed, as deviations from
+ * center (sum, and sum2 of their squares). */
+typedef struct {
+    double *center, *mean, *m2, *sum, *sum2;
+} bn_lane_stats;
+
+static inline bn_lane_stats bn_lane_stats_at(double *lanes, size_t stride)
+{
+    return (bn_lane_stats){lanes, lanes + stride, lanes + 2 * stride, lanes + 3 * stride,
+                           lanes + 4 * stride};
+}
+
+static inline void bn_lane_stats_clear(bn_lane_stats v, size_t l0, size_t l1)
+{
+    for (size_t l = l0; l < l1; l++) {
+        v.center[l] = v.mean[l] = v.m2[l] = v.sum[l] = v.sum2[l] = 0.0;
+    }
+}
+
+/* the end of the statistics block of interleaved wide rows that starts at
+ * wide row j0 of a group of `whole`: the first BN_CENTER_ROWS rows, then
+ * blocks no longer than the rows before them, nor than BN_LANE_BLOCK_ROWS */
+static inline size_t bn_next_lane_block(size_t j0, size_t whole)
+{
+    size_t rows = j0 == 0 ? BN_CENTER_ROWS : j0 < BN_LANE_BLOCK_ROWS ? j0 : BN_LANE_BLOCK_ROWS;
+    return j0 + rows < whole ? j0 + rows : whole;
+}
+
+/* lanes l0 .. l1: the block of `added` values summed about center corrected
+ * (bn_corrected) and merged into the mean and m2 of the `before` values
+ * before it (bn_partial_merge, the means' difference taken from the center's
+ * small offset from the mean, so that it keeps its last bits); then the
+ * center moves to the new mean, for the next block, and the sums restart.
+ * `restrict`: without it GCC left the loop scalar. */
+static inline void bn_lane_merge(double *restrict center, double *restrict mean,
+                                 double *restrict m2, double *restrict sum,
+                                 double *restrict sum2, const double *restrict shift_wide,
+                                 double before, double added, size_t l0, size_t l1)
+{
+    double count = before + added, weight = added / count, cross = before * added / count;
+    for (size_t l = l0; l < l1; l++) {
+        double correction = sum[l] / added;
+        double block_m2 = sum2[l] - sum[l] * correction;
+        double delta = ((center[l] - shift_wide[l]) - mean[l]) + correction;
+        mean[l] += delta * weight;
+        m2[l] += (block_m2 > 0.0 ? block_m2 : 0.0) + delta * delta * cross;
+        center[l] = mean[l] + shift_wide[l];
+        sum[l] = sum2[l] = 0.0;
+    }
+}
+
+static inline void bn_lane_stats_merge(bn_lane_stats v, const double *shift_wide,
+                                       double before, double added, size_t l0, size_t l1)
+{
+    bn_lane_merge(v.center, v.mean, v.m2, v.sum, v.sum2, shift_wide, before, added, l0, l1);
+}
+
+/* partial[C] <- the lane statistics of interleaved rows o0 .. o1 (less the
+ * shift), the fold lanes of each feature merged in order */
+void bn_lane_partials(bn_partial *partial, bn_lane_stats v, bn_shape s, size_t o0, size_t o1);
 
 /* sums[2C] <- the lanes (sum dy, sum dy * (x - mean); `stride` apart) of a row group,
  * the lanes of each feature added in order (bn_feature_lane) */

@@ -33,17 +33,28 @@ def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):
         assert abs(float((Fraction(float(layer.running_mean[c])) - mean) / scale)) < 1e-15
 
 
-@pytest.mark.parametrize("first_rows_off_by", [0.0, 1e4])
-def test_interleaved_statistics_when_the_first_rows_are_far_from_the_rest(first_rows_off_by):
-    """Channels-last groups sum deviations from the mean of their first 16
-    rows. Sixteen rows far from the other 4080 put that center as far from the
-    mean as it can be (16 standard deviations): still exact to rounding."""
-    x = np.random.default_rng(1).normal(1e6, 1.0, size=(4096, 3))  # one group of rows
-    x[:16] -= first_rows_off_by  # exactly the rows that set the center
-    layer = bnpy.BatchNorm(3, dtype=np.float64, momentum=1.0)
+@pytest.mark.parametrize("shape", [
+    (4100, 3),      # channels-last, 11 rows folded into a wide row
+    (4100, 40),     # one row a wide row: each lane is one feature's column
+])
+@pytest.mark.parametrize("far_rows", [slice(0, 16), slice(16, 32), slice(256, 272)])
+@pytest.mark.parametrize("far_by", [0.0, 1e4])
+def test_lane_statistics_when_some_rows_are_far_from_the_rest(shape, far_rows, far_by):
+    """Channels-last statistics sum each lane in blocks: the first 16 wide
+    rows about their own mean, each later block about the mean of the rows
+    before it. Rows far from the rest put a block's center as far from its
+    values as it can be: the first block's rows (every later center is off),
+    the second's, or one in the middle. Still exact to rounding. With 40
+    features no folding of several rows into a wide row dilutes the far ones
+    (the test of one block down each lane missed it: 1.9e-12 there)."""
+    channels, width = shape[1], int(np.prod(shape[1:]))
+    x = np.random.default_rng(1).normal(1e6, 1.0, size=shape)  # one group of rows, and a few
+    fold = -(-32 // width)  # rows in a wide row
+    x[far_rows.start * fold:far_rows.stop * fold] -= far_by  # exactly those wide rows
+    layer = bnpy.BatchNorm(channels, dtype=np.float64, momentum=1.0)
     layer(x)
-    for c in range(3):
-        mean, var = exact(x[:, c])
+    for c in range(channels):
+        mean, var = exact(x[:, c].ravel())
         assert abs(float((Fraction(float(layer.running_var[c])) - var) / var)) < 1e-14
         assert abs(float((Fraction(float(layer.running_mean[c])) - mean) / abs(mean))) < 1e-15
 
