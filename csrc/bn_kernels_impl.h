@@ -920,7 +920,7 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
         return;
     }
     /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
-    if (s.inner == 1) {
+    if (s.inner == 1 || bn_spread_sums(s)) {
         NAME(interleaved_stats)(stats, work, x, shift, s);
         return;
     }
