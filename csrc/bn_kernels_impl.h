@@ -663,23 +663,23 @@ BN_INLINE void NAME(lane_stats_rows)(double *restrict sum, double *restrict sum2
 
 /* lanes l0 .. l1 of wide rows j0 .. j1 from base (R apart): each value less
  * its lane's center added to the lane's sum, its square to sum2, one row
- * after another; with `by_blocks` BN_ROWS_AT_ONCE rows a pass (x in cache),
- * else one row a pass with x asked for far ahead (prefetch_far; `at` is
- * base's place in x[n]). Either way each lane adds in the same order. */
+ * after another, BN_ROWS_AT_ONCE rows a pass while there are as many; x
+ * asked for far ahead when `far` (prefetch_far; `at` is base's place in
+ * x[n]). Each lane adds in the same order however the rows are passed. */
 BN_INLINE void NAME(lane_stats_span)(bn_lane_stats v, const T *base, size_t R, size_t j0,
-                                     size_t j1, size_t l0, size_t l1, int by_blocks,
+                                     size_t j1, size_t l0, size_t l1, int far,
                                      const T *x, size_t at, size_t n)
 {
     size_t j = j0;
     for (; j + BN_ROWS_AT_ONCE <= j1; j += BN_ROWS_AT_ONCE) {
-        for (size_t k = 0; !by_blocks && k < BN_ROWS_AT_ONCE; k++) {
+        for (size_t k = 0; far && k < BN_ROWS_AT_ONCE; k++) {
             NAME(prefetch_far)(x, at + (j + k) * R + l0, at + (j + k) * R + l1, n);
         }
         NAME(lane_stats_rows)(v.sum, v.sum2, v.center, base + j * R, R, l0, l1);
     }
     for (; j < j1; j++) {
         const T *row = base + j * R;
-        if (!by_blocks) {
+        if (far) {
             NAME(prefetch_far)(x, at + j * R + l0, at + j * R + l1, n);
         }
         for (size_t l = l0; l < l1; l++) {
@@ -700,11 +700,10 @@ BN_INLINE void NAME(lane_stats_span)(bn_lane_stats v, const T *base, size_t R, s
  * the m2 they add by at most a factor of two, and its BN_LANE_BLOCK_ROWS
  * additions at most round away what the planar tiles' do. The partial wide
  * row at the end is a block of one value for lanes below w.rest. A lane's
- * results are the same however the lanes are cut into blocks, and with or
- * without `by_blocks`. */
+ * results are the same however the lanes are cut into blocks. */
 static void NAME(interleaved_lane_stats)(bn_lane_stats v, const T *x,
                                          const double *shift_wide, bn_shape s, size_t o0,
-                                         size_t o1, size_t l0, size_t l1, int by_blocks)
+                                         size_t o1, size_t l0, size_t l1, int far)
 {
     size_t C = s.channels, R = bn_fold(C) * C, n = s.outer * C, at = o0 * C;
     bn_wide_rows w = bn_wide_rows_of(s, o0, o1);
@@ -721,13 +720,13 @@ static void NAME(interleaved_lane_stats)(bn_lane_stats v, const T *x,
     }
     for (size_t j0 = 0; j0 < w.whole;) {
         size_t j1 = bn_next_lane_block(j0, w.whole);
-        NAME(lane_stats_span)(v, base, R, j0, j1, l0, l1, by_blocks, x, at, n);
+        NAME(lane_stats_span)(v, base, R, j0, j1, l0, l1, far, x, at, n);
         bn_lane_stats_merge(v, shift_wide, (double)j0, (double)(j1 - j0), l0, l1);
         j0 = j1;
     }
     size_t rest_end = w.rest < l1 ? w.rest : l1; /* lanes with one more value */
     if (l0 < rest_end) {
-        NAME(lane_stats_span)(v, base, R, w.whole, w.whole + 1, l0, rest_end, 0, x, at, n);
+        NAME(lane_stats_span)(v, base, R, w.whole, w.whole + 1, l0, rest_end, far, x, at, n);
         bn_lane_stats_merge(v, shift_wide, (double)w.whole, 1.0, l0, rest_end);
     }
 }
@@ -851,7 +850,7 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
     bn_spread(shift_wide, C, s.inner, R);
     bn_partial *partials = (bn_partial *)parts.groups; /* [groups][C] */
     size_t lanes_per_group = BN_LANE_VECTORS * parts.stride;
-    int team = bn_team(s), by_blocks = bn_sums_by_row_blocks(s, sizeof(T));
+    int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
     size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
     for (size_t k = 0; k < tasks; k++) {
@@ -859,7 +858,7 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
         bn_lane_range b = bn_lane_block(R, blocks, k % blocks);
         bn_lane_stats v = bn_lane_stats_at(parts.lanes + (k / blocks) * lanes_per_group,
                                            parts.stride);
-        NAME(interleaved_lane_stats)(v, x, shift_wide, wide, o0, o1, b.l0, b.l1, by_blocks);
+        NAME(interleaved_lane_stats)(v, x, shift_wide, wide, o0, o1, b.l0, b.l1, far);
     }
     for (size_t g = 0; g < groups; g++) {
         GROUP_ROWS(g, s, o0, o1);

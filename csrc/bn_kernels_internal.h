@@ -48,13 +48,17 @@ enum {
     BN_SHORT_TILE = 256,     /* values of a short-row statistics tile (bn_short_tile_rows) */
     BN_SPREAD_ROW = 128,     /* planar rows shorter than this spread over wide rows ... */
     BN_SPREAD_VALUES = 16384, /* ... when a row of every feature is no longer (bn_spreads) */
-    BN_SPREAD_SUMS_ROW = 32, /* ... and the gradient sums, rows shorter than this */
+    BN_SPREAD_SUMS_ROW = 32, /* ... and the reductions, rows shorter than this */
     BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
     BN_AHEAD_BYTES = 512,    /* how far ahead in a row a pass reading memory asks for */
     BN_FAR_AHEAD_BYTES = 2048, /* ... and a pass down a stream of short rows (bn_far_ahead) */
-    BN_ROWS_AT_ONCE = 4,     /* interleaved statistics: wide rows a pass */
-    BN_IN_CACHE_BYTES = 4 << 20, /* ... when x is this small */
+    BN_ROWS_AT_ONCE = 4,     /* interleaved statistics: wide rows a pass (each lane's sums
+                                loaded and stored once for them). C harness, 1 thread,
+                                statistics pass: 256x1024 float32 in cache 0.37 -> 0.29
+                                ns a value; from memory, with prefetch_far for each row,
+                                401408x3 0.69 -> 0.53 ms, 200704x64 5.6 -> 5.3 ms */
+    BN_IN_CACHE_BYTES = 4 << 20, /* an x this small stays in cache between passes */
     BN_STREAM_BYTES = 16 << 20, /* an output this large is written past the caches */
     BN_STREAM_FEATURE_BYTES = 1 << 20, /* ... in the training forward, if features are this large */
     BN_ALIGN_ROW_BYTES = 256, /* an output row this long starts its vectors on a cache line */
@@ -285,11 +289,11 @@ static inline bn_tile bn_tile_at(bn_shape s, size_t k)
  * more on those than on its values. Measured (C harness, float32, 1 thread,
  * statistics pass, times a copy; a plain read of x is 0.55): 256x512x7x7
  * 1.67 -> 1.02-1.10 (5 rows a tile; 2-6 rows did about as well), 1024x256x4x4
- * 3.44 -> 1.37, 512x256x10x10 0.83 -> 0.68; rows of 196 values lost with
- * more than one (0.75 -> 0.82-0.89): each row a tile streams from its own
- * place. The gradient sums walk the same blocks, a block's rows of a feature
- * sharing 16 lanes: 256x512x7x7 1.46 -> 1.27-1.36; compare_builds, backward
- * of 128x512x7x7, 2.21 -> 2.04. */
+ * 3.44 -> 1.37 (now spread instead: bn_spread_sums), 512x256x10x10 0.83 ->
+ * 0.68; rows of 196 values lost with more than one (0.75 -> 0.82-0.89): each
+ * row a tile streams from its own place. The gradient sums walk the same
+ * blocks, a block's rows of a feature sharing 16 lanes: 256x512x7x7 1.46 ->
+ * 1.27-1.36; compare_builds, backward of 128x512x7x7, 2.21 -> 2.04. */
 static inline size_t bn_short_tile_rows(bn_shape s)
 {
     return s.inner >= BN_SHORT_TILE || s.inner == 0 ? 1 : BN_SHORT_TILE / s.inner;
@@ -354,18 +358,6 @@ static inline int bn_in_cache(bn_shape s, size_t elem_size)
     return bn_count(s) * s.channels * elem_size <= BN_IN_CACHE_BYTES;
 }
 
-/* Whether the interleaved statistics take BN_ROWS_AT_ONCE wide rows a pass
- * (each lane's sums loaded and stored once for them): only for an x small
- * enough to be in cache. Measured (C harness, 1 thread, statistics pass):
- * 256x1024 float32 in cache 0.50 -> 0.39 ns a value (AVX2), 0.37 -> 0.29
- * (AVX-512); but from memory (50176x256) 0.64 -> 0.70, as if the hardware
- * prefetcher lost track of four rows read side by side. The sums are the same
- * either way. */
-static inline int bn_sums_by_row_blocks(bn_shape s, size_t elem_size)
-{
-    return bn_in_cache(s, elem_size);
-}
-
 /* Whether the passes that walk memory in order through short rows (inner
  * == 1, or planar rows shorter than BN_SHORT_ROW) ask for their data
  * BN_FAR_AHEAD_BYTES ahead (prefetch_far): only when it comes from memory.
@@ -411,7 +403,7 @@ BN_INLINE bn_partial bn_corrected(double count, double mean, double sum_dev, dou
 {
     double correction = sum_dev / count;
     double m2 = sum_dev2 - sum_dev * correction;
-    return (bn_partial){count, mean + correction, m2 > 0.0 ? m2 : 0.0};
+    return (bn_partial){count, mean + correction, m2 < 0.0 ? 0.0 : m2}; /* NaN stays */
 }
 
 /* stats[C] <- the partials[groups][C] of row groups merged in order, then
@@ -465,8 +457,11 @@ static inline void bn_lane_merge(double *restrict center, double *restrict mean,
         double correction = sum[l] / added;
         double block_m2 = sum2[l] - sum[l] * correction;
         double delta = ((center[l] - shift_wide[l]) - mean[l]) + correction;
+        /* the first block: no spread between blocks (and no inf * 0 when the
+           mean is too far from the shift to square) */
+        double between = before > 0.0 ? delta * delta * cross : 0.0;
         mean[l] += delta * weight;
-        m2[l] += (block_m2 > 0.0 ? block_m2 : 0.0) + delta * delta * cross;
+        m2[l] += (block_m2 < 0.0 ? 0.0 : block_m2) + between; /* NaN (overflow) stays */
         center[l] = mean[l] + shift_wide[l];
         sum[l] = sum2[l] = 0.0;
     }
@@ -478,12 +473,13 @@ static inline void bn_lane_stats_merge(bn_lane_stats v, const double *shift_wide
     bn_lane_merge(v.center, v.mean, v.m2, v.sum, v.sum2, shift_wide, before, added, l0, l1);
 }
 
-/* partial[C] <- the lane statistics of interleaved rows o0 .. o1 (less the
- * shift), the fold lanes of each feature merged in order */
+/* partial[C] <- the lane statistics of interleaved (or spread) rows o0 .. o1
+ * (less the shift), the lanes of each feature merged in order
+ * (FOR_FEATURE_LANE) */
 void bn_lane_partials(bn_partial *partial, bn_lane_stats v, bn_shape s, size_t o0, size_t o1);
 
 /* sums[2C] <- the lanes (sum dy, sum dy * (x - mean); `stride` apart) of a row group,
- * the lanes of each feature added in order (bn_feature_lane) */
+ * the lanes of each feature added in order (FOR_FEATURE_LANE) */
 void bn_lane_grads(double *sums, const double *lanes, size_t stride, bn_shape s);
 
 /* dbeta[C], dgamma[C] <- the sums[groups][2C] of row groups (sum dy, then

@@ -15,7 +15,7 @@ SHAPES = [
     ((1200, 4, 60), 1),      # planar short rows: elementwise passes spread over wide rows
     ((700, 3, 150), 1),      # planar short rows: in memory order, two row groups
     ((30, 200, 100), 1),     # too many features to spread: tiles of two short rows
-    ((16, 6, 15), 1),        # rows shorter than one vector (gradient sums spread too)
+    ((16, 6, 15), 1),        # rows shorter than one vector (statistics and gradient sums spread too)
     ((9000, 3), 1),          # interleaved, three features folded into wide rows
     ((2, 21, 23, 37), -1),   # channels-last, 37 features
     ((5, 3, 17, 2, 19), 2),  # a middle feature axis

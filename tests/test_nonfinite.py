@@ -23,7 +23,7 @@ DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="f
 # has another shape, so that a backward cache it replaced would show.
 LAYOUTS = {
     "interleaved": ((12, 5), (10, 5), 1),
-    "planar": ((4, 5, 6), (3, 5, 7), 1),  # short rows: dx and gradient sums spread
+    "planar": ((4, 5, 6), (3, 5, 7), 1),  # short rows: dx and both reductions spread
     "planar-short-rows": ((4, 5, 150), (3, 5, 140), 1),  # short rows in memory order
     "channels-last": ((3, 4, 5), (2, 4, 5), -1),
     "planar-long-rows": ((2, 5, 3000), (2, 5, 2500), 1),  # rows span several tiles
@@ -371,3 +371,32 @@ def test_functional_backward_nan_dy_stays_in_its_feature(dtype):
                 dx_clean[:, 1][~np.isnan(dy[:, 1])])
         others = [0, 2, 3, 4]
         assert bits(dx[:, others]) == bits(dx_clean[:, others])
+
+
+@pytest.mark.parametrize("shape", [(512, 40), (512, 2, 5)])  # channels-last; spread rows
+def test_overflow_inside_one_statistics_block_still_raises(shape):
+    """The lane statistics sum blocks of rows about the mean so far. Rows of
+    0, then rows of 1.5e153 and 0.5e153: a later block's squares overflow
+    while the spread between the blocks does not. The overflow must not be
+    clamped away into a finite, wrong variance."""
+    x = np.random.default_rng(5).normal(size=shape)
+    feature = x[:, 0]
+    feature[:256] = 0.0
+    feature[256::2] = 1.5e153
+    feature[257::2] = 0.5e153
+    bn = bnpy.BatchNorm(shape[1], dtype=np.float64)
+    with pytest.raises(FloatingPointError) as info:
+        bn(x)
+    assert named_features(str(info.value)) == {0}
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (16, 2, 5)])  # channels-last; spread rows
+def test_a_constant_feature_far_from_the_shift_has_no_spread(shape):
+    """Statistics less a shift (as SyncBatchNorm takes them, less the running
+    mean): a constant feature 1e200 away has mean 1e200 and m2 exactly 0,
+    though the mean's square would overflow."""
+    x = np.full(shape, 1e200)
+    bn = bnpy.BatchNorm(shape[1], dtype=np.float64)
+    stats = bn._stats_of([x], shift=np.zeros(shape[1]))
+    assert np.array_equal(stats[:, 1], np.full(shape[1], 1e200))
+    assert np.array_equal(stats[:, 2], np.zeros(shape[1]))

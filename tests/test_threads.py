@@ -14,7 +14,7 @@ LARGE = [
     ((3, 5, 5000), 1),           # planar, rows of 5000 values: tiles inside a row
     ((4, 7, 96, 97), 1),         # planar, odd row length
     ((1200, 4, 60), 1),          # planar short rows: elementwise passes spread over wide rows
-    ((2000, 8, 9), 1),           # rows of 9: the gradient sums spread too
+    ((2000, 8, 9), 1),           # rows of 9: statistics and gradient sums spread too
     ((1200, 4, 150), 1),         # planar short rows in memory order, 2 row groups
     ((30, 200, 100), 1),         # too many features to spread: tiles of 2 rows, 3 row groups
     ((70000, 3), 1),             # interleaved, hundreds of row tiles

@@ -353,7 +353,7 @@ int main(void)
         {37, 2, 400},  /* planar: tiles of five rows, pipelined feature by feature */
         {37, 2, 100},  /* planar short rows: elementwise passes spread over wide rows */
         {2000, 3, 50}, /* the same, two row groups of statistics */
-        {5, 4, 3},     /* rows shorter than a vector: gradient sums spread too */
+        {5, 4, 3},     /* rows shorter than a vector: statistics and gradient sums spread too */
         {3000, 3, 20}, /* spread statistics and gradient sums */
         {5000, 2, 7},  /* the same, two row groups, each with a partial wide row */
         {700, 3, 150}, /* planar short rows: in memory order, two row groups */
