@@ -919,7 +919,7 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
         return;
     }
     /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
-    if (s.inner == 1 || bn_spread_sums(s)) {
+    if (bn_lane_reductions(s)) {
         NAME(interleaved_stats)(stats, work, x, shift, s);
         return;
     }
@@ -943,7 +943,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
     size_t C = s.channels;
     int team = bn_team(s);
-    if (s.inner != 1 && !bn_spreads(s)) {
+    if (!bn_wide_passes(s)) {
         bn_work parts = bn_work_parts(work, s);
         double *scale = parts.wide, *shift = parts.wide + parts.stride;
         NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, 1, C);
@@ -963,8 +963,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     bn_work parts = bn_work_parts(work, s);
     double *mean_wide = parts.wide, *scale = mean_wide + parts.stride;
     double *shift = scale + parts.stride;
-    memcpy(mean_wide, mean, C * sizeof *mean);
-    bn_spread(mean_wide, C, s.inner, R);
+    bn_spread_copy(mean_wide, mean, s);
     NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, s.inner, R);
     size_t spans = (n + span - 1) / span;
     int far = bn_far_ahead(s, sizeof(T));
@@ -1016,8 +1015,7 @@ static void NAME(interleaved_grad_sums)(double *dgamma, double *dbeta, double *w
     double *mean_wide = parts.wide;
     double *sums = parts.groups; /* [groups][2C] */
     size_t lanes_per_group = BN_LANE_VECTORS * parts.stride;
-    memcpy(mean_wide, mean, C * sizeof *mean);
-    bn_spread(mean_wide, C, s.inner, R);
+    bn_spread_copy(mean_wide, mean, s);
     int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
     size_t blocks = bn_lane_blocks(R, groups, team), tasks = groups * blocks;
     BN_PARALLEL_FOR
@@ -1126,7 +1124,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
         return;
     }
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
-    if (s.inner == 1 || bn_spread_sums(s)) {
+    if (bn_lane_reductions(s)) {
         NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta,
                              (double)bn_count(s), s, training);
@@ -1191,7 +1189,7 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
     if (s.channels == 0) { /* no features: nothing to compute */
         return;
     }
-    if (s.inner == 1 || bn_spread_sums(s)) {
+    if (bn_lane_reductions(s)) {
         NAME(interleaved_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         return;
     }
@@ -1214,10 +1212,8 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x, c
         return;
     }
     size_t C = s.channels;
-    if (s.inner == 1 || bn_spreads(s)) {
-        double *mean_wide = bn_work_parts(work, s).wide;
-        memcpy(mean_wide, mean, C * sizeof *mean);
-        bn_spread(mean_wide, C, s.inner, bn_wide_len(s));
+    if (bn_wide_passes(s)) {
+        bn_spread_copy(bn_work_parts(work, s).wide, mean, s);
         NAME(interleaved_dx)(dx, work, dy, x, invstd, gamma, dgamma, dbeta, count, s, training);
         return;
     }

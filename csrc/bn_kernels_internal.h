@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #if !defined(__GNUC__)
 #error "bnpy's kernels need the GCC or Clang vector extensions"
@@ -161,6 +162,13 @@ static inline void bn_spread(double *wide, size_t C, size_t inner, size_t R)
     bn_repeat(wide, C * inner, R);
 }
 
+/* wide[0 .. R) <- values[C] spread over a wide row of shape s (bn_wide_len) */
+static inline void bn_spread_copy(double *wide, const double *values, bn_shape s)
+{
+    memcpy(wide, values, s.channels * sizeof *values);
+    bn_spread(wide, s.channels, s.inner, bn_wide_len(s));
+}
+
 /* the interleaved shape the passes over wide rows see: x[outer][C] itself,
  * or short planar rows spread (bn_spreads) as outer rows of C * inner
  * values */
@@ -184,12 +192,23 @@ static inline int bn_spread_sums(bn_shape s)
     return bn_spreads(s) && s.inner < BN_SPREAD_SUMS_ROW;
 }
 
-/* interleaved layouts (and the spread reductions): the number of
- * BN_GROUP_ROWS groups of rows */
+/* Whether the passes run over wide rows (bn_wide_shape): the elementwise
+ * ones of interleaved layouts and of spread short rows (bn_spreads) ... */
+static inline int bn_wide_passes(bn_shape s)
+{
+    return s.inner == 1 || bn_spreads(s);
+}
+
+/* ... and the reductions, lane by lane (bn_spread_sums) */
+static inline int bn_lane_reductions(bn_shape s)
+{
+    return s.inner == 1 || bn_spread_sums(s);
+}
+
+/* reductions over lanes: the number of BN_GROUP_ROWS groups of rows */
 static inline size_t bn_row_groups(bn_shape s)
 {
-    return s.inner == 1 || bn_spread_sums(s) ? (s.outer + BN_GROUP_ROWS - 1) / BN_GROUP_ROWS
-                                             : 0;
+    return bn_lane_reductions(s) ? (s.outer + BN_GROUP_ROWS - 1) / BN_GROUP_ROWS : 0;
 }
 
 /* planar layouts with short rows: outer rows per reduction task in memory
