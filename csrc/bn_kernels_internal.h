@@ -154,7 +154,11 @@ static inline size_t bn_wide_len(bn_shape s)
  * that of feature (l % (C * inner)) / inner (inner == 1: bn_repeat) */
 static inline void bn_spread(double *wide, size_t C, size_t inner, size_t R)
 {
-    for (size_t c = C; c-- > 0;) { /* back to front: no wide[c] is overwritten before it is read */
+    /* inner == 1: each value is in its place already; copying each onto
+       itself, the three spreads of an inference of 16x1024 float32 took 13
+       of its 23 us (C harness) */
+    for (size_t c = C; inner > 1 && c-- > 0;) { /* back to front: no wide[c] is
+                                                   overwritten before it is read */
         for (size_t i = inner; i-- > 0;) {
             wide[c * inner + i] = wide[c];
         }
