@@ -37,6 +37,24 @@ def test_targets_are_judged_from_the_measurements():
     assert "backward (out=dy): torch/bnpy: worst 1.67 (met" in lines
     assert "every case, dtype, op and thread count: torch/bnpy: worst 1.20 (met" in lines
     assert "1 thread / time at 2 threads: worst 2.00 (met" in lines
+    assert "worst 2.50 (NOT met; target <= 2.0), NCHW 64x64x56x56 float32 backward, 1 thread" \
+        in lines
+
+
+def test_targets_give_the_worst_case_over_the_rounds():
+    def rows(train, backward):
+        return [dict(case="NCHW 8x64x112x112", dtype="float32", op=op, threads=1, bnpy=bnpy,
+                     torch=None, copy=1.0, reference=None, bytes=1)
+                for op, bnpy in (("forward-train", train), ("backward", backward))]
+
+    rounds = [rows(1.1, 1.9), rows(1.4, 1.7), rows(1.2, 2.1)]
+    lines = "\n".join(bench.targets(bench.median_over_rounds(rounds), rounds))
+    assert ("forward-train: bnpy/copy: worst 1.20 (met; target <= 1.3), NCHW 8x64x112x112 "
+            "float32 forward-train, 1 thread; in the 3 rounds 1.10 to 1.40") in lines
+    assert "backward: bnpy/copy: worst 1.90 (met; target <= 2.0), NCHW 8x64x112x112 " \
+           "float32 backward, 1 thread; in the 3 rounds 1.70 to 2.10" in lines
+    # one round: nothing to range over
+    assert "rounds" not in "\n".join(bench.targets(rounds[0], rounds[:1]))
 
 
 def test_runs_on_different_thread_counts_alternate_each_on_its_own_count():
