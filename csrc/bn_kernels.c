@@ -83,7 +83,8 @@ void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t group
 {
     for (size_t c = 0; c < C; c++) {
         /* the first group as merging it into no values gives it */
-        stats[c] = groups > 0 ? partials[c] : (bn_partial){0.0, 0.0, 0.0};
+        int first = groups > 0 && partials[c].count != 0.0;
+        stats[c] = first ? partials[c] : (bn_partial){0.0, 0.0, 0.0};
         for (size_t g = 1; g < groups; g++) {
             bn_partial_merge(&stats[c], &partials[g * C + c]);
         }
@@ -104,7 +105,9 @@ void bn_merge_groups(bn_partial *stats, const bn_partial *partials, size_t group
 void bn_lane_partials(bn_partial *partial, bn_lane_stats v, bn_shape s, size_t o0, size_t o1)
 {
     bn_wide_rows w = bn_wide_rows_of(bn_wide_shape(s), o0, o1);
-    if (bn_wide_len(s) == s.channels) { /* a lane a feature, and a wide row a row */
+    /* inner == 1 and C >= 32: a lane a feature, and a wide row a row, so
+       that there is no partial wide row (w.rest == 0) */
+    if (bn_wide_len(s) == s.channels) {
         for (size_t c = 0; c < s.channels; c++) {
             partial[c] = (bn_partial){(double)w.whole, v.mean[c], v.m2[c]};
         }

@@ -35,24 +35,35 @@ def test_targets_are_judged_from_the_measurements():
     # torch's backward against each of bnpy's: 3.0 / 2.5, then 3.0 / 1.8
     assert "backward (separate out=): torch/bnpy: worst 1.20 (NOT met" in lines
     assert "backward (out=dy): torch/bnpy: worst 1.67 (met" in lines
-    assert "every case, dtype, op and thread count: torch/bnpy: worst 1.20 (met" in lines
+    assert ("every case, dtype, op and thread count: torch/bnpy: worst 1.20 (met; "
+            "target >= 1.0), NCHW 64x64x56x56 float32 backward, 1 thread") in lines
     assert "1 thread / time at 2 threads: worst 2.00 (met" in lines
     assert "worst 2.50 (NOT met; target <= 2.0), NCHW 64x64x56x56 float32 backward, 1 thread" \
         in lines
 
 
 def test_targets_give_the_worst_case_over_the_rounds():
-    def rows(train, backward):
-        return [dict(case="NCHW 8x64x112x112", dtype="float32", op=op, threads=1, bnpy=bnpy,
-                     torch=None, copy=1.0, reference=None, bytes=1)
-                for op, bnpy in (("forward-train", train), ("backward", backward))]
+    def row(case, threads, bnpy, torch):
+        return dict(case=case, dtype="float32", op="forward-train", threads=threads, bnpy=bnpy,
+                    torch=torch, copy=1.0, reference=None, bytes=1)
 
-    rounds = [rows(1.1, 1.9), rows(1.4, 1.7), rows(1.2, 2.1)]
+    def measured(small, large, large_on_two, torch):
+        return [row("NCHW 8x64x112x112", 1, small, torch),
+                row("NCHW 64x64x56x56", 1, large, torch),
+                row("NCHW 64x64x56x56", 2, large_on_two, torch)]
+
+    rounds = [measured(1.1, 1.25, 0.5, 2.0), measured(1.4, 1.2, 0.8, 2.4),
+              measured(1.2, 1.3, 0.6, 2.2)]
     lines = "\n".join(bench.targets(bench.median_over_rounds(rounds), rounds))
-    assert ("forward-train: bnpy/copy: worst 1.20 (met; target <= 1.3), NCHW 8x64x112x112 "
-            "float32 forward-train, 1 thread; in the 3 rounds 1.10 to 1.40") in lines
-    assert "backward: bnpy/copy: worst 1.90 (met; target <= 2.0), NCHW 8x64x112x112 " \
-           "float32 backward, 1 thread; in the 3 rounds 1.70 to 2.10" in lines
+    # the worst median (not the first case), then that case in each round
+    assert ("forward-train: bnpy/copy: worst 1.25 (met; target <= 1.3), NCHW 64x64x56x56 "
+            "float32 forward-train, 1 thread; in the 3 rounds 1.20 to 1.30") in lines
+    # torch: 2.2 / 1.25; each round 2.0 / 1.25, 2.4 / 1.2, 2.2 / 1.3
+    assert ("(separate out=): torch/bnpy: worst 1.76 (met; target >= 1.5), NCHW 64x64x56x56 "
+            "float32 forward-train, 1 thread; in the 3 rounds 1.60 to 2.00") in lines
+    # threads: 1.25 / 0.6; each round 1.25 / 0.5, 1.2 / 0.8, 1.3 / 0.6
+    assert ("1 thread / time at 2 threads: worst 2.08 (met; target >= 1.6), NCHW 64x64x56x56 "
+            "float32 forward-train, 2 threads; in the 3 rounds 1.50 to 2.50") in lines
     # one round: nothing to range over
     assert "rounds" not in "\n".join(bench.targets(rounds[0], rounds[:1]))
 
