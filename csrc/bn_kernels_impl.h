@@ -868,9 +868,8 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
     double *shift_wide = parts.wide, *first = parts.wide + parts.stride; /* [R], [C] */
     for (size_t c = 0; c < C; c++) {
         first[c] = s.outer > 0 ? (double)x[c * s.inner] : 0.0; /* x[0][c][0] */
-        shift_wide[c] = shift ? shift[c] : first[c];
     }
-    bn_spread(shift_wide, C, s.inner, R);
+    bn_spread_copy(shift_wide, shift ? shift : first, s);
     bn_partial *partials = (bn_partial *)parts.groups; /* [groups][C] */
     size_t lanes_per_group = BN_LANE_VECTORS * parts.stride;
     int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
