@@ -78,6 +78,24 @@ BN_INLINE void NAME(prefetch_ahead)(const T *row, size_t i, size_t n)
     NAME(prefetch_span)(row, i, i + BN_LANES, n, BN_AHEAD_BYTES);
 }
 
+/* prefetch_ahead for a vector that leaves BN_AHEAD_BYTES of its row after it
+ * (vectors_ahead_within counts them): the same requests, with no test */
+BN_INLINE void NAME(prefetch_ahead_within)(const T *row, size_t i)
+{
+    for (size_t j = 0; j < BN_LANES; j += 64 / sizeof(T)) {
+        __builtin_prefetch(row + i + j + BN_AHEAD_BYTES / sizeof(T), 0, 3);
+    }
+}
+
+/* how many vectors from i on, up to i1, prefetch_ahead_within may take in a
+ * row of n values */
+BN_INLINE size_t NAME(vectors_ahead_within)(size_t i, size_t i1, size_t n)
+{
+    size_t skip = BN_AHEAD_BYTES / sizeof(T), end = n > skip ? n - skip : 0;
+    end = end < i1 ? end : i1;
+    return end > i ? (end - i) / BN_LANES : 0;
+}
+
 /* Ask for the start of row[0 .. n) before it is needed: a feature's rows lie
  * far apart, and the hardware prefetcher only ramps up within a row, so
  * every row would otherwise begin with a full miss. The
@@ -232,14 +250,24 @@ BN_INLINE void NAME(out_head)(const NAME(bn_out_row) *r)
     NAME(row_values)(r->out, r->in, r->x, 0, r->head, r->k, r->op);
 }
 
+/* the vector of row r at i, which the row has (out_vecs_left); returns the
+ * next i */
+BN_INLINE size_t NAME(out_vec)(const NAME(bn_out_row) *r, size_t i)
+{
+    NAME(row_vec)(r->out, r->in, r->x, i, r->k, r->op, r->stream);
+    return i + BN_LANES;
+}
+
 /* the vector of row r at i, if the row has one there; returns the next i */
 BN_INLINE size_t NAME(out_next_vec)(const NAME(bn_out_row) *r, size_t i)
 {
-    if (i + BN_LANES > r->n) {
-        return i;
-    }
-    NAME(row_vec)(r->out, r->in, r->x, i, r->k, r->op, r->stream);
-    return i + BN_LANES;
+    return i + BN_LANES > r->n ? i : NAME(out_vec)(r, i);
+}
+
+/* how many whole vectors row r has from i on */
+BN_INLINE size_t NAME(out_vecs_left)(const NAME(bn_out_row) *r, size_t i)
+{
+    return (r->n - i) / BN_LANES;
 }
 
 /* the rest of row r from i on */
@@ -342,6 +370,18 @@ BN_INLINE double NAME(tile_center)(const T *f, bn_shape s, bn_tile t, double shi
     return center;
 }
 
+/* a, a2 += the 16 values at p less center, and their squares */
+BN_INLINE void NAME(lanes_add_deviations)(bn_lanes *a, bn_lanes *a2, const T *p,
+                                          double center)
+{
+    bn_lanes v = NAME(load16)(p);
+    for (int k = 0; k < BN_K; k++) {
+        bn_vec d = v.v[k] - center;
+        a->v[k] += d;
+        a2->v[k] += d * d;
+    }
+}
+
 /* A feature to normalize tile by tile: y <- (x - k.mean) * k.scale + k.beta,
  * streamed when `stream` */
 typedef struct {
@@ -378,14 +418,23 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
             NAME(prefetch_head)(TILE_ROW(f, o + 1, s), s.inner);
         }
         size_t i = t.i0;
+        /* first the vectors that need no tests: in training forwards whose
+           data fit in cache, the tests took 6-9% of the time with AVX-512 and
+           8-11% with AVX2 (float32, C harness, builds interleaved) */
+        size_t plain = NAME(vectors_ahead_within)(i, t.i1, s.inner);
+        if (norm && NAME(out_vecs_left)(&y, y_at) < plain) {
+            plain = NAME(out_vecs_left)(&y, y_at);
+        }
+        for (size_t q = 0; q < plain; q++, i += BN_LANES) {
+            NAME(prefetch_ahead_within)(row, i);
+            NAME(lanes_add_deviations)(&a, &a2, row + i, center);
+            if (norm) {
+                y_at = NAME(out_vec)(&y, y_at);
+            }
+        }
         for (; i + BN_LANES <= t.i1; i += BN_LANES) {
             NAME(prefetch_ahead)(row, i, s.inner);
-            bn_lanes v = NAME(load16)(row + i);
-            for (int k = 0; k < BN_K; k++) {
-                bn_vec d = v.v[k] - center;
-                a.v[k] += d;
-                a2.v[k] += d * d;
-            }
+            NAME(lanes_add_deviations)(&a, &a2, row + i, center);
             if (norm) {
                 y_at = NAME(out_next_vec)(&y, y_at);
             }
