@@ -395,12 +395,21 @@ static inline int bn_in_cache(bn_shape s, size_t elem_size)
  *   256x512x7x7: gradient sums 1.22 -> 0.92, normalizing 1.09 -> 0.91, dx
  *     1.48 -> 1.27 (and at 2 threads too); its statistics (then a tile a row:
  *     bn_short_tile_rows) did not gain (nor did 64x256x14x14's), and ask for
- *     nothing; rows of 3136 values lost 5-10% and ask for nothing.
+ *     nothing; rows of 3136 values lost 5-10% (they ask as they go instead:
+ *     bn_ask_ahead).
  * In cache the requests only cost: 256x1024's gradient sums took 1.4 times
  * as long. */
 static inline int bn_far_ahead(bn_shape s, size_t elem_size)
 {
     return s.inner < BN_SHORT_ROW && !bn_in_cache(s, elem_size);
+}
+
+/* Whether the planar elementwise passes (inference, dx) ask for the inputs of
+ * rows of BN_SHORT_ROW or more BN_AHEAD_BYTES ahead as they go
+ * (out_row_ahead): only when these come from memory. */
+static inline int bn_ask_ahead(bn_shape s, size_t elem_size)
+{
+    return s.inner >= BN_SHORT_ROW && !bn_in_cache(s, elem_size);
 }
 
 /* rows of row_len elements an elementwise pass takes at a time */

@@ -359,6 +359,9 @@ int main(void)
         {700, 3, 150}, /* planar short rows: in memory order, two row groups */
         {30, 200, 100}, /* short rows, too many features to spread: tiles of two rows,
                            three row groups */
+        {2, 3, 180000}, /* planar rows from memory (x over 4 MiB even in float32):
+                           inference and dx ask for them as they go */
+        {2000, 3, 300}, /* short planar rows from memory: passes ask far ahead */
         {9000, 3, 1},  /* interleaved: wide rows of 11, three row groups */
         {300, 40, 1},  /* interleaved: a wide row is one row */
         {7, 1, 1},     /* one feature */
