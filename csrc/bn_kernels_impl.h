@@ -306,7 +306,7 @@ BN_INLINE void NAME(out_row_ahead)(const NAME(bn_out_row) *r)
         }
         i = NAME(out_vec)(r, i);
     }
-    NAME(out_rest)(r, i);
+    NAME(row_values)(r->out, r->in, r->x, i, r->n, r->k, r->op);
 }
 
 /* ---- planar tiles ---------------------------------------------------------
@@ -441,9 +441,10 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
             NAME(prefetch_head)(TILE_ROW(f, o + 1, s), s.inner);
         }
         size_t i = t.i0;
-        /* first the vectors that need no tests: in training forwards whose
-           data fit in cache, the tests took 6-9% of the time with AVX-512 and
-           8-11% with AVX2 (float32, C harness, builds interleaved) */
+        /* first the vectors that need no tests (statistics, and training
+           forwards): in training forwards whose data fit in cache, the tests
+           took 6-9% of the time with AVX-512 and 8-11% with AVX2 (float32, C
+           harness, builds interleaved) */
         size_t plain = NAME(vectors_ahead_within)(i, t.i1, s.inner);
         if (norm && NAME(out_vecs_left)(&y, y_at) < plain) {
             plain = NAME(out_vecs_left)(&y, y_at);

@@ -173,6 +173,14 @@ typedef struct {
         for (size_t k = 0; k < total; k++) out.y_eval[k] = (double)y[k];                       \
         bn_backward_##SUFFIX(dx, ev_dgamma, ev_dbeta, work, dy, x, mean, invstd, g, s, 0);     \
         for (size_t k = 0; k < total; k++) out.dx_eval[k] = (double)dx[k];                     \
+        memset(dx, 0xff, total * sizeof(T)); /* NaN: a value left unwritten shows */           \
+        bn_backward_dx_##SUFFIX(dx, work, dy, x, mean, invstd, g, ev_dgamma, ev_dbeta,         \
+                                (double)bn_count(s), s, 0);                                    \
+        for (size_t k = 0; k < total; k++)                                                     \
+            if ((double)dx[k] != out.dx_eval[k]) {                                             \
+                fail("bn_backward_dx == bn_backward's dx (eval)", s, k, dx[k], out.dx_eval[k]); \
+                break;                                                                         \
+            }                                                                                  \
         free(ev_dgamma); free(ev_dbeta); free(again);                                          \
         free(x); free(dy); free(y); free(dx); free(g); free(b); free(rm); free(rv);            \
         free(work); free(stats); free(mean); free(invstd);                                     \
@@ -359,9 +367,11 @@ int main(void)
         {700, 3, 150}, /* planar short rows: in memory order, two row groups */
         {30, 200, 100}, /* short rows, too many features to spread: tiles of two rows,
                            three row groups */
-        {2, 3, 180000}, /* planar rows from memory (x over 4 MiB even in float32):
-                           inference and dx ask for them as they go */
+        {2, 3, 200000}, /* planar rows from memory (x over BN_IN_CACHE_BYTES, 4 MiB,
+                           even in float32): inference and dx ask for them as they go */
         {2000, 3, 300}, /* short planar rows from memory: passes ask far ahead */
+        {30000, 3, 20}, /* spread rows from memory: the same */
+        {400000, 3, 1}, /* interleaved rows from memory: the same */
         {9000, 3, 1},  /* interleaved: wide rows of 11, three row groups */
         {300, 40, 1},  /* interleaved: a wide row is one row */
         {7, 1, 1},     /* one feature */
