@@ -29,6 +29,25 @@
 
 enum { MAX_BUILDS = 8 };
 
+/* the ops, and the entry point each times, by element type */
+enum { OP_TRAIN, OP_EVAL, OP_BACKWARD, OPS };
+static const char *const OP_NAMES[OPS] = {"train", "eval", "backward"};
+static const char *const ENTRY[2][OPS] = {
+    {"bn_forward_train_f32", "bn_forward_f32", "bn_backward_f32"},
+    {"bn_forward_train_f64", "bn_forward_f64", "bn_backward_f64"},
+};
+
+/* the place of `name` in names[count], or -1 */
+static int index_of(const char *name, const char *const *names, int count)
+{
+    for (int k = 0; k < count; k++) {
+        if (!strcmp(name, names[k])) {
+            return k;
+        }
+    }
+    return -1;
+}
+
 static double now(void)
 {
     struct timespec t;
@@ -42,10 +61,11 @@ static int by_value(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* the entry points one build exports, looked up by name */
+/* one build: its library, the entry point of the op timed (looked up once,
+ * outside the timed calls) and its workspace */
 typedef struct {
     const char *path;
-    void *lib;
+    void *lib, *op;
     double *work;
 } build;
 
@@ -59,18 +79,18 @@ static void *entry(const build *b, const char *name)
     return f;
 }
 
-static build open_build(const char *path, bn_shape s, const char *isa)
+static build open_build(const char *path, bn_shape s, const char *op_entry, bn_isa isa,
+                        const char *isa_name)
 {
-    build b = {path, dlopen(path, RTLD_NOW | RTLD_LOCAL), NULL};
+    build b = {path, dlopen(path, RTLD_NOW | RTLD_LOCAL), NULL, NULL};
     if (!b.lib) {
         fprintf(stderr, "%s\n", dlerror());
         exit(2);
     }
+    b.op = entry(&b, op_entry);
     ((void (*)(int))entry(&b, "bn_set_num_threads"))(1);
-    int wanted = !strcmp(isa, "avx2") ? BN_ISA_AVX2 : !strcmp(isa, "avx512") ? BN_ISA_AVX512
-                                                                              : BN_ISA_DEFAULT;
-    if (((int (*)(bn_isa))entry(&b, "bn_set_isa"))((bn_isa)wanted) < 0) {
-        fprintf(stderr, "%s: this CPU does not run %s\n", path, isa);
+    if (((int (*)(bn_isa))entry(&b, "bn_set_isa"))(isa) < 0) {
+        fprintf(stderr, "%s: this CPU does not run %s\n", path, isa_name);
         exit(2);
     }
     size_t words = ((size_t (*)(bn_shape))entry(&b, "bn_workspace_size"))(s);
@@ -78,7 +98,8 @@ static build open_build(const char *path, bn_shape s, const char *isa)
     return b;
 }
 
-/* One call of `op` by build b on arrays of element type T (suffix SUFFIX) */
+/* One call of op (the entry point f, ENTRY's for op and T) with build b's
+ * workspace, on arrays of element type T (suffix SUFFIX) */
 #define DEFINE_CALL(T, SUFFIX)                                                                 \
     typedef struct {                                                                           \
         T *x, *y, *dy, *gamma, *beta;                                                          \
@@ -86,30 +107,30 @@ static build open_build(const char *path, bn_shape s, const char *isa)
         double *mean, *invstd, *dgamma, *dbeta;                                                \
     } arrays_##SUFFIX;                                                                         \
                                                                                                \
-    static void call_##SUFFIX(const build *b, const char *op, arrays_##SUFFIX *a, bn_shape s)  \
+    static void call_##SUFFIX(void *f, int op, const build *b, arrays_##SUFFIX *a, bn_shape s) \
     {                                                                                          \
-        if (!strcmp(op, "train")) {                                                            \
-            void (*f)(T *, bn_partial *, double *, double *, double *, const T *, const T *,   \
-                      const T *, double, bn_shape) = entry(b, "bn_forward_train_" #SUFFIX);    \
-            f(a->y, a->stats, a->mean, a->invstd, b->work, a->x, a->gamma, a->beta, 1e-5, s);  \
+        if (op == OP_TRAIN) {                                                                  \
+            ((void (*)(T *, bn_partial *, double *, double *, double *, const T *, const T *,  \
+                       const T *, double, bn_shape))f)(a->y, a->stats, a->mean, a->invstd,     \
+                                                       b->work, a->x, a->gamma, a->beta, 1e-5, \
+                                                       s);                                     \
         }                                                                                      \
-        else if (!strcmp(op, "eval")) {                                                        \
-            void (*f)(T *, double *, const T *, const double *, const double *, const T *,     \
-                      const T *, bn_shape) = entry(b, "bn_forward_" #SUFFIX);                  \
-            f(a->y, b->work, a->x, a->mean, a->invstd, a->gamma, a->beta, s);                  \
+        else if (op == OP_EVAL) {                                                              \
+            ((void (*)(T *, double *, const T *, const double *, const double *, const T *,    \
+                       const T *, bn_shape))f)(a->y, b->work, a->x, a->mean, a->invstd,        \
+                                               a->gamma, a->beta, s);                          \
         }                                                                                      \
         else {                                                                                 \
-            void (*f)(T *, double *, double *, double *, const T *, const T *,                 \
-                      const double *, const double *, const T *, bn_shape, int) =              \
-                entry(b, "bn_backward_" #SUFFIX);                                              \
-            f(a->y, a->dgamma, a->dbeta, b->work, a->dy, a->x, a->mean, a->invstd, a->gamma,  \
-              s, 1);                                                                           \
+            ((void (*)(T *, double *, double *, double *, const T *, const T *,                \
+                       const double *, const double *, const T *, bn_shape, int))f)(           \
+                a->y, a->dgamma, a->dbeta, b->work, a->dy, a->x, a->mean, a->invstd,           \
+                a->gamma, s, 1);                                                               \
         }                                                                                      \
     }                                                                                          \
                                                                                                \
     /* ratios[k * reps + r]: build k's r-th call over the memcpy before it */                 \
-    static void time_##SUFFIX(double *ratios, const build *builds, int count, const char *op,  \
-                              bn_shape s, int reps)                                            \
+    static void time_##SUFFIX(double *ratios, const build *builds, int count, int op,          \
+                              const char *train_entry, bn_shape s, int reps)                   \
     {                                                                                          \
         size_t C = s.channels, n = s.outer * C * s.inner;                                      \
         arrays_##SUFFIX a = {malloc(n * sizeof(T)), malloc(n * sizeof(T)),                     \
@@ -125,14 +146,15 @@ static build open_build(const char *path, bn_shape s, const char *isa)
             a.gamma[c] = (T)1.5;                                                               \
             a.beta[c] = (T)0.25;                                                               \
         }                                                                                      \
-        call_##SUFFIX(&builds[0], "train", &a, s); /* mean and invstd for eval, backward */    \
+        /* mean and invstd for eval and backward, outside the timed calls */                   \
+        call_##SUFFIX(entry(&builds[0], train_entry), OP_TRAIN, &builds[0], &a, s);            \
         for (int r = 0; r < reps; r++) {                                                       \
             for (int j = 0; j < count; j++) {                                                  \
                 int k = (j + r) % count; /* each build in each place of the turn */          \
                 double t0 = now();                                                             \
                 memcpy(a.y, a.x, n * sizeof(T));                                               \
                 double t1 = now();                                                             \
-                call_##SUFFIX(&builds[k], op, &a, s);                                          \
+                call_##SUFFIX(builds[k].op, op, &builds[k], &a, s);                            \
                 ratios[k * reps + r] = (now() - t1) / (t1 - t0);                               \
             }                                                                                  \
         }                                                                                      \
@@ -157,27 +179,27 @@ int main(int argc, char **argv)
         || s.outer * s.channels * s.inner == 0) {
         return usage();
     }
-    const char *op = argv[2], *dtype = argv[3], *isa = argv[4];
-    int reps = atoi(argv[5]), count = argc - 6;
-    int f64 = !strcmp(dtype, "float64");
-    int known_isa = !strcmp(isa, "default") || !strcmp(isa, "avx2") || !strcmp(isa, "avx512");
-    if ((strcmp(op, "train") && strcmp(op, "eval") && strcmp(op, "backward")) || reps < 1
-        || (!f64 && strcmp(dtype, "float32")) || !known_isa) {
+    static const char *const DTYPES[2] = {"float32", "float64"};
+    static const char *const ISAS[] = {"default", "avx2", "avx512"}; /* bn_isa's order */
+    const char *dtype = argv[3], *isa_name = argv[4];
+    int op = index_of(argv[2], OP_NAMES, OPS), f64 = index_of(dtype, DTYPES, 2);
+    int isa = index_of(isa_name, ISAS, 3), reps = atoi(argv[5]), count = argc - 6;
+    if (op < 0 || f64 < 0 || isa < 0 || reps < 1) {
         return usage();
     }
     build builds[MAX_BUILDS];
     for (int k = 0; k < count; k++) {
-        builds[k] = open_build(argv[6 + k], s, isa);
+        builds[k] = open_build(argv[6 + k], s, ENTRY[f64][op], (bn_isa)isa, isa_name);
     }
     double *ratios = malloc((size_t)count * (size_t)reps * sizeof(double));
     if (f64) {
-        time_f64(ratios, builds, count, op, s, reps);
+        time_f64(ratios, builds, count, op, ENTRY[1][OP_TRAIN], s, reps);
     }
     else {
-        time_f32(ratios, builds, count, op, s, reps);
+        time_f32(ratios, builds, count, op, ENTRY[0][OP_TRAIN], s, reps);
     }
     printf("%s %s %s %s, %d calls each; time / memcpy of x, median [quartiles]:\n", argv[1],
-           op, dtype, isa, reps);
+           OP_NAMES[op], dtype, isa_name, reps);
     for (int k = 0; k < count; k++) {
         double *r = ratios + (size_t)k * (size_t)reps;
         qsort(r, (size_t)reps, sizeof(double), by_value);

@@ -2,6 +2,7 @@
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -148,7 +149,7 @@ def test_compare_builds_reports_the_median_time_and_ratio_of_the_rounds():
     assert all(line.split()[1:] == ["2000.00", "ms", "(2.00x)"] for line in lines[1:])
 
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
