@@ -96,6 +96,15 @@ BN_INLINE size_t NAME(vectors_ahead_within)(size_t i, size_t i1, size_t n)
     return end > i ? (end - i) / BN_LANES : 0;
 }
 
+/* The reader of a bn_rows_ahead takes a vector of 16 values: ask for as
+ * many bytes BN_STREAM_AHEAD_BYTES ahead of it */
+BN_INLINE void NAME(ask_rows_ahead)(bn_rows_ahead *a)
+{
+    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
+        bn_rows_ahead_ask(a);
+    }
+}
+
 /* Ask for the start of row[0 .. n) before it is needed: a feature's rows lie
  * far apart, and the hardware prefetcher only ramps up within a row, so
  * every row would otherwise begin with a full miss. The
@@ -418,10 +427,13 @@ typedef struct {
  * pass of the deviations from tile_center and their squares, corrected
  * (bn_corrected), while the tile streams in. With `norm` given, the same loop
  * normalizes the tile's places in the feature it names, so that the reads of
- * its x (from cache) and the stores overlap the reads from memory. */
+ * its x (from cache) and the stores overlap the reads from memory. With
+ * `ahead` (x from memory), that walk asks for x ahead of the loop; without,
+ * the loop asks BN_AHEAD_BYTES ahead within rows. */
 BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_shape s,
                                             bn_tile t, double shift,
-                                            const NAME(bn_normalizing) *norm)
+                                            const NAME(bn_normalizing) *norm,
+                                            bn_rows_ahead *ahead)
 {
     double count = (double)((t.o1 - t.o0) * (t.i1 - t.i0));
     double center = NAME(tile_center)(f, s, t, shift, total);
@@ -437,10 +449,20 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
             NAME(out_head)(&y);
             y_at = y.head;
         }
-        if (t.i0 == 0 && o + 1 < s.outer) {
+        size_t i = t.i0;
+        if (ahead) {
+            for (; i + BN_LANES <= t.i1; i += BN_LANES) {
+                NAME(ask_rows_ahead)(ahead);
+                NAME(lanes_add_deviations)(&a, &a2, row + i, center);
+                if (norm) {
+                    y_at = NAME(out_next_vec)(&y, y_at);
+                }
+            }
+            bn_rows_ahead_move(ahead, (t.i1 - i) * sizeof(T));
+        }
+        else if (t.i0 == 0 && o + 1 < s.outer) {
             NAME(prefetch_head)(TILE_ROW(f, o + 1, s), s.inner);
         }
-        size_t i = t.i0;
         /* first the vectors that need no tests (statistics, and training
            forwards): in training forwards whose data fit in cache, the tests
            took 6-9% of the time with AVX-512 and 8-11% with AVX2 (float32, C
@@ -479,21 +501,16 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
     bn_partial_merge(total, &tile);
 }
 
-/* *total <- *total merged with the statistics of tile t, less `shift` */
-BN_INLINE void NAME(tile_stats)(bn_partial *total, const T *f, bn_shape s, bn_tile t,
-                                double shift)
-{
-    NAME(tile_stats_normalizing)(total, f, s, t, shift, NULL);
-}
-
 /* the statistics of feature c less `shift`, its tiles merged in order (with
- * shift 0, exactly the statistics of the values) */
-BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c, double shift)
+ * shift 0, exactly the statistics of the values); x asked for by `ahead`
+ * when given */
+BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c, double shift,
+                                                bn_rows_ahead *ahead)
 {
     const T *f = x + c * s.inner;
     bn_partial total = {0.0, 0.0, 0.0};
     for (size_t k = 0, tiles = bn_tiles(s); k < tiles; k++) {
-        NAME(tile_stats)(&total, f, s, bn_tile_at(s, k), shift);
+        NAME(tile_stats_normalizing)(&total, f, s, bn_tile_at(s, k), shift, NULL, ahead);
     }
     return total;
 }
@@ -502,16 +519,22 @@ BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c
  * is normalized (its data comes back from cache) in the same loops that
  * stream feature c + 1 in from memory for its statistics, tile by tile.
  * Those come out exactly as planar_feature_stats computes them. With
- * `stream`, y goes past the caches. */
+ * `stream`, y goes past the caches. From memory, one walk asks for the
+ * statistics' rows ahead of them through all the features (bn_rows_ahead). */
 static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *mean,
                                              double *invstd, const T *x,
                                              const T *gamma, const T *beta,
                                              double eps, bn_shape s, int stream, size_t c0,
                                              size_t c1)
 {
+    bn_rows_ahead walk, *ahead = NULL;
+    if (!bn_in_cache(s, sizeof(T))) {
+        walk = bn_rows_ahead_from(x, NULL, s, sizeof(T), c0, c1);
+        ahead = &walk;
+    }
     if (c0 < c1) {
         double first = NAME(first_value)(x, s, c0);
-        stats[c0] = NAME(planar_feature_stats)(x, s, c0, first);
+        stats[c0] = NAME(planar_feature_stats)(x, s, c0, first, ahead);
         bn_partial_unshift(stats + c0, &first, 1);
     }
     for (size_t c = c0; c < c1; c++) {
@@ -532,7 +555,8 @@ static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *me
         double next_first = NAME(first_value)(x, s, c + 1);
         bn_partial total = {0.0, 0.0, 0.0};
         for (size_t t = 0, tiles = bn_tiles(s); t < tiles; t++) {
-            NAME(tile_stats_normalizing)(&total, next, s, bn_tile_at(s, t), next_first, &norm);
+            NAME(tile_stats_normalizing)(&total, next, s, bn_tile_at(s, t), next_first, &norm,
+                                         ahead);
         }
         bn_partial_unshift(&total, &next_first, 1);
         stats[c + 1] = total;
@@ -547,7 +571,12 @@ static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
 {
     /* no shift given: the feature's first value, and the mean made absolute */
     double about = shift ? shift[c] : NAME(first_value)(x, s, c);
-    stats[c] = NAME(planar_feature_stats)(x, s, c, about);
+    bn_rows_ahead walk, *ahead = NULL;
+    if (!bn_in_cache(s, sizeof(T))) {
+        walk = bn_rows_ahead_from(x, NULL, s, sizeof(T), c, c + 1);
+        ahead = &walk;
+    }
+    stats[c] = NAME(planar_feature_stats)(x, s, c, about, ahead);
     if (!shift) {
         bn_partial_unshift(stats + c, &about, 1);
     }
@@ -612,19 +641,26 @@ BN_INLINE bn_row_coefficients NAME(dx_coefficients)(double *dgamma, double *dbet
  * and a scalar tail: a, tail += dy; a2, tail2 += dy * (x - next_mean). With a
  * dx row given, the same loop writes it (the current feature's), so the reads
  * from memory and the writes overlap; either way the sums add in the same
- * order. */
+ * order. The row's dy and x asked for by `ahead` when given (from memory),
+ * else BN_AHEAD_BYTES ahead within the row. */
 BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double *tail,
                                                double *tail2, const T *next_dy,
                                                const T *next_x, double next_mean, size_t n,
-                                               const NAME(bn_out_row) *dx)
+                                               const NAME(bn_out_row) *dx,
+                                               bn_rows_ahead *ahead)
 {
     size_t i = 0, dx_at = dx ? dx->head : 0;
     if (dx) {
         NAME(out_head)(dx);
     }
     for (; i + BN_LANES <= n; i += BN_LANES) {
-        NAME(prefetch_ahead)(next_dy, i, n);
-        NAME(prefetch_ahead)(next_x, i, n);
+        if (ahead) {
+            NAME(ask_rows_ahead)(ahead);
+        }
+        else {
+            NAME(prefetch_ahead)(next_dy, i, n);
+            NAME(prefetch_ahead)(next_x, i, n);
+        }
         if (dx) { /* its dy and x come back from L2, or L3 once features outgrow L2 */
             NAME(prefetch_ahead)(dx->in, i, n);
             NAME(prefetch_ahead)(dx->x, i, n);
@@ -643,6 +679,9 @@ BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double
         *tail += g;
         *tail2 += g * ((double)next_x[j] - next_mean);
     }
+    if (ahead) {
+        bn_rows_ahead_move(ahead, (n - i) * sizeof(T));
+    }
     if (dx) {
         NAME(out_rest)(dx, dx_at);
     }
@@ -654,26 +693,42 @@ BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double
 BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev,
                                               const T *next_dy, const T *next_x,
                                               double next_mean, size_t n,
-                                              const NAME(bn_out_row) *dx)
+                                              const NAME(bn_out_row) *dx,
+                                              bn_rows_ahead *ahead)
 {
     bn_lanes a = {0}, a2 = {0};
     double tail = 0.0, tail2 = 0.0;
-    NAME(row_grad_lanes_writing_dx)(&a, &a2, &tail, &tail2, next_dy, next_x, next_mean, n, dx);
+    NAME(row_grad_lanes_writing_dx)(&a, &a2, &tail, &tail2, next_dy, next_x, next_mean, n, dx,
+                                    ahead);
     *sum_dy += bn_lanes_total(&a) + tail;
     *sum_dy_dev += bn_lanes_total(&a2) + tail2;
 }
 
-/* *sum_dy += sum dy, *sum_dy_dev += sum dy * (x - mean) over one row */
+/* *sum_dy += sum dy, *sum_dy_dev += sum dy * (x - mean) over one row, asked
+ * for by `ahead` when given */
 BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *dy,
-                                   const T *x, size_t n, double mean)
+                                   const T *x, size_t n, double mean, bn_rows_ahead *ahead)
 {
-    NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, n, NULL);
+    NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, n, NULL, ahead);
+}
+
+/* a walk asking for features c0 .. c1 - 1 of x and dy ahead, or NULL (in
+ * cache) */
+BN_INLINE bn_rows_ahead *NAME(grad_rows_ahead)(bn_rows_ahead *walk, const T *dy, const T *x,
+                                               bn_shape s, size_t c0, size_t c1)
+{
+    if (bn_in_cache(s, sizeof(T))) {
+        return NULL;
+    }
+    *walk = bn_rows_ahead_from(x, dy, s, sizeof(T), c0, c1);
+    return walk;
 }
 
 /* Backward of features c0 .. c1 - 1, pipelined like the training forward:
  * dx of feature c is written (its dy and x come back from cache) in the loop
  * that streams feature c + 1's dy and x in for its two sums. With `stream`,
- * dx goes past the caches. */
+ * dx goes past the caches. From memory, one walk asks for the sums' rows ahead
+ * of them through all the features (bn_rows_ahead). */
 static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                                         const T *dy, const T *x, const double *mean,
                                         const double *invstd, const T *gamma,
@@ -681,9 +736,10 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                                         size_t c1)
 {
     double sum_dy = 0.0, sum_dy_dev = 0.0;
+    bn_rows_ahead walk, *ahead = NAME(grad_rows_ahead)(&walk, dy, x, s, c0, c1);
     for (size_t o = 0; o < s.outer && c0 < c1; o++) {
         NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c0, s), ROW(x, o, c0, s), s.inner,
-                            mean[c0]);
+                            mean[c0], ahead);
     }
     for (size_t c = c0; c < c1; c++) {
         bn_row_coefficients k = NAME(dx_coefficients)(dgamma, dbeta, sum_dy, sum_dy_dev, mean,
@@ -694,13 +750,13 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                                                     ROW(x, o, c, s), s.inner, &k,
                                                     bn_dx_op(training), stream);
             if (c + 1 < c1) {
-                if (o + 1 < s.outer) {
+                if (!ahead && o + 1 < s.outer) {
                     NAME(prefetch_head)(ROW(dy, o + 1, c + 1, s), s.inner);
                     NAME(prefetch_head)(ROW(x, o + 1, c + 1, s), s.inner);
                 }
                 NAME(row_grad_sums_writing_dx)(&sum_dy, &sum_dy_dev, ROW(dy, o, c + 1, s),
                                                ROW(x, o, c + 1, s), mean[c + 1], s.inner,
-                                               &row);
+                                               &row, ahead);
             }
             else {
                 NAME(out_row)(&row);
@@ -986,7 +1042,8 @@ static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
            prefetches no row past the last */
         bn_tile block = {o, o + rows < o1 ? o + rows : o1, 0, s.inner};
         for (size_t c = 0; c < s.channels; c++) {
-            NAME(tile_stats)(&partial[c], x + c * s.inner, s, block, about[c]);
+            NAME(tile_stats_normalizing)(&partial[c], x + c * s.inner, s, block, about[c],
+                                         NULL, NULL);
         }
     }
 }
@@ -1188,7 +1245,7 @@ static void NAME(planar_group_grads)(double *sums, const T *dy, const T *x,
                     NAME(prefetch_far)(x, at, at + s.inner, n);
                 }
                 NAME(row_grad_lanes_writing_dx)(&a, &a2, &tail, &tail2, dy + at, x + at,
-                                                mean[c], s.inner, NULL);
+                                                mean[c], s.inner, NULL, NULL);
             }
             sums[c] += bn_lanes_total(&a) + tail;
             sums[C + c] += bn_lanes_total(&a2) + tail2;
@@ -1255,9 +1312,10 @@ static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
                                            bn_shape s, size_t c)
 {
     double sum_dy = 0.0, sum_dy_dev = 0.0;
+    bn_rows_ahead walk, *ahead = NAME(grad_rows_ahead)(&walk, dy, x, s, c, c + 1);
     for (size_t o = 0; o < s.outer; o++) {
         NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c, s), ROW(x, o, c, s), s.inner,
-                            mean[c]);
+                            mean[c], ahead);
     }
     dbeta[c] = sum_dy;
     dgamma[c] = sum_dy_dev * invstd[c];

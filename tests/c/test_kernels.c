@@ -1,6 +1,7 @@
 /* test_kernels.c -- the C core alone, against values worked out by hand.
  * Build and run: bash tests/c/run.sh [sanitize] */
 #include "bn_kernels.h"
+#include "bn_kernels_internal.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -155,8 +156,45 @@ static void test_workspace(void)
     }
 }
 
+/* The walk that asks for a pipelined pass's rows ahead (bn_rows_ahead) takes
+ * the rows of features c0 .. c1 - 1 in the order the pass reads them: each
+ * feature's rows, C * inner apart, then the next feature's, and it stops
+ * after the last. Shape (outer 3, C 4, inner 40) float32, features 1 and 2. */
+static void test_rows_ahead(void)
+{
+    bn_shape s = {3, 4, 40};
+    float x[3 * 4 * 40];
+    bn_rows_ahead a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 1, 3);
+    size_t visits = 0;
+    for (size_t c = 1; c < 3; c++) {
+        for (size_t o = 0; o < s.outer; o++) {
+            for (size_t b = 0; b < s.inner * sizeof(float); b += 16) {
+                size_t want = (o * s.channels + c) * s.inner * sizeof(float) + b;
+                CHECK_CLOSE((double)a.at, (double)want, 0);
+                CHECK_CLOSE((double)a.done, 0, 0);
+                bn_rows_ahead_move(&a, 16);
+                visits++;
+            }
+        }
+    }
+    CHECK_CLOSE((double)visits, 2 * 3 * 10, 0);
+    CHECK_CLOSE((double)a.done, 1, 0);
+    /* a step across a row's end lands as far into the next row: 160 bytes a
+       row, three steps of 48 leave 16, the fourth lands 32 into row 1 */
+    a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 1, 3);
+    for (int k = 0; k < 4; k++) {
+        bn_rows_ahead_move(&a, 48);
+    }
+    CHECK_CLOSE((double)a.at, (double)((1 * 4 + 1) * 160 + 32), 0);
+    /* no features, no rows: done from the start */
+    CHECK_CLOSE((double)bn_rows_ahead_at(x, NULL, s, sizeof(float), 2, 2).done, 1, 0);
+    bn_shape empty = {0, 4, 40};
+    CHECK_CLOSE((double)bn_rows_ahead_at(x, NULL, empty, sizeof(float), 0, 4).done, 1, 0);
+}
+
 int main(void)
 {
+    test_rows_ahead();
     test_workspace();
     test_worked_example();
     test_layout_and_float32();
