@@ -203,6 +203,15 @@ const char *bn_isa_name(bn_isa isa)
     return NULL;
 }
 
+int bn_cpu_is_amd(void)
+{
+#ifdef BN_HAVE_X86_BUILDS
+    return __builtin_cpu_is("amd") != 0;
+#else
+    return 0;
+#endif
+}
+
 /* the bn_isa in use; -1 until the first call chooses */
 static atomic_int bn_chosen_isa = -1;
 

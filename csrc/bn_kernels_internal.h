@@ -353,6 +353,10 @@ static inline int bn_team(bn_shape s)
     return bn_count(s) * s.channels >= BN_PARALLEL_MIN ? bn_get_num_threads() : 1;
 }
 
+/* whether the CPU is AMD's: some choices below differ between the memory
+ * systems of AMD and Intel (bn_kernels.c) */
+int bn_cpu_is_amd(void);
+
 /* Whether an output (`bytes` long) is written past the caches: only when it
  * is large, so that its lines would leave the caches before anyone reads
  * them, and not over its input `in` (in place, those lines are in cache
@@ -363,18 +367,22 @@ static inline int bn_stream_output(const void *out, const void *in, size_t bytes
     return out != in && bytes >= BN_STREAM_BYTES;
 }
 
-/* Whether the planar training forward streams y: also only for features of
- * BN_STREAM_FEATURE_BYTES or more, where the feature being normalized and the
- * next one no longer fit in L2 together, and y's lines in cache would push
- * out the rows the pipeline reads again. With smaller features streaming
- * costs more than it saves. Measured (C harness, float32, 1 thread, medians
- * of 9): 128x64x56x56 1.30 -> 1.23 times a copy; 32x256x28x28, were it
- * streamed, 1.12 -> 1.36. */
+/* Whether the planar training forward streams y. On Intel (the Xeon CI ran
+ * on before), only for features of BN_STREAM_FEATURE_BYTES or more, where the
+ * feature being normalized and the next one no longer fit in L2 together, and
+ * y's lines in cache would push out the rows the pipeline reads again; with
+ * smaller features streaming cost more than it saved. Measured (C harness,
+ * float32, 1 thread, medians of 9): 128x64x56x56 1.30 -> 1.23 times a copy;
+ * 32x256x28x28, were it streamed, 1.12 -> 1.36. On AMD (bn_cpu_is_amd), whose
+ * ordinary stores read every line of y from memory before writing it, for
+ * features of any size: on the EPYC (Zen 5) CI runs on now (ab_kernels,
+ * AVX-512, float32, 1 thread, 15 calls each), 64x64x56x56 1.69 -> 1.11,
+ * 32x256x28x28 2.62 -> 1.59, 8x64x112x112 2.07 -> 1.37 times a copy. */
 static inline int bn_stream_y(const void *y, const void *x, bn_shape s, size_t elem_size)
 {
     size_t feature_bytes = bn_count(s) * elem_size;
     return bn_stream_output(y, x, feature_bytes * s.channels)
-           && feature_bytes >= BN_STREAM_FEATURE_BYTES;
+           && (feature_bytes >= BN_STREAM_FEATURE_BYTES || bn_cpu_is_amd());
 }
 
 /* Whether x (and the arrays of its shape) is small enough to stay in cache
