@@ -296,22 +296,24 @@ BN_INLINE void NAME(out_row)(const NAME(bn_out_row) *r)
 }
 
 /* one whole row whose inputs come from memory (bn_ask_ahead), asked for
- * BN_AHEAD_BYTES ahead as far as the row has them. With the hardware
- * prefetchers alone, rows of 784 to 12544 values took longer (C harness, 1
- * thread, the builds interleaved): inference 2-10% (both dtypes, every build
- * but AVX2 float64, which neither gained nor lost); dx of 64x64x56x56 with
- * AVX-512 4-5% (training), 2% (float32 inference), 14% (float64 inference).
- * Counting the rows' vectors that need no test, as
- * tile_stats_normalizing does, made GCC order AVX2 float64 stores so that
- * inference took 20% longer. */
-BN_INLINE void NAME(out_row_ahead)(const NAME(bn_out_row) *r)
+ * BN_STREAM_AHEAD_BYTES ahead, past the row's end into the rows after it, as
+ * far as the `left` values from the row's start have them: the elementwise
+ * passes take rows in memory order. With the hardware prefetchers alone,
+ * rows of 784 to 12544 values took longer: on the Xeon CI ran on before,
+ * inference 2-10% and dx 2-14% (asking 512 bytes ahead within rows); on the
+ * EPYC (Zen 5) it runs on now, inference of 64x64x56x56 float32 1.08 -> 0.94
+ * times a copy, 32x256x28x28 1.12 -> 0.99 (ab_kernels, AVX-512, 1 thread).
+ * Counting the rows' vectors that need no test, as tile_stats_normalizing
+ * does, made GCC order AVX2 float64 stores so that inference took 20% longer
+ * (on the Xeon). */
+BN_INLINE void NAME(out_row_ahead)(const NAME(bn_out_row) *r, size_t left)
 {
     NAME(out_head)(r);
     size_t i = r->head;
     while (i + BN_LANES <= r->n) {
-        NAME(prefetch_ahead)(r->in, i, r->n);
+        NAME(prefetch_span)(r->in, i, i + BN_LANES, left, BN_STREAM_AHEAD_BYTES);
         if (r->op == BN_ROW_DX_TRAIN) {
-            NAME(prefetch_ahead)(r->x, i, r->n);
+            NAME(prefetch_span)(r->x, i, i + BN_LANES, left, BN_STREAM_AHEAD_BYTES);
         }
         i = NAME(out_vec)(r, i);
     }
@@ -583,13 +585,14 @@ static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
 }
 
 /* rows r0..r1 of the [outer * C] rows: y <- (x - mean) * scale + shift; x
- * asked for far ahead when `far`, or as the rows go (bn_ask_ahead) */
+ * asked for far ahead when `far`, or as the rows go (bn_ask_ahead); y
+ * streamed when large (bn_stream_output) */
 static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
                                       const double *scale, const double *shift,
                                       bn_shape s, size_t r0, size_t r1, int far)
 {
     size_t n = s.outer * s.channels * s.inner;
-    int ahead = bn_ask_ahead(s, sizeof(T));
+    int ahead = bn_ask_ahead(s, sizeof(T)), stream = bn_stream_output(y, x, n * sizeof(T));
     for (size_t r = r0; r < r1; r++) {
         size_t c = r % s.channels;
         if (far) {
@@ -597,13 +600,16 @@ static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
         }
         bn_row_coefficients k = {.mean = mean[c], .scale = scale[c], .beta = shift[c]};
         NAME(bn_out_row) row = NAME(out_row_of)(y + r * s.inner, x + r * s.inner, NULL,
-                                                s.inner, &k, BN_ROW_NORMALIZE, 0);
+                                                s.inner, &k, BN_ROW_NORMALIZE, stream);
         if (ahead) {
-            NAME(out_row_ahead)(&row);
+            NAME(out_row_ahead)(&row, n - r * s.inner);
         }
         else {
             NAME(out_row)(&row);
         }
+    }
+    if (stream) {
+        bn_stream_fence();
     }
 }
 
@@ -1323,13 +1329,13 @@ static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
 
 /* planar: dx of rows r0 .. r1 (of the outer * C rows) from per-feature
  * coefficients; dy (and x) asked for far ahead when `far`, or as the rows go
- * (bn_ask_ahead) */
+ * (bn_ask_ahead); dx streamed when large (bn_stream_output) */
 static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
                                  const bn_row_coefficients *k, bn_shape s,
                                  int training, size_t r0, size_t r1, int far)
 {
     size_t n = s.outer * s.channels * s.inner;
-    int ahead = bn_ask_ahead(s, sizeof(T));
+    int ahead = bn_ask_ahead(s, sizeof(T)), stream = bn_stream_output(dx, dy, n * sizeof(T));
     for (size_t r = r0; r < r1; r++) {
         if (far) {
             NAME(prefetch_far)(dy, r * s.inner, (r + 1) * s.inner, n);
@@ -1339,13 +1345,16 @@ static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
         }
         NAME(bn_out_row) row = NAME(out_row_of)(dx + r * s.inner, dy + r * s.inner,
                                                 x + r * s.inner, s.inner, &k[r % s.channels],
-                                                bn_dx_op(training), 0);
+                                                bn_dx_op(training), stream);
         if (ahead) {
-            NAME(out_row_ahead)(&row);
+            NAME(out_row_ahead)(&row, n - r * s.inner);
         }
         else {
             NAME(out_row)(&row);
         }
+    }
+    if (stream) {
+        bn_stream_fence();
     }
 }
 
