@@ -96,12 +96,21 @@ BN_INLINE size_t NAME(vectors_ahead_within)(size_t i, size_t i1, size_t n)
     return end > i ? (end - i) / BN_LANES : 0;
 }
 
-/* The reader of a bn_rows_ahead takes a vector of 16 values: ask for as
- * many bytes BN_STREAM_AHEAD_BYTES ahead of it */
-BN_INLINE void NAME(ask_rows_ahead)(bn_rows_ahead *a)
+/* The asks r (bn_rows_ahead_take) for the vector at byte j of the reader's
+ * piece: the lines of x (and of `other`, when not NULL) that many bytes into
+ * the walk's */
+BN_INLINE void NAME(ask_ahead_of)(const char *x, const char *other, const bn_row_asks *r,
+                                  size_t j)
 {
-    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
-        bn_rows_ahead_ask(a);
+    for (size_t b = j; b < j + BN_LANES * sizeof(T); b += 64) {
+        int first = b < r->split;
+        if (first ? r->has_first : r->has_second) {
+            size_t at = first ? r->first + b : r->second + (b - r->split);
+            __builtin_prefetch(x + at, 0, 3);
+            if (other != NULL) {
+                __builtin_prefetch(other + at, 0, 3);
+            }
+        }
     }
 }
 
@@ -453,14 +462,15 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
         }
         size_t i = t.i0;
         if (ahead) {
+            bn_row_asks asks = bn_rows_ahead_take(ahead, (t.i1 - t.i0) * sizeof(T));
+            const char *ahead_x = ahead->x;
             for (; i + BN_LANES <= t.i1; i += BN_LANES) {
-                NAME(ask_rows_ahead)(ahead);
+                NAME(ask_ahead_of)(ahead_x, NULL, &asks, (i - t.i0) * sizeof(T));
                 NAME(lanes_add_deviations)(&a, &a2, row + i, center);
                 if (norm) {
                     y_at = NAME(out_next_vec)(&y, y_at);
                 }
             }
-            bn_rows_ahead_move(ahead, (t.i1 - i) * sizeof(T));
         }
         else if (t.i0 == 0 && o + 1 < s.outer) {
             NAME(prefetch_head)(TILE_ROW(f, o + 1, s), s.inner);
@@ -659,9 +669,16 @@ BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double
     if (dx) {
         NAME(out_head)(dx);
     }
+    bn_row_asks asks = {0};
+    const char *ahead_x = NULL, *ahead_dy = NULL;
+    if (ahead) {
+        asks = bn_rows_ahead_take(ahead, n * sizeof(T));
+        ahead_x = ahead->x;
+        ahead_dy = ahead->other;
+    }
     for (; i + BN_LANES <= n; i += BN_LANES) {
         if (ahead) {
-            NAME(ask_rows_ahead)(ahead);
+            NAME(ask_ahead_of)(ahead_x, ahead_dy, &asks, i * sizeof(T));
         }
         else {
             NAME(prefetch_ahead)(next_dy, i, n);
@@ -684,9 +701,6 @@ BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double
         double g = (double)next_dy[j];
         *tail += g;
         *tail2 += g * ((double)next_x[j] - next_mean);
-    }
-    if (ahead) {
-        bn_rows_ahead_move(ahead, (n - i) * sizeof(T));
     }
     if (dx) {
         NAME(out_rest)(dx, dx_at);

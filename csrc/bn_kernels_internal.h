@@ -482,6 +482,30 @@ static inline void bn_rows_ahead_ask(bn_rows_ahead *a)
     bn_rows_ahead_move(a, 64);
 }
 
+/* What a reader asks for while it reads `bytes` of a row: the walk's next
+ * `bytes`, which (no more than a row's) lie in at most two rows: the first
+ * `split` from byte `first` on, the rest from byte `second` on; a piece
+ * past the walk's last row (has_ 0) is not asked for. */
+typedef struct {
+    size_t first, second, split;
+    int has_first, has_second;
+} bn_row_asks;
+
+/* the asks for a reader's next `bytes` (at most a row), the walk moved past them */
+static inline bn_row_asks bn_rows_ahead_take(bn_rows_ahead *a, size_t bytes)
+{
+    bn_row_asks r = {a->at, 0, bytes, !a->done, 0};
+    if (!a->done && a->row_end - a->at < bytes) {
+        r.split = a->row_end - a->at;
+        bn_rows_ahead_move(a, r.split); /* to the next row's start */
+        r.second = a->at;
+        r.has_second = !a->done;
+        bytes -= r.split;
+    }
+    bn_rows_ahead_move(a, bytes);
+    return r;
+}
+
 /* a walk of features c0 .. c1 - 1 of x (and `other`, an array of x's shape;
  * NULL for none), at the first row of c0 */
 static inline bn_rows_ahead bn_rows_ahead_at(const void *x, const void *other, bn_shape s,

@@ -186,6 +186,29 @@ static void test_rows_ahead(void)
         bn_rows_ahead_move(&a, 48);
     }
     CHECK_CLOSE((double)a.at, (double)((1 * 4 + 1) * 160 + 32), 0);
+    /* a reader's piece of 48 bytes asks for the walk's next 48: within row 0
+       of feature 1 (bytes 160 .. 320), then split across its end, the rest
+       from the start of row 1 (byte 800) */
+    a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 1, 3);
+    for (int k = 0; k < 3; k++) {
+        bn_row_asks r = bn_rows_ahead_take(&a, 48);
+        CHECK_CLOSE((double)r.first, 160.0 + 48 * k, 0);
+        CHECK_CLOSE((double)r.split, 48, 0);
+        CHECK_CLOSE((double)(r.has_first && !r.has_second), 1, 0);
+    }
+    bn_row_asks split = bn_rows_ahead_take(&a, 48);
+    CHECK_CLOSE((double)split.first, 304, 0);
+    CHECK_CLOSE((double)split.split, 16, 0);
+    CHECK_CLOSE((double)split.second, 800, 0);
+    CHECK_CLOSE((double)(split.has_first && split.has_second), 1, 0);
+    CHECK_CLOSE((double)a.at, 832, 0);
+    /* the last piece of the last row: nothing after it to ask for */
+    a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 3, 4);
+    bn_rows_ahead_move(&a, 2 * 160 + 150);
+    bn_row_asks last = bn_rows_ahead_take(&a, 40);
+    CHECK_CLOSE((double)last.split, 10, 0);
+    CHECK_CLOSE((double)(last.has_first && !last.has_second), 1, 0);
+    CHECK_CLOSE((double)a.done, 1, 0);
     /* no features, no rows: done from the start */
     CHECK_CLOSE((double)bn_rows_ahead_at(x, NULL, s, sizeof(float), 2, 2).done, 1, 0);
     bn_shape empty = {0, 4, 40};
