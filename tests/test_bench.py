@@ -69,6 +69,32 @@ def test_targets_give_the_worst_case_over_the_rounds():
     assert "rounds" not in "\n".join(bench.targets(rounds[0], rounds[:1]))
 
 
+def test_targets_give_the_copys_own_speedup_from_a_second_thread():
+    def row(case, op, threads, copy2):
+        return dict(case=case, dtype="float32", op=op, threads=threads, bnpy=1.0, torch=None,
+                    copy=1.0, copy2=copy2, reference=None, bytes=1)
+
+    rows = [row("NCHW 64x64x56x56", "forward-eval", 2, 0.9),
+            row("NCHW 128x64x56x56 (> L3)", "forward-eval", 2, 0.8),
+            row("NCHW 32x256x28x28", "forward-eval", 2, None)]
+    lines = "\n".join(bench.targets(rows))
+    assert "split over 2 threads ran at best 1.25 times as fast as on 1" in lines
+    # not measured (no second thread timed): no line
+    assert "split over" not in "\n".join(bench.targets([rows[2]]))
+
+
+def test_the_copy_on_two_threads_copies_every_value():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    x = np.arange(7 * 3 * 5, dtype=np.float32).reshape(7, 3, 5)
+    out = np.zeros_like(x)
+    with ThreadPoolExecutor(2) as pool:
+        bench._copy_on_two_threads(pool, out, x)
+    assert np.array_equal(out, x)
+
+
 def test_runs_on_different_thread_counts_alternate_each_on_its_own_count():
     import bnpy
 
@@ -94,9 +120,10 @@ def test_rounds_combine_into_the_median_of_each_time():
                     torch=torch, copy=1.0, reference=None, bytes=1)
 
     rounds = [[row(3.0, None)], [row(1.0, 5.0)], [row(2.0, 4.0)]]
+    rounds[1][0]["copy2"] = 0.5
     (combined,) = bench.median_over_rounds(rounds)
     assert (combined["bnpy"], combined["torch"], combined["copy"]) == (2.0, 4.5, 1.0)
-    assert combined["reference"] is None
+    assert combined["reference"] is None and combined["copy2"] == 0.5
 
 
 # In a child process: steady_heap changes the allocator of the whole process.
