@@ -171,10 +171,11 @@ def _reference_runner(x, dy, axis, op):
 
 def _copy_on_two_threads(pool, out, x):
     """np.copyto(out, x) as two halves copied at once on the two threads of
-    `pool` (NumPy releases the GIL while it copies)"""
-    half = x.shape[0] // 2
-    parts = [pool.submit(np.copyto, out[:half], x[:half]),
-             pool.submit(np.copyto, out[half:], x[half:])]
+    `pool` (NumPy releases the GIL while it copies); x and out contiguous"""
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    half = flat_x.size // 2
+    parts = [pool.submit(np.copyto, flat_out[:half], flat_x[:half]),
+             pool.submit(np.copyto, flat_out[half:], flat_x[half:])]
     for part in parts:
         part.result()
 
@@ -184,39 +185,38 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
     from concurrent.futures import ThreadPoolExecutor
 
     rows = []
-    pool = ThreadPoolExecutor(2)
-    for name, shape, axis in cases:
-        for dtype in dtypes:
-            rng = np.random.default_rng(0)
-            x = rng.standard_normal(shape).astype(dtype)
-            dy = rng.standard_normal(shape).astype(dtype)
-            copy_out = np.empty_like(x)
-            for op in OPS:
-                moved = x.nbytes * (3 if op in BACKWARDS else 2)
-                reference_time = None
-                if with_reference and op != "backward-inplace":  # the same as backward
-                    reference_time = _medians({"ref": _reference_runner(x, dy, axis, op)},
-                                              max(1, repeats // 4))["ref"]
-                # every thread count in the same repeats, so that the speedup
-                # compares moments alike; the thread counts share bnpy's out=
-                out = np.empty_like(x)
-                runners = {"copy": lambda: np.copyto(copy_out, x)}
-                if name in LARGE_CASES and 2 in threads:
-                    runners["copy2"] = lambda: _copy_on_two_threads(pool, copy_out, x)
-                for n in threads:
-                    runners["bnpy", n] = _OnThreads(n, _bnpy_runner(x, dy, axis, op, out),
-                                                    bnpy.set_num_threads)
-                    if torch is not None:
-                        runners["torch", n] = _OnThreads(
-                            n, _torch_runners(torch, x, dy, axis, op), torch.set_num_threads)
-                t = _medians(runners, repeats)
-                for n in threads:
-                    row = dict(case=name, dtype=np.dtype(dtype).name, op=op, threads=n,
-                               bnpy=t["bnpy", n], torch=t.get(("torch", n)), copy=t["copy"],
-                               copy2=t.get("copy2"), reference=reference_time, bytes=moved)
-                    rows.append(row)
-                    echo(format_row(row))
-    pool.shutdown()
+    with ThreadPoolExecutor(2) as pool:  # the copy on two threads
+        for name, shape, axis in cases:
+            for dtype in dtypes:
+                rng = np.random.default_rng(0)
+                x = rng.standard_normal(shape).astype(dtype)
+                dy = rng.standard_normal(shape).astype(dtype)
+                copy_out = np.empty_like(x)
+                for op in OPS:
+                    moved = x.nbytes * (3 if op in BACKWARDS else 2)
+                    reference_time = None
+                    if with_reference and op != "backward-inplace":  # the same as backward
+                        reference_time = _medians({"ref": _reference_runner(x, dy, axis, op)},
+                                                  max(1, repeats // 4))["ref"]
+                    # every thread count in the same repeats, so that the speedup
+                    # compares moments alike; the thread counts share bnpy's out=
+                    out = np.empty_like(x)
+                    runners = {"copy": lambda: np.copyto(copy_out, x)}
+                    if name in LARGE_CASES and 2 in threads:
+                        runners["copy2"] = lambda: _copy_on_two_threads(pool, copy_out, x)
+                    for n in threads:
+                        runners["bnpy", n] = _OnThreads(n, _bnpy_runner(x, dy, axis, op, out),
+                                                        bnpy.set_num_threads)
+                        if torch is not None:
+                            runners["torch", n] = _OnThreads(
+                                n, _torch_runners(torch, x, dy, axis, op), torch.set_num_threads)
+                    t = _medians(runners, repeats)
+                    for n in threads:
+                        row = dict(case=name, dtype=np.dtype(dtype).name, op=op, threads=n,
+                                   bnpy=t["bnpy", n], torch=t.get(("torch", n)), copy=t["copy"],
+                                   copy2=t.get("copy2"), reference=reference_time, bytes=moved)
+                        rows.append(row)
+                        echo(format_row(row))
     return rows
 
 

@@ -66,7 +66,10 @@ BN_INLINE void NAME(prefetch_span)(const T *p, size_t i0, size_t i1, size_t n, s
 /* Ask for the lines BN_AHEAD_BYTES past row[i .. i + 16), while the row (n
  * values) has them. The pipelined passes read one row from memory while they
  * read another back from cache and write a third, and the hardware
- * prefetcher alone fell behind: with this, float32 at 1 thread (medians of 7
+ * prefetcher alone fell behind. From memory they now ask through a
+ * bn_rows_ahead instead; this serves them in cache, the rows the backward
+ * reads back, and a feature's first tile's rough pass. On the Xeon CI ran
+ * on before, with this, float32 at 1 thread (medians of 7
  * runs, each against a copy in the same run), the backward in place of
  * 32x256x28x28 went from 1.38 to 1.15 times a copy, 8x64x112x112 from 1.40
  * to 1.24, and the training forward of 32x256x28x28 from 1.16 to 1.07. The
@@ -118,7 +121,8 @@ BN_INLINE void NAME(ask_ahead_of)(const char *x, const char *other, const bn_row
  * far apart, and the hardware prefetcher only ramps up within a row, so
  * every row would otherwise begin with a full miss. The
  * loops then ask for the rest BN_AHEAD_BYTES ahead (prefetch_ahead); asking
- * for 2 KB of a row of 3 KB at its start was slower. */
+ * for 2 KB of a row of 3 KB at its start was slower (on the Xeon). For rows
+ * in cache, and the rough pass; from memory the walk (bn_rows_ahead) asks. */
 BN_INLINE void NAME(prefetch_head)(const T *row, size_t n)
 {
     NAME(prefetch_span)(row, 0, BN_AHEAD_BYTES / sizeof(T), n, 0);

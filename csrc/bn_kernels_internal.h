@@ -52,9 +52,12 @@ enum {
     BN_SPREAD_SUMS_ROW = 32, /* ... and the reductions, rows shorter than this */
     BN_CHUNK = 16384,        /* elements an elementwise pass hands a thread at a time */
     BN_PARALLEL_MIN = 65536, /* fewer elements than this run on one thread */
-    BN_AHEAD_BYTES = 512,    /* how far ahead in a row a pass reading memory asks for */
+    BN_AHEAD_BYTES = 512,    /* how far ahead in a row a pass asks for rows in cache (and,
+                                from memory, a feature's first tile's rough pass) */
     BN_FAR_AHEAD_BYTES = 2048, /* ... and a pass down a stream of short rows (bn_far_ahead) */
-    BN_STREAM_AHEAD_BYTES = 8192, /* ... and a pipelined pass's rows (bn_rows_ahead) */
+    BN_STREAM_AHEAD_BYTES = 8192, /* ... and a pass over long rows from memory: the
+                                     pipelined ones (bn_rows_ahead), the elementwise
+                                     ones (out_row_ahead) */
     BN_ROWS_AT_ONCE = 4,     /* interleaved statistics and their first block's center:
                                 wide rows a pass (each lane's sums loaded and stored
                                 once for them). C harness, 1 thread,
@@ -63,7 +66,8 @@ enum {
                                 401408x3 0.69 -> 0.53 ms, 200704x64 5.6 -> 5.3 ms */
     BN_IN_CACHE_BYTES = 4 << 20, /* an x this small stays in cache between passes */
     BN_STREAM_BYTES = 16 << 20, /* an output this large is written past the caches */
-    BN_STREAM_FEATURE_BYTES = 1 << 20, /* ... in the training forward, if features are this large */
+    BN_STREAM_FEATURE_BYTES = 1 << 20, /* ... in the pipelined training forward on Intel,
+                                          if features are this large (bn_stream_y) */
     BN_ALIGN_ROW_BYTES = 256, /* an output row this long starts its vectors on a cache line */
 };
 
@@ -354,7 +358,8 @@ static inline int bn_team(bn_shape s)
 }
 
 /* whether the CPU is AMD's: some choices below differ between the memory
- * systems of AMD and Intel (bn_kernels.c) */
+ * systems of AMD and Intel (bn_kernels.c; 0 where the x86 builds are not
+ * compiled, i.e. compilers other than GCC) */
 int bn_cpu_is_amd(void);
 
 /* Whether an output (`bytes` long) is written past the caches: only when it
@@ -373,11 +378,14 @@ static inline int bn_stream_output(const void *out, const void *in, size_t bytes
  * y's lines in cache would push out the rows the pipeline reads again; with
  * smaller features streaming cost more than it saved. Measured (C harness,
  * float32, 1 thread, medians of 9): 128x64x56x56 1.30 -> 1.23 times a copy;
- * 32x256x28x28, were it streamed, 1.12 -> 1.36. On AMD (bn_cpu_is_amd), whose
- * ordinary stores read every line of y from memory before writing it, for
- * features of any size: on the EPYC (Zen 5) CI runs on now (ab_kernels,
- * AVX-512, float32, 1 thread, 15 calls each), 64x64x56x56 1.69 -> 1.11,
- * 32x256x28x28 2.62 -> 1.59, 8x64x112x112 2.07 -> 1.37 times a copy. */
+ * 32x256x28x28, were it streamed, 1.12 -> 1.36. On AMD (bn_cpu_is_amd), for
+ * features of any size: there the ordinary stores' reads of y's lines cost
+ * more than streaming saves them (the Xeon, by the numbers above, got
+ * those reads cheaper). Measured on the EPYC (Zen 5) CI runs on now
+ * (ab_kernels, AVX-512, float32, 1 thread, 15 calls each): 64x64x56x56 1.69 ->
+ * 1.11, 32x256x28x28 2.62 -> 1.59, 8x64x112x112 2.07 -> 1.37 times a copy.
+ * (The training forward of short rows, statistics then bn_forward, streams
+ * as inference does: bn_stream_output.) */
 static inline int bn_stream_y(const void *y, const void *x, bn_shape s, size_t elem_size)
 {
     size_t feature_bytes = bn_count(s) * elem_size;
@@ -414,8 +422,8 @@ static inline int bn_far_ahead(bn_shape s, size_t elem_size)
 }
 
 /* Whether the planar elementwise passes (inference, dx) ask for the inputs of
- * rows of BN_SHORT_ROW or more BN_AHEAD_BYTES ahead as they go
- * (out_row_ahead): only when these come from memory. */
+ * rows of BN_SHORT_ROW or more BN_STREAM_AHEAD_BYTES ahead as they go, across
+ * the ends of rows (out_row_ahead): only when these come from memory. */
 static inline int bn_ask_ahead(bn_shape s, size_t elem_size)
 {
     return s.inner >= BN_SHORT_ROW && !bn_in_cache(s, elem_size);
@@ -491,7 +499,9 @@ typedef struct {
     int has_first, has_second;
 } bn_row_asks;
 
-/* the asks for a reader's next `bytes` (at most a row), the walk moved past them */
+/* the asks for a reader's next `bytes`, the walk moved past them: `bytes` at
+ * most a row's (every caller reads a row, or a piece of one, at a time), or
+ * the asks would run past the second row */
 static inline bn_row_asks bn_rows_ahead_take(bn_rows_ahead *a, size_t bytes)
 {
     bn_row_asks r = {a->at, 0, bytes, !a->done, 0};

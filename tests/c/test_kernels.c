@@ -163,7 +163,7 @@ static void test_workspace(void)
 static void test_rows_ahead(void)
 {
     bn_shape s = {3, 4, 40};
-    float x[3 * 4 * 40];
+    static float x[3 * 4 * 40];
     bn_rows_ahead a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 1, 3);
     size_t visits = 0;
     for (size_t c = 1; c < 3; c++) {
