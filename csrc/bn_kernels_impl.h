@@ -117,6 +117,20 @@ BN_INLINE void NAME(ask_ahead_of)(const char *x, const char *other, const bn_row
     }
 }
 
+/* *walk set to ask for features c0 .. c1 - 1 of x (and of `other`, NULL for
+ * none) ahead of a reader, and returned, when x comes from memory; NULL (no
+ * walk: the passes' own requests) when it stays in cache */
+BN_INLINE bn_rows_ahead *NAME(rows_ahead_from_memory)(bn_rows_ahead *walk, const T *x,
+                                                      const T *other, bn_shape s, size_t c0,
+                                                      size_t c1)
+{
+    if (bn_in_cache(s, sizeof(T))) {
+        return NULL;
+    }
+    *walk = bn_rows_ahead_from(x, other, s, sizeof(T), c0, c1);
+    return walk;
+}
+
 /* Ask for the start of row[0 .. n) before it is needed: a feature's rows lie
  * far apart, and the hardware prefetcher only ramps up within a row, so
  * every row would otherwise begin with a full miss. The
@@ -543,11 +557,7 @@ static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *me
                                              double eps, bn_shape s, int stream, size_t c0,
                                              size_t c1)
 {
-    bn_rows_ahead walk, *ahead = NULL;
-    if (!bn_in_cache(s, sizeof(T))) {
-        walk = bn_rows_ahead_from(x, NULL, s, sizeof(T), c0, c1);
-        ahead = &walk;
-    }
+    bn_rows_ahead walk, *ahead = NAME(rows_ahead_from_memory)(&walk, x, NULL, s, c0, c1);
     if (c0 < c1) {
         double first = NAME(first_value)(x, s, c0);
         stats[c0] = NAME(planar_feature_stats)(x, s, c0, first, ahead);
@@ -587,11 +597,7 @@ static void NAME(planar_stats_feature)(bn_partial *stats, const T *x,
 {
     /* no shift given: the feature's first value, and the mean made absolute */
     double about = shift ? shift[c] : NAME(first_value)(x, s, c);
-    bn_rows_ahead walk, *ahead = NULL;
-    if (!bn_in_cache(s, sizeof(T))) {
-        walk = bn_rows_ahead_from(x, NULL, s, sizeof(T), c, c + 1);
-        ahead = &walk;
-    }
+    bn_rows_ahead walk, *ahead = NAME(rows_ahead_from_memory)(&walk, x, NULL, s, c, c + 1);
     stats[c] = NAME(planar_feature_stats)(x, s, c, about, ahead);
     if (!shift) {
         bn_partial_unshift(stats + c, &about, 1);
@@ -736,17 +742,6 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
     NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, n, NULL, ahead);
 }
 
-/* a walk asking for features c0 .. c1 - 1 of x and dy ahead, or NULL (in
- * cache) */
-BN_INLINE bn_rows_ahead *NAME(grad_rows_ahead)(bn_rows_ahead *walk, const T *dy, const T *x,
-                                               bn_shape s, size_t c0, size_t c1)
-{
-    if (bn_in_cache(s, sizeof(T))) {
-        return NULL;
-    }
-    *walk = bn_rows_ahead_from(x, dy, s, sizeof(T), c0, c1);
-    return walk;
-}
 
 /* Backward of features c0 .. c1 - 1, pipelined like the training forward:
  * dx of feature c is written (its dy and x come back from cache) in the loop
@@ -760,7 +755,7 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                                         size_t c1)
 {
     double sum_dy = 0.0, sum_dy_dev = 0.0;
-    bn_rows_ahead walk, *ahead = NAME(grad_rows_ahead)(&walk, dy, x, s, c0, c1);
+    bn_rows_ahead walk, *ahead = NAME(rows_ahead_from_memory)(&walk, x, dy, s, c0, c1);
     for (size_t o = 0; o < s.outer && c0 < c1; o++) {
         NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c0, s), ROW(x, o, c0, s), s.inner,
                             mean[c0], ahead);
@@ -1336,7 +1331,7 @@ static void NAME(planar_grad_sums_feature)(double *dgamma, double *dbeta,
                                            bn_shape s, size_t c)
 {
     double sum_dy = 0.0, sum_dy_dev = 0.0;
-    bn_rows_ahead walk, *ahead = NAME(grad_rows_ahead)(&walk, dy, x, s, c, c + 1);
+    bn_rows_ahead walk, *ahead = NAME(rows_ahead_from_memory)(&walk, x, dy, s, c, c + 1);
     for (size_t o = 0; o < s.outer; o++) {
         NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c, s), ROW(x, o, c, s), s.inner,
                             mean[c], ahead);
