@@ -347,6 +347,19 @@ BN_INLINE void NAME(out_row_ahead)(const NAME(bn_out_row) *r, size_t left)
     NAME(row_values)(r->out, r->in, r->x, i, r->n, r->k, r->op);
 }
 
+/* one whole row of an elementwise pass over rows in memory order: with
+ * `ahead` (bn_ask_ahead), its inputs asked for as out_row_ahead does, as far
+ * as the `left` values from its start go */
+BN_INLINE void NAME(out_row_asking)(const NAME(bn_out_row) *r, int ahead, size_t left)
+{
+    if (ahead) {
+        NAME(out_row_ahead)(r, left);
+    }
+    else {
+        NAME(out_row)(r);
+    }
+}
+
 /* ---- planar tiles ---------------------------------------------------------
  * A feature's statistics come tile by tile (bn_tile_at): each tile is small
  * enough for L1 (so that the first tile's two passes cost one read from
@@ -621,12 +634,7 @@ static void NAME(planar_forward_rows)(T *y, const T *x, const double *mean,
         bn_row_coefficients k = {.mean = mean[c], .scale = scale[c], .beta = shift[c]};
         NAME(bn_out_row) row = NAME(out_row_of)(y + r * s.inner, x + r * s.inner, NULL,
                                                 s.inner, &k, BN_ROW_NORMALIZE, stream);
-        if (ahead) {
-            NAME(out_row_ahead)(&row, n - r * s.inner);
-        }
-        else {
-            NAME(out_row)(&row);
-        }
+        NAME(out_row_asking)(&row, ahead, n - r * s.inner);
     }
     if (stream) {
         bn_stream_fence();
@@ -741,7 +749,6 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
 {
     NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, n, NULL, ahead);
 }
-
 
 /* Backward of features c0 .. c1 - 1, pipelined like the training forward:
  * dx of feature c is written (its dy and x come back from cache) in the loop
@@ -1359,12 +1366,7 @@ static void NAME(planar_dx_rows)(T *dx, const T *dy, const T *x,
         NAME(bn_out_row) row = NAME(out_row_of)(dx + r * s.inner, dy + r * s.inner,
                                                 x + r * s.inner, s.inner, &k[r % s.channels],
                                                 bn_dx_op(training), stream);
-        if (ahead) {
-            NAME(out_row_ahead)(&row, n - r * s.inner);
-        }
-        else {
-            NAME(out_row)(&row);
-        }
+        NAME(out_row_asking)(&row, ahead, n - r * s.inner);
     }
     if (stream) {
         bn_stream_fence();
