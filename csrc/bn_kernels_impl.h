@@ -143,7 +143,7 @@ BN_INLINE bn_rows_ahead *NAME(rows_ahead_from_memory)(bn_rows_ahead *walk, const
     if (bn_in_cache(s, sizeof(T))) {
         return NULL;
     }
-    *walk = bn_rows_ahead_from(x, other, s, sizeof(T), c0, c1);
+    *walk = bn_rows_ahead_from(x, other, s, sizeof(T), c0, c1, BN_STREAM_AHEAD_BYTES);
     return walk;
 }
 
@@ -750,23 +750,22 @@ BN_INLINE void NAME(lanes_add_grads)(bn_lanes *a, bn_lanes *a2, const T *dy, con
 }
 
 /* One vector of row_grad_lanes_writing_dx at i, with all of its tests: the
- * sums of feature `next` at i and, when the dx row has a vector there, dx's;
- * returns dx's next i */
+ * sums of feature `next` at i and, when the dx row has a vector there, dx's
+ * (with its asks `back`); returns dx's next i */
 BN_INLINE size_t NAME(grad_vec_testing)(bn_lanes *a, bn_lanes *a2, const T *next_dy,
                                         const T *next_x, double next_mean, size_t i, size_t n,
                                         const NAME(bn_out_row) *dx, size_t dx_at,
-                                        const bn_rows_ahead *ahead, const bn_row_asks *asks)
+                                        const bn_asking *ahead, const bn_asking *back)
 {
     if (ahead) {
-        NAME(ask_ahead_of)(ahead->x, ahead->other, asks, i * sizeof(T));
+        NAME(ask_ahead_of)(ahead->x, ahead->other, &ahead->r, i * sizeof(T));
     }
     else {
         NAME(prefetch_ahead)(next_dy, i, n);
         NAME(prefetch_ahead)(next_x, i, n);
     }
-    if (dx) { /* its dy and x come back from L2, or L3 once features outgrow L2 */
-        NAME(prefetch_ahead)(dx->in, i, n);
-        NAME(prefetch_ahead)(dx->x, i, n);
+    if (dx) {
+        NAME(ask_ahead_of)(back->x, back->other, &back->r, i * sizeof(T));
     }
     NAME(lanes_add_grads)(a, a2, next_dy + i, next_x + i, next_mean);
     return dx ? NAME(out_next_vec)(dx, dx_at) : dx_at;
@@ -774,31 +773,33 @@ BN_INLINE size_t NAME(grad_vec_testing)(bn_lanes *a, bn_lanes *a2, const T *next
 
 /* The vectors at i, i + 16, ... below `end` of row_grad_lanes_writing_dx
  * from memory, none of which needs a test: each has a dx vector (at dx_at,
- * dx_at + 16, ...), its lines of dx's dy and x BN_AHEAD_BYTES ahead within
- * the row, and its asks of the walk at `ask` bytes past its own (one side of
- * the asks' split). op and stream are constants at each call, so that the
- * loop has no branch but its own; returns dx's next i. The same sums in the
- * same order as grad_vec_testing. The tested loop took about 75 instructions
- * a vector, this one 46; times a copy (ab_kernels, medians of 15-21 calls, 1
+ * dx_at + 16, ...), and its asks, of the sums' walk and of the dy and x dx
+ * reads back, at `ask` and `back_ask` bytes past its own (one side of each
+ * asks' split). op and stream are constants at each call, so that the loop
+ * has no branch but its own; returns dx's next i. The same sums in the same
+ * order as grad_vec_testing. The tested loop took about 75 instructions a
+ * vector, this one 46; times a copy (ab_kernels, medians of 15-21 calls, 1
  * thread, on the EPYC): float32 AVX-512 64x64x3136 1.80 -> 1.62, 32x256x784
  * 2.15 -> 1.80, 8x64x12544 1.65 -> 1.58, 128x64x3136 2.08 -> 1.91; float64
  * AVX-512 64x64x3136 2.01 -> 1.90; float32 AVX2 2.01 -> 1.87. */
 BN_INLINE size_t NAME(grad_vecs_plain)(bn_lanes *a, bn_lanes *a2, const T *next_dy,
                                        const T *next_x, double next_mean, size_t i,
                                        size_t end, const NAME(bn_out_row) *dx, size_t dx_at,
-                                       const bn_rows_ahead *ahead, size_t ask, bn_row_op op,
+                                       const bn_asking *ahead, size_t ask,
+                                       const bn_asking *back, size_t back_ask, bn_row_op op,
                                        int stream)
 {
     const char *ask_x = ahead->x, *ask_dy = ahead->other;
+    const char *back_dy = back->x, *back_x = back->other;
     for (; i < end; i += BN_LANES, dx_at += BN_LANES) {
         for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
-            size_t at = ask + i * sizeof(T) + b;
+            size_t at = ask + i * sizeof(T) + b, back_at = back_ask + i * sizeof(T) + b;
             __builtin_prefetch(ask_x + at, 0, 3);
             __builtin_prefetch(ask_dy + at, 0, 3);
-        }
-        NAME(prefetch_ahead_within)(dx->in, i);
-        if (op == BN_ROW_DX_TRAIN) {
-            NAME(prefetch_ahead_within)(dx->x, i);
+            __builtin_prefetch(back_dy + back_at, 0, 3);
+            if (op == BN_ROW_DX_TRAIN) {
+                __builtin_prefetch(back_x + back_at, 0, 3);
+            }
         }
         NAME(lanes_add_grads)(a, a2, next_dy + i, next_x + i, next_mean);
         NAME(row_vec)(dx->out, dx->in, dx->x, dx_at, dx->k, op, stream);
@@ -812,17 +813,18 @@ BN_INLINE size_t NAME(grad_vecs_plain)(bn_lanes *a, bn_lanes *a2, const T *next_
 BN_INLINE size_t NAME(grad_vecs_run)(bn_lanes *a, bn_lanes *a2, const T *next_dy,
                                      const T *next_x, double next_mean, size_t i,
                                      size_t end, const NAME(bn_out_row) *dx, size_t *dx_at,
-                                     const bn_rows_ahead *ahead, const bn_row_asks *asks)
+                                     const bn_asking *ahead, const bn_asking *back)
 {
-    size_t ask;
-    end = NAME(asks_run_end)(asks, i, end, &ask);
+    size_t ask, back_ask;
+    end = NAME(asks_run_end)(&ahead->r, i, end, &ask);
+    end = NAME(asks_run_end)(&back->r, i, end, &back_ask);
     if (end <= i) {
         return i;
     }
     size_t vecs = (end - i + BN_LANES - 1) / BN_LANES;
 #define BN_GRAD_RUN(op, stream)                                                             \
     NAME(grad_vecs_plain)(a, a2, next_dy, next_x, next_mean, i, end, dx, *dx_at, ahead, ask, \
-                          op, stream)
+                          back, back_ask, op, stream)
     if (dx->op == BN_ROW_DX_TRAIN) {
         *dx_at = dx->stream ? BN_GRAD_RUN(BN_ROW_DX_TRAIN, 1) : BN_GRAD_RUN(BN_ROW_DX_TRAIN, 0);
     }
@@ -831,6 +833,19 @@ BN_INLINE size_t NAME(grad_vecs_run)(bn_lanes *a, bn_lanes *a2, const T *next_dy
     }
 #undef BN_GRAD_RUN
     return i + vecs * BN_LANES;
+}
+
+/* What the loop that writes dx row `dx` (`bytes` long) asks for of the dy
+ * and x it reads back (x only in training): the rows ahead of it from the
+ * walk `back` when given, else BN_AHEAD_BYTES ahead within the row */
+BN_INLINE bn_asking NAME(dx_asking)(const NAME(bn_out_row) *dx, bn_rows_ahead *back,
+                                    size_t bytes)
+{
+    if (back) {
+        return (bn_asking){back->x, back->other, bn_rows_ahead_take(back, bytes)};
+    }
+    const char *x = dx->op == BN_ROW_DX_TRAIN ? (const char *)dx->x : NULL;
+    return (bn_asking){(const char *)dx->in, x, bn_row_asks_within(bytes)};
 }
 
 /* One row of feature `next` added to 16 lanes (from the row's first value)
@@ -844,29 +859,28 @@ BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double
                                                double *tail2, const T *next_dy,
                                                const T *next_x, double next_mean, size_t n,
                                                const NAME(bn_out_row) *dx,
-                                               bn_rows_ahead *ahead)
+                                               bn_rows_ahead *ahead, bn_rows_ahead *back)
 {
     size_t i = 0, dx_at = dx ? dx->head : 0;
+    bn_asking sums = {0}, *asking = NULL, dx_asks = {0};
+    if (ahead) {
+        sums = (bn_asking){ahead->x, ahead->other, bn_rows_ahead_take(ahead, n * sizeof(T))};
+        asking = &sums;
+    }
     if (dx) {
         NAME(out_head)(dx);
+        dx_asks = NAME(dx_asking)(dx, back, n * sizeof(T));
     }
-    bn_row_asks asks = {0};
-    if (ahead) {
-        asks = bn_rows_ahead_take(ahead, n * sizeof(T));
-    }
-    size_t plain_end = 0; /* below it, every vector has a dx vector and dx's asks */
-    if (ahead && ahead->other && dx) {
-        size_t with_dx = (n - dx->head) / BN_LANES * BN_LANES;
-        size_t within = NAME(vectors_ahead_within)(0, n, n) * BN_LANES;
-        plain_end = with_dx < within ? with_dx : within;
-    }
+    /* below plain_end, every vector has a dx vector */
+    size_t plain_end = ahead && ahead->other && dx ? (n - dx->head) / BN_LANES * BN_LANES : 0;
     while (i + BN_LANES <= n) {
         size_t next = i < plain_end ? NAME(grad_vecs_run)(a, a2, next_dy, next_x, next_mean, i,
-                                                          plain_end, dx, &dx_at, ahead, &asks)
+                                                          plain_end, dx, &dx_at, asking,
+                                                          &dx_asks)
                                     : i;
         if (next == i) {
             dx_at = NAME(grad_vec_testing)(a, a2, next_dy, next_x, next_mean, i, n, dx, dx_at,
-                                           ahead, &asks);
+                                           asking, &dx_asks);
             next = i + BN_LANES;
         }
         i = next;
@@ -888,12 +902,12 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
                                               const T *next_dy, const T *next_x,
                                               double next_mean, size_t n,
                                               const NAME(bn_out_row) *dx,
-                                              bn_rows_ahead *ahead)
+                                              bn_rows_ahead *ahead, bn_rows_ahead *back)
 {
     bn_lanes a = {0}, a2 = {0};
     double tail = 0.0, tail2 = 0.0;
     NAME(row_grad_lanes_writing_dx)(&a, &a2, &tail, &tail2, next_dy, next_x, next_mean, n, dx,
-                                    ahead);
+                                    ahead, back);
     *sum_dy += bn_lanes_total(&a) + tail;
     *sum_dy_dev += bn_lanes_total(&a2) + tail2;
 }
@@ -903,14 +917,39 @@ BN_INLINE void NAME(row_grad_sums_writing_dx)(double *sum_dy, double *sum_dy_dev
 BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *dy,
                                    const T *x, size_t n, double mean, bn_rows_ahead *ahead)
 {
-    NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, n, NULL, ahead);
+    NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, n, NULL, ahead, NULL);
+}
+
+/* *walk set to ask for the dy (and in training the x) that the pipelined
+ * backward of features c0 .. c1 - 1 reads back to write dx, and returned,
+ * when x comes `from_memory` and a feature's dy and x outgrow L2, so that
+ * they come back from L3: BN_READBACK_AHEAD_BYTES ahead across the rows, not
+ * BN_AHEAD_BYTES within each (dx_asking). Set up after feature c0's sums,
+ * whose reads brought its first rows in. Times a copy (ab_kernels, medians
+ * of 15-21 calls, 1 thread, on the EPYC), AVX-512 float32: 64x64x3136
+ * 1.63 -> 1.46, 128x64x3136 1.88 -> 1.48, 8x64x12544 1.53 -> 1.48; float64
+ * 128x64x3136 2.04 -> 1.80; AVX2 float32 64x64x3136 2.15 -> 1.93. Features
+ * that fit in L2 (32x256x784: 200 KB) were as fast either way; with the walk
+ * for every feature, 1, 2 and 4 KB ahead gave 64x64x3136 1.34, 1.40 and
+ * 1.44, 128x64x3136 1.62, 1.48 and 1.45. */
+BN_INLINE bn_rows_ahead *NAME(readback_walk)(bn_rows_ahead *walk, const T *dy, const T *x,
+                                             bn_shape s, int training, int from_memory,
+                                             size_t c0, size_t c1)
+{
+    if (!from_memory || 2 * bn_count(s) * sizeof(T) < BN_READBACK_WALK_BYTES) {
+        return NULL;
+    }
+    *walk = bn_rows_ahead_from(dy, training ? x : NULL, s, sizeof(T), c0, c1,
+                               BN_READBACK_AHEAD_BYTES);
+    return walk;
 }
 
 /* Backward of features c0 .. c1 - 1, pipelined like the training forward:
  * dx of feature c is written (its dy and x come back from cache) in the loop
  * that streams feature c + 1's dy and x in for its two sums. With `stream`,
  * dx goes past the caches. From memory, one walk asks for the sums' rows ahead
- * of them through all the features (bn_rows_ahead). */
+ * of them through all the features (bn_rows_ahead), and for large features a
+ * second asks for the rows read back (readback_walk). */
 static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                                         const T *dy, const T *x, const double *mean,
                                         const double *invstd, const T *gamma,
@@ -923,6 +962,8 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
         NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c0, s), ROW(x, o, c0, s), s.inner,
                             mean[c0], ahead);
     }
+    bn_rows_ahead back_walk, *back = NAME(readback_walk)(&back_walk, dy, x, s, training,
+                                                         ahead != NULL, c0, c1);
     for (size_t c = c0; c < c1; c++) {
         bn_row_coefficients k = NAME(dx_coefficients)(dgamma, dbeta, sum_dy, sum_dy_dev, mean,
                                                       invstd, gamma, s, training, c);
@@ -938,7 +979,7 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
                 }
                 NAME(row_grad_sums_writing_dx)(&sum_dy, &sum_dy_dev, ROW(dy, o, c + 1, s),
                                                ROW(x, o, c + 1, s), mean[c + 1], s.inner,
-                                               &row, ahead);
+                                               &row, ahead, back);
             }
             else {
                 NAME(out_row)(&row);
@@ -1427,7 +1468,7 @@ static void NAME(planar_group_grads)(double *sums, const T *dy, const T *x,
                     NAME(prefetch_far)(x, at, at + s.inner, n);
                 }
                 NAME(row_grad_lanes_writing_dx)(&a, &a2, &tail, &tail2, dy + at, x + at,
-                                                mean[c], s.inner, NULL, NULL);
+                                                mean[c], s.inner, NULL, NULL, NULL);
             }
             sums[c] += bn_lanes_total(&a) + tail;
             sums[C + c] += bn_lanes_total(&a2) + tail2;

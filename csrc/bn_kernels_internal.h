@@ -64,6 +64,10 @@ enum {
                                 statistics pass: 256x1024 float32 in cache 0.37 -> 0.29
                                 ns a value; from memory, with prefetch_far for each row,
                                 401408x3 0.69 -> 0.53 ms, 200704x64 5.6 -> 5.3 ms */
+    BN_READBACK_AHEAD_BYTES = 2048, /* ... and the pipelined backward's second walk, for
+                                       the dy and x it reads back to write dx ... */
+    BN_READBACK_WALK_BYTES = 512 << 10, /* ... taken when a feature's dy and x are this
+                                           large: they come back from L3 */
     BN_IN_CACHE_BYTES = 4 << 20, /* an x this small stays in cache between passes */
     BN_STREAM_BYTES = 16 << 20, /* an output this large is written past the caches */
     BN_STREAM_FEATURE_BYTES = 1 << 20, /* ... in the pipelined training forward on Intel,
@@ -516,6 +520,21 @@ static inline bn_row_asks bn_rows_ahead_take(bn_rows_ahead *a, size_t bytes)
     return r;
 }
 
+/* The asks of a row BN_AHEAD_BYTES ahead within itself (`bytes` long): the
+ * lines of the row that far past a reader's, as long as the row has them */
+static inline bn_row_asks bn_row_asks_within(size_t bytes)
+{
+    size_t split = bytes > BN_AHEAD_BYTES ? bytes - BN_AHEAD_BYTES : 0;
+    return (bn_row_asks){BN_AHEAD_BYTES, 0, split, 1, 0};
+}
+
+/* What a loop asks for ahead of it: the lines of x (and of `other`, when
+ * not NULL) at the places r gives, bytes from x's and other's starts */
+typedef struct {
+    const char *x, *other;
+    bn_row_asks r;
+} bn_asking;
+
 /* a walk of features c0 .. c1 - 1 of x (and `other`, an array of x's shape;
  * NULL for none), at the first row of c0 */
 static inline bn_rows_ahead bn_rows_ahead_at(const void *x, const void *other, bn_shape s,
@@ -528,13 +547,14 @@ static inline bn_rows_ahead bn_rows_ahead_at(const void *x, const void *other, b
                            c0 >= c1 || row_bytes == 0 || s.outer == 0};
 }
 
-/* that walk, having asked for the first BN_STREAM_AHEAD_BYTES of the rows:
- * to go in front of a reader starting at feature c0's first row */
+/* that walk, having asked for the first `ahead` bytes of the rows: to go
+ * that far in front of a reader starting at feature c0's first row */
 static inline bn_rows_ahead bn_rows_ahead_from(const void *x, const void *other, bn_shape s,
-                                               size_t elem_size, size_t c0, size_t c1)
+                                               size_t elem_size, size_t c0, size_t c1,
+                                               size_t ahead)
 {
     bn_rows_ahead a = bn_rows_ahead_at(x, other, s, elem_size, c0, c1);
-    for (size_t b = 0; b < BN_STREAM_AHEAD_BYTES && !a.done; b += 64) {
+    for (size_t b = 0; b < ahead && !a.done; b += 64) {
         bn_rows_ahead_ask(&a);
     }
     return a;

@@ -209,6 +209,16 @@ static void test_rows_ahead(void)
     CHECK_CLOSE((double)last.split, 10, 0);
     CHECK_CLOSE((double)(last.has_first && !last.has_second), 1, 0);
     CHECK_CLOSE((double)a.done, 1, 0);
+    /* a walk set to go 192 bytes ahead has moved so far, across the end of
+       feature 1's row 0 (bytes 160 .. 320) to 32 into its row 1 (800) */
+    a = bn_rows_ahead_from(x, NULL, s, sizeof(float), 1, 3, 192);
+    CHECK_CLOSE((double)a.at, 832, 0);
+    /* asks within a row: BN_AHEAD_BYTES ahead, as far as the row goes */
+    bn_row_asks within = bn_row_asks_within(3000);
+    CHECK_CLOSE((double)within.first, BN_AHEAD_BYTES, 0);
+    CHECK_CLOSE((double)within.split, 3000 - BN_AHEAD_BYTES, 0);
+    CHECK_CLOSE((double)(within.has_first && !within.has_second), 1, 0);
+    CHECK_CLOSE((double)bn_row_asks_within(BN_AHEAD_BYTES).split, 0, 0);
     /* no features, no rows: done from the start */
     CHECK_CLOSE((double)bn_rows_ahead_at(x, NULL, s, sizeof(float), 2, 2).done, 1, 0);
     bn_shape empty = {0, 4, 40};
