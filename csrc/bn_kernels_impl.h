@@ -376,6 +376,47 @@ BN_INLINE void NAME(out_row_asking)(const NAME(bn_out_row) *r, int ahead, size_t
     }
 }
 
+/* *walk set to ask, BN_READBACK_AHEAD_BYTES ahead across the rows, for the
+ * values a pipelined pass over features c0 .. c1 - 1 reads back from cache
+ * (to normalize, or write dx): features of `a` (and of `b`, when not NULL),
+ * and returned, when x comes `from_memory` and those features outgrow L2, so
+ * that they come back from L3; NULL when they do not (read_back_asking asks
+ * BN_AHEAD_BYTES ahead within each row then). Set up after feature c0's
+ * first pass, whose reads brought its first rows in. Measured in the
+ * backward, times a copy (ab_kernels, medians of 15-21 calls, 1 thread, on
+ * the EPYC), AVX-512 float32: 64x64x3136 1.63 -> 1.46, 128x64x3136 1.88 ->
+ * 1.48, 8x64x12544 1.53 -> 1.48; float64 128x64x3136 2.04 -> 1.80; AVX2
+ * float32 64x64x3136 2.15 -> 1.93. Features that fit in L2 (32x256x784:
+ * 200 KB) were as fast either way; with the walk for every feature, 1, 2
+ * and 4 KB ahead gave 64x64x3136 1.34, 1.40 and 1.44, 128x64x3136 1.62, 1.48
+ * and 1.45. In the training forward, which had asked for nothing it reads
+ * back, float32 AVX-512: 64x64x3136 1.14 -> 0.97, 128x64x3136 1.09 -> 0.97,
+ * 32x256x784 (in-row asks) 1.10 -> 1.04; float64, and AVX2, as before within
+ * noise (31 calls each). */
+BN_INLINE bn_rows_ahead *NAME(readback_walk)(bn_rows_ahead *walk, const T *a, const T *b,
+                                             bn_shape s, int from_memory, size_t c0,
+                                             size_t c1)
+{
+    size_t bytes = (b ? 2 : 1) * bn_count(s) * sizeof(T);
+    if (!from_memory || bytes < BN_READBACK_WALK_BYTES) {
+        return NULL;
+    }
+    *walk = bn_rows_ahead_from(a, b, s, sizeof(T), c0, c1, BN_READBACK_AHEAD_BYTES);
+    return walk;
+}
+
+/* What a pass asks for of the next `bytes` it reads back from `row` (and
+ * from `other_row`, when not NULL, the walk's `other`): from the walk `back`
+ * when given, else BN_AHEAD_BYTES ahead within the rows */
+BN_INLINE bn_asking NAME(read_back_asking)(bn_rows_ahead *back, const T *row,
+                                           const T *other_row, size_t bytes)
+{
+    if (back) {
+        return (bn_asking){back->x, back->other, bn_rows_ahead_take(back, bytes)};
+    }
+    return (bn_asking){(const char *)row, (const char *)other_row, bn_row_asks_within(bytes)};
+}
+
 /* ---- planar tiles ---------------------------------------------------------
  * A feature's statistics come tile by tile (bn_tile_at): each tile is small
  * enough for L1 (so that the first tile's two passes cost one read from
@@ -479,6 +520,7 @@ typedef struct {
     const T *x;
     const bn_row_coefficients *k;
     int stream;
+    bn_rows_ahead *back; /* asks for the x it reads back, or NULL (readback_walk) */
 } NAME(bn_normalizing);
 
 /* The vectors at i, i + 16, ... below `end` of a row of tile_stats_normalizing
@@ -492,11 +534,13 @@ typedef struct {
 BN_INLINE size_t NAME(deviation_vecs_plain)(bn_lanes *a, bn_lanes *a2, const T *row,
                                             double center, size_t i, size_t end, bn_tile t,
                                             const NAME(bn_out_row) *y, size_t y_at,
-                                            const char *ask_x, size_t ask, int stream)
+                                            const char *ask_x, size_t ask, const char *back_x,
+                                            size_t back_ask, int stream)
 {
     for (; i < end; i += BN_LANES, y_at += BN_LANES) {
         for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
             __builtin_prefetch(ask_x + ask + (i - t.i0) * sizeof(T) + b, 0, 3);
+            __builtin_prefetch(back_x + back_ask + (i - t.i0) * sizeof(T) + b, 0, 3);
         }
         NAME(lanes_add_deviations)(a, a2, row + i, center);
         NAME(row_vec)(y->out, y->in, NULL, y_at, y->k, BN_ROW_NORMALIZE, stream);
@@ -510,18 +554,20 @@ BN_INLINE size_t NAME(deviation_vecs_plain)(bn_lanes *a, bn_lanes *a2, const T *
 BN_INLINE size_t NAME(deviation_vecs_run)(bn_lanes *a, bn_lanes *a2, const T *row,
                                           double center, size_t i, bn_tile t,
                                           const NAME(bn_out_row) *y, size_t *y_at,
-                                          const bn_rows_ahead *ahead, const bn_row_asks *asks)
+                                          const bn_rows_ahead *ahead, const bn_row_asks *asks,
+                                          const bn_asking *back)
 {
-    size_t ask, with_y = NAME(out_vecs_left)(y, *y_at) * BN_LANES;
-    size_t end = t.i0 + NAME(asks_run_end)(asks, i - t.i0, i - t.i0 + with_y, &ask);
+    size_t ask, back_ask, with_y = NAME(out_vecs_left)(y, *y_at) * BN_LANES;
+    size_t end = NAME(asks_run_end)(asks, i - t.i0, i - t.i0 + with_y, &ask);
+    end = t.i0 + NAME(asks_run_end)(&back->r, i - t.i0, end, &back_ask);
     if (end <= i) {
         return i;
     }
     size_t vecs = (end - i + BN_LANES - 1) / BN_LANES;
     *y_at = y->stream ? NAME(deviation_vecs_plain)(a, a2, row, center, i, end, t, y, *y_at,
-                                                   ahead->x, ask, 1)
+                                                   ahead->x, ask, back->x, back_ask, 1)
                       : NAME(deviation_vecs_plain)(a, a2, row, center, i, end, t, y, *y_at,
-                                                   ahead->x, ask, 0);
+                                                   ahead->x, ask, back->x, back_ask, 0);
     return i + vecs * BN_LANES;
 }
 
@@ -555,12 +601,19 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
         size_t i = t.i0;
         if (ahead) {
             bn_row_asks asks = bn_rows_ahead_take(ahead, (t.i1 - t.i0) * sizeof(T));
+            bn_asking back = {0};
+            if (norm) {
+                back = NAME(read_back_asking)(norm->back, y.in, NULL, (t.i1 - t.i0) * sizeof(T));
+            }
             while (i + BN_LANES <= t.i1) {
                 size_t next = norm ? NAME(deviation_vecs_run)(&a, &a2, row, center, i, t,
-                                                               &y, &y_at, ahead, &asks)
+                                                               &y, &y_at, ahead, &asks, &back)
                                    : i;
                 if (next == i) {
                     NAME(ask_ahead_of)(ahead->x, NULL, &asks, (i - t.i0) * sizeof(T));
+                    if (norm) {
+                        NAME(ask_ahead_of)(back.x, NULL, &back.r, (i - t.i0) * sizeof(T));
+                    }
                     NAME(lanes_add_deviations)(&a, &a2, row + i, center);
                     if (norm) {
                         y_at = NAME(out_next_vec)(&y, y_at);
@@ -643,6 +696,8 @@ static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *me
         stats[c0] = NAME(planar_feature_stats)(x, s, c0, first, ahead);
         bn_partial_unshift(stats + c0, &first, 1);
     }
+    bn_rows_ahead back_walk, *back = NAME(readback_walk)(&back_walk, x, NULL, s, ahead != NULL,
+                                                         c0, c1);
     for (size_t c = c0; c < c1; c++) {
         bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
         bn_row_coefficients k = {.mean = mean[c],
@@ -656,7 +711,7 @@ static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *me
             }
             break;
         }
-        NAME(bn_normalizing) norm = {y + c * s.inner, x + c * s.inner, &k, stream};
+        NAME(bn_normalizing) norm = {y + c * s.inner, x + c * s.inner, &k, stream, back};
         const T *next = x + (c + 1) * s.inner;
         double next_first = NAME(first_value)(x, s, c + 1);
         bn_partial total = {0.0, 0.0, 0.0};
@@ -835,19 +890,6 @@ BN_INLINE size_t NAME(grad_vecs_run)(bn_lanes *a, bn_lanes *a2, const T *next_dy
     return i + vecs * BN_LANES;
 }
 
-/* What the loop that writes dx row `dx` (`bytes` long) asks for of the dy
- * and x it reads back (x only in training): the rows ahead of it from the
- * walk `back` when given, else BN_AHEAD_BYTES ahead within the row */
-BN_INLINE bn_asking NAME(dx_asking)(const NAME(bn_out_row) *dx, bn_rows_ahead *back,
-                                    size_t bytes)
-{
-    if (back) {
-        return (bn_asking){back->x, back->other, bn_rows_ahead_take(back, bytes)};
-    }
-    const char *x = dx->op == BN_ROW_DX_TRAIN ? (const char *)dx->x : NULL;
-    return (bn_asking){(const char *)dx->in, x, bn_row_asks_within(bytes)};
-}
-
 /* One row of feature `next` added to 16 lanes (from the row's first value)
  * and a scalar tail: a, tail += dy; a2, tail2 += dy * (x - next_mean). With a
  * dx row given, the same loop writes it (the current feature's), so the reads
@@ -869,7 +911,8 @@ BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double
     }
     if (dx) {
         NAME(out_head)(dx);
-        dx_asks = NAME(dx_asking)(dx, back, n * sizeof(T));
+        const T *dx_x = dx->op == BN_ROW_DX_TRAIN ? dx->x : NULL; /* eval reads no x */
+        dx_asks = NAME(read_back_asking)(back, dx->in, dx_x, n * sizeof(T));
     }
     /* below plain_end, every vector has a dx vector */
     size_t plain_end = ahead && ahead->other && dx ? (n - dx->head) / BN_LANES * BN_LANES : 0;
@@ -920,30 +963,6 @@ BN_INLINE void NAME(row_grad_sums)(double *sum_dy, double *sum_dy_dev, const T *
     NAME(row_grad_sums_writing_dx)(sum_dy, sum_dy_dev, dy, x, mean, n, NULL, ahead, NULL);
 }
 
-/* *walk set to ask for the dy (and in training the x) that the pipelined
- * backward of features c0 .. c1 - 1 reads back to write dx, and returned,
- * when x comes `from_memory` and a feature's dy and x outgrow L2, so that
- * they come back from L3: BN_READBACK_AHEAD_BYTES ahead across the rows, not
- * BN_AHEAD_BYTES within each (dx_asking). Set up after feature c0's sums,
- * whose reads brought its first rows in. Times a copy (ab_kernels, medians
- * of 15-21 calls, 1 thread, on the EPYC), AVX-512 float32: 64x64x3136
- * 1.63 -> 1.46, 128x64x3136 1.88 -> 1.48, 8x64x12544 1.53 -> 1.48; float64
- * 128x64x3136 2.04 -> 1.80; AVX2 float32 64x64x3136 2.15 -> 1.93. Features
- * that fit in L2 (32x256x784: 200 KB) were as fast either way; with the walk
- * for every feature, 1, 2 and 4 KB ahead gave 64x64x3136 1.34, 1.40 and
- * 1.44, 128x64x3136 1.62, 1.48 and 1.45. */
-BN_INLINE bn_rows_ahead *NAME(readback_walk)(bn_rows_ahead *walk, const T *dy, const T *x,
-                                             bn_shape s, int training, int from_memory,
-                                             size_t c0, size_t c1)
-{
-    if (!from_memory || 2 * bn_count(s) * sizeof(T) < BN_READBACK_WALK_BYTES) {
-        return NULL;
-    }
-    *walk = bn_rows_ahead_from(dy, training ? x : NULL, s, sizeof(T), c0, c1,
-                               BN_READBACK_AHEAD_BYTES);
-    return walk;
-}
-
 /* Backward of features c0 .. c1 - 1, pipelined like the training forward:
  * dx of feature c is written (its dy and x come back from cache) in the loop
  * that streams feature c + 1's dy and x in for its two sums. With `stream`,
@@ -962,8 +981,8 @@ static void NAME(planar_backward_range)(T *dx, double *dgamma, double *dbeta,
         NAME(row_grad_sums)(&sum_dy, &sum_dy_dev, ROW(dy, o, c0, s), ROW(x, o, c0, s), s.inner,
                             mean[c0], ahead);
     }
-    bn_rows_ahead back_walk, *back = NAME(readback_walk)(&back_walk, dy, x, s, training,
-                                                         ahead != NULL, c0, c1);
+    bn_rows_ahead back_walk, *back = NAME(readback_walk)(&back_walk, dy, training ? x : NULL,
+                                                         s, ahead != NULL, c0, c1);
     for (size_t c = c0; c < c1; c++) {
         bn_row_coefficients k = NAME(dx_coefficients)(dgamma, dbeta, sum_dy, sum_dy_dev, mean,
                                                       invstd, gamma, s, training, c);
