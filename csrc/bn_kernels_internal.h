@@ -177,6 +177,16 @@ static inline void bn_spread(double *wide, size_t C, size_t inner, size_t R)
     bn_repeat(wide, C * inner, R);
 }
 
+/* wide[0 .. R) rotated by head (< 16) lanes: wide[j] <- wide[(j + head) % R]
+ * (for streamed passes: interleaved_forward_streamed) */
+static inline void bn_rotate_lanes(double *wide, size_t R, size_t head)
+{
+    double first[16];
+    memcpy(first, wide, head * sizeof *wide);
+    memmove(wide, wide + head, (R - head) * sizeof *wide);
+    memcpy(wide + R - head, first, head * sizeof *wide);
+}
+
 /* wide[0 .. R) <- values[C] spread over a wide row of shape s (bn_wide_len) */
 static inline void bn_spread_copy(double *wide, const double *values, bn_shape s)
 {

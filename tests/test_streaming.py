@@ -2,9 +2,11 @@
 with non-temporal stores, starting at the first value of each row that
 begins a cache line: dx in the backward, y of inference and of the training
 forward over planar rows written row by row (rows of 128 values or more; a
-training forward takes short rows so), and y of the pipelined training forward
-(rows of 320 values or more) when its features are 1 MiB or more (of any size
-on AMD CPUs). They must hold the same bits as outputs written through the
+training forward takes short rows so), y of inference and of the training
+forward over interleaved rows (channels last, or short rows spread) whose
+wide rows are a multiple of 16 values (in the AVX builds), and y of the
+pipelined training forward (rows of 320 values or more) when its features are
+1 MiB or more (of any size on AMD CPUs). They must hold the same bits as outputs written through the
 caches: written in place (dx over dy, y over x), they never stream, so the
 two are compared, in every instruction-set build, at every start of the rows
 within a cache line."""
@@ -83,8 +85,19 @@ def test_streamed_dx_over_x_itself(capability, build, dtype):
         assert w.tobytes() == g.tobytes() == s.tobytes()
 
 
-@pytest.mark.parametrize("rows", [_long_rows, _many_rows, _short_rows],
-                         ids=["long-rows", "many-rows", "short-rows"])
+def _interleaved(itemsize):
+    """channels last, 64 features: wide rows of 64 values, whose coefficients
+    the streamed inference rotates to each line's start"""
+    return (STREAM_BYTES // (64 * itemsize) + 3, 64)
+
+
+def _spread(itemsize):
+    """rows of 16 values, 4 features: spread over wide rows of 64 values"""
+    return (STREAM_BYTES // (64 * itemsize) + 5, 4, 16)
+
+
+@pytest.mark.parametrize("rows", [_long_rows, _many_rows, _short_rows, _interleaved, _spread],
+                         ids=["long-rows", "many-rows", "short-rows", "interleaved", "spread"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("build", bnpy.cpu_capabilities())
@@ -93,7 +106,8 @@ def test_streamed_y_has_the_bits_of_y_written_in_place(capability, build, dtype,
     itemsize = np.dtype(dtype).itemsize
     shape = rows(itemsize)
     channels = shape[1]
-    assert np.prod(shape) // channels * itemsize >= FEATURE_STREAM_BYTES or rows is _short_rows
+    assert (np.prod(shape) // channels * itemsize >= FEATURE_STREAM_BYTES
+            or rows in (_short_rows, _interleaved, _spread))
     rng = np.random.default_rng(7)
     x = rng.normal(2.0, 3.0, size=shape).astype(dtype)
     bn = bnpy.BatchNorm(channels, dtype=dtype)  # training: y uses the batch's statistics
