@@ -67,15 +67,16 @@ BN_INLINE void NAME(prefetch_span)(const T *p, size_t i0, size_t i1, size_t n, s
  * values) has them. The pipelined passes read one row from memory while they
  * read another back from cache and write a third, and the hardware
  * prefetcher alone fell behind. From memory they now ask through a
- * bn_rows_ahead instead; this serves them in cache, the rows the backward
- * reads back, and a feature's first tile's rough pass. On the Xeon CI ran
+ * bn_rows_ahead instead; this serves them in cache, and a feature's first
+ * tile's rough pass (what they read back is asked for through
+ * read_back_asking). On the Xeon CI ran
  * on before, with this, float32 at 1 thread (medians of 7
  * runs, each against a copy in the same run), the backward in place of
  * 32x256x28x28 went from 1.38 to 1.15 times a copy, 8x64x112x112 from 1.40
  * to 1.24, and the training forward of 32x256x28x28 from 1.16 to 1.07. The
  * backward also asks for the rows it reads back: 128x64x56x56 in place went
  * from 1.68 to 1.62 times a copy at 1 thread and from 1.01 to 0.94 at 2 (C
- * harness, medians of 22); the forward's normalizing did not gain so. */
+ * harness, medians of 22). */
 BN_INLINE void NAME(prefetch_ahead)(const T *row, size_t i, size_t n)
 {
     NAME(prefetch_span)(row, i, i + BN_LANES, n, BN_AHEAD_BYTES);
@@ -129,8 +130,27 @@ BN_INLINE size_t NAME(asks_run_end)(const bn_row_asks *r, size_t i, size_t limit
         *ask = r->first;
         return !r->has_first ? i : end < limit ? end : limit;
     }
-    *ask = r->second - r->split; /* wraps; adds up to second + (b - split) */
+    *ask = r->second - r->split; /* may wrap: added to b as a size_t, second + (b - split) */
     return b >= r->split && r->has_second ? limit : i;
+}
+
+/* Ask for the lines of one vector's asks at base + at (`at` summed as a
+ * size_t first: an ask's offset may wrap, asks_run_end) */
+BN_INLINE void NAME(ask_lines)(const char *base, size_t at)
+{
+    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
+        __builtin_prefetch(base + (at + b), 0, 3);
+    }
+}
+
+/* The end (at most `limit`) of the vectors from i on whose asks of both r
+ * and back lie on one side of each split (asks_run_end), with the bytes to
+ * add to a vector's own for each */
+BN_INLINE size_t NAME(plain_run_end)(const bn_row_asks *r, const bn_row_asks *back, size_t i,
+                                     size_t limit, size_t *ask, size_t *back_ask)
+{
+    limit = NAME(asks_run_end)(r, i, limit, ask);
+    return NAME(asks_run_end)(back, i, limit, back_ask);
 }
 
 /* *walk set to ask for features c0 .. c1 - 1 of x (and of `other`, NULL for
@@ -525,9 +545,9 @@ typedef struct {
 
 /* The vectors at i, i + 16, ... below `end` of a row of tile_stats_normalizing
  * from memory that need no test: each has a y vector (at y_at, y_at + 16,
- * ...) and its asks of the walk at `ask` bytes past its own (its place from
- * the tile's first column). `stream` is a constant at each call; returns y's
- * next i. The same sums in the same order as the tested loop. Times a copy
+ * ...), and its asks, of the statistics' walk and of the x that y reads back,
+ * at `ask` and `back_ask` bytes past its own (its place from the tile's
+ * first column). `stream` is a constant at each call; returns y's next i. The same sums in the same order as the tested loop. Times a copy
  * (ab_kernels, medians of 15 calls, 1 thread, on the EPYC): float32 AVX-512
  * 64x64x3136 1.26 -> 1.06, 128x64x3136 1.30 -> 1.09, 32x256x784 1.24 ->
  * 1.04, 8x64x12544 1.20 -> 1.12; float32 AVX2 64x64x3136 1.58 -> 1.47. */
@@ -538,10 +558,8 @@ BN_INLINE size_t NAME(deviation_vecs_plain)(bn_lanes *a, bn_lanes *a2, const T *
                                             size_t back_ask, int stream)
 {
     for (; i < end; i += BN_LANES, y_at += BN_LANES) {
-        for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
-            __builtin_prefetch(ask_x + ask + (i - t.i0) * sizeof(T) + b, 0, 3);
-            __builtin_prefetch(back_x + back_ask + (i - t.i0) * sizeof(T) + b, 0, 3);
-        }
+        NAME(ask_lines)(ask_x, ask + (i - t.i0) * sizeof(T));
+        NAME(ask_lines)(back_x, back_ask + (i - t.i0) * sizeof(T));
         NAME(lanes_add_deviations)(a, a2, row + i, center);
         NAME(row_vec)(y->out, y->in, NULL, y_at, y->k, BN_ROW_NORMALIZE, stream);
     }
@@ -558,8 +576,8 @@ BN_INLINE size_t NAME(deviation_vecs_run)(bn_lanes *a, bn_lanes *a2, const T *ro
                                           const bn_asking *back)
 {
     size_t ask, back_ask, with_y = NAME(out_vecs_left)(y, *y_at) * BN_LANES;
-    size_t end = NAME(asks_run_end)(asks, i - t.i0, i - t.i0 + with_y, &ask);
-    end = t.i0 + NAME(asks_run_end)(&back->r, i - t.i0, end, &back_ask);
+    size_t end = t.i0 + NAME(plain_run_end)(asks, &back->r, i - t.i0, i - t.i0 + with_y, &ask,
+                                            &back_ask);
     if (end <= i) {
         return i;
     }
@@ -683,7 +701,9 @@ BN_INLINE bn_partial NAME(planar_feature_stats)(const T *x, bn_shape s, size_t c
  * stream feature c + 1 in from memory for its statistics, tile by tile.
  * Those come out exactly as planar_feature_stats computes them. With
  * `stream`, y goes past the caches. From memory, one walk asks for the
- * statistics' rows ahead of them through all the features (bn_rows_ahead). */
+ * statistics' rows ahead of them through all the features (bn_rows_ahead),
+ * and for large features a second for the x that y reads back
+ * (readback_walk). */
 static void NAME(planar_forward_train_range)(T *y, bn_partial *stats, double *mean,
                                              double *invstd, const T *x,
                                              const T *gamma, const T *beta,
@@ -847,14 +867,11 @@ BN_INLINE size_t NAME(grad_vecs_plain)(bn_lanes *a, bn_lanes *a2, const T *next_
     const char *ask_x = ahead->x, *ask_dy = ahead->other;
     const char *back_dy = back->x, *back_x = back->other;
     for (; i < end; i += BN_LANES, dx_at += BN_LANES) {
-        for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
-            size_t at = ask + i * sizeof(T) + b, back_at = back_ask + i * sizeof(T) + b;
-            __builtin_prefetch(ask_x + at, 0, 3);
-            __builtin_prefetch(ask_dy + at, 0, 3);
-            __builtin_prefetch(back_dy + back_at, 0, 3);
-            if (op == BN_ROW_DX_TRAIN) {
-                __builtin_prefetch(back_x + back_at, 0, 3);
-            }
+        NAME(ask_lines)(ask_x, ask + i * sizeof(T));
+        NAME(ask_lines)(ask_dy, ask + i * sizeof(T));
+        NAME(ask_lines)(back_dy, back_ask + i * sizeof(T));
+        if (op == BN_ROW_DX_TRAIN) {
+            NAME(ask_lines)(back_x, back_ask + i * sizeof(T));
         }
         NAME(lanes_add_grads)(a, a2, next_dy + i, next_x + i, next_mean);
         NAME(row_vec)(dx->out, dx->in, dx->x, dx_at, dx->k, op, stream);
@@ -871,8 +888,7 @@ BN_INLINE size_t NAME(grad_vecs_run)(bn_lanes *a, bn_lanes *a2, const T *next_dy
                                      const bn_asking *ahead, const bn_asking *back)
 {
     size_t ask, back_ask;
-    end = NAME(asks_run_end)(&ahead->r, i, end, &ask);
-    end = NAME(asks_run_end)(&back->r, i, end, &back_ask);
+    end = NAME(plain_run_end)(&ahead->r, &back->r, i, end, &ask, &back_ask);
     if (end <= i) {
         return i;
     }
@@ -895,8 +911,10 @@ BN_INLINE size_t NAME(grad_vecs_run)(bn_lanes *a, bn_lanes *a2, const T *next_dy
  * dx row given, the same loop writes it (the current feature's), so the reads
  * from memory and the writes overlap; either way the sums add in the same
  * order. The row's dy and x asked for by `ahead` when given (from memory),
- * else BN_AHEAD_BYTES ahead within the row. From memory with a dx row, the
- * vectors that need no test run in grad_vecs_plain. */
+ * else BN_AHEAD_BYTES ahead within the row. dx's dy and x read back are
+ * asked for by `back` when given (readback_walk), else within the row. From
+ * memory with a dx row, the vectors that need no test run in
+ * grad_vecs_plain. */
 BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double *tail,
                                                double *tail2, const T *next_dy,
                                                const T *next_x, double next_mean, size_t n,
@@ -915,7 +933,8 @@ BN_INLINE void NAME(row_grad_lanes_writing_dx)(bn_lanes *a, bn_lanes *a2, double
         dx_asks = NAME(read_back_asking)(back, dx->in, dx_x, n * sizeof(T));
     }
     /* below plain_end, every vector has a dx vector */
-    size_t plain_end = ahead && ahead->other && dx ? (n - dx->head) / BN_LANES * BN_LANES : 0;
+    size_t plain_end = ahead && ahead->other && dx ? NAME(out_vecs_left)(dx, dx->head) * BN_LANES
+                                                   : 0;
     while (i + BN_LANES <= n) {
         size_t next = i < plain_end ? NAME(grad_vecs_run)(a, a2, next_dy, next_x, next_mean, i,
                                                           plain_end, dx, &dx_at, asking,

@@ -64,10 +64,11 @@ enum {
                                 statistics pass: 256x1024 float32 in cache 0.37 -> 0.29
                                 ns a value; from memory, with prefetch_far for each row,
                                 401408x3 0.69 -> 0.53 ms, 200704x64 5.6 -> 5.3 ms */
-    BN_READBACK_AHEAD_BYTES = 2048, /* ... and the pipelined backward's second walk, for
-                                       the dy and x it reads back to write dx ... */
-    BN_READBACK_WALK_BYTES = 512 << 10, /* ... taken when a feature's dy and x are this
-                                           large: they come back from L3 */
+    BN_READBACK_AHEAD_BYTES = 2048, /* how far ahead the pipelined passes ask for what
+                                       they read back (readback_walk) ... */
+    BN_READBACK_WALK_BYTES = 512 << 10, /* ... across rows, when what they read back
+                                           of a feature is this large: it comes
+                                           back from L3 */
     BN_IN_CACHE_BYTES = 4 << 20, /* an x this small stays in cache between passes */
     BN_STREAM_BYTES = 16 << 20, /* an output this large is written past the caches */
     BN_STREAM_FEATURE_BYTES = 1 << 20, /* ... in the pipelined training forward on Intel,
@@ -450,8 +451,9 @@ static inline int bn_ask_ahead(bn_shape s, size_t elem_size)
  * every row anew, and a request only BN_AHEAD_BYTES ahead within the row
  * keeps too few lines in flight for a machine whose one core reads 37 GB/s.
  * A bn_rows_ahead walks the same sequence of rows BN_STREAM_AHEAD_BYTES in
- * front of the reader, across the ends of rows and features, and asks for
- * one line each time the reader takes one. Measured on the AMD EPYC (Zen 5)
+ * front of the reader (BN_READBACK_AHEAD_BYTES for what a pass reads back
+ * from cache), across the ends of rows and features, and asks for one line
+ * each time the reader takes one. Measured on the AMD EPYC (Zen 5)
  * CI runs on, summing 64x64x56x56 float32 feature by feature (a loop of
  * AVX-512 conversions and additions, medians of 15, times a memcpy of x):
  * 1.09 with the hardware prefetcher alone; 512 bytes ahead within each row
