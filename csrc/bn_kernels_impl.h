@@ -1205,8 +1205,10 @@ static void NAME(interleaved_forward_span)(T *y, const T *x, const double *mean,
  * multiple of 16, so that every wide row starts as far from a line); R when
  * it does not. Inference of 200704x64 (ab_kernels, medians of 11 calls, 1
  * thread, times a copy, on the EPYC): AVX-512 float32 1.07 -> 0.81, float64
- * 1.01 -> 0.73; AVX2 1.12 -> 0.81 and 1.08 -> 0.85. Not in the baseline
- * build (2 doubles a register), whose float32 took longer so (1.33 -> 1.47). */
+ * 1.01 -> 0.73; AVX2 1.12 -> 0.81 and 1.08 -> 0.85. The backward (its dx):
+ * AVX-512 float32 2.73 -> 2.34, float64 2.72 -> 2.36; AVX2 float32 3.01 ->
+ * 2.76. Not in the baseline build (2 doubles a register), whose float32
+ * inference took longer so (1.33 -> 1.47). */
 BN_INLINE size_t NAME(streamed_lanes_head)(const T *out, const T *in, size_t R, size_t n)
 {
     if (!BN_CAN_STREAM || BN_W < 4 || R % BN_LANES != 0 || (uintptr_t)out % sizeof(T) != 0 ||
@@ -1230,16 +1232,61 @@ BN_INLINE bn_lanes NAME(wide16)(const double *wide)
     return v;
 }
 
-/* interleaved_forward_span with y streamed (bn_stream_output): the values
- * before y's first cache line one by one, then 16 at a time, each vector
- * on a line. The coefficients are rotated (bn_rotate_lanes) by `head`, the
- * values from a span's start (R apart, so the same for every span) to that
- * line, so that with R a multiple of 16 each vector's lanes lie together.
- * Same rounding as interleaved_forward_span. */
-static void NAME(interleaved_forward_streamed)(T *y, const T *x, const double *mean,
-                                               const double *scale, const double *shift,
-                                               size_t R, size_t head, size_t i0, size_t i1,
-                                               size_t n, int far)
+/* out[p .. p + 16) from in and x there, with lanes l .. l + 16 of k: the
+ * rounding of interleaved_forward_span and interleaved_dx_span; streamed */
+BN_INLINE void NAME(lanes_out_streamed)(T *out, const T *in, const T *x, size_t p, size_t l,
+                                        const bn_lane_coefficients *k)
+{
+    bn_lanes v = NAME(load16)(in + p), scale = NAME(wide16)(k->scale + l);
+    if (k->op == BN_ROW_NORMALIZE) {
+        bn_lanes m = NAME(wide16)(k->mean + l), b = NAME(wide16)(k->shift + l);
+        for (int q = 0; q < BN_K; q++) {
+            v.v[q] = (v.v[q] - m.v[q]) * scale.v[q] + b.v[q];
+        }
+    }
+    else if (k->op == BN_ROW_DX_TRAIN) {
+        bn_lanes xv = NAME(load16)(x + p), m = NAME(wide16)(k->mean + l);
+        bn_lanes mean_dy = NAME(wide16)(k->mean_dy + l), coef = NAME(wide16)(k->dev_coef + l);
+        for (int q = 0; q < BN_K; q++) {
+            bn_vec dev = xv.v[q] - m.v[q];
+            v.v[q] = scale.v[q] * (v.v[q] - mean_dy.v[q] - dev * coef.v[q]);
+        }
+    }
+    else {
+        for (int q = 0; q < BN_K; q++) {
+            v.v[q] = v.v[q] * scale.v[q];
+        }
+    }
+    NAME(stream16)(out + p, &v);
+}
+
+/* out[p] from in[p] and x[p], with lane l of k, as lanes_out_streamed */
+BN_INLINE void NAME(lane_out)(T *out, const T *in, const T *x, size_t p, size_t l,
+                              const bn_lane_coefficients *k)
+{
+    double v = (double)in[p];
+    if (k->op == BN_ROW_NORMALIZE) {
+        out[p] = (T)((v - k->mean[l]) * k->scale[l] + k->shift[l]);
+    }
+    else if (k->op == BN_ROW_DX_TRAIN) {
+        double dev = (double)x[p] - k->mean[l];
+        out[p] = (T)(k->scale[l] * (v - k->mean_dy[l] - dev * k->dev_coef[l]));
+    }
+    else {
+        out[p] = (T)(v * k->scale[l]);
+    }
+}
+
+/* An interleaved elementwise pass over places i0 .. i1 with out streamed
+ * (bn_stream_output): the values before out's first cache line one by one,
+ * then 16 at a time, each vector on a line. The coefficients are rotated
+ * (bn_rotate_lanes) by `head`, the values from a span's start (R apart, so
+ * the same for every span) to that line, so that with R a multiple of 16
+ * each vector's lanes lie together. in (and x, for dx in training) asked
+ * for far ahead when `far`. */
+BN_INLINE void NAME(interleaved_streamed)(T *out, const T *in, const T *x,
+                                          const bn_lane_coefficients *k, size_t R, size_t head,
+                                          size_t i0, size_t i1, size_t n, int far)
 {
     size_t p = i0, l = R - head; /* l: the rotated lane of place p */
     for (; p < i1; p++) {
@@ -1248,20 +1295,40 @@ static void NAME(interleaved_forward_streamed)(T *y, const T *x, const double *m
         }
         if (l % BN_LANES == 0 && p + BN_LANES <= i1) {
             if (far) {
+                NAME(prefetch_far)(in, p, p + BN_LANES, n);
+            }
+            if (far && k->op == BN_ROW_DX_TRAIN) {
                 NAME(prefetch_far)(x, p, p + BN_LANES, n);
             }
-            bn_lanes v = NAME(load16)(x + p), m = NAME(wide16)(mean + l);
-            bn_lanes k = NAME(wide16)(scale + l), b = NAME(wide16)(shift + l);
-            for (int q = 0; q < BN_K; q++) {
-                v.v[q] = (v.v[q] - m.v[q]) * k.v[q] + b.v[q];
-            }
-            NAME(stream16)(y + p, &v);
+            NAME(lanes_out_streamed)(out, in, x, p, l, k);
             p += BN_LANES - 1;
             l += BN_LANES;
             continue;
         }
-        y[p] = (T)(((double)x[p] - mean[l]) * scale[l] + shift[l]);
+        NAME(lane_out)(out, in, x, p, l, k);
         l++;
+    }
+}
+
+/* interleaved_streamed with k's op made a constant */
+static void NAME(interleaved_streamed_span)(T *out, const T *in, const T *x,
+                                            const bn_lane_coefficients *k, size_t R,
+                                            size_t head, size_t i0, size_t i1, size_t n, int far)
+{
+    if (k->op == BN_ROW_NORMALIZE) {
+        bn_lane_coefficients c = *k;
+        c.op = BN_ROW_NORMALIZE;
+        NAME(interleaved_streamed)(out, in, x, &c, R, head, i0, i1, n, far);
+    }
+    else if (k->op == BN_ROW_DX_TRAIN) {
+        bn_lane_coefficients c = *k;
+        c.op = BN_ROW_DX_TRAIN;
+        NAME(interleaved_streamed)(out, in, x, &c, R, head, i0, i1, n, far);
+    }
+    else {
+        bn_lane_coefficients c = *k;
+        c.op = BN_ROW_DX_EVAL;
+        NAME(interleaved_streamed)(out, in, x, &c, R, head, i0, i1, n, far);
     }
 }
 
@@ -1453,6 +1520,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     size_t spans = (n + span - 1) / span;
     int far = bn_far_ahead(s, sizeof(T));
     size_t head = NAME(streamed_lanes_head)(y, x, R, n);
+    bn_lane_coefficients lanes = {mean_wide, scale, shift, NULL, NULL, BN_ROW_NORMALIZE};
     if (head < R) {
         bn_rotate_lanes(mean_wide, R, head);
         bn_rotate_lanes(scale, R, head);
@@ -1462,8 +1530,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < n ? i0 + span : n;
         if (head < R) {
-            NAME(interleaved_forward_streamed)(y, x, mean_wide, scale, shift, R, head, i0, i1,
-                                               n, far);
+            NAME(interleaved_streamed_span)(y, x, NULL, &lanes, R, head, i0, i1, n, far);
         }
         else {
             NAME(interleaved_forward_span)(y, x, mean_wide, scale, shift, R, i0, i1, n, far);
@@ -1553,11 +1620,27 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
     size_t total = s.outer * W, span = bn_rows_per_chunk(R) * R;
     size_t spans = (total + span - 1) / span;
     int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
+    size_t head = NAME(streamed_lanes_head)(dx, dy, R, total);
+    bn_lane_coefficients lanes = {mean_wide, scale, NULL, mean_dy, dev_coef, bn_dx_op(training)};
+    if (head < R) {
+        bn_rotate_lanes(mean_wide, R, head);
+        bn_rotate_lanes(scale, R, head);
+        bn_rotate_lanes(mean_dy, R, head);
+        bn_rotate_lanes(dev_coef, R, head);
+    }
     BN_PARALLEL_FOR
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < total ? i0 + span : total;
-        NAME(interleaved_dx_span)(dx, dy, x, mean_wide, scale, mean_dy, dev_coef, training, R,
-                                  i0, i1, total, far);
+        if (head < R) {
+            NAME(interleaved_streamed_span)(dx, dy, x, &lanes, R, head, i0, i1, total, far);
+        }
+        else {
+            NAME(interleaved_dx_span)(dx, dy, x, mean_wide, scale, mean_dy, dev_coef, training,
+                                      R, i0, i1, total, far);
+        }
+    }
+    if (head < R) {
+        bn_stream_fence();
     }
 }
 

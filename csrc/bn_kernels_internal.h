@@ -361,6 +361,14 @@ typedef struct {
     double dev_coef;
 } bn_row_coefficients;
 
+/* The per-lane coefficients of an interleaved elementwise pass: op's
+ * (bn_row_op) formulas, lane l taking mean[l], scale[l], and shift[l] (to
+ * normalize) or mean_dy[l] and dev_coef[l] (dx in training) */
+typedef struct {
+    const double *mean, *scale, *shift, *mean_dy, *dev_coef;
+    bn_row_op op;
+} bn_lane_coefficients;
+
 static inline bn_row_op bn_dx_op(int training)
 {
     return training ? BN_ROW_DX_TRAIN : BN_ROW_DX_EVAL;

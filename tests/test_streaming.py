@@ -1,6 +1,7 @@
 """Outputs too large for the caches (16 MiB or more) are written past them
 with non-temporal stores, starting at the first value of each row that
-begins a cache line: dx in the backward, y of inference and of the training
+begins a cache line: dx in the backward (over interleaved rows too, as y
+below), y of inference and of the training
 forward over planar rows written row by row (rows of 128 values or more; a
 training forward takes short rows so), y of inference and of the training
 forward over interleaved rows (channels last, or short rows spread) whose
@@ -37,8 +38,22 @@ def _short_rows(itemsize):
     return (STREAM_BYTES // (3 * 200 * itemsize) + 1, 3, 200)
 
 
-@pytest.mark.parametrize("rows", [_long_rows, _many_rows, _short_rows],
-                         ids=["long-rows", "many-rows", "short-rows"])
+def _interleaved(itemsize):
+    """channels last, 64 features: wide rows of 64 values, whose coefficients
+    the streamed passes rotate to each line's start"""
+    return (STREAM_BYTES // (64 * itemsize) + 3, 64)
+
+
+def _spread(itemsize):
+    """rows of 16 values, 4 features: spread over wide rows of 64 values"""
+    return (STREAM_BYTES // (64 * itemsize) + 5, 4, 16)
+
+
+ROWS = [_long_rows, _many_rows, _short_rows, _interleaved, _spread]
+ROW_IDS = ["long-rows", "many-rows", "short-rows", "interleaved", "spread"]
+
+
+@pytest.mark.parametrize("rows", ROWS, ids=ROW_IDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("build", bnpy.cpu_capabilities())
@@ -85,19 +100,7 @@ def test_streamed_dx_over_x_itself(capability, build, dtype):
         assert w.tobytes() == g.tobytes() == s.tobytes()
 
 
-def _interleaved(itemsize):
-    """channels last, 64 features: wide rows of 64 values, whose coefficients
-    the streamed inference rotates to each line's start"""
-    return (STREAM_BYTES // (64 * itemsize) + 3, 64)
-
-
-def _spread(itemsize):
-    """rows of 16 values, 4 features: spread over wide rows of 64 values"""
-    return (STREAM_BYTES // (64 * itemsize) + 5, 4, 16)
-
-
-@pytest.mark.parametrize("rows", [_long_rows, _many_rows, _short_rows, _interleaved, _spread],
-                         ids=["long-rows", "many-rows", "short-rows", "interleaved", "spread"])
+@pytest.mark.parametrize("rows", ROWS, ids=ROW_IDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("build", bnpy.cpu_capabilities())
