@@ -547,7 +547,8 @@ typedef struct {
  * from memory that need no test: each has a y vector (at y_at, y_at + 16,
  * ...), and its asks, of the statistics' walk and of the x that y reads back,
  * at `ask` and `back_ask` bytes past its own (its place from the tile's
- * first column). `stream` is a constant at each call; returns y's next i. The same sums in the same order as the tested loop. Times a copy
+ * first column). `stream` is a constant at each call; returns y's next i.
+ * The same sums in the same order as the tested loop. Times a copy
  * (ab_kernels, medians of 15 calls, 1 thread, on the EPYC): float32 AVX-512
  * 64x64x3136 1.26 -> 1.06, 128x64x3136 1.30 -> 1.09, 32x256x784 1.24 ->
  * 1.04, 8x64x12544 1.20 -> 1.12; float32 AVX2 64x64x3136 1.58 -> 1.47. */
@@ -1197,25 +1198,30 @@ static void NAME(interleaved_forward_span)(T *y, const T *x, const double *mean,
     }
 }
 
-/* values i0 .. i1 of dx[n]; training: scale * (dy - mean_dy - (x - mean) *
- * dev_coef); dy (and x) asked for far ahead when `far` */
 /* Whether an interleaved elementwise pass streams its output `out` (n
  * values, wide rows of R; `in` its input): the values from a wide row's
  * start to out's first cache line, when it does (bn_stream_output, and R a
- * multiple of 16, so that every wide row starts as far from a line); R when
- * it does not. Inference of 200704x64 (ab_kernels, medians of 11 calls, 1
- * thread, times a copy, on the EPYC): AVX-512 float32 1.07 -> 0.81, float64
- * 1.01 -> 0.73; AVX2 1.12 -> 0.81 and 1.08 -> 0.85. The backward (its dx):
- * AVX-512 float32 2.73 -> 2.34, float64 2.72 -> 2.36; AVX2 float32 3.01 ->
- * 2.76. Not in the baseline build (2 doubles a register), whose float32
- * inference took longer so (1.33 -> 1.47). */
-BN_INLINE size_t NAME(streamed_lanes_head)(const T *out, const T *in, size_t R, size_t n)
+ * multiple of 16, so that every wide row starts as far from a line), its
+ * `count` coefficient tables then rotated by as many lanes for
+ * interleaved_streamed (bn_rotate_lanes); R when it does not. Inference of
+ * 200704x64 (ab_kernels, medians of 11 calls, 1 thread, times a copy, on the
+ * EPYC): AVX-512 float32 1.07 -> 0.81, float64 1.01 -> 0.73; AVX2 1.12 ->
+ * 0.81 and 1.08 -> 0.85. The backward (its dx): AVX-512 float32 2.73 ->
+ * 2.34, float64 2.72 -> 2.36; AVX2 float32 3.01 -> 2.76. Not in the
+ * baseline build (2 doubles a register), whose float32 inference took
+ * longer so (1.33 -> 1.47). */
+static size_t NAME(streamed_lanes_head)(const T *out, const T *in, size_t R, size_t n,
+                                        double *const *tables, size_t count)
 {
     if (!BN_CAN_STREAM || BN_W < 4 || R % BN_LANES != 0 || (uintptr_t)out % sizeof(T) != 0 ||
         !bn_stream_output(out, in, n * sizeof(T))) {
         return R;
     }
-    return (64 - (uintptr_t)out % 64) % 64 / sizeof(T);
+    size_t head = (64 - (uintptr_t)out % 64) % 64 / sizeof(T);
+    for (size_t t = 0; t < count; t++) {
+        bn_rotate_lanes(tables[t], R, head);
+    }
+    return head;
 }
 
 /* the lanes at wide[0 .. 16) as a bn_lanes; wide on a cache line (the
@@ -1315,23 +1321,23 @@ static void NAME(interleaved_streamed_span)(T *out, const T *in, const T *x,
                                             const bn_lane_coefficients *k, size_t R,
                                             size_t head, size_t i0, size_t i1, size_t n, int far)
 {
+    bn_lane_coefficients c = *k;
     if (k->op == BN_ROW_NORMALIZE) {
-        bn_lane_coefficients c = *k;
         c.op = BN_ROW_NORMALIZE;
         NAME(interleaved_streamed)(out, in, x, &c, R, head, i0, i1, n, far);
     }
     else if (k->op == BN_ROW_DX_TRAIN) {
-        bn_lane_coefficients c = *k;
         c.op = BN_ROW_DX_TRAIN;
         NAME(interleaved_streamed)(out, in, x, &c, R, head, i0, i1, n, far);
     }
     else {
-        bn_lane_coefficients c = *k;
         c.op = BN_ROW_DX_EVAL;
         NAME(interleaved_streamed)(out, in, x, &c, R, head, i0, i1, n, far);
     }
 }
 
+/* values i0 .. i1 of dx[n]; training: scale * (dy - mean_dy - (x - mean) *
+ * dev_coef); dy (and x) asked for far ahead when `far` */
 static void NAME(interleaved_dx_span)(T *dx, const T *dy, const T *x,
                                       const double *mean, const double *scale,
                                       const double *mean_dy, const double *dev_coef,
@@ -1519,13 +1525,9 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
     NAME(affine_coefficients)(scale, shift, invstd, gamma, beta, C, s.inner, R);
     size_t spans = (n + span - 1) / span;
     int far = bn_far_ahead(s, sizeof(T));
-    size_t head = NAME(streamed_lanes_head)(y, x, R, n);
+    double *tables[] = {mean_wide, scale, shift};
+    size_t head = NAME(streamed_lanes_head)(y, x, R, n, tables, 3);
     bn_lane_coefficients lanes = {mean_wide, scale, shift, NULL, NULL, BN_ROW_NORMALIZE};
-    if (head < R) {
-        bn_rotate_lanes(mean_wide, R, head);
-        bn_rotate_lanes(scale, R, head);
-        bn_rotate_lanes(shift, R, head);
-    }
     BN_PARALLEL_FOR
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < n ? i0 + span : n;
@@ -1620,14 +1622,9 @@ static void NAME(interleaved_dx)(T *dx, double *work, const T *dy, const T *x,
     size_t total = s.outer * W, span = bn_rows_per_chunk(R) * R;
     size_t spans = (total + span - 1) / span;
     int team = bn_team(s), far = bn_far_ahead(s, sizeof(T));
-    size_t head = NAME(streamed_lanes_head)(dx, dy, R, total);
+    double *tables[] = {mean_wide, scale, mean_dy, dev_coef};
+    size_t head = NAME(streamed_lanes_head)(dx, dy, R, total, tables, 4);
     bn_lane_coefficients lanes = {mean_wide, scale, NULL, mean_dy, dev_coef, bn_dx_op(training)};
-    if (head < R) {
-        bn_rotate_lanes(mean_wide, R, head);
-        bn_rotate_lanes(scale, R, head);
-        bn_rotate_lanes(mean_dy, R, head);
-        bn_rotate_lanes(dev_coef, R, head);
-    }
     BN_PARALLEL_FOR
     for (size_t k = 0; k < spans; k++) {
         size_t i0 = k * span, i1 = i0 + span < total ? i0 + span : total;

@@ -179,7 +179,7 @@ static inline void bn_spread(double *wide, size_t C, size_t inner, size_t R)
 }
 
 /* wide[0 .. R) rotated by head (< 16) lanes: wide[j] <- wide[(j + head) % R]
- * (for the streamed passes: interleaved_streamed) */
+ * (streamed_lanes_head, for interleaved_streamed) */
 static inline void bn_rotate_lanes(double *wide, size_t R, size_t head)
 {
     double first[16];
