@@ -1,0 +1,156 @@
+"""A SHA-256 over every result bnpy computes: a kernel change that keeps it
+left every result bitwise as it was.
+
+    python benchmarks/digest.py [--quick] [REV_OR_DIR ...]
+
+With no version named, it digests the bnpy this Python imports, once for
+every build the CPU runs (`bnpy.cpu_capabilities()`) and for 1 and 2
+threads. The results must not depend on either (DESIGN.md), so the digests
+must agree: the script prints the one digest, or, if they differ, which
+settings gave what, and exits with 1.
+
+Each named version (a git revision, built in a temporary directory, or a
+directory holding a built bnpy, as compare_builds.py takes them) runs the
+same in a process of its own, and the script prints each version's digest
+and whether they agree:
+
+    python benchmarks/digest.py HEAD~1 .
+
+What goes in, for each shape and both dtypes: the training forward's y and
+running statistics; dx of the backward, fresh, into `out=` and in place over
+dy; dgamma and dbeta; the inference forward and backward. The shapes reach
+every path of the kernels: long planar rows (pipelined, and from memory),
+short rows in tiles and spread over wide rows, interleaved (channels-last)
+rows, and outputs large enough to stream, of planar rows and of wide rows a
+multiple of 16 values. `--quick` takes a few small shapes (for the tests).
+"""
+import argparse
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+SHAPES = [(4, 6, 300, 301), (3, 5, 1000, 7), (2, 3, 2049), (130, 4, 3137), (64, 8, 56, 56),
+          (32, 16, 28, 28), (8, 4, 112, 112), (2, 3, 200000), (2000, 3, 300), (30000, 3, 20),
+          (400000, 3, 1), (256, 1024), (64, 40, 7, 7), (16, 3, 64, 64), (5, 7), (1, 3, 5),
+          (300, 2, 4097), (20, 5, 16384), (17, 64, 64, 64), (2, 4, 600000),
+          (262144, 16), (65536, 64)]  # the last two: wide rows of 32 and 64 values, 16 MiB
+QUICK_SHAPES = [(4, 6, 30, 31), (3, 5, 1000, 7), (2000, 3), (64, 40, 7, 7), (5, 7)]
+THREADS = (1, 2)
+
+
+def results_of(shape, dtype, seed):
+    """Every array bnpy computes for one x of `shape`, in a fixed order"""
+    import bnpy
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    bn = bnpy.BatchNorm(shape[1], dtype=dtype)
+    bn.gamma[...] = rng.standard_normal(shape[1])
+    bn.beta[...] = rng.standard_normal(shape[1])
+    y = bn.forward(x)
+    dx = bn.backward(dy)
+    dx_out = np.empty_like(dy)
+    bn.backward(dy, out=dx_out)
+    dx_over_dy = dy.copy()
+    bn.backward(dx_over_dy, out=dx_over_dy)
+    yield from (y, dx, dx_out, dx_over_dy, bn.grad_gamma, bn.grad_beta, bn.running_mean,
+                bn.running_var)
+    bn.eval()
+    yield bn.forward(x)
+    yield bn.backward(dy)
+
+
+def digest(shapes):
+    """The SHA-256 (hex) of results_of every shape, both dtypes, under the
+    current build and thread count"""
+    h = hashlib.sha256()
+    for seed, shape in enumerate(shapes):
+        for dtype in (np.float32, np.float64):
+            for a in results_of(shape, dtype, seed):
+                h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def digests(shapes):
+    """{(build, threads): digest} for every build the CPU runs and THREADS;
+    the build and thread count are left as they were"""
+    import bnpy
+
+    build, threads = bnpy.get_cpu_capability(), bnpy.get_num_threads()
+    out = {}
+    try:
+        for cap in bnpy.cpu_capabilities():
+            bnpy.set_cpu_capability(cap)
+            for n in THREADS:
+                bnpy.set_num_threads(n)
+                out[cap, n] = digest(shapes)
+    finally:
+        bnpy.set_cpu_capability(build)
+        bnpy.set_num_threads(threads)
+    return out
+
+
+def digest_here(shapes):
+    """Prints the one digest of this process's bnpy, or the settings that
+    disagree; 0 when they agree, else 1"""
+    found = digests(shapes)
+    if len(set(found.values())) == 1:
+        print(f"digest {next(iter(found.values()))}")
+        return 0
+    print("the builds and thread counts disagree:")
+    for (cap, threads), hexdigest in found.items():
+        print(f"  {cap:<8} {threads} thread{'s' * (threads > 1)}  {hexdigest}")
+    return 1
+
+
+def digest_of_version(directory, quick):
+    """The digest line of the bnpy built in `directory`, run in its own process"""
+    env = dict(os.environ, PYTHONPATH=directory)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)] + ["--quick"] * quick,
+                          capture_output=True, text=True, env=env, cwd=directory)
+    if done.returncode != 0:
+        raise RuntimeError(f"digest of {directory} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout.split()[-1]
+
+
+def compare_builds():
+    """compare_builds.py, beside this file: it builds the versions"""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_builds.py")
+    spec = importlib.util.spec_from_file_location("compare_builds", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def digest_versions(specs, quick):
+    """Prints each version's digest; 0 when they agree, else 1"""
+    built_version = compare_builds().built_version
+    with tempfile.TemporaryDirectory() as workdir:
+        built = {spec: built_version(spec, workdir) for spec in dict.fromkeys(specs)}
+        found = [digest_of_version(built[spec], quick) for spec in specs]
+    for spec, hexdigest in zip(specs, found):
+        print(f"{spec[:24]:<24}  {hexdigest}")
+    same = len(set(found)) == 1
+    print("the same bits" if same else "DIFFERENT bits")
+    return 0 if same else 1
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("versions", nargs="*",
+                        help="git revisions or directories with a built bnpy")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes")
+    args = parser.parse_args(argv)
+    if args.versions:
+        return digest_versions(args.versions, args.quick)
+    return digest_here(QUICK_SHAPES if args.quick else SHAPES)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
