@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -180,6 +181,61 @@ def _copy_on_two_threads(pool, out, x):
         part.result()
 
 
+class _Case(NamedTuple):
+    """One case's data in one dtype; copy_out is the copy's output"""
+    name: str
+    x: np.ndarray
+    dy: np.ndarray
+    axis: int
+    copy_out: np.ndarray
+
+
+def _case(name, shape, axis, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return _Case(name, x, dy, axis, np.empty_like(x))
+
+
+def _reference_time(case, op, repeats):
+    """The NumPy reference's median seconds for op (None for backward-inplace:
+    the reference's backward is the same)"""
+    if op == "backward-inplace":
+        return None
+    runner = _reference_runner(case.x, case.dy, case.axis, op)
+    return _medians({"ref": runner}, max(1, repeats // 4))["ref"]
+
+
+def _runners(pool, case, op, threads, torch):
+    """What is timed together for one op of a case: the copy (for the large
+    cases also on the two threads of `pool`), and bnpy and torch at every
+    thread count, so that the speedup compares moments alike; the thread
+    counts share bnpy's out="""
+    x, copy_out = case.x, case.copy_out
+    out = np.empty_like(x)
+    runners = {"copy": lambda: np.copyto(copy_out, x)}
+    if case.name in LARGE_CASES and 2 in threads:
+        runners["copy2"] = lambda: _copy_on_two_threads(pool, copy_out, x)
+    for n in threads:
+        runners["bnpy", n] = _OnThreads(n, _bnpy_runner(x, case.dy, case.axis, op, out),
+                                        bnpy.set_num_threads)
+        if torch is not None:
+            runners["torch", n] = _OnThreads(n, _torch_runners(torch, x, case.dy, case.axis, op),
+                                             torch.set_num_threads)
+    return runners
+
+
+def _measure(pool, case, op, threads, repeats, with_reference, torch):
+    """One result dict per thread count for one op of a case"""
+    reference_time = _reference_time(case, op, repeats) if with_reference else None
+    t = _medians(_runners(pool, case, op, threads, torch), repeats)
+    moved = case.x.nbytes * (3 if op in BACKWARDS else 2)
+    return [dict(case=case.name, dtype=case.x.dtype.name, op=op, threads=n, bnpy=t["bnpy", n],
+                 torch=t.get(("torch", n)), copy=t["copy"], copy2=t.get("copy2"),
+                 reference=reference_time, bytes=moved)
+            for n in threads]
+
+
 def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print):
     """Measure every case; returns a list of result dicts (times in seconds)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -188,33 +244,9 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
     with ThreadPoolExecutor(2) as pool:  # the copy on two threads
         for name, shape, axis in cases:
             for dtype in dtypes:
-                rng = np.random.default_rng(0)
-                x = rng.standard_normal(shape).astype(dtype)
-                dy = rng.standard_normal(shape).astype(dtype)
-                copy_out = np.empty_like(x)
+                case = _case(name, shape, axis, dtype)
                 for op in OPS:
-                    moved = x.nbytes * (3 if op in BACKWARDS else 2)
-                    reference_time = None
-                    if with_reference and op != "backward-inplace":  # the same as backward
-                        reference_time = _medians({"ref": _reference_runner(x, dy, axis, op)},
-                                                  max(1, repeats // 4))["ref"]
-                    # every thread count in the same repeats, so that the speedup
-                    # compares moments alike; the thread counts share bnpy's out=
-                    out = np.empty_like(x)
-                    runners = {"copy": lambda: np.copyto(copy_out, x)}
-                    if name in LARGE_CASES and 2 in threads:
-                        runners["copy2"] = lambda: _copy_on_two_threads(pool, copy_out, x)
-                    for n in threads:
-                        runners["bnpy", n] = _OnThreads(n, _bnpy_runner(x, dy, axis, op, out),
-                                                        bnpy.set_num_threads)
-                        if torch is not None:
-                            runners["torch", n] = _OnThreads(
-                                n, _torch_runners(torch, x, dy, axis, op), torch.set_num_threads)
-                    t = _medians(runners, repeats)
-                    for n in threads:
-                        row = dict(case=name, dtype=np.dtype(dtype).name, op=op, threads=n,
-                                   bnpy=t["bnpy", n], torch=t.get(("torch", n)), copy=t["copy"],
-                                   copy2=t.get("copy2"), reference=reference_time, bytes=moved)
+                    for row in _measure(pool, case, op, threads, repeats, with_reference, torch):
                         rows.append(row)
                         echo(format_row(row))
     return rows
