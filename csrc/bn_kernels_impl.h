@@ -1428,20 +1428,26 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
 
 /* planar, short rows: partial[C] <- the statistics of rows o0 .. o1 less
  * about[C], walking memory in blocks of bn_short_tile_rows rows: the block's
- * rows of each feature are a tile, merged into the feature's partial */
+ * rows of each feature are a tile, merged into the feature's partial. Each
+ * row asked for far ahead when `far` (bn_far_ahead), as planar_group_grads
+ * asks: the block's rows of the features that follow lie there. */
 static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
                                      const double *about, bn_shape s, size_t o0,
-                                     size_t o1)
+                                     size_t o1, int far)
 {
-    for (size_t c = 0; c < s.channels; c++) {
+    size_t C = s.channels, n = s.outer * C * s.inner, rows = bn_short_tile_rows(s);
+    for (size_t c = 0; c < C; c++) {
         partial[c] = (bn_partial){0.0, 0.0, 0.0};
     }
-    size_t rows = bn_short_tile_rows(s);
     for (size_t o = o0; o < o1; o += rows) {
         /* rows counted from the feature's first row, so that the tile
            prefetches no row past the last */
         bn_tile block = {o, o + rows < o1 ? o + rows : o1, 0, s.inner};
-        for (size_t c = 0; c < s.channels; c++) {
+        for (size_t c = 0; c < C; c++) {
+            for (size_t r = block.o0; far && r < block.o1; r++) {
+                size_t at = (r * C + c) * s.inner; /* the row's place in x */
+                NAME(prefetch_far)(x, at, at + s.inner, n);
+            }
             NAME(tile_stats_normalizing)(&partial[c], x + c * s.inner, s, block, about[c],
                                          NULL, NULL);
         }
@@ -1461,11 +1467,14 @@ static void NAME(planar_stats_in_order)(bn_partial *stats, double *work, const T
     for (size_t c = 0; c < C; c++) {
         about[c] = shift ? shift[c] : NAME(first_value)(x, s, c);
     }
-    int team = bn_team(s);
+    /* ask far ahead when a block holds several rows of each feature: one
+       stream through memory for each, which the hardware prefetcher did not
+       keep ahead of (bn_far_ahead) */
+    int team = bn_team(s), far = bn_far_ahead(s, sizeof(T)) && bn_short_tile_rows(s) > 1;
     BN_PARALLEL_FOR
     for (size_t g = 0; g < groups; g++) {
         size_t o0 = g * rows, o1 = o0 + rows < s.outer ? o0 + rows : s.outer;
-        NAME(planar_group_stats)(partials + g * C, x, about, s, o0, o1);
+        NAME(planar_group_stats)(partials + g * C, x, about, s, o0, o1, far);
     }
     bn_merge_groups(stats, partials, groups, C, shift ? NULL : about);
 }

@@ -428,15 +428,21 @@ static inline int bn_in_cache(bn_shape s, size_t elem_size)
  * BN_FAR_AHEAD_BYTES ahead (prefetch_far): only when it comes from memory.
  * Their rows follow one another, a single stream that the hardware
  * prefetcher alone did not keep ahead of. C harness, float32, 1 thread,
- * medians of 5-8 runs, times a copy:
+ * medians of 5-8 runs, times a copy, on the Xeon CI ran on before:
  *   200704x64 (channels-last 64x56x56x64): statistics 0.77 -> 0.53 (a plain
  *     read of x is 0.51), gradient sums 1.17 -> 0.87, normalizing 1.05 ->
  *     0.97, dx 1.52 -> 1.28; 4 KB ahead gained less;
  *   256x512x7x7: gradient sums 1.22 -> 0.92, normalizing 1.09 -> 0.91, dx
- *     1.48 -> 1.27 (and at 2 threads too); its statistics (then a tile a row:
- *     bn_short_tile_rows) did not gain (nor did 64x256x14x14's), and ask for
- *     nothing; rows of 3136 values lost 5-10% (they ask as they go instead:
- *     bn_ask_ahead).
+ *     1.48 -> 1.27 (and at 2 threads too); its statistics (then a tile a row)
+ *     did not gain, nor did 64x256x14x14's; rows of 3136 values lost 5-10%
+ *     (they ask as they go instead: bn_ask_ahead).
+ * On the EPYC (Zen 5) CI runs on now, the statistics of planar short rows
+ * ask too where a block (bn_short_tile_rows) holds several rows of each
+ * feature, each a stream of its own: the training forward (ab_kernels,
+ * medians of 15 calls, 1 thread, times a copy) of 128x2048x7x7 went 4.7 ->
+ * 3.2 (float32 AVX-512), 4.4 -> 3.3 (AVX2), 2.0 -> 1.9 (float64); 256x512x7x7
+ * 3.3 -> 2.6; 128x512x10x10 3.5 -> 2.3 (float64 AVX2 2.1 -> 1.7). With a row
+ * a block (rows of 196 values: one stream) they gained nothing, and do not.
  * In cache the requests only cost: 256x1024's gradient sums took 1.4 times
  * as long. */
 static inline int bn_far_ahead(bn_shape s, size_t elem_size)
