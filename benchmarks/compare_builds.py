@@ -57,13 +57,15 @@ print(json.dumps(out))
 def built_version(spec, workdir):
     """A directory with a built bnpy: spec itself, or git revision spec built in workdir."""
     if os.path.isdir(spec):
-        return spec
+        return os.path.realpath(spec)  # the same from the version's own directory
     target = os.path.join(workdir, spec.replace("/", "_"))
     os.makedirs(target)
     archive = subprocess.run(["git", "-C", REPO, "archive", spec], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=target,
-                   capture_output=True, check=True)
+    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                           cwd=target, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise RuntimeError(f"building {spec} failed:\n{built.stderr}")
     return target
 
 

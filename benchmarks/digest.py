@@ -1,24 +1,27 @@
-"""A SHA-256 over every result bnpy computes: a kernel change that keeps it
-left every result bitwise as it was.
+"""Print a SHA-256 over every result bnpy computes, to show bits kept.
+
+A kernel change that keeps the digest left every result bitwise as it was.
 
     python benchmarks/digest.py [--quick] [REV_OR_DIR ...]
 
 With no version named, it digests the bnpy this Python imports, once for
 every build the CPU runs (`bnpy.cpu_capabilities()`) and for 1 and 2
-threads. The results must not depend on either (DESIGN.md), so the digests
-must agree: the script prints the one digest, or, if they differ, which
+threads. The results must not depend on either (README.md: threads, and
+the builds), so the digests must agree: the script prints the one digest, or, if they differ, which
 settings gave what, and exits with 1.
 
 Each named version (a git revision, built in a temporary directory, or a
-directory holding a built bnpy, as compare_builds.py takes them) runs the
-same in a process of its own, and the script prints each version's digest
-and whether they agree:
+directory holding a bnpy built in place, as compare_builds.py takes them)
+runs the same in a process of its own, which must import that version's
+compiled core, not an installed one; the script prints each version's
+digest and whether they agree:
 
-    python benchmarks/digest.py HEAD~1 .
+    python setup.py build_ext --inplace && python benchmarks/digest.py HEAD~1 .
 
 What goes in, for each shape and both dtypes: the training forward's y and
 running statistics; dx of the backward, fresh, into `out=` and in place over
-dy; dgamma and dbeta; the inference forward and backward. The shapes reach
+dy; dgamma and dbeta; the inference forward and backward, and the dgamma
+and dbeta of the latter. The shapes reach
 every path of the kernels: long planar rows (pipelined, and from memory),
 short rows in tiles and spread over wide rows, interleaved (channels-last)
 rows, and outputs large enough to stream, of planar rows and of wide rows a
@@ -28,6 +31,7 @@ import argparse
 import hashlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -65,6 +69,7 @@ def results_of(shape, dtype, seed):
     bn.eval()
     yield bn.forward(x)
     yield bn.backward(dy)
+    yield from (bn.grad_gamma, bn.grad_beta)
 
 
 def digest(shapes):
@@ -80,7 +85,8 @@ def digest(shapes):
 
 def digests(shapes):
     """{(build, threads): digest} for every build the CPU runs and THREADS;
-    the build and thread count are left as they were"""
+    the build and thread count are set back as they were (the thread count
+    as a number: one that followed OpenMP's default stays fixed at it)"""
     import bnpy
 
     build, threads = bnpy.get_cpu_capability(), bnpy.get_num_threads()
@@ -111,13 +117,20 @@ def digest_here(shapes):
 
 
 def digest_of_version(directory, quick):
-    """The digest line of the bnpy built in `directory`, run in its own process"""
+    """The digest of the bnpy built in `directory`, in a process of its own;
+    RuntimeError if that process's bnpy core is not the one there (not built
+    there, PYTHONPATH falls through to an installed bnpy)"""
+    directory = os.path.realpath(directory)
     env = dict(os.environ, PYTHONPATH=directory)
-    done = subprocess.run([sys.executable, os.path.abspath(__file__)] + ["--quick"] * quick,
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--origin"]
+                          + ["--quick"] * quick,
                           capture_output=True, text=True, env=env, cwd=directory)
     if done.returncode != 0:
         raise RuntimeError(f"digest of {directory} failed:\n{done.stdout}{done.stderr}")
-    return done.stdout.split()[-1]
+    core = re.search(r"^core (.+)$", done.stdout, re.M).group(1)
+    if not core.startswith(directory + os.sep):
+        raise RuntimeError(f"{directory} holds no built bnpy: its process imported {core}")
+    return re.search(r"^digest ([0-9a-f]{64})$", done.stdout, re.M).group(1)
 
 
 def compare_builds():
@@ -138,7 +151,8 @@ def digest_versions(specs, quick):
     for spec, hexdigest in zip(specs, found):
         print(f"{spec[:24]:<24}  {hexdigest}")
     same = len(set(found)) == 1
-    print("the same bits" if same else "DIFFERENT bits")
+    if len(specs) > 1:
+        print("the same bits" if same else "DIFFERENT bits")
     return 0 if same else 1
 
 
@@ -147,9 +161,15 @@ def main(argv=None):
     parser.add_argument("versions", nargs="*",
                         help="git revisions or directories with a built bnpy")
     parser.add_argument("--quick", action="store_true", help="a few small shapes")
+    parser.add_argument("--origin", action="store_true",  # for digest_of_version
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.versions:
         return digest_versions(args.versions, args.quick)
+    if args.origin:
+        import bnpy._core
+
+        print(f"core {os.path.realpath(bnpy._core.__file__)}")
     return digest_here(QUICK_SHAPES if args.quick else SHAPES)
 
 

@@ -3,6 +3,7 @@ result's bits."""
 import importlib.util
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ def test_one_changed_bit_in_one_result_changes_the_digest(digest, monkeypatch):
     assert digest.digest(digest.QUICK_SHAPES) != want
 
 
+@pytest.mark.skipif(not bnpy.has_openmp(), reason="one thread only without OpenMP")
 def test_settings_that_disagree_are_named_and_left_as_they_were(digest, monkeypatch, capsys):
     build, threads = bnpy.get_cpu_capability(), bnpy.get_num_threads()
     monkeypatch.setattr(digest, "digest",
@@ -58,12 +60,21 @@ def test_settings_that_disagree_are_named_and_left_as_they_were(digest, monkeypa
     assert (bnpy.get_cpu_capability(), bnpy.get_num_threads()) == (build, threads)
 
 
-def test_versions_are_digested_each_in_a_process_of_its_own(digest, capsys, tmp_path):
+def test_versions_are_digested_each_in_a_process_of_its_own(digest, capsys):
     built = os.path.dirname(os.path.dirname(bnpy.__file__))  # where this bnpy is
     assert digest.main(["--quick", built, built]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     want = digest.digest(digest.QUICK_SHAPES)
     assert [line.split()[-1] for line in lines[:2]] == [want, want]
     assert lines[2] == "the same bits"
-    with pytest.raises(RuntimeError, match=str(tmp_path)):  # no bnpy there
-        digest.digest_of_version(str(tmp_path), quick=True)
+
+
+def test_a_version_without_its_own_built_core_is_refused(digest, tmp_path):
+    """whether or not an installed bnpy stands behind it"""
+    empty, unbuilt = tmp_path / "empty", tmp_path / "unbuilt"
+    empty.mkdir()
+    shutil.copytree(Path(bnpy.__file__).parent, unbuilt / "bnpy",
+                    ignore=shutil.ignore_patterns("_core*.so", "_core*.pyd", "__pycache__"))
+    for directory in (empty, unbuilt):
+        with pytest.raises(RuntimeError, match=re.escape(os.path.realpath(directory))):
+            digest.digest_of_version(str(directory), quick=True)
