@@ -190,7 +190,8 @@ class _Case(NamedTuple):
     copy_out: np.ndarray
 
 
-def _case(name, shape, axis, dtype):
+def _make_case(name, shape, axis, dtype):
+    """x and dy of `shape` drawn from the same seed for every case"""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
@@ -244,7 +245,7 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
     with ThreadPoolExecutor(2) as pool:  # the copy on two threads
         for name, shape, axis in cases:
             for dtype in dtypes:
-                case = _case(name, shape, axis, dtype)
+                case = _make_case(name, shape, axis, dtype)
                 for op in OPS:
                     for row in _measure(pool, case, op, threads, repeats, with_reference, torch):
                         rows.append(row)

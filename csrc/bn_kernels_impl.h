@@ -1428,9 +1428,10 @@ static void NAME(interleaved_stats)(bn_partial *stats, double *work, const T *x,
 
 /* planar, short rows: partial[C] <- the statistics of rows o0 .. o1 less
  * about[C], walking memory in blocks of bn_short_tile_rows rows: the block's
- * rows of each feature are a tile, merged into the feature's partial. Each
- * row asked for far ahead when `far` (bn_far_ahead), as planar_group_grads
- * asks: the block's rows of the features that follow lie there. */
+ * rows of each feature are a tile, merged into the feature's partial. With
+ * `far` (bn_stats_far_ahead), each of the block's rows is asked for far
+ * ahead, as planar_group_grads asks: the same rows of the features that
+ * follow lie there. */
 static void NAME(planar_group_stats)(bn_partial *partial, const T *x,
                                      const double *about, bn_shape s, size_t o0,
                                      size_t o1, int far)
@@ -1467,10 +1468,7 @@ static void NAME(planar_stats_in_order)(bn_partial *stats, double *work, const T
     for (size_t c = 0; c < C; c++) {
         about[c] = shift ? shift[c] : NAME(first_value)(x, s, c);
     }
-    /* ask far ahead when a block holds several rows of each feature: one
-       stream through memory for each, which the hardware prefetcher did not
-       keep ahead of (bn_far_ahead) */
-    int team = bn_team(s), far = bn_far_ahead(s, sizeof(T)) && bn_short_tile_rows(s) > 1;
+    int team = bn_team(s), far = bn_stats_far_ahead(s, sizeof(T));
     BN_PARALLEL_FOR
     for (size_t g = 0; g < groups; g++) {
         size_t o0 = g * rows, o1 = o0 + rows < s.outer ? o0 + rows : s.outer;

@@ -435,19 +435,27 @@ static inline int bn_in_cache(bn_shape s, size_t elem_size)
  *   256x512x7x7: gradient sums 1.22 -> 0.92, normalizing 1.09 -> 0.91, dx
  *     1.48 -> 1.27 (and at 2 threads too); its statistics (then a tile a row)
  *     did not gain, nor did 64x256x14x14's; rows of 3136 values lost 5-10%
- *     (they ask as they go instead: bn_ask_ahead).
- * On the EPYC (Zen 5) CI runs on now, the statistics of planar short rows
- * ask too where a block (bn_short_tile_rows) holds several rows of each
- * feature, each a stream of its own: the training forward (ab_kernels,
- * medians of 15 calls, 1 thread, times a copy) of 128x2048x7x7 went 4.7 ->
- * 3.2 (float32 AVX-512), 4.4 -> 3.3 (AVX2), 2.0 -> 1.9 (float64); 256x512x7x7
- * 3.3 -> 2.6; 128x512x10x10 3.5 -> 2.3 (float64 AVX2 2.1 -> 1.7). With a row
- * a block (rows of 196 values: one stream) they gained nothing, and do not.
+ *     (they ask as they go instead: bn_ask_ahead; the statistics of short
+ *     rows on the EPYC: bn_stats_far_ahead).
  * In cache the requests only cost: 256x1024's gradient sums took 1.4 times
  * as long. */
 static inline int bn_far_ahead(bn_shape s, size_t elem_size)
 {
     return s.inner < BN_SHORT_ROW && !bn_in_cache(s, elem_size);
+}
+
+/* Whether the statistics of planar short rows (planar_group_stats) ask far
+ * ahead too: where a block (bn_short_tile_rows) holds several rows of each
+ * feature, and so walks several streams at once, one along each of its rows.
+ * On the EPYC (Zen 5) CI runs on now, the training forward (ab_kernels,
+ * medians of 15 calls, 1 thread, times a copy) of 128x2048x7x7 went 4.7 ->
+ * 3.2 (float32 AVX-512), 4.4 -> 3.3 (AVX2), 2.0 -> 1.9 (float64); 256x512x7x7
+ * 3.3 -> 2.6; 128x512x10x10 3.5 -> 2.3 (float64 AVX2 2.1 -> 1.7). Blocks of
+ * one row (rows of 196 values: a single stream) gained nothing, and do not
+ * ask. */
+static inline int bn_stats_far_ahead(bn_shape s, size_t elem_size)
+{
+    return bn_far_ahead(s, elem_size) && bn_short_tile_rows(s) > 1;
 }
 
 /* Whether the planar elementwise passes (inference, dx) ask for the inputs of

@@ -370,8 +370,9 @@ int main(void)
         {2, 3, 200000}, /* planar rows from memory (x over BN_IN_CACHE_BYTES, 4 MiB,
                            even in float32): inference and dx ask for them as they go */
         {2000, 3, 300}, /* short planar rows from memory: passes ask far ahead */
-        {60, 256, 80},  /* the same, too many features to spread: the statistics ask
-                           far ahead along each row of their blocks of three */
+        {61, 256, 80},  /* the same, too many features to spread: the statistics ask
+                           far ahead along each row of their blocks of three; the
+                           last row group a block of one */
         {30000, 3, 20}, /* spread rows from memory: the same */
         {400000, 3, 1}, /* interleaved rows from memory: the same */
         {9000, 3, 1},  /* interleaved: wide rows of 11, three row groups */
