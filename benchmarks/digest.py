@@ -7,8 +7,8 @@ A kernel change that keeps the digest left every result bitwise as it was.
 With no version named, it digests the bnpy this Python imports, once for
 every build the CPU runs (`bnpy.cpu_capabilities()`) and for 1 and 2
 threads. The results must not depend on either (README.md: threads, and
-the builds), so the digests must agree: the script prints the one digest, or, if they differ, which
-settings gave what, and exits with 1.
+the builds), so the digests must agree: the script prints the one digest,
+or, if they differ, which settings gave what, and exits with 1.
 
 Each named version (a git revision, built in a temporary directory, or a
 directory holding a bnpy built in place, as compare_builds.py takes them)
@@ -21,11 +21,11 @@ digest and whether they agree:
 What goes in, for each shape and both dtypes: the training forward's y and
 running statistics; dx of the backward, fresh, into `out=` and in place over
 dy; dgamma and dbeta; the inference forward and backward, and the dgamma
-and dbeta of the latter. The shapes reach
-every path of the kernels: long planar rows (pipelined, and from memory),
-short rows in tiles and spread over wide rows, interleaved (channels-last)
-rows, and outputs large enough to stream, of planar rows and of wide rows a
-multiple of 16 values. `--quick` takes a few small shapes (for the tests).
+and dbeta of the latter. The shapes reach every path of the kernels: long
+planar rows (pipelined, and from memory), short rows in tiles (from memory
+too) and spread over wide rows, interleaved (channels-last) rows, and
+outputs large enough to stream, of planar rows and of wide rows a multiple
+of 16 values. `--quick` takes a few small shapes (for the tests).
 """
 import argparse
 import hashlib
