@@ -573,12 +573,11 @@ BN_INLINE size_t NAME(deviation_vecs_plain)(bn_lanes *a, bn_lanes *a2, const T *
 BN_INLINE size_t NAME(deviation_vecs_run)(bn_lanes *a, bn_lanes *a2, const T *row,
                                           double center, size_t i, bn_tile t,
                                           const NAME(bn_out_row) *y, size_t *y_at,
-                                          const bn_rows_ahead *ahead, const bn_row_asks *asks,
-                                          const bn_asking *back)
+                                          const bn_asking *ahead, const bn_asking *back)
 {
     size_t ask, back_ask, with_y = NAME(out_vecs_left)(y, *y_at) * BN_LANES;
-    size_t end = t.i0 + NAME(plain_run_end)(asks, &back->r, i - t.i0, i - t.i0 + with_y, &ask,
-                                            &back_ask);
+    size_t end = t.i0 + NAME(plain_run_end)(&ahead->r, &back->r, i - t.i0, i - t.i0 + with_y,
+                                            &ask, &back_ask);
     if (end <= i) {
         return i;
     }
@@ -619,17 +618,18 @@ BN_INLINE void NAME(tile_stats_normalizing)(bn_partial *total, const T *f, bn_sh
         }
         size_t i = t.i0;
         if (ahead) {
-            bn_row_asks asks = bn_rows_ahead_take(ahead, (t.i1 - t.i0) * sizeof(T));
+            bn_asking asks = {ahead->x, NULL,
+                              bn_rows_ahead_take(ahead, (t.i1 - t.i0) * sizeof(T))};
             bn_asking back = {0};
             if (norm) {
                 back = NAME(read_back_asking)(norm->back, y.in, NULL, (t.i1 - t.i0) * sizeof(T));
             }
             while (i + BN_LANES <= t.i1) {
                 size_t next = norm ? NAME(deviation_vecs_run)(&a, &a2, row, center, i, t,
-                                                               &y, &y_at, ahead, &asks, &back)
+                                                               &y, &y_at, &asks, &back)
                                    : i;
                 if (next == i) {
-                    NAME(ask_ahead_of)(ahead->x, NULL, &asks, (i - t.i0) * sizeof(T));
+                    NAME(ask_ahead_of)(asks.x, NULL, &asks.r, (i - t.i0) * sizeof(T));
                     if (norm) {
                         NAME(ask_ahead_of)(back.x, NULL, &back.r, (i - t.i0) * sizeof(T));
                     }
