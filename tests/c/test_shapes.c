@@ -4,7 +4,7 @@
  * against a naive long double reference, for both element types, and bitwise
  * the same on 1 and 3 threads and in every instruction-set build the CPU
  * runs. Build and run: bash tests/c/run.sh [sanitize] */
-#include "bn_kernels.h"
+#include "bn.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -1,0 +1,564 @@
+/* kernels.h -- the kernels of bn.h for one element type, in one build.
+ *
+ * Included by build.h once per type, with
+ *   T      the element type (float or double)
+ *   NAME   a macro that appends the type's and the build's suffixes:
+ *          NAME(bn_forward) is bn_forward_f32_avx2, bn_forward_f64_baseline, ...
+ * and vec.h's vectors. Every value is computed in double and rounded to T
+ * once. The strategies (planar, lanes) are described in core.h.
+ */
+
+/* ---- values of T as vectors of doubles ------------------------------------- */
+
+BN_INLINE bn_vec NAME(load)(const T *p)
+{
+#if BN_W == 1
+    return (double)p[0];
+#else
+    bn_vec v = {0};
+    for (int j = 0; j < BN_W; j++) {
+        v[j] = (double)p[j];
+    }
+    return v;
+#endif
+}
+
+BN_INLINE void NAME(store)(T *p, bn_vec v)
+{
+#if BN_W == 1
+    p[0] = (T)v;
+#else
+    for (int j = 0; j < BN_W; j++) {
+        p[j] = (T)v[j];
+    }
+#endif
+}
+
+/* the n < BN_W values of p[0 .. n) as a vector, 0 in its other lanes */
+BN_INLINE bn_vec NAME(load_part)(const T *p, size_t n)
+{
+    double part[BN_W] = {0};
+    for (size_t j = 0; j < n; j++) {
+        part[j] = (double)p[j];
+    }
+    return bn_load_wide(part);
+}
+
+BN_INLINE void NAME(store_part)(T *p, bn_vec v, size_t n)
+{
+    double part[BN_W];
+    bn_store_wide(part, v);
+    for (size_t j = 0; j < n; j++) {
+        p[j] = (T)part[j];
+    }
+}
+
+/* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
+
+/* acc += p[0 .. n) - center, acc2 += its squares. The values after the last
+ * 16 go to the first lanes; the others add 0, which changes no sum. */
+BN_INLINE void NAME(add_deviations)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *p, size_t n,
+                                    double center)
+{
+    bn_vec mid = bn_splat(center);
+    size_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        for (int k = 0; k < BN_K; k++) {
+            bn_vec d = NAME(load)(p + i + k * BN_W) - mid;
+            acc[k] += d;
+            acc2[k] += d * d;
+        }
+    }
+    if (i < n) {
+        double d[BN_LANES] = {0};
+        for (size_t j = 0; i + j < n; j++) {
+            d[j] = (double)p[i + j] - center;
+        }
+        for (int k = 0; k < BN_K; k++) {
+            bn_vec v = bn_load_wide(d + k * BN_W);
+            acc[k] += v;
+            acc2[k] += v * v;
+        }
+    }
+}
+
+/* acc += dy[0 .. n), acc2 += dy * (x - mean), as add_deviations */
+BN_INLINE void NAME(add_grads)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, const T *x,
+                               size_t n, double mean)
+{
+    bn_vec mid = bn_splat(mean);
+    size_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        for (int k = 0; k < BN_K; k++) {
+            bn_vec g = NAME(load)(dy + i + k * BN_W);
+            acc[k] += g;
+            acc2[k] += g * (NAME(load)(x + i + k * BN_W) - mid);
+        }
+    }
+    if (i < n) {
+        double g[BN_LANES] = {0}, d[BN_LANES] = {0};
+        for (size_t j = 0; i + j < n; j++) {
+            g[j] = (double)dy[i + j];
+            d[j] = (double)x[i + j] - mean;
+        }
+        for (int k = 0; k < BN_K; k++) {
+            acc[k] += bn_load_wide(g + k * BN_W);
+            acc2[k] += bn_load_wide(g + k * BN_W) * bn_load_wide(d + k * BN_W);
+        }
+    }
+}
+
+/* ---- elementwise passes ------------------------------------------------------ */
+
+/* out[0 .. n) <- op(in, x) with one feature's coefficients k */
+BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
+                             bn_op op)
+{
+    bn_vec zero = bn_splat(0.0);
+    size_t i = 0;
+    for (; i + BN_W <= n; i += BN_W) {
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + i) : zero;
+        NAME(store)(out + i, bn_apply(op, NAME(load)(in + i), xv, k));
+    }
+    if (i < n) {
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load_part)(x + i, n - i) : zero;
+        NAME(store_part)(out + i, bn_apply(op, NAME(load_part)(in + i, n - i), xv, k), n - i);
+    }
+}
+
+/* out[j0 .. j1) <- op(in, x) for x seen as one sequence of wide rows: value j
+ * is in lane j % wide, with the coefficients spread in w */
+BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_t j1,
+                               const bn_work *w, const bn_plan *p, bn_op op)
+{
+    bn_vec zero = bn_splat(0.0);
+    size_t l = j0 % p->wide, j = j0;
+    for (; j + BN_W <= j1; j += BN_W) {
+        bn_vcoef k = bn_lane_coef(w, l);
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + j) : zero;
+        NAME(store)(out + j, bn_apply(op, NAME(load)(in + j), xv, &k));
+        l += BN_W;
+        l = l >= p->wide ? l - p->wide : l;
+    }
+    if (j < j1) {
+        bn_vcoef k = bn_lane_coef(w, l);
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load_part)(x + j, j1 - j) : zero;
+        NAME(store_part)(out + j, bn_apply(op, NAME(load_part)(in + j, j1 - j), xv, &k), j1 - j);
+    }
+}
+
+/* w's four arrays [C] <- the coefficients of op for each feature (bn_op);
+ * spread over a wide row for the lanes strategy */
+static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
+                               const double *invstd, const T *gamma, const T *beta,
+                               const double *dgamma, const double *dbeta, double count,
+                               const bn_plan *p)
+{
+    for (size_t c = 0; c < p->s.channels; c++) {
+        w->mean[c] = mean[c];
+        w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        w->shift[c] = op == BN_NORMALIZE ? (beta ? (double)beta[c] : 0.0)
+                      : op == BN_DX_TRAIN ? dbeta[c] / count : 0.0;
+        /* xhat * dgamma / n = (x - mean) * dev */
+        w->dev[c] = op == BN_DX_TRAIN ? dgamma[c] * invstd[c] / count : 0.0;
+    }
+    if (p->lanes) {
+        bn_spread(w->mean, w->mean, p);
+        bn_spread(w->scale, w->scale, p);
+        bn_spread(w->shift, w->shift, p);
+        bn_spread(w->dev, w->dev, p);
+    }
+}
+
+/* out <- op(in, x) over all of x (the coefficients in w), on p->team threads */
+static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const bn_plan *p,
+                       bn_op op)
+{
+    bn_shape s = p->s;
+    int team = p->team;
+    if (p->lanes) {
+        size_t n = s.outer * p->width, tasks = (n + BN_CHUNK - 1) / BN_CHUNK;
+        BN_PARALLEL_FOR
+        for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
+            size_t j0 = (size_t)t * BN_CHUNK, j1 = j0 + BN_CHUNK < n ? j0 + BN_CHUNK : n;
+            NAME(lanes_out)(out, in, x, j0, j1, w, p, op);
+        }
+        return;
+    }
+    size_t rows = s.outer * s.channels, chunk = BN_CHUNK / s.inner + 1;
+    size_t tasks = (rows + chunk - 1) / chunk;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
+        size_t r0 = (size_t)t * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+        for (size_t r = r0; r < r1; r++) {
+            bn_vcoef k = bn_feature_coef(w, r % s.channels);
+            size_t at = r * s.inner;
+            NAME(row_out)(out + at, in + at, x ? x + at : NULL, s.inner, &k, op);
+        }
+    }
+}
+
+/* ---- planar: one feature at a time ----------------------------------------- */
+
+/* the deviations from center of feature c's values in tile t, and their squares, summed */
+static void NAME(tile_sums)(double *sum, double *sum2, const T *x, bn_shape s, size_t c,
+                            bn_tile t, double center)
+{
+    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+    for (size_t o = t.o0; o < t.o1; o++) {
+        NAME(add_deviations)(acc, acc2, x + bn_row_at(s, o, c) + t.i0, t.i1 - t.i0, center);
+    }
+    *sum = bn_total(acc);
+    *sum2 = bn_total(acc2);
+}
+
+/* Feature c's statistics less shift: its tiles absorbed in order, the first
+ * about its own rough mean, each later one about the mean so far */
+static bn_partial NAME(feature_stats)(const T *x, const bn_plan *p, size_t c, double shift)
+{
+    bn_partial stats = {0.0, 0.0, 0.0};
+    for (size_t k = 0; k < p->tiles; k++) {
+        bn_tile t = bn_tile_at(p->s, k);
+        double added = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), sum, sum2;
+        double center = stats.mean;
+        if (k == 0) {
+            NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift);
+            center = sum / added;
+        }
+        NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift + center);
+        bn_absorb(&stats, added, (shift + center) - shift, sum, sum2);
+    }
+    return stats;
+}
+
+/* dbeta[c] <- sum dy, dgamma[c] <- sum dy * (x - mean) * invstd over feature c,
+ * tile by tile */
+static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, const T *x,
+                                const double *mean, const double *invstd, const bn_plan *p,
+                                size_t c)
+{
+    double sum_dy = 0.0, sum_dy_dev = 0.0;
+    for (size_t k = 0; k < p->tiles; k++) {
+        bn_tile t = bn_tile_at(p->s, k);
+        bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+        for (size_t o = t.o0; o < t.o1; o++) {
+            size_t at = bn_row_at(p->s, o, c) + t.i0;
+            NAME(add_grads)(acc, acc2, dy + at, x + at, t.i1 - t.i0, mean[c]);
+        }
+        sum_dy += bn_total(acc);
+        sum_dy_dev += bn_total(acc2);
+    }
+    dbeta[c] = sum_dy;
+    dgamma[c] = sum_dy_dev * invstd[c];
+}
+
+/* the rows of feature c <- op(in, x) */
+static void NAME(feature_out)(T *out, const T *in, const T *x, const bn_work *w,
+                              const bn_plan *p, size_t c, bn_op op)
+{
+    bn_vcoef k = bn_feature_coef(w, c);
+    for (size_t o = 0; o < p->s.outer; o++) {
+        size_t at = bn_row_at(p->s, o, c);
+        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, &k, op);
+    }
+}
+
+/* Training forward of feature c: its statistics, then its rows normalized
+ * while they are still in cache */
+static void NAME(feature_train)(T *y, bn_partial *stats, double *mean, double *invstd,
+                                const bn_work *w, const T *x, const T *gamma, const T *beta,
+                                double eps, const bn_plan *p, size_t c)
+{
+    double shift = (double)x[c * p->s.inner];
+    stats[c] = NAME(feature_stats)(x, p, c, shift);
+    stats[c].mean += shift;
+    bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
+    w->mean[c] = mean[c];
+    w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+    w->shift[c] = beta ? (double)beta[c] : 0.0;
+    NAME(feature_out)(y, x, NULL, w, p, c, BN_NORMALIZE);
+}
+
+/* Backward of feature c: its two sums, then its dx while dy and x are in cache */
+static void NAME(feature_backward)(T *dx, double *dgamma, double *dbeta, const bn_work *w,
+                                   const T *dy, const T *x, const double *mean,
+                                   const double *invstd, const T *gamma, const bn_plan *p,
+                                   int training, size_t c)
+{
+    NAME(feature_grads)(dgamma, dbeta, dy, x, mean, invstd, p, c);
+    double count = (double)bn_count(p->s);
+    w->mean[c] = mean[c];
+    w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+    w->shift[c] = training ? dbeta[c] / count : 0.0;
+    w->dev[c] = training ? dgamma[c] * invstd[c] / count : 0.0;
+    NAME(feature_out)(dx, dy, x, w, p, c, training ? BN_DX_TRAIN : BN_DX_EVAL);
+}
+
+/* ---- lanes: sums down each lane of wide rows --------------------------------- */
+
+/* sum[l] += x - center[l], sum2[l] += its square, for lanes l0 .. l1 of wide
+ * rows r0 .. r1, one row after the other */
+static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T *x,
+                            const double *restrict center, size_t wide, size_t r0, size_t r1,
+                            size_t l0, size_t l1)
+{
+    for (size_t r = r0; r < r1; r++) {
+        const T *row = x + r * wide;
+        size_t l = l0;
+        for (; l + BN_W <= l1; l += BN_W) {
+            bn_vec d = NAME(load)(row + l) - bn_load_wide(center + l);
+            bn_store_wide(sum + l, bn_load_wide(sum + l) + d);
+            bn_store_wide(sum2 + l, bn_load_wide(sum2 + l) + d * d);
+        }
+        for (; l < l1; l++) {
+            double d = (double)row[l] - center[l];
+            sum[l] += d;
+            sum2[l] += d * d;
+        }
+    }
+}
+
+/* sum[l] += dy, sum_dev[l] += dy * (x - mean[l]), as lane_sums */
+static void NAME(lane_grads)(double *restrict sum, double *restrict sum_dev, const T *dy,
+                             const T *x, const double *restrict mean, size_t wide, size_t r0,
+                             size_t r1, size_t l0, size_t l1)
+{
+    for (size_t r = r0; r < r1; r++) {
+        const T *g = dy + r * wide, *row = x + r * wide;
+        size_t l = l0;
+        for (; l + BN_W <= l1; l += BN_W) {
+            bn_vec gv = NAME(load)(g + l);
+            bn_store_wide(sum + l, bn_load_wide(sum + l) + gv);
+            bn_store_wide(sum_dev + l, bn_load_wide(sum_dev + l)
+                                           + gv * (NAME(load)(row + l) - bn_load_wide(mean + l)));
+        }
+        for (; l < l1; l++) {
+            sum[l] += (double)g[l];
+            sum_dev[l] += (double)g[l] * ((double)row[l] - mean[l]);
+        }
+    }
+}
+
+/* The statistics (less shift[l]) of lanes l0 .. l1 in group g, into its
+ * state: blocks of BN_BLOCK_ROWS wide rows absorbed in order, the first
+ * about its own rough mean, the others about the mean so far; the values
+ * after the last whole wide row (in the last group) one by one. */
+static void NAME(group_stats)(double *state, const T *x, const double *shift,
+                              const bn_plan *p, size_t g, size_t l0, size_t l1)
+{
+    size_t R = p->wide, r0 = g * BN_GROUP_ROWS;
+    size_t r1 = r0 + BN_GROUP_ROWS < p->wide_rows ? r0 + BN_GROUP_ROWS : p->wide_rows;
+    bn_partial *lane = (bn_partial *)state;
+    double *center = state + 3 * R, *sum = center + R, *sum2 = sum + R;
+    for (size_t l = l0; l < l1; l++) {
+        lane[l] = (bn_partial){0.0, 0.0, 0.0};
+        center[l] = shift[l];
+        sum[l] = sum2[l] = 0.0;
+    }
+    for (size_t b0 = r0; b0 < r1; b0 += BN_BLOCK_ROWS) {
+        size_t b1 = b0 + BN_BLOCK_ROWS < r1 ? b0 + BN_BLOCK_ROWS : r1;
+        double added = (double)(b1 - b0);
+        if (b0 == r0) {
+            NAME(lane_sums)(sum, sum2, x, center, R, b0, b1, l0, l1);
+            for (size_t l = l0; l < l1; l++) {
+                center[l] = shift[l] + sum[l] / added;
+                sum[l] = sum2[l] = 0.0;
+            }
+        }
+        NAME(lane_sums)(sum, sum2, x, center, R, b0, b1, l0, l1);
+        for (size_t l = l0; l < l1; l++) {
+            bn_absorb(&lane[l], added, center[l] - shift[l], sum[l], sum2[l]);
+            center[l] = shift[l] + lane[l].mean;
+            sum[l] = sum2[l] = 0.0;
+        }
+    }
+    for (size_t l = l0; g + 1 == p->groups && l < l1 && l < p->tail; l++) {
+        double d = (double)x[p->wide_rows * R + l] - center[l];
+        bn_absorb(&lane[l], 1.0, center[l] - shift[l], d, d * d);
+    }
+}
+
+/* the two gradient sums of lanes l0 .. l1 in group g, into its state */
+static void NAME(group_grads)(double *state, const T *dy, const T *x, const double *mean,
+                              const bn_plan *p, size_t g, size_t l0, size_t l1)
+{
+    size_t R = p->wide, r0 = g * BN_GROUP_ROWS;
+    size_t r1 = r0 + BN_GROUP_ROWS < p->wide_rows ? r0 + BN_GROUP_ROWS : p->wide_rows;
+    double *sum = state, *sum_dev = state + R;
+    for (size_t l = l0; l < l1; l++) {
+        sum[l] = sum_dev[l] = 0.0;
+    }
+    NAME(lane_grads)(sum, sum_dev, dy, x, mean, R, r0, r1, l0, l1);
+    if (g + 1 == p->groups) {
+        size_t at = p->wide_rows * R, end = l1 < p->tail ? l1 : p->tail;
+        NAME(lane_grads)(sum, sum_dev, dy + at, x + at, mean, R, 0, 1, l0, end);
+    }
+}
+
+/* w.mean <- each lane's shift: shift[C], or its feature's first value */
+static void NAME(lane_shifts)(const bn_work *w, const T *x, const double *shift,
+                              const bn_plan *p)
+{
+    for (size_t c = 0; c < p->s.channels; c++) {
+        w->mean[c] = shift ? shift[c] : (double)x[c * p->s.inner];
+    }
+    bn_spread(w->mean, w->mean, p);
+}
+
+/* Runs task(state of group g, g, lanes l0 .. l1) for every group and block of
+ * lanes, on p->team threads */
+#define NAME_FOR_LANE_TASKS(p, w, g, l0, l1, task)                                       \
+    do {                                                                                 \
+        int team = (p)->team;                                                            \
+        size_t blocks_ = (p)->lane_blocks, tasks_ = (p)->groups * blocks_;               \
+        size_t width_ = ((p)->wide + blocks_ - 1) / blocks_;                             \
+        BN_PARALLEL_FOR                                                                  \
+        for (ptrdiff_t t_ = 0; t_ < (ptrdiff_t)tasks_; t_++) {                           \
+            size_t g = (size_t)t_ / blocks_, b_ = (size_t)t_ % blocks_;                  \
+            size_t l0 = b_ * width_, l1 = l0 + width_ < (p)->wide ? l0 + width_ : (p)->wide; \
+            double *state = (w).groups + g * BN_LANE_STATE * (p)->wide;                  \
+            task;                                                                        \
+        }                                                                                \
+    } while (0)
+
+static void NAME(lanes_stats)(bn_partial *stats, const bn_work *w, const T *x,
+                              const double *shift, const bn_plan *p)
+{
+    NAME(lane_shifts)(w, x, shift, p);
+    NAME_FOR_LANE_TASKS(p, *w, g, l0, l1, NAME(group_stats)(state, x, w->mean, p, g, l0, l1));
+    bn_merge_lanes(stats, w->groups, p);
+    for (size_t c = 0; !shift && c < p->s.channels; c++) {
+        stats[c].mean += (double)x[c * p->s.inner];
+    }
+}
+
+static void NAME(lanes_grads)(double *dgamma, double *dbeta, const bn_work *w, const T *dy,
+                              const T *x, const double *mean, const double *invstd,
+                              const bn_plan *p)
+{
+    memcpy(w->mean, mean, p->s.channels * sizeof *mean);
+    bn_spread(w->mean, w->mean, p);
+    NAME_FOR_LANE_TASKS(p, *w, g, l0, l1,
+                        NAME(group_grads)(state, dy, x, w->mean, p, g, l0, l1));
+    bn_add_lane_grads(dgamma, dbeta, w->groups, invstd, p);
+}
+
+#undef NAME_FOR_LANE_TASKS
+
+/* ---- entry points -------------------------------------------------------------- */
+
+static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
+                           bn_shape s)
+{
+    /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
+    bn_plan p = bn_make_plan(s);
+    bn_work w = bn_work_of(work, &p);
+    if (bn_count(s) == 0) {
+        memset(stats, 0, s.channels * sizeof *stats);
+        return;
+    }
+    if (p.lanes) {
+        NAME(lanes_stats)(stats, &w, x, shift, &p);
+        return;
+    }
+    int team = p.team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
+        double first = (double)x[(size_t)c * s.inner];
+        stats[c] = NAME(feature_stats)(x, &p, (size_t)c, shift ? shift[c] : first);
+        stats[c].mean += shift ? 0.0 : first;
+    }
+}
+
+static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
+                             const double *invstd, const T *gamma, const T *beta, bn_shape s)
+{
+    /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
+    bn_plan p = bn_make_plan(s);
+    bn_work w = bn_work_of(work, &p);
+    if (bn_count(s) == 0) {
+        return;
+    }
+    NAME(coefficients)(&w, BN_NORMALIZE, mean, invstd, gamma, beta, NULL, NULL, 0.0, &p);
+    NAME(pass)(y, x, NULL, &w, &p, BN_NORMALIZE);
+}
+
+static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd,
+                                   double *work, const T *x, const T *gamma, const T *beta,
+                                   double eps, bn_shape s)
+{
+    /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
+    bn_plan p = bn_make_plan(s);
+    bn_work w = bn_work_of(work, &p);
+    if (p.lanes || bn_count(s) == 0) {
+        NAME(bn_stats)(stats, work, x, NULL, s);
+        bn_batch_moments(mean, invstd, stats, s.channels, eps);
+        NAME(bn_forward)(y, work, x, mean, invstd, gamma, beta, s);
+        return;
+    }
+    int team = p.team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
+        NAME(feature_train)(y, stats, mean, invstd, &w, x, gamma, beta, eps, &p, (size_t)c);
+    }
+}
+
+static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy,
+                               const T *x, const double *mean, const double *invstd,
+                               bn_shape s)
+{
+    /* dgamma, dbeta, mean, invstd [C]; dy, x [outer][C][inner] */
+    bn_plan p = bn_make_plan(s);
+    bn_work w = bn_work_of(work, &p);
+    if (bn_count(s) == 0) {
+        memset(dgamma, 0, s.channels * sizeof *dgamma);
+        memset(dbeta, 0, s.channels * sizeof *dbeta);
+        return;
+    }
+    if (p.lanes) {
+        NAME(lanes_grads)(dgamma, dbeta, &w, dy, x, mean, invstd, &p);
+        return;
+    }
+    int team = p.team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
+        NAME(feature_grads)(dgamma, dbeta, dy, x, mean, invstd, &p, (size_t)c);
+    }
+}
+
+static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
+                                 const double *mean, const double *invstd, const T *gamma,
+                                 const double *dgamma, const double *dbeta, double count,
+                                 bn_shape s, int training)
+{
+    /* dx, dy, x [outer][C][inner]; mean, invstd, gamma, dgamma, dbeta [C] */
+    bn_plan p = bn_make_plan(s);
+    bn_work w = bn_work_of(work, &p);
+    if (bn_count(s) == 0) {
+        return;
+    }
+    bn_op op = training ? BN_DX_TRAIN : BN_DX_EVAL;
+    NAME(coefficients)(&w, op, mean, invstd, gamma, NULL, dgamma, dbeta, count, &p);
+    NAME(pass)(dx, dy, x, &w, &p, op);
+}
+
+static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
+                              const T *x, const double *mean, const double *invstd,
+                              const T *gamma, bn_shape s, int training)
+{
+    /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
+    bn_plan p = bn_make_plan(s);
+    bn_work w = bn_work_of(work, &p);
+    if (p.lanes || bn_count(s) == 0) {
+        NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
+        NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,
+                             (double)bn_count(s), s, training);
+        return;
+    }
+    int team = p.team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
+        NAME(feature_backward)(dx, dgamma, dbeta, &w, dy, x, mean, invstd, gamma, &p, training,
+                               (size_t)c);
+    }
+}
