@@ -8,6 +8,7 @@
  * and lists the kernels in the table.
  */
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "core.h"

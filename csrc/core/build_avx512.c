@@ -6,6 +6,7 @@
 #include "core.h"
 
 #if BN_X86_BUILDS
+#include <immintrin.h>
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
 #else

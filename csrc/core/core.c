@@ -3,11 +3,16 @@
  * thread count, and the choice of the build that runs the hot kernels
  * (kernels.h, compiled once per instruction set by build_*.c).
  */
+#define _POSIX_C_SOURCE 200809L /* sysconf */
 #include "core.h"
 
 #include <math.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
 
 /* ---- threads ---------------------------------------------------------------- */
 
@@ -44,10 +49,45 @@ size_t bn_count(bn_shape s)
     return s.outer * s.inner;
 }
 
-/* the order of summation (strategy, fold, groups, tiles) follows from the
- * shape and core.h's first constants alone; the thread count sets only who
- * sums what */
-bn_plan bn_make_plan(bn_shape s)
+/* The size in bytes of the cache Linux lists as cpu0's index-th, 0 if it
+ * does not say */
+static size_t bn_sysfs_cache(int index)
+{
+    char path[64], unit = 'B';
+    unsigned long size = 0;
+    snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        return 0;
+    }
+    int read = fscanf(f, "%lu%c", &size, &unit);
+    fclose(f);
+    return read < 1 ? 0 : size << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+}
+
+/* The size of the last-level cache in bytes, read from the system once:
+ * Linux's sysfs (which virtual machines report more truly than the CPU's
+ * own answer that sysconf gives), else sysconf, else a guess of 8 MiB */
+static size_t bn_cache_bytes(void)
+{
+    static atomic_size_t bytes = 0;
+    size_t b = atomic_load(&bytes);
+    for (int index = 3; b == 0 && index >= 2; index--) {
+        b = bn_sysfs_cache(index);
+    }
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    long l3 = b == 0 ? sysconf(_SC_LEVEL3_CACHE_SIZE) : 0;
+    b = l3 > 0 ? (size_t)l3 : b;
+#endif
+    b = b > 0 ? b : (size_t)8 << 20;
+    atomic_store(&bytes, b);
+    return b;
+}
+
+/* The order of summation (strategy, fold, groups, tiles) follows from the
+ * shape and core.h's first constants alone; the thread count and the cache
+ * size set only who computes what and how outputs are stored. */
+bn_plan bn_make_plan(bn_shape s, size_t elem_size)
 {
     bn_plan p = {.s = s, .team = 1, .lane_blocks = 1};
     size_t width = s.channels * s.inner;
@@ -66,6 +106,7 @@ bn_plan bn_make_plan(bn_shape s)
         p.tiles = s.inner >= BN_TILE ? s.outer * ((s.inner + BN_TILE - 1) / BN_TILE)
                                      : (s.outer + rows - 1) / rows;
     }
+    p.stream = BN_STREAMS && bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2;
     if (bn_count(s) * s.channels >= BN_PARALLEL_MIN) {
         p.team = bn_get_num_threads();
     }
@@ -86,7 +127,7 @@ bn_work bn_work_of(double *work, const bn_plan *p)
 
 size_t bn_workspace_size(bn_shape s)
 {
-    bn_plan p = bn_make_plan(s);
+    bn_plan p = bn_make_plan(s, sizeof(double));
     return 4 * bn_coef_len(&p) + (p.lanes ? p.groups * BN_LANE_STATE * p.wide : 0);
 }
 

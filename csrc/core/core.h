@@ -42,6 +42,8 @@ enum {
     BN_PARALLEL_MIN = 1 << 16, /* fewer values than this run on one thread */
     BN_CHUNK = 1 << 14,        /* values an elementwise task takes at least */
     BN_LANE_BLOCK_MIN = 256,   /* lanes: the fewest lanes a reduction task takes */
+    BN_LANE_ROWS = 4,          /* lanes: rows a reduction takes at once: more saves loads
+                                  and stores of the sums, and needs more streams */
 };
 
 #ifdef _OPENMP
@@ -72,9 +74,12 @@ typedef struct {
     size_t groups;      /* lanes: groups of BN_GROUP_ROWS wide rows */
     size_t lane_blocks; /* lanes: reduction tasks a group's lanes are cut into */
     size_t tiles;       /* planar: statistics tiles of a feature */
+    int stream;         /* outputs go past the caches: they are larger than half the
+                           last-level cache, and the build can stream */
 } bn_plan;
 
-bn_plan bn_make_plan(bn_shape s);
+/* the plan for x of shape s and elements of elem_size bytes */
+bn_plan bn_make_plan(bn_shape s, size_t elem_size);
 
 /* A statistics tile of a planar feature: rows o0 .. o1, values i0 .. i1 of
  * each. A row of BN_TILE values or more is cut into pieces of BN_TILE;
@@ -204,6 +209,7 @@ extern const bn_kernel_table bn_kernels_avx2;
 #else
 #define BN_X86_BUILDS 0
 #endif
+#define BN_STREAMS BN_X86_BUILDS /* some build can stream (vec.h) */
 extern const bn_kernel_table bn_kernels_baseline;
 
 #endif /* BNPY_CORE_H */

@@ -53,6 +53,31 @@ BN_INLINE void NAME(store_part)(T *p, bn_vec v, size_t n)
     }
 }
 
+/* p[0 .. BN_W) <- v rounded to T, past the caches where the build can
+ * (p aligned to BN_W values: stream_head) */
+BN_INLINE void NAME(store_streamed)(T *p, bn_vec v)
+{
+#if BN_CAN_STREAM
+    if (sizeof(T) == sizeof(float)) {
+        bn_stream_f32((float *)p, v);
+    }
+    else {
+        bn_stream_f64((double *)p, v);
+    }
+#else
+    NAME(store)(p, v);
+#endif
+}
+
+/* the values of out[0 .. n) to write before out + head is aligned for
+ * store_streamed (n if it never is) */
+BN_INLINE size_t NAME(stream_head)(const T *out, size_t n)
+{
+    size_t bytes = BN_W * sizeof(T), off = (uintptr_t)out % bytes;
+    size_t head = off % sizeof(T) != 0 ? n : (bytes - off) % bytes / sizeof(T);
+    return head < n ? head : n;
+}
+
 /* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
 
 /* acc += p[0 .. n) - center, acc2 += its squares. The values after the last
@@ -110,19 +135,36 @@ BN_INLINE void NAME(add_grads)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy,
 
 /* ---- elementwise passes ------------------------------------------------------ */
 
-/* out[0 .. n) <- op(in, x) with one feature's coefficients k */
-BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
-                             bn_op op)
+/* out[i] <- op(in, x) for i in [i0, i1) with the coefficients k of lane l
+ * (or of a planar row's feature), i1 - i0 <= BN_W */
+BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
+                              bn_op op)
 {
-    bn_vec zero = bn_splat(0.0);
-    size_t i = 0;
+    bn_vec xv = op == BN_DX_TRAIN ? NAME(load_part)(x, n) : bn_splat(0.0);
+    NAME(store_part)(out, bn_apply(op, NAME(load_part)(in, n), xv, k), n);
+}
+
+/* out[0 .. n) <- op(in, x) with one feature's coefficients k; streamed past
+ * the caches when `stream` */
+BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
+                             bn_op op, int stream)
+{
+    size_t i = stream ? NAME(stream_head)(out, n) : 0;
+    for (size_t h = 0; h < i; h += BN_W) {
+        NAME(part_out)(out + h, in + h, (x ? x + h : NULL), i - h < BN_W ? i - h : BN_W, k, op);
+    }
     for (; i + BN_W <= n; i += BN_W) {
-        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + i) : zero;
-        NAME(store)(out + i, bn_apply(op, NAME(load)(in + i), xv, k));
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + i) : bn_splat(0.0);
+        bn_vec v = bn_apply(op, NAME(load)(in + i), xv, k);
+        if (stream) {
+            NAME(store_streamed)(out + i, v);
+        }
+        else {
+            NAME(store)(out + i, v);
+        }
     }
     if (i < n) {
-        bn_vec xv = op == BN_DX_TRAIN ? NAME(load_part)(x + i, n - i) : zero;
-        NAME(store_part)(out + i, bn_apply(op, NAME(load_part)(in + i, n - i), xv, k), n - i);
+        NAME(part_out)(out + i, in + i, (x ? x + i : NULL), n - i, k, op);
     }
 }
 
@@ -131,19 +173,58 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, const bn
 BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_t j1,
                                const bn_work *w, const bn_plan *p, bn_op op)
 {
-    bn_vec zero = bn_splat(0.0);
     size_t l = j0 % p->wide, j = j0;
+    size_t head = p->stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
+    for (; j < head; j++, l = l + 1 == p->wide ? 0 : l + 1) {
+        bn_vcoef k = bn_lane_coef(w, l);
+        NAME(part_out)(out + j, in + j, (x ? x + j : NULL), 1, &k, op);
+    }
     for (; j + BN_W <= j1; j += BN_W) {
         bn_vcoef k = bn_lane_coef(w, l);
-        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + j) : zero;
-        NAME(store)(out + j, bn_apply(op, NAME(load)(in + j), xv, &k));
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + j) : bn_splat(0.0);
+        bn_vec v = bn_apply(op, NAME(load)(in + j), xv, &k);
+        if (p->stream) {
+            NAME(store_streamed)(out + j, v);
+        }
+        else {
+            NAME(store)(out + j, v);
+        }
         l += BN_W;
         l = l >= p->wide ? l - p->wide : l;
     }
     if (j < j1) {
         bn_vcoef k = bn_lane_coef(w, l);
-        bn_vec xv = op == BN_DX_TRAIN ? NAME(load_part)(x + j, j1 - j) : zero;
-        NAME(store_part)(out + j, bn_apply(op, NAME(load_part)(in + j, j1 - j), xv, &k), j1 - j);
+        NAME(part_out)(out + j, in + j, (x ? x + j : NULL), j1 - j, &k, op);
+    }
+}
+
+/* Rows r0, r0 + step, ... before r1 of the outer * C planar rows (or, for
+ * the lanes strategy, values r0 .. r1 of x as one sequence) <- op(in, x).
+ * One call of the inlined loops per op, so that each knows its op. */
+static void NAME(rows_out)(T *out, const T *in, const T *x, const bn_work *w,
+                           const bn_plan *p, size_t r0, size_t r1, size_t step, bn_op op)
+{
+#define ROWS_OUT(OP)                                                                   \
+    if (p->lanes) {                                                                    \
+        NAME(lanes_out)(out, in, x, r0, r1, w, p, OP);                                 \
+    }                                                                                  \
+    for (size_t r = r0; !p->lanes && r < r1; r += step) {                              \
+        bn_vcoef k = bn_feature_coef(w, r % p->s.channels);                            \
+        size_t at = r * p->s.inner;                                                    \
+        NAME(row_out)(out + at, in + at, (x ? x + at : NULL), p->s.inner, &k, OP, p->stream); \
+    }
+    if (op == BN_NORMALIZE) {
+        ROWS_OUT(BN_NORMALIZE)
+    }
+    else if (op == BN_DX_TRAIN) {
+        ROWS_OUT(BN_DX_TRAIN)
+    }
+    else {
+        ROWS_OUT(BN_DX_EVAL)
+    }
+#undef ROWS_OUT
+    if (p->stream) {
+        bn_stream_fence();
     }
 }
 
@@ -174,27 +255,15 @@ static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
 static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const bn_plan *p,
                        bn_op op)
 {
-    bn_shape s = p->s;
+    /* the lanes' values, or the planar rows, in tasks of about BN_CHUNK values */
+    size_t n = p->lanes ? p->s.outer * p->width : p->s.outer * p->s.channels;
+    size_t chunk = p->lanes ? BN_CHUNK : BN_CHUNK / p->s.inner + 1;
+    size_t tasks = (n + chunk - 1) / chunk;
     int team = p->team;
-    if (p->lanes) {
-        size_t n = s.outer * p->width, tasks = (n + BN_CHUNK - 1) / BN_CHUNK;
-        BN_PARALLEL_FOR
-        for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
-            size_t j0 = (size_t)t * BN_CHUNK, j1 = j0 + BN_CHUNK < n ? j0 + BN_CHUNK : n;
-            NAME(lanes_out)(out, in, x, j0, j1, w, p, op);
-        }
-        return;
-    }
-    size_t rows = s.outer * s.channels, chunk = BN_CHUNK / s.inner + 1;
-    size_t tasks = (rows + chunk - 1) / chunk;
     BN_PARALLEL_FOR
     for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
-        size_t r0 = (size_t)t * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
-        for (size_t r = r0; r < r1; r++) {
-            bn_vcoef k = bn_feature_coef(w, r % s.channels);
-            size_t at = r * s.inner;
-            NAME(row_out)(out + at, in + at, x ? x + at : NULL, s.inner, &k, op);
-        }
+        size_t r0 = (size_t)t * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
+        NAME(rows_out)(out, in, x, w, p, r0, r1, 1, op);
     }
 }
 
@@ -252,17 +321,6 @@ static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, cons
     dgamma[c] = sum_dy_dev * invstd[c];
 }
 
-/* the rows of feature c <- op(in, x) */
-static void NAME(feature_out)(T *out, const T *in, const T *x, const bn_work *w,
-                              const bn_plan *p, size_t c, bn_op op)
-{
-    bn_vcoef k = bn_feature_coef(w, c);
-    for (size_t o = 0; o < p->s.outer; o++) {
-        size_t at = bn_row_at(p->s, o, c);
-        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, &k, op);
-    }
-}
-
 /* Training forward of feature c: its statistics, then its rows normalized
  * while they are still in cache */
 static void NAME(feature_train)(T *y, bn_partial *stats, double *mean, double *invstd,
@@ -276,7 +334,7 @@ static void NAME(feature_train)(T *y, bn_partial *stats, double *mean, double *i
     w->mean[c] = mean[c];
     w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
     w->shift[c] = beta ? (double)beta[c] : 0.0;
-    NAME(feature_out)(y, x, NULL, w, p, c, BN_NORMALIZE);
+    NAME(rows_out)(y, x, NULL, w, p, c, p->s.outer * p->s.channels, p->s.channels, BN_NORMALIZE);
 }
 
 /* Backward of feature c: its two sums, then its dx while dy and x are in cache */
@@ -291,29 +349,40 @@ static void NAME(feature_backward)(T *dx, double *dgamma, double *dbeta, const b
     w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
     w->shift[c] = training ? dbeta[c] / count : 0.0;
     w->dev[c] = training ? dgamma[c] * invstd[c] / count : 0.0;
-    NAME(feature_out)(dx, dy, x, w, p, c, training ? BN_DX_TRAIN : BN_DX_EVAL);
+    NAME(rows_out)(dx, dy, x, w, p, c, p->s.outer * p->s.channels, p->s.channels,
+                   training ? BN_DX_TRAIN : BN_DX_EVAL);
 }
 
 /* ---- lanes: sums down each lane of wide rows --------------------------------- */
 
 /* sum[l] += x - center[l], sum2[l] += its square, for lanes l0 .. l1 of wide
- * rows r0 .. r1, one row after the other */
+ * rows r0 .. r1, one row after the other down each lane; BN_LANE_ROWS rows at
+ * a time, so that the sums are loaded and stored once for them */
 static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T *x,
                             const double *restrict center, size_t wide, size_t r0, size_t r1,
                             size_t l0, size_t l1)
 {
-    for (size_t r = r0; r < r1; r++) {
+    for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
+        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
         const T *row = x + r * wide;
         size_t l = l0;
         for (; l + BN_W <= l1; l += BN_W) {
-            bn_vec d = NAME(load)(row + l) - bn_load_wide(center + l);
-            bn_store_wide(sum + l, bn_load_wide(sum + l) + d);
-            bn_store_wide(sum2 + l, bn_load_wide(sum2 + l) + d * d);
+            bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum2 + l);
+            bn_vec mid = bn_load_wide(center + l);
+            for (size_t q = 0; q < rows; q++) {
+                bn_vec d = NAME(load)(row + q * wide + l) - mid;
+                s += d;
+                s2 += d * d;
+            }
+            bn_store_wide(sum + l, s);
+            bn_store_wide(sum2 + l, s2);
         }
         for (; l < l1; l++) {
-            double d = (double)row[l] - center[l];
-            sum[l] += d;
-            sum2[l] += d * d;
+            for (size_t q = 0; q < rows; q++) {
+                double d = (double)row[q * wide + l] - center[l];
+                sum[l] += d;
+                sum2[l] += d * d;
+            }
         }
     }
 }
@@ -323,18 +392,26 @@ static void NAME(lane_grads)(double *restrict sum, double *restrict sum_dev, con
                              const T *x, const double *restrict mean, size_t wide, size_t r0,
                              size_t r1, size_t l0, size_t l1)
 {
-    for (size_t r = r0; r < r1; r++) {
+    for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
+        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
         const T *g = dy + r * wide, *row = x + r * wide;
         size_t l = l0;
         for (; l + BN_W <= l1; l += BN_W) {
-            bn_vec gv = NAME(load)(g + l);
-            bn_store_wide(sum + l, bn_load_wide(sum + l) + gv);
-            bn_store_wide(sum_dev + l, bn_load_wide(sum_dev + l)
-                                           + gv * (NAME(load)(row + l) - bn_load_wide(mean + l)));
+            bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum_dev + l);
+            bn_vec mid = bn_load_wide(mean + l);
+            for (size_t q = 0; q < rows; q++) {
+                bn_vec gv = NAME(load)(g + q * wide + l);
+                s += gv;
+                s2 += gv * (NAME(load)(row + q * wide + l) - mid);
+            }
+            bn_store_wide(sum + l, s);
+            bn_store_wide(sum_dev + l, s2);
         }
         for (; l < l1; l++) {
-            sum[l] += (double)g[l];
-            sum_dev[l] += (double)g[l] * ((double)row[l] - mean[l]);
+            for (size_t q = 0; q < rows; q++) {
+                sum[l] += (double)g[q * wide + l];
+                sum_dev[l] += (double)g[q * wide + l] * ((double)row[q * wide + l] - mean[l]);
+            }
         }
     }
 }
@@ -451,7 +528,7 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
                            bn_shape s)
 {
     /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
-    bn_plan p = bn_make_plan(s);
+    bn_plan p = bn_make_plan(s, sizeof(T));
     bn_work w = bn_work_of(work, &p);
     if (bn_count(s) == 0) {
         memset(stats, 0, s.channels * sizeof *stats);
@@ -474,7 +551,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
                              const double *invstd, const T *gamma, const T *beta, bn_shape s)
 {
     /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
-    bn_plan p = bn_make_plan(s);
+    bn_plan p = bn_make_plan(s, sizeof(T));
     bn_work w = bn_work_of(work, &p);
     if (bn_count(s) == 0) {
         return;
@@ -488,7 +565,7 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
                                    double eps, bn_shape s)
 {
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
-    bn_plan p = bn_make_plan(s);
+    bn_plan p = bn_make_plan(s, sizeof(T));
     bn_work w = bn_work_of(work, &p);
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_stats)(stats, work, x, NULL, s);
@@ -508,7 +585,7 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
                                bn_shape s)
 {
     /* dgamma, dbeta, mean, invstd [C]; dy, x [outer][C][inner] */
-    bn_plan p = bn_make_plan(s);
+    bn_plan p = bn_make_plan(s, sizeof(T));
     bn_work w = bn_work_of(work, &p);
     if (bn_count(s) == 0) {
         memset(dgamma, 0, s.channels * sizeof *dgamma);
@@ -532,7 +609,7 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
                                  bn_shape s, int training)
 {
     /* dx, dy, x [outer][C][inner]; mean, invstd, gamma, dgamma, dbeta [C] */
-    bn_plan p = bn_make_plan(s);
+    bn_plan p = bn_make_plan(s, sizeof(T));
     bn_work w = bn_work_of(work, &p);
     if (bn_count(s) == 0) {
         return;
@@ -547,7 +624,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
                               const T *gamma, bn_shape s, int training)
 {
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
-    bn_plan p = bn_make_plan(s);
+    bn_plan p = bn_make_plan(s, sizeof(T));
     bn_work w = bn_work_of(work, &p);
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);

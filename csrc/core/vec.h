@@ -29,6 +29,40 @@ typedef double bn_vec;
 #endif
 #define BN_K (BN_LANES / BN_W) /* vectors of a row sum's accumulators */
 
+/* Non-temporal stores of a vector rounded to float or double, past the
+ * caches, for outputs too large to stay in them (bn_plan.stream); p aligned
+ * to the stored bytes. bn_stream_fence orders them before what follows. */
+#if BN_X86_BUILDS && BN_W >= 4
+#define BN_CAN_STREAM 1
+BN_INLINE void bn_stream_f32(float *p, bn_vec v)
+{
+#if BN_W == 4
+    _mm_stream_ps(p, _mm256_cvtpd_ps((__m256d)v));
+#else
+    _mm256_stream_ps(p, _mm512_cvtpd_ps((__m512d)v));
+#endif
+}
+
+BN_INLINE void bn_stream_f64(double *p, bn_vec v)
+{
+#if BN_W == 4
+    _mm256_stream_pd(p, (__m256d)v);
+#else
+    _mm512_stream_pd(p, (__m512d)v);
+#endif
+}
+
+BN_INLINE void bn_stream_fence(void)
+{
+    _mm_sfence();
+}
+#else
+#define BN_CAN_STREAM 0
+BN_INLINE void bn_stream_fence(void)
+{
+}
+#endif
+
 BN_INLINE bn_vec bn_splat(double a)
 {
 #if BN_W == 1
