@@ -106,7 +106,8 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size)
         p.tiles = s.inner >= BN_TILE ? s.outer * ((s.inner + BN_TILE - 1) / BN_TILE)
                                      : (s.outer + rows - 1) / rows;
     }
-    p.stream = BN_STREAMS && bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2;
+    p.stream = BN_STREAMS && bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2
+               && (p.lanes || s.inner * elem_size >= BN_STREAM_ROW_BYTES);
     if (bn_count(s) * s.channels >= BN_PARALLEL_MIN) {
         p.team = bn_get_num_threads();
     }

@@ -42,6 +42,9 @@ enum {
     BN_PARALLEL_MIN = 1 << 16, /* fewer values than this run on one thread */
     BN_CHUNK = 1 << 14,        /* values an elementwise task takes at least */
     BN_LANE_BLOCK_MIN = 256,   /* lanes: the fewest lanes a reduction task takes */
+    BN_STREAM_ROW_BYTES = 1024, /* planar rows shorter than this are not streamed: the
+                                   partial lines at their ends cost more than streaming
+                                   saves */
     BN_LANE_ROWS = 4,          /* lanes: rows a reduction takes at once: more saves loads
                                   and stores of the sums, and needs more streams */
 };
@@ -75,7 +78,7 @@ typedef struct {
     size_t lane_blocks; /* lanes: reduction tasks a group's lanes are cut into */
     size_t tiles;       /* planar: statistics tiles of a feature */
     int stream;         /* outputs go past the caches: they are larger than half the
-                           last-level cache, and the build can stream */
+                           last-level cache, in runs of BN_STREAM_ROW_BYTES or more */
 } bn_plan;
 
 /* the plan for x of shape s and elements of elem_size bytes */

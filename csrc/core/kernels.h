@@ -78,6 +78,23 @@ BN_INLINE size_t NAME(stream_head)(const T *out, size_t n)
     return head < n ? head : n;
 }
 
+/* asks for the n values at `at` of a (and of b, when not NULL) */
+BN_INLINE void NAME(prefetch_row)(const T *a, const T *b, size_t at, size_t n)
+{
+    bn_prefetch(a + at, n * sizeof(T));
+    if (b != NULL) {
+        bn_prefetch(b + at, n * sizeof(T));
+    }
+}
+
+/* asks for feature c's values in tile t of a (and b) */
+static void NAME(prefetch_tile)(const T *a, const T *b, bn_shape s, size_t c, bn_tile t)
+{
+    for (size_t o = t.o0; o < t.o1; o++) {
+        NAME(prefetch_row)(a, b, bn_row_at(s, o, c) + t.i0, t.i1 - t.i0);
+    }
+}
+
 /* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
 
 /* acc += p[0 .. n) - center, acc2 += its squares. The values after the last
@@ -211,6 +228,9 @@ static void NAME(rows_out)(T *out, const T *in, const T *x, const bn_work *w,
     for (size_t r = r0; !p->lanes && r < r1; r += step) {                              \
         bn_vcoef k = bn_feature_coef(w, r % p->s.channels);                            \
         size_t at = r * p->s.inner;                                                    \
+        if (step > 1 && r + step < r1) {                                               \
+            NAME(prefetch_row)(in, x, at + step * p->s.inner, p->s.inner);             \
+        }                                                                              \
         NAME(row_out)(out + at, in + at, (x ? x + at : NULL), p->s.inner, &k, OP, p->stream); \
     }
     if (op == BN_NORMALIZE) {
@@ -288,6 +308,9 @@ static bn_partial NAME(feature_stats)(const T *x, const bn_plan *p, size_t c, do
     bn_partial stats = {0.0, 0.0, 0.0};
     for (size_t k = 0; k < p->tiles; k++) {
         bn_tile t = bn_tile_at(p->s, k);
+        if (k + 1 < p->tiles) {
+            NAME(prefetch_tile)(x, NULL, p->s, c, bn_tile_at(p->s, k + 1));
+        }
         double added = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), sum, sum2;
         double center = stats.mean;
         if (k == 0) {
@@ -309,6 +332,9 @@ static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, cons
     double sum_dy = 0.0, sum_dy_dev = 0.0;
     for (size_t k = 0; k < p->tiles; k++) {
         bn_tile t = bn_tile_at(p->s, k);
+        if (k + 1 < p->tiles) {
+            NAME(prefetch_tile)(dy, x, p->s, c, bn_tile_at(p->s, k + 1));
+        }
         bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
         for (size_t o = t.o0; o < t.o1; o++) {
             size_t at = bn_row_at(p->s, o, c) + t.i0;
