@@ -193,17 +193,28 @@ int bn_compute_typenum(PyObject *obj, const char *name)
     return (type == NPY_FLOAT || type == NPY_DOUBLE) ? type : NPY_DOUBLE;
 }
 
-PyArrayObject *bn_as_array(PyObject *obj, int typenum, const char *name)
+PyArrayObject *bn_as_array_and_source(PyObject *obj, int typenum, const char *name,
+                                      PyArrayObject **source)
 {
-    PyArrayObject *arr = as_real_array(obj, name);
-    if (arr == NULL) {
+    *source = as_real_array(obj, name);
+    if (*source == NULL) {
         return NULL;
     }
-    /* a well-formed view of arr, or a converted copy; steals the descr */
-    PyObject *result = PyArray_FromArray(arr, PyArray_DescrFromType(typenum),
+    /* a well-formed view of the source, or a converted copy; steals the descr */
+    PyObject *result = PyArray_FromArray(*source, PyArray_DescrFromType(typenum),
                                          NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
-    Py_DECREF(arr);
+    if (result == NULL) {
+        Py_CLEAR(*source);
+    }
     return (PyArrayObject *)result;
+}
+
+PyArrayObject *bn_as_array(PyObject *obj, int typenum, const char *name)
+{
+    PyArrayObject *source;
+    PyArrayObject *arr = bn_as_array_and_source(obj, typenum, name, &source);
+    Py_XDECREF(source);
+    return arr;
 }
 
 /* the shape of arr as a tuple, for error messages */
@@ -313,6 +324,33 @@ int bn_arrays_overlap(PyArrayObject *a, PyArrayObject *b)
            && a_start < b_end && b_start < a_end;
 }
 
+/* [*lo, *hi): the bytes arr's elements lie in, whatever its strides */
+static void byte_bounds(PyArrayObject *arr, const char **lo, const char **hi)
+{
+    *lo = *hi = PyArray_BYTES(arr);
+    if (PyArray_SIZE(arr) == 0) {
+        return;
+    }
+    for (int d = 0; d < PyArray_NDIM(arr); d++) {
+        npy_intp reach = (PyArray_DIM(arr, d) - 1) * PyArray_STRIDE(arr, d);
+        if (reach < 0) {
+            *lo += reach;
+        }
+        else {
+            *hi += reach;
+        }
+    }
+    *hi += PyArray_ITEMSIZE(arr);
+}
+
+int bn_may_share_memory(PyArrayObject *a, PyArrayObject *b)
+{
+    const char *a_lo, *a_hi, *b_lo, *b_hi;
+    byte_bounds(a, &a_lo, &a_hi);
+    byte_bounds(b, &b_lo, &b_hi);
+    return a_lo < a_hi && b_lo < b_hi && a_lo < b_hi && b_lo < a_hi;
+}
+
 int bn_same_shape(PyArrayObject *a, PyArrayObject *b)
 {
     return PyArray_NDIM(a) == PyArray_NDIM(b)
@@ -385,4 +423,32 @@ PyArrayObject *bn_new_matrix(int typenum, npy_intp rows, npy_intp n)
 {
     npy_intp dims[2] = {rows, n};
     return (PyArrayObject *)PyArray_SimpleNew(2, dims, typenum);
+}
+
+/* "24.0 TiB": bytes in the largest binary unit that keeps the number >= 1 */
+static void format_bytes(char *text, size_t size, double bytes)
+{
+    static const char *units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    int unit = 0;
+    while (bytes >= 1024.0 && unit < 6) {
+        bytes /= 1024.0;
+        unit++;
+    }
+    PyOS_snprintf(text, size, unit == 0 ? "%.0f %s" : "%.1f %s", bytes, units[unit]);
+}
+
+void *bn_new_scratch(size_t n, size_t size, const char *what)
+{
+    void *scratch = NULL;
+    if (size == 0 || n <= (size_t)PY_SSIZE_T_MAX / size) {
+        /* at least one byte, so that an empty request is not NULL */
+        scratch = PyMem_Malloc(n * size > 0 ? n * size : 1);
+    }
+    if (scratch == NULL) {
+        char amount[32];
+        format_bytes(amount, sizeof amount, (double)n * (double)size);
+        PyErr_Format(PyExc_MemoryError, "Unable to allocate %s for %s (%zu x %zu bytes)",
+                     amount, what, n, size);
+    }
+    return scratch;
 }

@@ -8,9 +8,32 @@
 /* the data of an optional array, or NULL */
 #define DATA_OR_NULL(arr) ((arr) != NULL ? PyArray_DATA(arr) : NULL)
 
+/* An input with no values (bn_shape_is_empty) runs no kernel: a kernel may
+ * walk every empty row of a huge leading dimension. Its statistics are those
+ * of nothing, count 0 (bn_batch_moments gives mean 0 and 1/sqrt(eps) for them),
+ * and its sums are 0. */
+static void zero_partials(bn_partial *stats, size_t channels)
+{
+    for (size_t c = 0; c < channels; c++) {
+        stats[c] = (bn_partial){0.0, 0.0, 0.0};
+    }
+}
+
+static void zero_sums(double *dgamma, double *dbeta, size_t channels)
+{
+    for (size_t c = 0; c < channels; c++) {
+        dgamma[c] = 0.0;
+        dbeta[c] = 0.0;
+    }
+}
+
 void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, const double *shift,
                   bn_shape s)
 {
+    if (bn_shape_is_empty(s)) {
+        zero_partials(stats, s.channels);
+        return;
+    }
     const void *x_data = PyArray_DATA(x);
     int f32 = IS_F32(x);
     Py_BEGIN_ALLOW_THREADS
@@ -56,6 +79,11 @@ void bn_run_forward_train(PyArrayObject *y, bn_partial *stats, double *mean, dou
                           double *work, PyArrayObject *x, PyArrayObject *gamma,
                           PyArrayObject *beta, double eps, bn_shape s)
 {
+    if (bn_shape_is_empty(s)) {
+        zero_partials(stats, s.channels);
+        bn_batch_moments(mean, invstd, stats, s.channels, eps);
+        return;
+    }
     void *y_data = PyArray_DATA(y);
     const void *x_data = PyArray_DATA(x);
     const void *gamma_data = DATA_OR_NULL(gamma), *beta_data = DATA_OR_NULL(beta);
@@ -76,6 +104,9 @@ void bn_run_forward(PyArrayObject *y, double *work, PyArrayObject *x, const doub
                     const double *invstd, PyArrayObject *gamma, PyArrayObject *beta,
                     bn_shape s)
 {
+    if (bn_shape_is_empty(s)) {
+        return;
+    }
     void *y_data = PyArray_DATA(y);
     const void *x_data = PyArray_DATA(x);
     const void *gamma_data = DATA_OR_NULL(gamma), *beta_data = DATA_OR_NULL(beta);
@@ -94,6 +125,10 @@ void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *w
                      PyArrayObject *dy, PyArrayObject *x, const double *mean,
                      const double *invstd, PyArrayObject *gamma, bn_shape s, int training)
 {
+    if (bn_shape_is_empty(s)) {
+        zero_sums(dgamma, dbeta, s.channels);
+        return;
+    }
     void *dx_data = PyArray_DATA(dx);
     const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
     const void *gamma_data = DATA_OR_NULL(gamma);
@@ -127,6 +162,10 @@ void bn_run_set_running(PyArrayObject *running_mean, PyArrayObject *running_var,
 void bn_run_grad_sums(double *dgamma, double *dbeta, double *work, PyArrayObject *dy,
                       PyArrayObject *x, const double *mean, const double *invstd, bn_shape s)
 {
+    if (bn_shape_is_empty(s)) {
+        zero_sums(dgamma, dbeta, s.channels);
+        return;
+    }
     const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
     int f32 = IS_F32(x);
     Py_BEGIN_ALLOW_THREADS
@@ -144,6 +183,9 @@ void bn_run_backward_dx(PyArrayObject *dx, double *work, PyArrayObject *dy, PyAr
                         const double *dgamma, const double *dbeta, double count, bn_shape s,
                         int training)
 {
+    if (bn_shape_is_empty(s)) {
+        return;
+    }
     void *dx_data = PyArray_DATA(dx);
     const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
     const void *gamma_data = DATA_OR_NULL(gamma);
@@ -182,10 +224,7 @@ PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp
 
 double *bn_new_workspace(bn_shape s)
 {
-    /* at least one element, so that a zero-size request is not NULL */
-    double *work = PyMem_Malloc((bn_workspace_size(s) + 1) * sizeof(double));
-    if (work == NULL) {
-        PyErr_NoMemory();
-    }
-    return work;
+    /* an empty input runs no kernel: it needs none (one double, not NULL) */
+    size_t doubles = bn_shape_is_empty(s) ? 1 : bn_workspace_size(s) + 1;
+    return bn_new_scratch(doubles, sizeof(double), "the kernels' workspace");
 }

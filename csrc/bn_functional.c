@@ -69,13 +69,13 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
         || bn_check_separate(y, beta, "beta") < 0) {
         goto done;
     }
+    /* each allocation only after the one before it succeeded: a MemoryError
+       keeps the message of the allocation that failed */
     moments = bn_new_matrix(NPY_DOUBLE, 2, channels);
-    stats = PyMem_Malloc((size_t)channels * sizeof(bn_partial) + 1);
-    work = y ? bn_new_workspace(layout.shape) : NULL;
-    if (y == NULL || moments == NULL || stats == NULL || work == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_NoMemory();
-        }
+    stats = moments ? bn_new_scratch((size_t)channels, sizeof(bn_partial),
+                                     "the batch statistics") : NULL;
+    work = stats ? bn_new_workspace(layout.shape) : NULL;
+    if (work == NULL) {
         goto done;
     }
     double *mean_d = PyArray_DATA(moments), *invstd_d = mean_d + channels;

@@ -8,6 +8,7 @@
  */
 #include "bn_module.h"
 
+#include <limits.h>
 #include <math.h>
 
 #include "bn_layer.h"
@@ -148,6 +149,115 @@ static void BatchNorm_dealloc(BatchNormObject *self)
     Py_DECREF(type);
 }
 
+/* ---- the values the layer's state may hold ---------------------------------- */
+/* One rule for the setters, load_state_dict, unpickling and the running
+ * statistics a forward or calibrate computes: every value finite, and a
+ * variance non-negative. A layer holds only state it can save and reload. */
+
+static double value_at(PyArrayObject *arr, npy_intp i)
+{
+    return PyArray_TYPE(arr) == NPY_FLOAT ? ((float *)PyArray_DATA(arr))[i]
+                                          : ((double *)PyArray_DATA(arr))[i];
+}
+
+static int is_good_value(double v, int is_variance)
+{
+    return isfinite(v) && !(is_variance && v < 0.0);
+}
+
+/* copy the values of src into dst, two (C,) arrays of one dtype */
+static void copy_values(PyArrayObject *dst, PyArrayObject *src)
+{
+    memcpy(PyArray_DATA(dst), PyArray_DATA(src), (size_t)PyArray_NBYTES(dst));
+}
+
+/* ValueError unless every value of arr, named `name`, follows the rule;
+ * `prefix` starts the message ("state dict value " or ""). */
+static int check_values(PyArrayObject *arr, const char *name, const char *prefix)
+{
+    int is_variance = strcmp(name, "running_var") == 0;
+    npy_intp n = PyArray_SIZE(arr);
+    for (npy_intp i = 0; i < n; i++) {
+        double v = value_at(arr, i);
+        if (is_good_value(v, is_variance)) {
+            continue;
+        }
+        PyObject *bad = PyFloat_FromDouble(v);
+        if (bad != NULL) {
+            PyErr_Format(PyExc_ValueError, "%s%s must be %s, got %R at index %zd", prefix,
+                         name, is_variance ? "finite and non-negative" : "finite", bad,
+                         (Py_ssize_t)i);
+            Py_DECREF(bad);
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* *slot <- a private copy of value as a checked (C,) vector. Private: value
+ * may be a view of the layer's own buffers (what the properties return), and
+ * a copy cannot change between the check and its use. */
+static int read_vector(BatchNormObject *self, PyObject *value, const char *name,
+                       const char *prefix, PyArrayObject **slot)
+{
+    PyArrayObject *given = bn_as_vector(value, self->typenum, self->num_features, name);
+    if (given == NULL) {
+        return -1;
+    }
+    *slot = (PyArrayObject *)PyArray_NewCopy(given, NPY_CORDER);
+    Py_DECREF(given);
+    if (*slot == NULL) {
+        return -1;
+    }
+    if (check_values(*slot, name, prefix) < 0) {
+        Py_CLEAR(*slot);
+        return -1;
+    }
+    return 0;
+}
+
+int bn_layer_new_running(BatchNormObject *self, PyArrayObject **next)
+{
+    next[0] = bn_new_vector(self->typenum, self->num_features);
+    next[1] = next[0] ? bn_new_vector(self->typenum, self->num_features) : NULL;
+    if (next[1] == NULL) {
+        Py_CLEAR(next[0]);
+        return -1;
+    }
+    return 0;
+}
+
+int bn_layer_commit_running(BatchNormObject *self, PyArrayObject **next)
+{
+    PyObject *bad = NULL;
+    for (npy_intp c = 0; c < self->num_features; c++) {
+        if (is_good_value(value_at(next[0], c), 0) && is_good_value(value_at(next[1], c), 1)) {
+            continue;
+        }
+        PyObject *index = PyLong_FromSsize_t(c);
+        if (bad == NULL) {
+            bad = PyList_New(0);
+        }
+        if (index == NULL || bad == NULL || PyList_Append(bad, index) < 0) {
+            Py_XDECREF(index);
+            Py_XDECREF(bad);
+            return -1;
+        }
+        Py_DECREF(index);
+    }
+    if (bad != NULL) {
+        PyErr_Format(PyExc_FloatingPointError,
+                     "the running statistics of feature(s) %R would not be finite in %s (a "
+                     "variance too large for the layer's dtype); the layer is unchanged",
+                     bad, self->typenum == NPY_FLOAT ? "float32" : "float64");
+        Py_DECREF(bad);
+        return -1;
+    }
+    copy_values(self->running_mean, next[0]);
+    copy_values(self->running_var, next[1]);
+    return 0;
+}
+
 /* ---- forward and backward ------------------------------------------------- */
 
 void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObject *moments,
@@ -215,19 +325,49 @@ int bn_layer_check_finite_stats(const bn_partial *stats, size_t channels)
     return -1;
 }
 
-void bn_layer_update_running(BatchNormObject *self, const bn_partial *stats)
+int bn_layer_check_count(BatchNormObject *self)
 {
-    self->num_batches_tracked += 1;
-    double momentum = self->momentum_is_none ? 1.0 / (double)self->num_batches_tracked
-                                             : self->momentum;
-    bn_run_update_running(self->running_mean, self->running_var, stats, momentum);
+    if (self->num_batches_tracked < LLONG_MAX) {
+        return 0;
+    }
+    PyErr_Format(PyExc_OverflowError,
+                 "num_batches_tracked is %lld, the largest count it holds: a training forward "
+                 "cannot count another batch (load a smaller num_batches_tracked); the layer "
+                 "is unchanged", self->num_batches_tracked);
+    return -1;
+}
+
+int bn_layer_update_running(BatchNormObject *self, const bn_partial *stats,
+                            PyArrayObject **next)
+{
+    long long count = self->num_batches_tracked + 1; /* bn_layer_check_count passed */
+    double momentum = self->momentum_is_none ? 1.0 / (double)count : self->momentum;
+    copy_values(next[0], self->running_mean);
+    copy_values(next[1], self->running_var);
+    bn_run_update_running(next[0], next[1], stats, momentum);
+    if (bn_layer_commit_running(self, next) < 0) {
+        return -1;
+    }
+    self->num_batches_tracked = count;
+    return 0;
+}
+
+/* 1 when y overlaps memory that a training forward failing after it wrote y
+ * must leave as it was and cannot put back: the memory x was converted from
+ * (the in-place restore covers only y == x) or the input the last forward
+ * saved for backward. */
+static int overlaps_kept_memory(BatchNormObject *self, PyArrayObject *y, PyArrayObject *source)
+{
+    return bn_may_share_memory(y, source)
+           || (self->saved.x != NULL && bn_arrays_overlap(y, self->saved.x));
 }
 
 int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *out_obj,
                              int training, bn_forward_call *call)
 {
     *call = (bn_forward_call){0};
-    call->x = bn_as_array(x_obj, self->typenum, "x");
+    PyArrayObject *source = NULL; /* the caller's x before any conversion */
+    call->x = bn_as_array_and_source(x_obj, self->typenum, "x", &source);
     if (call->x == NULL
         || bn_get_layout(call->x, self->axis, self->num_features, &call->layout) < 0) {
         goto fail;
@@ -243,18 +383,35 @@ int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *o
        keeps a copy; inference in place (out=x) does not: it gives up backward
        rather than copy every input */
     call->in_place = bn_arrays_overlap(call->y, call->x);
+    if (training && !call->in_place && overlaps_kept_memory(self, call->y, source)) {
+        call->out = call->y;
+        call->y = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(call->x),
+                                                     PyArray_DIMS(call->x), self->typenum);
+        if (call->y == NULL) {
+            goto fail;
+        }
+    }
     call->saved_x = !call->in_place ? (PyArrayObject *)Py_NewRef(call->x)
                     : training ? (PyArrayObject *)PyArray_NewCopy(call->x, NPY_CORDER)
                                : NULL;
-    call->moments = bn_new_matrix(NPY_DOUBLE, 2, self->num_features);
-    call->work = bn_new_workspace(call->layout.shape);
-    if ((call->saved_x == NULL && (training || !call->in_place)) || call->moments == NULL
-        || call->work == NULL) {
+    if (call->saved_x == NULL && (training || !call->in_place)) {
         goto fail;
     }
+    call->moments = bn_new_matrix(NPY_DOUBLE, 2, self->num_features);
+    if (call->moments == NULL
+        || (training && self->track_running_stats
+            && bn_layer_new_running(self, call->running) < 0)) {
+        goto fail;
+    }
+    call->work = bn_new_workspace(call->layout.shape);
+    if (call->work == NULL) {
+        goto fail;
+    }
+    Py_DECREF(source);
     return 0;
 
 fail:
+    Py_XDECREF(source);
     bn_forward_call_clear(call);
     return -1;
 }
@@ -263,10 +420,34 @@ void bn_forward_call_clear(bn_forward_call *call)
 {
     Py_CLEAR(call->x);
     Py_CLEAR(call->y);
+    Py_CLEAR(call->out);
     Py_CLEAR(call->saved_x);
     Py_CLEAR(call->moments);
+    Py_CLEAR(call->running[0]);
+    Py_CLEAR(call->running[1]);
     PyMem_Free(call->work);
     call->work = NULL;
+}
+
+void bn_forward_call_restore(bn_forward_call *call)
+{
+    if (call->in_place) {
+        memcpy(PyArray_DATA(call->y), PyArray_DATA(call->saved_x),
+               (size_t)PyArray_NBYTES(call->y));
+    }
+}
+
+PyArrayObject *bn_forward_call_result(bn_forward_call *call)
+{
+    PyArrayObject *result = call->y;
+    if (call->out != NULL) {
+        memcpy(PyArray_DATA(call->out), PyArray_DATA(call->y), (size_t)PyArray_NBYTES(call->y));
+        result = call->out;
+        call->out = NULL;
+        Py_DECREF(call->y);
+    }
+    call->y = NULL;
+    return result;
 }
 
 static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObject *kwargs)
@@ -288,38 +469,37 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     PyArrayObject *x = call.x, *y = call.y;
     bn_shape shape = call.layout.shape;
     double *work = call.work;
-    bn_partial *stats = PyMem_Malloc(channels * sizeof(bn_partial));
+    bn_partial *stats = bn_new_scratch(channels, sizeof(bn_partial), "the batch statistics");
     if (stats == NULL) {
-        PyErr_NoMemory();
         goto fail;
     }
 
     lock_layer(self);
     int batch_stats = training || !self->track_running_stats;
+    int counts_batch = training && self->track_running_stats && bn_count(shape) > 0;
     double *mean = PyArray_DATA(call.moments), *invstd = mean + channels;
-    if (batch_stats && bn_check_batch_size(x, &call.layout, training
-                                           ? "training" : "using batch statistics") < 0) {
+    if ((batch_stats && bn_check_batch_size(x, &call.layout, training
+                                            ? "training" : "using batch statistics") < 0)
+        || (counts_batch && bn_layer_check_count(self) < 0)) {
         goto fail_locked;
     }
     if (batch_stats) {
         bn_run_forward_train(y, stats, mean, invstd, work, x, self->gamma, self->beta,
                              self->eps, shape);
-        if (training && bn_layer_check_finite_stats(stats, channels) < 0) {
-            if (call.in_place) { /* put the caller's x back: a failed call changes nothing */
-                memcpy(PyArray_DATA(y), PyArray_DATA(call.saved_x),
-                       (size_t)PyArray_NBYTES(y));
-            }
-            goto fail_locked;
-        }
     }
     else {
         bn_run_running_moments(mean, invstd, self->running_mean, self->running_var, self->eps);
         bn_run_forward(y, work, x, mean, invstd, self->gamma, self->beta, shape);
     }
-    /* nothing fails from here on: commit (the saved values move to the layer) */
-    if (training && self->track_running_stats && bn_count(shape) > 0) {
-        bn_layer_update_running(self, stats);
+    /* a training forward checks what it computed; the running statistics
+       change only when their new values are good, and last */
+    if (training && (bn_layer_check_finite_stats(stats, channels) < 0
+                     || (counts_batch && bn_layer_update_running(self, stats, call.running) < 0))) {
+        bn_forward_call_restore(&call); /* a failed call changes nothing */
+        goto fail_locked;
     }
+    /* nothing fails from here on: commit (the saved values move to the layer) */
+    PyArrayObject *result = bn_forward_call_result(&call);
     bn_layer_replace_saved(self, call.saved_x, call.moments, shape, batch_stats,
                            (double)bn_count(shape), &old);
     call.saved_x = call.moments = NULL;
@@ -328,9 +508,8 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     Py_XDECREF(old.x);
     Py_XDECREF(old.moments);
     PyMem_Free(stats);
-    call.y = NULL; /* returned */
     bn_forward_call_clear(&call);
-    return (PyObject *)y;
+    return (PyObject *)result;
 
 fail_locked:
     unlock_layer(self);
@@ -415,10 +594,9 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     if (bn_check_separate(dx, self->gamma, "gamma") < 0) {
         goto fail;
     }
-    sums = PyMem_Malloc(2 * channels * sizeof(double));
-    work = bn_new_workspace(shape);
-    if (sums == NULL || work == NULL) {
-        PyErr_NoMemory();
+    sums = bn_new_scratch(2 * channels, sizeof(double), "the gradient sums");
+    work = sums ? bn_new_workspace(shape) : NULL;
+    if (work == NULL) {
         goto fail;
     }
     if (self->affine) {
@@ -536,30 +714,9 @@ static void loaded_clear(bn_loaded *v)
     Py_CLEAR(v->running_var);
 }
 
-/* ValueError unless every value of arr is finite (and >= 0 for a variance) */
-static int check_values(PyArrayObject *arr, const char *key)
-{
-    int is_variance = strcmp(key, "running_var") == 0;
-    npy_intp n = PyArray_SIZE(arr);
-    for (npy_intp i = 0; i < n; i++) {
-        double v = PyArray_TYPE(arr) == NPY_FLOAT ? ((float *)PyArray_DATA(arr))[i]
-                                                  : ((double *)PyArray_DATA(arr))[i];
-        if (!isfinite(v) || (is_variance && v < 0.0)) {
-            PyObject *bad = PyFloat_FromDouble(v);
-            if (bad != NULL) {
-                PyErr_Format(PyExc_ValueError,
-                             "state dict value %s must be %s, got %R at index %zd", key,
-                             is_variance ? "finite and non-negative" : "finite", bad,
-                             (Py_ssize_t)i);
-                Py_DECREF(bad);
-            }
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* *slot <- the checked (C,) vector d[key], or d[alias] (PyTorch's name). */
+/* *slot <- a private, checked copy of the (C,) vector d[key], or d[alias]
+ * (PyTorch's name): apply_state copies one vector after another, and a value
+ * that shared memory with the layer would see an earlier one's copy. */
 static int load_vector(BatchNormObject *self, PyObject *d, const char *key, const char *alias,
                        PyArrayObject **slot)
 {
@@ -576,11 +733,7 @@ static int load_vector(BatchNormObject *self, PyObject *d, const char *key, cons
         PyErr_Format(PyExc_ValueError, "state dict is missing key '%s'", key);
         return -1;
     }
-    *slot = bn_as_vector(value, self->typenum, self->num_features, name);
-    if (*slot == NULL) {
-        return -1;
-    }
-    return check_values(*slot, name);
+    return read_vector(self, value, name, "state dict value ", slot);
 }
 
 static int load_count(PyObject *d, long long *count)
@@ -668,12 +821,6 @@ static int read_state(BatchNormObject *self, PyObject *d, bn_loaded *v)
     return 0;
 }
 
-/* copy the values of src into dst, two (C,) arrays of one dtype */
-static void copy_values(PyArrayObject *dst, PyArrayObject *src)
-{
-    memcpy(PyArray_DATA(dst), PyArray_DATA(src), (size_t)PyArray_NBYTES(dst));
-}
-
 static void apply_state(BatchNormObject *self, const bn_loaded *v)
 {
     if (self->affine) {
@@ -716,7 +863,8 @@ static PyObject *view_or_none(PyArrayObject *arr)
     return PyArray_View(arr, NULL, NULL);
 }
 
-/* Copy `value` into the layer's (C,) array *slot after checking it. */
+/* Copy `value` into the layer's (C,) array *slot after checking it by the
+ * rule load_state_dict applies (the layer must be able to save it). */
 static int set_vector(BatchNormObject *self, PyArrayObject *slot, PyObject *value,
                       const char *name, const char *missing_because)
 {
@@ -732,8 +880,8 @@ static int set_vector(BatchNormObject *self, PyArrayObject *slot, PyObject *valu
                      name, missing_because);
         return -1;
     }
-    PyArrayObject *arr = bn_as_vector(value, self->typenum, self->num_features, name);
-    if (arr == NULL) {
+    PyArrayObject *arr;
+    if (read_vector(self, value, name, "", &arr) < 0) {
         return -1;
     }
     lock_layer(self);

@@ -75,28 +75,66 @@ static inline int check_initialized(BatchNormObject *self)
  * is owned by the struct (bn_forward_call_clear releases them). */
 typedef struct {
     PyArrayObject *x;       /* the input in the layer's dtype */
-    PyArrayObject *y;       /* out (checked) or a new output */
+    PyArrayObject *y;       /* where the kernels write: out (checked), a new output,
+                               or a private buffer standing in for out (below) */
+    PyArrayObject *out;     /* the caller's out when y stands in for it: a training
+                               forward may fail after writing y, and this out overlaps
+                               memory a failed call must leave as it was; NULL otherwise */
     PyArrayObject *saved_x; /* for backward: x, a copy of it (training in place),
                                or NULL (inference in place: no backward) */
     PyArrayObject *moments; /* (2, C) float64 */
+    PyArrayObject *running[2]; /* training with running statistics: (C,) arrays of the
+                                  layer's dtype for the next running mean and variance */
     double *work;           /* bn_workspace_size doubles */
     bn_layout layout;
     int in_place;           /* y is x itself */
 } bn_forward_call;
 
 /* Convert x, check it and out, allocate what the call needs. -1 with an
- * error on failure (call is then cleared). */
+ * error on failure (call is then cleared).
+ *
+ * The rule for outputs, here for every forward: y may be x itself (in place;
+ * a failed training forward then puts x back). Otherwise out must not overlap
+ * gamma, beta or the running statistics (ValueError before anything is
+ * written); and when a training forward's out overlaps the memory x was
+ * converted from or the input the last forward saved for backward, which a
+ * failure must leave as they were and cannot restore, y is a private buffer
+ * that bn_forward_call_result copies to out once the call has succeeded. */
 int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *out_obj,
                              int training, bn_forward_call *call);
 void bn_forward_call_clear(bn_forward_call *call);
+
+/* With the lock held, after a training forward failed having written y: when
+ * y is x itself, put the caller's x back from the copy saved for backward. */
+void bn_forward_call_restore(bn_forward_call *call);
+
+/* With the lock held, once nothing can fail: the output to return (a new
+ * reference), copied to the caller's out first when y stood in for it. */
+PyArrayObject *bn_forward_call_result(bn_forward_call *call);
 
 /* Keep the new saved values; the old ones go to *old (decref them after
  * unlocking: freeing an array may run arbitrary code). */
 void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObject *moments,
                             bn_shape shape, int batch_stats, double count, bn_saved *old);
 
-/* running <- (1 - momentum) * running + momentum * batch, counting the batch */
-void bn_layer_update_running(BatchNormObject *self, const bn_partial *stats);
+/* With the lock held, before a training forward that counts its batch writes
+ * anything: OverflowError when num_batches_tracked cannot count one more. */
+int bn_layer_check_count(BatchNormObject *self);
+
+/* With the lock held: running <- (1 - momentum) * running + momentum * batch,
+ * counting the batch. The new values are computed in next[2] (see
+ * bn_layer_commit_running) and the layer changes only when they are good. */
+int bn_layer_update_running(BatchNormObject *self, const bn_partial *stats,
+                            PyArrayObject **next);
+
+/* With the lock held: next[0], next[1] (C,) arrays of the layer's dtype become
+ * the running mean and variance, or FloatingPointError naming the features
+ * whose values are not finite there (a variance too large for float32, say)
+ * and nothing changes: the layer only holds state it can save and reload. */
+int bn_layer_commit_running(BatchNormObject *self, PyArrayObject **next);
+
+/* two new (C,) arrays of the layer's dtype in next[2]; -1 with an error */
+int bn_layer_new_running(BatchNormObject *self, PyArrayObject **next);
 
 /* 0 when the last forward saved its input for backward; RuntimeError saying
  * why not otherwise (no forward yet, or inference in place). */

@@ -112,9 +112,10 @@ static PyArrayObject *stats_of(BatchNormObject *self, PyObject *batches, double 
     }
     size_t channels = (size_t)self->num_features;
     PyArrayObject *total = new_stats(self->num_features);
-    bn_partial *batch = PyMem_Malloc(channels * sizeof(bn_partial));
+    bn_partial *batch = total ? bn_new_scratch(channels, sizeof(bn_partial),
+                                               "a batch's statistics") : NULL;
     PyObject *item = NULL;
-    if (total == NULL || batch == NULL) {
+    if (batch == NULL) {
         goto fail;
     }
     bn_partial *merged = PyArray_DATA(total);
@@ -154,9 +155,6 @@ static PyArrayObject *stats_of(BatchNormObject *self, PyObject *batches, double 
     return total;
 
 fail:
-    if (batch == NULL && !PyErr_Occurred()) {
-        PyErr_NoMemory();
-    }
     PyMem_Free(batch);
     Py_XDECREF(total);
     Py_DECREF(iterator);
@@ -210,9 +208,19 @@ static PyObject *set_running(BatchNormObject *self, PyArrayObject *stats)
         }
         return NULL;
     }
+    PyArrayObject *next[2];
+    if (bn_layer_new_running(self, next) < 0) {
+        return NULL;
+    }
     lock_layer(self);
-    bn_run_set_running(self->running_mean, self->running_var, p);
+    bn_run_set_running(next[0], next[1], p);
+    int status = bn_layer_commit_running(self, next);
     unlock_layer(self);
+    Py_DECREF(next[0]);
+    Py_DECREF(next[1]);
+    if (status < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -240,10 +248,11 @@ PyObject *BatchNorm_calibrate(BatchNormObject *self, PyObject *batches)
     if (check_initialized(self) < 0) {
         return NULL;
     }
-    double *shift = PyMem_Calloc(CHANNELS(self), sizeof(double));
+    double *shift = bn_new_scratch(CHANNELS(self), sizeof(double), "the calibration's shift");
     if (shift == NULL) {
-        return PyErr_NoMemory();
+        return NULL;
     }
+    memset(shift, 0, CHANNELS(self) * sizeof(double));
     PyArrayObject *stats = stats_of(self, batches, shift, 1);
     if (stats != NULL) {
         bn_partial_unshift(PyArray_DATA(stats), shift, CHANNELS(self));
@@ -293,16 +302,21 @@ PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, Py
                         "this layer uses its running statistics");
         goto fail_locked;
     }
+    int counts_batch = training && self->track_running_stats;
     if (check_counts(p, channels, training) < 0
-        || (training && bn_layer_check_finite_stats(p, channels) < 0)) {
+        || (training && bn_layer_check_finite_stats(p, channels) < 0)
+        || (counts_batch && bn_layer_check_count(self) < 0)) {
         goto fail_locked;
     }
     bn_batch_moments(mean, invstd, p, channels, self->eps);
     bn_run_forward(call.y, call.work, call.x, mean, invstd, self->gamma, self->beta,
                    call.layout.shape);
-    if (training && self->track_running_stats) {
-        bn_layer_update_running(self, p);
+    if (counts_batch && bn_layer_update_running(self, p, call.running) < 0) {
+        bn_forward_call_restore(&call); /* a failed call changes nothing */
+        goto fail_locked;
     }
+    /* nothing fails from here on */
+    PyArrayObject *y = bn_forward_call_result(&call);
     bn_layer_replace_saved(self, call.saved_x, call.moments, call.layout.shape, 1, p[0].count,
                            &old);
     call.saved_x = call.moments = NULL; /* now the layer's */
@@ -311,10 +325,8 @@ PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, Py
     Py_XDECREF(old.x);
     Py_XDECREF(old.moments);
     Py_DECREF(stats);
-    PyObject *y = (PyObject *)call.y;
-    call.y = NULL; /* returned */
     bn_forward_call_clear(&call);
-    return y;
+    return (PyObject *)y;
 
 fail_locked:
     unlock_layer(self);
@@ -402,7 +414,7 @@ PyObject *BatchNorm_backward_from_sums(BatchNormObject *self, PyObject *args, Py
         goto fail;
     }
     work = bn_new_workspace(saved.shape);
-    if (self->affine) {
+    if (work != NULL && self->affine) {
         grad_gamma = bn_new_vector(self->typenum, self->num_features);
         grad_beta = bn_new_vector(self->typenum, self->num_features);
     }
@@ -430,9 +442,6 @@ PyObject *BatchNorm_backward_from_sums(BatchNormObject *self, PyObject *args, Py
     return (PyObject *)dx;
 
 fail:
-    if (work == NULL && dx != NULL && !PyErr_Occurred()) {
-        PyErr_NoMemory();
-    }
     PyMem_Free(work);
     Py_XDECREF(dy);
     Py_XDECREF(dx);

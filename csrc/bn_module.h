@@ -61,6 +61,12 @@ int bn_compute_typenum(PyObject *obj, const char *name);
  * typenum (a copy only when needed). TypeError for non-real input. */
 PyArrayObject *bn_as_array(PyObject *obj, int typenum, const char *name);
 
+/* As bn_as_array; *source <- a new reference to obj as an array before any
+ * conversion (obj itself when it is an ndarray): the caller's memory, which
+ * the result may be a copy of. NULL on failure. */
+PyArrayObject *bn_as_array_and_source(PyObject *obj, int typenum, const char *name,
+                                      PyArrayObject **source);
+
 /* obj as a new (C,) array of typenum; ValueError naming `name` on another shape. */
 PyArrayObject *bn_as_vector(PyObject *obj, int typenum, npy_intp channels, const char *name);
 
@@ -84,12 +90,26 @@ PyArrayObject *bn_output_like(PyObject *out, PyArrayObject *like, int typenum);
 /* 1 when the data of a and b overlap in memory, 0 otherwise. */
 int bn_arrays_overlap(PyArrayObject *a, PyArrayObject *b);
 
+/* 1 when the bytes spanned by a and by b (any strides) overlap: they may
+ * share memory. 0 when they certainly do not. */
+int bn_may_share_memory(PyArrayObject *a, PyArrayObject *b);
+
 /* 1 when a and b have the same shape. */
 int bn_same_shape(PyArrayObject *a, PyArrayObject *b);
 
 /* A new empty array of shape (n,) or (rows, n) of typenum. */
 PyArrayObject *bn_new_vector(int typenum, npy_intp n);
 PyArrayObject *bn_new_matrix(int typenum, npy_intp rows, npy_intp n);
+
+/* n * size bytes of scratch for `what` (PyMem_Free it); NULL with a
+ * MemoryError that says how much was asked for and for what. */
+void *bn_new_scratch(size_t n, size_t size, const char *what);
+
+/* 1 when an input of shape s holds no values: no kernel needs to run. */
+static inline int bn_shape_is_empty(bn_shape s)
+{
+    return s.outer == 0 || s.channels == 0 || s.inner == 0;
+}
 
 /* ---- bn_dispatch.c ------------------------------------------------------- */
 /* Each function picks the kernel for x's dtype (float32 or float64) and runs
