@@ -14,6 +14,12 @@ static PyObject *set_num_threads(PyObject *Py_UNUSED(module), PyObject *arg)
                      arg);
         return NULL;
     }
+    if (n > 1 && !bn_has_openmp()
+        && PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
+                            "bnpy was built without OpenMP: set_num_threads(%lld) has no "
+                            "effect, the kernels run on one thread", n) < 0) {
+        return NULL;
+    }
     bn_set_num_threads((int)n);
     Py_RETURN_NONE;
 }

@@ -2,6 +2,8 @@
 inputs large enough to span many tiles (and to run in parallel) still agree
 with the float64 reference."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -105,3 +107,17 @@ def test_environment_variable_sets_the_thread_count(run_python):
     run = run_python(code, BNPY_NUM_THREADS="many")
     assert "BNPY_NUM_THREADS must be a positive integer" in run.stderr
     assert int(run.stdout) >= 1
+
+
+def test_more_threads_without_openmp_warns_that_it_has_no_effect(threads):
+    """A build without OpenMP (Clang without libomp, say) runs on one thread;
+    asking for more says so instead of silently doing nothing."""
+    if bnpy.has_openmp():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            threads(2)  # a real request: no warning
+        assert bnpy.get_num_threads() == 2
+    else:
+        with pytest.warns(RuntimeWarning, match=r"without OpenMP: set_num_threads\(2\)"):
+            threads(2)
+        assert bnpy.get_num_threads() == 1
