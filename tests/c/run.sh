@@ -12,7 +12,7 @@ if [ "${1:-}" = "sanitize" ]; then
 fi
 for test in "$here"/test_*.c; do
     name="$(basename "$test" .c)"
-    "${CC:-cc}" "${flags[@]}" -I"$root/csrc/core" "$root"/csrc/core/*.c "$test" -lm \
+    "${CC:-cc}" "${flags[@]}" -I"$root/csrc" "$root"/csrc/bn_kernels*.c "$test" -lm \
         -o "$out/$name"
     "$out/$name"
 done

@@ -1,8 +1,8 @@
-/* running.h -- the per-feature functions of bn.h for one
+/* bn_running_impl.h -- the per-feature functions of bn_kernels.h for one
  * element type: running statistics and conversions, O(C) work each.
  *
- * Included by core.c once per type, with T the element type and NAME a
- * macro that appends the type's suffix (as kernels.h).
+ * Included by bn_kernels.c once per type, with T the element type and NAME a
+ * macro that appends the type's suffix (as bn_kernels_impl.h).
  */
 
 void NAME(bn_running_moments)(double *mean, double *invstd, const T *running_mean,
