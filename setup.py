@@ -112,7 +112,23 @@ class BuildExt(build_ext):
             ext.extra_link_args = ["-fopenmp"] if use_openmp else []
             if portable:
                 ext.define_macros.append(("BN_PORTABLE", "1"))
+        # setuptools rebuilds only when a source is newer than the built extension:
+        # after a change of compiler or switch (CC=clang, BNPY_PORTABLE=1) it would
+        # silently keep the old build. The build's settings are kept beside its objects.
+        settings = repr((self.compiler.__dict__.get("compiler_so"),
+                         self.compiler.__dict__.get("linker_so"),
+                         [(ext.define_macros, ext.extra_compile_args, ext.extra_link_args)
+                          for ext in self.extensions]))
+        record = os.path.join(self.build_temp, "bnpy-build-settings.txt")
+        try:
+            with open(record) as f:
+                self.force = self.force or f.read() != settings
+        except OSError:
+            self.force = True
         super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(record, "w") as f:
+            f.write(settings)
 
 
 core = Extension(
