@@ -6,10 +6,14 @@
 #                    qemu-aarch64 (Debian's gcc-aarch64-linux-gnu and qemu-user,
 #                    installed when missing and run as root); test_values' hashes
 #                    must equal a native build's, or those in $VALUES_REFERENCE
+#   run.sh portable  with ${CC:-cc} and -DBN_PORTABLE=1 (the kernels in plain C);
+#                    test_values' hashes compared in the same way
+# In the other modes too, $VALUES_REFERENCE (a values.txt of another run: another
+# compiler, machine or revision) is compared with this run's.
 # The binaries go to $OUT_DIR (default: a temporary directory); the aarch64 ones
 # run elsewhere with `qemu-aarch64 -L /usr/aarch64-linux-gnu $OUT_DIR/test_...`.
 # test_values writes its hashes to $OUT_DIR/values.txt (values-native.txt: the
-# native build's in an aarch64 run).
+# plain native build's in an aarch64 or portable run).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -34,6 +38,7 @@ native) ;;
 sanitize)
     flags+=(-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
     ;;
+portable) ;; # -DBN_PORTABLE=1 below, after the native reference
 aarch64)
     cc="${AARCH64_CC:-aarch64-linux-gnu-gcc}"
     sysroot="${AARCH64_SYSROOT:-/usr/aarch64-linux-gnu}"
@@ -51,7 +56,7 @@ aarch64)
     runner=(qemu-aarch64 -L "$sysroot")
     ;;
 *)
-    echo "usage: run.sh [sanitize|aarch64]" >&2
+    echo "usage: run.sh [sanitize|aarch64|portable]" >&2
     exit 2
     ;;
 esac
@@ -94,11 +99,11 @@ build_core() {
     done
 }
 
-# In an aarch64 run, the native build's values first (the reference).
-if [ "$mode" = aarch64 ]; then
-    if [ -n "${VALUES_REFERENCE:-}" ]; then
-        reference="$VALUES_REFERENCE"
-    else
+# The values to compare with: $VALUES_REFERENCE, or in an aarch64 or portable
+# run the plain native build's, made first.
+reference="${VALUES_REFERENCE:-}"
+if [ "$mode" = aarch64 ] || [ "$mode" = portable ]; then
+    if [ -z "$reference" ]; then
         echo "run.sh: test_values built natively with ${CC:-cc}, for the reference values"
         build_core "${CC:-cc}" "$out/native/core"
         "${CC:-cc}" "${flags[@]}" "${includes[@]}" "${core_objects[@]}" "$here/test_values.c" \
@@ -107,6 +112,7 @@ if [ "$mode" = aarch64 ]; then
         "$out/native/test_values" >"$reference"
     fi
 fi
+if [ "$mode" = portable ]; then flags+=(-DBN_PORTABLE=1); fi
 
 build_core "$cc" "$out/core"
 for test in "$here"/test_*.c; do
@@ -120,10 +126,11 @@ for test in "$here"/test_*.c; do
     fi
 done
 
-if [ "$mode" = aarch64 ]; then
+if [ -n "$reference" ]; then
     compare_values "$reference" "$out/values.txt" \
-        "aarch64 (qemu) against ${VALUES_REFERENCE:-the native build}"
-else
+        "$mode build against ${VALUES_REFERENCE:-the native build}"
+fi
+if [ "$mode" != aarch64 ]; then
     # the baseline kernels on one thread give what the best ones give on several
     "$out/test_values" --isa default --threads 1 >"$out/values-baseline.txt"
     compare_values "$out/values.txt" "$out/values-baseline.txt" \
