@@ -1,10 +1,10 @@
 """Build bnpy's C extension, bnpy._core (metadata lives in pyproject.toml).
 
 The kernels use OpenMP threads when the compiler has OpenMP (the build still
-works without it). Their hot loops are built three times, for any x86-64 CPU,
-for AVX2 and for AVX-512 (`#pragma GCC target` in csrc/bn_kernels_avx2.c and
-csrc/bn_kernels_avx512.c), and the fastest the CPU runs is chosen at run
-time: nothing here compiles for the build machine's CPU.
+works without it). Their hot loops are built three times, for any CPU of the
+target, and on x86-64 for AVX2 and for AVX-512 (GCC's or Clang's target
+pragma in csrc/core/build_avx2.c and build_avx512.c), and the fastest the CPU
+runs is chosen at run time: nothing here compiles for the build machine's CPU.
 
 Environment:
   CC=clang            Clang builds it too; its OpenMP needs libomp (Debian: libomp-dev).
@@ -14,6 +14,7 @@ Environment:
   CFLAGS              come after the project's flags, so they win (e.g. -O2 over -O3).
 """
 import contextlib
+import glob
 import os
 import shlex
 import sys
@@ -24,10 +25,10 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCES = [
-    "csrc/bn_kernels.c",  # the mathematics: pure C11, no Python
-    "csrc/bn_kernels_baseline.c",  # its hot kernels, once per instruction set
-    "csrc/bn_kernels_avx2.c",
-    "csrc/bn_kernels_avx512.c",
+    "csrc/core/core.c",  # the mathematics: pure C11, no Python
+    "csrc/core/build_baseline.c",  # its hot kernels, once per instruction set
+    "csrc/core/build_avx2.c",
+    "csrc/core/build_avx512.c",
     "csrc/bn_convert.c",  # the binding: argument checks and conversions
     "csrc/bn_dispatch.c",
     "csrc/bn_layer.c",
@@ -134,10 +135,8 @@ class BuildExt(build_ext):
 core = Extension(
     "bnpy._core",
     sources=SOURCES,
-    depends=["csrc/bn_kernels.h", "csrc/bn_kernels_internal.h", "csrc/bn_kernels_isa.h",
-             "csrc/bn_kernels_impl.h", "csrc/bn_running_impl.h", "csrc/bn_simd.h",
-             "csrc/bn_module.h", "csrc/bn_layer.h"],
-    include_dirs=["csrc", numpy.get_include()],
+    depends=glob.glob("csrc/core/*.h") + ["csrc/bn_module.h", "csrc/bn_layer.h"],
+    include_dirs=["csrc", "csrc/core", numpy.get_include()],
 )
 
 setup(ext_modules=[core], cmdclass={"build_ext": BuildExt})

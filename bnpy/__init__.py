@@ -54,7 +54,7 @@ def _threads_from_environment():
 
 
 def _cpu_capability_from_environment():
-    """Apply BNPY_CPU_CAPABILITY ('default', 'avx2' or 'avx512') if it is set."""
+    """Apply BNPY_CPU_CAPABILITY ('default' or 'portable', 'avx2', 'avx512') if it is set."""
     import os
     import warnings
 

@@ -81,8 +81,8 @@ static PyObject *set_cpu_capability(PyObject *module, PyObject *arg)
     }
     int isa = isa_named(name);
     if (isa < 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "expected a CPU capability 'default', 'avx2' or 'avx512', got %R", arg);
+        PyErr_Format(PyExc_ValueError, "expected a CPU capability '%s', 'avx2' or 'avx512', got %R",
+                     bn_isa_name(BN_ISA_DEFAULT), arg);
         return NULL;
     }
     if (bn_set_isa((bn_isa)isa) < 0) {

@@ -1,7 +1,7 @@
 /* bn_module.h -- what the files of the CPython binding share.
  *
  * The binding converts arguments, checks them, raises errors, releases the
- * GIL and calls the kernels of bn_kernels.h. It holds no mathematics.
+ * GIL and calls the kernels of core/bn.h. It holds no mathematics.
  *
  *   bn_convert.c     arguments -> C values and well-formed NumPy arrays
  *   bn_dispatch.c    one function per kernel family: pick the dtype, drop the GIL
@@ -24,7 +24,7 @@
 #include <numpy/arrayobject.h>
 #include <numpy/npy_2_compat.h>
 
-#include "bn_kernels.h"
+#include "bn.h"
 
 /* ---- module state -------------------------------------------------------- */
 

@@ -2,7 +2,6 @@
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -174,52 +173,3 @@ def test_compare_builds_reports_the_median_time_and_ratio_of_the_rounds():
     assert lines[0].split() == ["1x2x3x4", "main"]
     assert len(lines) == 1 + len(compare.PASSES)
     assert all(line.split()[1:] == ["2000.00", "ms", "(2.00x)"] for line in lines[1:])
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def ab_kernels(tmp_path_factory):
-    """benchmarks/ab_kernels.c built, and one build of csrc/ (unoptimized: the
-    test checks what is reported, not speed)"""
-    if platform.system() != "Linux":
-        pytest.skip("the harness uses dlopen and GCC's flags")
-    out = tmp_path_factory.mktemp("ab")
-    csrc = ROOT / "csrc"
-    lib, harness = out / "kernels.so", out / "ab_kernels"
-    subprocess.run(["cc", "-std=c11", "-O0", "-ffp-contract=off", "-fopenmp", "-fPIC",
-                    "-shared", f"-I{csrc}", *map(str, sorted(csrc.glob("bn_kernels*.c"))),
-                    "-lm", "-o", str(lib)], check=True)
-    subprocess.run(["cc", "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{csrc}",
-                    str(ROOT / "benchmarks" / "ab_kernels.c"), "-ldl", "-o", str(harness)],
-                   check=True)
-    return harness, lib
-
-
-@pytest.mark.parametrize("op", ["train", "eval", "backward"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_ab_kernels_reports_each_build_against_a_copy(ab_kernels, op, dtype):
-    harness, lib = ab_kernels
-    run = subprocess.run([str(harness), "6x3x500", op, dtype, "default", "5", str(lib),
-                          str(lib)], capture_output=True, text=True, check=True)
-    head, *builds = run.stdout.strip().splitlines()
-    assert head.startswith(f"6x3x500 {op} {dtype} default, 5 calls each")
-    assert len(builds) == 2
-    for line in builds:
-        name, median, low, high = line.replace("[", "").replace("]", "").split()
-        assert name == "kernels.so"
-        assert 0 < float(low) <= float(median) <= float(high)
-
-
-@pytest.mark.parametrize("args", [["6x3", "train", "float32", "default", "5"],
-                                  ["6x3x0", "train", "float32", "default", "5"],
-                                  ["6x3x5", "predict", "float32", "default", "5"],
-                                  ["6x3x5", "train", "float16", "default", "5"],
-                                  ["6x3x5", "train", "float32", "avx9", "5"],
-                                  ["6x3x5", "train", "float32", "default", "0"]],
-                         ids=["shape", "empty", "op", "dtype", "isa", "reps"])
-def test_ab_kernels_rejects_what_it_cannot_time(ab_kernels, args):
-    harness, lib = ab_kernels
-    run = subprocess.run([str(harness), *args, str(lib)], capture_output=True, text=True)
-    assert run.returncode == 2 and "usage: ab_kernels" in run.stderr and run.stdout == ""

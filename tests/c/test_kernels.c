@@ -1,7 +1,7 @@
 /* test_kernels.c -- the C core alone, against values worked out by hand.
  * Build and run: bash tests/c/run.sh [sanitize] */
-#include "bn_kernels.h"
-#include "bn_kernels_internal.h"
+#include "bn.h"
+#include "core.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -156,78 +156,41 @@ static void test_workspace(void)
     }
 }
 
-/* The walk that asks for a pipelined pass's rows ahead (bn_rows_ahead) takes
- * the rows of features c0 .. c1 - 1 in the order the pass reads them: each
- * feature's rows, C * inner apart, then the next feature's, and it stops
- * after the last. Shape (outer 3, C 4, inner 40) float32, features 1 and 2. */
-static void test_rows_ahead(void)
+/* The plan's strategy and summation blocks follow from the shape alone:
+ * channels-last and short rows run as lanes, folded into wide rows of at
+ * least BN_MIN_LANES; longer rows (or too many features) run planar, in
+ * tiles of at most BN_TILE values. */
+static void test_plan(void)
 {
-    bn_shape s = {3, 4, 40};
-    static float x[3 * 4 * 40];
-    bn_rows_ahead a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 1, 3);
-    size_t visits = 0;
-    for (size_t c = 1; c < 3; c++) {
-        for (size_t o = 0; o < s.outer; o++) {
-            for (size_t b = 0; b < s.inner * sizeof(float); b += 16) {
-                size_t want = (o * s.channels + c) * s.inner * sizeof(float) + b;
-                CHECK_CLOSE((double)a.at, (double)want, 0);
-                CHECK_CLOSE((double)a.done, 0, 0);
-                bn_rows_ahead_move(&a, 16);
-                visits++;
-            }
-        }
-    }
-    CHECK_CLOSE((double)visits, 2 * 3 * 10, 0);
-    CHECK_CLOSE((double)a.done, 1, 0);
-    /* a step across a row's end lands as far into the next row: 160 bytes a
-       row, three steps of 48 leave 16, the fourth lands 32 into row 1 */
-    a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 1, 3);
-    for (int k = 0; k < 4; k++) {
-        bn_rows_ahead_move(&a, 48);
-    }
-    CHECK_CLOSE((double)a.at, (double)((1 * 4 + 1) * 160 + 32), 0);
-    /* a reader's piece of 48 bytes asks for the walk's next 48: within row 0
-       of feature 1 (bytes 160 .. 320), then split across its end, the rest
-       from the start of row 1 (byte 800) */
-    a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 1, 3);
-    for (int k = 0; k < 3; k++) {
-        bn_row_asks r = bn_rows_ahead_take(&a, 48);
-        CHECK_CLOSE((double)r.first, 160.0 + 48 * k, 0);
-        CHECK_CLOSE((double)r.split, 48, 0);
-        CHECK_CLOSE((double)(r.has_first && !r.has_second), 1, 0);
-    }
-    bn_row_asks split = bn_rows_ahead_take(&a, 48);
-    CHECK_CLOSE((double)split.first, 304, 0);
-    CHECK_CLOSE((double)split.split, 16, 0);
-    CHECK_CLOSE((double)split.second, 800, 0);
-    CHECK_CLOSE((double)(split.has_first && split.has_second), 1, 0);
-    CHECK_CLOSE((double)a.at, 832, 0);
-    /* the last piece of the last row: nothing after it to ask for */
-    a = bn_rows_ahead_at(x, NULL, s, sizeof(float), 3, 4);
-    bn_rows_ahead_move(&a, 2 * 160 + 150);
-    bn_row_asks last = bn_rows_ahead_take(&a, 40);
-    CHECK_CLOSE((double)last.split, 10, 0);
-    CHECK_CLOSE((double)(last.has_first && !last.has_second), 1, 0);
-    CHECK_CLOSE((double)a.done, 1, 0);
-    /* a walk set to go 192 bytes ahead has moved so far, across the end of
-       feature 1's row 0 (bytes 160 .. 320) to 32 into its row 1 (800) */
-    a = bn_rows_ahead_from(x, NULL, s, sizeof(float), 1, 3, 192);
-    CHECK_CLOSE((double)a.at, 832, 0);
-    /* asks within a row: BN_AHEAD_BYTES ahead, as far as the row goes */
-    bn_row_asks within = bn_row_asks_within(3000);
-    CHECK_CLOSE((double)within.first, BN_AHEAD_BYTES, 0);
-    CHECK_CLOSE((double)within.split, 3000 - BN_AHEAD_BYTES, 0);
-    CHECK_CLOSE((double)(within.has_first && !within.has_second), 1, 0);
-    CHECK_CLOSE((double)bn_row_asks_within(BN_AHEAD_BYTES).split, 0, 0);
-    /* no features, no rows: done from the start */
-    CHECK_CLOSE((double)bn_rows_ahead_at(x, NULL, s, sizeof(float), 2, 2).done, 1, 0);
-    bn_shape empty = {0, 4, 40};
-    CHECK_CLOSE((double)bn_rows_ahead_at(x, NULL, empty, sizeof(float), 0, 4).done, 1, 0);
+    bn_plan p = bn_make_plan((bn_shape){4, 1, 1}, sizeof(float)); /* 4 values of one feature */
+    CHECK_CLOSE(p.lanes, 1, 0);
+    CHECK_CLOSE((double)p.wide, 32, 0);
+    CHECK_CLOSE((double)p.wide_rows, 0, 0);
+    CHECK_CLOSE((double)p.tail, 4, 0);
+    CHECK_CLOSE((double)p.groups, 1, 0);
+    p = bn_make_plan((bn_shape){10, 3, 5}, sizeof(float)); /* rows of 5: 15 lanes a row, 3 rows folded */
+    CHECK_CLOSE(p.lanes, 1, 0);
+    CHECK_CLOSE((double)p.wide, 45, 0);
+    CHECK_CLOSE((double)p.wide_rows, 3, 0);
+    CHECK_CLOSE((double)p.tail, 15, 0);
+    p = bn_make_plan((bn_shape){2 * BN_GROUP_ROWS + 1, 64, 1}, sizeof(float));
+    CHECK_CLOSE((double)p.groups, 3, 0);
+    p = bn_make_plan((bn_shape){8, 512, 49}, sizeof(float)); /* short rows, too many lanes: planar */
+    CHECK_CLOSE(p.lanes, 0, 0);
+    CHECK_CLOSE((double)p.tiles, 1, 0);
+    bn_tile t = bn_tile_at((bn_shape){8, 512, 49}, 0);
+    CHECK_CLOSE((double)(t.o1 - t.o0), 8, 0); /* 41 rows fit a tile; there are 8 */
+    p = bn_make_plan((bn_shape){3, 2, BN_TILE + 5}, sizeof(float)); /* long rows cut in pieces */
+    CHECK_CLOSE((double)p.tiles, 6, 0);
+    t = bn_tile_at((bn_shape){3, 2, BN_TILE + 5}, 3);
+    CHECK_CLOSE((double)t.o0, 1, 0);
+    CHECK_CLOSE((double)t.i0, BN_TILE, 0);
+    CHECK_CLOSE((double)t.i1, BN_TILE + 5, 0);
 }
 
 int main(void)
 {
-    test_rows_ahead();
+    test_plan();
     test_workspace();
     test_worked_example();
     test_layout_and_float32();

@@ -4,7 +4,7 @@
  * against a naive long double reference, for both element types, and bitwise
  * the same on 1 and 3 threads and in every instruction-set build the CPU
  * runs. Build and run: bash tests/c/run.sh [sanitize] */
-#include "bn_kernels.h"
+#include "bn.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -358,25 +358,21 @@ int main(void)
 {
     const bn_shape shapes[] = {
         {2, 3, 5000},  /* planar: rows cut into tiles */
-        {37, 2, 400},  /* planar: tiles of five rows, pipelined feature by feature */
-        {37, 2, 100},  /* planar short rows: elementwise passes spread over wide rows */
-        {2000, 3, 50}, /* the same, two row groups of statistics */
-        {5, 4, 3},     /* rows shorter than a vector: statistics and gradient sums spread too */
-        {3000, 3, 20}, /* spread statistics and gradient sums */
-        {5000, 2, 7},  /* the same, two row groups, each with a partial wide row */
-        {700, 3, 150}, /* planar short rows: in memory order, two row groups */
-        {30, 200, 100}, /* short rows, too many features to spread: tiles of two rows,
-                           three row groups */
-        {2, 3, 200000}, /* planar rows from memory (x over BN_IN_CACHE_BYTES, 4 MiB,
-                           even in float32): inference and dx ask for them as they go */
-        {2000, 3, 300}, /* short planar rows from memory: passes ask far ahead */
-        {61, 256, 80},  /* the same, too many features to spread: the statistics ask
-                           far ahead along each row of their blocks of three; the
-                           last row group a block of one */
-        {30000, 3, 20}, /* spread rows from memory: the same */
-        {400000, 3, 1}, /* interleaved rows from memory: the same */
-        {9000, 3, 1},  /* interleaved: wide rows of 11, three row groups */
-        {300, 40, 1},  /* interleaved: a wide row is one row */
+        {37, 2, 400},  /* planar: tiles of five rows, feature by feature */
+        {37, 2, 100},  /* planar rows just over the lanes' limit (BN_SHORT_ROW) */
+        {2000, 3, 50}, /* lanes: rows of 50, a wide row of 150 lanes */
+        {5, 4, 3},     /* lanes: rows shorter than a vector, folded into wide rows */
+        {3000, 3, 20}, /* lanes: many blocks of rows */
+        {5000, 2, 7},  /* lanes: two groups, and a partial wide row at the end */
+        {700, 3, 150}, /* planar short rows: tiles of 13 rows */
+        {30, 200, 100}, /* planar: tiles of 20 rows, one of 10 */
+        {2, 3, 200000}, /* planar rows from memory: streamed outputs, in float32 too */
+        {2000, 3, 300}, /* planar short rows from memory */
+        {61, 256, 80},  /* planar: short rows, too many lanes for the lanes strategy */
+        {30000, 3, 20}, /* lanes from memory, several groups */
+        {400000, 3, 1}, /* channels-last from memory: streamed, many groups */
+        {9000, 3, 1},  /* channels-last: wide rows of 11 rows, three groups */
+        {300, 40, 1},  /* channels-last: a wide row is one row */
         {7, 1, 1},     /* one feature */
         {2, 5, 1},     /* two values per feature */
     };

@@ -12,7 +12,7 @@
  *
  * Usage: test_values [--threads N] [--isa default|avx2|avx512]
  */
-#include "bn_kernels.h"
+#include "bn.h"
 
 #include <inttypes.h>
 #include <stdint.h>

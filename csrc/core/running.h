@@ -1,8 +1,8 @@
-/* bn_running_impl.h -- the per-feature functions of bn_kernels.h for one
+/* running.h -- the per-feature functions of bn.h for one
  * element type: running statistics and conversions, O(C) work each.
  *
- * Included by bn_kernels.c once per type, with T the element type and NAME a
- * macro that appends the type's suffix (as bn_kernels_impl.h).
+ * Included by core.c once per type, with T the element type and NAME a
+ * macro that appends the type's suffix (as kernels.h).
  */
 
 void NAME(bn_running_moments)(double *mean, double *invstd, const T *running_mean,

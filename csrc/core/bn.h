@@ -1,4 +1,4 @@
-/* bn_kernels.h -- the numerical core of bnpy: batch normalization in pure C11.
+/* bn.h -- the numerical core of bnpy: batch normalization in pure C11.
  *
  * No Python, no NumPy. Callers own every buffer; nothing here allocates.
  *
@@ -12,8 +12,8 @@
  * element type: every reduction accumulates in double. Argument order follows
  * "outputs, then inputs, then sizes".
  */
-#ifndef BNPY_BN_KERNELS_H
-#define BNPY_BN_KERNELS_H
+#ifndef BNPY_BN_H
+#define BNPY_BN_H
 
 #include <stddef.h>
 
@@ -49,7 +49,8 @@ int bn_has_openmp(void);
  * vectorized for its instruction set; results are bitwise the same in all.
  * The kernels run the best one the CPU supports unless told otherwise. */
 typedef enum {
-    BN_ISA_DEFAULT = 0, /* any CPU (SSE2 on x86-64) */
+    BN_ISA_DEFAULT = 0, /* any CPU the compiler targets; "portable" when built
+                           without vector extensions (BN_PORTABLE) */
     BN_ISA_AVX2 = 1,
     BN_ISA_AVX512 = 2,  /* AVX-512F */
 } bn_isa;
@@ -60,7 +61,8 @@ int bn_isa_supported(bn_isa isa);
  * bn_isa_supported(isa) is 0. */
 int bn_set_isa(bn_isa isa);
 bn_isa bn_get_isa(void);
-/* "default", "avx2" or "avx512"; NULL for a value that is no bn_isa */
+/* "default" (or "portable"), "avx2" or "avx512"; NULL for a value that is
+ * no bn_isa */
 const char *bn_isa_name(bn_isa isa);
 
 /* Doubles of workspace the forward and backward kernels need: the caller
@@ -70,20 +72,18 @@ size_t bn_workspace_size(bn_shape s);
 /* --- statistics -------------------------------------------------------- */
 
 /* stats[C] <- count, mean and m2 of each feature of x. Every value is taken
- * less a shift, so that the means merged tile by tile (and block by block)
- * stay small and keep their last bits: shift[C] when given, and then the
- * means come out relative to it (for statistics merged further, e.g. across
- * batches or processes); with shift NULL, each feature's first value, and
- * the means come out absolute. Each cache-sized tile of a feature sums its
- * deviations from a center near its mean, and their squares, corrected as in
- * Chan, Golub and LeVeque's two-pass algorithm. The center is the mean so far
- * of the feature's earlier tiles (a first pass finds it for the first tile).
- * Interleaved layouts, and planar rows of a few values, sum each lane of a
- * wide row (bn_wide_shape) alike, in blocks of rows no longer than the rows
- * before them (bn_next_lane_block). Tiles are combined with
- * bn_partial_merge: a large common offset does not
- * cancel the variance, and a constant feature gets exactly its value as mean
- * and m2 = 0. work: bn_workspace_size(s) doubles. */
+ * less a shift, so that the means merged block by block stay small and keep
+ * their last bits: shift[C] when given, and then the means come out relative
+ * to it (for statistics merged further, e.g. across batches or processes);
+ * with shift NULL, each feature's first value, and the means come out
+ * absolute. The values are summed in blocks (tiles of a feature's rows, or
+ * blocks of rows down each lane of a wide row: see core.h), each about a
+ * center near its mean: the block's own rough mean for the first, the mean
+ * so far for the others. Each block's sums are corrected as in Chan, Golub
+ * and LeVeque's two-pass algorithm and merged with their pairwise formula,
+ * so a large common offset does not cancel the variance, and a constant
+ * feature gets exactly its value as mean and m2 = 0.
+ * work: bn_workspace_size(s) doubles. */
 void bn_stats_f32(bn_partial *stats, double *work, const float *x, const double *shift,
                   bn_shape s);
 void bn_stats_f64(bn_partial *stats, double *work, const double *x, const double *shift,
@@ -125,8 +125,8 @@ void bn_set_running_f64(double *running_mean, double *running_var, const bn_part
 /* Training mode: stats[C], mean[C], invstd[C] <- x's batch statistics (as
  * bn_stats with no shift gives them), and
  * y <- gamma * (x - mean) * invstd + beta. Each feature is normalized while
- * its data is still in cache when features are planar (inner > 1). gamma and
- * beta may be NULL (gamma = 1, beta = 0). y may be x itself. */
+ * its data is still in cache when the plan takes features one by one. gamma
+ * and beta may be NULL (gamma = 1, beta = 0). y may be x itself. */
 void bn_forward_train_f32(float *y, bn_partial *stats, double *mean, double *invstd,
                           double *work, const float *x, const float *gamma, const float *beta,
                           double eps, bn_shape s);
@@ -179,4 +179,4 @@ void bn_backward_dx_f64(double *dx, double *work, const double *dy, const double
 void bn_from_double_f32(float *out, const double *in, size_t n);
 void bn_from_double_f64(double *out, const double *in, size_t n);
 
-#endif /* BNPY_BN_KERNELS_H */
+#endif /* BNPY_BN_H */

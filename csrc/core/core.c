@@ -1,0 +1,317 @@
+/* core.c -- what is done once per call, not per value: the plan, the
+ * workspace, merging partial statistics, the per-feature functions, the
+ * thread count, and the choice of the build that runs the hot kernels
+ * (kernels.h, compiled once per instruction set by build_*.c).
+ */
+#define _POSIX_C_SOURCE 200809L /* sysconf */
+#include "core.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
+/* ---- threads ---------------------------------------------------------------- */
+
+static atomic_int bn_num_threads = 0; /* 0 until set: OpenMP's default */
+
+void bn_set_num_threads(int n)
+{
+    atomic_store(&bn_num_threads, n > 0 ? n : 1);
+}
+
+int bn_get_num_threads(void)
+{
+#ifdef _OPENMP
+    int n = atomic_load(&bn_num_threads);
+    return n > 0 ? n : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int bn_has_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---- the plan ------------------------------------------------------------------- */
+
+size_t bn_count(bn_shape s)
+{
+    return s.outer * s.inner;
+}
+
+/* The size in bytes of the cache Linux lists as cpu0's index-th, 0 if it
+ * does not say */
+static size_t bn_sysfs_cache(int index)
+{
+    char path[64], unit = 'B';
+    unsigned long size = 0;
+    snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        return 0;
+    }
+    int read = fscanf(f, "%lu%c", &size, &unit);
+    fclose(f);
+    return read < 1 ? 0 : size << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+}
+
+/* The size of the last-level cache in bytes, read from the system once:
+ * Linux's sysfs (which virtual machines report more truly than the CPU's
+ * own answer that sysconf gives), else sysconf, else a guess of 8 MiB */
+static size_t bn_cache_bytes(void)
+{
+    static atomic_size_t bytes = 0;
+    size_t b = atomic_load(&bytes);
+    for (int index = 3; b == 0 && index >= 2; index--) {
+        b = bn_sysfs_cache(index);
+    }
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    long l3 = b == 0 ? sysconf(_SC_LEVEL3_CACHE_SIZE) : 0;
+    b = l3 > 0 ? (size_t)l3 : b;
+#endif
+    b = b > 0 ? b : (size_t)8 << 20;
+    atomic_store(&bytes, b);
+    return b;
+}
+
+/* The order of summation (strategy, fold, groups, tiles) follows from the
+ * shape and core.h's first constants alone; the thread count and the cache
+ * size set only who computes what and how outputs are stored. */
+bn_plan bn_make_plan(bn_shape s, size_t elem_size)
+{
+    bn_plan p = {.s = s, .team = 1, .lane_blocks = 1};
+    size_t width = s.channels * s.inner;
+    p.lanes = s.inner == 1 || (s.inner < BN_SHORT_ROW && width <= BN_MAX_LANES);
+    if (p.lanes && width > 0) {
+        size_t fold = width >= BN_MIN_LANES ? 1 : (BN_MIN_LANES + width - 1) / width;
+        p.width = width;
+        p.wide = fold * width;
+        p.wide_rows = s.outer / fold;
+        p.tail = s.outer % fold * width;
+        p.groups = (p.wide_rows + BN_GROUP_ROWS - 1) / BN_GROUP_ROWS;
+        p.groups += p.groups == 0 && p.tail > 0;
+    }
+    else if (!p.lanes) {
+        size_t rows = BN_TILE / s.inner;
+        p.tiles = s.inner >= BN_TILE ? s.outer * ((s.inner + BN_TILE - 1) / BN_TILE)
+                                     : (s.outer + rows - 1) / rows;
+    }
+    p.stream = BN_STREAMS && bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2
+               && (p.lanes || s.inner * elem_size >= BN_STREAM_ROW_BYTES);
+    if (bn_count(s) * s.channels >= BN_PARALLEL_MIN) {
+        p.team = bn_get_num_threads();
+    }
+    if (p.lanes && p.groups > 0 && p.groups < (size_t)p.team) {
+        /* few groups: cut each group's lanes, so that every thread has work */
+        size_t want = ((size_t)p.team + p.groups - 1) / p.groups;
+        size_t most = p.wide / BN_LANE_BLOCK_MIN > 0 ? p.wide / BN_LANE_BLOCK_MIN : 1;
+        p.lane_blocks = want < most ? want : most;
+    }
+    return p;
+}
+
+bn_work bn_work_of(double *work, const bn_plan *p)
+{
+    size_t len = bn_coef_len(p);
+    return (bn_work){work, work + len, work + 2 * len, work + 3 * len, work + 4 * len};
+}
+
+size_t bn_workspace_size(bn_shape s)
+{
+    bn_plan p = bn_make_plan(s, sizeof(double));
+    return 4 * bn_coef_len(&p) + (p.lanes ? p.groups * BN_LANE_STATE * p.wide : 0);
+}
+
+void bn_spread(double *wide, const double *values, const bn_plan *p)
+{
+    size_t inner = p->s.inner;
+    /* back to front: in place (wide == values), no value is overwritten before
+       it is read */
+    for (size_t c = p->s.channels; c-- > 0;) {
+        double v = values[c];
+        for (size_t i = inner; i-- > 0;) {
+            wide[c * inner + i] = v;
+        }
+    }
+    for (size_t l = p->width; l < bn_spread_len(p); l++) {
+        wide[l] = wide[l - p->width];
+    }
+}
+
+/* ---- partial statistics ---------------------------------------------------------- */
+
+void bn_partial_merge(bn_partial *a, const bn_partial *b)
+{
+    if (b->count == 0.0) {
+        return;
+    }
+    if (a->count == 0.0) {
+        *a = *b;
+        return;
+    }
+    double count = a->count + b->count;
+    double delta = b->mean - a->mean;
+    a->mean += delta * (b->count / count);
+    a->m2 += b->m2 + delta * delta * (a->count * b->count / count);
+    a->count = count;
+}
+
+void bn_partial_unshift(bn_partial *stats, const double *shift, size_t channels)
+{
+    for (size_t c = 0; c < channels; c++) {
+        stats[c].mean += shift[c];
+    }
+}
+
+/* The lanes of feature c in a wide row, in order: for each of the fold outer
+ * rows, the feature's inner values */
+#define FOR_FEATURE_LANE(p, c, l)                                                     \
+    for (size_t r_ = 0; r_ < (p)->wide; r_ += (p)->width)                             \
+        for (size_t l = r_ + (c) * (p)->s.inner; l < r_ + ((c) + 1) * (p)->s.inner; l++)
+
+void bn_merge_lanes(bn_partial *stats, const double *groups, const bn_plan *p)
+{
+    for (size_t c = 0; c < p->s.channels; c++) {
+        stats[c] = (bn_partial){0.0, 0.0, 0.0};
+        for (size_t g = 0; g < p->groups; g++) {
+            const bn_partial *lane = (const bn_partial *)(groups + g * BN_LANE_STATE * p->wide);
+            FOR_FEATURE_LANE(p, c, l) {
+                bn_partial_merge(&stats[c], &lane[l]);
+            }
+        }
+    }
+}
+
+void bn_add_lane_grads(double *dgamma, double *dbeta, const double *groups,
+                       const double *invstd, const bn_plan *p)
+{
+    for (size_t c = 0; c < p->s.channels; c++) {
+        double sum_dy = 0.0, sum_dy_dev = 0.0;
+        for (size_t g = 0; g < p->groups; g++) {
+            const double *sum = groups + g * BN_LANE_STATE * p->wide, *sum_dev = sum + p->wide;
+            FOR_FEATURE_LANE(p, c, l) {
+                sum_dy += sum[l];
+                sum_dy_dev += sum_dev[l];
+            }
+        }
+        dbeta[c] = sum_dy;
+        dgamma[c] = sum_dy_dev * invstd[c];
+    }
+}
+
+void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
+                      size_t channels, double eps)
+{
+    for (size_t c = 0; c < channels; c++) {
+        double var = stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0;
+        mean[c] = stats[c].mean;
+        invstd[c] = 1.0 / sqrt(var + eps);
+    }
+}
+
+/* ---- builds ------------------------------------------------------------------------ */
+
+/* the builds, indexed by bn_isa */
+static const bn_kernel_table *bn_build(bn_isa isa)
+{
+#if BN_X86_BUILDS
+    if (isa == BN_ISA_AVX512) {
+        return &bn_kernels_avx512;
+    }
+    if (isa == BN_ISA_AVX2) {
+        return &bn_kernels_avx2;
+    }
+#endif
+    return isa == BN_ISA_DEFAULT ? &bn_kernels_baseline : NULL;
+}
+
+int bn_isa_supported(bn_isa isa)
+{
+    if (bn_build(isa) == NULL) {
+        return 0;
+    }
+#if BN_X86_BUILDS
+    if (isa == BN_ISA_AVX512) {
+        return __builtin_cpu_supports("avx512f");
+    }
+    if (isa == BN_ISA_AVX2) {
+        return __builtin_cpu_supports("avx2");
+    }
+#endif
+    return 1;
+}
+
+const char *bn_isa_name(bn_isa isa)
+{
+    switch (isa) {
+    case BN_ISA_DEFAULT:
+#ifdef BN_PORTABLE
+        return "portable";
+#else
+        return "default";
+#endif
+    case BN_ISA_AVX2:
+        return "avx2";
+    case BN_ISA_AVX512:
+        return "avx512";
+    }
+    return NULL;
+}
+
+/* the bn_isa in use; -1 until the first call chooses */
+static atomic_int bn_chosen_isa = -1;
+
+int bn_set_isa(bn_isa isa)
+{
+    if (!bn_isa_supported(isa)) {
+        return -1;
+    }
+    atomic_store(&bn_chosen_isa, (int)isa);
+    return 0;
+}
+
+bn_isa bn_get_isa(void)
+{
+    int isa = atomic_load(&bn_chosen_isa);
+    if (isa < 0) {
+        int best = BN_ISA_DEFAULT, unset = -1;
+        for (int i = BN_ISA_DEFAULT; i <= BN_ISA_AVX512; i++) {
+            best = bn_isa_supported((bn_isa)i) ? i : best;
+        }
+        /* unless another thread chose first (then unset <- its choice) */
+        isa = atomic_compare_exchange_strong(&bn_chosen_isa, &unset, best) ? best : unset;
+    }
+    return (bn_isa)isa;
+}
+
+/* the build the kernels run: the best one unless bn_set_isa chose another */
+static const bn_kernel_table *bn_kernels(void)
+{
+    return bn_build(bn_get_isa());
+}
+
+/* ---- entry points, per element type ------------------------------------------- */
+
+#define T float
+#define NAME(fn) fn##_f32
+#include "entry.h"
+#include "running.h"
+#undef T
+#undef NAME
+
+#define T double
+#define NAME(fn) fn##_f64
+#include "entry.h"
+#include "running.h"
+#undef T
+#undef NAME

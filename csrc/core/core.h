@@ -1,0 +1,218 @@
+/* core.h -- what the core's files share: the tuning constants, the plan, the
+ * helpers both strategies use, and the table of kernels one build provides.
+ * Not part of the interface: bn.h is.
+ *
+ * Two strategies, chosen by bn_make_plan from the shape alone (x viewed as
+ * x[outer][C][inner]):
+ *   planar  features one by one: a feature's values are `outer` rows of
+ *           `inner` contiguous values. Its statistics, then its normalization
+ *           (or its gradient sums, then its dx) run while its rows are still
+ *           in cache, so memory sees one read of x.
+ *   lanes   channels-last and short rows: each outer row of C * inner values
+ *           is a row of lanes (lane l belongs to feature (l % (C*inner)) /
+ *           inner), folded with the next rows into a wide row of at least
+ *           BN_MIN_LANES lanes. Sums run down each lane; the elementwise
+ *           passes run over x as one long sequence, the coefficients spread
+ *           over a wide row.
+ */
+#ifndef BNPY_CORE_H
+#define BNPY_CORE_H
+
+#include "bn.h"
+
+#include <stddef.h>
+
+/* Constants that fix the order of summation: changing one changes the last
+ * bits of results (and benchmarks/digest.py's digest). */
+enum {
+    BN_LANES = 16,        /* accumulators of a sum along a row: value i goes to
+                             lane i % 16, whatever the build's vector width */
+    BN_TILE = 2048,       /* planar: values a tile of a feature sums before
+                             merging; smaller is slightly more accurate, slower */
+    BN_SHORT_ROW = 64,    /* rows shorter than this run as lanes ... */
+    BN_MAX_LANES = 16384, /* ... when an outer row has at most this many values */
+    BN_MIN_LANES = 32,    /* a wide row folds outer rows until it has this many */
+    BN_GROUP_ROWS = 4096, /* lanes: wide rows of a group; groups merge in order */
+    BN_BLOCK_ROWS = 64,   /* lanes: wide rows summed about one center, then merged;
+                             smaller is slightly more accurate, slower */
+};
+
+/* Constants that change only speed */
+enum {
+    BN_PARALLEL_MIN = 1 << 16, /* fewer values than this run on one thread */
+    BN_CHUNK = 1 << 14,        /* values an elementwise task takes at least */
+    BN_LANE_BLOCK_MIN = 256,   /* lanes: the fewest lanes a reduction task takes */
+    BN_STREAM_ROW_BYTES = 1024, /* planar rows shorter than this are not streamed: the
+                                   partial lines at their ends cost more than streaming
+                                   saves */
+    BN_LANE_ROWS = 4,          /* lanes: rows a reduction takes at once: more saves loads
+                                  and stores of the sums, and needs more streams */
+};
+
+#ifdef _OPENMP
+#include <omp.h>
+/* the loop that follows runs on `team` threads (a local int) when team > 1 */
+#define BN_PARALLEL_FOR _Pragma("omp parallel for schedule(static) num_threads(team) if(team > 1)")
+#else
+#define BN_PARALLEL_FOR (void)team;
+#endif
+
+#if defined(__GNUC__)
+#define BN_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define BN_INLINE static __forceinline
+#else
+#define BN_INLINE static inline
+#endif
+
+/* How the kernels run on a shape: bn_make_plan's answer */
+typedef struct {
+    bn_shape s;
+    int lanes;          /* 1: the lanes strategy; 0: planar */
+    int team;           /* threads */
+    size_t width;       /* lanes: values of an outer row, C * inner */
+    size_t wide;        /* lanes: values of a wide row (fold outer rows) */
+    size_t wide_rows;   /* lanes: whole wide rows in x */
+    size_t tail;        /* lanes: values after the last whole wide row */
+    size_t groups;      /* lanes: groups of BN_GROUP_ROWS wide rows */
+    size_t lane_blocks; /* lanes: reduction tasks a group's lanes are cut into */
+    size_t tiles;       /* planar: statistics tiles of a feature */
+    int stream;         /* outputs go past the caches: they are larger than half the
+                           last-level cache, in runs of BN_STREAM_ROW_BYTES or more */
+} bn_plan;
+
+/* the plan for x of shape s and elements of elem_size bytes */
+bn_plan bn_make_plan(bn_shape s, size_t elem_size);
+
+/* A statistics tile of a planar feature: rows o0 .. o1, values i0 .. i1 of
+ * each. A row of BN_TILE values or more is cut into pieces of BN_TILE;
+ * shorter rows go BN_TILE / inner to a tile. */
+typedef struct {
+    size_t o0, o1, i0, i1;
+} bn_tile;
+
+static inline bn_tile bn_tile_at(bn_shape s, size_t k)
+{
+    if (s.inner >= BN_TILE) {
+        size_t pieces = (s.inner + BN_TILE - 1) / BN_TILE, i0 = (k % pieces) * BN_TILE;
+        size_t i1 = i0 + BN_TILE < s.inner ? i0 + BN_TILE : s.inner;
+        return (bn_tile){k / pieces, k / pieces + 1, i0, i1};
+    }
+    size_t rows = BN_TILE / s.inner, o0 = k * rows;
+    return (bn_tile){o0, o0 + rows < s.outer ? o0 + rows : s.outer, 0, s.inner};
+}
+
+/* where the row x[o][c][:] starts */
+static inline size_t bn_row_at(bn_shape s, size_t o, size_t c)
+{
+    return (o * s.channels + c) * s.inner;
+}
+
+/* The lanes strategy's per-feature coefficients, each spread over a wide row
+ * and repeated for BN_LANES more lanes, so that a vector starting at any lane
+ * of a wide row reads them without wrapping: bn_spread */
+static inline size_t bn_spread_len(const bn_plan *p)
+{
+    return p->wide + BN_LANES;
+}
+
+/* wide[0 .. bn_spread_len) <- values[C], lane l taking that of its feature */
+void bn_spread(double *wide, const double *values, const bn_plan *p);
+
+/* The per-feature coefficients of an elementwise pass:
+ *   normalize: out = (in - mean) * scale + shift
+ *   dx, training: out = scale * ((dy - shift) - (x - mean) * dev)
+ *   dx, eval: out = dy * scale */
+typedef enum { BN_NORMALIZE, BN_DX_TRAIN, BN_DX_EVAL } bn_op;
+
+/* A kernel's workspace: the coefficients, per feature (planar) or spread
+ * over a wide row (lanes), and for the lanes' reductions, per group, the
+ * state of each lane: its statistics (a bn_partial), center and two sums. */
+typedef struct {
+    double *mean, *scale, *shift, *dev; /* bn_coef_len(p) each */
+    double *groups;                     /* groups * BN_LANE_STATE * wide */
+} bn_work;
+
+enum { BN_LANE_STATE = 6 }; /* doubles of a lane's state */
+
+static inline size_t bn_coef_len(const bn_plan *p)
+{
+    return p->lanes ? bn_spread_len(p) : p->s.channels;
+}
+
+bn_work bn_work_of(double *work, const bn_plan *p);
+
+/* stats[C] <- the statistics of the lanes of each feature in every group's
+ * state (group_stats in kernels.h), merged in order: group by group, and in
+ * a group lane by lane */
+void bn_merge_lanes(bn_partial *stats, const double *groups, const bn_plan *p);
+
+/* dbeta[C] <- the lanes' sums of dy in every group's state (group_grads),
+ * dgamma[C] <- those of dy * (x - mean), times invstd[C]; added in order */
+void bn_add_lane_grads(double *dgamma, double *dbeta, const double *groups,
+                       const double *invstd, const bn_plan *p);
+
+/* Absorbs a block of `added` values whose deviations from `center` (taken
+ * less the same shift as p's mean) sum to `sum`, and their squares to `sum2`,
+ * into p: the block's sums corrected as in Chan, Golub and LeVeque's two-pass
+ * algorithm, then merged with their pairwise formula; the difference of the
+ * means is taken from the center's offset, so that it keeps its last bits. */
+static inline void bn_absorb(bn_partial *p, double added, double center, double sum, double sum2)
+{
+    double correction = sum / added;
+    double m2 = sum2 - sum * correction;
+    m2 = m2 < 0.0 ? 0.0 : m2; /* rounding; NaN stays */
+    if (p->count == 0.0) {
+        *p = (bn_partial){added, center + correction, m2};
+        return;
+    }
+    double count = p->count + added, delta = (center - p->mean) + correction;
+    p->m2 += m2 + delta * delta * (p->count * added / count);
+    p->mean += delta * (added / count);
+    p->count = count;
+}
+
+/* The hot kernels of bn.h as one build provides them (build.h); core.c calls
+ * the best build the CPU runs. */
+typedef struct {
+    void (*stats_f32)(bn_partial *, double *, const float *, const double *, bn_shape);
+    void (*stats_f64)(bn_partial *, double *, const double *, const double *, bn_shape);
+    void (*forward_train_f32)(float *, bn_partial *, double *, double *, double *,
+                              const float *, const float *, const float *, double, bn_shape);
+    void (*forward_train_f64)(double *, bn_partial *, double *, double *, double *,
+                              const double *, const double *, const double *, double,
+                              bn_shape);
+    void (*forward_f32)(float *, double *, const float *, const double *, const double *,
+                        const float *, const float *, bn_shape);
+    void (*forward_f64)(double *, double *, const double *, const double *, const double *,
+                        const double *, const double *, bn_shape);
+    void (*backward_f32)(float *, double *, double *, double *, const float *, const float *,
+                         const double *, const double *, const float *, bn_shape, int);
+    void (*backward_f64)(double *, double *, double *, double *, const double *,
+                         const double *, const double *, const double *, const double *,
+                         bn_shape, int);
+    void (*grad_sums_f32)(double *, double *, double *, const float *, const float *,
+                          const double *, const double *, bn_shape);
+    void (*grad_sums_f64)(double *, double *, double *, const double *, const double *,
+                          const double *, const double *, bn_shape);
+    void (*backward_dx_f32)(float *, double *, const float *, const float *, const double *,
+                            const double *, const float *, const double *, const double *,
+                            double, bn_shape, int);
+    void (*backward_dx_f64)(double *, double *, const double *, const double *,
+                            const double *, const double *, const double *, const double *,
+                            const double *, double, bn_shape, int);
+} bn_kernel_table;
+
+/* The builds: always one for the compiler's default target; on x86-64 with
+ * GCC or Clang, AVX2 and AVX-512 builds too, unless built portable. */
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(BN_PORTABLE)
+#define BN_X86_BUILDS 1
+extern const bn_kernel_table bn_kernels_avx512;
+extern const bn_kernel_table bn_kernels_avx2;
+#else
+#define BN_X86_BUILDS 0
+#endif
+#define BN_STREAMS BN_X86_BUILDS /* some build can stream (vec.h) */
+extern const bn_kernel_table bn_kernels_baseline;
+
+#endif /* BNPY_CORE_H */

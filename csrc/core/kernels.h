@@ -1,0 +1,667 @@
+/* kernels.h -- the kernels of bn.h for one element type, in one build.
+ *
+ * Included by build.h once per type, with
+ *   T      the element type (float or double)
+ *   NAME   a macro that appends the type's and the build's suffixes:
+ *          NAME(bn_forward) is bn_forward_f32_avx2, bn_forward_f64_baseline, ...
+ * and vec.h's vectors. Every value is computed in double and rounded to T
+ * once. The strategies (planar, lanes) are described in core.h.
+ */
+
+/* ---- values of T as vectors of doubles ------------------------------------- */
+
+BN_INLINE bn_vec NAME(load)(const T *p)
+{
+#if BN_W == 1
+    return (double)p[0];
+#else
+    bn_vec v = {0};
+    for (int j = 0; j < BN_W; j++) {
+        v[j] = (double)p[j];
+    }
+    return v;
+#endif
+}
+
+BN_INLINE void NAME(store)(T *p, bn_vec v)
+{
+#if BN_W == 1
+    p[0] = (T)v;
+#else
+    for (int j = 0; j < BN_W; j++) {
+        p[j] = (T)v[j];
+    }
+#endif
+}
+
+/* the n < BN_W values of p[0 .. n) as a vector, 0 in its other lanes */
+BN_INLINE bn_vec NAME(load_part)(const T *p, size_t n)
+{
+    double part[BN_W] = {0};
+    for (size_t j = 0; j < n; j++) {
+        part[j] = (double)p[j];
+    }
+    return bn_load_wide(part);
+}
+
+BN_INLINE void NAME(store_part)(T *p, bn_vec v, size_t n)
+{
+    double part[BN_W];
+    bn_store_wide(part, v);
+    for (size_t j = 0; j < n; j++) {
+        p[j] = (T)part[j];
+    }
+}
+
+/* p[0 .. BN_W) <- v rounded to T, past the caches where the build can
+ * (p aligned to BN_W values: stream_head) */
+BN_INLINE void NAME(store_streamed)(T *p, bn_vec v)
+{
+#if BN_CAN_STREAM
+    if (sizeof(T) == sizeof(float)) {
+        bn_stream_f32((float *)p, v);
+    }
+    else {
+        bn_stream_f64((double *)p, v);
+    }
+#else
+    NAME(store)(p, v);
+#endif
+}
+
+/* the values of out[0 .. n) to write before out + head is aligned for
+ * store_streamed (n if it never is) */
+BN_INLINE size_t NAME(stream_head)(const T *out, size_t n)
+{
+    size_t bytes = BN_W * sizeof(T), off = (uintptr_t)out % bytes;
+    size_t head = off % sizeof(T) != 0 ? n : (bytes - off) % bytes / sizeof(T);
+    return head < n ? head : n;
+}
+
+/* asks for the n values at `at` of a (and of b, when not NULL) */
+BN_INLINE void NAME(prefetch_row)(const T *a, const T *b, size_t at, size_t n)
+{
+    bn_prefetch(a + at, n * sizeof(T));
+    if (b != NULL) {
+        bn_prefetch(b + at, n * sizeof(T));
+    }
+}
+
+/* asks for feature c's values in tile t of a (and b) */
+static void NAME(prefetch_tile)(const T *a, const T *b, bn_shape s, size_t c, bn_tile t)
+{
+    for (size_t o = t.o0; o < t.o1; o++) {
+        NAME(prefetch_row)(a, b, bn_row_at(s, o, c) + t.i0, t.i1 - t.i0);
+    }
+}
+
+/* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
+
+/* acc += p[0 .. n) - center, acc2 += its squares. The values after the last
+ * 16 go to the first lanes; the others add 0, which changes no sum. */
+BN_INLINE void NAME(add_deviations)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *p, size_t n,
+                                    double center)
+{
+    bn_vec mid = bn_splat(center);
+    size_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        for (int k = 0; k < BN_K; k++) {
+            bn_vec d = NAME(load)(p + i + k * BN_W) - mid;
+            acc[k] += d;
+            acc2[k] += d * d;
+        }
+    }
+    if (i < n) {
+        double d[BN_LANES] = {0};
+        for (size_t j = 0; i + j < n; j++) {
+            d[j] = (double)p[i + j] - center;
+        }
+        for (int k = 0; k < BN_K; k++) {
+            bn_vec v = bn_load_wide(d + k * BN_W);
+            acc[k] += v;
+            acc2[k] += v * v;
+        }
+    }
+}
+
+/* acc += dy[0 .. n), acc2 += dy * (x - mean), as add_deviations */
+BN_INLINE void NAME(add_grads)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, const T *x,
+                               size_t n, double mean)
+{
+    bn_vec mid = bn_splat(mean);
+    size_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        for (int k = 0; k < BN_K; k++) {
+            bn_vec g = NAME(load)(dy + i + k * BN_W);
+            acc[k] += g;
+            acc2[k] += g * (NAME(load)(x + i + k * BN_W) - mid);
+        }
+    }
+    if (i < n) {
+        double g[BN_LANES] = {0}, d[BN_LANES] = {0};
+        for (size_t j = 0; i + j < n; j++) {
+            g[j] = (double)dy[i + j];
+            d[j] = (double)x[i + j] - mean;
+        }
+        for (int k = 0; k < BN_K; k++) {
+            acc[k] += bn_load_wide(g + k * BN_W);
+            acc2[k] += bn_load_wide(g + k * BN_W) * bn_load_wide(d + k * BN_W);
+        }
+    }
+}
+
+/* ---- elementwise passes ------------------------------------------------------ */
+
+/* out[i] <- op(in, x) for i in [i0, i1) with the coefficients k of lane l
+ * (or of a planar row's feature), i1 - i0 <= BN_W */
+BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
+                              bn_op op)
+{
+    bn_vec xv = op == BN_DX_TRAIN ? NAME(load_part)(x, n) : bn_splat(0.0);
+    NAME(store_part)(out, bn_apply(op, NAME(load_part)(in, n), xv, k), n);
+}
+
+/* out[0 .. n) <- op(in, x) with one feature's coefficients k; streamed past
+ * the caches when `stream` */
+BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
+                             bn_op op, int stream)
+{
+    size_t i = stream ? NAME(stream_head)(out, n) : 0;
+    for (size_t h = 0; h < i; h += BN_W) {
+        NAME(part_out)(out + h, in + h, (x ? x + h : NULL), i - h < BN_W ? i - h : BN_W, k, op);
+    }
+    for (; i + BN_W <= n; i += BN_W) {
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + i) : bn_splat(0.0);
+        bn_vec v = bn_apply(op, NAME(load)(in + i), xv, k);
+        if (stream) {
+            NAME(store_streamed)(out + i, v);
+        }
+        else {
+            NAME(store)(out + i, v);
+        }
+    }
+    if (i < n) {
+        NAME(part_out)(out + i, in + i, (x ? x + i : NULL), n - i, k, op);
+    }
+}
+
+/* out[j0 .. j1) <- op(in, x) for x seen as one sequence of wide rows: value j
+ * is in lane j % wide, with the coefficients spread in w */
+BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_t j1,
+                               const bn_work *w, const bn_plan *p, bn_op op)
+{
+    size_t l = j0 % p->wide, j = j0;
+    size_t head = p->stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
+    for (; j < head; j++, l = l + 1 == p->wide ? 0 : l + 1) {
+        bn_vcoef k = bn_lane_coef(w, l);
+        NAME(part_out)(out + j, in + j, (x ? x + j : NULL), 1, &k, op);
+    }
+    for (; j + BN_W <= j1; j += BN_W) {
+        bn_vcoef k = bn_lane_coef(w, l);
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + j) : bn_splat(0.0);
+        bn_vec v = bn_apply(op, NAME(load)(in + j), xv, &k);
+        if (p->stream) {
+            NAME(store_streamed)(out + j, v);
+        }
+        else {
+            NAME(store)(out + j, v);
+        }
+        l += BN_W;
+        l = l >= p->wide ? l - p->wide : l;
+    }
+    if (j < j1) {
+        bn_vcoef k = bn_lane_coef(w, l);
+        NAME(part_out)(out + j, in + j, (x ? x + j : NULL), j1 - j, &k, op);
+    }
+}
+
+/* Rows r0, r0 + step, ... before r1 of the outer * C planar rows (or, for
+ * the lanes strategy, values r0 .. r1 of x as one sequence) <- op(in, x).
+ * One call of the inlined loops per op, so that each knows its op. */
+static void NAME(rows_out)(T *out, const T *in, const T *x, const bn_work *w,
+                           const bn_plan *p, size_t r0, size_t r1, size_t step, bn_op op)
+{
+#define ROWS_OUT(OP)                                                                   \
+    if (p->lanes) {                                                                    \
+        NAME(lanes_out)(out, in, x, r0, r1, w, p, OP);                                 \
+    }                                                                                  \
+    for (size_t r = r0; !p->lanes && r < r1; r += step) {                              \
+        bn_vcoef k = bn_feature_coef(w, r % p->s.channels);                            \
+        size_t at = r * p->s.inner;                                                    \
+        if (step > 1 && r + step < r1) {                                               \
+            NAME(prefetch_row)(in, x, at + step * p->s.inner, p->s.inner);             \
+        }                                                                              \
+        NAME(row_out)(out + at, in + at, (x ? x + at : NULL), p->s.inner, &k, OP, p->stream); \
+    }
+    if (op == BN_NORMALIZE) {
+        ROWS_OUT(BN_NORMALIZE)
+    }
+    else if (op == BN_DX_TRAIN) {
+        ROWS_OUT(BN_DX_TRAIN)
+    }
+    else {
+        ROWS_OUT(BN_DX_EVAL)
+    }
+#undef ROWS_OUT
+    if (p->stream) {
+        bn_stream_fence();
+    }
+}
+
+/* w's four arrays [C] <- the coefficients of op for each feature (bn_op);
+ * spread over a wide row for the lanes strategy */
+static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
+                               const double *invstd, const T *gamma, const T *beta,
+                               const double *dgamma, const double *dbeta, double count,
+                               const bn_plan *p)
+{
+    for (size_t c = 0; c < p->s.channels; c++) {
+        w->mean[c] = mean[c];
+        w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        w->shift[c] = op == BN_NORMALIZE ? (beta ? (double)beta[c] : 0.0)
+                      : op == BN_DX_TRAIN ? dbeta[c] / count : 0.0;
+        /* xhat * dgamma / n = (x - mean) * dev */
+        w->dev[c] = op == BN_DX_TRAIN ? dgamma[c] * invstd[c] / count : 0.0;
+    }
+    if (p->lanes) {
+        bn_spread(w->mean, w->mean, p);
+        bn_spread(w->scale, w->scale, p);
+        bn_spread(w->shift, w->shift, p);
+        bn_spread(w->dev, w->dev, p);
+    }
+}
+
+/* out <- op(in, x) over all of x (the coefficients in w), on p->team threads */
+static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const bn_plan *p,
+                       bn_op op)
+{
+    /* the lanes' values, or the planar rows, in tasks of about BN_CHUNK values */
+    size_t n = p->lanes ? p->s.outer * p->width : p->s.outer * p->s.channels;
+    size_t chunk = p->lanes ? BN_CHUNK : BN_CHUNK / p->s.inner + 1;
+    size_t tasks = (n + chunk - 1) / chunk;
+    int team = p->team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
+        size_t r0 = (size_t)t * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
+        NAME(rows_out)(out, in, x, w, p, r0, r1, 1, op);
+    }
+}
+
+/* ---- planar: one feature at a time ----------------------------------------- */
+
+/* the deviations from center of feature c's values in tile t, and their squares, summed */
+static void NAME(tile_sums)(double *sum, double *sum2, const T *x, bn_shape s, size_t c,
+                            bn_tile t, double center)
+{
+    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+    for (size_t o = t.o0; o < t.o1; o++) {
+        NAME(add_deviations)(acc, acc2, x + bn_row_at(s, o, c) + t.i0, t.i1 - t.i0, center);
+    }
+    *sum = bn_total(acc);
+    *sum2 = bn_total(acc2);
+}
+
+/* Feature c's statistics less shift: its tiles absorbed in order, the first
+ * about its own rough mean, each later one about the mean so far */
+static bn_partial NAME(feature_stats)(const T *x, const bn_plan *p, size_t c, double shift)
+{
+    bn_partial stats = {0.0, 0.0, 0.0};
+    for (size_t k = 0; k < p->tiles; k++) {
+        bn_tile t = bn_tile_at(p->s, k);
+        if (k + 1 < p->tiles) {
+            NAME(prefetch_tile)(x, NULL, p->s, c, bn_tile_at(p->s, k + 1));
+        }
+        double added = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), sum, sum2;
+        double center = stats.mean;
+        if (k == 0) {
+            NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift);
+            center = sum / added;
+        }
+        NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift + center);
+        bn_absorb(&stats, added, (shift + center) - shift, sum, sum2);
+    }
+    return stats;
+}
+
+/* dbeta[c] <- sum dy, dgamma[c] <- sum dy * (x - mean) * invstd over feature c,
+ * tile by tile */
+static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, const T *x,
+                                const double *mean, const double *invstd, const bn_plan *p,
+                                size_t c)
+{
+    double sum_dy = 0.0, sum_dy_dev = 0.0;
+    for (size_t k = 0; k < p->tiles; k++) {
+        bn_tile t = bn_tile_at(p->s, k);
+        if (k + 1 < p->tiles) {
+            NAME(prefetch_tile)(dy, x, p->s, c, bn_tile_at(p->s, k + 1));
+        }
+        bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+        for (size_t o = t.o0; o < t.o1; o++) {
+            size_t at = bn_row_at(p->s, o, c) + t.i0;
+            NAME(add_grads)(acc, acc2, dy + at, x + at, t.i1 - t.i0, mean[c]);
+        }
+        sum_dy += bn_total(acc);
+        sum_dy_dev += bn_total(acc2);
+    }
+    dbeta[c] = sum_dy;
+    dgamma[c] = sum_dy_dev * invstd[c];
+}
+
+/* Training forward of feature c: its statistics, then its rows normalized
+ * while they are still in cache */
+static void NAME(feature_train)(T *y, bn_partial *stats, double *mean, double *invstd,
+                                const bn_work *w, const T *x, const T *gamma, const T *beta,
+                                double eps, const bn_plan *p, size_t c)
+{
+    double shift = (double)x[c * p->s.inner];
+    stats[c] = NAME(feature_stats)(x, p, c, shift);
+    stats[c].mean += shift;
+    bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
+    w->mean[c] = mean[c];
+    w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+    w->shift[c] = beta ? (double)beta[c] : 0.0;
+    NAME(rows_out)(y, x, NULL, w, p, c, p->s.outer * p->s.channels, p->s.channels, BN_NORMALIZE);
+}
+
+/* Backward of feature c: its two sums, then its dx while dy and x are in cache */
+static void NAME(feature_backward)(T *dx, double *dgamma, double *dbeta, const bn_work *w,
+                                   const T *dy, const T *x, const double *mean,
+                                   const double *invstd, const T *gamma, const bn_plan *p,
+                                   int training, size_t c)
+{
+    NAME(feature_grads)(dgamma, dbeta, dy, x, mean, invstd, p, c);
+    double count = (double)bn_count(p->s);
+    w->mean[c] = mean[c];
+    w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+    w->shift[c] = training ? dbeta[c] / count : 0.0;
+    w->dev[c] = training ? dgamma[c] * invstd[c] / count : 0.0;
+    NAME(rows_out)(dx, dy, x, w, p, c, p->s.outer * p->s.channels, p->s.channels,
+                   training ? BN_DX_TRAIN : BN_DX_EVAL);
+}
+
+/* ---- lanes: sums down each lane of wide rows --------------------------------- */
+
+/* sum[l] += x - center[l], sum2[l] += its square, for lanes l0 .. l1 of wide
+ * rows r0 .. r1, one row after the other down each lane; BN_LANE_ROWS rows at
+ * a time, so that the sums are loaded and stored once for them */
+static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T *x,
+                            const double *restrict center, size_t wide, size_t r0, size_t r1,
+                            size_t l0, size_t l1)
+{
+    for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
+        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
+        const T *row = x + r * wide;
+        size_t l = l0;
+        for (; l + BN_W <= l1; l += BN_W) {
+            bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum2 + l);
+            bn_vec mid = bn_load_wide(center + l);
+            for (size_t q = 0; q < rows; q++) {
+                bn_vec d = NAME(load)(row + q * wide + l) - mid;
+                s += d;
+                s2 += d * d;
+            }
+            bn_store_wide(sum + l, s);
+            bn_store_wide(sum2 + l, s2);
+        }
+        for (; l < l1; l++) {
+            for (size_t q = 0; q < rows; q++) {
+                double d = (double)row[q * wide + l] - center[l];
+                sum[l] += d;
+                sum2[l] += d * d;
+            }
+        }
+    }
+}
+
+/* sum[l] += dy, sum_dev[l] += dy * (x - mean[l]), as lane_sums */
+static void NAME(lane_grads)(double *restrict sum, double *restrict sum_dev, const T *dy,
+                             const T *x, const double *restrict mean, size_t wide, size_t r0,
+                             size_t r1, size_t l0, size_t l1)
+{
+    for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
+        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
+        const T *g = dy + r * wide, *row = x + r * wide;
+        size_t l = l0;
+        for (; l + BN_W <= l1; l += BN_W) {
+            bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum_dev + l);
+            bn_vec mid = bn_load_wide(mean + l);
+            for (size_t q = 0; q < rows; q++) {
+                bn_vec gv = NAME(load)(g + q * wide + l);
+                s += gv;
+                s2 += gv * (NAME(load)(row + q * wide + l) - mid);
+            }
+            bn_store_wide(sum + l, s);
+            bn_store_wide(sum_dev + l, s2);
+        }
+        for (; l < l1; l++) {
+            for (size_t q = 0; q < rows; q++) {
+                sum[l] += (double)g[q * wide + l];
+                sum_dev[l] += (double)g[q * wide + l] * ((double)row[q * wide + l] - mean[l]);
+            }
+        }
+    }
+}
+
+/* The statistics (less shift[l]) of lanes l0 .. l1 in group g, into its
+ * state: blocks of BN_BLOCK_ROWS wide rows absorbed in order, the first
+ * about its own rough mean, the others about the mean so far; the values
+ * after the last whole wide row (in the last group) one by one. */
+static void NAME(group_stats)(double *state, const T *x, const double *shift,
+                              const bn_plan *p, size_t g, size_t l0, size_t l1)
+{
+    size_t R = p->wide, r0 = g * BN_GROUP_ROWS;
+    size_t r1 = r0 + BN_GROUP_ROWS < p->wide_rows ? r0 + BN_GROUP_ROWS : p->wide_rows;
+    bn_partial *lane = (bn_partial *)state;
+    double *center = state + 3 * R, *sum = center + R, *sum2 = sum + R;
+    for (size_t l = l0; l < l1; l++) {
+        lane[l] = (bn_partial){0.0, 0.0, 0.0};
+        center[l] = shift[l];
+        sum[l] = sum2[l] = 0.0;
+    }
+    for (size_t b0 = r0; b0 < r1; b0 += BN_BLOCK_ROWS) {
+        size_t b1 = b0 + BN_BLOCK_ROWS < r1 ? b0 + BN_BLOCK_ROWS : r1;
+        double added = (double)(b1 - b0);
+        if (b0 == r0) {
+            NAME(lane_sums)(sum, sum2, x, center, R, b0, b1, l0, l1);
+            for (size_t l = l0; l < l1; l++) {
+                center[l] = shift[l] + sum[l] / added;
+                sum[l] = sum2[l] = 0.0;
+            }
+        }
+        NAME(lane_sums)(sum, sum2, x, center, R, b0, b1, l0, l1);
+        for (size_t l = l0; l < l1; l++) {
+            bn_absorb(&lane[l], added, center[l] - shift[l], sum[l], sum2[l]);
+            center[l] = shift[l] + lane[l].mean;
+            sum[l] = sum2[l] = 0.0;
+        }
+    }
+    for (size_t l = l0; g + 1 == p->groups && l < l1 && l < p->tail; l++) {
+        double d = (double)x[p->wide_rows * R + l] - center[l];
+        bn_absorb(&lane[l], 1.0, center[l] - shift[l], d, d * d);
+    }
+}
+
+/* the two gradient sums of lanes l0 .. l1 in group g, into its state */
+static void NAME(group_grads)(double *state, const T *dy, const T *x, const double *mean,
+                              const bn_plan *p, size_t g, size_t l0, size_t l1)
+{
+    size_t R = p->wide, r0 = g * BN_GROUP_ROWS;
+    size_t r1 = r0 + BN_GROUP_ROWS < p->wide_rows ? r0 + BN_GROUP_ROWS : p->wide_rows;
+    double *sum = state, *sum_dev = state + R;
+    for (size_t l = l0; l < l1; l++) {
+        sum[l] = sum_dev[l] = 0.0;
+    }
+    NAME(lane_grads)(sum, sum_dev, dy, x, mean, R, r0, r1, l0, l1);
+    if (g + 1 == p->groups) {
+        size_t at = p->wide_rows * R, end = l1 < p->tail ? l1 : p->tail;
+        NAME(lane_grads)(sum, sum_dev, dy + at, x + at, mean, R, 0, 1, l0, end);
+    }
+}
+
+/* w.mean <- each lane's shift: shift[C], or its feature's first value */
+static void NAME(lane_shifts)(const bn_work *w, const T *x, const double *shift,
+                              const bn_plan *p)
+{
+    for (size_t c = 0; c < p->s.channels; c++) {
+        w->mean[c] = shift ? shift[c] : (double)x[c * p->s.inner];
+    }
+    bn_spread(w->mean, w->mean, p);
+}
+
+/* Runs task(state of group g, g, lanes l0 .. l1) for every group and block of
+ * lanes, on p->team threads */
+#define NAME_FOR_LANE_TASKS(p, w, g, l0, l1, task)                                       \
+    do {                                                                                 \
+        int team = (p)->team;                                                            \
+        size_t blocks_ = (p)->lane_blocks, tasks_ = (p)->groups * blocks_;               \
+        size_t width_ = ((p)->wide + blocks_ - 1) / blocks_;                             \
+        BN_PARALLEL_FOR                                                                  \
+        for (ptrdiff_t t_ = 0; t_ < (ptrdiff_t)tasks_; t_++) {                           \
+            size_t g = (size_t)t_ / blocks_, b_ = (size_t)t_ % blocks_;                  \
+            size_t l0 = b_ * width_, l1 = l0 + width_ < (p)->wide ? l0 + width_ : (p)->wide; \
+            double *state = (w).groups + g * BN_LANE_STATE * (p)->wide;                  \
+            task;                                                                        \
+        }                                                                                \
+    } while (0)
+
+static void NAME(lanes_stats)(bn_partial *stats, const bn_work *w, const T *x,
+                              const double *shift, const bn_plan *p)
+{
+    NAME(lane_shifts)(w, x, shift, p);
+    NAME_FOR_LANE_TASKS(p, *w, g, l0, l1, NAME(group_stats)(state, x, w->mean, p, g, l0, l1));
+    bn_merge_lanes(stats, w->groups, p);
+    for (size_t c = 0; !shift && c < p->s.channels; c++) {
+        stats[c].mean += (double)x[c * p->s.inner];
+    }
+}
+
+static void NAME(lanes_grads)(double *dgamma, double *dbeta, const bn_work *w, const T *dy,
+                              const T *x, const double *mean, const double *invstd,
+                              const bn_plan *p)
+{
+    memcpy(w->mean, mean, p->s.channels * sizeof *mean);
+    bn_spread(w->mean, w->mean, p);
+    NAME_FOR_LANE_TASKS(p, *w, g, l0, l1,
+                        NAME(group_grads)(state, dy, x, w->mean, p, g, l0, l1));
+    bn_add_lane_grads(dgamma, dbeta, w->groups, invstd, p);
+}
+
+#undef NAME_FOR_LANE_TASKS
+
+/* ---- entry points -------------------------------------------------------------- */
+
+static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const double *shift,
+                           bn_shape s)
+{
+    /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
+    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_work w = bn_work_of(work, &p);
+    if (bn_count(s) == 0) {
+        memset(stats, 0, s.channels * sizeof *stats);
+        return;
+    }
+    if (p.lanes) {
+        NAME(lanes_stats)(stats, &w, x, shift, &p);
+        return;
+    }
+    int team = p.team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
+        double first = (double)x[(size_t)c * s.inner];
+        stats[c] = NAME(feature_stats)(x, &p, (size_t)c, shift ? shift[c] : first);
+        stats[c].mean += shift ? 0.0 : first;
+    }
+}
+
+static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
+                             const double *invstd, const T *gamma, const T *beta, bn_shape s)
+{
+    /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
+    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_work w = bn_work_of(work, &p);
+    if (bn_count(s) == 0) {
+        return;
+    }
+    NAME(coefficients)(&w, BN_NORMALIZE, mean, invstd, gamma, beta, NULL, NULL, 0.0, &p);
+    NAME(pass)(y, x, NULL, &w, &p, BN_NORMALIZE);
+}
+
+static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd,
+                                   double *work, const T *x, const T *gamma, const T *beta,
+                                   double eps, bn_shape s)
+{
+    /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
+    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_work w = bn_work_of(work, &p);
+    if (p.lanes || bn_count(s) == 0) {
+        NAME(bn_stats)(stats, work, x, NULL, s);
+        bn_batch_moments(mean, invstd, stats, s.channels, eps);
+        NAME(bn_forward)(y, work, x, mean, invstd, gamma, beta, s);
+        return;
+    }
+    int team = p.team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
+        NAME(feature_train)(y, stats, mean, invstd, &w, x, gamma, beta, eps, &p, (size_t)c);
+    }
+}
+
+static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, const T *dy,
+                               const T *x, const double *mean, const double *invstd,
+                               bn_shape s)
+{
+    /* dgamma, dbeta, mean, invstd [C]; dy, x [outer][C][inner] */
+    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_work w = bn_work_of(work, &p);
+    if (bn_count(s) == 0) {
+        memset(dgamma, 0, s.channels * sizeof *dgamma);
+        memset(dbeta, 0, s.channels * sizeof *dbeta);
+        return;
+    }
+    if (p.lanes) {
+        NAME(lanes_grads)(dgamma, dbeta, &w, dy, x, mean, invstd, &p);
+        return;
+    }
+    int team = p.team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
+        NAME(feature_grads)(dgamma, dbeta, dy, x, mean, invstd, &p, (size_t)c);
+    }
+}
+
+static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
+                                 const double *mean, const double *invstd, const T *gamma,
+                                 const double *dgamma, const double *dbeta, double count,
+                                 bn_shape s, int training)
+{
+    /* dx, dy, x [outer][C][inner]; mean, invstd, gamma, dgamma, dbeta [C] */
+    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_work w = bn_work_of(work, &p);
+    if (bn_count(s) == 0) {
+        return;
+    }
+    bn_op op = training ? BN_DX_TRAIN : BN_DX_EVAL;
+    NAME(coefficients)(&w, op, mean, invstd, gamma, NULL, dgamma, dbeta, count, &p);
+    NAME(pass)(dx, dy, x, &w, &p, op);
+}
+
+static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
+                              const T *x, const double *mean, const double *invstd,
+                              const T *gamma, bn_shape s, int training)
+{
+    /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
+    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_work w = bn_work_of(work, &p);
+    if (p.lanes || bn_count(s) == 0) {
+        NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
+        NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,
+                             (double)bn_count(s), s, training);
+        return;
+    }
+    int team = p.team;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
+        NAME(feature_backward)(dx, dgamma, dbeta, &w, dy, x, mean, invstd, gamma, &p, training,
+                               (size_t)c);
+    }
+}
