@@ -301,82 +301,153 @@ static void NAME(tile_sums)(double *sum, double *sum2, const T *x, bn_shape s, s
     *sum2 = bn_total(acc2);
 }
 
-/* Feature c's statistics less shift: its tiles absorbed in order, the first
- * about its own rough mean, each later one about the mean so far */
+/* Absorbs tile k of feature c into stats, less shift: the first tile about
+ * its own rough mean, each later one about the mean so far */
+static void NAME(absorb_tile)(bn_partial *stats, const T *x, const bn_plan *p, size_t c,
+                              size_t k, double shift)
+{
+    bn_tile t = bn_tile_at(p->s, k);
+    if (k + 1 < p->tiles) {
+        NAME(prefetch_tile)(x, NULL, p->s, c, bn_tile_at(p->s, k + 1));
+    }
+    double added = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), sum, sum2;
+    double center = stats->mean;
+    if (k == 0) {
+        NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift);
+        center = sum / added;
+    }
+    NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift + center);
+    bn_absorb(stats, added, (shift + center) - shift, sum, sum2);
+}
+
+/* Feature c's statistics less shift: its tiles absorbed in order */
 static bn_partial NAME(feature_stats)(const T *x, const bn_plan *p, size_t c, double shift)
 {
     bn_partial stats = {0.0, 0.0, 0.0};
     for (size_t k = 0; k < p->tiles; k++) {
-        bn_tile t = bn_tile_at(p->s, k);
-        if (k + 1 < p->tiles) {
-            NAME(prefetch_tile)(x, NULL, p->s, c, bn_tile_at(p->s, k + 1));
-        }
-        double added = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), sum, sum2;
-        double center = stats.mean;
-        if (k == 0) {
-            NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift);
-            center = sum / added;
-        }
-        NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift + center);
-        bn_absorb(&stats, added, (shift + center) - shift, sum, sum2);
+        NAME(absorb_tile)(&stats, x, p, c, k, shift);
     }
     return stats;
 }
 
-/* dbeta[c] <- sum dy, dgamma[c] <- sum dy * (x - mean) * invstd over feature c,
- * tile by tile */
+/* sums[0] += sum dy, sums[1] += sum dy * (x - mean) over feature c's values
+ * in tile k */
+static void NAME(grad_tile)(double sums[2], const T *dy, const T *x, double mean,
+                            const bn_plan *p, size_t c, size_t k)
+{
+    bn_tile t = bn_tile_at(p->s, k);
+    if (k + 1 < p->tiles) {
+        NAME(prefetch_tile)(dy, x, p->s, c, bn_tile_at(p->s, k + 1));
+    }
+    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+    for (size_t o = t.o0; o < t.o1; o++) {
+        size_t at = bn_row_at(p->s, o, c) + t.i0;
+        NAME(add_grads)(acc, acc2, dy + at, x + at, t.i1 - t.i0, mean);
+    }
+    sums[0] += bn_total(acc);
+    sums[1] += bn_total(acc2);
+}
+
+/* dbeta[c] <- sum dy, dgamma[c] <- sum dy * (x - mean) * invstd over feature c */
 static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, const T *x,
                                 const double *mean, const double *invstd, const bn_plan *p,
                                 size_t c)
 {
-    double sum_dy = 0.0, sum_dy_dev = 0.0;
+    double sums[2] = {0.0, 0.0};
     for (size_t k = 0; k < p->tiles; k++) {
-        bn_tile t = bn_tile_at(p->s, k);
-        if (k + 1 < p->tiles) {
-            NAME(prefetch_tile)(dy, x, p->s, c, bn_tile_at(p->s, k + 1));
-        }
-        bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
-        for (size_t o = t.o0; o < t.o1; o++) {
-            size_t at = bn_row_at(p->s, o, c) + t.i0;
-            NAME(add_grads)(acc, acc2, dy + at, x + at, t.i1 - t.i0, mean[c]);
-        }
-        sum_dy += bn_total(acc);
-        sum_dy_dev += bn_total(acc2);
+        NAME(grad_tile)(sums, dy, x, mean[c], p, c, k);
     }
-    dbeta[c] = sum_dy;
-    dgamma[c] = sum_dy_dev * invstd[c];
+    dbeta[c] = sums[0];
+    dgamma[c] = sums[1] * invstd[c];
 }
 
-/* Training forward of feature c: its statistics, then its rows normalized
- * while they are still in cache */
-static void NAME(feature_train)(T *y, bn_partial *stats, double *mean, double *invstd,
-                                const bn_work *w, const T *x, const T *gamma, const T *beta,
-                                double eps, const bn_plan *p, size_t c)
+/* feature c's values in tile t of out <- op(in, x) with its coefficients k */
+BN_INLINE void NAME(tile_out_op)(T *out, const T *in, const T *x, const bn_vcoef *k,
+                                 const bn_plan *p, size_t c, bn_tile t, bn_op op)
 {
-    double shift = (double)x[c * p->s.inner];
-    stats[c] = NAME(feature_stats)(x, p, c, shift);
-    stats[c].mean += shift;
-    bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
-    w->mean[c] = mean[c];
-    w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-    w->shift[c] = beta ? (double)beta[c] : 0.0;
-    NAME(rows_out)(y, x, NULL, w, p, c, p->s.outer * p->s.channels, p->s.channels, BN_NORMALIZE);
+    for (size_t o = t.o0; o < t.o1; o++) {
+        size_t at = bn_row_at(p->s, o, c) + t.i0;
+        NAME(row_out)(out + at, in + at, x ? x + at : NULL, t.i1 - t.i0, k, op, p->stream);
+    }
 }
 
-/* Backward of feature c: its two sums, then its dx while dy and x are in cache */
-static void NAME(feature_backward)(T *dx, double *dgamma, double *dbeta, const bn_work *w,
-                                   const T *dy, const T *x, const double *mean,
-                                   const double *invstd, const T *gamma, const bn_plan *p,
-                                   int training, size_t c)
+/* the same, one call of the inlined loops per op */
+static void NAME(tile_out)(T *out, const T *in, const T *x, const bn_vcoef *k,
+                           const bn_plan *p, size_t c, size_t tile, bn_op op)
 {
-    NAME(feature_grads)(dgamma, dbeta, dy, x, mean, invstd, p, c);
-    double count = (double)bn_count(p->s);
-    w->mean[c] = mean[c];
-    w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-    w->shift[c] = training ? dbeta[c] / count : 0.0;
-    w->dev[c] = training ? dgamma[c] * invstd[c] / count : 0.0;
-    NAME(rows_out)(dx, dy, x, w, p, c, p->s.outer * p->s.channels, p->s.channels,
-                   training ? BN_DX_TRAIN : BN_DX_EVAL);
+    bn_tile t = bn_tile_at(p->s, tile);
+    if (op == BN_NORMALIZE) {
+        NAME(tile_out_op)(out, in, x, k, p, c, t, BN_NORMALIZE);
+    }
+    else if (op == BN_DX_TRAIN) {
+        NAME(tile_out_op)(out, in, x, k, p, c, t, BN_DX_TRAIN);
+    }
+    else {
+        NAME(tile_out_op)(out, in, x, k, p, c, t, BN_DX_EVAL);
+    }
+}
+
+/* Training forward of features c0 .. c1, in a pipeline: while feature c,
+ * still in cache, is normalized tile by tile, the statistics of feature
+ * c + 1 are summed tile by tile, so that memory streams the next feature in
+ * while the last one is written out */
+static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *invstd,
+                              const T *x, const T *gamma, const T *beta, double eps,
+                              const bn_plan *p, size_t c0, size_t c1)
+{
+    bn_shape s = p->s;
+    bn_partial next = {0.0, 0.0, 0.0};
+    for (size_t k = 0; c0 < c1 && k < p->tiles; k++) {
+        NAME(absorb_tile)(&next, x, p, c0, k, (double)x[c0 * s.inner]);
+    }
+    for (size_t c = c0; c < c1; c++) {
+        stats[c] = next;
+        stats[c].mean += (double)x[c * s.inner]; /* before y (maybe x) is written */
+        bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
+        double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        bn_vcoef k = {bn_splat(mean[c]), bn_splat(scale), bn_splat(beta ? (double)beta[c] : 0.0),
+                      bn_splat(0.0)};
+        next = (bn_partial){0.0, 0.0, 0.0};
+        for (size_t t = 0; t < p->tiles; t++) {
+            if (c + 1 < c1) {
+                NAME(absorb_tile)(&next, x, p, c + 1, t, (double)x[(c + 1) * s.inner]);
+            }
+            NAME(tile_out)(y, x, NULL, &k, p, c, t, BN_NORMALIZE);
+        }
+    }
+    if (p->stream) {
+        bn_stream_fence();
+    }
+}
+
+/* Backward of features c0 .. c1, in the same pipeline: the gradient sums of
+ * feature c + 1 while dx of feature c is written */
+static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const T *dy, const T *x,
+                                 const double *mean, const double *invstd, const T *gamma,
+                                 const bn_plan *p, int training, size_t c0, size_t c1)
+{
+    double count = (double)bn_count(p->s), next[2] = {0.0, 0.0};
+    for (size_t k = 0; c0 < c1 && k < p->tiles; k++) {
+        NAME(grad_tile)(next, dy, x, mean[c0], p, c0, k);
+    }
+    for (size_t c = c0; c < c1; c++) {
+        dbeta[c] = next[0];
+        dgamma[c] = next[1] * invstd[c];
+        double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+        bn_vcoef k = {bn_splat(mean[c]), bn_splat(scale),
+                      bn_splat(training ? dbeta[c] / count : 0.0),
+                      bn_splat(training ? dgamma[c] * invstd[c] / count : 0.0)};
+        next[0] = next[1] = 0.0;
+        for (size_t t = 0; t < p->tiles; t++) {
+            if (c + 1 < c1) {
+                NAME(grad_tile)(next, dy, x, mean[c + 1], p, c + 1, t);
+            }
+            NAME(tile_out)(dx, dy, x, &k, p, c, t, training ? BN_DX_TRAIN : BN_DX_EVAL);
+        }
+    }
+    if (p->stream) {
+        bn_stream_fence();
+    }
 }
 
 /* ---- lanes: sums down each lane of wide rows --------------------------------- */
@@ -592,17 +663,19 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
 {
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
     bn_plan p = bn_make_plan(s, sizeof(T));
-    bn_work w = bn_work_of(work, &p);
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_stats)(stats, work, x, NULL, s);
         bn_batch_moments(mean, invstd, stats, s.channels, eps);
         NAME(bn_forward)(y, work, x, mean, invstd, gamma, beta, s);
         return;
     }
+    /* one contiguous range of features per thread, for the pipeline */
     int team = p.team;
     BN_PARALLEL_FOR
-    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
-        NAME(feature_train)(y, stats, mean, invstd, &w, x, gamma, beta, eps, &p, (size_t)c);
+    for (ptrdiff_t part = 0; part < (ptrdiff_t)team; part++) {
+        NAME(train_range)(y, stats, mean, invstd, x, gamma, beta, eps, &p,
+                          s.channels * (size_t)part / (size_t)team,
+                          s.channels * (size_t)(part + 1) / (size_t)team);
     }
 }
 
@@ -651,17 +724,18 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
 {
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     bn_plan p = bn_make_plan(s, sizeof(T));
-    bn_work w = bn_work_of(work, &p);
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,
                              (double)bn_count(s), s, training);
         return;
     }
+    /* one contiguous range of features per thread, for the pipeline */
     int team = p.team;
     BN_PARALLEL_FOR
-    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
-        NAME(feature_backward)(dx, dgamma, dbeta, &w, dy, x, mean, invstd, gamma, &p, training,
-                               (size_t)c);
+    for (ptrdiff_t part = 0; part < (ptrdiff_t)team; part++) {
+        NAME(backward_range)(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, &p, training,
+                             s.channels * (size_t)part / (size_t)team,
+                             s.channels * (size_t)(part + 1) / (size_t)team);
     }
 }
