@@ -78,23 +78,6 @@ BN_INLINE size_t NAME(stream_head)(const T *out, size_t n)
     return head < n ? head : n;
 }
 
-/* asks for the n values at `at` of a (and of b, when not NULL) */
-BN_INLINE void NAME(prefetch_row)(const T *a, const T *b, size_t at, size_t n)
-{
-    bn_prefetch(a + at, n * sizeof(T));
-    if (b != NULL) {
-        bn_prefetch(b + at, n * sizeof(T));
-    }
-}
-
-/* asks for feature c's values in tile t of a (and b) */
-static void NAME(prefetch_tile)(const T *a, const T *b, bn_shape s, size_t c, bn_tile t)
-{
-    for (size_t o = t.o0; o < t.o1; o++) {
-        NAME(prefetch_row)(a, b, bn_row_at(s, o, c) + t.i0, t.i1 - t.i0);
-    }
-}
-
 /* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
 
 /* acc += p[0 .. n) - center, acc2 += its squares. The values after the last
@@ -215,34 +198,35 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     }
 }
 
-/* Rows r0, r0 + step, ... before r1 of the outer * C planar rows (or, for
- * the lanes strategy, values r0 .. r1 of x as one sequence) <- op(in, x).
- * One call of the inlined loops per op, so that each knows its op. */
-static void NAME(rows_out)(T *out, const T *in, const T *x, const bn_work *w,
-                           const bn_plan *p, size_t r0, size_t r1, size_t step, bn_op op)
+/* The planar rows r0 .. r1 of the outer * C (or, for the lanes strategy,
+ * values r0 .. r1 of x as one sequence) <- op(in, x) */
+BN_INLINE void NAME(span_out_op)(T *out, const T *in, const T *x, const bn_work *w,
+                                 const bn_plan *p, size_t r0, size_t r1, bn_op op)
 {
-#define ROWS_OUT(OP)                                                                   \
-    if (p->lanes) {                                                                    \
-        NAME(lanes_out)(out, in, x, r0, r1, w, p, OP);                                 \
-    }                                                                                  \
-    for (size_t r = r0; !p->lanes && r < r1; r += step) {                              \
-        bn_vcoef k = bn_feature_coef(w, r % p->s.channels);                            \
-        size_t at = r * p->s.inner;                                                    \
-        if (step > 1 && r + step < r1) {                                               \
-            NAME(prefetch_row)(in, x, at + step * p->s.inner, p->s.inner);             \
-        }                                                                              \
-        NAME(row_out)(out + at, in + at, (x ? x + at : NULL), p->s.inner, &k, OP, p->stream); \
+    if (p->lanes) {
+        NAME(lanes_out)(out, in, x, r0, r1, w, p, op);
+        return;
     }
+    for (size_t r = r0; r < r1; r++) {
+        bn_vcoef k = bn_feature_coef(w, r % p->s.channels);
+        size_t at = r * p->s.inner;
+        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, &k, op, p->stream);
+    }
+}
+
+/* the same, one call of the inlined loops per op, so that each knows its op */
+static void NAME(span_out)(T *out, const T *in, const T *x, const bn_work *w,
+                           const bn_plan *p, size_t r0, size_t r1, bn_op op)
+{
     if (op == BN_NORMALIZE) {
-        ROWS_OUT(BN_NORMALIZE)
+        NAME(span_out_op)(out, in, x, w, p, r0, r1, BN_NORMALIZE);
     }
     else if (op == BN_DX_TRAIN) {
-        ROWS_OUT(BN_DX_TRAIN)
+        NAME(span_out_op)(out, in, x, w, p, r0, r1, BN_DX_TRAIN);
     }
     else {
-        ROWS_OUT(BN_DX_EVAL)
+        NAME(span_out_op)(out, in, x, w, p, r0, r1, BN_DX_EVAL);
     }
-#undef ROWS_OUT
     if (p->stream) {
         bn_stream_fence();
     }
@@ -283,7 +267,7 @@ static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const 
     BN_PARALLEL_FOR
     for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
         size_t r0 = (size_t)t * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
-        NAME(rows_out)(out, in, x, w, p, r0, r1, 1, op);
+        NAME(span_out)(out, in, x, w, p, r0, r1, op);
     }
 }
 
@@ -301,23 +285,28 @@ static void NAME(tile_sums)(double *sum, double *sum2, const T *x, bn_shape s, s
     *sum2 = bn_total(acc2);
 }
 
-/* Absorbs tile k of feature c into stats, less shift: the first tile about
- * its own rough mean, each later one about the mean so far */
+/* The center (less shift) that tile k of feature c is summed about: the
+ * first tile's own rough mean, then the mean of the tiles before it */
+static double NAME(tile_center)(const bn_partial *stats, const T *x, const bn_plan *p,
+                                size_t c, size_t k, double shift)
+{
+    if (k > 0) {
+        return stats->mean;
+    }
+    bn_tile t = bn_tile_at(p->s, k);
+    double sum, sum2;
+    NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift);
+    return sum / (double)((t.o1 - t.o0) * (t.i1 - t.i0));
+}
+
+/* Absorbs tile k of feature c into stats, less shift, summed about its center */
 static void NAME(absorb_tile)(bn_partial *stats, const T *x, const bn_plan *p, size_t c,
                               size_t k, double shift)
 {
     bn_tile t = bn_tile_at(p->s, k);
-    if (k + 1 < p->tiles) {
-        NAME(prefetch_tile)(x, NULL, p->s, c, bn_tile_at(p->s, k + 1));
-    }
-    double added = (double)((t.o1 - t.o0) * (t.i1 - t.i0)), sum, sum2;
-    double center = stats->mean;
-    if (k == 0) {
-        NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift);
-        center = sum / added;
-    }
-    NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift + center);
-    bn_absorb(stats, added, (shift + center) - shift, sum, sum2);
+    double center = shift + NAME(tile_center)(stats, x, p, c, k, shift), sum, sum2;
+    NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, center);
+    bn_absorb(stats, (double)((t.o1 - t.o0) * (t.i1 - t.i0)), center - shift, sum, sum2);
 }
 
 /* Feature c's statistics less shift: its tiles absorbed in order */
@@ -336,9 +325,6 @@ static void NAME(grad_tile)(double sums[2], const T *dy, const T *x, double mean
                             const bn_plan *p, size_t c, size_t k)
 {
     bn_tile t = bn_tile_at(p->s, k);
-    if (k + 1 < p->tiles) {
-        NAME(prefetch_tile)(dy, x, p->s, c, bn_tile_at(p->s, k + 1));
-    }
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = t.o0; o < t.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + t.i0;
@@ -387,10 +373,87 @@ static void NAME(tile_out)(T *out, const T *in, const T *x, const bn_vcoef *k,
     }
 }
 
-/* Training forward of features c0 .. c1, in a pipeline: while feature c,
- * still in cache, is normalized tile by tile, the statistics of feature
- * c + 1 are summed tile by tile, so that memory streams the next feature in
- * while the last one is written out */
+/* One row of the pipeline, n values: out <- op(in, x) for feature c with its
+ * coefficients k, while acc, acc2 sum the same row of feature c + 1
+ * (next_x, and next_dy when not NULL) as add_grads does, or without next_dy
+ * as add_deviations does, about center: one loop, so that memory reads the
+ * next feature while this one's values are written. */
+BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, const bn_vcoef *k,
+                                  bn_op op, int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
+                                  const T *next_dy, const T *next_x, double center, size_t n)
+{
+    size_t o = stream ? NAME(stream_head)(out, n) : 0, i = 0;
+    for (size_t h = 0; h < o; h += BN_W) {
+        NAME(part_out)(out + h, in + h, x ? x + h : NULL, o - h < BN_W ? o - h : BN_W, k, op);
+    }
+    bn_vec mid = bn_splat(center);
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        for (int q = 0; q < BN_K; q++) {
+            bn_vec d = NAME(load)(next_x + i + q * BN_W) - mid;
+            bn_vec g = next_dy ? NAME(load)(next_dy + i + q * BN_W) : d;
+            acc[q] += g;
+            acc2[q] += g * d;
+        }
+        for (int q = 0; o + BN_LANES <= n && q < BN_K; q++) {
+            size_t at = o + (size_t)q * BN_W;
+            bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
+            bn_vec v = bn_apply(op, NAME(load)(in + at), xv, k);
+            if (stream) {
+                NAME(store_streamed)(out + at, v);
+            }
+            else {
+                NAME(store)(out + at, v);
+            }
+        }
+        o += o + BN_LANES <= n ? BN_LANES : 0;
+    }
+    if (next_dy) {
+        NAME(add_grads)(acc, acc2, next_dy + i, next_x + i, n - i, center);
+    }
+    else {
+        NAME(add_deviations)(acc, acc2, next_x + i, n - i, center);
+    }
+    NAME(row_out)(out + o, in + o, x ? x + o : NULL, n - o, k, op, 0);
+}
+
+/* Tile t of feature c normalized (y <- (x - mean) * scale + shift, k) while
+ * tile t of feature c + 1 is absorbed into next, less shift */
+static void NAME(normalize_tile_summing_next)(T *y, const T *x, const bn_vcoef *k,
+                                              bn_partial *next, const bn_plan *p, size_t c,
+                                              size_t t, double shift)
+{
+    bn_tile tile = bn_tile_at(p->s, t);
+    double center = shift + NAME(tile_center)(next, x, p, c + 1, t, shift);
+    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+    for (size_t o = tile.o0; o < tile.o1; o++) {
+        size_t at = bn_row_at(p->s, o, c) + tile.i0;
+        NAME(pipeline_row)(y + at, x + at, NULL, k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
+                           x + at + p->s.inner, center, tile.i1 - tile.i0);
+    }
+    bn_absorb(next, (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0)), center - shift,
+              bn_total(acc), bn_total(acc2));
+}
+
+/* Tile t of feature c's dx written (op, k) while feature c + 1's gradient
+ * sums over tile t are added to next (as grad_tile) */
+BN_INLINE void NAME(dx_tile_summing_next)(T *dx, const T *dy, const T *x, const bn_vcoef *k,
+                                          bn_op op, double next[2], double next_mean,
+                                          const bn_plan *p, size_t c, size_t t)
+{
+    bn_tile tile = bn_tile_at(p->s, t);
+    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+    for (size_t o = tile.o0; o < tile.o1; o++) {
+        size_t at = bn_row_at(p->s, o, c) + tile.i0, next_at = at + p->s.inner;
+        NAME(pipeline_row)(dx + at, dy + at, x + at, k, op, p->stream, acc, acc2, dy + next_at,
+                           x + next_at, next_mean, tile.i1 - tile.i0);
+    }
+    next[0] += bn_total(acc);
+    next[1] += bn_total(acc2);
+}
+
+/* Training forward of features c0 .. c1, in a pipeline: feature c, still in
+ * cache, is normalized while the statistics of feature c + 1 are summed, so
+ * that memory streams the next feature in while the last one is written out */
 static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *invstd,
                               const T *x, const T *gamma, const T *beta, double eps,
                               const bn_plan *p, size_t c0, size_t c1)
@@ -410,9 +473,12 @@ static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *inv
         next = (bn_partial){0.0, 0.0, 0.0};
         for (size_t t = 0; t < p->tiles; t++) {
             if (c + 1 < c1) {
-                NAME(absorb_tile)(&next, x, p, c + 1, t, (double)x[(c + 1) * s.inner]);
+                NAME(normalize_tile_summing_next)(y, x, &k, &next, p, c, t,
+                                                  (double)x[(c + 1) * s.inner]);
             }
-            NAME(tile_out)(y, x, NULL, &k, p, c, t, BN_NORMALIZE);
+            else {
+                NAME(tile_out)(y, x, NULL, &k, p, c, t, BN_NORMALIZE);
+            }
         }
     }
     if (p->stream) {
@@ -439,10 +505,15 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const T *
                       bn_splat(training ? dgamma[c] * invstd[c] / count : 0.0)};
         next[0] = next[1] = 0.0;
         for (size_t t = 0; t < p->tiles; t++) {
-            if (c + 1 < c1) {
-                NAME(grad_tile)(next, dy, x, mean[c + 1], p, c + 1, t);
+            if (c + 1 < c1 && training) {
+                NAME(dx_tile_summing_next)(dx, dy, x, &k, BN_DX_TRAIN, next, mean[c + 1], p, c, t);
             }
-            NAME(tile_out)(dx, dy, x, &k, p, c, t, training ? BN_DX_TRAIN : BN_DX_EVAL);
+            else if (c + 1 < c1) {
+                NAME(dx_tile_summing_next)(dx, dy, x, &k, BN_DX_EVAL, next, mean[c + 1], p, c, t);
+            }
+            else {
+                NAME(tile_out)(dx, dy, x, &k, p, c, t, training ? BN_DX_TRAIN : BN_DX_EVAL);
+            }
         }
     }
     if (p->stream) {

@@ -101,20 +101,6 @@ BN_INLINE double bn_total(const bn_vec acc[BN_K])
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-/* Asks the caches for bytes of p, a line at a time: for the rows of a
- * feature, which lie far apart, and the hardware does not fetch ahead */
-BN_INLINE void bn_prefetch(const void *p, size_t bytes)
-{
-#if defined(__GNUC__)
-    for (size_t b = 0; b < bytes; b += 64) {
-        __builtin_prefetch((const char *)p + b);
-    }
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}
-
 /* One vector's coefficients of an elementwise pass (bn_op) */
 typedef struct {
     bn_vec mean, scale, shift, dev;
