@@ -87,7 +87,7 @@ static size_t bn_cache_bytes(void)
 /* The order of summation (strategy, fold, groups, tiles) follows from the
  * shape and core.h's first constants alone; the thread count and the cache
  * size set only who computes what and how outputs are stored. */
-bn_plan bn_make_plan(bn_shape s, size_t elem_size)
+bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place)
 {
     bn_plan p = {.s = s, .team = 1, .lane_blocks = 1};
     size_t width = s.channels * s.inner;
@@ -107,7 +107,7 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size)
                                      : (s.outer + rows - 1) / rows;
     }
     p.stream = BN_STREAMS && bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2
-               && (p.lanes || s.inner * elem_size >= BN_STREAM_ROW_BYTES);
+               && (p.lanes || s.inner * elem_size >= BN_STREAM_ROW_BYTES) && !in_place;
     if (bn_count(s) * s.channels >= BN_PARALLEL_MIN) {
         p.team = bn_get_num_threads();
     }
@@ -128,7 +128,7 @@ bn_work bn_work_of(double *work, const bn_plan *p)
 
 size_t bn_workspace_size(bn_shape s)
 {
-    bn_plan p = bn_make_plan(s, sizeof(double));
+    bn_plan p = bn_make_plan(s, sizeof(double), 0);
     return 4 * bn_coef_len(&p) + (p.lanes ? p.groups * BN_LANE_STATE * p.wide : 0);
 }
 

@@ -78,11 +78,13 @@ typedef struct {
     size_t lane_blocks; /* lanes: reduction tasks a group's lanes are cut into */
     size_t tiles;       /* planar: statistics tiles of a feature */
     int stream;         /* outputs go past the caches: they are larger than half the
-                           last-level cache, in runs of BN_STREAM_ROW_BYTES or more */
+                           last-level cache, in runs of BN_STREAM_ROW_BYTES or more,
+                           and not written over an input (whose lines are in cache) */
 } bn_plan;
 
-/* the plan for x of shape s and elements of elem_size bytes */
-bn_plan bn_make_plan(bn_shape s, size_t elem_size);
+/* the plan for x of shape s and elements of elem_size bytes, its output
+ * written over an input when in_place */
+bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place);
 
 /* A statistics tile of a planar feature: rows o0 .. o1, values i0 .. i1 of
  * each. A row of BN_TILE values or more is cut into pieces of BN_TILE;

@@ -53,28 +53,33 @@ BN_INLINE void NAME(store_part)(T *p, bn_vec v, size_t n)
     }
 }
 
-/* p[0 .. BN_W) <- v rounded to T, past the caches where the build can
- * (p aligned to BN_W values: stream_head) */
-BN_INLINE void NAME(store_streamed)(T *p, bn_vec v)
+/* p[0 .. BN_LANES) <- v[BN_K] rounded to T: past the caches where the build
+ * can when `stream` (p then on a cache line: stream_head) */
+BN_INLINE void NAME(store16)(T *p, const bn_vec v[BN_K], int stream)
 {
 #if BN_CAN_STREAM
-    if (sizeof(T) == sizeof(float)) {
+    if (stream && sizeof(T) == sizeof(float)) {
         bn_stream_f32((float *)p, v);
+        return;
     }
-    else {
+    if (stream) {
         bn_stream_f64((double *)p, v);
+        return;
     }
 #else
-    NAME(store)(p, v);
+    (void)stream;
 #endif
+    for (int k = 0; k < BN_K; k++) {
+        NAME(store)(p + k * BN_W, v[k]);
+    }
 }
 
-/* the values of out[0 .. n) to write before out + head is aligned for
- * store_streamed (n if it never is) */
+/* the values of out[0 .. n) to write before out + head is on a cache line,
+ * for streamed stores (n if it never is) */
 BN_INLINE size_t NAME(stream_head)(const T *out, size_t n)
 {
-    size_t bytes = BN_W * sizeof(T), off = (uintptr_t)out % bytes;
-    size_t head = off % sizeof(T) != 0 ? n : (bytes - off) % bytes / sizeof(T);
+    size_t off = (uintptr_t)out % 64;
+    size_t head = off % sizeof(T) != 0 ? n : (64 - off) % 64 / sizeof(T);
     return head < n ? head : n;
 }
 
@@ -144,57 +149,59 @@ BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const b
     NAME(store_part)(out, bn_apply(op, NAME(load_part)(in, n), xv, k), n);
 }
 
-/* out[0 .. n) <- op(in, x) with one feature's coefficients k; streamed past
- * the caches when `stream` */
-BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
-                             bn_op op, int stream)
+/* out[0 .. n) <- op(in, x) with one feature's coefficients k, BN_LANES
+ * values at a time; streamed past the caches when `stream` */
+BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef k, bn_op op,
+                             int stream)
 {
     size_t i = stream ? NAME(stream_head)(out, n) : 0;
     for (size_t h = 0; h < i; h += BN_W) {
-        NAME(part_out)(out + h, in + h, (x ? x + h : NULL), i - h < BN_W ? i - h : BN_W, k, op);
+        NAME(part_out)(out + h, in + h, x ? x + h : NULL, i - h < BN_W ? i - h : BN_W, &k, op);
     }
-    for (; i + BN_W <= n; i += BN_W) {
-        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + i) : bn_splat(0.0);
-        bn_vec v = bn_apply(op, NAME(load)(in + i), xv, k);
-        if (stream) {
-            NAME(store_streamed)(out + i, v);
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        bn_vec v[BN_K];
+        for (int q = 0; q < BN_K; q++) {
+            size_t at = i + (size_t)q * BN_W;
+            bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
+            v[q] = bn_apply(op, NAME(load)(in + at), xv, &k);
         }
-        else {
-            NAME(store)(out + i, v);
-        }
+        NAME(store16)(out + i, v, stream);
     }
-    if (i < n) {
-        NAME(part_out)(out + i, in + i, (x ? x + i : NULL), n - i, k, op);
+    for (; i < n; i += BN_W) {
+        NAME(part_out)(out + i, in + i, x ? x + i : NULL, n - i < BN_W ? n - i : BN_W, &k, op);
     }
 }
 
 /* out[j0 .. j1) <- op(in, x) for x seen as one sequence of wide rows: value j
  * is in lane j % wide, with the coefficients spread in w */
 BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_t j1,
-                               const bn_work *w, const bn_plan *p, bn_op op)
+                               const bn_work *work, const bn_plan *p, bn_op op)
 {
-    size_t l = j0 % p->wide, j = j0;
-    size_t head = p->stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
-    for (; j < head; j++, l = l + 1 == p->wide ? 0 : l + 1) {
-        bn_vcoef k = bn_lane_coef(w, l);
-        NAME(part_out)(out + j, in + j, (x ? x + j : NULL), 1, &k, op);
+    /* locals: a streamed store may alias anything, and would make the loop
+       load these again after every store */
+    bn_work w = *work;
+    size_t wide = p->wide, l = j0 % wide, j = j0;
+    int stream = p->stream;
+    size_t head = stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
+    for (; j < head; j++, l = l + 1 == wide ? 0 : l + 1) {
+        bn_vcoef k = bn_lane_coef(&w, l);
+        NAME(part_out)(out + j, in + j, x ? x + j : NULL, 1, &k, op);
     }
-    for (; j + BN_W <= j1; j += BN_W) {
-        bn_vcoef k = bn_lane_coef(w, l);
-        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + j) : bn_splat(0.0);
-        bn_vec v = bn_apply(op, NAME(load)(in + j), xv, &k);
-        if (p->stream) {
-            NAME(store_streamed)(out + j, v);
+    for (; j + BN_LANES <= j1; j += BN_LANES) {
+        bn_vec v[BN_K];
+        for (int q = 0; q < BN_K; q++) {
+            size_t at = j + (size_t)q * BN_W;
+            bn_vcoef k = bn_lane_coef(&w, l + (size_t)q * BN_W);
+            bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
+            v[q] = bn_apply(op, NAME(load)(in + at), xv, &k);
         }
-        else {
-            NAME(store)(out + j, v);
-        }
-        l += BN_W;
-        l = l >= p->wide ? l - p->wide : l;
+        NAME(store16)(out + j, v, stream);
+        l += BN_LANES;
+        l = l >= wide ? l - wide : l;
     }
-    if (j < j1) {
-        bn_vcoef k = bn_lane_coef(w, l);
-        NAME(part_out)(out + j, in + j, (x ? x + j : NULL), j1 - j, &k, op);
+    for (; j < j1; j++, l = l + 1 == wide ? 0 : l + 1) {
+        bn_vcoef k = bn_lane_coef(&w, l);
+        NAME(part_out)(out + j, in + j, x ? x + j : NULL, 1, &k, op);
     }
 }
 
@@ -210,7 +217,7 @@ BN_INLINE void NAME(span_out_op)(T *out, const T *in, const T *x, const bn_work 
     for (size_t r = r0; r < r1; r++) {
         bn_vcoef k = bn_feature_coef(w, r % p->s.channels);
         size_t at = r * p->s.inner;
-        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, &k, op, p->stream);
+        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, k, op, p->stream);
     }
 }
 
@@ -353,7 +360,7 @@ BN_INLINE void NAME(tile_out_op)(T *out, const T *in, const T *x, const bn_vcoef
 {
     for (size_t o = t.o0; o < t.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + t.i0;
-        NAME(row_out)(out + at, in + at, x ? x + at : NULL, t.i1 - t.i0, k, op, p->stream);
+        NAME(row_out)(out + at, in + at, x ? x + at : NULL, t.i1 - t.i0, *k, op, p->stream);
     }
 }
 
@@ -378,13 +385,13 @@ static void NAME(tile_out)(T *out, const T *in, const T *x, const bn_vcoef *k,
  * (next_x, and next_dy when not NULL) as add_grads does, or without next_dy
  * as add_deviations does, about center: one loop, so that memory reads the
  * next feature while this one's values are written. */
-BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, const bn_vcoef *k,
-                                  bn_op op, int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
+BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
+                                  int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
                                   const T *next_dy, const T *next_x, double center, size_t n)
 {
     size_t o = stream ? NAME(stream_head)(out, n) : 0, i = 0;
     for (size_t h = 0; h < o; h += BN_W) {
-        NAME(part_out)(out + h, in + h, x ? x + h : NULL, o - h < BN_W ? o - h : BN_W, k, op);
+        NAME(part_out)(out + h, in + h, x ? x + h : NULL, o - h < BN_W ? o - h : BN_W, &k, op);
     }
     bn_vec mid = bn_splat(center);
     for (; i + BN_LANES <= n; i += BN_LANES) {
@@ -394,18 +401,16 @@ BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, const bn_vcoe
             acc[q] += g;
             acc2[q] += g * d;
         }
-        for (int q = 0; o + BN_LANES <= n && q < BN_K; q++) {
-            size_t at = o + (size_t)q * BN_W;
-            bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
-            bn_vec v = bn_apply(op, NAME(load)(in + at), xv, k);
-            if (stream) {
-                NAME(store_streamed)(out + at, v);
+        if (o + BN_LANES <= n) {
+            bn_vec v[BN_K];
+            for (int q = 0; q < BN_K; q++) {
+                size_t at = o + (size_t)q * BN_W;
+                bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
+                v[q] = bn_apply(op, NAME(load)(in + at), xv, &k);
             }
-            else {
-                NAME(store)(out + at, v);
-            }
+            NAME(store16)(out + o, v, stream);
+            o += BN_LANES;
         }
-        o += o + BN_LANES <= n ? BN_LANES : 0;
     }
     if (next_dy) {
         NAME(add_grads)(acc, acc2, next_dy + i, next_x + i, n - i, center);
@@ -427,7 +432,7 @@ static void NAME(normalize_tile_summing_next)(T *y, const T *x, const bn_vcoef *
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = tile.o0; o < tile.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + tile.i0;
-        NAME(pipeline_row)(y + at, x + at, NULL, k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
+        NAME(pipeline_row)(y + at, x + at, NULL, *k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
                            x + at + p->s.inner, center, tile.i1 - tile.i0);
     }
     bn_absorb(next, (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0)), center - shift,
@@ -444,7 +449,7 @@ BN_INLINE void NAME(dx_tile_summing_next)(T *dx, const T *dy, const T *x, const 
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = tile.o0; o < tile.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + tile.i0, next_at = at + p->s.inner;
-        NAME(pipeline_row)(dx + at, dy + at, x + at, k, op, p->stream, acc, acc2, dy + next_at,
+        NAME(pipeline_row)(dx + at, dy + at, x + at, *k, op, p->stream, acc, acc2, dy + next_at,
                            x + next_at, next_mean, tile.i1 - tile.i0);
     }
     next[0] += bn_total(acc);
@@ -696,7 +701,7 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
                            bn_shape s)
 {
     /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
-    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_plan p = bn_make_plan(s, sizeof(T), 0);
     bn_work w = bn_work_of(work, &p);
     if (bn_count(s) == 0) {
         memset(stats, 0, s.channels * sizeof *stats);
@@ -719,7 +724,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
                              const double *invstd, const T *gamma, const T *beta, bn_shape s)
 {
     /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
-    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_plan p = bn_make_plan(s, sizeof(T), y == x);
     bn_work w = bn_work_of(work, &p);
     if (bn_count(s) == 0) {
         return;
@@ -733,7 +738,7 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
                                    double eps, bn_shape s)
 {
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
-    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_plan p = bn_make_plan(s, sizeof(T), y == x);
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_stats)(stats, work, x, NULL, s);
         bn_batch_moments(mean, invstd, stats, s.channels, eps);
@@ -755,7 +760,7 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
                                bn_shape s)
 {
     /* dgamma, dbeta, mean, invstd [C]; dy, x [outer][C][inner] */
-    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_plan p = bn_make_plan(s, sizeof(T), 0);
     bn_work w = bn_work_of(work, &p);
     if (bn_count(s) == 0) {
         memset(dgamma, 0, s.channels * sizeof *dgamma);
@@ -779,7 +784,7 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
                                  bn_shape s, int training)
 {
     /* dx, dy, x [outer][C][inner]; mean, invstd, gamma, dgamma, dbeta [C] */
-    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_plan p = bn_make_plan(s, sizeof(T), dx == dy || dx == x);
     bn_work w = bn_work_of(work, &p);
     if (bn_count(s) == 0) {
         return;
@@ -794,7 +799,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
                               const T *gamma, bn_shape s, int training)
 {
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
-    bn_plan p = bn_make_plan(s, sizeof(T));
+    bn_plan p = bn_make_plan(s, sizeof(T), dx == dy || dx == x);
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,

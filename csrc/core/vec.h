@@ -29,27 +29,36 @@ typedef double bn_vec;
 #endif
 #define BN_K (BN_LANES / BN_W) /* vectors of a row sum's accumulators */
 
-/* Non-temporal stores of a vector rounded to float or double, past the
- * caches, for outputs too large to stay in them (bn_plan.stream); p aligned
- * to the stored bytes. bn_stream_fence orders them before what follows. */
+/* Non-temporal stores of BN_LANES values (BN_K vectors) rounded to float
+ * or double, past the caches, for outputs too large to stay in them
+ * (bn_plan.stream): whole cache lines at once, p on a line. bn_stream_fence
+ * orders them before what follows. */
 #if BN_X86_BUILDS && BN_W >= 4
 #define BN_CAN_STREAM 1
-BN_INLINE void bn_stream_f32(float *p, bn_vec v)
+BN_INLINE void bn_stream_f32(float *p, const bn_vec v[BN_K])
 {
 #if BN_W == 4
-    _mm_stream_ps(p, _mm256_cvtpd_ps((__m256d)v));
+    for (int k = 0; k < BN_K; k += 2) {
+        __m128 lo = _mm256_cvtpd_ps((__m256d)v[k]), hi = _mm256_cvtpd_ps((__m256d)v[k + 1]);
+        _mm256_stream_ps(p + 4 * k, _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
+    }
 #else
-    _mm256_stream_ps(p, _mm512_cvtpd_ps((__m512d)v));
+    __m256 lo = _mm512_cvtpd_ps((__m512d)v[0]), hi = _mm512_cvtpd_ps((__m512d)v[1]);
+    __m512d both = _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                                      _mm256_castps_pd(hi), 1);
+    _mm512_stream_ps(p, _mm512_castpd_ps(both));
 #endif
 }
 
-BN_INLINE void bn_stream_f64(double *p, bn_vec v)
+BN_INLINE void bn_stream_f64(double *p, const bn_vec v[BN_K])
 {
+    for (int k = 0; k < BN_K; k++) {
 #if BN_W == 4
-    _mm256_stream_pd(p, (__m256d)v);
+        _mm256_stream_pd(p + 4 * k, (__m256d)v[k]);
 #else
-    _mm512_stream_pd(p, (__m512d)v);
+        _mm512_stream_pd(p + 8 * k, (__m512d)v[k]);
 #endif
+    }
 }
 
 BN_INLINE void bn_stream_fence(void)

@@ -162,25 +162,25 @@ static void test_workspace(void)
  * tiles of at most BN_TILE values. */
 static void test_plan(void)
 {
-    bn_plan p = bn_make_plan((bn_shape){4, 1, 1}, sizeof(float)); /* 4 values of one feature */
+    bn_plan p = bn_make_plan((bn_shape){4, 1, 1}, sizeof(float), 0); /* 4 values of one feature */
     CHECK_CLOSE(p.lanes, 1, 0);
     CHECK_CLOSE((double)p.wide, 32, 0);
     CHECK_CLOSE((double)p.wide_rows, 0, 0);
     CHECK_CLOSE((double)p.tail, 4, 0);
     CHECK_CLOSE((double)p.groups, 1, 0);
-    p = bn_make_plan((bn_shape){10, 3, 5}, sizeof(float)); /* rows of 5: 15 lanes a row, 3 rows folded */
+    p = bn_make_plan((bn_shape){10, 3, 5}, sizeof(float), 0); /* rows of 5: 15 lanes a row, 3 rows folded */
     CHECK_CLOSE(p.lanes, 1, 0);
     CHECK_CLOSE((double)p.wide, 45, 0);
     CHECK_CLOSE((double)p.wide_rows, 3, 0);
     CHECK_CLOSE((double)p.tail, 15, 0);
-    p = bn_make_plan((bn_shape){2 * BN_GROUP_ROWS + 1, 64, 1}, sizeof(float));
+    p = bn_make_plan((bn_shape){2 * BN_GROUP_ROWS + 1, 64, 1}, sizeof(float), 0);
     CHECK_CLOSE((double)p.groups, 3, 0);
-    p = bn_make_plan((bn_shape){8, 512, 49}, sizeof(float)); /* short rows, too many lanes: planar */
+    p = bn_make_plan((bn_shape){8, 512, 49}, sizeof(float), 0); /* short rows, too many lanes: planar */
     CHECK_CLOSE(p.lanes, 0, 0);
     CHECK_CLOSE((double)p.tiles, 1, 0);
     bn_tile t = bn_tile_at((bn_shape){8, 512, 49}, 0);
     CHECK_CLOSE((double)(t.o1 - t.o0), 8, 0); /* 41 rows fit a tile; there are 8 */
-    p = bn_make_plan((bn_shape){3, 2, BN_TILE + 5}, sizeof(float)); /* long rows cut in pieces */
+    p = bn_make_plan((bn_shape){3, 2, BN_TILE + 5}, sizeof(float), 0); /* long rows cut in pieces */
     CHECK_CLOSE((double)p.tiles, 6, 0);
     t = bn_tile_at((bn_shape){3, 2, BN_TILE + 5}, 3);
     CHECK_CLOSE((double)t.o0, 1, 0);
