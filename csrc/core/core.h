@@ -45,6 +45,9 @@ enum {
     BN_STREAM_ROW_BYTES = 1024, /* planar rows shorter than this are not streamed: the
                                    partial lines at their ends cost more than streaming
                                    saves */
+    BN_PREFETCH_BYTES = 8192,  /* how far ahead the pipeline asks for the next feature's
+                                  rows: further hides more of memory's latency, and
+                                  holds more lines in cache that are not yet read */
     BN_LANE_ROWS = 4,          /* lanes: rows a reduction takes at once: more saves loads
                                   and stores of the sums, and needs more streams */
 };

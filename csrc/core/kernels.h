@@ -83,6 +83,19 @@ BN_INLINE size_t NAME(stream_head)(const T *out, size_t n)
     return head < n ? head : n;
 }
 
+/* asks the caches for the lines of p[0 .. BN_LANES): for the rows of a
+ * feature, which lie C * inner apart, where the hardware does not fetch ahead */
+BN_INLINE void NAME(prefetch16)(const T *p)
+{
+#if defined(__GNUC__)
+    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
+        __builtin_prefetch((const char *)p + b);
+    }
+#else
+    (void)p;
+#endif
+}
+
 /* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
 
 /* acc += p[0 .. n) - center, acc2 += its squares. The values after the last
@@ -384,10 +397,13 @@ static void NAME(tile_out)(T *out, const T *in, const T *x, const bn_vcoef *k,
  * coefficients k, while acc, acc2 sum the same row of feature c + 1
  * (next_x, and next_dy when not NULL) as add_grads does, or without next_dy
  * as add_deviations does, about center: one loop, so that memory reads the
- * next feature while this one's values are written. */
+ * next feature while this one's values are written. When ahead > 0, the
+ * values `ahead` past next_x (and next_dy) are asked for as it goes: a later
+ * row of the next feature. */
 BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
                                   int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
-                                  const T *next_dy, const T *next_x, double center, size_t n)
+                                  const T *next_dy, const T *next_x, double center, size_t n,
+                                  size_t ahead)
 {
     size_t o = stream ? NAME(stream_head)(out, n) : 0, i = 0;
     for (size_t h = 0; h < o; h += BN_W) {
@@ -395,6 +411,12 @@ BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, b
     }
     bn_vec mid = bn_splat(center);
     for (; i + BN_LANES <= n; i += BN_LANES) {
+        if (ahead > 0) {
+            NAME(prefetch16)(next_x + ahead + i);
+        }
+        if (ahead > 0 && next_dy) {
+            NAME(prefetch16)(next_dy + ahead + i);
+        }
         for (int q = 0; q < BN_K; q++) {
             bn_vec d = NAME(load)(next_x + i + q * BN_W) - mid;
             bn_vec g = next_dy ? NAME(load)(next_dy + i + q * BN_W) : d;
@@ -421,6 +443,15 @@ BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, b
     NAME(row_out)(out + o, in + o, x ? x + o : NULL, n - o, k, op, 0);
 }
 
+/* The distance, in values, from row o of a feature to the row the pipeline
+ * asks for while it reads row o: BN_PREFETCH_BYTES or more ahead; 0 past the
+ * feature's last row */
+BN_INLINE size_t NAME(rows_ahead)(const bn_plan *p, size_t o, bn_tile tile)
+{
+    size_t rows = BN_PREFETCH_BYTES / ((tile.i1 - tile.i0) * sizeof(T)) + 1;
+    return o + rows < p->s.outer ? rows * p->s.channels * p->s.inner : 0;
+}
+
 /* Tile t of feature c normalized (y <- (x - mean) * scale + shift, k) while
  * tile t of feature c + 1 is absorbed into next, less shift */
 static void NAME(normalize_tile_summing_next)(T *y, const T *x, const bn_vcoef *k,
@@ -433,7 +464,8 @@ static void NAME(normalize_tile_summing_next)(T *y, const T *x, const bn_vcoef *
     for (size_t o = tile.o0; o < tile.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + tile.i0;
         NAME(pipeline_row)(y + at, x + at, NULL, *k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
-                           x + at + p->s.inner, center, tile.i1 - tile.i0);
+                           x + at + p->s.inner, center, tile.i1 - tile.i0,
+                           NAME(rows_ahead)(p, o, tile));
     }
     bn_absorb(next, (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0)), center - shift,
               bn_total(acc), bn_total(acc2));
@@ -450,7 +482,8 @@ BN_INLINE void NAME(dx_tile_summing_next)(T *dx, const T *dy, const T *x, const 
     for (size_t o = tile.o0; o < tile.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + tile.i0, next_at = at + p->s.inner;
         NAME(pipeline_row)(dx + at, dy + at, x + at, *k, op, p->stream, acc, acc2, dy + next_at,
-                           x + next_at, next_mean, tile.i1 - tile.i0);
+                           x + next_at, next_mean, tile.i1 - tile.i0,
+                           NAME(rows_ahead)(p, o, tile));
     }
     next[0] += bn_total(acc);
     next[1] += bn_total(acc2);
