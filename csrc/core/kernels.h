@@ -53,6 +53,19 @@ BN_INLINE void NAME(store_part)(T *p, bn_vec v, size_t n)
     }
 }
 
+/* asks the caches for the lines of p[0 .. BN_LANES): for the rows of a
+ * feature, which lie C * inner apart, where the hardware does not fetch ahead */
+BN_INLINE void NAME(prefetch16)(const T *p)
+{
+#if defined(__GNUC__)
+    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
+        __builtin_prefetch((const char *)p + b);
+    }
+#else
+    (void)p;
+#endif
+}
+
 /* p[0 .. BN_LANES) <- v[BN_K] rounded to T: past the caches where the build
  * can when `stream` (p then on a cache line: stream_head) */
 BN_INLINE void NAME(store16)(T *p, const bn_vec v[BN_K], int stream)
@@ -81,19 +94,6 @@ BN_INLINE size_t NAME(stream_head)(const T *out, size_t n)
     size_t off = (uintptr_t)out % 64;
     size_t head = off % sizeof(T) != 0 ? n : (64 - off) % 64 / sizeof(T);
     return head < n ? head : n;
-}
-
-/* asks the caches for the lines of p[0 .. BN_LANES): for the rows of a
- * feature, which lie C * inner apart, where the hardware does not fetch ahead */
-BN_INLINE void NAME(prefetch16)(const T *p)
-{
-#if defined(__GNUC__)
-    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
-        __builtin_prefetch((const char *)p + b);
-    }
-#else
-    (void)p;
-#endif
 }
 
 /* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
@@ -163,15 +163,24 @@ BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const b
 }
 
 /* out[0 .. n) <- op(in, x) with one feature's coefficients k, BN_LANES
- * values at a time; streamed past the caches when `stream` */
+ * values at a time; streamed past the caches when `stream`. in (and x) have
+ * `room` values from here: it asks for those BN_PREFETCH_BYTES ahead (0:
+ * none; the data is in cache) */
 BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef k, bn_op op,
-                             int stream)
+                             int stream, size_t room)
 {
     size_t i = stream ? NAME(stream_head)(out, n) : 0;
     for (size_t h = 0; h < i; h += BN_W) {
         NAME(part_out)(out + h, in + h, x ? x + h : NULL, i - h < BN_W ? i - h : BN_W, &k, op);
     }
+    size_t ahead = BN_PREFETCH_BYTES / sizeof(T);
     for (; i + BN_LANES <= n; i += BN_LANES) {
+        if (i + ahead + BN_LANES <= room) {
+            NAME(prefetch16)(in + i + ahead);
+        }
+        if (op == BN_DX_TRAIN && i + ahead + BN_LANES <= room) {
+            NAME(prefetch16)(x + i + ahead);
+        }
         bn_vec v[BN_K];
         for (int q = 0; q < BN_K; q++) {
             size_t at = i + (size_t)q * BN_W;
@@ -200,7 +209,14 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
         bn_vcoef k = bn_lane_coef(&w, l);
         NAME(part_out)(out + j, in + j, x ? x + j : NULL, 1, &k, op);
     }
+    size_t ahead = BN_PREFETCH_BYTES / sizeof(T), n = p->s.outer * p->width;
     for (; j + BN_LANES <= j1; j += BN_LANES) {
+        if (j + ahead + BN_LANES <= n) {
+            NAME(prefetch16)(in + j + ahead);
+        }
+        if (op == BN_DX_TRAIN && j + ahead + BN_LANES <= n) {
+            NAME(prefetch16)(x + j + ahead);
+        }
         bn_vec v[BN_K];
         for (int q = 0; q < BN_K; q++) {
             size_t at = j + (size_t)q * BN_W;
@@ -230,7 +246,8 @@ BN_INLINE void NAME(span_out_op)(T *out, const T *in, const T *x, const bn_work 
     for (size_t r = r0; r < r1; r++) {
         bn_vcoef k = bn_feature_coef(w, r % p->s.channels);
         size_t at = r * p->s.inner;
-        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, k, op, p->stream);
+        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, k, op, p->stream,
+                      p->s.outer * p->s.channels * p->s.inner - at);
     }
 }
 
@@ -373,7 +390,7 @@ BN_INLINE void NAME(tile_out_op)(T *out, const T *in, const T *x, const bn_vcoef
 {
     for (size_t o = t.o0; o < t.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + t.i0;
-        NAME(row_out)(out + at, in + at, x ? x + at : NULL, t.i1 - t.i0, *k, op, p->stream);
+        NAME(row_out)(out + at, in + at, x ? x + at : NULL, t.i1 - t.i0, *k, op, p->stream, 0);
     }
 }
 
@@ -440,7 +457,7 @@ BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, b
     else {
         NAME(add_deviations)(acc, acc2, next_x + i, n - i, center);
     }
-    NAME(row_out)(out + o, in + o, x ? x + o : NULL, n - o, k, op, 0);
+    NAME(row_out)(out + o, in + o, x ? x + o : NULL, n - o, k, op, 0, 0);
 }
 
 /* The distance, in values, from row o of a feature to the row the pipeline
