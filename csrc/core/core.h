@@ -30,7 +30,7 @@ enum {
     BN_TILE = 2048,       /* planar: values a tile of a feature sums before
                              merging; smaller is slightly more accurate, slower */
     BN_SHORT_ROW = 64,    /* rows shorter than this run as lanes ... */
-    BN_MAX_LANES = 16384, /* ... when an outer row has at most this many values */
+    BN_MAX_LANES = 65536, /* ... when an outer row has at most this many values */
     BN_MIN_LANES = 32,    /* a wide row folds outer rows until it has this many */
     BN_GROUP_ROWS = 4096, /* lanes: wide rows of a group; groups merge in order */
     BN_BLOCK_ROWS = 64,   /* lanes: wide rows summed about one center, then merged;
