@@ -41,14 +41,14 @@ def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):
 @pytest.mark.parametrize("far_rows", [slice(0, 16), slice(16, 32), slice(256, 272)])
 @pytest.mark.parametrize("far_by", [0.0, 1e4])
 def test_lane_statistics_when_some_rows_are_far_from_the_rest(shape, far_rows, far_by):
-    """Channels-last statistics, and those of short planar rows spread over
-    wide rows, sum each lane in blocks: the first 16 wide rows about their
-    own mean, each later block about the mean of the rows before it. Rows far
-    from the rest put a block's center as far from its values as it can be:
-    the first block's rows (every later center is off), the second's, or one
-    in the middle. Still exact to rounding. With 40 features no folding of
-    several rows into a wide row dilutes the far ones (the test of one block
-    down each lane missed it: 1.9e-12 there)."""
+    """Channels-last statistics, and those of short planar rows run as lanes
+    of wide rows, sum each lane in blocks of 64 wide rows: the first about its
+    own rough mean, each later block about the mean of the rows before it.
+    Rows far from the rest put a block's center far from its values: rows of
+    the first block (every later center is off), rows of the first block and
+    the next, or rows in the middle. Still exact to rounding. With 40
+    features no folding of several rows into a wide row dilutes the far ones
+    (a test of one block down each lane missed it: 1.9e-12 there)."""
     channels, width = shape[1], int(np.prod(shape[1:]))
     x = np.random.default_rng(1).normal(1e6, 1.0, size=shape)  # one group of rows, and a few
     fold = -(-32 // width)  # rows in a wide row
@@ -64,12 +64,12 @@ def test_lane_statistics_when_some_rows_are_far_from_the_rest(shape, far_rows, f
 @pytest.mark.parametrize("inner", [49, 200])
 @pytest.mark.parametrize("first_tile_off_by", [0.0, 1e4])
 def test_short_row_statistics_when_the_first_tile_is_far_from_the_rest(inner, first_tile_off_by):
-    """Short planar rows of 32 values or more keep statistics tiles: a tile
-    takes 256 // inner rows of a feature (one, from 256 values); the first one
-    centers on its own mean, each later one on the mean of the tiles before
-    it. A first tile far from the rest puts every later center far from its
-    tile's values: the squares those lose, the spread between the tiles makes
-    up. Still exact to rounding."""
+    """Statistics tiles: rows of 49 values run as lanes (blocks of 64 rows),
+    rows of 200 feature by feature in tiles of 2048 // 200 = 10 rows; the
+    first block or tile centers on its own rough mean, each later one on the
+    mean of those before it. First rows far from the rest put every later
+    center far from its values: the squares those lose, the spread between
+    the blocks makes up. Still exact to rounding."""
     x = np.random.default_rng(2).normal(1e6, 1.0, size=(400, 2, inner))
     x[:max(256 // inner, 1)] -= first_tile_off_by  # exactly the first tile's rows
     layer = bnpy.BatchNorm(2, dtype=np.float64, momentum=1.0)
