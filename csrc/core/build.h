@@ -31,17 +31,9 @@
 
 #define BN_BUILD(fn) BN_SUFFIXED(fn, BN_ISA)
 
-const bn_kernel_table BN_TABLE = {
-    .stats_f32 = BN_BUILD(bn_stats_f32),
-    .stats_f64 = BN_BUILD(bn_stats_f64),
-    .forward_train_f32 = BN_BUILD(bn_forward_train_f32),
-    .forward_train_f64 = BN_BUILD(bn_forward_train_f64),
-    .forward_f32 = BN_BUILD(bn_forward_f32),
-    .forward_f64 = BN_BUILD(bn_forward_f64),
-    .backward_f32 = BN_BUILD(bn_backward_f32),
-    .backward_f64 = BN_BUILD(bn_backward_f64),
-    .grad_sums_f32 = BN_BUILD(bn_grad_sums_f32),
-    .grad_sums_f64 = BN_BUILD(bn_grad_sums_f64),
-    .backward_dx_f32 = BN_BUILD(bn_backward_dx_f32),
-    .backward_dx_f64 = BN_BUILD(bn_backward_dx_f64),
-};
+#define BN_KERNELS_NAMED(S)                                                         \
+    .stats##S = BN_BUILD(bn_stats##S), .forward_train##S = BN_BUILD(bn_forward_train##S), \
+    .forward##S = BN_BUILD(bn_forward##S), .backward##S = BN_BUILD(bn_backward##S),       \
+    .grad_sums##S = BN_BUILD(bn_grad_sums##S), .backward_dx##S = BN_BUILD(bn_backward_dx##S)
+
+const bn_kernel_table BN_TABLE = {BN_KERNELS_NAMED(_f32), BN_KERNELS_NAMED(_f64)};

@@ -3,16 +3,12 @@
  * thread count, and the choice of the build that runs the hot kernels
  * (kernels.h, compiled once per instruction set by build_*.c).
  */
-#define _POSIX_C_SOURCE 200809L /* sysconf */
 #include "core.h"
 
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>
-#endif
 
 /* ---- threads ---------------------------------------------------------------- */
 
@@ -65,9 +61,9 @@ static size_t bn_sysfs_cache(int index)
     return read < 1 ? 0 : size << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
 }
 
-/* The size of the last-level cache in bytes, read from the system once:
- * Linux's sysfs (which virtual machines report more truly than the CPU's
- * own answer that sysconf gives), else sysconf, else a guess of 8 MiB */
+/* The size of the last-level cache in bytes, read from Linux's sysfs once
+ * (virtual machines report it there more truly than the CPU's own answer,
+ * which sysconf gives: 256 MiB for 32 here); elsewhere a guess of 8 MiB */
 static size_t bn_cache_bytes(void)
 {
     static atomic_size_t bytes = 0;
@@ -75,10 +71,6 @@ static size_t bn_cache_bytes(void)
     for (int index = 3; b == 0 && index >= 2; index--) {
         b = bn_sysfs_cache(index);
     }
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-    long l3 = b == 0 ? sysconf(_SC_LEVEL3_CACHE_SIZE) : 0;
-    b = l3 > 0 ? (size_t)l3 : b;
-#endif
     b = b > 0 ? b : (size_t)8 << 20;
     atomic_store(&bytes, b);
     return b;

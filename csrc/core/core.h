@@ -177,35 +177,26 @@ static inline void bn_absorb(bn_partial *p, double added, double center, double 
     p->count = count;
 }
 
-/* The hot kernels of bn.h as one build provides them (build.h); core.c calls
+/* The hot kernels of bn.h for element type T as one build provides them
+ * (build.h), with the names of the fields of bn_kernel_table; core.c calls
  * the best build the CPU runs. */
+#define BN_KERNELS_OF(T, SUFFIX)                                                            \
+    void (*stats##SUFFIX)(bn_partial *, double *, const T *, const double *, bn_shape);     \
+    void (*forward_train##SUFFIX)(T *, bn_partial *, double *, double *, double *,           \
+                                  const T *, const T *, const T *, double, bn_shape);       \
+    void (*forward##SUFFIX)(T *, double *, const T *, const double *, const double *,         \
+                            const T *, const T *, bn_shape);                                \
+    void (*backward##SUFFIX)(T *, double *, double *, double *, const T *, const T *,         \
+                             const double *, const double *, const T *, bn_shape, int);     \
+    void (*grad_sums##SUFFIX)(double *, double *, double *, const T *, const T *,            \
+                              const double *, const double *, bn_shape);                    \
+    void (*backward_dx##SUFFIX)(T *, double *, const T *, const T *, const double *,          \
+                                const double *, const T *, const double *, const double *,  \
+                                double, bn_shape, int);
+
 typedef struct {
-    void (*stats_f32)(bn_partial *, double *, const float *, const double *, bn_shape);
-    void (*stats_f64)(bn_partial *, double *, const double *, const double *, bn_shape);
-    void (*forward_train_f32)(float *, bn_partial *, double *, double *, double *,
-                              const float *, const float *, const float *, double, bn_shape);
-    void (*forward_train_f64)(double *, bn_partial *, double *, double *, double *,
-                              const double *, const double *, const double *, double,
-                              bn_shape);
-    void (*forward_f32)(float *, double *, const float *, const double *, const double *,
-                        const float *, const float *, bn_shape);
-    void (*forward_f64)(double *, double *, const double *, const double *, const double *,
-                        const double *, const double *, bn_shape);
-    void (*backward_f32)(float *, double *, double *, double *, const float *, const float *,
-                         const double *, const double *, const float *, bn_shape, int);
-    void (*backward_f64)(double *, double *, double *, double *, const double *,
-                         const double *, const double *, const double *, const double *,
-                         bn_shape, int);
-    void (*grad_sums_f32)(double *, double *, double *, const float *, const float *,
-                          const double *, const double *, bn_shape);
-    void (*grad_sums_f64)(double *, double *, double *, const double *, const double *,
-                          const double *, const double *, bn_shape);
-    void (*backward_dx_f32)(float *, double *, const float *, const float *, const double *,
-                            const double *, const float *, const double *, const double *,
-                            double, bn_shape, int);
-    void (*backward_dx_f64)(double *, double *, const double *, const double *,
-                            const double *, const double *, const double *, const double *,
-                            const double *, double, bn_shape, int);
+    BN_KERNELS_OF(float, _f32)
+    BN_KERNELS_OF(double, _f64)
 } bn_kernel_table;
 
 /* The builds: always one for the compiler's default target; on x86-64 with

@@ -96,53 +96,44 @@ BN_INLINE size_t NAME(stream_head)(const T *out, size_t n)
     return head < n ? head : n;
 }
 
+/* out[0 .. BN_LANES) <- op(in, x), vector q with the coefficients k[q * step]
+ * (step 0: one feature's for all) */
+BN_INLINE void NAME(out16)(T *out, const T *in, const T *x, const bn_vcoef *k, size_t step,
+                           bn_op op, int stream)
+{
+    bn_vec v[BN_K];
+    for (int q = 0; q < BN_K; q++) {
+        size_t at = (size_t)q * BN_W;
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
+        v[q] = bn_apply(op, NAME(load)(in + at), xv, &k[(size_t)q * step]);
+    }
+    NAME(store16)(out, v, stream);
+}
+
 /* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
 
-/* acc += p[0 .. n) - center, acc2 += its squares. The values after the last
- * 16 go to the first lanes; the others add 0, which changes no sum. */
-BN_INLINE void NAME(add_deviations)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *p, size_t n,
-                                    double center)
+/* With d = x[0 .. n) - center: acc += d, acc2 += d * d (dy NULL: the
+ * statistics), or acc += dy, acc2 += dy * d (the gradient sums; center is
+ * the mean). The values after the last 16 go to the first lanes; the other
+ * lanes add 0, which changes no sum. */
+BN_INLINE void NAME(add_sums)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, const T *x,
+                              size_t n, double center)
 {
     bn_vec mid = bn_splat(center);
     size_t i = 0;
     for (; i + BN_LANES <= n; i += BN_LANES) {
         for (int k = 0; k < BN_K; k++) {
-            bn_vec d = NAME(load)(p + i + k * BN_W) - mid;
-            acc[k] += d;
-            acc2[k] += d * d;
-        }
-    }
-    if (i < n) {
-        double d[BN_LANES] = {0};
-        for (size_t j = 0; i + j < n; j++) {
-            d[j] = (double)p[i + j] - center;
-        }
-        for (int k = 0; k < BN_K; k++) {
-            bn_vec v = bn_load_wide(d + k * BN_W);
-            acc[k] += v;
-            acc2[k] += v * v;
-        }
-    }
-}
-
-/* acc += dy[0 .. n), acc2 += dy * (x - mean), as add_deviations */
-BN_INLINE void NAME(add_grads)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, const T *x,
-                               size_t n, double mean)
-{
-    bn_vec mid = bn_splat(mean);
-    size_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        for (int k = 0; k < BN_K; k++) {
-            bn_vec g = NAME(load)(dy + i + k * BN_W);
+            bn_vec d = NAME(load)(x + i + k * BN_W) - mid;
+            bn_vec g = dy ? NAME(load)(dy + i + k * BN_W) : d;
             acc[k] += g;
-            acc2[k] += g * (NAME(load)(x + i + k * BN_W) - mid);
+            acc2[k] += g * d;
         }
     }
     if (i < n) {
         double g[BN_LANES] = {0}, d[BN_LANES] = {0};
         for (size_t j = 0; i + j < n; j++) {
-            g[j] = (double)dy[i + j];
-            d[j] = (double)x[i + j] - mean;
+            d[j] = (double)x[i + j] - center;
+            g[j] = dy ? (double)dy[i + j] : d[j];
         }
         for (int k = 0; k < BN_K; k++) {
             acc[k] += bn_load_wide(g + k * BN_W);
@@ -181,13 +172,7 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef
         if (op == BN_DX_TRAIN && i + ahead + BN_LANES <= room) {
             NAME(prefetch16)(x + i + ahead);
         }
-        bn_vec v[BN_K];
-        for (int q = 0; q < BN_K; q++) {
-            size_t at = i + (size_t)q * BN_W;
-            bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
-            v[q] = bn_apply(op, NAME(load)(in + at), xv, &k);
-        }
-        NAME(store16)(out + i, v, stream);
+        NAME(out16)(out + i, in + i, x ? x + i : NULL, &k, 0, op, stream);
     }
     for (; i < n; i += BN_W) {
         NAME(part_out)(out + i, in + i, x ? x + i : NULL, n - i < BN_W ? n - i : BN_W, &k, op);
@@ -217,14 +202,11 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
         if (op == BN_DX_TRAIN && j + ahead + BN_LANES <= n) {
             NAME(prefetch16)(x + j + ahead);
         }
-        bn_vec v[BN_K];
+        bn_vcoef k[BN_K];
         for (int q = 0; q < BN_K; q++) {
-            size_t at = j + (size_t)q * BN_W;
-            bn_vcoef k = bn_lane_coef(&w, l + (size_t)q * BN_W);
-            bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
-            v[q] = bn_apply(op, NAME(load)(in + at), xv, &k);
+            k[q] = bn_lane_coef(&w, l + (size_t)q * BN_W);
         }
-        NAME(store16)(out + j, v, stream);
+        NAME(out16)(out + j, in + j, x ? x + j : NULL, k, 1, op, stream);
         l += BN_LANES;
         l = l >= wide ? l - wide : l;
     }
@@ -269,26 +251,32 @@ static void NAME(span_out)(T *out, const T *in, const T *x, const bn_work *w,
     }
 }
 
-/* w's four arrays [C] <- the coefficients of op for each feature (bn_op);
- * spread over a wide row for the lanes strategy */
+/* w's coefficients of op (bn_op) for feature c */
+static void NAME(coefficient)(const bn_work *w, bn_op op, size_t c, const double *mean,
+                              const double *invstd, const T *gamma, const T *beta,
+                              const double *dgamma, const double *dbeta, double count)
+{
+    w->mean[c] = mean[c];
+    w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
+    w->shift[c] = op == BN_NORMALIZE ? (beta ? (double)beta[c] : 0.0)
+                  : op == BN_DX_TRAIN ? dbeta[c] / count : 0.0;
+    /* xhat * dgamma / n = (x - mean) * dev */
+    w->dev[c] = op == BN_DX_TRAIN ? dgamma[c] * invstd[c] / count : 0.0;
+}
+
+/* w's four arrays [C] <- the coefficients of op for each feature, spread
+ * over a wide row for the lanes strategy */
 static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
                                const double *invstd, const T *gamma, const T *beta,
                                const double *dgamma, const double *dbeta, double count,
                                const bn_plan *p)
 {
     for (size_t c = 0; c < p->s.channels; c++) {
-        w->mean[c] = mean[c];
-        w->scale[c] = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        w->shift[c] = op == BN_NORMALIZE ? (beta ? (double)beta[c] : 0.0)
-                      : op == BN_DX_TRAIN ? dbeta[c] / count : 0.0;
-        /* xhat * dgamma / n = (x - mean) * dev */
-        w->dev[c] = op == BN_DX_TRAIN ? dgamma[c] * invstd[c] / count : 0.0;
+        NAME(coefficient)(w, op, c, mean, invstd, gamma, beta, dgamma, dbeta, count);
     }
-    if (p->lanes) {
-        bn_spread(w->mean, w->mean, p);
-        bn_spread(w->scale, w->scale, p);
-        bn_spread(w->shift, w->shift, p);
-        bn_spread(w->dev, w->dev, p);
+    double *arrays[] = {w->mean, w->scale, w->shift, w->dev};
+    for (int a = 0; p->lanes && a < 4; a++) {
+        bn_spread(arrays[a], arrays[a], p);
     }
 }
 
@@ -316,7 +304,7 @@ static void NAME(tile_sums)(double *sum, double *sum2, const T *x, bn_shape s, s
 {
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = t.o0; o < t.o1; o++) {
-        NAME(add_deviations)(acc, acc2, x + bn_row_at(s, o, c) + t.i0, t.i1 - t.i0, center);
+        NAME(add_sums)(acc, acc2, NULL, x + bn_row_at(s, o, c) + t.i0, t.i1 - t.i0, center);
     }
     *sum = bn_total(acc);
     *sum2 = bn_total(acc2);
@@ -365,7 +353,7 @@ static void NAME(grad_tile)(double sums[2], const T *dy, const T *x, double mean
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = t.o0; o < t.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + t.i0;
-        NAME(add_grads)(acc, acc2, dy + at, x + at, t.i1 - t.i0, mean);
+        NAME(add_sums)(acc, acc2, dy + at, x + at, t.i1 - t.i0, mean);
     }
     sums[0] += bn_total(acc);
     sums[1] += bn_total(acc2);
@@ -384,49 +372,26 @@ static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, cons
     dgamma[c] = sums[1] * invstd[c];
 }
 
-/* feature c's values in tile t of out <- op(in, x) with its coefficients k */
-BN_INLINE void NAME(tile_out_op)(T *out, const T *in, const T *x, const bn_vcoef *k,
-                                 const bn_plan *p, size_t c, bn_tile t, bn_op op)
-{
-    for (size_t o = t.o0; o < t.o1; o++) {
-        size_t at = bn_row_at(p->s, o, c) + t.i0;
-        NAME(row_out)(out + at, in + at, x ? x + at : NULL, t.i1 - t.i0, *k, op, p->stream, 0);
-    }
-}
-
-/* the same, one call of the inlined loops per op */
-static void NAME(tile_out)(T *out, const T *in, const T *x, const bn_vcoef *k,
-                           const bn_plan *p, size_t c, size_t tile, bn_op op)
-{
-    bn_tile t = bn_tile_at(p->s, tile);
-    if (op == BN_NORMALIZE) {
-        NAME(tile_out_op)(out, in, x, k, p, c, t, BN_NORMALIZE);
-    }
-    else if (op == BN_DX_TRAIN) {
-        NAME(tile_out_op)(out, in, x, k, p, c, t, BN_DX_TRAIN);
-    }
-    else {
-        NAME(tile_out_op)(out, in, x, k, p, c, t, BN_DX_EVAL);
-    }
-}
-
 /* One row of the pipeline, n values: out <- op(in, x) for feature c with its
  * coefficients k, while acc, acc2 sum the same row of feature c + 1
- * (next_x, and next_dy when not NULL) as add_grads does, or without next_dy
- * as add_deviations does, about center: one loop, so that memory reads the
+ * (next_x, and next_dy when not NULL) as add_sums does, about center: one
+ * loop, so that memory reads the
  * next feature while this one's values are written. When ahead > 0, the
  * values `ahead` past next_x (and next_dy) are asked for as it goes: a later
- * row of the next feature. */
+ * row of the next feature. With next_x NULL (the last feature), only out. */
 BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
                                   int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
                                   const T *next_dy, const T *next_x, double center, size_t n,
                                   size_t ahead)
 {
+    if (next_x == NULL) {
+        NAME(row_out)(out, in, x, n, k, op, stream, 0);
+        return;
+    }
     size_t o = stream ? NAME(stream_head)(out, n) : 0, i = 0;
     for (size_t h = 0; h < o; h += BN_W) {
         NAME(part_out)(out + h, in + h, x ? x + h : NULL, o - h < BN_W ? o - h : BN_W, &k, op);
     }
-    bn_vec mid = bn_splat(center);
     for (; i + BN_LANES <= n; i += BN_LANES) {
         if (ahead > 0) {
             NAME(prefetch16)(next_x + ahead + i);
@@ -434,29 +399,13 @@ BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, b
         if (ahead > 0 && next_dy) {
             NAME(prefetch16)(next_dy + ahead + i);
         }
-        for (int q = 0; q < BN_K; q++) {
-            bn_vec d = NAME(load)(next_x + i + q * BN_W) - mid;
-            bn_vec g = next_dy ? NAME(load)(next_dy + i + q * BN_W) : d;
-            acc[q] += g;
-            acc2[q] += g * d;
-        }
+        NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, BN_LANES, center);
         if (o + BN_LANES <= n) {
-            bn_vec v[BN_K];
-            for (int q = 0; q < BN_K; q++) {
-                size_t at = o + (size_t)q * BN_W;
-                bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + at) : bn_splat(0.0);
-                v[q] = bn_apply(op, NAME(load)(in + at), xv, &k);
-            }
-            NAME(store16)(out + o, v, stream);
+            NAME(out16)(out + o, in + o, x ? x + o : NULL, &k, 0, op, stream);
             o += BN_LANES;
         }
     }
-    if (next_dy) {
-        NAME(add_grads)(acc, acc2, next_dy + i, next_x + i, n - i, center);
-    }
-    else {
-        NAME(add_deviations)(acc, acc2, next_x + i, n - i, center);
-    }
+    NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, n - i, center);
     NAME(row_out)(out + o, in + o, x ? x + o : NULL, n - o, k, op, 0, 0);
 }
 
@@ -469,49 +418,53 @@ BN_INLINE size_t NAME(rows_ahead)(const bn_plan *p, size_t o, bn_tile tile)
     return o + rows < p->s.outer ? rows * p->s.channels * p->s.inner : 0;
 }
 
-/* Tile t of feature c normalized (y <- (x - mean) * scale + shift, k) while
- * tile t of feature c + 1 is absorbed into next, less shift */
-static void NAME(normalize_tile_summing_next)(T *y, const T *x, const bn_vcoef *k,
-                                              bn_partial *next, const bn_plan *p, size_t c,
-                                              size_t t, double shift)
+/* Tile t of feature c normalized (y <- (x - mean) * scale + shift, k) while,
+ * unless next is NULL, tile t of feature c + 1 is absorbed into next, less
+ * shift */
+static void NAME(normalize_tile)(T *y, const T *x, const bn_vcoef *k, bn_partial *next,
+                                 const bn_plan *p, size_t c, size_t t, double shift)
 {
     bn_tile tile = bn_tile_at(p->s, t);
-    double center = shift + NAME(tile_center)(next, x, p, c + 1, t, shift);
+    double center = next ? shift + NAME(tile_center)(next, x, p, c + 1, t, shift) : 0.0;
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = tile.o0; o < tile.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + tile.i0;
         NAME(pipeline_row)(y + at, x + at, NULL, *k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
-                           x + at + p->s.inner, center, tile.i1 - tile.i0,
+                           next ? x + at + p->s.inner : NULL, center, tile.i1 - tile.i0,
                            NAME(rows_ahead)(p, o, tile));
     }
-    bn_absorb(next, (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0)), center - shift,
-              bn_total(acc), bn_total(acc2));
+    if (next) {
+        bn_absorb(next, (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0)), center - shift,
+                  bn_total(acc), bn_total(acc2));
+    }
 }
 
-/* Tile t of feature c's dx written (op, k) while feature c + 1's gradient
- * sums over tile t are added to next (as grad_tile) */
-BN_INLINE void NAME(dx_tile_summing_next)(T *dx, const T *dy, const T *x, const bn_vcoef *k,
-                                          bn_op op, double next[2], double next_mean,
-                                          const bn_plan *p, size_t c, size_t t)
+/* Tile t of feature c's dx written (op, k) while, unless next is NULL,
+ * feature c + 1's gradient sums over tile t are added to next (as grad_tile) */
+BN_INLINE void NAME(dx_tile)(T *dx, const T *dy, const T *x, const bn_vcoef *k, bn_op op,
+                             double *next, double next_mean, const bn_plan *p, size_t c,
+                             size_t t)
 {
     bn_tile tile = bn_tile_at(p->s, t);
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = tile.o0; o < tile.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + tile.i0, next_at = at + p->s.inner;
-        NAME(pipeline_row)(dx + at, dy + at, x + at, *k, op, p->stream, acc, acc2, dy + next_at,
-                           x + next_at, next_mean, tile.i1 - tile.i0,
-                           NAME(rows_ahead)(p, o, tile));
+        NAME(pipeline_row)(dx + at, dy + at, x + at, *k, op, p->stream, acc, acc2,
+                           next ? dy + next_at : NULL, next ? x + next_at : NULL, next_mean,
+                           tile.i1 - tile.i0, NAME(rows_ahead)(p, o, tile));
     }
-    next[0] += bn_total(acc);
-    next[1] += bn_total(acc2);
+    if (next) {
+        next[0] += bn_total(acc);
+        next[1] += bn_total(acc2);
+    }
 }
 
 /* Training forward of features c0 .. c1, in a pipeline: feature c, still in
  * cache, is normalized while the statistics of feature c + 1 are summed, so
  * that memory streams the next feature in while the last one is written out */
 static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *invstd,
-                              const T *x, const T *gamma, const T *beta, double eps,
-                              const bn_plan *p, size_t c0, size_t c1)
+                              const bn_work *w, const T *x, const T *gamma, const T *beta,
+                              double eps, const bn_plan *p, size_t c0, size_t c1)
 {
     bn_shape s = p->s;
     bn_partial next = {0.0, 0.0, 0.0};
@@ -522,18 +475,12 @@ static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *inv
         stats[c] = next;
         stats[c].mean += (double)x[c * s.inner]; /* before y (maybe x) is written */
         bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
-        double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        bn_vcoef k = {bn_splat(mean[c]), bn_splat(scale), bn_splat(beta ? (double)beta[c] : 0.0),
-                      bn_splat(0.0)};
+        NAME(coefficient)(w, BN_NORMALIZE, c, mean, invstd, gamma, beta, NULL, NULL, 0.0);
+        bn_vcoef k = bn_feature_coef(w, c);
         next = (bn_partial){0.0, 0.0, 0.0};
         for (size_t t = 0; t < p->tiles; t++) {
-            if (c + 1 < c1) {
-                NAME(normalize_tile_summing_next)(y, x, &k, &next, p, c, t,
-                                                  (double)x[(c + 1) * s.inner]);
-            }
-            else {
-                NAME(tile_out)(y, x, NULL, &k, p, c, t, BN_NORMALIZE);
-            }
+            NAME(normalize_tile)(y, x, &k, c + 1 < c1 ? &next : NULL, p, c, t,
+                                 c + 1 < c1 ? (double)x[(c + 1) * s.inner] : 0.0);
         }
     }
     if (p->stream) {
@@ -543,9 +490,10 @@ static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *inv
 
 /* Backward of features c0 .. c1, in the same pipeline: the gradient sums of
  * feature c + 1 while dx of feature c is written */
-static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const T *dy, const T *x,
-                                 const double *mean, const double *invstd, const T *gamma,
-                                 const bn_plan *p, int training, size_t c0, size_t c1)
+static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const bn_work *w,
+                                 const T *dy, const T *x, const double *mean,
+                                 const double *invstd, const T *gamma, const bn_plan *p,
+                                 int training, size_t c0, size_t c1)
 {
     double count = (double)bn_count(p->s), next[2] = {0.0, 0.0};
     for (size_t k = 0; c0 < c1 && k < p->tiles; k++) {
@@ -554,20 +502,17 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const T *
     for (size_t c = c0; c < c1; c++) {
         dbeta[c] = next[0];
         dgamma[c] = next[1] * invstd[c];
-        double scale = invstd[c] * (gamma ? (double)gamma[c] : 1.0);
-        bn_vcoef k = {bn_splat(mean[c]), bn_splat(scale),
-                      bn_splat(training ? dbeta[c] / count : 0.0),
-                      bn_splat(training ? dgamma[c] * invstd[c] / count : 0.0)};
+        NAME(coefficient)(w, training ? BN_DX_TRAIN : BN_DX_EVAL, c, mean, invstd, gamma, NULL,
+                          dgamma, dbeta, count);
+        bn_vcoef k = bn_feature_coef(w, c);
         next[0] = next[1] = 0.0;
+        double *sums = c + 1 < c1 ? next : NULL, next_mean = c + 1 < c1 ? mean[c + 1] : 0.0;
         for (size_t t = 0; t < p->tiles; t++) {
-            if (c + 1 < c1 && training) {
-                NAME(dx_tile_summing_next)(dx, dy, x, &k, BN_DX_TRAIN, next, mean[c + 1], p, c, t);
-            }
-            else if (c + 1 < c1) {
-                NAME(dx_tile_summing_next)(dx, dy, x, &k, BN_DX_EVAL, next, mean[c + 1], p, c, t);
+            if (training) {
+                NAME(dx_tile)(dx, dy, x, &k, BN_DX_TRAIN, sums, next_mean, p, c, t);
             }
             else {
-                NAME(tile_out)(dx, dy, x, &k, p, c, t, training ? BN_DX_TRAIN : BN_DX_EVAL);
+                NAME(dx_tile)(dx, dy, x, &k, BN_DX_EVAL, sums, next_mean, p, c, t);
             }
         }
     }
@@ -578,62 +523,35 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const T *
 
 /* ---- lanes: sums down each lane of wide rows --------------------------------- */
 
-/* sum[l] += x - center[l], sum2[l] += its square, for lanes l0 .. l1 of wide
- * rows r0 .. r1, one row after the other down each lane; BN_LANE_ROWS rows at
- * a time, so that the sums are loaded and stored once for them */
-static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T *x,
-                            const double *restrict center, size_t wide, size_t r0, size_t r1,
-                            size_t l0, size_t l1)
+/* For lanes l0 .. l1 of wide rows r0 .. r1, one row after the other down
+ * each lane, with d = x - center[l]: sum[l] += d, sum2[l] += d * d (dy NULL),
+ * or sum[l] += dy, sum2[l] += dy * d (center: the means). BN_LANE_ROWS rows
+ * at a time, so that the sums are loaded and stored once for them. */
+static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T *dy,
+                            const T *x, const double *restrict center, size_t wide, size_t r0,
+                            size_t r1, size_t l0, size_t l1)
 {
     for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
-        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
-        const T *row = x + r * wide;
+        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS, at = r * wide;
         size_t l = l0;
         for (; l + BN_W <= l1; l += BN_W) {
             bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum2 + l);
             bn_vec mid = bn_load_wide(center + l);
             for (size_t q = 0; q < rows; q++) {
-                bn_vec d = NAME(load)(row + q * wide + l) - mid;
-                s += d;
-                s2 += d * d;
+                bn_vec d = NAME(load)(x + at + q * wide + l) - mid;
+                bn_vec g = dy ? NAME(load)(dy + at + q * wide + l) : d;
+                s += g;
+                s2 += g * d;
             }
             bn_store_wide(sum + l, s);
             bn_store_wide(sum2 + l, s2);
         }
         for (; l < l1; l++) {
             for (size_t q = 0; q < rows; q++) {
-                double d = (double)row[q * wide + l] - center[l];
-                sum[l] += d;
-                sum2[l] += d * d;
-            }
-        }
-    }
-}
-
-/* sum[l] += dy, sum_dev[l] += dy * (x - mean[l]), as lane_sums */
-static void NAME(lane_grads)(double *restrict sum, double *restrict sum_dev, const T *dy,
-                             const T *x, const double *restrict mean, size_t wide, size_t r0,
-                             size_t r1, size_t l0, size_t l1)
-{
-    for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
-        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
-        const T *g = dy + r * wide, *row = x + r * wide;
-        size_t l = l0;
-        for (; l + BN_W <= l1; l += BN_W) {
-            bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum_dev + l);
-            bn_vec mid = bn_load_wide(mean + l);
-            for (size_t q = 0; q < rows; q++) {
-                bn_vec gv = NAME(load)(g + q * wide + l);
-                s += gv;
-                s2 += gv * (NAME(load)(row + q * wide + l) - mid);
-            }
-            bn_store_wide(sum + l, s);
-            bn_store_wide(sum_dev + l, s2);
-        }
-        for (; l < l1; l++) {
-            for (size_t q = 0; q < rows; q++) {
-                sum[l] += (double)g[q * wide + l];
-                sum_dev[l] += (double)g[q * wide + l] * ((double)row[q * wide + l] - mean[l]);
+                double d = (double)x[at + q * wide + l] - center[l];
+                double g = dy ? (double)dy[at + q * wide + l] : d;
+                sum[l] += g;
+                sum2[l] += g * d;
             }
         }
     }
@@ -659,13 +577,13 @@ static void NAME(group_stats)(double *state, const T *x, const double *shift,
         size_t b1 = b0 + BN_BLOCK_ROWS < r1 ? b0 + BN_BLOCK_ROWS : r1;
         double added = (double)(b1 - b0);
         if (b0 == r0) {
-            NAME(lane_sums)(sum, sum2, x, center, R, b0, b1, l0, l1);
+            NAME(lane_sums)(sum, sum2, NULL, x, center, R, b0, b1, l0, l1);
             for (size_t l = l0; l < l1; l++) {
                 center[l] = shift[l] + sum[l] / added;
                 sum[l] = sum2[l] = 0.0;
             }
         }
-        NAME(lane_sums)(sum, sum2, x, center, R, b0, b1, l0, l1);
+        NAME(lane_sums)(sum, sum2, NULL, x, center, R, b0, b1, l0, l1);
         for (size_t l = l0; l < l1; l++) {
             bn_absorb(&lane[l], added, center[l] - shift[l], sum[l], sum2[l]);
             center[l] = shift[l] + lane[l].mean;
@@ -688,10 +606,10 @@ static void NAME(group_grads)(double *state, const T *dy, const T *x, const doub
     for (size_t l = l0; l < l1; l++) {
         sum[l] = sum_dev[l] = 0.0;
     }
-    NAME(lane_grads)(sum, sum_dev, dy, x, mean, R, r0, r1, l0, l1);
+    NAME(lane_sums)(sum, sum_dev, dy, x, mean, R, r0, r1, l0, l1);
     if (g + 1 == p->groups) {
         size_t at = p->wide_rows * R, end = l1 < p->tail ? l1 : p->tail;
-        NAME(lane_grads)(sum, sum_dev, dy + at, x + at, mean, R, 0, 1, l0, end);
+        NAME(lane_sums)(sum, sum_dev, dy + at, x + at, mean, R, 0, 1, l0, end);
     }
 }
 
@@ -789,6 +707,7 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
 {
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), y == x);
+    bn_work w = bn_work_of(work, &p);
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_stats)(stats, work, x, NULL, s);
         bn_batch_moments(mean, invstd, stats, s.channels, eps);
@@ -799,7 +718,7 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
     int team = p.team;
     BN_PARALLEL_FOR
     for (ptrdiff_t part = 0; part < (ptrdiff_t)team; part++) {
-        NAME(train_range)(y, stats, mean, invstd, x, gamma, beta, eps, &p,
+        NAME(train_range)(y, stats, mean, invstd, &w, x, gamma, beta, eps, &p,
                           s.channels * (size_t)part / (size_t)team,
                           s.channels * (size_t)(part + 1) / (size_t)team);
     }
@@ -850,6 +769,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
 {
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), dx == dy || dx == x);
+    bn_work w = bn_work_of(work, &p);
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,
@@ -860,7 +780,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
     int team = p.team;
     BN_PARALLEL_FOR
     for (ptrdiff_t part = 0; part < (ptrdiff_t)team; part++) {
-        NAME(backward_range)(dx, dgamma, dbeta, dy, x, mean, invstd, gamma, &p, training,
+        NAME(backward_range)(dx, dgamma, dbeta, &w, dy, x, mean, invstd, gamma, &p, training,
                              s.channels * (size_t)part / (size_t)team,
                              s.channels * (size_t)(part + 1) / (size_t)team);
     }

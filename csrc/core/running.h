@@ -1,9 +1,5 @@
-/* running.h -- the per-feature functions of bn.h for one
- * element type: running statistics and conversions, O(C) work each.
- *
- * Included by core.c once per type, with T the element type and NAME a
- * macro that appends the type's suffix (as kernels.h).
- */
+/* running.h -- the per-feature functions of bn.h for one element type (O(C)
+ * work each): included by core.c with T and NAME, as kernels.h. */
 
 void NAME(bn_running_moments)(double *mean, double *invstd, const T *running_mean,
                               const T *running_var, size_t channels, double eps)
