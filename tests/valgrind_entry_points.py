@@ -91,8 +91,12 @@ def exercise_streamed_outputs(dtype):
 
 def main():
     bnpy.set_num_threads(1)
-    # every build the CPU runs as valgrind presents it (valgrind has no AVX-512)
-    for capability in bnpy.cpu_capabilities():
+    # the baseline build: valgrind (3.19) does not decode every AVX instruction
+    # compilers emit (the register form of vmovq, for one, which GCC writes in
+    # the AVX2 build); the AVX2 and AVX-512 builds run under AddressSanitizer
+    # and UndefinedBehaviorSanitizer in the C tests (tests/c/run.sh sanitize)
+    builds = bnpy.cpu_capabilities()[:1]
+    for capability in builds:
         bnpy.set_cpu_capability(capability)
         for shape, axis in [((6, 3, 5), 1), ((40, 3), 1), ((2, 4, 4, 5), -1), ((0, 3, 2), 1),
                             ((3, 2, 40), 1)]:
@@ -102,8 +106,7 @@ def main():
                 exercise_functional(shape, axis, dtype) if shape[0] > 1 else None
         for dtype in (np.float32, np.float64):
             exercise_streamed_outputs(dtype)
-    print("valgrind entry points: ran the builds", bnpy.cpu_capabilities(),
-          "last", bnpy.get_cpu_capability())
+    print("valgrind entry points: ran the builds", builds, "last", bnpy.get_cpu_capability())
     expect_error(bnpy.set_cpu_capability, "sse2")
     bnpy.get_num_threads()
     expect_error(bnpy.set_num_threads, 0)
