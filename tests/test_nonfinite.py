@@ -23,8 +23,8 @@ DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="f
 # has another shape, so that a backward cache it replaced would show.
 LAYOUTS = {
     "interleaved": ((12, 5), (10, 5), 1),
-    "planar": ((4, 5, 6), (3, 5, 7), 1),  # short rows: dx and both reductions spread
-    "planar-short-rows": ((4, 5, 150), (3, 5, 140), 1),  # short rows in memory order
+    "planar": ((4, 5, 6), (3, 5, 7), 1),  # short rows: as lanes
+    "planar-short-rows": ((4, 5, 150), (3, 5, 140), 1),  # planar rows of 150: tiles of rows
     "channels-last": ((3, 4, 5), (2, 4, 5), -1),
     "planar-long-rows": ((2, 5, 3000), (2, 5, 2500), 1),  # rows span several tiles
 }

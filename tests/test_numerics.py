@@ -27,8 +27,8 @@ from bnpy import reference
 # name: (shape, axis); every family of kernels
 LAYOUTS = {
     "interleaved": ((30000, 3), 1),        # 8 row groups of 4096 rows
-    "planar-short-rows": ((700, 3, 150), 1),  # in memory order: two row groups
-    "planar-spread-rows": ((3000, 3, 20), 1),  # elementwise passes and reductions spread
+    "planar-short-rows": ((700, 3, 150), 1),  # planar: tiles of 13 rows
+    "planar-spread-rows": ((3000, 3, 20), 1),  # short rows as lanes: wide rows of 60
     "planar-long-rows": ((6, 3, 5000), 1),   # rows cut into 2048-value tiles
     "channels-last": ((100, 30, 3), -1),
 }

@@ -18,7 +18,7 @@ def exact(values):
 @pytest.mark.parametrize("shape, axis", [
     ((6000, 2), 1),        # interleaved: two row groups, many wide rows
     ((12, 2, 2500), 1),    # planar: rows cut into tiles, the next feature pipelined
-    ((300, 2, 7), 1),      # planar short rows: in memory order
+    ((300, 2, 7), 1),      # short rows as lanes: wide rows of 14 values, folded
 ])
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):
@@ -36,7 +36,7 @@ def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):
 @pytest.mark.parametrize("shape", [
     (4100, 3),      # channels-last, 11 rows folded into a wide row
     (4100, 40),     # one row a wide row: each lane is one feature's column
-    (4100, 3, 5),   # short planar rows spread: 3 rows of 15 lanes a wide row
+    (4100, 3, 5),   # short rows as lanes: 3 rows of 15 lanes a wide row
 ])
 @pytest.mark.parametrize("far_rows", [slice(0, 16), slice(16, 32), slice(256, 272)])
 @pytest.mark.parametrize("far_by", [0.0, 1e4])

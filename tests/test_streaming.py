@@ -1,16 +1,10 @@
-"""Outputs too large for the caches (16 MiB or more) are written past them
-with non-temporal stores, starting at the first value of each row that
-begins a cache line: dx in the backward (over interleaved rows too, as y
-below), y of inference and of the training
-forward over planar rows written row by row (rows of 128 values or more; a
-training forward takes short rows so), y of inference and of the training
-forward over interleaved rows (channels last, or short rows spread) whose
-wide rows are a multiple of 16 values (in the AVX builds), and y of the
-pipelined training forward (rows of 320 values or more) when its features are
-1 MiB or more (of any size on AMD CPUs). They must hold the same bits as outputs written through the
-caches: written in place (dx over dy, y over x), they never stream, so the
-two are compared, in every instruction-set build, at every start of the rows
-within a cache line."""
+"""Outputs larger than half the last-level cache are written past the caches
+with non-temporal stores, a cache line at a time from the first line each
+row (or run of lanes) starts: y and dx, over planar rows of 1 KB or more and
+over lanes (channels last, short rows). They must hold the same bits as
+outputs written through the caches: written in place (dx over dy, y over
+x), they never stream, so the two are compared, in every instruction-set
+build, at every start of the rows within a cache line."""
 import numpy as np
 import pytest
 
@@ -27,25 +21,24 @@ def _long_rows(itemsize):
 
 
 def _many_rows(itemsize):
-    """thousands of rows of 401 values (pipelined, not the short-row path);
-    features of just over 1 MiB"""
+    """thousands of rows of 401 values: planar, in the pipeline; features of
+    just over 1 MiB"""
     return (STREAM_BYTES // (15 * 401 * itemsize) + 1, 15, 401)
 
 
 def _short_rows(itemsize):
-    """rows of 200 values: the backward's two passes go in memory order, and
-    dx is written row by row (not pipelined)"""
+    """rows of 200 values: planar, tiles of 10 rows; rows under 1 KB in
+    float32, which do not stream"""
     return (STREAM_BYTES // (3 * 200 * itemsize) + 1, 3, 200)
 
 
 def _interleaved(itemsize):
-    """channels last, 64 features: wide rows of 64 values, whose coefficients
-    the streamed passes rotate to each line's start"""
+    """channels last, 64 features: lanes, wide rows of 64 values"""
     return (STREAM_BYTES // (64 * itemsize) + 3, 64)
 
 
 def _spread(itemsize):
-    """rows of 16 values, 4 features: spread over wide rows of 64 values"""
+    """rows of 16 values, 4 features: lanes, wide rows of 64 values"""
     return (STREAM_BYTES // (64 * itemsize) + 5, 4, 16)
 
 

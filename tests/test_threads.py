@@ -15,19 +15,18 @@ from bnpy import reference
 LARGE = [
     ((3, 5, 5000), 1),           # planar, rows of 5000 values: tiles inside a row
     ((4, 7, 96, 97), 1),         # planar, odd row length
-    ((1200, 4, 60), 1),          # planar short rows: elementwise passes spread over wide rows
-    ((2000, 8, 9), 1),           # rows of 9: statistics and gradient sums spread too
-    ((1200, 4, 150), 1),         # planar short rows in memory order, 2 row groups
-    ((30, 200, 100), 1),         # too many features to spread: tiles of 2 rows, 3 row groups
+    ((1200, 4, 60), 1),          # short rows as lanes
+    ((2000, 8, 9), 1),           # rows of 9 as lanes, wide rows of 72 values
+    ((1200, 4, 150), 1),         # planar rows of 150: a pipeline split between threads
+    ((30, 200, 100), 1),         # planar: tiles of 20 rows
     ((70000, 3), 1),             # interleaved, hundreds of row tiles
     ((200, 1030), 1),            # interleaved, one row group: its lanes cut between threads
     ((2, 61, 61, 37), -1),       # channels-last, 37 features: a partial block of 16
     ((9, 3, 17, 2, 19), 2),      # a middle feature axis
-    # past the caches (x over 4 MiB even as float32): the passes down short
-    # rows ask for them far ahead (bn_far_ahead)
+    # larger, and past the caches where outputs exceed half the last-level cache
     ((150000, 8), 1),            # interleaved
-    ((1100, 16, 64), 1),         # planar short rows, elementwise passes spread
-    ((100, 300, 60), 1),         # planar short rows, too many features to spread
+    ((1100, 16, 64), 1),         # planar rows of 64, the shortest that are not lanes
+    ((100, 300, 60), 1),         # short rows as lanes, wide rows of 18,000 values
 ]
 
 
