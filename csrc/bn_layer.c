@@ -227,6 +227,23 @@ int bn_layer_new_running(BatchNormObject *self, PyArrayObject **next)
     return 0;
 }
 
+/* Appends feature index c to *bad, a list made on first use; -1 with an
+ * exception set (and *bad released) when that fails */
+static int append_feature(PyObject **bad, Py_ssize_t c)
+{
+    PyObject *index = PyLong_FromSsize_t(c);
+    if (index != NULL && *bad == NULL) {
+        *bad = PyList_New(0);
+    }
+    if (index == NULL || *bad == NULL || PyList_Append(*bad, index) < 0) {
+        Py_XDECREF(index);
+        Py_CLEAR(*bad);
+        return -1;
+    }
+    Py_DECREF(index);
+    return 0;
+}
+
 int bn_layer_commit_running(BatchNormObject *self, PyArrayObject **next)
 {
     PyObject *bad = NULL;
@@ -234,16 +251,9 @@ int bn_layer_commit_running(BatchNormObject *self, PyArrayObject **next)
         if (is_good_value(value_at(next[0], c), 0) && is_good_value(value_at(next[1], c), 1)) {
             continue;
         }
-        PyObject *index = PyLong_FromSsize_t(c);
-        if (bad == NULL) {
-            bad = PyList_New(0);
-        }
-        if (index == NULL || bad == NULL || PyList_Append(bad, index) < 0) {
-            Py_XDECREF(index);
-            Py_XDECREF(bad);
+        if (append_feature(&bad, (Py_ssize_t)c) < 0) {
             return -1;
         }
-        Py_DECREF(index);
     }
     if (bad != NULL) {
         PyErr_Format(PyExc_FloatingPointError,
@@ -304,16 +314,9 @@ int bn_layer_check_finite_stats(const bn_partial *stats, size_t channels)
         if (isfinite(stats[c].mean) && isfinite(stats[c].m2)) {
             continue;
         }
-        PyObject *index = PyLong_FromSize_t(c);
-        if (bad == NULL) {
-            bad = PyList_New(0);
-        }
-        if (index == NULL || bad == NULL || PyList_Append(bad, index) < 0) {
-            Py_XDECREF(index);
-            Py_XDECREF(bad);
+        if (append_feature(&bad, (Py_ssize_t)c) < 0) {
             return -1;
         }
-        Py_DECREF(index);
     }
     if (bad == NULL) {
         return 0;

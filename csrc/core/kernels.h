@@ -375,10 +375,10 @@ static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, cons
 /* One row of the pipeline, n values: out <- op(in, x) for feature c with its
  * coefficients k, while acc, acc2 sum the same row of feature c + 1
  * (next_x, and next_dy when not NULL) as add_sums does, about center: one
- * loop, so that memory reads the
- * next feature while this one's values are written. When ahead > 0, the
- * values `ahead` past next_x (and next_dy) are asked for as it goes: a later
- * row of the next feature. With next_x NULL (the last feature), only out. */
+ * loop, so that memory reads the next feature while this one's values are
+ * written. When ahead > 0, the values `ahead` past next_x (and next_dy) are
+ * asked for as it goes: a later row of the next feature. With next_x NULL
+ * (the last feature), only out. */
 BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
                                   int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
                                   const T *next_dy, const T *next_x, double center, size_t n,
@@ -468,8 +468,8 @@ static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *inv
 {
     bn_shape s = p->s;
     bn_partial next = {0.0, 0.0, 0.0};
-    for (size_t k = 0; c0 < c1 && k < p->tiles; k++) {
-        NAME(absorb_tile)(&next, x, p, c0, k, (double)x[c0 * s.inner]);
+    if (c0 < c1) {
+        next = NAME(feature_stats)(x, p, c0, (double)x[c0 * s.inner]);
     }
     for (size_t c = c0; c < c1; c++) {
         stats[c] = next;
