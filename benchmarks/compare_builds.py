@@ -69,9 +69,9 @@ def built_version(spec, workdir):
     return target
 
 
-def time_version(directory, shapes, repeats, axis=1, dtype="float32"):
+def time_version(directory, shapes, repeats, axis=1, dtype="float32", passes=PASSES):
     env = dict(os.environ, PYTHONPATH=directory, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), json.dumps(PASSES),
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), json.dumps(passes),
                            str(repeats), str(axis), dtype],
                           capture_output=True, text=True, env=env, cwd=directory)
     if done.returncode != 0:
@@ -79,12 +79,12 @@ def time_version(directory, shapes, repeats, axis=1, dtype="float32"):
     return json.loads(done.stdout)
 
 
-def table(specs, results):
+def table(specs, results, passes=PASSES):
     """results[spec][shape][pass]: per round, the median seconds and ratio to the copy"""
     lines = []
     for shape in results[specs[0]]:
         lines.append(shape + "".join(f"  {spec[:24]:>24}" for spec in specs))
-        for name in PASSES:
+        for name in passes:
             cells = []
             for spec in specs:
                 rounds = results[spec][shape][name]
@@ -105,8 +105,14 @@ def main(argv=None):
     parser.add_argument("--axis", type=int, default=1,
                         help="the feature axis (-1: channels-last)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--passes", default=",".join(PASSES),
+                        help="the passes to time, comma-separated (default: all four)")
     args = parser.parse_args(argv)
     shapes = [list(shape) for shape in ast.literal_eval(args.shapes)]
+    passes = tuple(args.passes.split(","))
+    unknown = sorted(set(passes) - set(PASSES))
+    if unknown:
+        parser.error(f"--passes: unknown {', '.join(unknown)}; expected some of {', '.join(PASSES)}")
     results = {spec: collections.defaultdict(lambda: collections.defaultdict(list))
                for spec in args.versions}
     with tempfile.TemporaryDirectory() as workdir:
@@ -114,11 +120,11 @@ def main(argv=None):
         for _ in range(args.rounds):
             for spec, directory in directories.items():
                 for shape, times in time_version(directory, shapes, args.repeats, args.axis,
-                                                 args.dtype).items():
-                    for name in PASSES:
+                                                 args.dtype, passes).items():
+                    for name in passes:
                         results[spec][shape][name].append((times[name],
                                                            times[name] / times["copy"]))
-    print(table(args.versions, results))
+    print(table(args.versions, results, passes))
     return 0
 
 

@@ -48,6 +48,8 @@ enum {
     BN_PREFETCH_BYTES = 8192,  /* how far ahead the pipeline asks for the next feature's
                                   rows: further hides more of memory's latency, and
                                   holds more lines in cache that are not yet read */
+    BN_READBACK_BYTES = 2048,  /* ... and for what it reads back of the feature it writes
+                                  (from L2 or L3, when the feature outgrows L1) */
     BN_LANE_ROWS = 4,          /* lanes: rows a reduction takes at once: more saves loads
                                   and stores of the sums, and needs more streams */
 };
@@ -105,6 +107,25 @@ static inline bn_tile bn_tile_at(bn_shape s, size_t k)
     }
     size_t rows = BN_TILE / s.inner, o0 = k * rows;
     return (bn_tile){o0, o0 + rows < s.outer ? o0 + rows : s.outer, 0, s.inner};
+}
+
+/* Where a pass over a planar feature's rows asks for the value `distance`
+ * past its vector at i, for the values i0 + i of row o (i < n): `before`
+ * values past the vector while i + BN_LANES <= split, `after` from there (a
+ * later row); 0, the vector's own place, past the feature's last row. */
+typedef struct {
+    size_t split, before, after;
+} bn_reach;
+
+static inline bn_reach bn_reach_of(bn_shape s, size_t o, size_t i0, size_t n, size_t distance)
+{
+    size_t rows = distance / s.inner, rest = distance % s.inner;
+    size_t stride = s.channels * s.inner, turn = s.inner - rest; /* columns from turn: a row on */
+    bn_reach r = {turn > i0 ? turn - i0 : 0, 0, 0};
+    r.split = r.split < n ? r.split : n;
+    r.before = o + rows < s.outer ? rows * stride + rest : 0;
+    r.after = o + rows + 1 < s.outer ? (rows + 1) * stride + rest - s.inner : 0;
+    return r;
 }
 
 /* where the row x[o][c][:] starts */

@@ -153,6 +153,32 @@ BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const b
     NAME(store_part)(out, bn_apply(op, NAME(load_part)(in, n), xv, k), n);
 }
 
+/* out[from .. to) <- op(in, x) with one feature's coefficients k, of a row
+ * of n values, to - from <= BN_LANES: from the whole vector of the row that
+ * holds them when the row has one (whole loads, and loads of values just
+ * stored as parts stall), else a part of a vector at a time */
+BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t from,
+                              size_t to, const bn_vcoef *k, bn_op op)
+{
+    if (n < BN_LANES) {
+        for (size_t h = from; h < to; h += BN_W) {
+            NAME(part_out)(out + h, in + h, x ? x + h : NULL, to - h < BN_W ? to - h : BN_W, k,
+                           op);
+        }
+        return;
+    }
+    size_t at = from + BN_LANES <= n ? from : n - BN_LANES;
+    double all[BN_LANES];
+    for (int q = 0; q < BN_K; q++) {
+        size_t v = at + (size_t)q * BN_W;
+        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + v) : bn_splat(0.0);
+        bn_store_wide(all + q * BN_W, bn_apply(op, NAME(load)(in + v), xv, k));
+    }
+    for (size_t j = from; j < to; j++) {
+        out[j] = (T)all[j - at];
+    }
+}
+
 /* out[0 .. n) <- op(in, x) with one feature's coefficients k, BN_LANES
  * values at a time; streamed past the caches when `stream`. in (and x) have
  * `room` values from here: it asks for those BN_PREFETCH_BYTES ahead (0:
@@ -161,9 +187,7 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef
                              int stream, size_t room)
 {
     size_t i = stream ? NAME(stream_head)(out, n) : 0;
-    for (size_t h = 0; h < i; h += BN_W) {
-        NAME(part_out)(out + h, in + h, x ? x + h : NULL, i - h < BN_W ? i - h : BN_W, &k, op);
-    }
+    NAME(some_out)(out, in, x, n, 0, i, &k, op);
     size_t ahead = BN_PREFETCH_BYTES / sizeof(T);
     for (; i + BN_LANES <= n; i += BN_LANES) {
         if (i + ahead + BN_LANES <= room) {
@@ -174,9 +198,7 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef
         }
         NAME(out16)(out + i, in + i, x ? x + i : NULL, &k, 0, op, stream);
     }
-    for (; i < n; i += BN_W) {
-        NAME(part_out)(out + i, in + i, x ? x + i : NULL, n - i < BN_W ? n - i : BN_W, &k, op);
-    }
+    NAME(some_out)(out, in, x, n, i, n, &k, op);
 }
 
 /* out[j0 .. j1) <- op(in, x) for x seen as one sequence of wide rows: value j
@@ -372,50 +394,88 @@ static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, cons
     dgamma[c] = sums[1] * invstd[c];
 }
 
-/* One row of the pipeline, n values: out <- op(in, x) for feature c with its
- * coefficients k, while acc, acc2 sum the same row of feature c + 1
- * (next_x, and next_dy when not NULL) as add_sums does, about center: one
- * loop, so that memory reads the next feature while this one's values are
- * written. When ahead > 0, the values `ahead` past next_x (and next_dy) are
- * asked for as it goes: a later row of the next feature. With next_x NULL
- * (the last feature), only out. */
+/* The vectors of one row of the pipeline from i and o on, `vectors` of them:
+ * out <- op(in, x) a vector at o at a time while acc, acc2 add the vector at
+ * i of the next feature (next_x, and next_dy but in the forward). It asks
+ * for the lines `ahead` values past each vector of the next feature, and
+ * `back` values past what it reads of this one (0: the line it reads). One
+ * loop, so that memory reads the next feature while this one is written; op
+ * and stream are constants at each call, so that it has no other test. */
+BN_INLINE void NAME(pipeline_vectors)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
+                                      int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
+                                      const T *next_dy, const T *next_x, double center,
+                                      size_t *pi, size_t *po, size_t vectors, size_t ahead,
+                                      size_t back)
+{
+    size_t i = *pi, o = *po;
+    for (size_t v = 0; v < vectors; v++, i += BN_LANES, o += BN_LANES) {
+        NAME(prefetch16)(next_x + ahead + i);
+        NAME(prefetch16)(in + back + i);
+        if (op != BN_NORMALIZE) {
+            NAME(prefetch16)(next_dy + ahead + i);
+        }
+        if (op == BN_DX_TRAIN) {
+            NAME(prefetch16)(x + back + i);
+        }
+        NAME(add_sums)(acc, acc2, op != BN_NORMALIZE ? next_dy + i : NULL, next_x + i,
+                       BN_LANES, center);
+        NAME(out16)(out + o, in + o, x ? x + o : NULL, &k, 0, op, stream);
+    }
+    *pi = i;
+    *po = o;
+}
+
+/* pipeline_vectors with the stream flag a constant */
+BN_INLINE void NAME(pipeline_run)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
+                                  int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
+                                  const T *next_dy, const T *next_x, double center, size_t *pi,
+                                  size_t *po, size_t vectors, size_t ahead, size_t back)
+{
+    if (stream) {
+        NAME(pipeline_vectors)(out, in, x, k, op, 1, acc, acc2, next_dy, next_x, center, pi, po,
+                               vectors, ahead, back);
+    }
+    else {
+        NAME(pipeline_vectors)(out, in, x, k, op, 0, acc, acc2, next_dy, next_x, center, pi, po,
+                               vectors, ahead, back);
+    }
+}
+
+/* One row of the pipeline, values i0 .. i1 of row o: out <- op(in, x) for
+ * feature c with its coefficients k, while acc, acc2 sum the same values of
+ * feature c + 1 as add_sums does, about center (pipeline_vectors). With
+ * next_x NULL (the last feature), only out. Its vectors run in up to three
+ * parts, at the places where the values BN_PREFETCH_BYTES past them (for
+ * the next feature; BN_READBACK_BYTES for this one) move to a later row. */
 BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
                                   int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
-                                  const T *next_dy, const T *next_x, double center, size_t n,
-                                  size_t ahead)
+                                  const T *next_dy, const T *next_x, double center,
+                                  const bn_plan *p, size_t o, size_t i0, size_t i1)
 {
+    size_t n = i1 - i0;
     if (next_x == NULL) {
         NAME(row_out)(out, in, x, n, k, op, stream, 0);
         return;
     }
-    size_t o = stream ? NAME(stream_head)(out, n) : 0, i = 0;
-    for (size_t h = 0; h < o; h += BN_W) {
-        NAME(part_out)(out + h, in + h, x ? x + h : NULL, o - h < BN_W ? o - h : BN_W, &k, op);
-    }
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        if (ahead > 0) {
-            NAME(prefetch16)(next_x + ahead + i);
-        }
-        if (ahead > 0 && next_dy) {
-            NAME(prefetch16)(next_dy + ahead + i);
-        }
-        NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, BN_LANES, center);
-        if (o + BN_LANES <= n) {
-            NAME(out16)(out + o, in + o, x ? x + o : NULL, &k, 0, op, stream);
-            o += BN_LANES;
-        }
+    size_t o_at = stream ? NAME(stream_head)(out, n) : 0, i = 0;
+    NAME(some_out)(out, in, x, n, 0, o_at, &k, op);
+    bn_reach ahead = bn_reach_of(p->s, o, i0, n, BN_PREFETCH_BYTES / sizeof(T));
+    bn_reach back = bn_reach_of(p->s, o, i0, n, BN_READBACK_BYTES / sizeof(T));
+    size_t vectors = (n - o_at) / BN_LANES, first = ahead.split < back.split ? ahead.split
+                                                                             : back.split;
+    size_t last = ahead.split < back.split ? back.split : ahead.split;
+    size_t cuts[3] = {first / BN_LANES, last / BN_LANES, vectors}, done = 0;
+    for (int part = 0; part < 3; part++) {
+        size_t end = cuts[part] < vectors ? cuts[part] : vectors;
+        size_t at = done * BN_LANES;
+        NAME(pipeline_run)(out, in, x, k, op, stream, acc, acc2, next_dy, next_x, center, &i,
+                           &o_at, end > done ? end - done : 0,
+                           at + BN_LANES <= ahead.split ? ahead.before : ahead.after,
+                           at + BN_LANES <= back.split ? back.before : back.after);
+        done = end > done ? end : done;
     }
     NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, n - i, center);
-    NAME(row_out)(out + o, in + o, x ? x + o : NULL, n - o, k, op, 0, 0);
-}
-
-/* The distance, in values, from row o of a feature to the row the pipeline
- * asks for while it reads row o: BN_PREFETCH_BYTES or more ahead; 0 past the
- * feature's last row */
-BN_INLINE size_t NAME(rows_ahead)(const bn_plan *p, size_t o, bn_tile tile)
-{
-    size_t rows = BN_PREFETCH_BYTES / ((tile.i1 - tile.i0) * sizeof(T)) + 1;
-    return o + rows < p->s.outer ? rows * p->s.channels * p->s.inner : 0;
+    NAME(some_out)(out, in, x, n, o_at, n, &k, op);
 }
 
 /* Tile t of feature c normalized (y <- (x - mean) * scale + shift, k) while,
@@ -430,8 +490,7 @@ static void NAME(normalize_tile)(T *y, const T *x, const bn_vcoef *k, bn_partial
     for (size_t o = tile.o0; o < tile.o1; o++) {
         size_t at = bn_row_at(p->s, o, c) + tile.i0;
         NAME(pipeline_row)(y + at, x + at, NULL, *k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
-                           next ? x + at + p->s.inner : NULL, center, tile.i1 - tile.i0,
-                           NAME(rows_ahead)(p, o, tile));
+                           next ? x + at + p->s.inner : NULL, center, p, o, tile.i0, tile.i1);
     }
     if (next) {
         bn_absorb(next, (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0)), center - shift,
@@ -451,7 +510,7 @@ BN_INLINE void NAME(dx_tile)(T *dx, const T *dy, const T *x, const bn_vcoef *k, 
         size_t at = bn_row_at(p->s, o, c) + tile.i0, next_at = at + p->s.inner;
         NAME(pipeline_row)(dx + at, dy + at, x + at, *k, op, p->stream, acc, acc2,
                            next ? dy + next_at : NULL, next ? x + next_at : NULL, next_mean,
-                           tile.i1 - tile.i0, NAME(rows_ahead)(p, o, tile));
+                           p, o, tile.i0, tile.i1);
     }
     if (next) {
         next[0] += bn_total(acc);
