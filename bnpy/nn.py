@@ -125,7 +125,17 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
-class Linear(Layer):
+class _Weighted(Layer):
+    """A layer with a weight and an optional bias (None), and their gradients."""
+
+    def parameters(self):
+        pairs = [(self.weight, self.grad_weight)]
+        if self.bias is not None:
+            pairs.append((self.bias, self.grad_bias))
+        return pairs
+
+
+class Linear(_Weighted):
     """y = x @ weight.T + bias, over the last axis of x.
 
     weight has shape (out_features, in_features) and is drawn from
@@ -173,12 +183,6 @@ class Linear(Layer):
         if self.bias is not None:
             self.grad_bias = rows.sum(axis=0)
         return dy @ self.weight
-
-    def parameters(self):
-        pairs = [(self.weight, self.grad_weight)]
-        if self.bias is not None:
-            pairs.append((self.bias, self.grad_bias))
-        return pairs
 
     def __repr__(self):
         return (f"Linear({self.in_features}, {self.out_features}, "
@@ -276,7 +280,7 @@ def _sum_windows(pieces, shape, stride):
     return total
 
 
-class Conv2d(Layer):
+class Conv2d(_Weighted):
     """A 2-D convolution (cross-correlation, as PyTorch's) of (N, C, H, W) images.
 
     weight has shape (out_channels, in_channels, k, k) and is drawn from
@@ -338,12 +342,6 @@ class Conv2d(Layer):
         dpadded = _sum_windows(pieces, padded_shape, self.stride)
         h, w = padded_shape[2] - 2 * p, padded_shape[3] - 2 * p
         return dpadded[:, :, p:p + h, p:p + w]
-
-    def parameters(self):
-        pairs = [(self.weight, self.grad_weight)]
-        if self.bias is not None:
-            pairs.append((self.bias, self.grad_bias))
-        return pairs
 
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, {self.kernel_size}, "
