@@ -201,22 +201,24 @@ def _print_results(models, curves, data):
     return accuracies
 
 
-def _plot_demo(path, models, measured, curves, test_data, accuracy):
-    """Write the demo's four panels to path."""
+def _plot_demo(path, models, measured, curves, test_data, accuracies):
+    """Write the demo's panels to path: measurements, losses, both models' decision regions."""
     from matplotlib.figure import Figure
 
     from bnpy import viz
 
-    fig = Figure(figsize=(12, 9), layout="constrained")
-    (ax_std, ax_grad), (ax_loss, ax_regions) = fig.subplots(2, 2)
+    fig = Figure(figsize=(18, 10), layout="constrained")
+    axes = fig.subplot_mosaic([["std", "grad", "plain"], ["loss", "loss", "BatchNorm"]])
+    ax_std, ax_grad, ax_loss = axes["std"], axes["grad"], axes["loss"]
     viz.activation_stds({k: v[0] for k, v in measured.items()}, ax=ax_std,
                         title="At initialization: pre-activation std by layer")
     viz.gradient_norms({k: v[1] for k, v in measured.items()}, ax=ax_grad,
                        title="At initialization: weight-gradient norm by layer")
     viz.loss_curves(curves, ax=ax_loss, smooth=20,
                     title="Training loss (moving average over 20 steps)")
-    viz.decision_regions(models["BatchNorm"], *test_data, ax=ax_regions,
-                         title=f"With BatchNorm: test set, accuracy {accuracy:.1%}")
+    for name, model in models.items():
+        viz.decision_regions(model, *test_data, ax=axes[name],
+                             title=f"{name}: test set, accuracy {accuracies[name]:.1%}")
     fig.suptitle(f"A {DEMO_NETWORK['depth']}-layer {DEMO_NETWORK['activation']} network "
                  "with and without BatchNorm")
     fig.savefig(path, dpi=100)
@@ -244,8 +246,7 @@ def train_demo(plot=None, seed=0):
     print("\n   Chance is 33.3%: without BatchNorm the early layers get no gradient"
           "\n   and the network cannot learn; with it, every layer trains.")
     if plot:
-        _plot_demo(plot, models, measured, curves, test_data,
-                   accuracies["test"]["BatchNorm"])
+        _plot_demo(plot, models, measured, curves, test_data, accuracies["test"])
         print(f"\n   figure written to {plot}")
 
 

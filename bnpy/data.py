@@ -1,4 +1,7 @@
-"""Generated classification data for experiments: nothing is downloaded.
+"""Classification data for experiments: nothing is downloaded.
+
+spirals() generates points in the plane; digits() returns the 8x8 images of
+handwritten digits that scikit-learn ships inside its package.
 
     >>> from bnpy.data import spirals
     >>> x, labels = spirals(100, n_classes=3, rng=0)
@@ -7,7 +10,7 @@
 """
 import numpy as np
 
-__all__ = ["spirals"]
+__all__ = ["spirals", "digits"]
 
 
 def spirals(n_per_class, *, n_classes=3, turns=1.0, noise=0.2, rng=None):
@@ -35,3 +38,21 @@ def spirals(n_per_class, *, n_classes=3, turns=1.0, noise=0.2, rng=None):
     angle += noise * rng.standard_normal(angle.shape)
     x = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
     return (x / x.std()).astype(np.float32), labels.astype(np.int64)
+
+
+def digits():
+    """scikit-learn's 1,797 handwritten digits as (N, C, H, W) images for a CNN.
+
+    Returns (images, labels): images float32 of shape (1797, 1, 8, 8) with
+    values in [0, 1] (the original 0..16 grey levels divided by 16), labels
+    int64 digits 0..9, in scikit-learn's order. The data is part of the
+    scikit-learn package (``pip install "bnpy[notebooks]"``): no download.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError('bnpy.data.digits needs scikit-learn: pip install "bnpy[notebooks]" '
+                          "(or pip install scikit-learn)") from None
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
+    return images, data.target.astype(np.int64)

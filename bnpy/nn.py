@@ -36,6 +36,9 @@ __all__ = [
     "ReLU",
     "Tanh",
     "Sigmoid",
+    "Conv2d",
+    "MaxPool2d",
+    "Flatten",
     "Sequential",
     "SGD",
     "softmax_cross_entropy",
@@ -71,12 +74,20 @@ def _float_dtype(dtype):
     return dtype
 
 
-def _positive_int(name, value):
+def _positive_int(name, value, least=1):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
     return int(value)
+
+
+def _normal_weights(shape, fan_in, weight_scale, dtype, rng):
+    """Weights drawn from N(0, weight_scale**2 / fan_in), in dtype."""
+    if not (np.isfinite(weight_scale) and weight_scale >= 0):
+        raise ValueError(f"weight_scale must be a finite number >= 0, got {weight_scale!r}")
+    std = weight_scale / np.sqrt(fan_in)
+    return (np.random.default_rng(rng).standard_normal(shape) * std).astype(dtype)
 
 
 class Layer:
@@ -114,7 +125,17 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
-class Linear(Layer):
+class _Weighted(Layer):
+    """A layer with a weight and an optional bias (None), and their gradients."""
+
+    def parameters(self):
+        pairs = [(self.weight, self.grad_weight)]
+        if self.bias is not None:
+            pairs.append((self.bias, self.grad_bias))
+        return pairs
+
+
+class Linear(_Weighted):
     """y = x @ weight.T + bias, over the last axis of x.
 
     weight has shape (out_features, in_features) and is drawn from
@@ -131,12 +152,9 @@ class Linear(Layer):
                  dtype=np.float32, rng=None):
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
-        if not (np.isfinite(weight_scale) and weight_scale >= 0):
-            raise ValueError(f"weight_scale must be a finite number >= 0, got {weight_scale!r}")
         self.dtype = _float_dtype(dtype)
-        std = weight_scale / np.sqrt(in_features)
-        shape = (out_features, in_features)
-        self.weight = (np.random.default_rng(rng).standard_normal(shape) * std).astype(self.dtype)
+        self.weight = _normal_weights((out_features, in_features), in_features, weight_scale,
+                                      self.dtype, rng)
         self.bias = np.zeros(out_features, self.dtype) if bias else None
         self.grad_weight = None
         self.grad_bias = None
@@ -165,12 +183,6 @@ class Linear(Layer):
         if self.bias is not None:
             self.grad_bias = rows.sum(axis=0)
         return dy @ self.weight
-
-    def parameters(self):
-        pairs = [(self.weight, self.grad_weight)]
-        if self.bias is not None:
-            pairs.append((self.bias, self.grad_bias))
-        return pairs
 
     def __repr__(self):
         return (f"Linear({self.in_features}, {self.out_features}, "
@@ -221,6 +233,181 @@ class Sigmoid(Layer):
 
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+
+
+# ---- images: (N, C, H, W) ----------------------------------------------------
+
+def _image_input(layer, x, channels):
+    """x as an (N, C, H, W) float array with C == channels; ValueError otherwise."""
+    x = _as_float_array(x)
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise ValueError(f"{type(layer).__name__} expected input of shape (N, {channels}, H, W), "
+                         f"got {x.shape}")
+    return x
+
+
+def _output_size(layer, size, kernel_size, stride, padding):
+    """Windows that fit along one side of `size` values (after padding); ValueError if none."""
+    out = (size + 2 * padding - kernel_size) // stride + 1
+    if out < 1:
+        raise ValueError(f"{type(layer).__name__}: a kernel of {kernel_size} with padding "
+                         f"{padding} does not fit an image side of {size}")
+    return out
+
+
+def _windows(x, kernel_size, stride, out_h, out_w):
+    """Every kernel_size x kernel_size window of x, read without a copy.
+
+    x (N, C, H, W) -> (N, C, out_h, out_w, k, k): [n, c, i, j] is the window
+    whose top-left corner is x[n, c, i * stride, j * stride].
+    """
+    view = np.lib.stride_tricks.sliding_window_view(x, (kernel_size, kernel_size), axis=(2, 3))
+    return view[:, :, ::stride, ::stride][:, :, :out_h, :out_w]
+
+
+def _sum_windows(pieces, shape, stride):
+    """The adjoint of _windows: add each window's values back where they were read.
+
+    pieces (N, C, out_h, out_w, k, k) -> an array of `shape` (N, C, H, W).
+    Overlapping windows add up.
+    """
+    _, _, out_h, out_w, k, _ = pieces.shape
+    total = np.zeros(shape, dtype=pieces.dtype)
+    for i in range(k):
+        for j in range(k):
+            total[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += \
+                pieces[:, :, :, :, i, j]
+    return total
+
+
+class Conv2d(_Weighted):
+    """A 2-D convolution (cross-correlation, as PyTorch's) of (N, C, H, W) images.
+
+    weight has shape (out_channels, in_channels, k, k) and is drawn from
+    N(0, weight_scale**2 / (in_channels * k * k)); bias starts at zero (None
+    when bias=False). The output has shape (N, out_channels, H', W') with
+    H' = (H + 2 * padding - k) // stride + 1. Computed as im2col and one
+    matrix product: every window becomes a row of in_channels * k * k values
+    (kept for backward), multiplied by the weight as a matrix. rng is a seed
+    or a numpy Generator; inputs are converted to the layer's dtype.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0,
+                 bias=True, weight_scale=1.0, dtype=np.float32, rng=None):
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.out_channels = _positive_int("out_channels", out_channels)
+        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.stride = _positive_int("stride", stride)
+        self.padding = _positive_int("padding", padding, least=0)
+        self.dtype = _float_dtype(dtype)
+        fan_in = in_channels * kernel_size * kernel_size
+        self.weight = _normal_weights((out_channels, in_channels, kernel_size, kernel_size),
+                                      fan_in, weight_scale, self.dtype, rng)
+        self.bias = np.zeros(out_channels, self.dtype) if bias else None
+        self.grad_weight = None
+        self.grad_bias = None
+        self._rows = None  # the last forward's windows, one per row
+        self._shapes = None  # (padded input shape, output shape)
+
+    def forward(self, x):
+        x = np.asarray(_image_input(self, x, self.in_channels), dtype=self.dtype)
+        n, _, h, w = x.shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        out_h, out_w = (_output_size(self, side, k, s, p) for side in (h, w))
+        padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
+        windows = _windows(padded, k, s, out_h, out_w)  # (N, C, H', W', k, k)
+        rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * out_h * out_w, -1)
+        y = rows @ self.weight.reshape(self.out_channels, -1).T  # (N*H'*W', out_channels)
+        if self.bias is not None:
+            y += self.bias
+        self._rows = rows
+        self._shapes = (padded.shape, (n, self.out_channels, out_h, out_w))
+        return np.ascontiguousarray(y.reshape(n, out_h, out_w, -1).transpose(0, 3, 1, 2))
+
+    def backward(self, dy):
+        if self._rows is None:
+            raise RuntimeError("Conv2d.backward called before any forward")
+        padded_shape, out_shape = self._shapes
+        dy = np.asarray(_as_float_array(dy), dtype=self.dtype)
+        if dy.shape != out_shape:
+            raise ValueError(f"dy has shape {dy.shape}, expected {out_shape}")
+        n, _, out_h, out_w = out_shape
+        k, p = self.kernel_size, self.padding
+        dy_rows = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)  # (N*H'*W', out)
+        self.grad_weight = (dy_rows.T @ self._rows).reshape(self.weight.shape)
+        if self.bias is not None:
+            self.grad_bias = dy_rows.sum(axis=0)
+        drows = dy_rows @ self.weight.reshape(self.out_channels, -1)  # (N*H'*W', C*k*k)
+        pieces = drows.reshape(n, out_h, out_w, self.in_channels, k, k).transpose(0, 3, 1, 2, 4, 5)
+        dpadded = _sum_windows(pieces, padded_shape, self.stride)
+        h, w = padded_shape[2] - 2 * p, padded_shape[3] - 2 * p
+        return dpadded[:, :, p:p + h, p:p + w]
+
+    def __repr__(self):
+        return (f"Conv2d({self.in_channels}, {self.out_channels}, {self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+                f"dtype='{self.dtype}')")
+
+
+class MaxPool2d(Layer):
+    """The largest value of each kernel_size x kernel_size window of (N, C, H, W) images.
+
+    stride defaults to kernel_size (windows side by side). backward sends each
+    window's gradient to the position of its maximum (the first one on a tie).
+    """
+
+    def __init__(self, kernel_size, stride=None):
+        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.stride = self.kernel_size if stride is None else _positive_int("stride", stride)
+        self._argmax = None  # (N, C, H', W'): where in its window each maximum was
+        self._x_shape = None
+
+    def forward(self, x):
+        x = _as_float_array(x)
+        if x.ndim != 4:
+            raise ValueError(f"MaxPool2d expected input of shape (N, C, H, W), got {x.shape}")
+        k, s = self.kernel_size, self.stride
+        out_h, out_w = (_output_size(self, side, k, s, 0) for side in x.shape[2:])
+        windows = _windows(x, k, s, out_h, out_w).reshape(*x.shape[:2], out_h, out_w, k * k)
+        self._argmax = windows.argmax(axis=-1)
+        self._x_shape = x.shape
+        return np.take_along_axis(windows, self._argmax[..., None], axis=-1)[..., 0]
+
+    def backward(self, dy):
+        if self._argmax is None:
+            raise RuntimeError("MaxPool2d.backward called before any forward")
+        dy = _as_float_array(dy)
+        if dy.shape != self._argmax.shape:
+            raise ValueError(f"dy has shape {dy.shape}, expected {self._argmax.shape}")
+        k = self.kernel_size
+        winners = np.arange(k * k) == self._argmax[..., None]  # (N, C, H', W', k*k)
+        pieces = (winners * dy[..., None]).reshape(*dy.shape, k, k)
+        return _sum_windows(pieces, self._x_shape, self.stride)
+
+    def __repr__(self):
+        return f"MaxPool2d({self.kernel_size}, stride={self.stride})"
+
+
+class Flatten(Layer):
+    """(N, ...) -> (N, everything else): images into rows for a Linear layer."""
+
+    _x_shape = None
+
+    def forward(self, x):
+        x = _as_float_array(x)
+        if x.ndim < 1:
+            raise ValueError("Flatten expected an input with a batch axis, got a scalar")
+        self._x_shape = x.shape
+        return x.reshape(len(x), -1)
+
+    def backward(self, dy):
+        if self._x_shape is None:
+            raise RuntimeError("Flatten.backward called before any forward")
+        dy = _as_float_array(dy)
+        expected = (self._x_shape[0], int(np.prod(self._x_shape[1:])))
+        if dy.shape != expected:
+            raise ValueError(f"dy has shape {dy.shape}, expected {expected}")
+        return dy.reshape(self._x_shape)
 
 
 def _layer_parameters(layer):
@@ -357,30 +544,40 @@ def accuracy(logits, labels):
 
 
 def mlp(in_features, out_features, *, width=64, depth=20, activation="sigmoid",
-        batch_norm=False, weight_scale=1.0, dtype=np.float32, rng=None):
+        batch_norm=False, placement="before", weight_scale=1.0, dtype=np.float32, rng=None):
     """A deep fully connected network of `depth` Linear layers.
 
-    Every hidden block is Linear -> [BatchNorm] -> activation; the last Linear
-    gives the logits. activation is "sigmoid", "tanh", "relu" or a callable
-    returning a layer. With batch_norm the hidden Linear layers have no bias:
-    BatchNorm subtracts the mean, and its beta plays the bias's part.
-    rng (a seed or a Generator) draws every weight.
+    Every hidden block is Linear -> [BatchNorm] -> activation with
+    placement="before" (BatchNorm before the activation, as in the original
+    paper), or Linear -> activation -> [BatchNorm] with placement="after"; the
+    last Linear gives the logits. activation is "sigmoid", "tanh", "relu" or
+    a callable returning a layer. With BatchNorm before the activation the
+    hidden Linear layers have no bias: BatchNorm subtracts the mean, and its
+    beta plays the bias's part. rng (a seed or a Generator) draws every
+    weight, in the same order whatever the placement and batch_norm.
     """
     depth = _positive_int("depth", depth)
     make_activation = ACTIVATIONS.get(activation, activation)
     if not callable(make_activation):
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, "
                          f"got {activation!r}")
+    if placement not in ("before", "after"):
+        raise ValueError(f'placement must be "before" or "after" (the activation), '
+                         f"got {placement!r}")
     rng = np.random.default_rng(rng)
     sizes = [in_features] + [width] * (depth - 1) + [out_features]
+    bias_is_redundant = batch_norm and placement == "before"
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         last = i == depth - 1
-        layers.append(Linear(n_in, n_out, bias=last or not batch_norm,
+        layers.append(Linear(n_in, n_out, bias=last or not bias_is_redundant,
                              weight_scale=weight_scale, dtype=dtype, rng=rng))
-        if not last:
-            layers += [BatchNorm(n_out, dtype=dtype)] if batch_norm else []
-            layers.append(make_activation())
+        if last:
+            break
+        block = [make_activation()]
+        if batch_norm:
+            block.insert(0 if placement == "before" else 1, BatchNorm(n_out, dtype=dtype))
+        layers += block
     return Sequential(*layers)
 
 

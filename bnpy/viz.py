@@ -12,11 +12,12 @@ a legend, and returns it::
     viz.gradient_norms({"with BatchNorm": model})  # weight-gradient norm by depth
 
 Curves are given as a dict {legend label: values}, so that one picture
-compares several networks or settings.
+compares several networks or settings. :func:`interactive` puts ipywidgets
+controls over any drawing function.
 """
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from . import nn
 
@@ -27,6 +28,7 @@ __all__ = [
     "loss_curves",
     "running_stats",
     "decision_regions",
+    "interactive",
 ]
 
 
@@ -144,8 +146,19 @@ def loss_curves(curves, *, ax=None, smooth=1, log=False, title="Training loss",
     for label, values in curves.items():
         ax.plot(_moving_average(values, smooth), label=label)
     if log:
-        ax.set_yscale("log")
+        _plain_log_y(ax)
     return _finish(ax, title, "step", ylabel)
+
+
+def _plain_log_y(ax):
+    """A logarithmic y axis labelled at 1, 2 and 5 of every decade, as plain numbers.
+
+    A loss between 0.3 and 3 then reads 0.5, 1, 2 rather than just 10^0.
+    """
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def running_stats(histories, *, target=None, ax=None, title="Running statistic over steps",
@@ -191,3 +204,42 @@ def decision_regions(model, x, labels, *, ax=None, resolution=200, title="Decisi
         ax.scatter(*x[labels == k].T, s=8, color=colors[k], label=f"class {k}")
     ax.set_aspect("equal")
     return _finish(ax, title, "x₁", "x₂")
+
+
+def interactive(draw, **controls):
+    """Draw once now, then redraw whenever one of the ipywidgets controls changes.
+
+    draw(**values) makes a new figure and returns it; controls maps each of
+    its keyword arguments to a widget (an IntSlider, a Dropdown, a Checkbox...)
+    whose value is passed. The first figure, drawn with the controls' initial
+    values, is displayed as an ordinary output, so a notebook run without a
+    live kernel (or on a web page) keeps it. Returns the controls and an
+    output area in a box: display it (the last line of a cell does), move a
+    control, and the redrawn figure appears under the controls. Needs
+    ipywidgets (``pip install "bnpy[notebooks]"``).
+    """
+    import ipywidgets
+    from IPython.display import display
+
+    for name, control in controls.items():
+        if not isinstance(control, ipywidgets.ValueWidget):
+            raise TypeError(f"control {name!r} must be an ipywidgets widget with a value, "
+                            f"got {type(control).__name__}")
+    output = ipywidgets.Output()
+
+    def show(_change=None):
+        figure = draw(**{name: control.value for name, control in controls.items()})
+        display(figure)
+        plt.close(figure)
+
+    def redraw(change):
+        with output:
+            output.clear_output(wait=True)
+            show(change)
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    show()
+    return ipywidgets.VBox([ipywidgets.HBox(list(controls.values()),
+                                            layout=ipywidgets.Layout(flex_flow="row wrap")),
+                            output])

@@ -74,3 +74,29 @@ def test_the_other_commands_still_work(tmp_path):
     assert "demo [--plot FILE]" in usage.stdout
     bad = run("demo", "--no-such-option", cwd=tmp_path)
     assert bad.returncode == 2 and "--plot" in bad.stderr
+
+
+def test_demo_figure_draws_decision_regions_for_both_models(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from bnpy import nn
+    from bnpy.__main__ import _plot_demo
+    from bnpy.data import spirals
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: saved.append(figure))
+    x, labels = spirals(20, rng=0)
+    models = {name: nn.mlp(2, 3, width=4, depth=3, batch_norm=bn, rng=0)
+              for name, bn in (("plain", False), ("BatchNorm", True))}
+    for model in models.values():
+        _, dlogits = nn.softmax_cross_entropy(model(x), labels)
+        model.backward(dlogits)
+    measured = {name: ([nn.batch_std(v) for v in nn.preactivations(m)], nn.weight_gradient_norms(m))
+                for name, m in models.items()}
+    _plot_demo(tmp_path / "demo.png", models, measured, {"plain": [1.0, 0.9]}, (x, labels),
+               {"plain": 0.4, "BatchNorm": 0.9})
+    titles = [ax.get_title() for ax in saved[0].axes]
+    assert "plain: test set, accuracy 40.0%" in titles
+    assert "BatchNorm: test set, accuracy 90.0%" in titles

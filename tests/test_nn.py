@@ -454,3 +454,158 @@ def test_spirals():
     assert not np.array_equal(x, spirals(50, n_classes=4, rng=4)[0])
     with pytest.raises(ValueError, match="n_classes"):
         spirals(10, n_classes=1)
+
+
+# ---- placement: BatchNorm before or after the activation ---------------------
+
+def test_mlp_placement_after_puts_batchnorm_after_the_activation():
+    model = nn.mlp(2, 3, width=8, depth=3, activation="relu", batch_norm=True, placement="after",
+                   rng=4)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Linear", "ReLU", "BatchNorm"] * 2 + ["Linear"]
+    # the activation sits between Linear and BatchNorm: the bias is no longer redundant
+    assert all(layer.bias is not None for layer in nn.linear_layers(model))
+    before = nn.mlp(2, 3, width=8, depth=3, activation="relu", batch_norm=True, rng=4)
+    assert [type(layer).__name__ for layer in before.layers] == \
+        ["Linear", "BatchNorm", "ReLU"] * 2 + ["Linear"]
+    for a, b in zip(nn.linear_layers(model), nn.linear_layers(before)):  # same seed, same weights
+        np.testing.assert_array_equal(a.weight, b.weight)
+
+
+def test_mlp_placement_after_normalizes_the_activations():
+    model = nn.mlp(2, 3, width=16, depth=4, activation="sigmoid", batch_norm=True,
+                   placement="after", rng=0)
+    model(spirals(50, rng=0)[0])
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, bnpy.BatchNorm):
+            assert isinstance(model.layers[i - 1], nn.Sigmoid)
+            np.testing.assert_allclose(model.outputs[i].mean(axis=0), 0, atol=1e-5)
+
+
+def test_mlp_placement_errors():
+    with pytest.raises(ValueError, match=r"placement must be \"before\" or \"after\".*'middle'"):
+        nn.mlp(2, 3, batch_norm=True, placement="middle")
+
+
+# ---- Conv2d, MaxPool2d, Flatten ------------------------------------------------
+
+def direct_convolution(x, weight, bias, stride, padding):
+    """The definition, one output value at a time."""
+    n, _, h, w = x.shape
+    out_channels, _, k, _ = weight.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out_h, out_w = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    y = np.zeros((n, out_channels, out_h, out_w))
+    for i in range(out_h):
+        for j in range(out_w):
+            window = padded[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
+            y[:, :, i, j] = np.einsum("nchw,ochw->no", window, weight)
+    return y + (0 if bias is None else bias[:, None, None])
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (1, 1), (2, 1), (3, 2)])
+def test_conv2d_forward_is_the_direct_convolution(stride, padding):
+    layer = nn.Conv2d(3, 4, 3, stride=stride, padding=padding, dtype=np.float64, rng=0)
+    layer.bias[:] = [0.5, -1.0, 2.0, 0.0]
+    x = data((2, 3, 7, 6))
+    y = layer(x)
+    expected = direct_convolution(x, layer.weight, layer.bias, stride, padding)
+    assert y.shape == expected.shape and y.flags.c_contiguous
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride, padding, bias", [(1, 0, True), (1, 1, False), (2, 1, True),
+                                                   (2, 0, True)])
+def test_conv2d_gradients_pass_gradcheck(stride, padding, bias):
+    layer = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, bias=bias, dtype=np.float64, rng=1)
+    report = model_gradcheck(layer, data((2, 2, 6, 5)))
+    assert report.passed, report
+    assert len(report.inputs) == (3 if bias else 2) and all(r.checked for r in report.inputs)
+
+
+def test_a_wrong_conv2d_backward_is_caught():
+    """A convolution whose backward forgets the padding's border: gradcheck fails."""
+    class WrongConv(nn.Conv2d):
+        def backward(self, dy):
+            dx = super().backward(dy)
+            dx[:, :, 0, :] = 0
+            return dx
+
+    report = model_gradcheck(WrongConv(1, 2, 3, padding=1, dtype=np.float64, rng=0),
+                             data((2, 1, 5, 5)))
+    assert not report.passed
+
+
+def test_conv2d_weights_have_the_documented_scale():
+    layer = nn.Conv2d(8, 64, 3, weight_scale=2.0, rng=0)
+    assert layer.weight.shape == (64, 8, 3, 3) and layer.weight.dtype == np.float32
+    assert layer.weight.std() == pytest.approx(2.0 / np.sqrt(8 * 9), rel=0.05)
+    np.testing.assert_array_equal(layer.weight, nn.Conv2d(8, 64, 3, weight_scale=2.0, rng=0).weight)
+    assert nn.Conv2d(1, 2, 3, bias=False).bias is None
+
+
+def test_conv2d_errors():
+    layer = nn.Conv2d(3, 4, 5)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\), got \(2, 1, 8, 8\)"):
+        layer(np.ones((2, 1, 8, 8)))
+    with pytest.raises(ValueError, match="kernel of 5 with padding 0 does not fit an image side of 4"):
+        layer(np.ones((2, 3, 4, 8)))
+    with pytest.raises(RuntimeError, match="before any forward"):
+        layer.backward(np.ones((2, 4, 4, 4)))
+    layer(np.ones((2, 3, 8, 8)))
+    with pytest.raises(ValueError, match=r"dy has shape \(2, 4, 3, 3\), expected \(2, 4, 4, 4\)"):
+        layer.backward(np.ones((2, 4, 3, 3)))
+    with pytest.raises(ValueError, match="padding must be >= 0, got -1"):
+        nn.Conv2d(1, 1, 3, padding=-1)
+    with pytest.raises(ValueError, match="kernel_size must be >= 1, got 0"):
+        nn.Conv2d(1, 1, 0)
+    with pytest.raises(TypeError, match="stride must be an int"):
+        nn.Conv2d(1, 1, 3, stride=1.5)
+
+
+def test_maxpool2d_takes_the_largest_value_of_each_window():
+    x = np.arange(32.0).reshape(1, 2, 4, 4)
+    x[0, 0, 0, 0] = 100.0
+    y = nn.MaxPool2d(2)(x)
+    np.testing.assert_array_equal(y[0, 0], [[100, 7], [13, 15]])
+    np.testing.assert_array_equal(y[0, 1], [[21, 23], [29, 31]])
+    assert nn.MaxPool2d(3, stride=1)(x).shape == (1, 2, 2, 2)
+
+
+@pytest.mark.parametrize("kernel_size, stride", [(2, None), (3, 1), (3, 2)])
+def test_maxpool2d_and_flatten_gradients_pass_gradcheck(kernel_size, stride):
+    # distinct values: finite differences of a max need a clear winner in every window
+    x = np.random.default_rng(0).permutation(2 * 3 * 7 * 7).reshape(2, 3, 7, 7) / 10.0
+    report = model_gradcheck(nn.Sequential(nn.MaxPool2d(kernel_size, stride), nn.Flatten()), x)
+    assert report.passed, report
+
+
+def test_maxpool2d_and_flatten_errors():
+    pool = nn.MaxPool2d(2)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, C, H, W\), got \(4, 4\)"):
+        pool(np.ones((4, 4)))
+    with pytest.raises(RuntimeError, match="before any forward"):
+        pool.backward(np.ones((1, 1, 2, 2)))
+    flatten = nn.Flatten()
+    assert flatten(np.ones((3, 2, 4, 5))).shape == (3, 40)
+    with pytest.raises(ValueError, match=r"dy has shape \(3, 39\), expected \(3, 40\)"):
+        flatten.backward(np.ones((3, 39)))
+
+
+def test_digits_are_scikit_learns_images_scaled_to_0_1():
+    images, labels = bnpy.data.digits()
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == np.float32
+    assert images.min() == 0 and images.max() == 1
+    assert labels.dtype == np.int64 and sorted(set(labels.tolist())) == list(range(10))
+
+
+def test_a_cnn_with_spatial_batchnorm_learns_the_digits():
+    images, labels = bnpy.data.digits()
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, rng=0), bnpy.BatchNorm(8), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10, rng=1))
+    losses = nn.fit(model, images, labels, lr=0.1, steps=60, batch_size=64, rng=2)
+    assert losses[0] > 2.0  # about log(10) = 2.3 at the start
+    assert losses[-10:].mean() < 0.35 * losses[0]  # well under half
+    # the BatchNorm normalized each channel over (N, H, W): 8 gammas, spatial statistics
+    assert model[1].gamma.shape == (8,) and model[1].num_batches_tracked == 60
+    assert nn.accuracy(model.eval()(images), labels) > 0.85

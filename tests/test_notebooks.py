@@ -48,8 +48,31 @@ def images(notebook):
     return [output for output in outputs_of_type(notebook, "display_data") if PNG in output.data]
 
 
-def test_there_are_four_notebooks():
-    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_"]
+def test_there_are_six_notebooks():
+    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "07_", "08_"]
+
+
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def test_notebooks_01_and_03_have_controls_and_keep_a_static_figure_of_them():
+    """The widget is stored, and the figure its function drew with the initial values
+    is an ordinary image output of the same cell, what a viewer without a kernel shows."""
+    for path in NOTEBOOKS[0], NOTEBOOKS[2]:
+        notebook = nbformat.read(path, as_version=4)
+        cells = [cell for cell in code_cells(notebook)
+                 if any(WIDGET in output.get("data", {}) for output in cell.outputs)]
+        assert cells, f"{path.name} has no ipywidgets controls"
+        assert "viz.interactive(" in cells[0].source
+        assert any(PNG in output.get("data", {}) for output in cells[0].outputs)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_notebook_ends_with_exercises(path):
+    last = nbformat.read(path, as_version=4).cells[-1]
+    assert last.cell_type == "markdown" and "## Exercises" in last.source
+    exercises = last.source.split("## Exercises")[1]
+    assert len(re.findall(r"^\d+\. ", exercises, re.M)) >= 3
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
@@ -86,3 +109,11 @@ def test_notebook_reads_as_documentation_and_uses_the_public_api(path):
     private = re.findall(r"bnpy(?:\.\w+)*\._(?!_)\w+|\b\w+\._(?!_)\w+\(", source)
     assert not private, f"private names used: {private}"
     assert "plt.savefig" not in source  # figures are outputs, not files
+
+
+def test_notebook_01_maps_the_notes_symbols_to_bnpy_names():
+    notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
+    table = next(cell.source for cell in notebook.cells if "From the notes to the code" in cell.source)
+    for needed in ("1 - momentum", "`eps=1e-5`", "epsilon=1e-3", "momentum=0.99", "axis=-1",
+                   "$K$", "unbiased", "biased", "$\\delta$", "$\\alpha$"):
+        assert needed in table, needed

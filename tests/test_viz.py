@@ -102,3 +102,38 @@ def test_batchnorm_layer_goes_through_viz_in_a_sequential():
     model(np.random.default_rng(0).normal(size=(16, 2)))
     ax = viz.activation_stds({"bn": model})
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [1.0], atol=1e-3)
+
+
+def test_loss_curves_on_a_log_axis_label_plain_numbers_within_a_decade():
+    ax = viz.loss_curves({"a": np.geomspace(3.0, 0.3, 50)}, log=True)
+    ax.figure.canvas.draw()
+    low, high = ax.get_ylim()
+    labels = [t.get_text() for t, value in zip(ax.get_yticklabels(), ax.get_yticks())
+              if low <= value <= high]
+    assert ax.get_yscale() == "log"
+    assert {"0.5", "1", "2"} <= set(labels)  # not only 10^0
+
+
+def test_interactive_draws_once_then_redraws_on_each_change():
+    import ipywidgets as widgets
+    calls = []
+
+    def draw(depth, batch_norm):
+        calls.append((depth, batch_norm))
+        figure, ax = plt.subplots()
+        ax.plot([0, depth])
+        return figure
+
+    depth, batch_norm = widgets.IntSlider(value=5, min=1, max=30), widgets.Checkbox(value=True)
+    box = viz.interactive(draw, depth=depth, batch_norm=batch_norm)
+    assert calls == [(5, True)]  # the static figure, with the initial values
+    assert depth in box.children[0].children and batch_norm in box.children[0].children
+    depth.value = 12
+    batch_norm.value = False
+    assert calls == [(5, True), (12, True), (12, False)]
+    assert plt.get_fignums() == []  # every figure shown is closed: none is drawn twice
+
+
+def test_interactive_rejects_a_control_without_a_value():
+    with pytest.raises(TypeError, match="control 'depth' must be an ipywidgets widget"):
+        viz.interactive(lambda depth: None, depth=5)
