@@ -166,10 +166,95 @@ static int is_real_kind(PyArray_Descr *descr)
            || PyDataType_ISFLOAT(descr);
 }
 
+/* TypeError when obj is a numpy.ma.MaskedArray: the kernels would take the
+ * masked-out values into the statistics. 0 otherwise. */
+static int reject_masked(PyObject *obj, const char *name)
+{
+    if (!PyArray_Check(obj) || PyArray_CheckExact(obj)) {
+        return 0; /* not an ndarray subclass: the fast path */
+    }
+    PyObject *ma = PyImport_ImportModule("numpy.ma");
+    PyObject *masked_type = ma ? PyObject_GetAttrString(ma, "MaskedArray") : NULL;
+    int is_masked = masked_type ? PyObject_IsInstance(obj, masked_type) : -1;
+    Py_XDECREF(ma);
+    Py_XDECREF(masked_type);
+    if (is_masked == 1) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s is a numpy.ma.MaskedArray: bnpy has no notion of missing values and "
+                     "would count the masked-out ones in the statistics; drop them (select "
+                     "the rows you mean) or pass np.ma.getdata(%s) to use every value, "
+                     "mask ignored", name, name);
+    }
+    return is_masked == 0 ? 0 : -1;
+}
+
+/* A DLPack device as (type, id); kDLCPU is type 1. */
+enum { DLPACK_CPU = 1 };
+
+/* TypeError unless obj, which has __dlpack__, can be read on the CPU without a
+ * copy: on another device, or a tensor that records gradients (its DLPack
+ * export would fail with an obscure message, and bnpy records none). */
+static int check_dlpack_source(PyObject *obj, const char *name)
+{
+    PyObject *requires_grad = PyObject_GetAttrString(obj, "requires_grad");
+    int needs_grad = requires_grad ? PyObject_IsTrue(requires_grad) : 0;
+    Py_XDECREF(requires_grad);
+    PyErr_Clear(); /* no such attribute: not a tensor with autograd */
+    if (needs_grad == 1) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s is a tensor that requires grad: pass %s.detach() (bnpy records no "
+                     "autograd history), or use the modules of bnpy.torch, which do",
+                     name, name);
+        return -1;
+    }
+    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (device == NULL) {
+        return -1;
+    }
+    long type = -1, id = -1;
+    int parsed = PyTuple_Check(device) && PyArg_ParseTuple(device, "ll", &type, &id);
+    PyErr_Clear();
+    if (!parsed || type != DLPACK_CPU) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s lives on DLPack device %R, not the CPU (device type 1): bnpy "
+                     "computes on the CPU; copy it there first (for example %s.cpu() for a "
+                     "torch tensor, jax.device_get(%s) for a JAX array)",
+                     name, device, name, name);
+        Py_DECREF(device);
+        return -1;
+    }
+    Py_DECREF(device);
+    return 0;
+}
+
+/* obj as an array of its own: np.from_dlpack(obj) (zero-copy) for an object
+ * that speaks DLPack and is no ndarray, PyArray_FromAny otherwise (buffer
+ * protocol, __array_interface__, __array__, sequences). */
+static PyArrayObject *any_to_array(PyObject *obj, const char *name)
+{
+    if (PyArray_Check(obj) || !PyObject_HasAttrString(obj, "__dlpack__")) {
+        if (reject_masked(obj, name) < 0) {
+            return NULL;
+        }
+        return (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
+    }
+    if (check_dlpack_source(obj, name) < 0) {
+        return NULL;
+    }
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    PyObject *arr = numpy ? PyObject_CallMethod(numpy, "from_dlpack", "O", obj) : NULL;
+    Py_XDECREF(numpy);
+    if (arr != NULL && !PyArray_Check(arr)) {
+        PyErr_Format(PyExc_TypeError, "np.from_dlpack(%s) did not give an ndarray", name);
+        Py_CLEAR(arr);
+    }
+    return (PyArrayObject *)arr;
+}
+
 /* Any array-like as an array of its own dtype, checked to be real. */
 static PyArrayObject *as_real_array(PyObject *obj, const char *name)
 {
-    PyArrayObject *arr = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
+    PyArrayObject *arr = any_to_array(obj, name);
     if (arr == NULL) {
         return NULL;
     }
