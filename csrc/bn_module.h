@@ -29,7 +29,8 @@
 /* ---- module state -------------------------------------------------------- */
 
 typedef struct {
-    PyObject *batchnorm_type; /* bnpy.BatchNorm, a heap type */
+    PyObject *batchnorm_type;         /* bnpy.BatchNorm, a heap type */
+    PyObject *incompatible_keys_type; /* namedtuple (missing_keys, unexpected_keys) */
 } bn_module_state;
 
 /* ---- bn_convert.c -------------------------------------------------------- */
