@@ -370,8 +370,8 @@ int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *o
 {
     *call = (bn_forward_call){0};
     PyArrayObject *source = NULL; /* the caller's x before any conversion */
-    call->x = bn_as_array_and_source(x_obj, self->typenum, "x", &source);
-    if (call->x == NULL
+    call->x = bn_as_data(x_obj, self->typenum, "x", &source);
+    if (call->x == NULL || bn_relayout_to_out(&call->x, out_obj) < 0
         || bn_get_layout(call->x, self->axis, self->num_features, &call->layout) < 0) {
         goto fail;
     }
@@ -388,14 +388,13 @@ int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *o
     call->in_place = bn_arrays_overlap(call->y, call->x);
     if (training && !call->in_place && overlaps_kept_memory(self, call->y, source)) {
         call->out = call->y;
-        call->y = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(call->x),
-                                                     PyArray_DIMS(call->x), self->typenum);
+        call->y = bn_output_like(NULL, call->x, self->typenum);
         if (call->y == NULL) {
             goto fail;
         }
     }
     call->saved_x = !call->in_place ? (PyArrayObject *)Py_NewRef(call->x)
-                    : training ? (PyArrayObject *)PyArray_NewCopy(call->x, NPY_CORDER)
+                    : training ? (PyArrayObject *)PyArray_NewCopy(call->x, NPY_KEEPORDER)
                                : NULL;
     if (call->saved_x == NULL && (training || !call->in_place)) {
         goto fail;
@@ -576,12 +575,15 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     size_t channels = CHANNELS(self);
     double *sums = NULL, *work = NULL;
 
-    dy = bn_as_array(dy_obj, self->typenum, "dy");
+    dy = bn_as_data(dy_obj, self->typenum, "dy", NULL);
     if (dy == NULL) {
         goto fail;
     }
     if (!bn_same_shape(dy, x)) {
         raise_dy_shape(dy, x);
+        goto fail;
+    }
+    if (bn_relayout(&dy, x) < 0) {
         goto fail;
     }
     dx = bn_output_like(out_obj, dy, self->typenum);

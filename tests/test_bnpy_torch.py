@@ -146,7 +146,6 @@ def test_non_contiguous_input(torch, bt, dtype):
         close(got, want, rtol)
 
 
-@pytest.mark.xfail(strict=True, reason="layouts kept: the next commit")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_channels_last_stays_channels_last_without_copies(torch, bt, dtype):
     dtype = getattr(torch, dtype)
@@ -163,9 +162,7 @@ def test_channels_last_stays_channels_last_without_copies(torch, bt, dtype):
     assert y.stride() == x.stride()
 
 
-@pytest.mark.parametrize("memory_format", [
-    "contiguous_format",
-    pytest.param("channels_last", marks=pytest.mark.xfail(strict=True, reason="next commit"))])
+@pytest.mark.parametrize("memory_format", ["contiguous_format", "channels_last"])
 def test_forward_and_backward_copy_nothing(torch, bt, memory_format):
     """NumPy's allocations are traced: bnpy allocates y and dx (2 x's worth)
     and nothing else the size of the data; a copy of x or dy would be a third."""

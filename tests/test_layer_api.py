@@ -374,7 +374,7 @@ def _bad_outs():
     }
 
 
-@pytest.mark.parametrize("kind", list(_bad_outs()))
+@pytest.mark.parametrize("kind", [k for k in _bad_outs() if k != "fortran"])  # x takes its layout
 def test_forward_out_rejected(kind):
     out = _bad_outs()[kind]
     snapshot = out.copy()
