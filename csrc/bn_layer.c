@@ -1342,7 +1342,8 @@ static PyMethodDef BatchNorm_methods[] = {
                "batch statistics (updating the running statistics when tracked); in eval\n"
                "mode with the running statistics (or the batch statistics when they are\n"
                "not tracked). Keeps what backward needs. y has x's shape and the layer's\n"
-               "dtype; out, when given, is a writable C-contiguous array to write y to.")},
+               "dtype and, when x is dense in any axis order, x's strides; out, when given,\n"
+               "is a writable array to write y to (x is read in out's layout).")},
     {"backward", (PyCFunction)(void (*)(void))BatchNorm_backward, METH_VARARGS | METH_KEYWORDS,
      PyDoc_STR("backward($self, dy, *, out=None)\n--\n\n"
                "Gradient of the last forward for upstream gradient dy (its input's shape).\n"

@@ -110,6 +110,13 @@ def variant(name, a):
     return v
 
 
+def inputs(name, layout, dtype):
+    """shape, axis, x and dy C-contiguous, and x and dy in variant `name`"""
+    shape, axis = LAYOUTS[layout]
+    x0, dy0 = data(shape, 1, dtype), data(shape, 2, dtype)
+    return shape, axis, x0, dy0, variant(name, x0), variant(name, dy0)
+
+
 def test_variants_really_differ_in_layout():
     a = data((3, C, 5), 0, np.float64)
     assert not variant("fortran", a).flags.c_contiguous
@@ -176,9 +183,7 @@ ROUNDING = {np.float32: dict(rtol=2e-6, atol=2e-6), np.float64: dict(rtol=1e-13,
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_kept_layout_to_rounding_with_x_strides(dtype, layout, name, mode):
-    shape, axis = LAYOUTS[layout]
-    x0, dy0 = data(shape, 1, dtype), data(shape, 2, dtype)
-    x, dy = variant(name, x0), variant(name, dy0)
+    shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
     results = []
     for xs, dys in ((x0, dy0), (x, dy)):
         bn = make_layer(dtype, axis, mode)
@@ -196,9 +201,7 @@ def test_layer_kept_layout_to_rounding_with_x_strides(dtype, layout, name, mode)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_functional_kept_layout_to_rounding_with_x_strides(dtype, layout, name):
-    shape, axis = LAYOUTS[layout]
-    x0, dy0 = data(shape, 1, dtype), data(shape, 2, dtype)
-    x, dy = variant(name, x0), variant(name, dy0)
+    shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
     gamma, beta, mean, var = _stats(dtype)
     y, m, invstd = bnpy.batch_norm_forward(x, gamma, beta, axis=axis)
     y0, m0, invstd0 = bnpy.batch_norm_forward(x0, gamma, beta, axis=axis)
