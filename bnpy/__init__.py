@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - only when run from a source checkout
 
 from ._core import (
     BatchNorm,
+    IncompatibleKeys,
     batch_norm_backward,
     batch_norm_forward,
     batch_norm_inference,
@@ -73,6 +74,7 @@ _cpu_capability_from_environment()
 
 __all__ = [
     "BatchNorm",
+    "IncompatibleKeys",
     "batch_norm_forward",
     "batch_norm_inference",
     "batch_norm_backward",

@@ -1,12 +1,16 @@
 """Type stubs of bnpy._core, the C extension (see DESIGN.md section 3)."""
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 _DType = type[np.float32] | type[np.float64] | np.dtype[Any] | Literal["float32", "float64"]
 _Array = npt.NDArray[np.floating[Any]]
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 class BatchNorm:
     def __init__(
@@ -24,6 +28,8 @@ class BatchNorm:
     # parameters and buffers: views that share the layer's memory; assigning copies in
     gamma: _Array | None
     beta: _Array | None
+    weight: _Array | None  # gamma under PyTorch's name: the same memory
+    bias: _Array | None  # beta under PyTorch's name
     running_mean: _Array | None
     running_var: _Array | None
     @property
@@ -51,7 +57,9 @@ class BatchNorm:
     def train(self, mode: bool = True) -> BatchNorm: ...
     def eval(self) -> BatchNorm: ...
     def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any], /, strict: bool = True) -> IncompatibleKeys: ...
+    def reset_running_stats(self) -> None: ...
+    def reset_parameters(self) -> None: ...
     def calibrate(self, batches: Iterable[npt.ArrayLike], /) -> BatchNorm: ...
 
 def batch_norm_forward(

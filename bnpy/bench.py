@@ -10,6 +10,10 @@ count in the same repeats, so the speedup from threads compares like moments):
 - PyTorch's ``torch.nn.functional.batch_norm`` forward and its autograd
   backward (``torch.autograd.grad``), when torch is installed,
 - ``bnpy.reference`` (float64 NumPy, one thread),
+- for 4-D cases, when torch is installed, the op ``module``: a training
+  forward plus autograd backward of ``bnpy.torch.BatchNorm2d`` (the bnpy
+  column) against ``torch.nn.BatchNorm2d`` (the torch column), module level,
+  on tensors sharing x's and dy's memory (channels_last for NHWC),
 - ``np.copyto`` of the same bytes: the floor for a pass that reads x and
   writes y once; for the large cases also split in halves over two threads
   (NumPy copies without the GIL), the memory system's own speedup from a
@@ -55,6 +59,7 @@ QUICK_CASES = [
 ]
 OPS = ("forward-train", "forward-eval", "backward", "backward-inplace")
 BACKWARDS = ("backward", "backward-inplace")
+MODULE = "module"  # bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -143,6 +148,19 @@ def _torch_runners(torch, x, dy, axis, op, momentum=0.1, eps=1e-5):
     return lambda: torch.autograd.grad(y, (xg, weight, bias), dyt, retain_graph=True)
 
 
+def _module_runner(torch, cls, x, dy, axis):
+    """A training forward and autograd backward of the module cls(C) on x
+    (NCHW; NHWC data as a channels_last tensor), returning the gradients
+    rather than accumulating them."""
+    xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+    if axis != 1:
+        xt, dyt = xt.permute(0, 3, 1, 2), dyt.permute(0, 3, 1, 2)
+    xt.requires_grad_(True)
+    module = cls(x.shape[axis], dtype=xt.dtype)
+    wanted = (xt, module.weight, module.bias)
+    return lambda: torch.autograd.grad(module(xt), wanted, dyt)
+
+
 def _bnpy_runner(x, dy, axis, op, out=None):
     """bnpy's layer doing `op`, writing into out (a new array when None)."""
     bn = bnpy.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
@@ -202,8 +220,8 @@ def _make_case(name, shape, axis, dtype):
 
 def _reference_time(case, op, repeats):
     """The NumPy reference's median seconds for op (None for backward-inplace:
-    the reference's backward is the same)"""
-    if op == "backward-inplace":
+    the reference's backward is the same; None for the modules)"""
+    if op in ("backward-inplace", MODULE):
         return None
     runner = _reference_runner(case.x, case.dy, case.axis, op)
     return _medians({"ref": runner}, max(1, repeats // 4))["ref"]
@@ -220,6 +238,16 @@ def _runners(pool, case, op, threads, torch):
     if case.name in LARGE_CASES and 2 in threads:
         runners["copy2"] = lambda: _copy_on_two_threads(pool, copy_out, x)
     for n in threads:
+        if op == MODULE:
+            from bnpy.torch import BatchNorm2d
+
+            runners["bnpy", n] = _OnThreads(
+                n, _module_runner(torch, BatchNorm2d, x, case.dy, case.axis),
+                bnpy.set_num_threads)
+            runners["torch", n] = _OnThreads(
+                n, _module_runner(torch, torch.nn.BatchNorm2d, x, case.dy, case.axis),
+                torch.set_num_threads)
+            continue
         runners["bnpy", n] = _OnThreads(n, _bnpy_runner(x, case.dy, case.axis, op, out),
                                         bnpy.set_num_threads)
         if torch is not None:
@@ -232,7 +260,7 @@ def _measure(pool, case, op, threads, repeats, with_reference, torch):
     """One result dict per thread count for one op of a case"""
     reference_time = _reference_time(case, op, repeats) if with_reference else None
     t = _medians(_runners(pool, case, op, threads, torch), repeats)
-    moved = case.x.nbytes * (3 if op in BACKWARDS else 2)
+    moved = case.x.nbytes * (5 if op == MODULE else 3 if op in BACKWARDS else 2)
     return [dict(case=case.name, dtype=case.x.dtype.name, op=op, threads=n, bnpy=t["bnpy", n],
                  torch=t.get(("torch", n)), copy=t["copy"], copy2=t.get("copy2"),
                  reference=reference_time, bytes=moved)
@@ -248,7 +276,8 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
         for name, shape, axis in cases:
             for dtype in dtypes:
                 case = _make_case(name, shape, axis, dtype)
-                for op in OPS:
+                module = (MODULE,) if torch is not None and len(shape) == 4 else ()
+                for op in OPS + module:
                     for row in _measure(pool, case, op, threads, repeats, with_reference, torch):
                         rows.append(row)
                         echo(format_row(row))
@@ -351,7 +380,12 @@ def targets(rows, rounds=()):
     for threads, limit in ((1, 1.5), (2, 1.0)):
         check(f"every case, dtype and op, {threads} thread{'s' if threads > 1 else ''}: "
               f"torch/bnpy", [torch_over_bnpy(i) for i in pick(threads=threads)
-                              if rows[i]["torch"] is not None], limit)
+                              if rows[i]["torch"] is not None and rows[i]["op"] != MODULE],
+              limit)
+    check("bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward, NCHW "
+          "float32, 1 thread: torch/bnpy",
+          [torch_over_bnpy(i) for i in pick(op=MODULE, dtype="float32", threads=1)
+           if rows[i]["case"].startswith("NCHW")], 1.5)
     speedups = []
     for i, r in enumerate(rows):
         one = pick(case=r["case"], dtype=r["dtype"], op=r["op"], threads=1)

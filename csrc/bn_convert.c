@@ -166,10 +166,95 @@ static int is_real_kind(PyArray_Descr *descr)
            || PyDataType_ISFLOAT(descr);
 }
 
+/* TypeError when obj is a numpy.ma.MaskedArray: the kernels would take the
+ * masked-out values into the statistics. 0 otherwise. */
+static int reject_masked(PyObject *obj, const char *name)
+{
+    if (!PyArray_Check(obj) || PyArray_CheckExact(obj)) {
+        return 0; /* not an ndarray subclass: the fast path */
+    }
+    PyObject *ma = PyImport_ImportModule("numpy.ma");
+    PyObject *masked_type = ma ? PyObject_GetAttrString(ma, "MaskedArray") : NULL;
+    int is_masked = masked_type ? PyObject_IsInstance(obj, masked_type) : -1;
+    Py_XDECREF(ma);
+    Py_XDECREF(masked_type);
+    if (is_masked == 1) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s is a numpy.ma.MaskedArray: bnpy has no notion of missing values and "
+                     "would count the masked-out ones in the statistics; drop them (select "
+                     "the rows you mean) or pass np.ma.getdata(%s) to use every value, "
+                     "mask ignored", name, name);
+    }
+    return is_masked == 0 ? 0 : -1;
+}
+
+/* A DLPack device as (type, id); kDLCPU is type 1. */
+enum { DLPACK_CPU = 1 };
+
+/* TypeError unless obj, which has __dlpack__, can be read on the CPU without a
+ * copy: on another device, or a tensor that records gradients (its DLPack
+ * export would fail with an obscure message, and bnpy records none). */
+static int check_dlpack_source(PyObject *obj, const char *name)
+{
+    PyObject *requires_grad = PyObject_GetAttrString(obj, "requires_grad");
+    int needs_grad = requires_grad ? PyObject_IsTrue(requires_grad) : 0;
+    Py_XDECREF(requires_grad);
+    PyErr_Clear(); /* no such attribute: not a tensor with autograd */
+    if (needs_grad == 1) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s is a tensor that requires grad: pass %s.detach() (bnpy records no "
+                     "autograd history), or use the modules of bnpy.torch, which do",
+                     name, name);
+        return -1;
+    }
+    PyObject *device = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+    if (device == NULL) {
+        return -1;
+    }
+    long type = -1, id = -1;
+    int parsed = PyTuple_Check(device) && PyArg_ParseTuple(device, "ll", &type, &id);
+    PyErr_Clear();
+    if (!parsed || type != DLPACK_CPU) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s lives on DLPack device %R, not the CPU (device type 1): bnpy "
+                     "computes on the CPU; copy it there first (for example %s.cpu() for a "
+                     "torch tensor, jax.device_get(%s) for a JAX array)",
+                     name, device, name, name);
+        Py_DECREF(device);
+        return -1;
+    }
+    Py_DECREF(device);
+    return 0;
+}
+
+/* obj as an array of its own: np.from_dlpack(obj) (zero-copy) for an object
+ * that speaks DLPack and is no ndarray, PyArray_FromAny otherwise (buffer
+ * protocol, __array_interface__, __array__, sequences). */
+static PyArrayObject *any_to_array(PyObject *obj, const char *name)
+{
+    if (PyArray_Check(obj) || !PyObject_HasAttrString(obj, "__dlpack__")) {
+        if (reject_masked(obj, name) < 0) {
+            return NULL;
+        }
+        return (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
+    }
+    if (check_dlpack_source(obj, name) < 0) {
+        return NULL;
+    }
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    PyObject *arr = numpy ? PyObject_CallMethod(numpy, "from_dlpack", "O", obj) : NULL;
+    Py_XDECREF(numpy);
+    if (arr != NULL && !PyArray_Check(arr)) {
+        PyErr_Format(PyExc_TypeError, "np.from_dlpack(%s) did not give an ndarray", name);
+        Py_CLEAR(arr);
+    }
+    return (PyArrayObject *)arr;
+}
+
 /* Any array-like as an array of its own dtype, checked to be real. */
 static PyArrayObject *as_real_array(PyObject *obj, const char *name)
 {
-    PyArrayObject *arr = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
+    PyArrayObject *arr = any_to_array(obj, name);
     if (arr == NULL) {
         return NULL;
     }
@@ -193,28 +278,122 @@ int bn_compute_typenum(PyObject *obj, const char *name)
     return (type == NPY_FLOAT || type == NPY_DOUBLE) ? type : NPY_DOUBLE;
 }
 
-PyArrayObject *bn_as_array_and_source(PyObject *obj, int typenum, const char *name,
-                                      PyArrayObject **source)
+int bn_is_dense(PyArrayObject *arr)
 {
-    *source = as_real_array(obj, name);
-    if (*source == NULL) {
+    /* walk the axes from the smallest stride up: each must step over exactly
+       the block the smaller ones fill */
+    int ndim = PyArray_NDIM(arr);
+    npy_intp block = PyArray_ITEMSIZE(arr);
+    int used[NPY_MAXDIMS] = {0};
+    if (PyArray_SIZE(arr) == 0) {
+        return 1;
+    }
+    for (int step = 0; step < ndim; step++) {
+        int next = -1;
+        for (int d = 0; d < ndim; d++) {
+            if (!used[d] && PyArray_DIM(arr, d) > 1
+                && (next < 0 || PyArray_STRIDE(arr, d) < PyArray_STRIDE(arr, next))) {
+                next = d;
+            }
+        }
+        if (next < 0) {
+            break; /* only axes of length 1 are left: any stride */
+        }
+        if (PyArray_STRIDE(arr, next) != block) {
+            return 0;
+        }
+        used[next] = 1;
+        block *= PyArray_DIM(arr, next);
+    }
+    return 1;
+}
+
+int bn_same_layout(PyArrayObject *a, PyArrayObject *b)
+{
+    if (!bn_same_shape(a, b)) {
+        return 0;
+    }
+    for (int d = 0; d < PyArray_NDIM(a); d++) {
+        if (PyArray_DIM(a, d) > 1 && PyArray_STRIDE(a, d) != PyArray_STRIDE(b, d)) {
+            return PyArray_SIZE(a) == 0;
+        }
+    }
+    return 1;
+}
+
+/* A new array of typenum in like's memory order (NumPy's order='K'): dense
+ * with like's strides when like is dense. */
+static PyArrayObject *new_like(PyArrayObject *like, int typenum)
+{
+    return (PyArrayObject *)PyArray_NewLikeArray(like, NPY_KEEPORDER,
+                                                 PyArray_DescrFromType(typenum), 0);
+}
+
+/* A copy of arr as typenum in `like`'s memory order. */
+static PyArrayObject *copy_like(PyArrayObject *arr, PyArrayObject *like, int typenum)
+{
+    PyArrayObject *copy = new_like(like, typenum);
+    if (copy != NULL && PyArray_CopyInto(copy, arr) < 0) {
+        Py_CLEAR(copy);
+    }
+    return copy;
+}
+
+PyArrayObject *bn_as_data(PyObject *obj, int typenum, const char *name, PyArrayObject **source)
+{
+    PyArrayObject *src = as_real_array(obj, name);
+    if (src == NULL) {
         return NULL;
     }
-    /* a well-formed view of the source, or a converted copy; steals the descr */
-    PyObject *result = PyArray_FromArray(*source, PyArray_DescrFromType(typenum),
+    /* a copy is C-contiguous: a strided or broadcast input gives the bits
+       its C-contiguous copy gives */
+    int usable = PyArray_TYPE(src) == typenum && PyArray_ISNOTSWAPPED(src)
+                 && PyArray_ISALIGNED(src) && bn_is_dense(src);
+    PyArrayObject *result = usable ? (PyArrayObject *)Py_NewRef(src)
+                                   : (PyArrayObject *)PyArray_FromArray(
+                                         src, PyArray_DescrFromType(typenum),
                                          NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
-    if (result == NULL) {
-        Py_CLEAR(*source);
+    if (result != NULL && source != NULL) {
+        *source = src;
     }
-    return (PyArrayObject *)result;
+    else {
+        Py_DECREF(src);
+    }
+    return result;
+}
+
+int bn_relayout(PyArrayObject **arr, PyArrayObject *like)
+{
+    if (!bn_same_shape(*arr, like) || bn_same_layout(*arr, like)) {
+        return 0;
+    }
+    PyArrayObject *copy = copy_like(*arr, like, PyArray_TYPE(*arr));
+    if (copy == NULL) {
+        return -1;
+    }
+    Py_SETREF(*arr, copy);
+    return 0;
+}
+
+int bn_relayout_to_out(PyArrayObject **x, PyObject *out)
+{
+    if (out == NULL || !PyArray_Check(out) || !bn_is_dense((PyArrayObject *)out)) {
+        return 0; /* bn_output_like says what is wrong with it */
+    }
+    return bn_relayout(x, (PyArrayObject *)out);
 }
 
 PyArrayObject *bn_as_array(PyObject *obj, int typenum, const char *name)
 {
-    PyArrayObject *source;
-    PyArrayObject *arr = bn_as_array_and_source(obj, typenum, name, &source);
-    Py_XDECREF(source);
-    return arr;
+    PyArrayObject *source = as_real_array(obj, name);
+    if (source == NULL) {
+        return NULL;
+    }
+    /* a well-formed view of the source, or a converted copy; steals the descr */
+    PyObject *result = PyArray_FromArray(source, PyArray_DescrFromType(typenum),
+                                         NPY_ARRAY_CARRAY_RO | NPY_ARRAY_FORCECAST);
+    Py_DECREF(source);
+    return (PyArrayObject *)result;
 }
 
 /* the shape of arr as a tuple, for error messages */
@@ -294,11 +473,21 @@ int bn_get_layout(PyArrayObject *x, int axis, npy_intp channels, bn_layout *layo
     layout->shape.outer = 1;
     layout->shape.channels = (size_t)features;
     layout->shape.inner = 1;
-    for (int d = 0; d < resolved; d++) {
-        layout->shape.outer *= (size_t)PyArray_DIM(x, d);
-    }
-    for (int d = resolved + 1; d < ndim; d++) {
-        layout->shape.inner *= (size_t)PyArray_DIM(x, d);
+    /* x is dense: the axes whose steps are smaller than the feature axis's
+       make the inner block, the others the outer one, in memory order. With
+       one feature every axis counts as outer. */
+    npy_intp feature_stride = PyArray_STRIDE(x, resolved);
+    for (int d = 0; d < ndim; d++) {
+        size_t dim = (size_t)PyArray_DIM(x, d);
+        if (d == resolved || dim == 1) {
+            continue;
+        }
+        if (features > 1 && PyArray_STRIDE(x, d) < feature_stride) {
+            layout->shape.inner *= dim;
+        }
+        else {
+            layout->shape.outer *= dim;
+        }
     }
     return 0;
 }
@@ -317,7 +506,7 @@ int bn_check_batch_size(PyArrayObject *x, const bn_layout *layout, const char *w
 
 int bn_arrays_overlap(PyArrayObject *a, PyArrayObject *b)
 {
-    /* both are contiguous here, so their bytes are one interval each */
+    /* both are dense here, so their bytes are one interval each */
     const char *a_start = PyArray_BYTES(a), *b_start = PyArray_BYTES(b);
     const char *a_end = a_start + PyArray_NBYTES(a), *b_end = b_start + PyArray_NBYTES(b);
     return PyArray_NBYTES(a) > 0 && PyArray_NBYTES(b) > 0
@@ -360,8 +549,7 @@ int bn_same_shape(PyArrayObject *a, PyArrayObject *b)
 PyArrayObject *bn_output_like(PyObject *out, PyArrayObject *like, int typenum)
 {
     if (out == NULL || out == Py_None) {
-        return (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(like), PyArray_DIMS(like),
-                                                  typenum);
+        return new_like(like, typenum);
     }
     if (!PyArray_Check(out)) {
         PyErr_Format(PyExc_TypeError, "out must be a numpy.ndarray, got %.100s",
@@ -385,8 +573,12 @@ PyArrayObject *bn_output_like(PyObject *out, PyArrayObject *like, int typenum)
         Py_DECREF(want);
         return NULL;
     }
-    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr)) {
-        PyErr_SetString(PyExc_ValueError, "out must be C-contiguous and aligned");
+    if (!bn_same_layout(arr, like) || !PyArray_ISALIGNED(arr)) {
+        PyErr_SetString(PyExc_ValueError,
+                        bn_is_dense(arr) ? "out must have the memory layout of the input "
+                                           "(its strides), and be aligned"
+                                         : "out must be aligned and contiguous in some axis "
+                                           "order (C-contiguous, or the input's strides)");
         return NULL;
     }
     if (!PyArray_ISWRITEABLE(arr)) {

@@ -54,8 +54,8 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
     if (typenum < 0) {
         return NULL;
     }
-    x = bn_as_array(x_obj, typenum, "x");
-    if (x == NULL || bn_get_layout(x, axis, 0, &layout) < 0
+    x = bn_as_data(x_obj, typenum, "x", NULL);
+    if (x == NULL || bn_relayout_to_out(&x, out_obj) < 0 || bn_get_layout(x, axis, 0, &layout) < 0
         || bn_check_batch_size(x, &layout, "training") < 0) {
         goto done;
     }
@@ -123,8 +123,9 @@ static PyObject *batch_norm_inference(PyObject *Py_UNUSED(module), PyObject *arg
     if (typenum < 0) {
         return NULL;
     }
-    x = bn_as_array(x_obj, typenum, "x");
-    if (x == NULL || bn_get_layout(x, axis, 0, &layout) < 0) {
+    x = bn_as_data(x_obj, typenum, "x", NULL);
+    if (x == NULL || bn_relayout_to_out(&x, out_obj) < 0
+        || bn_get_layout(x, axis, 0, &layout) < 0) {
         goto done;
     }
     npy_intp channels = (npy_intp)layout.shape.channels;
@@ -185,9 +186,10 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
     if (typenum < 0) {
         return NULL;
     }
-    x = bn_as_array(x_obj, typenum, "x");
-    dy = x ? bn_as_array(dy_obj, typenum, "dy") : NULL;
-    if (dy == NULL || bn_get_layout(x, axis, 0, &layout) < 0) {
+    x = bn_as_data(x_obj, typenum, "x", NULL);
+    dy = x ? bn_as_data(dy_obj, typenum, "dy", NULL) : NULL;
+    if (dy == NULL || bn_relayout_to_out(&x, out_obj) < 0
+        || bn_get_layout(x, axis, 0, &layout) < 0) {
         goto done;
     }
     if (!bn_same_shape(dy, x)) {
@@ -199,6 +201,9 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
         }
         Py_XDECREF(want);
         Py_XDECREF(got);
+        goto done;
+    }
+    if (bn_relayout(&dy, x) < 0) {
         goto done;
     }
     npy_intp channels = (npy_intp)layout.shape.channels;

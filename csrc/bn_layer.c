@@ -370,8 +370,8 @@ int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *o
 {
     *call = (bn_forward_call){0};
     PyArrayObject *source = NULL; /* the caller's x before any conversion */
-    call->x = bn_as_array_and_source(x_obj, self->typenum, "x", &source);
-    if (call->x == NULL
+    call->x = bn_as_data(x_obj, self->typenum, "x", &source);
+    if (call->x == NULL || bn_relayout_to_out(&call->x, out_obj) < 0
         || bn_get_layout(call->x, self->axis, self->num_features, &call->layout) < 0) {
         goto fail;
     }
@@ -388,14 +388,13 @@ int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *o
     call->in_place = bn_arrays_overlap(call->y, call->x);
     if (training && !call->in_place && overlaps_kept_memory(self, call->y, source)) {
         call->out = call->y;
-        call->y = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(call->x),
-                                                     PyArray_DIMS(call->x), self->typenum);
+        call->y = bn_output_like(NULL, call->x, self->typenum);
         if (call->y == NULL) {
             goto fail;
         }
     }
     call->saved_x = !call->in_place ? (PyArrayObject *)Py_NewRef(call->x)
-                    : training ? (PyArrayObject *)PyArray_NewCopy(call->x, NPY_CORDER)
+                    : training ? (PyArrayObject *)PyArray_NewCopy(call->x, NPY_KEEPORDER)
                                : NULL;
     if (call->saved_x == NULL && (training || !call->in_place)) {
         goto fail;
@@ -576,12 +575,15 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     size_t channels = CHANNELS(self);
     double *sums = NULL, *work = NULL;
 
-    dy = bn_as_array(dy_obj, self->typenum, "dy");
+    dy = bn_as_data(dy_obj, self->typenum, "dy", NULL);
     if (dy == NULL) {
         goto fail;
     }
     if (!bn_same_shape(dy, x)) {
         raise_dy_shape(dy, x);
+        goto fail;
+    }
+    if (bn_relayout(&dy, x) < 0) {
         goto fail;
     }
     dx = bn_output_like(out_obj, dy, self->typenum);
@@ -703,11 +705,18 @@ fail:
     return NULL;
 }
 
-/* The values a state dict holds for this layer, checked, not yet applied. */
+/* The values a state dict holds for this layer, checked, not yet applied;
+ * a vector a non-strict load did not find is NULL. */
 typedef struct {
     PyArrayObject *gamma, *beta, *running_mean, *running_var;
     long long num_batches_tracked;
 } bn_loaded;
+
+/* The keys a non-strict load left out, as PyTorch reports them: two lists of
+ * str. A strict load has no report (NULL): a key missing or unknown raises. */
+typedef struct {
+    PyObject *missing_keys, *unexpected_keys;
+} bn_key_report;
 
 static void loaded_clear(bn_loaded *v)
 {
@@ -719,9 +728,11 @@ static void loaded_clear(bn_loaded *v)
 
 /* *slot <- a private, checked copy of the (C,) vector d[key], or d[alias]
  * (PyTorch's name): apply_state copies one vector after another, and a value
- * that shared memory with the layer would see an earlier one's copy. */
+ * that shared memory with the layer would see an earlier one's copy. When
+ * neither is there, a strict load (report NULL) raises; a non-strict one
+ * leaves *slot NULL and reports key missing. */
 static int load_vector(BatchNormObject *self, PyObject *d, const char *key, const char *alias,
-                       PyArrayObject **slot)
+                       bn_key_report *report, PyArrayObject **slot)
 {
     PyObject *value = PyDict_GetItemString(d, key); /* borrowed */
     PyObject *aliased = alias ? PyDict_GetItemString(d, alias) : NULL;
@@ -732,19 +743,28 @@ static int load_vector(BatchNormObject *self, PyObject *d, const char *key, cons
     }
     const char *name = value != NULL ? key : alias;
     value = value != NULL ? value : aliased;
+    if (value == NULL && report != NULL) {
+        PyObject *name_obj = PyUnicode_FromString(key);
+        int status = name_obj ? PyList_Append(report->missing_keys, name_obj) : -1;
+        Py_XDECREF(name_obj);
+        return status;
+    }
     if (value == NULL) {
-        PyErr_Format(PyExc_ValueError, "state dict is missing key '%s'", key);
+        PyErr_Format(PyExc_ValueError, "state dict is missing key '%s' (strict=False loads "
+                     "the keys there are)", key);
         return -1;
     }
     return read_vector(self, value, name, "state dict value ", slot);
 }
 
+/* *count <- d["num_batches_tracked"], or 0 when d has none: a checkpoint
+ * from before PyTorch counted batches. */
 static int load_count(PyObject *d, long long *count)
 {
     PyObject *value = PyDict_GetItemString(d, "num_batches_tracked"); /* borrowed */
     if (value == NULL) {
-        PyErr_SetString(PyExc_ValueError, "state dict is missing key 'num_batches_tracked'");
-        return -1;
+        *count = 0;
+        return 0;
     }
     if (PyBool_Check(value) || PyArray_IsScalar(value, Bool)) {
         PyErr_Format(PyExc_ValueError,
@@ -771,8 +791,9 @@ static int load_count(PyObject *d, long long *count)
     return 0;
 }
 
-/* ValueError for a key this layer does not have */
-static int check_keys(BatchNormObject *self, PyObject *d)
+/* ValueError for a key this layer does not have; reported instead when the
+ * load is not strict (report not NULL). */
+static int check_keys(BatchNormObject *self, PyObject *d, bn_key_report *report)
 {
     PyObject *key;
     Py_ssize_t pos = 0;
@@ -787,6 +808,12 @@ static int check_keys(BatchNormObject *self, PyObject *d)
                 || (self->track_running_stats
                     && (!strcmp(k, "running_mean") || !strcmp(k, "running_var")
                         || !strcmp(k, "num_batches_tracked"))));
+        if (!known && report != NULL) {
+            if (PyList_Append(report->unexpected_keys, key) < 0) {
+                return -1;
+            }
+            continue;
+        }
         if (!known) {
             PyErr_Format(PyExc_ValueError, "unexpected key %R in state dict for %s", key,
                          self->affine && self->track_running_stats
@@ -800,58 +827,160 @@ static int check_keys(BatchNormObject *self, PyObject *d)
     return 0;
 }
 
-/* Check every value of d; on success v holds them all. */
-static int read_state(BatchNormObject *self, PyObject *d, bn_loaded *v)
+/* Check every value of d; on success v holds them all (strict: report
+ * NULL), or those d has, the others reported missing. */
+static int read_state(BatchNormObject *self, PyObject *d, bn_key_report *report, bn_loaded *v)
 {
     if (!PyDict_Check(d)) {
         PyErr_Format(PyExc_TypeError, "state dict must be a dict, got %.100s",
                      Py_TYPE(d)->tp_name);
         return -1;
     }
-    if (check_keys(self, d) < 0) {
+    if (check_keys(self, d, report) < 0) {
         return -1;
     }
-    if (self->affine && (load_vector(self, d, "gamma", "weight", &v->gamma) < 0
-                         || load_vector(self, d, "beta", "bias", &v->beta) < 0)) {
+    if (self->affine && (load_vector(self, d, "gamma", "weight", report, &v->gamma) < 0
+                         || load_vector(self, d, "beta", "bias", report, &v->beta) < 0)) {
         return -1;
     }
     if (self->track_running_stats
-        && (load_vector(self, d, "running_mean", NULL, &v->running_mean) < 0
-            || load_vector(self, d, "running_var", NULL, &v->running_var) < 0
+        && (load_vector(self, d, "running_mean", NULL, report, &v->running_mean) < 0
+            || load_vector(self, d, "running_var", NULL, report, &v->running_var) < 0
             || load_count(d, &v->num_batches_tracked) < 0)) {
         return -1;
     }
     return 0;
 }
 
+/* dst <- src's values, when a load found src */
+static void copy_loaded(PyArrayObject *dst, PyArrayObject *src)
+{
+    if (src != NULL) {
+        copy_values(dst, src);
+    }
+}
+
 static void apply_state(BatchNormObject *self, const bn_loaded *v)
 {
-    if (self->affine) {
-        copy_values(self->gamma, v->gamma);
-        copy_values(self->beta, v->beta);
-    }
+    copy_loaded(self->gamma, v->gamma);
+    copy_loaded(self->beta, v->beta);
+    copy_loaded(self->running_mean, v->running_mean);
+    copy_loaded(self->running_var, v->running_var);
     if (self->track_running_stats) {
-        copy_values(self->running_mean, v->running_mean);
-        copy_values(self->running_var, v->running_var);
         self->num_batches_tracked = v->num_batches_tracked;
     }
 }
 
-static PyObject *BatchNorm_load_state_dict(BatchNormObject *self, PyObject *d)
+/* (state, strict=True), load_state_dict's arguments, from a vectorcall's */
+static int parse_load_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                           PyObject **d, int *strict)
 {
-    if (check_initialized(self) < 0) {
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *strict_obj = nargs == 2 ? args[1] : Py_True;
+    int strict_given = nargs == 2;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        if (strict_given || PyUnicode_CompareWithASCIIString(name, "strict") != 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "load_state_dict() got an unexpected keyword argument %R", name);
+            return -1;
+        }
+        strict_obj = args[nargs + i];
+        strict_given = 1;
+    }
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "load_state_dict() takes a state dict and strict=True, "
+                     "got %zd positional arguments", nargs);
+        return -1;
+    }
+    *d = args[0];
+    return bn_parse_bool(strict_obj, "strict", strict);
+}
+
+/* IncompatibleKeys(missing_keys, unexpected_keys), the module's namedtuple */
+static PyObject *new_key_report(PyTypeObject *defining_class, bn_key_report *report)
+{
+    bn_module_state *state = PyType_GetModuleState(defining_class);
+    if (state == NULL) {
+        return NULL;
+    }
+    return PyObject_CallFunctionObjArgs(state->incompatible_keys_type, report->missing_keys,
+                                        report->unexpected_keys, NULL);
+}
+
+static PyObject *BatchNorm_load_state_dict(BatchNormObject *self, PyTypeObject *defining_class,
+                                           PyObject *const *args, Py_ssize_t nargs,
+                                           PyObject *kwnames)
+{
+    PyObject *d, *result = NULL;
+    int strict;
+    if (parse_load_args(args, nargs, kwnames, &d, &strict) < 0
+        || check_initialized(self) < 0) {
         return NULL;
     }
     bn_loaded v = {0};
-    if (read_state(self, d, &v) < 0) {
-        loaded_clear(&v);
-        return NULL;
+    bn_key_report report = {PyList_New(0), PyList_New(0)};
+    if (report.missing_keys == NULL || report.unexpected_keys == NULL
+        || read_state(self, d, strict ? NULL : &report, &v) < 0) {
+        goto done;
+    }
+    result = new_key_report(defining_class, &report);
+    if (result == NULL) {
+        goto done;
     }
     lock_layer(self);
     apply_state(self, &v);
     unlock_layer(self);
+
+done:
     loaded_clear(&v);
+    Py_XDECREF(report.missing_keys);
+    Py_XDECREF(report.unexpected_keys);
+    return result;
+}
+
+/* ---- reset_running_stats, reset_parameters -------------------------------- */
+
+/* fill one of the layer's (C,) arrays, when it has it, with value */
+static int fill_state(PyArrayObject *arr, double value)
+{
+    if (arr == NULL) {
+        return 0;
+    }
+    PyObject *fill = PyFloat_FromDouble(value);
+    int status = fill != NULL ? PyArray_FillWithScalar(arr, fill) : -1;
+    Py_XDECREF(fill);
+    return status;
+}
+
+/* running_mean 0, running_var 1, num_batches_tracked 0; and with parameters
+ * gamma 1, beta 0 (PyTorch's two reset methods) */
+static PyObject *reset_state(BatchNormObject *self, int parameters)
+{
+    if (check_initialized(self) < 0) {
+        return NULL;
+    }
+    lock_layer(self);
+    int status = fill_state(self->running_mean, 0.0) < 0 || fill_state(self->running_var, 1.0) < 0
+                 || (parameters && (fill_state(self->gamma, 1.0) < 0
+                                    || fill_state(self->beta, 0.0) < 0)) ? -1 : 0;
+    self->num_batches_tracked = 0;
+    unlock_layer(self);
+    if (status < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
+}
+
+static PyObject *BatchNorm_reset_running_stats(BatchNormObject *self,
+                                               PyObject *Py_UNUSED(ignored))
+{
+    return reset_state(self, 0);
+}
+
+static PyObject *BatchNorm_reset_parameters(BatchNormObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return reset_state(self, 1);
 }
 
 /* ---- attributes ---------------------------------------------------------- */
@@ -909,6 +1038,17 @@ VECTOR_ATTRIBUTE(gamma, "affine=False")
 VECTOR_ATTRIBUTE(beta, "affine=False")
 VECTOR_ATTRIBUTE(running_mean, "track_running_stats=False")
 VECTOR_ATTRIBUTE(running_var, "track_running_stats=False")
+
+/* PyTorch's names of gamma and beta: the same memory, errors in their names */
+static int set_weight(BatchNormObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_vector(self, self->gamma, value, "weight", "affine=False");
+}
+
+static int set_bias(BatchNormObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_vector(self, self->beta, value, "bias", "affine=False");
+}
 
 static PyObject *get_grad_gamma(BatchNormObject *self, void *Py_UNUSED(closure))
 {
@@ -1011,6 +1151,10 @@ static int set_training(BatchNormObject *self, PyObject *value, void *Py_UNUSED(
 static PyGetSetDef BatchNorm_getset[] = {
     GETSETTER(gamma, "Scale, shape (C,), sharing the layer's memory; None when affine=False."),
     GETSETTER(beta, "Shift, shape (C,), sharing the layer's memory; None when affine=False."),
+    {"weight", (getter)get_gamma, (setter)set_weight,
+     PyDoc_STR("gamma under PyTorch's name: the same memory."), NULL},
+    {"bias", (getter)get_beta, (setter)set_bias,
+     PyDoc_STR("beta under PyTorch's name: the same memory."), NULL},
     GETSETTER(running_mean, "Running mean, shape (C,); None when track_running_stats=False."),
     GETSETTER(running_var,
               "Running unbiased variance, shape (C,); None when track_running_stats=False."),
@@ -1127,7 +1271,7 @@ static PyObject *BatchNorm_setstate(BatchNormObject *self, PyObject *state)
                         "BatchNorm.__setstate__: state lacks 'training' or 'state_dict'");
         goto fail;
     }
-    if (bn_parse_bool(training, "training", &mode) < 0 || read_state(self, state_dict, &v) < 0
+    if (bn_parse_bool(training, "training", &mode) < 0 || read_state(self, state_dict, NULL, &v) < 0
         || read_gradient(self, PyDict_GetItemString(state, "grad_gamma"), "grad_gamma",
                          &grad_gamma) < 0
         || read_gradient(self, PyDict_GetItemString(state, "grad_beta"), "grad_beta",
@@ -1198,7 +1342,8 @@ static PyMethodDef BatchNorm_methods[] = {
                "batch statistics (updating the running statistics when tracked); in eval\n"
                "mode with the running statistics (or the batch statistics when they are\n"
                "not tracked). Keeps what backward needs. y has x's shape and the layer's\n"
-               "dtype; out, when given, is a writable C-contiguous array to write y to.")},
+               "dtype and, when x is dense in any axis order, x's strides; out, when given,\n"
+               "is a writable array to write y to (x is read in out's layout).")},
     {"backward", (PyCFunction)(void (*)(void))BatchNorm_backward, METH_VARARGS | METH_KEYWORDS,
      PyDoc_STR("backward($self, dy, *, out=None)\n--\n\n"
                "Gradient of the last forward for upstream gradient dy (its input's shape).\n"
@@ -1212,10 +1357,21 @@ static PyMethodDef BatchNorm_methods[] = {
     {"state_dict", (PyCFunction)BatchNorm_state_dict, METH_NOARGS,
      PyDoc_STR("state_dict($self)\n--\n\nCopies of gamma, beta (when affine), running_mean,\n"
                "running_var and num_batches_tracked (when tracked).")},
-    {"load_state_dict", (PyCFunction)BatchNorm_load_state_dict, METH_O,
-     PyDoc_STR("load_state_dict($self, state, /)\n--\n\nCopy in a state dict (PyTorch's 'weight' and 'bias'\n"
-               "are accepted for gamma and beta) after checking keys, shapes and finiteness;\n"
-               "on any error the layer is left unchanged.")},
+    {"load_state_dict", (PyCFunction)(void (*)(void))BatchNorm_load_state_dict,
+     METH_METHOD | METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("load_state_dict($self, state, /, strict=True)\n--\n\n"
+               "Copy in a state dict (PyTorch's 'weight' and 'bias' are accepted for gamma\n"
+               "and beta) after checking keys, shapes and finiteness; on any error the layer\n"
+               "is left unchanged. strict=True: a missing or unknown key is an error;\n"
+               "strict=False loads the keys it knows and reports the others. Without\n"
+               "num_batches_tracked (an old checkpoint) the counter loads as 0. Returns\n"
+               "IncompatibleKeys(missing_keys, unexpected_keys), as PyTorch does.")},
+    {"reset_running_stats", (PyCFunction)BatchNorm_reset_running_stats, METH_NOARGS,
+     PyDoc_STR("reset_running_stats($self)\n--\n\n"
+               "running_mean <- 0, running_var <- 1, num_batches_tracked <- 0.")},
+    {"reset_parameters", (PyCFunction)BatchNorm_reset_parameters, METH_NOARGS,
+     PyDoc_STR("reset_parameters($self)\n--\n\n"
+               "reset_running_stats(), and gamma <- 1, beta <- 0.")},
     {"calibrate", (PyCFunction)BatchNorm_calibrate, METH_O,
      PyDoc_STR("calibrate($self, batches, /)\n--\n\n"
                "Set running_mean and running_var to the exact mean and unbiased variance\n"

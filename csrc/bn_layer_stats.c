@@ -121,7 +121,7 @@ static PyArrayObject *stats_of(BatchNormObject *self, PyObject *batches, double 
     bn_partial *merged = PyArray_DATA(total);
     while ((item = PyIter_Next(iterator)) != NULL) {
         bn_layout layout;
-        PyArrayObject *x = bn_as_array(item, self->typenum, "batch");
+        PyArrayObject *x = bn_as_data(item, self->typenum, "batch", NULL);
         Py_CLEAR(item);
         if (x == NULL || bn_get_layout(x, self->axis, self->num_features, &layout) < 0) {
             Py_XDECREF(x);
@@ -351,10 +351,13 @@ static int take_saved(BatchNormObject *self, bn_saved *saved)
 /* dy as an array of the layer's dtype and the shape of the saved input */
 static PyArrayObject *read_dy(BatchNormObject *self, PyObject *dy_obj, PyArrayObject *x)
 {
-    PyArrayObject *dy = bn_as_array(dy_obj, self->typenum, "dy");
+    PyArrayObject *dy = bn_as_data(dy_obj, self->typenum, "dy", NULL);
     if (dy != NULL && !bn_same_shape(dy, x)) {
         PyErr_SetString(PyExc_ValueError,
                         "dy must have the shape of the last forward's input");
+        Py_CLEAR(dy);
+    }
+    if (dy != NULL && bn_relayout(&dy, x) < 0) {
         Py_CLEAR(dy);
     }
     return dy;

@@ -127,6 +127,26 @@ static PyMethodDef runtime_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* What load_state_dict returns, as PyTorch's: a namedtuple
+ * IncompatibleKeys(missing_keys, unexpected_keys). */
+static PyObject *new_incompatible_keys_type(void)
+{
+    PyObject *collections = PyImport_ImportModule("collections");
+    PyObject *namedtuple = collections ? PyObject_GetAttrString(collections, "namedtuple")
+                                       : NULL;
+    PyObject *args = Py_BuildValue("(ss)", "IncompatibleKeys", "missing_keys unexpected_keys");
+    PyObject *kwargs = Py_BuildValue("{ss}", "module", "bnpy");
+    PyObject *type = NULL;
+    if (namedtuple != NULL && args != NULL && kwargs != NULL) {
+        type = PyObject_Call(namedtuple, args, kwargs);
+    }
+    Py_XDECREF(collections);
+    Py_XDECREF(namedtuple);
+    Py_XDECREF(args);
+    Py_XDECREF(kwargs);
+    return type;
+}
+
 static int bn_exec(PyObject *module)
 {
     if (PyModule_AddFunctions(module, runtime_methods) < 0
@@ -144,6 +164,12 @@ static int bn_exec(PyObject *module)
     if (PyModule_AddObjectRef(module, "BatchNorm", state->batchnorm_type) < 0) {
         return -1;
     }
+    state->incompatible_keys_type = new_incompatible_keys_type();
+    if (state->incompatible_keys_type == NULL
+        || PyModule_AddObjectRef(module, "IncompatibleKeys",
+                                 state->incompatible_keys_type) < 0) {
+        return -1;
+    }
     return 0;
 }
 
@@ -151,6 +177,7 @@ static int bn_traverse(PyObject *module, visitproc visit, void *arg)
 {
     bn_module_state *state = PyModule_GetState(module);
     Py_VISIT(state->batchnorm_type);
+    Py_VISIT(state->incompatible_keys_type);
     return 0;
 }
 
@@ -158,6 +185,7 @@ static int bn_clear(PyObject *module)
 {
     bn_module_state *state = PyModule_GetState(module);
     Py_CLEAR(state->batchnorm_type);
+    Py_CLEAR(state->incompatible_keys_type);
     return 0;
 }
 

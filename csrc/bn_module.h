@@ -29,7 +29,8 @@
 /* ---- module state -------------------------------------------------------- */
 
 typedef struct {
-    PyObject *batchnorm_type; /* bnpy.BatchNorm, a heap type */
+    PyObject *batchnorm_type;         /* bnpy.BatchNorm, a heap type */
+    PyObject *incompatible_keys_type; /* namedtuple (missing_keys, unexpected_keys) */
 } bn_module_state;
 
 /* ---- bn_convert.c -------------------------------------------------------- */
@@ -58,14 +59,35 @@ int bn_parse_dtype(PyObject *obj, int *typenum); /* NPY_FLOAT or NPY_DOUBLE */
 int bn_compute_typenum(PyObject *obj, const char *name);
 
 /* obj as a new reference to a C-contiguous, aligned, native-order array of
- * typenum (a copy only when needed). TypeError for non-real input. */
+ * typenum (a copy only when needed): vectors and tables of statistics.
+ * TypeError for non-real input. */
 PyArrayObject *bn_as_array(PyObject *obj, int typenum, const char *name);
 
-/* As bn_as_array; *source <- a new reference to obj as an array before any
- * conversion (obj itself when it is an ndarray): the caller's memory, which
- * the result may be a copy of. NULL on failure. */
-PyArrayObject *bn_as_array_and_source(PyObject *obj, int typenum, const char *name,
-                                      PyArrayObject **source);
+/* 1 when arr's elements fill one block of memory with positive steps, in
+ * some order of its axes (C or Fortran order, a channels-last tensor seen as
+ * NCHW, any transpose of those): what the kernels can run on as it is. */
+int bn_is_dense(PyArrayObject *arr);
+
+/* 1 when a and b have the same shape and the same strides on every axis
+ * longer than 1 (or hold nothing): one element at one offset in both. */
+int bn_same_layout(PyArrayObject *a, PyArrayObject *b);
+
+/* A data input (x, dy, a batch) as a new reference to an aligned,
+ * native-order, dense array of typenum: obj's own memory when it is one,
+ * whatever its axis order (the kernels run on it as it lies), or a
+ * C-contiguous copy.
+ * Unless source is NULL, *source <- a new reference to obj as an array before
+ * any conversion (obj itself when it is an ndarray): the caller's memory,
+ * which the result may be a copy of. NULL and TypeError for non-real input. */
+PyArrayObject *bn_as_data(PyObject *obj, int typenum, const char *name, PyArrayObject **source);
+
+/* *arr <- a copy in like's layout when it has like's shape and another
+ * layout (the kernels read arrays of one layout together). -1 on error. */
+int bn_relayout(PyArrayObject **arr, PyArrayObject *like);
+
+/* bn_relayout(x, out) when out is a dense ndarray: y is written in out's
+ * layout, so x is read in it. */
+int bn_relayout_to_out(PyArrayObject **x, PyObject *out);
 
 /* obj as a new (C,) array of typenum; ValueError naming `name` on another shape. */
 PyArrayObject *bn_as_vector(PyObject *obj, int typenum, npy_intp channels, const char *name);
@@ -81,10 +103,11 @@ int bn_get_layout(PyArrayObject *x, int axis, npy_intp channels, bn_layout *layo
 /* Training needs more than one value per feature: ValueError otherwise. */
 int bn_check_batch_size(PyArrayObject *x, const bn_layout *layout, const char *when);
 
-/* The output array for an input shaped like `like`: `out` itself (a new
- * reference) after checking it is a writable, C-contiguous, aligned,
- * native-order ndarray of like's shape and typenum that does not partly
- * overlap `like`; or a new array when out is NULL or None. */
+/* The output array for an input shaped like `like` (dense): `out` itself (a
+ * new reference) after checking it is a writable, aligned, native-order
+ * ndarray of like's shape, layout (bn_same_layout) and typenum that does not
+ * partly overlap `like`; or a new array in like's layout when out is NULL or
+ * None. */
 PyArrayObject *bn_output_like(PyObject *out, PyArrayObject *like, int typenum);
 
 /* 1 when the data of a and b overlap in memory, 0 otherwise. */

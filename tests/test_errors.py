@@ -174,6 +174,11 @@ def _shape_with(name, **changes):
     return tuple(shape)
 
 
+def _strided_out(shape, dtype):
+    """out with gaps between its rows: no axis order makes it one block"""
+    return np.zeros((2 * shape[0],) + tuple(shape[1:]), dtype)[::2]
+
+
 def _readonly(shape, dtype):
     a = np.zeros(shape, dtype)
     a.flags.writeable = False
@@ -217,9 +222,9 @@ CASES = [
      lambda bn, n: bn.forward(data(LAYERS[n]["shape"]),
                               out=np.zeros(LAYERS[n]["shape"], _other_dtype(bn))),
      (ValueError, TypeError), None),
-    ("forward-out-noncontiguous", None,
+    ("forward-out-noncontiguous", None,  # a Fortran out is fine: x takes its layout
      lambda bn, n: bn.forward(data(LAYERS[n]["shape"]),
-                              out=np.zeros(LAYERS[n]["shape"], _layer_dtype(bn), order="F")),
+                              out=_strided_out(LAYERS[n]["shape"], _layer_dtype(bn))),
      (ValueError, TypeError), None),
     ("forward-out-readonly", None,
      lambda bn, n: bn.forward(data(LAYERS[n]["shape"]),
@@ -299,8 +304,6 @@ CASES += [
     ("load-missing-gamma", _affine, _load_with(_drop("gamma")), ValueError, lambda n: "gamma"),
     ("load-missing-running_var", _tracked, _load_with(_drop("running_var")), ValueError,
      lambda n: "running_var"),
-    ("load-missing-num_batches_tracked", _tracked, _load_with(_drop("num_batches_tracked")),
-     ValueError, lambda n: "num_batches_tracked"),
     ("load-unknown-key", None, _load_with(_set("foo", np.zeros(C))), ValueError,
      lambda n: "foo"),
     ("load-gamma-shape", _affine, _load_with(_set("gamma", np.ones(C + 1))), ValueError,

@@ -374,7 +374,7 @@ def _bad_outs():
     }
 
 
-@pytest.mark.parametrize("kind", list(_bad_outs()))
+@pytest.mark.parametrize("kind", [k for k in _bad_outs() if k != "fortran"])  # x takes its layout
 def test_forward_out_rejected(kind):
     out = _bad_outs()[kind]
     snapshot = out.copy()
@@ -651,7 +651,7 @@ def _corrupt(kind):
 
 @pytest.mark.parametrize("kind", [
     "missing-gamma", "missing-beta", "missing-running_mean", "missing-running_var",
-    "missing-num_batches_tracked", "unknown",
+    "unknown",
     "shape-gamma", "shape-beta", "shape-running_mean", "shape-running_var",
     "nan-gamma", "inf-beta", "neginf-running_mean", "nan-running_var",
     "negative-running_var",

@@ -82,6 +82,24 @@ def contiguous(a):
     return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
 
 
+def is_dense(a):
+    """a's elements fill one block with positive steps in some axis order"""
+    block = a.itemsize
+    for stride, dim in sorted((s, d) for s, d in zip(a.strides, a.shape) if d > 1):
+        if stride != block:
+            return a.size == 0
+        block *= dim
+    return True
+
+
+def as_kernels_see_it(a, dtype):
+    """A copy of what the kernels run on: a itself (its layout kept) when it
+    is dense, aligned and of the layer's native dtype; else a C-contiguous copy."""
+    if a.dtype == dtype and a.dtype.isnative and a.flags.aligned and is_dense(a):
+        return a.copy(order="K")
+    return contiguous(a)
+
+
 # --- comparison helpers ------------------------------------------------------------------
 
 def per_feature(v, ndim, axis):
@@ -174,9 +192,10 @@ def test_layer_matches_reference(layout, dtype, distribution, training, affine, 
     y = bn(x)
     dx = bn.backward(dy)
     assert y.dtype == dtype and y.shape == shape and dx.shape == shape
-    # layout does not matter, to the bit
-    assert bits(twin(contiguous(x))) == bits(y)
-    assert bits(twin.backward(contiguous(dy))) == bits(dx)
+    # layout does not matter, to the bit, beyond the order in which the
+    # kernels meet the values (a layout kept)
+    assert bits(twin(as_kernels_see_it(x, dtype))) == bits(y)
+    assert bits(twin.backward(as_kernels_see_it(dy, dtype))) == bits(dx)
     assert bits(twin.grad_gamma) == bits(bn.grad_gamma)
     assert {k: bits(v) for k, v in twin.state_dict().items()} == {
         k: bits(v) for k, v in bn.state_dict().items()}

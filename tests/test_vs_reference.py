@@ -605,7 +605,7 @@ def _bad_outs(shape, dtype):
         "wrong dtype": np.zeros(shape, dtype=other),
         "wrong shape": np.zeros((shape[0] + 1,) + shape[1:], dtype=dtype),
         "flat": np.zeros(int(np.prod(shape)), dtype=dtype),
-        "not contiguous": np.zeros(shape[::-1], dtype=dtype).T,
+        "not contiguous": np.zeros((2 * shape[0],) + shape[1:], dtype=dtype)[::2],
         "read-only": readonly,
         "list": np.zeros(shape, dtype=dtype).tolist(),
     }
