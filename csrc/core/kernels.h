@@ -112,22 +112,29 @@ BN_INLINE void NAME(out16)(T *out, const T *in, const T *x, const bn_vcoef *k, s
 
 /* ---- sums along a row, in BN_LANES lanes: value i goes to lane i % 16 ---------- */
 
-/* With d = x[0 .. n) - center: acc += d, acc2 += d * d (dy NULL: the
- * statistics), or acc += dy, acc2 += dy * d (the gradient sums; center is
- * the mean). The values after the last 16 go to the first lanes; the other
- * lanes add 0, which changes no sum. */
+/* With d = x[0 .. BN_LANES) - mid: acc += d, acc2 += d * d (the statistics;
+ * dy unread), or with_dy: acc += dy, acc2 += dy * d (the gradient sums; mid
+ * is the mean) */
+BN_INLINE void NAME(add16)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, const T *x,
+                           bn_vec mid, int with_dy)
+{
+    for (int k = 0; k < BN_K; k++) {
+        bn_vec d = NAME(load)(x + k * BN_W) - mid;
+        bn_vec g = with_dy ? NAME(load)(dy + k * BN_W) : d;
+        acc[k] += g;
+        acc2[k] += g * d;
+    }
+}
+
+/* add16 over x[0 .. n) (dy NULL: the statistics), about center. The values
+ * after the last 16 go to the first lanes; the other lanes add 0, which
+ * changes no sum. */
 BN_INLINE void NAME(add_sums)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, const T *x,
                               size_t n, double center)
 {
-    bn_vec mid = bn_splat(center);
     size_t i = 0;
     for (; i + BN_LANES <= n; i += BN_LANES) {
-        for (int k = 0; k < BN_K; k++) {
-            bn_vec d = NAME(load)(x + i + k * BN_W) - mid;
-            bn_vec g = dy ? NAME(load)(dy + i + k * BN_W) : d;
-            acc[k] += g;
-            acc2[k] += g * d;
-        }
+        NAME(add16)(acc, acc2, dy ? dy + i : NULL, x + i, bn_splat(center), dy != NULL);
     }
     if (i < n) {
         double g[BN_LANES] = {0}, d[BN_LANES] = {0};
@@ -407,20 +414,26 @@ BN_INLINE void NAME(pipeline_vectors)(T *out, const T *in, const T *x, bn_vcoef 
                                       size_t *pi, size_t *po, size_t vectors, size_t ahead,
                                       size_t back)
 {
+    /* locals, which the compiler keeps in registers more readily */
+    bn_vec sum[BN_K], sum2[BN_K], mid = bn_splat(center);
+    memcpy(sum, acc, sizeof sum);
+    memcpy(sum2, acc2, sizeof sum2);
     size_t i = *pi, o = *po;
+    int grads = op != BN_NORMALIZE;
     for (size_t v = 0; v < vectors; v++, i += BN_LANES, o += BN_LANES) {
         NAME(prefetch16)(next_x + ahead + i);
         NAME(prefetch16)(in + back + i);
-        if (op != BN_NORMALIZE) {
+        if (grads) {
             NAME(prefetch16)(next_dy + ahead + i);
         }
         if (op == BN_DX_TRAIN) {
             NAME(prefetch16)(x + back + i);
         }
-        NAME(add_sums)(acc, acc2, op != BN_NORMALIZE ? next_dy + i : NULL, next_x + i,
-                       BN_LANES, center);
-        NAME(out16)(out + o, in + o, x ? x + o : NULL, &k, 0, op, stream);
+        NAME(add16)(sum, sum2, grads ? next_dy + i : NULL, next_x + i, mid, grads);
+        NAME(out16)(out + o, in + o, op == BN_DX_TRAIN ? x + o : NULL, &k, 0, op, stream);
     }
+    memcpy(acc, sum, sizeof sum);
+    memcpy(acc2, sum2, sizeof sum2);
     *pi = i;
     *po = o;
 }
