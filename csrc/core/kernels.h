@@ -161,28 +161,27 @@ BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const b
 }
 
 /* out[from .. to) <- op(in, x) with one feature's coefficients k, of a row
- * of n values, to - from <= BN_LANES: from the whole vector of the row that
- * holds them when the row has one (whole loads, and loads of values just
- * stored as parts stall), else a part of a vector at a time */
+ * of n values: from whole vectors of the row when it has them (whole loads;
+ * loads of values just stored as parts would stall), rounded to T value by
+ * value, else a part of a vector at a time */
 BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t from,
                               size_t to, const bn_vcoef *k, bn_op op)
 {
-    if (n < BN_LANES) {
-        for (size_t h = from; h < to; h += BN_W) {
-            NAME(part_out)(out + h, in + h, x ? x + h : NULL, to - h < BN_W ? to - h : BN_W, k,
-                           op);
+    for (size_t h = from; h < to && n < BN_LANES; h += BN_W) {
+        NAME(part_out)(out + h, in + h, x ? x + h : NULL, to - h < BN_W ? to - h : BN_W, k, op);
+    }
+    for (size_t h = from; h < to && n >= BN_LANES; h += BN_LANES) {
+        size_t at = h + BN_LANES <= n ? h : n - BN_LANES, end = h + BN_LANES < to ? h + BN_LANES
+                                                                                 : to;
+        double all[BN_LANES];
+        for (int q = 0; q < BN_K; q++) {
+            size_t v = at + (size_t)q * BN_W;
+            bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + v) : bn_splat(0.0);
+            bn_store_wide(all + q * BN_W, bn_apply(op, NAME(load)(in + v), xv, k));
         }
-        return;
-    }
-    size_t at = from + BN_LANES <= n ? from : n - BN_LANES;
-    double all[BN_LANES];
-    for (int q = 0; q < BN_K; q++) {
-        size_t v = at + (size_t)q * BN_W;
-        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + v) : bn_splat(0.0);
-        bn_store_wide(all + q * BN_W, bn_apply(op, NAME(load)(in + v), xv, k));
-    }
-    for (size_t j = from; j < to; j++) {
-        out[j] = (T)all[j - at];
+        for (size_t j = h; j < end; j++) {
+            out[j] = (T)all[j - at];
+        }
     }
 }
 
@@ -454,41 +453,45 @@ BN_INLINE void NAME(pipeline_run)(T *out, const T *in, const T *x, bn_vcoef k, b
     }
 }
 
-/* One row of the pipeline, values i0 .. i1 of row o: out <- op(in, x) for
- * feature c with its coefficients k, while acc, acc2 sum the same values of
- * feature c + 1 as add_sums does, about center (pipeline_vectors). With
- * next_x NULL (the last feature), only out. Its vectors run in up to three
- * parts, at the places where the values BN_PREFETCH_BYTES past them (for
- * the next feature; BN_READBACK_BYTES for this one) move to a later row. */
+/* Values i0 .. i1 of row o of the pipeline (the pointers at the rows'
+ * starts): out <- op(in, x) for feature c with its coefficients k, while
+ * acc, acc2 sum the same values of feature c + 1 as add_sums does, about
+ * center (pipeline_vectors). With next_x NULL (the last feature), only out.
+ * Streamed, out's vectors start on a cache line, `head` values on from the
+ * sums' in every piece of the row: only the row's ends are written in parts.
+ * The vectors run in up to three parts, where the values BN_PREFETCH_BYTES
+ * past them (for the next feature; BN_READBACK_BYTES for this one) move to
+ * a later row. */
 BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
                                   int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
                                   const T *next_dy, const T *next_x, double center,
                                   const bn_plan *p, size_t o, size_t i0, size_t i1)
 {
-    size_t n = i1 - i0;
+    size_t n = p->s.inner, head = stream ? NAME(stream_head)(out, n) : 0;
+    size_t o_at = i0 + head < n ? i0 + head : n, i = i0;
+    size_t o_end = i1 + head < n && i1 < n ? i1 + head : n;
+    if (i0 == 0) {
+        NAME(some_out)(out, in, x, n, 0, head, &k, op);
+    }
     if (next_x == NULL) {
-        NAME(row_out)(out, in, x, n, k, op, stream, 0);
+        NAME(row_out)(out + o_at, in + o_at, x ? x + o_at : NULL, o_end - o_at, k, op, stream,
+                      0);
         return;
     }
-    size_t o_at = stream ? NAME(stream_head)(out, n) : 0, i = 0;
-    NAME(some_out)(out, in, x, n, 0, o_at, &k, op);
-    bn_reach ahead = bn_reach_of(p->s, o, i0, n, BN_PREFETCH_BYTES / sizeof(T));
-    bn_reach back = bn_reach_of(p->s, o, i0, n, BN_READBACK_BYTES / sizeof(T));
-    size_t vectors = (n - o_at) / BN_LANES, first = ahead.split < back.split ? ahead.split
-                                                                             : back.split;
+    bn_reach ahead = bn_reach_of(p->s, o, 0, n, BN_PREFETCH_BYTES / sizeof(T));
+    bn_reach back = bn_reach_of(p->s, o, 0, n, BN_READBACK_BYTES / sizeof(T));
+    size_t first = ahead.split < back.split ? ahead.split : back.split;
     size_t last = ahead.split < back.split ? back.split : ahead.split;
-    size_t cuts[3] = {first / BN_LANES, last / BN_LANES, vectors}, done = 0;
+    size_t cuts[3] = {first, last, n}, end = i0 + (o_end - o_at) / BN_LANES * BN_LANES;
     for (int part = 0; part < 3; part++) {
-        size_t end = cuts[part] < vectors ? cuts[part] : vectors;
-        size_t at = done * BN_LANES;
+        size_t cut = cuts[part] / BN_LANES * BN_LANES, stop = cut < end ? cut : end;
         NAME(pipeline_run)(out, in, x, k, op, stream, acc, acc2, next_dy, next_x, center, &i,
-                           &o_at, end > done ? end - done : 0,
-                           at + BN_LANES <= ahead.split ? ahead.before : ahead.after,
-                           at + BN_LANES <= back.split ? back.before : back.after);
-        done = end > done ? end : done;
+                           &o_at, stop > i ? (stop - i) / BN_LANES : 0,
+                           i + BN_LANES <= ahead.split ? ahead.before : ahead.after,
+                           i + BN_LANES <= back.split ? back.before : back.after);
     }
-    NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, n - i, center);
-    NAME(some_out)(out, in, x, n, o_at, n, &k, op);
+    NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, i1 - i, center);
+    NAME(some_out)(out, in, x, n, o_at, o_end, &k, op);
 }
 
 /* Tile t of feature c normalized (y <- (x - mean) * scale + shift, k) while,
@@ -501,7 +504,7 @@ static void NAME(normalize_tile)(T *y, const T *x, const bn_vcoef *k, bn_partial
     double center = next ? shift + NAME(tile_center)(next, x, p, c + 1, t, shift) : 0.0;
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = tile.o0; o < tile.o1; o++) {
-        size_t at = bn_row_at(p->s, o, c) + tile.i0;
+        size_t at = bn_row_at(p->s, o, c);
         NAME(pipeline_row)(y + at, x + at, NULL, *k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
                            next ? x + at + p->s.inner : NULL, center, p, o, tile.i0, tile.i1);
     }
@@ -520,7 +523,7 @@ BN_INLINE void NAME(dx_tile)(T *dx, const T *dy, const T *x, const bn_vcoef *k, 
     bn_tile tile = bn_tile_at(p->s, t);
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = tile.o0; o < tile.o1; o++) {
-        size_t at = bn_row_at(p->s, o, c) + tile.i0, next_at = at + p->s.inner;
+        size_t at = bn_row_at(p->s, o, c), next_at = at + p->s.inner;
         NAME(pipeline_row)(dx + at, dy + at, x + at, *k, op, p->stream, acc, acc2,
                            next ? dy + next_at : NULL, next ? x + next_at : NULL, next_mean,
                            p, o, tile.i0, tile.i1);
