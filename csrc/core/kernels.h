@@ -53,17 +53,24 @@ BN_INLINE void NAME(store_part)(T *p, bn_vec v, size_t n)
     }
 }
 
-/* asks the caches for the lines of p[0 .. BN_LANES): for the rows of a
- * feature, which lie C * inner apart, where the hardware does not fetch ahead */
-BN_INLINE void NAME(prefetch16)(const T *p)
+/* asks the caches for the lines of p[0 .. n) */
+BN_INLINE void NAME(prefetch_lines)(const T *p, size_t n)
 {
 #if defined(__GNUC__)
-    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
+    for (size_t b = 0; b < n * sizeof(T); b += 64) {
         __builtin_prefetch((const char *)p + b);
     }
 #else
     (void)p;
+    (void)n;
 #endif
+}
+
+/* the same for p[0 .. BN_LANES): for the rows of a feature, which lie C *
+ * inner apart, where the hardware does not fetch ahead */
+BN_INLINE void NAME(prefetch16)(const T *p)
+{
+    NAME(prefetch_lines)(p, BN_LANES);
 }
 
 /* p[0 .. BN_LANES) <- v[BN_K] rounded to T: past the caches where the build
@@ -308,7 +315,9 @@ static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
     }
 }
 
-/* out <- op(in, x) over all of x (the coefficients in w), on p->team threads */
+/* out <- op(in, x) over all of x (the coefficients in w), on p->team threads.
+ * Its tasks run from the end of x back: a pass that read x before left its
+ * end in cache. */
 static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const bn_plan *p,
                        bn_op op)
 {
@@ -319,7 +328,7 @@ static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const 
     int team = p->team;
     BN_PARALLEL_FOR
     for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
-        size_t r0 = (size_t)t * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
+        size_t r0 = (tasks - 1 - (size_t)t) * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
         NAME(span_out)(out, in, x, w, p, r0, r1, op);
     }
 }
@@ -606,8 +615,15 @@ static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T
                             const T *x, const double *restrict center, size_t wide, size_t r0,
                             size_t r1, size_t l0, size_t l1)
 {
+    size_t ahead = BN_PREFETCH_BYTES / (wide * sizeof(T)) + BN_LANE_ROWS; /* rows */
     for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
         size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS, at = r * wide;
+        for (size_t q = r + ahead; q < r + ahead + rows && q < r1; q++) {
+            NAME(prefetch_lines)(x + q * wide + l0, l1 - l0);
+            if (dy) {
+                NAME(prefetch_lines)(dy + q * wide + l0, l1 - l0);
+            }
+        }
         size_t l = l0;
         for (; l + BN_W <= l1; l += BN_W) {
             bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum2 + l);
