@@ -611,39 +611,53 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const bn_
  * each lane, with d = x - center[l]: sum[l] += d, sum2[l] += d * d (dy NULL),
  * or sum[l] += dy, sum2[l] += dy * d (center: the means). BN_LANE_ROWS rows
  * at a time, so that the sums are loaded and stored once for them. */
+/* lane_sums over `rows` wide rows from `at`: a constant at most calls, so
+ * that the loop down the rows unrolls */
+BN_INLINE void NAME(lane_rows)(double *restrict sum, double *restrict sum2, const T *dy,
+                               const T *x, const double *restrict center, size_t wide,
+                               size_t at, size_t rows, size_t l0, size_t l1)
+{
+    size_t l = l0;
+    for (; l + BN_W <= l1; l += BN_W) {
+        bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum2 + l);
+        bn_vec mid = bn_load_wide(center + l);
+        for (size_t q = 0; q < rows; q++) {
+            bn_vec d = NAME(load)(x + at + q * wide + l) - mid;
+            bn_vec g = dy ? NAME(load)(dy + at + q * wide + l) : d;
+            s += g;
+            s2 += g * d;
+        }
+        bn_store_wide(sum + l, s);
+        bn_store_wide(sum2 + l, s2);
+    }
+    for (; l < l1; l++) {
+        for (size_t q = 0; q < rows; q++) {
+            double d = (double)x[at + q * wide + l] - center[l];
+            double g = dy ? (double)dy[at + q * wide + l] : d;
+            sum[l] += g;
+            sum2[l] += g * d;
+        }
+    }
+}
+
 static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T *dy,
                             const T *x, const double *restrict center, size_t wide, size_t r0,
                             size_t r1, size_t l0, size_t l1)
 {
     size_t ahead = BN_PREFETCH_BYTES / (wide * sizeof(T)) + BN_LANE_ROWS; /* rows */
     for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
-        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS, at = r * wide;
+        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
         for (size_t q = r + ahead; q < r + ahead + rows && q < r1; q++) {
             NAME(prefetch_lines)(x + q * wide + l0, l1 - l0);
             if (dy) {
                 NAME(prefetch_lines)(dy + q * wide + l0, l1 - l0);
             }
         }
-        size_t l = l0;
-        for (; l + BN_W <= l1; l += BN_W) {
-            bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum2 + l);
-            bn_vec mid = bn_load_wide(center + l);
-            for (size_t q = 0; q < rows; q++) {
-                bn_vec d = NAME(load)(x + at + q * wide + l) - mid;
-                bn_vec g = dy ? NAME(load)(dy + at + q * wide + l) : d;
-                s += g;
-                s2 += g * d;
-            }
-            bn_store_wide(sum + l, s);
-            bn_store_wide(sum2 + l, s2);
+        if (rows == BN_LANE_ROWS) {
+            NAME(lane_rows)(sum, sum2, dy, x, center, wide, r * wide, BN_LANE_ROWS, l0, l1);
         }
-        for (; l < l1; l++) {
-            for (size_t q = 0; q < rows; q++) {
-                double d = (double)x[at + q * wide + l] - center[l];
-                double g = dy ? (double)dy[at + q * wide + l] : d;
-                sum[l] += g;
-                sum2[l] += g * d;
-            }
+        else {
+            NAME(lane_rows)(sum, sum2, dy, x, center, wide, r * wide, rows, l0, l1);
         }
     }
 }
