@@ -36,6 +36,8 @@ from ._core import (
     set_num_threads,
 )
 
+from .renorm import BatchRenorm  # noqa: E402  (needs _core)
+
 __version__ = "0.1.0"
 
 
@@ -74,6 +76,7 @@ _cpu_capability_from_environment()
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "IncompatibleKeys",
     "batch_norm_forward",
     "batch_norm_inference",

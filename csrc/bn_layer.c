@@ -1380,10 +1380,10 @@ static PyMethodDef BatchNorm_methods[] = {
                "num_batches_tracked alone; on any rejected batch the layer is unchanged.\n"
                "Returns the layer.")},
     {"_stats_of", (PyCFunction)(void (*)(void))BatchNorm_stats_of, METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("_stats_of($self, batches, *, shift=None)\n--\n\n"
+     PyDoc_STR("_stats_of($self, batches, *, shift=None, name='batch')\n--\n\n"
                "(C, 3) float64 partial statistics (count, mean, m2) of the batches less\n"
                "shift (C,), merged in order: the means are relative to the shift.\n"
-               "Changes nothing.")},
+               "Errors name a batch `name`. Changes nothing.")},
     {"_set_running_from_stats", (PyCFunction)(void (*)(void))BatchNorm_set_running_from_stats,
      METH_VARARGS | METH_KEYWORDS,
      PyDoc_STR("_set_running_from_stats($self, stats, *, shift=None)\n--\n\n"
@@ -1391,10 +1391,12 @@ static PyMethodDef BatchNorm_methods[] = {
                "partials.")},
     {"_forward_from_stats", (PyCFunction)(void (*)(void))BatchNorm_forward_from_stats,
      METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("_forward_from_stats($self, x, stats, *, shift=None, out=None)\n--\n\n"
+     PyDoc_STR("_forward_from_stats($self, x, stats, *, shift=None, moments=None, out=None)\n"
+               "--\n\n"
                "A batch-statistics forward that normalizes with (C, 3) partials gathered\n"
                "elsewhere (x's among them; means relative to shift), updating the\n"
-               "running statistics with them in training mode.")},
+               "running statistics with them in training mode. moments, a (2, C) mean\n"
+               "and invstd, replaces what y is normalized with (BatchRenorm's).")},
     {"_grad_sums", (PyCFunction)BatchNorm_grad_sums, METH_O,
      PyDoc_STR("_grad_sums($self, dy, /)\n--\n\n"
                "(2, C) float64: this input's sum of dy * xhat and of dy, for the last\n"
