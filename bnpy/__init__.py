@@ -36,7 +36,8 @@ from ._core import (
     set_num_threads,
 )
 
-from .renorm import BatchRenorm  # noqa: E402  (needs _core)
+from .fold import fold
+from .renorm import BatchRenorm
 
 __version__ = "0.1.0"
 
@@ -81,6 +82,7 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_inference",
     "batch_norm_backward",
+    "fold",
     "set_num_threads",
     "get_num_threads",
     "has_openmp",
