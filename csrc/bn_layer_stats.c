@@ -330,6 +330,12 @@ PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, Py
     double *mean = PyArray_DATA(call.moments), *invstd = mean + channels;
 
     lock_layer(self);
+    if (self->virtual_batch_size > 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "_forward_from_stats normalizes with statistics gathered elsewhere, "
+                        "which have no virtual batches: use a layer without virtual_batch_size");
+        goto fail_locked;
+    }
     if (!training && self->track_running_stats) {
         PyErr_SetString(PyExc_ValueError,
                         "_forward_from_stats normalizes with batch statistics; in eval mode "
@@ -376,6 +382,12 @@ fail:
 static int take_saved(BatchNormObject *self, bn_saved *saved)
 {
     if (bn_layer_check_saved(self) < 0) {
+        return -1;
+    }
+    if (self->saved.groups > 1) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the last forward normalized virtual batches: its gradient sums are "
+                        "per group, use backward");
         return -1;
     }
     *saved = self->saved;
