@@ -40,6 +40,17 @@ def _bound(name, value, least):
     return value
 
 
+def _bounded(name, least, doc):
+    """A settable attribute kept in self._<name>, checked by _bound."""
+    def get(self):
+        return getattr(self, "_" + name)
+
+    def set(self, value):
+        setattr(self, "_" + name, _bound(name, value, least))
+
+    return property(get, set, doc=doc)
+
+
 def _corrections(stats, shift, running_var, rmax, dmax, eps):
     """r, d (C,) and the (2, C) moments that normalize with them, in float64.
 
@@ -73,23 +84,8 @@ class BatchRenorm(BatchNorm):
         self._rmax, self._dmax = rmax, dmax
         self._rd = None  # (r, d) of the last forward when it renormalized
 
-    @property
-    def rmax(self):
-        """The bound of r: 1/rmax <= r <= rmax (>= 1; 1 makes r = 1)."""
-        return self._rmax
-
-    @rmax.setter
-    def rmax(self, value):
-        self._rmax = _bound("rmax", value, 1.0)
-
-    @property
-    def dmax(self):
-        """The bound of d: |d| <= dmax (>= 0; 0 makes d = 0)."""
-        return self._dmax
-
-    @dmax.setter
-    def dmax(self, value):
-        self._dmax = _bound("dmax", value, 0.0)
+    rmax = _bounded("rmax", 1.0, "The bound of r: 1/rmax <= r <= rmax (>= 1; 1 makes r = 1).")
+    dmax = _bounded("dmax", 0.0, "The bound of d: |d| <= dmax (>= 0; 0 makes d = 0).")
 
     def forward(self, x, *, out=None):
         """y for x: renormalized in training mode, BatchNorm's in eval mode."""
