@@ -34,25 +34,6 @@ BN_INLINE void NAME(store)(T *p, bn_vec v)
 #endif
 }
 
-/* the n < BN_W values of p[0 .. n) as a vector, 0 in its other lanes */
-BN_INLINE bn_vec NAME(load_part)(const T *p, size_t n)
-{
-    double part[BN_W] = {0};
-    for (size_t j = 0; j < n; j++) {
-        part[j] = (double)p[j];
-    }
-    return bn_load_wide(part);
-}
-
-BN_INLINE void NAME(store_part)(T *p, bn_vec v, size_t n)
-{
-    double part[BN_W];
-    bn_store_wide(part, v);
-    for (size_t j = 0; j < n; j++) {
-        p[j] = (T)part[j];
-    }
-}
-
 /* asks the caches for the lines of p[0 .. n) */
 BN_INLINE void NAME(prefetch_lines)(const T *p, size_t n)
 {
@@ -158,13 +139,13 @@ BN_INLINE void NAME(add_sums)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, 
 
 /* ---- elementwise passes ------------------------------------------------------ */
 
-/* out[i] <- op(in, x) for i in [i0, i1) with the coefficients k of lane l
- * (or of a planar row's feature), i1 - i0 <= BN_W */
-BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
-                              bn_op op)
+/* out[0] <- op(in, x) with the coefficients in lane 0 of k */
+BN_INLINE void NAME(value_out)(T *out, const T *in, const T *x, const bn_vcoef *k, bn_op op)
 {
-    bn_vec xv = op == BN_DX_TRAIN ? NAME(load_part)(x, n) : bn_splat(0.0);
-    NAME(store_part)(out, bn_apply(op, NAME(load_part)(in, n), xv, k), n);
+    double value[BN_W];
+    bn_vec xv = bn_splat(op == BN_DX_TRAIN ? (double)*x : 0.0);
+    bn_store_wide(value, bn_apply(op, bn_splat((double)*in), xv, k));
+    *out = (T)value[0];
 }
 
 /* out[from .. to) <- op(in, x) with one feature's coefficients k, of a row
@@ -174,8 +155,8 @@ BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const b
 BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t from,
                               size_t to, const bn_vcoef *k, bn_op op)
 {
-    for (size_t h = from; h < to && n < BN_LANES; h += BN_W) {
-        NAME(part_out)(out + h, in + h, x ? x + h : NULL, to - h < BN_W ? to - h : BN_W, k, op);
+    for (size_t h = from; h < to && n < BN_LANES; h++) {
+        NAME(value_out)(out + h, in + h, x ? x + h : NULL, k, op);
     }
     for (size_t h = from; h < to && n >= BN_LANES; h += BN_LANES) {
         size_t at = h + BN_LANES <= n ? h : n - BN_LANES, end = h + BN_LANES < to ? h + BN_LANES
@@ -227,7 +208,7 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     size_t head = stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
     for (; j < head; j++, l = l + 1 == wide ? 0 : l + 1) {
         bn_vcoef k = bn_lane_coef(&w, l);
-        NAME(part_out)(out + j, in + j, x ? x + j : NULL, 1, &k, op);
+        NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
     }
     size_t ahead = BN_PREFETCH_BYTES / sizeof(T), n = p->s.outer * p->width;
     for (; j + BN_LANES <= j1; j += BN_LANES) {
@@ -247,7 +228,7 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     }
     for (; j < j1; j++, l = l + 1 == wide ? 0 : l + 1) {
         bn_vcoef k = bn_lane_coef(&w, l);
-        NAME(part_out)(out + j, in + j, x ? x + j : NULL, 1, &k, op);
+        NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
     }
 }
 
@@ -415,7 +396,8 @@ static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, cons
  * for the lines `ahead` values past each vector of the next feature, and
  * `back` values past what it reads of this one (0: the line it reads). One
  * loop, so that memory reads the next feature while this one is written; op
- * and stream are constants at each call, so that it has no other test. */
+ * and stream are constants at each call (pipeline_tile), so that it has no
+ * other test. */
 BN_INLINE void NAME(pipeline_vectors)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
                                       int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
                                       const T *next_dy, const T *next_x, double center,
@@ -444,22 +426,6 @@ BN_INLINE void NAME(pipeline_vectors)(T *out, const T *in, const T *x, bn_vcoef 
     memcpy(acc2, sum2, sizeof sum2);
     *pi = i;
     *po = o;
-}
-
-/* pipeline_vectors with the stream flag a constant */
-BN_INLINE void NAME(pipeline_run)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
-                                  int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
-                                  const T *next_dy, const T *next_x, double center, size_t *pi,
-                                  size_t *po, size_t vectors, size_t ahead, size_t back)
-{
-    if (stream) {
-        NAME(pipeline_vectors)(out, in, x, k, op, 1, acc, acc2, next_dy, next_x, center, pi, po,
-                               vectors, ahead, back);
-    }
-    else {
-        NAME(pipeline_vectors)(out, in, x, k, op, 0, acc, acc2, next_dy, next_x, center, pi, po,
-                               vectors, ahead, back);
-    }
 }
 
 /* Values i0 .. i1 of row o of the pipeline (the pointers at the rows'
@@ -494,53 +460,41 @@ BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, b
     size_t cuts[3] = {first, last, n}, end = i0 + (o_end - o_at) / BN_LANES * BN_LANES;
     for (int part = 0; part < 3; part++) {
         size_t cut = cuts[part] / BN_LANES * BN_LANES, stop = cut < end ? cut : end;
-        NAME(pipeline_run)(out, in, x, k, op, stream, acc, acc2, next_dy, next_x, center, &i,
-                           &o_at, stop > i ? (stop - i) / BN_LANES : 0,
-                           i + BN_LANES <= ahead.split ? ahead.before : ahead.after,
-                           i + BN_LANES <= back.split ? back.before : back.after);
+        NAME(pipeline_vectors)(out, in, x, k, op, stream, acc, acc2, next_dy, next_x, center,
+                               &i, &o_at, stop > i ? (stop - i) / BN_LANES : 0,
+                               i + BN_LANES <= ahead.split ? ahead.before : ahead.after,
+                               i + BN_LANES <= back.split ? back.before : back.after);
     }
     NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, i1 - i, center);
     NAME(some_out)(out, in, x, n, o_at, o_end, &k, op);
 }
 
-/* Tile t of feature c normalized (y <- (x - mean) * scale + shift, k) while,
- * unless next is NULL, tile t of feature c + 1 is absorbed into next, less
- * shift */
-static void NAME(normalize_tile)(T *y, const T *x, const bn_vcoef *k, bn_partial *next,
-                                 const bn_plan *p, size_t c, size_t t, double shift)
-{
-    bn_tile tile = bn_tile_at(p->s, t);
-    double center = next ? shift + NAME(tile_center)(next, x, p, c + 1, t, shift) : 0.0;
-    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
-    for (size_t o = tile.o0; o < tile.o1; o++) {
-        size_t at = bn_row_at(p->s, o, c);
-        NAME(pipeline_row)(y + at, x + at, NULL, *k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
-                           next ? x + at + p->s.inner : NULL, center, p, o, tile.i0, tile.i1);
-    }
-    if (next) {
-        bn_absorb(next, (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0)), center - shift,
-                  bn_total(acc), bn_total(acc2));
-    }
-}
-
-/* Tile t of feature c's dx written (op, k) while, unless next is NULL,
- * feature c + 1's gradient sums over tile t are added to next (as grad_tile) */
-BN_INLINE void NAME(dx_tile)(T *dx, const T *dy, const T *x, const bn_vcoef *k, bn_op op,
-                             double *next, double next_mean, const bn_plan *p, size_t c,
-                             size_t t)
+/* Tile t of feature c: out <- op(in, x) with its coefficients k, while
+ * (when has_next) sums[0 .. 2) <- the two sums of tile t of feature c + 1
+ * about center: of in (x) when op normalizes, else of dy (in) and x.
+ * Returns the tile's count of values. */
+BN_INLINE double NAME(pipeline_tile)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
+                                     int has_next, double center, double sums[2],
+                                     const bn_plan *p, size_t c, size_t t)
 {
     bn_tile tile = bn_tile_at(p->s, t);
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = tile.o0; o < tile.o1; o++) {
-        size_t at = bn_row_at(p->s, o, c), next_at = at + p->s.inner;
-        NAME(pipeline_row)(dx + at, dy + at, x + at, *k, op, p->stream, acc, acc2,
-                           next ? dy + next_at : NULL, next ? x + next_at : NULL, next_mean,
-                           p, o, tile.i0, tile.i1);
+        size_t at = bn_row_at(p->s, o, c), next = at + p->s.inner;
+        const T *next_dy = has_next && op != BN_NORMALIZE ? in + next : NULL;
+        const T *next_x = !has_next ? NULL : op == BN_NORMALIZE ? in + next : x + next;
+        if (p->stream) {
+            NAME(pipeline_row)(out + at, in + at, x ? x + at : NULL, k, op, 1, acc, acc2,
+                               next_dy, next_x, center, p, o, tile.i0, tile.i1);
+        }
+        else {
+            NAME(pipeline_row)(out + at, in + at, x ? x + at : NULL, k, op, 0, acc, acc2,
+                               next_dy, next_x, center, p, o, tile.i0, tile.i1);
+        }
     }
-    if (next) {
-        next[0] += bn_total(acc);
-        next[1] += bn_total(acc2);
-    }
+    sums[0] = bn_total(acc);
+    sums[1] = bn_total(acc2);
+    return (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0));
 }
 
 /* Training forward of features c0 .. c1, in a pipeline: feature c, still in
@@ -562,9 +516,15 @@ static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *inv
         NAME(coefficient)(w, BN_NORMALIZE, c, mean, invstd, gamma, beta, NULL, NULL, 0.0);
         bn_vcoef k = bn_feature_coef(w, c);
         next = (bn_partial){0.0, 0.0, 0.0};
+        double shift = c + 1 < c1 ? (double)x[(c + 1) * s.inner] : 0.0, sums[2];
         for (size_t t = 0; t < p->tiles; t++) {
-            NAME(normalize_tile)(y, x, &k, c + 1 < c1 ? &next : NULL, p, c, t,
-                                 c + 1 < c1 ? (double)x[(c + 1) * s.inner] : 0.0);
+            double center = c + 1 < c1 ? shift + NAME(tile_center)(&next, x, p, c + 1, t, shift)
+                                       : 0.0;
+            double count = NAME(pipeline_tile)(y, x, NULL, k, BN_NORMALIZE, c + 1 < c1, center,
+                                               sums, p, c, t);
+            if (c + 1 < c1) {
+                bn_absorb(&next, count, center - shift, sums[0], sums[1]);
+            }
         }
     }
     if (p->stream) {
@@ -590,14 +550,17 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const bn_
                           dgamma, dbeta, count);
         bn_vcoef k = bn_feature_coef(w, c);
         next[0] = next[1] = 0.0;
-        double *sums = c + 1 < c1 ? next : NULL, next_mean = c + 1 < c1 ? mean[c + 1] : 0.0;
+        double next_mean = c + 1 < c1 ? mean[c + 1] : 0.0, sums[2];
         for (size_t t = 0; t < p->tiles; t++) {
             if (training) {
-                NAME(dx_tile)(dx, dy, x, &k, BN_DX_TRAIN, sums, next_mean, p, c, t);
+                NAME(pipeline_tile)(dx, dy, x, k, BN_DX_TRAIN, c + 1 < c1, next_mean, sums, p, c,
+                                    t);
             }
             else {
-                NAME(dx_tile)(dx, dy, x, &k, BN_DX_EVAL, sums, next_mean, p, c, t);
+                NAME(pipeline_tile)(dx, dy, x, k, BN_DX_EVAL, c + 1 < c1, next_mean, sums, p, c, t);
             }
+            next[0] += sums[0];
+            next[1] += sums[1];
         }
     }
     if (p->stream) {
