@@ -4,6 +4,8 @@
  * reference to each, so none can go away while the GIL is released. */
 #include "bn_module.h"
 
+#include <string.h>
+
 #define IS_F32(arr) (PyArray_TYPE(arr) == NPY_FLOAT)
 /* the data of an optional array, or NULL */
 #define DATA_OR_NULL(arr) ((arr) != NULL ? PyArray_DATA(arr) : NULL)
@@ -204,12 +206,16 @@ void bn_run_backward_dx(PyArrayObject *dx, double *work, PyArrayObject *dy, PyAr
 
 void bn_run_from_double(PyArrayObject *out, const double *values)
 {
+    /* out[n] <- values[n] rounded to out's dtype */
     size_t n = (size_t)PyArray_SIZE(out);
     if (IS_F32(out)) {
-        bn_from_double_f32(PyArray_DATA(out), values, n);
+        float *rounded = PyArray_DATA(out);
+        for (size_t i = 0; i < n; i++) {
+            rounded[i] = (float)values[i];
+        }
     }
     else {
-        bn_from_double_f64(PyArray_DATA(out), values, n);
+        memcpy(PyArray_DATA(out), values, n * sizeof *values);
     }
 }
 

@@ -72,6 +72,14 @@ static int check_counts(const bn_partial *stats, size_t channels, int training)
     return 0;
 }
 
+/* stats[c].mean += shift[c]: partials relative to a shift made absolute */
+static void partials_unshift(bn_partial *stats, const double *shift, size_t channels)
+{
+    for (size_t c = 0; c < channels; c++) {
+        stats[c].mean += shift[c];
+    }
+}
+
 /* A new (C, 3) copy of checked partials made absolute: means + shift[C],
  * shift_obj None for none. */
 static PyArrayObject *absolute_stats(PyObject *stats_obj, PyObject *shift_obj, npy_intp channels)
@@ -90,7 +98,7 @@ static PyArrayObject *absolute_stats(PyObject *stats_obj, PyObject *shift_obj, n
         Py_DECREF(stats);
         return NULL;
     }
-    bn_partial_unshift(PyArray_DATA(stats), PyArray_DATA(shift), (size_t)channels);
+    partials_unshift(PyArray_DATA(stats), PyArray_DATA(shift), (size_t)channels);
     Py_DECREF(shift);
     return stats;
 }
@@ -256,7 +264,7 @@ PyObject *BatchNorm_calibrate(BatchNormObject *self, PyObject *batches)
     memset(shift, 0, CHANNELS(self) * sizeof(double));
     PyArrayObject *stats = stats_of(self, batches, shift, 1, "batch");
     if (stats != NULL) {
-        bn_partial_unshift(PyArray_DATA(stats), shift, CHANNELS(self));
+        partials_unshift(PyArray_DATA(stats), shift, CHANNELS(self));
     }
     PyMem_Free(shift);
     if (stats == NULL) {

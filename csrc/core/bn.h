@@ -69,28 +69,7 @@ const char *bn_isa_name(bn_isa isa);
  * passes `work` with at least this many. */
 size_t bn_workspace_size(bn_shape s);
 
-/* --- statistics -------------------------------------------------------- */
-
-/* stats[C] <- count, mean and m2 of each feature of x. Every value is taken
- * less a shift, so that the means merged block by block stay small and keep
- * their last bits: shift[C] when given, and then the means come out relative
- * to it (for statistics merged further, e.g. across batches or processes);
- * with shift NULL, each feature's first value, and the means come out
- * absolute. The values are summed in blocks (tiles of a feature's rows, or
- * blocks of rows down each lane of a wide row: see core.h), each about a
- * center near its mean: the block's own rough mean for the first, the mean
- * so far for the others. Each block's sums are corrected as in Chan, Golub
- * and LeVeque's two-pass algorithm and merged with their pairwise formula,
- * so a large common offset does not cancel the variance, and a constant
- * feature gets exactly its value as mean and m2 = 0.
- * work: bn_workspace_size(s) doubles. */
-void bn_stats_f32(bn_partial *stats, double *work, const float *x, const double *shift,
-                  bn_shape s);
-void bn_stats_f64(bn_partial *stats, double *work, const double *x, const double *shift,
-                  bn_shape s);
-
-/* stats[c].mean += shift[c]: partials relative to a shift made absolute. */
-void bn_partial_unshift(bn_partial *stats, const double *shift, size_t channels);
+/* --- per-feature helpers --------------------------------------------- */
 
 /* a <- the statistics of the union of the data behind a and b. */
 void bn_partial_merge(bn_partial *a, const bn_partial *b);
@@ -100,83 +79,76 @@ void bn_partial_merge(bn_partial *a, const bn_partial *b);
 void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
                       size_t channels, double eps);
 
-/* mean[C], invstd[C] <- the running statistics, as the eval-mode moments. */
-void bn_running_moments_f32(double *mean, double *invstd, const float *running_mean,
-                            const float *running_var, size_t channels, double eps);
-void bn_running_moments_f64(double *mean, double *invstd, const double *running_mean,
-                            const double *running_var, size_t channels, double eps);
+/* --- the kernels, for each element type T ------------------------------
+ * BN_KERNELS_API(T, S) declares them for elements T with names ending in S:
+ * bn_stats_f32 for float, bn_stats_f64 for double, and so on.
+ *
+ * bn_stats: stats[C] <- count, mean and m2 of each feature of x. Every value
+ *   is taken less a shift, so that the means merged block by block stay
+ *   small and keep their last bits: shift[C] when given, and then the means
+ *   come out relative to it (for statistics merged further, e.g. across
+ *   batches or processes); with shift NULL, each feature's first value, and
+ *   the means come out absolute. The values are summed in blocks (tiles of a
+ *   feature's rows, or blocks of rows down each lane of a wide row: see
+ *   core.h), each about a center near its mean: the block's own rough mean
+ *   for the first, the mean so far for the others. Each block's sums are
+ *   corrected as in Chan, Golub and LeVeque's two-pass algorithm and merged
+ *   with their pairwise formula, so a large common offset does not cancel
+ *   the variance, and a constant feature gets exactly its value as mean and
+ *   m2 = 0. work: bn_workspace_size(s) doubles (every kernel's `work`).
+ * bn_running_moments: mean[C], invstd[C] <- the running statistics, as the
+ *   eval-mode moments.
+ * bn_update_running: running_mean[C], running_var[C] <- (1 - momentum) *
+ *   running + momentum * batch, with the unbiased batch variance
+ *   m2 / (count - 1). count must be > 1.
+ * bn_set_running: running_mean[C], running_var[C] <- the mean and the
+ *   unbiased variance m2 / (count - 1) of stats (calibration: exact
+ *   population statistics).
+ * bn_forward_train: training mode: stats[C], mean[C], invstd[C] <- x's batch
+ *   statistics (as bn_stats with no shift gives them), and
+ *   y <- gamma * (x - mean) * invstd + beta. Each feature is normalized while
+ *   its data is still in cache when the plan takes features one by one.
+ *   gamma and beta may be NULL (gamma = 1, beta = 0). y may be x itself.
+ * bn_forward: y <- gamma * (x - mean) * invstd + beta with given moments
+ *   (inference with the running statistics). gamma and beta may be NULL. y
+ *   may be x itself.
+ * bn_backward: dbeta[C] <- sum dy, dgamma[C] <- sum dy * xhat with
+ *   xhat = (x - mean) * invstd, and dx <-
+ *     training: gamma * invstd / n * (n * dy - dbeta - xhat * dgamma)
+ *               (mean and invstd are x's batch statistics and depend on x);
+ *     otherwise: dy * gamma * invstd (they are constants).
+ *   gamma may be NULL (1). dx may be dy or x itself (every value is read
+ *   before it is overwritten), but not a part of either.
+ * bn_grad_sums and bn_backward_dx: the two halves of bn_backward, for
+ *   statistics gathered elsewhere (across processes): bn_grad_sums gives this
+ *   block's dbeta[C] = sum dy and dgamma[C] = sum dy * xhat; bn_backward_dx
+ *   gives dx from sums over `count` values in all (training: mean and invstd
+ *   are the statistics of all those values; otherwise constants, and the
+ *   sums are not used). */
+#define BN_KERNELS_API(T, S)                                                                 \
+    void bn_stats##S(bn_partial *stats, double *work, const T *x, const double *shift,      \
+                     bn_shape s);                                                           \
+    void bn_running_moments##S(double *mean, double *invstd, const T *running_mean,         \
+                               const T *running_var, size_t channels, double eps);          \
+    void bn_update_running##S(T *running_mean, T *running_var, const bn_partial *stats,     \
+                              size_t channels, double momentum);                            \
+    void bn_set_running##S(T *running_mean, T *running_var, const bn_partial *stats,        \
+                           size_t channels);                                                \
+    void bn_forward_train##S(T *y, bn_partial *stats, double *mean, double *invstd,         \
+                             double *work, const T *x, const T *gamma, const T *beta,       \
+                             double eps, bn_shape s);                                       \
+    void bn_forward##S(T *y, double *work, const T *x, const double *mean,                  \
+                       const double *invstd, const T *gamma, const T *beta, bn_shape s);    \
+    void bn_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,    \
+                        const T *x, const double *mean, const double *invstd,               \
+                        const T *gamma, bn_shape s, int training);                          \
+    void bn_grad_sums##S(double *dgamma, double *dbeta, double *work, const T *dy,          \
+                         const T *x, const double *mean, const double *invstd, bn_shape s); \
+    void bn_backward_dx##S(T *dx, double *work, const T *dy, const T *x, const double *mean, \
+                           const double *invstd, const T *gamma, const double *dgamma,     \
+                           const double *dbeta, double count, bn_shape s, int training);
 
-/* running_mean[C], running_var[C] <- (1 - momentum) * running + momentum * batch,
- * with the unbiased batch variance m2 / (count - 1). count must be > 1. */
-void bn_update_running_f32(float *running_mean, float *running_var,
-                           const bn_partial *stats, size_t channels, double momentum);
-void bn_update_running_f64(double *running_mean, double *running_var,
-                           const bn_partial *stats, size_t channels, double momentum);
-
-/* running_mean[C], running_var[C] <- the mean and the unbiased variance
- * m2 / (count - 1) of stats (calibration: exact population statistics). */
-void bn_set_running_f32(float *running_mean, float *running_var, const bn_partial *stats,
-                        size_t channels);
-void bn_set_running_f64(double *running_mean, double *running_var, const bn_partial *stats,
-                        size_t channels);
-
-/* --- forward ----------------------------------------------------------- */
-
-/* Training mode: stats[C], mean[C], invstd[C] <- x's batch statistics (as
- * bn_stats with no shift gives them), and
- * y <- gamma * (x - mean) * invstd + beta. Each feature is normalized while
- * its data is still in cache when the plan takes features one by one. gamma
- * and beta may be NULL (gamma = 1, beta = 0). y may be x itself. */
-void bn_forward_train_f32(float *y, bn_partial *stats, double *mean, double *invstd,
-                          double *work, const float *x, const float *gamma, const float *beta,
-                          double eps, bn_shape s);
-void bn_forward_train_f64(double *y, bn_partial *stats, double *mean, double *invstd,
-                          double *work, const double *x, const double *gamma,
-                          const double *beta, double eps, bn_shape s);
-
-/* y <- gamma * (x - mean) * invstd + beta with given moments (inference with
- * the running statistics). gamma and beta may be NULL. y may be x itself. */
-void bn_forward_f32(float *y, double *work, const float *x, const double *mean,
-                    const double *invstd, const float *gamma, const float *beta, bn_shape s);
-void bn_forward_f64(double *y, double *work, const double *x, const double *mean,
-                    const double *invstd, const double *gamma, const double *beta, bn_shape s);
-
-/* --- backward ---------------------------------------------------------- */
-
-/* dbeta[C] <- sum dy, dgamma[C] <- sum dy * xhat with xhat = (x - mean) * invstd,
- * and dx <-
- *   training: gamma * invstd / n * (n * dy - dbeta - xhat * dgamma)
- *             (mean and invstd are x's batch statistics and depend on x);
- *   otherwise: dy * gamma * invstd (they are constants).
- * gamma may be NULL (1). dx may be dy or x itself (every value is read before
- * it is overwritten), but not a part of either. */
-void bn_backward_f32(float *dx, double *dgamma, double *dbeta, double *work, const float *dy,
-                     const float *x, const double *mean, const double *invstd,
-                     const float *gamma, bn_shape s, int training);
-void bn_backward_f64(double *dx, double *dgamma, double *dbeta, double *work,
-                     const double *dy, const double *x, const double *mean,
-                     const double *invstd, const double *gamma, bn_shape s, int training);
-
-/* The two halves of bn_backward, for statistics gathered elsewhere (across
- * processes): bn_grad_sums gives this block's dbeta[C] = sum dy and
- * dgamma[C] = sum dy * xhat; bn_backward_dx gives dx from sums over `count`
- * values in all (training: mean and invstd are the statistics of all those
- * values; otherwise constants, and the sums are not used). */
-void bn_grad_sums_f32(double *dgamma, double *dbeta, double *work, const float *dy,
-                      const float *x, const double *mean, const double *invstd, bn_shape s);
-void bn_grad_sums_f64(double *dgamma, double *dbeta, double *work, const double *dy,
-                      const double *x, const double *mean, const double *invstd, bn_shape s);
-void bn_backward_dx_f32(float *dx, double *work, const float *dy, const float *x,
-                        const double *mean, const double *invstd, const float *gamma,
-                        const double *dgamma, const double *dbeta, double count, bn_shape s,
-                        int training);
-void bn_backward_dx_f64(double *dx, double *work, const double *dy, const double *x,
-                        const double *mean, const double *invstd, const double *gamma,
-                        const double *dgamma, const double *dbeta, double count, bn_shape s,
-                        int training);
-
-/* out[n] <- in[n] rounded to the element type. */
-void bn_from_double_f32(float *out, const double *in, size_t n);
-void bn_from_double_f64(double *out, const double *in, size_t n);
+BN_KERNELS_API(float, _f32)
+BN_KERNELS_API(double, _f64)
 
 #endif /* BNPY_BN_H */

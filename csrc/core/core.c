@@ -158,13 +158,6 @@ void bn_partial_merge(bn_partial *a, const bn_partial *b)
     a->count = count;
 }
 
-void bn_partial_unshift(bn_partial *stats, const double *shift, size_t channels)
-{
-    for (size_t c = 0; c < channels; c++) {
-        stats[c].mean += shift[c];
-    }
-}
-
 /* The lanes of feature c in a wide row, in order: for each of the fold outer
  * rows, the feature's inner values */
 #define FOR_FEATURE_LANE(p, c, l)                                                     \
@@ -213,23 +206,29 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
 
 /* ---- builds ------------------------------------------------------------------------ */
 
-/* the builds, indexed by bn_isa */
-static const bn_kernel_table *bn_build(bn_isa isa)
-{
-#if BN_X86_BUILDS
-    if (isa == BN_ISA_AVX512) {
-        return &bn_kernels_avx512;
-    }
-    if (isa == BN_ISA_AVX2) {
-        return &bn_kernels_avx2;
-    }
+/* The builds, indexed by bn_isa: each one's name and kernels (NULL where this
+ * build has none) */
+static const struct {
+    const char *name;
+    const bn_kernel_table *kernels;
+} bn_builds[] = {
+#ifdef BN_PORTABLE
+    {"portable", &bn_kernels_baseline},
+#else
+    {"default", &bn_kernels_baseline},
 #endif
-    return isa == BN_ISA_DEFAULT ? &bn_kernels_baseline : NULL;
-}
+#if BN_X86_BUILDS
+    {"avx2", &bn_kernels_avx2},
+    {"avx512", &bn_kernels_avx512},
+#else
+    {"avx2", NULL},
+    {"avx512", NULL},
+#endif
+};
 
 int bn_isa_supported(bn_isa isa)
 {
-    if (bn_build(isa) == NULL) {
+    if (isa < BN_ISA_DEFAULT || isa > BN_ISA_AVX512 || bn_builds[isa].kernels == NULL) {
         return 0;
     }
 #if BN_X86_BUILDS
@@ -245,19 +244,7 @@ int bn_isa_supported(bn_isa isa)
 
 const char *bn_isa_name(bn_isa isa)
 {
-    switch (isa) {
-    case BN_ISA_DEFAULT:
-#ifdef BN_PORTABLE
-        return "portable";
-#else
-        return "default";
-#endif
-    case BN_ISA_AVX2:
-        return "avx2";
-    case BN_ISA_AVX512:
-        return "avx512";
-    }
-    return NULL;
+    return isa >= BN_ISA_DEFAULT && isa <= BN_ISA_AVX512 ? bn_builds[isa].name : NULL;
 }
 
 /* the bn_isa in use; -1 until the first call chooses */
@@ -289,7 +276,7 @@ bn_isa bn_get_isa(void)
 /* the build the kernels run: the best one unless bn_set_isa chose another */
 static const bn_kernel_table *bn_kernels(void)
 {
-    return bn_build(bn_get_isa());
+    return bn_builds[bn_get_isa()].kernels;
 }
 
 /* ---- entry points, per element type ------------------------------------------- */

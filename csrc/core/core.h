@@ -109,20 +109,18 @@ static inline bn_tile bn_tile_at(bn_shape s, size_t k)
     return (bn_tile){o0, o0 + rows < s.outer ? o0 + rows : s.outer, 0, s.inner};
 }
 
-/* Where a pass over a planar feature's rows asks for the value `distance`
- * past its vector at i, for the values i0 + i of row o (i < n): `before`
- * values past the vector while i + BN_LANES <= split, `after` from there (a
- * later row); 0, the vector's own place, past the feature's last row. */
+/* Where a pass over the rows of a planar feature asks for the value
+ * `distance` past its vector at i of row o: `before` values past it while
+ * i + BN_LANES <= split, `after` from there (a later row); 0, the vector's
+ * own place, past the feature's last row. */
 typedef struct {
     size_t split, before, after;
 } bn_reach;
 
-static inline bn_reach bn_reach_of(bn_shape s, size_t o, size_t i0, size_t n, size_t distance)
+static inline bn_reach bn_reach_of(bn_shape s, size_t o, size_t distance)
 {
-    size_t rows = distance / s.inner, rest = distance % s.inner;
-    size_t stride = s.channels * s.inner, turn = s.inner - rest; /* columns from turn: a row on */
-    bn_reach r = {turn > i0 ? turn - i0 : 0, 0, 0};
-    r.split = r.split < n ? r.split : n;
+    size_t rows = distance / s.inner, rest = distance % s.inner, stride = s.channels * s.inner;
+    bn_reach r = {s.inner - rest, 0, 0}; /* from column inner - rest: a row further */
     r.before = o + rows < s.outer ? rows * stride + rest : 0;
     r.after = o + rows + 1 < s.outer ? (rows + 1) * stride + rest - s.inner : 0;
     return r;

@@ -195,6 +195,17 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef
     NAME(some_out)(out, in, x, n, i, n, &k, op);
 }
 
+/* out[*j .. end) <- op(in, x) one value at a time, *l the lane of *j; moves
+ * both on */
+BN_INLINE void NAME(lane_values)(T *out, const T *in, const T *x, size_t *j, size_t *l,
+                                 size_t end, const bn_work *w, size_t wide, bn_op op)
+{
+    for (; *j < end; ++*j, *l = *l + 1 == wide ? 0 : *l + 1) {
+        bn_vcoef k = bn_lane_coef(w, *l);
+        NAME(value_out)(out + *j, in + *j, x ? x + *j : NULL, &k, op);
+    }
+}
+
 /* out[j0 .. j1) <- op(in, x) for x seen as one sequence of wide rows: value j
  * is in lane j % wide, with the coefficients spread in w */
 BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_t j1,
@@ -206,10 +217,7 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     size_t wide = p->wide, l = j0 % wide, j = j0;
     int stream = p->stream;
     size_t head = stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
-    for (; j < head; j++, l = l + 1 == wide ? 0 : l + 1) {
-        bn_vcoef k = bn_lane_coef(&w, l);
-        NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
-    }
+    NAME(lane_values)(out, in, x, &j, &l, head, &w, wide, op);
     size_t ahead = BN_PREFETCH_BYTES / sizeof(T), n = p->s.outer * p->width;
     for (; j + BN_LANES <= j1; j += BN_LANES) {
         if (j + ahead + BN_LANES <= n) {
@@ -226,10 +234,7 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
         l += BN_LANES;
         l = l >= wide ? l - wide : l;
     }
-    for (; j < j1; j++, l = l + 1 == wide ? 0 : l + 1) {
-        bn_vcoef k = bn_lane_coef(&w, l);
-        NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
-    }
+    NAME(lane_values)(out, in, x, &j, &l, j1, &w, wide, op);
 }
 
 /* The planar rows r0 .. r1 of the outer * C (or, for the lanes strategy,
@@ -316,16 +321,20 @@ static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const 
 
 /* ---- planar: one feature at a time ----------------------------------------- */
 
-/* the deviations from center of feature c's values in tile t, and their squares, summed */
-static void NAME(tile_sums)(double *sum, double *sum2, const T *x, bn_shape s, size_t c,
-                            bn_tile t, double center)
+/* sums[0] += sum d, sums[1] += sum d * d over feature c's values in tile k,
+ * d = x - center (dy NULL: the statistics); or with dy, sums[0] += sum dy,
+ * sums[1] += sum dy * d (the gradient sums; center is the mean) */
+static void NAME(tile_sums)(double sums[2], const T *dy, const T *x, double center,
+                            const bn_plan *p, size_t c, size_t k)
 {
+    bn_tile t = bn_tile_at(p->s, k);
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = t.o0; o < t.o1; o++) {
-        NAME(add_sums)(acc, acc2, NULL, x + bn_row_at(s, o, c) + t.i0, t.i1 - t.i0, center);
+        size_t at = bn_row_at(p->s, o, c) + t.i0;
+        NAME(add_sums)(acc, acc2, dy ? dy + at : NULL, x + at, t.i1 - t.i0, center);
     }
-    *sum = bn_total(acc);
-    *sum2 = bn_total(acc2);
+    sums[0] += bn_total(acc);
+    sums[1] += bn_total(acc2);
 }
 
 /* The center (less shift) that tile k of feature c is summed about: the
@@ -337,9 +346,9 @@ static double NAME(tile_center)(const bn_partial *stats, const T *x, const bn_pl
         return stats->mean;
     }
     bn_tile t = bn_tile_at(p->s, k);
-    double sum, sum2;
-    NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, shift);
-    return sum / (double)((t.o1 - t.o0) * (t.i1 - t.i0));
+    double sums[2] = {0.0, 0.0};
+    NAME(tile_sums)(sums, NULL, x, shift, p, c, k);
+    return sums[0] / (double)((t.o1 - t.o0) * (t.i1 - t.i0));
 }
 
 /* Absorbs tile k of feature c into stats, less shift, summed about its center */
@@ -347,9 +356,9 @@ static void NAME(absorb_tile)(bn_partial *stats, const T *x, const bn_plan *p, s
                               size_t k, double shift)
 {
     bn_tile t = bn_tile_at(p->s, k);
-    double center = shift + NAME(tile_center)(stats, x, p, c, k, shift), sum, sum2;
-    NAME(tile_sums)(&sum, &sum2, x, p->s, c, t, center);
-    bn_absorb(stats, (double)((t.o1 - t.o0) * (t.i1 - t.i0)), center - shift, sum, sum2);
+    double center = shift + NAME(tile_center)(stats, x, p, c, k, shift), sums[2] = {0.0, 0.0};
+    NAME(tile_sums)(sums, NULL, x, center, p, c, k);
+    bn_absorb(stats, (double)((t.o1 - t.o0) * (t.i1 - t.i0)), center - shift, sums[0], sums[1]);
 }
 
 /* Feature c's statistics less shift: its tiles absorbed in order */
@@ -362,21 +371,6 @@ static bn_partial NAME(feature_stats)(const T *x, const bn_plan *p, size_t c, do
     return stats;
 }
 
-/* sums[0] += sum dy, sums[1] += sum dy * (x - mean) over feature c's values
- * in tile k */
-static void NAME(grad_tile)(double sums[2], const T *dy, const T *x, double mean,
-                            const bn_plan *p, size_t c, size_t k)
-{
-    bn_tile t = bn_tile_at(p->s, k);
-    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
-    for (size_t o = t.o0; o < t.o1; o++) {
-        size_t at = bn_row_at(p->s, o, c) + t.i0;
-        NAME(add_sums)(acc, acc2, dy + at, x + at, t.i1 - t.i0, mean);
-    }
-    sums[0] += bn_total(acc);
-    sums[1] += bn_total(acc2);
-}
-
 /* dbeta[c] <- sum dy, dgamma[c] <- sum dy * (x - mean) * invstd over feature c */
 static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, const T *x,
                                 const double *mean, const double *invstd, const bn_plan *p,
@@ -384,7 +378,7 @@ static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, cons
 {
     double sums[2] = {0.0, 0.0};
     for (size_t k = 0; k < p->tiles; k++) {
-        NAME(grad_tile)(sums, dy, x, mean[c], p, c, k);
+        NAME(tile_sums)(sums, dy, x, mean[c], p, c, k);
     }
     dbeta[c] = sums[0];
     dgamma[c] = sums[1] * invstd[c];
@@ -453,8 +447,8 @@ BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, b
                       0);
         return;
     }
-    bn_reach ahead = bn_reach_of(p->s, o, 0, n, BN_PREFETCH_BYTES / sizeof(T));
-    bn_reach back = bn_reach_of(p->s, o, 0, n, BN_READBACK_BYTES / sizeof(T));
+    bn_reach ahead = bn_reach_of(p->s, o, BN_PREFETCH_BYTES / sizeof(T));
+    bn_reach back = bn_reach_of(p->s, o, BN_READBACK_BYTES / sizeof(T));
     size_t first = ahead.split < back.split ? ahead.split : back.split;
     size_t last = ahead.split < back.split ? back.split : ahead.split;
     size_t cuts[3] = {first, last, n}, end = i0 + (o_end - o_at) / BN_LANES * BN_LANES;
@@ -541,7 +535,7 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const bn_
 {
     double count = (double)bn_count(p->s), next[2] = {0.0, 0.0};
     for (size_t k = 0; c0 < c1 && k < p->tiles; k++) {
-        NAME(grad_tile)(next, dy, x, mean[c0], p, c0, k);
+        NAME(tile_sums)(next, dy, x, mean[c0], p, c0, k);
     }
     for (size_t c = c0; c < c1; c++) {
         dbeta[c] = next[0];
@@ -681,16 +675,6 @@ static void NAME(group_grads)(double *state, const T *dy, const T *x, const doub
     }
 }
 
-/* w.mean <- each lane's shift: shift[C], or its feature's first value */
-static void NAME(lane_shifts)(const bn_work *w, const T *x, const double *shift,
-                              const bn_plan *p)
-{
-    for (size_t c = 0; c < p->s.channels; c++) {
-        w->mean[c] = shift ? shift[c] : (double)x[c * p->s.inner];
-    }
-    bn_spread(w->mean, w->mean, p);
-}
-
 /* Runs task(state of group g, g, lanes l0 .. l1) for every group and block of
  * lanes, on p->team threads */
 #define NAME_FOR_LANE_TASKS(p, w, g, l0, l1, task)                                       \
@@ -710,7 +694,10 @@ static void NAME(lane_shifts)(const bn_work *w, const T *x, const double *shift,
 static void NAME(lanes_stats)(bn_partial *stats, const bn_work *w, const T *x,
                               const double *shift, const bn_plan *p)
 {
-    NAME(lane_shifts)(w, x, shift, p);
+    for (size_t c = 0; c < p->s.channels; c++) { /* each lane's shift, spread */
+        w->mean[c] = shift ? shift[c] : (double)x[c * p->s.inner];
+    }
+    bn_spread(w->mean, w->mean, p);
     NAME_FOR_LANE_TASKS(p, *w, g, l0, l1, NAME(group_stats)(state, x, w->mean, p, g, l0, l1));
     bn_merge_lanes(stats, w->groups, p);
     for (size_t c = 0; !shift && c < p->s.channels; c++) {

@@ -30,11 +30,3 @@ void NAME(bn_set_running)(T *running_mean, T *running_var, const bn_partial *sta
         running_var[c] = (T)(stats[c].m2 / (stats[c].count - 1.0));
     }
 }
-
-void NAME(bn_from_double)(T *out, const double *in, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        out[i] = (T)in[i];
-    }
-}
-
