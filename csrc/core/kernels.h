@@ -301,11 +301,11 @@ static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
     }
 }
 
-/* out <- op(in, x) over all of x (the coefficients in w), on p->team threads.
- * Its tasks run from the end of x back: a pass that read x before left its
- * end in cache. */
+/* out <- op(in, x) over all of x (the coefficients in w), on p->team threads;
+ * its tasks from the end of x back when `from_end`: after a pass that read x,
+ * whose last reads are still in cache */
 static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const bn_plan *p,
-                       bn_op op)
+                       bn_op op, int from_end)
 {
     /* the lanes' values, or the planar rows, in tasks of about BN_CHUNK values */
     size_t n = p->lanes ? p->s.outer * p->width : p->s.outer * p->s.channels;
@@ -314,7 +314,8 @@ static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const 
     int team = p->team;
     BN_PARALLEL_FOR
     for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
-        size_t r0 = (tasks - 1 - (size_t)t) * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
+        size_t r0 = (from_end ? tasks - 1 - (size_t)t : (size_t)t) * chunk;
+        size_t r1 = r0 + chunk < n ? r0 + chunk : n;
         NAME(span_out)(out, in, x, w, p, r0, r1, op);
     }
 }
@@ -753,7 +754,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
         return;
     }
     NAME(coefficients)(&w, BN_NORMALIZE, mean, invstd, gamma, beta, NULL, NULL, 0.0, &p);
-    NAME(pass)(y, x, NULL, &w, &p, BN_NORMALIZE);
+    NAME(pass)(y, x, NULL, &w, &p, BN_NORMALIZE, 0);
 }
 
 static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd,
@@ -766,7 +767,8 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
     if (p.lanes || bn_count(s) == 0) {
         NAME(bn_stats)(stats, work, x, NULL, s);
         bn_batch_moments(mean, invstd, stats, s.channels, eps);
-        NAME(bn_forward)(y, work, x, mean, invstd, gamma, beta, s);
+        NAME(coefficients)(&w, BN_NORMALIZE, mean, invstd, gamma, beta, NULL, NULL, 0.0, &p);
+        NAME(pass)(y, x, NULL, &w, &p, BN_NORMALIZE, 1);
         return;
     }
     /* one contiguous range of features per thread, for the pipeline */
@@ -815,7 +817,7 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
     }
     bn_op op = training ? BN_DX_TRAIN : BN_DX_EVAL;
     NAME(coefficients)(&w, op, mean, invstd, gamma, NULL, dgamma, dbeta, count, &p);
-    NAME(pass)(dx, dy, x, &w, &p, op);
+    NAME(pass)(dx, dy, x, &w, &p, op, 1); /* its sums were taken just before */
 }
 
 static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
