@@ -1,12 +1,8 @@
-/* build.h -- one instruction-set build of the hot kernels.
- *
- * Each build_*.c file sets its compiler target and defines
- *   BN_VECTOR_BYTES  the width of its vectors (vec.h)
- *   BN_ISA           its suffix (_baseline, _avx2, _avx512)
- *   BN_TABLE         the name of its bn_kernel_table
- * then includes this file, which instantiates kernels.h for float and double
- * and lists the kernels in the table.
- */
+/* build.h -- one instruction-set build of the hot kernels. Each build_*.c
+ * file sets its compiler target and defines BN_VECTOR_BYTES (the width of
+ * its vectors, vec.h), BN_ISA (its suffix: _baseline, _avx2, _avx512) and
+ * BN_TABLE (the name of its bn_kernel_table), then includes this file, which
+ * instantiates kernels.h for float and double and lists them in the table. */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>

@@ -5,9 +5,8 @@
  * Two strategies, chosen by bn_make_plan from the shape alone (x viewed as
  * x[outer][C][inner]):
  *   planar  features one by one: a feature's values are `outer` rows of
- *           `inner` contiguous values. Its statistics, then its normalization
- *           (or its gradient sums, then its dx) run while its rows are still
- *           in cache, so memory sees one read of x.
+ *           `inner` contiguous values. A pipeline writes feature c's output
+ *           while it sums feature c + 1, so memory sees one read of x.
  *   lanes   channels-last and short rows: each outer row of C * inner values
  *           is a row of lanes (lane l belongs to feature (l % (C*inner)) /
  *           inner), folded with the next rows into a wide row of at least

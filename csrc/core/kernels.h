@@ -1,12 +1,9 @@
-/* kernels.h -- the kernels of bn.h for one element type, in one build.
- *
- * Included by build.h once per type, with
- *   T      the element type (float or double)
- *   NAME   a macro that appends the type's and the build's suffixes:
- *          NAME(bn_forward) is bn_forward_f32_avx2, bn_forward_f64_baseline, ...
- * and vec.h's vectors. Every value is computed in double and rounded to T
- * once. The strategies (planar, lanes) are described in core.h.
- */
+/* kernels.h -- the kernels of bn.h for one element type, in one build:
+ * included by build.h once per type, with T the element type (float or
+ * double), NAME a macro that appends the type's and the build's suffixes
+ * (NAME(bn_forward) is bn_forward_f32_avx2, ...), and vec.h's vectors. Every
+ * value is computed in double and rounded to T once. The strategies (planar,
+ * lanes) are described in core.h. */
 
 /* ---- values of T as vectors of doubles ------------------------------------- */
 
@@ -239,8 +236,8 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
 
 /* The planar rows r0 .. r1 of the outer * C (or, for the lanes strategy,
  * values r0 .. r1 of x as one sequence) <- op(in, x) */
-BN_INLINE void NAME(span_out_op)(T *out, const T *in, const T *x, const bn_work *w,
-                                 const bn_plan *p, size_t r0, size_t r1, bn_op op)
+BN_INLINE void NAME(span_out)(T *out, const T *in, const T *x, const bn_work *w,
+                              const bn_plan *p, size_t r0, size_t r1, bn_op op)
 {
     if (p->lanes) {
         NAME(lanes_out)(out, in, x, r0, r1, w, p, op);
@@ -251,24 +248,6 @@ BN_INLINE void NAME(span_out_op)(T *out, const T *in, const T *x, const bn_work 
         size_t at = r * p->s.inner;
         NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, k, op, p->stream,
                       p->s.outer * p->s.channels * p->s.inner - at);
-    }
-}
-
-/* the same, one call of the inlined loops per op, so that each knows its op */
-static void NAME(span_out)(T *out, const T *in, const T *x, const bn_work *w,
-                           const bn_plan *p, size_t r0, size_t r1, bn_op op)
-{
-    if (op == BN_NORMALIZE) {
-        NAME(span_out_op)(out, in, x, w, p, r0, r1, BN_NORMALIZE);
-    }
-    else if (op == BN_DX_TRAIN) {
-        NAME(span_out_op)(out, in, x, w, p, r0, r1, BN_DX_TRAIN);
-    }
-    else {
-        NAME(span_out_op)(out, in, x, w, p, r0, r1, BN_DX_EVAL);
-    }
-    if (p->stream) {
-        bn_stream_fence();
     }
 }
 
@@ -316,7 +295,18 @@ static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const 
     for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
         size_t r0 = (from_end ? tasks - 1 - (size_t)t : (size_t)t) * chunk;
         size_t r1 = r0 + chunk < n ? r0 + chunk : n;
-        NAME(span_out)(out, in, x, w, p, r0, r1, op);
+        if (op == BN_NORMALIZE) { /* one inlined loop per op, which each knows */
+            NAME(span_out)(out, in, x, w, p, r0, r1, BN_NORMALIZE);
+        }
+        else if (op == BN_DX_TRAIN) {
+            NAME(span_out)(out, in, x, w, p, r0, r1, BN_DX_TRAIN);
+        }
+        else {
+            NAME(span_out)(out, in, x, w, p, r0, r1, BN_DX_EVAL);
+        }
+        if (p->stream) { /* by each thread, for its own streamed stores */
+            bn_stream_fence();
+        }
     }
 }
 

@@ -1,15 +1,11 @@
-/* vec.h -- the vector of doubles of one build of the kernels.
- *
- * Included by build.h, after the build file set BN_VECTOR_BYTES (16, 32 or
- * 64) and its compiler target. With GCC and Clang a vector is a vector
- * extension of BN_W doubles; the portable build (BN_PORTABLE, or a compiler
- * without the extensions) uses a plain double, BN_W = 1, so that the same
- * code compiles to plain C loops.
- *
+/* vec.h -- the vector of doubles of one build of the kernels, included by
+ * build.h after the build file set BN_VECTOR_BYTES (16, 32 or 64) and its
+ * compiler target. With GCC and Clang a vector is a vector extension of BN_W
+ * doubles; the portable build (BN_PORTABLE, or a compiler without the
+ * extensions) uses a plain double, BN_W = 1: the same code as plain C loops.
  * Sums along a row keep BN_LANES = 16 accumulators as BN_K vectors: lane j
  * is element j % BN_W of vector j / BN_W in every build, so the sums, and the
- * results, are bitwise the same whichever build runs.
- */
+ * results, are bitwise the same whichever build runs. */
 #ifndef BNPY_VEC_H
 #define BNPY_VEC_H
 
