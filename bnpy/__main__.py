@@ -1,10 +1,12 @@
 """python -m bnpy: a short demonstration of what batch normalization does."""
+import argparse
 import sys
 
 import numpy as np
 
 import bnpy
 from bnpy import nn
+from bnpy._progress import Progress
 from bnpy.data import spirals
 from bnpy.gradcheck import numerical_vjp, relative_error
 
@@ -123,16 +125,19 @@ def sweep_gradcheck(dtypes=(np.float64, np.float32), mode="full", seed=0):
                     yield description, check_layer(bn, x, mode=mode, seed=seed)
 
 
-def gradcheck_command(argv):
+def gradcheck_command(fast: bool = False) -> int:
     """python -m bnpy gradcheck [--fast]: one line per case, then a verdict."""
-    mode = "fast" if "--fast" in argv else "full"
+    mode = "fast" if fast else "full"
     print(f"Gradient check of bnpy.BatchNorm (mode={mode}): largest relative error "
           "per case\n")
     failed = 0
-    for description, report in sweep_gradcheck(mode=mode):
-        verdict = "ok" if report.passed else "FAILED"
-        failed += not report.passed
-        print(f"  {description}  max_rel_error {report.max_rel_error:.1e}  {verdict}")
+    cases = len(SWEEP_LAYOUTS) * 2 * 2 * 2  # layouts x dtypes x train/eval x affine
+    with Progress(cases, "gradcheck: case") as progress:
+        for description, report in sweep_gradcheck(mode=mode):
+            verdict = "ok" if report.passed else "FAILED"
+            failed += not report.passed
+            progress.advance()
+            progress.print(f"  {description}  max_rel_error {report.max_rel_error:.1e}  {verdict}")
     print(f"\n{'all cases passed' if not failed else f'{failed} case(s) FAILED'} "
           "(float32 cases use eps=1e-3, atol=1e-3, rtol=1e-2: float32 cannot resolve smaller steps)")
     return 1 if failed else 0
@@ -180,11 +185,13 @@ def _print_init_table(measured):
 def _train(models, x, labels, seed):
     """Train each model with nn.fit over the DEMO_TRAINING phases; return its losses."""
     curves = {}
-    for name, model in models.items():
-        phases = [nn.fit(model, x, labels, lr=lr, steps=steps, batch_size=DEMO_BATCH_SIZE,
-                         rng=[seed, phase])
-                  for phase, (lr, steps) in enumerate(DEMO_TRAINING)]
-        curves[name] = np.concatenate(phases)
+    steps_per_model = sum(steps for _, steps in DEMO_TRAINING)
+    with Progress(len(models) * steps_per_model, "demo: training step") as progress:
+        for name, model in models.items():
+            phases = [nn.fit(model, x, labels, lr=lr, steps=steps, batch_size=DEMO_BATCH_SIZE,
+                             rng=[seed, phase], on_step=progress.advance)
+                      for phase, (lr, steps) in enumerate(DEMO_TRAINING)]
+            curves[name] = np.concatenate(phases)
     return curves
 
 
@@ -250,53 +257,66 @@ def train_demo(plot=None, seed=0):
         print(f"\n   figure written to {plot}")
 
 
-def demo_command(argv):
-    """Parse `python -m bnpy demo [--plot FILE.png]` and run it."""
-    import argparse
-    import importlib.util
-
-    parser = argparse.ArgumentParser(
-        prog="python -m bnpy demo",
-        description="Train a deep sigmoid network with and without BatchNorm.")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="also write a figure (needs matplotlib)")
-    args = parser.parse_args(argv)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        print('--plot needs matplotlib: pip install "bnpy[notebooks]"', file=sys.stderr)
-        return 2
-    train_demo(plot=args.plot)
-    return 0
-
-
-USAGE = """usage: python -m bnpy [command]
-
+COMMANDS = """commands:
   (no command)         the demonstration: normalization, running statistics,
                        train versus eval, a finite-difference check
   gradcheck [--fast]   check BatchNorm's gradients over layouts, dtypes, modes
   demo [--plot FILE]   train a 20-layer sigmoid network with and without
                        BatchNorm; print per-layer statistics and accuracies
   bench [options]      time bnpy against PyTorch, NumPy and a copy
-                       (python -m bnpy bench --help)
-"""
+
+python -m bnpy COMMAND --help says more about each. The long commands show
+their progress on standard error when it is a terminal."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of python -m bnpy and of each of its commands."""
+    from bnpy.bench import build_parser as bench_parser
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bnpy", description="bnpy: batch normalization with a C core.",
+        epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bnpy {bnpy.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="[command]",
+                                     help="one of the commands below; none: the demonstration")
+    gradcheck = commands.add_parser(
+        "gradcheck", description="Check bnpy.BatchNorm's gradients against finite differences "
+        "over layouts, dtypes, train/eval and affine on/off; one line per case.")
+    gradcheck.add_argument("--fast", action="store_true",
+                           help="directional derivatives along a few random directions "
+                                "instead of every element")
+    demo = commands.add_parser(
+        "demo", description="Train a deep sigmoid network with and without BatchNorm.")
+    demo.add_argument("--plot", metavar="FILE.png", help="also write a figure (needs matplotlib)")
+    bench = bench_parser(add_help=False)
+    commands.add_parser("bench", parents=[bench], description=bench.description)
+    for command in commands.choices.values():  # so that main knows whose usage to show
+        command.set_defaults(parser=command)
+    return parser
 
 
 def main(argv):
-    if not argv:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # refused by the command's own parser, so that its usage shows
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
         demo()
         return 0
-    if argv[0] == "gradcheck":
-        return gradcheck_command(argv[1:])
-    if argv[0] == "bench":
-        from bnpy.bench import main as bench_main
+    if args.command == "gradcheck":
+        return gradcheck_command(fast=args.fast)
+    if args.command == "bench":
+        from bnpy.bench import run_command
 
-        return bench_main(argv[1:])
-    if argv[0] == "demo":
-        return demo_command(argv[1:])
-    if argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+        return run_command(args, argv[1:])
+    # demo
+    import importlib.util
+
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print('--plot needs matplotlib: pip install "bnpy[notebooks]"', file=sys.stderr)
+        return 2
+    train_demo(plot=args.plot)
+    return 0
 
 
 if __name__ == "__main__":

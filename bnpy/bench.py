@@ -40,6 +40,7 @@ import numpy as np
 
 import bnpy
 from bnpy import reference
+from bnpy._progress import Progress
 
 # name, shape, feature axis
 CASES = [
@@ -267,6 +268,11 @@ def _measure(pool, case, op, threads, repeats, with_reference, torch):
             for n in threads]
 
 
+def _ops(shape, torch):
+    """The ops timed for a case of this shape: MODULE too for 4-D cases when torch is here."""
+    return OPS + ((MODULE,) if torch is not None and len(shape) == 4 else ())
+
+
 def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print):
     """Measure every case; returns a list of result dicts (times in seconds)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -276,8 +282,7 @@ def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print)
         for name, shape, axis in cases:
             for dtype in dtypes:
                 case = _make_case(name, shape, axis, dtype)
-                module = (MODULE,) if torch is not None and len(shape) == 4 else ()
-                for op in OPS + module:
+                for op in _ops(shape, torch):
                     for row in _measure(pool, case, op, threads, repeats, with_reference, torch):
                         rows.append(row)
                         echo(format_row(row))
@@ -425,8 +430,10 @@ def write_results(path, rows, torch, command, steady=False, rounds=()):
         f.write("```\n")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bnpy bench", description=__doc__.split("\n")[0])
+def build_parser(add_help=True):
+    """bench's options (python -m bnpy takes them as its bench command's: add_help=False)."""
+    parser = argparse.ArgumentParser(prog="python -m bnpy bench", add_help=add_help,
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke test)")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement")
     parser.add_argument("--rounds", type=int, default=1,
@@ -442,8 +449,15 @@ def main(argv=None):
     parser.add_argument("--steady-heap", action="store_true",
                         help="keep freed memory in the process (glibc), so that torch's "
                              "per-call outputs reuse pages: torch at its fastest")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv=None):
+    return run_command(build_parser().parse_args(argv), argv)
+
+
+def run_command(args, argv=None):
+    """Run the benchmark as parsed into args; argv, the options as given, for the results file."""
     steady = args.steady_heap and steady_heap()
     if args.steady_heap and not steady:
         print("(--steady-heap: this C library's malloc does not take glibc's settings; "
@@ -463,12 +477,21 @@ def main(argv=None):
         bnpy.set_cpu_capability(args.cpu_capability)
     print(f"bnpy kernels built for {bnpy.get_cpu_capability()!r}")
     print(HEADER)
+    rows_per_round = sum(len(_ops(shape, torch)) for _, shape, _ in cases) * len(dtypes) * len(threads)
+    progress = Progress(rows_per_round * args.rounds, "bench: measurement")
+
+    def echo(line):
+        progress.advance()
+        progress.print(line)
+
     try:
         rounds = []
         for k in range(args.rounds):
             if args.rounds > 1:
-                print(f"round {k + 1} of {args.rounds}")
-            rounds.append(run(cases, dtypes, threads, repeats, not args.no_reference, torch))
+                progress.print(f"round {k + 1} of {args.rounds}")
+            rounds.append(run(cases, dtypes, threads, repeats, not args.no_reference, torch,
+                              echo=echo))
+        progress.close()
         rows = median_over_rounds(rounds)
         if args.rounds > 1:
             print(f"\nmedians of {args.rounds} rounds\n{HEADER}")
@@ -481,6 +504,7 @@ def main(argv=None):
                           rounds)
             print(f"\nwrote {args.results}")
     finally:
+        progress.close()
         bnpy.set_num_threads(threads_before)
         bnpy.set_cpu_capability(capability_before)
     return 0

@@ -581,13 +581,14 @@ def mlp(in_features, out_features, *, width=64, depth=20, activation="sigmoid",
     return Sequential(*layers)
 
 
-def fit(model, x, labels, *, lr, steps, batch_size=64, momentum=0.0, rng=None):
+def fit(model, x, labels, *, lr, steps, batch_size=64, momentum=0.0, rng=None, on_step=None):
     """Train model with SGD on random mini-batches; return the loss of every step.
 
     Each step draws batch_size rows without replacement, runs forward,
     softmax_cross_entropy, backward and one SGD step. Training stops at the
     first non-finite loss (the network diverged): the remaining entries of
-    the returned float64 array of length `steps` are NaN.
+    the returned float64 array of length `steps` are NaN. `on_step()`, when
+    given, is called after every step (a progress counter, for instance).
     """
     x = np.asarray(x)
     labels = np.asarray(labels)
@@ -606,6 +607,8 @@ def fit(model, x, labels, *, lr, steps, batch_size=64, momentum=0.0, rng=None):
             losses[step] = loss
             model.backward(dlogits)
             optimizer.step()
+        if on_step is not None:
+            on_step()
     return losses
 
 
