@@ -39,7 +39,7 @@ from ._core import (
 __version__ = "0.1.0"
 
 
-def _threads_from_environment():
+def _threads_from_environment() -> None:
     """Apply BNPY_NUM_THREADS (a positive integer) if it is set."""
     import os
     import warnings
@@ -54,7 +54,7 @@ def _threads_from_environment():
                       f"using {get_num_threads()} threads", RuntimeWarning, stacklevel=3)
 
 
-def _cpu_capability_from_environment():
+def _cpu_capability_from_environment() -> None:
     """Apply BNPY_CPU_CAPABILITY ('default' or 'portable', 'avx2', 'avx512') if it is set."""
     import os
     import warnings
@@ -63,7 +63,7 @@ def _cpu_capability_from_environment():
     if not value:
         return
     try:
-        set_cpu_capability(value)
+        set_cpu_capability(value)  # type: ignore[arg-type]  # checked here: ValueError
     except ValueError as error:
         warnings.warn(f"BNPY_CPU_CAPABILITY: {error}; using {get_cpu_capability()!r}",
                       RuntimeWarning, stacklevel=3)
