@@ -1,24 +1,32 @@
 """python -m bnpy: a short demonstration of what batch normalization does."""
 import argparse
 import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 import bnpy
 from bnpy import nn
 from bnpy._progress import Progress
 from bnpy.data import spirals
-from bnpy.gradcheck import numerical_vjp, relative_error
+from bnpy.gradcheck import GradcheckReport, numerical_vjp, relative_error
 
 
-def _generated_batch(rng, n=256):
+_Array = npt.NDArray[Any]
+# per model: (pre-activation std by layer, weight-gradient norm by layer)
+_Measured = dict[str, tuple[list[float], _Array]]
+
+
+def _generated_batch(rng: np.random.Generator, n: int = 256) -> tuple[_Array, _Array, _Array]:
     """(n, 4) float32 values whose features live on very different scales."""
     means = np.array([5.0, -3.0, 100.0, 0.01])
     stds = np.array([2.0, 0.5, 30.0, 0.05])
     return (rng.normal(size=(n, 4)) * stds + means).astype(np.float32), means, stds
 
 
-def _show_normalization(rng):
+def _show_normalization(rng: np.random.Generator) -> None:
     x, _, _ = _generated_batch(rng)
     bn = bnpy.BatchNorm(4)
     y = bn(x)
@@ -31,7 +39,7 @@ def _show_normalization(rng):
     print("   (a std out just under 1 is eps at work: sqrt(var / (var + eps)), eps = 1e-5)")
 
 
-def _show_running_stats(rng):
+def _show_running_stats(rng: np.random.Generator) -> bnpy.BatchNorm:
     _, means, stds = _generated_batch(rng)
     bn = bnpy.BatchNorm(4, momentum=0.1)
     for _ in range(100):
@@ -40,13 +48,15 @@ def _show_running_stats(rng):
     print("   against the distribution the batches were drawn from:\n")
     print(f"   {'feature':>7} {'running mean':>13} {'true mean':>10} "
           f"{'running var':>12} {'true var':>10}")
+    running_mean, running_var = bn.running_mean, bn.running_var
+    assert running_mean is not None and running_var is not None  # tracked, by default
     for c in range(4):
-        print(f"   {c:>7} {bn.running_mean[c]:>13.4g} {means[c]:>10.4g} "
-              f"{bn.running_var[c]:>12.4g} {stds[c] ** 2:>10.4g}")
+        print(f"   {c:>7} {running_mean[c]:>13.4g} {means[c]:>10.4g} "
+              f"{running_var[c]:>12.4g} {stds[c] ** 2:>10.4g}")
     return bn
 
 
-def _show_train_vs_eval(rng, bn):
+def _show_train_vs_eval(rng: np.random.Generator, bn: bnpy.BatchNorm) -> None:
     x = _generated_batch(rng, n=8)[0]
     y_train = bn.train()(x)
     y_eval = bn.eval()(x)
@@ -57,14 +67,14 @@ def _show_train_vs_eval(rng, bn):
     print(f"   largest difference over all features: {np.abs(y_train - y_eval).max():.3g}")
 
 
-def _show_gradcheck(rng):
+def _show_gradcheck(rng: np.random.Generator) -> None:
     print("\n4. Analytic gradients against central finite differences (float64):\n")
     x = rng.normal(2.0, 3.0, size=(6, 3, 2))
     gamma, beta = rng.normal(size=3), rng.normal(size=3)
     dy = rng.normal(size=x.shape)
     running_mean, running_var = rng.normal(size=3), rng.uniform(0.5, 2.0, size=3)
 
-    def layer(gamma_, beta_, training):
+    def layer(gamma_: _Array, beta_: _Array, training: bool) -> bnpy.BatchNorm:
         bn = bnpy.BatchNorm(3, dtype=np.float64).train(training)
         bn.gamma, bn.beta = gamma_, beta_
         bn.running_mean, bn.running_var = running_mean, running_var
@@ -73,7 +83,7 @@ def _show_gradcheck(rng):
     for training in (True, False):
         bn = layer(gamma, beta, training)
         bn(x)
-        analytic = (bn.backward(dy), bn.grad_gamma, bn.grad_beta)
+        analytic = (bn.backward(dy), np.asarray(bn.grad_gamma), np.asarray(bn.grad_beta))
         numeric = numerical_vjp(lambda x_, g_, b_: layer(g_, b_, training)(x_),
                                 (x, gamma, beta), dy)
         errors = [relative_error(a, n) for a, n in zip(analytic, numeric)]
@@ -82,7 +92,7 @@ def _show_gradcheck(rng):
               f"dbeta {errors[2]:.1e}; largest {max(errors):.1e}")
 
 
-def demo():
+def demo() -> None:
     rng = np.random.default_rng(0)
     print(f"bnpy {bnpy.__version__}: batch normalization with a C core\n")
     _show_normalization(rng)
@@ -101,7 +111,8 @@ SWEEP_LAYOUTS = [
 ]
 
 
-def sweep_gradcheck(dtypes=(np.float64, np.float32), mode="full", seed=0):
+def sweep_gradcheck(dtypes: Sequence[type[np.floating[Any]]] = (np.float64, np.float32),
+                    mode: str = "full", seed: int = 0) -> Iterator[tuple[str, GradcheckReport]]:
     """Yield (description, report) for every layout, dtype, mode and flag."""
     from bnpy.gradcheck import check_layer
 
@@ -145,7 +156,7 @@ def gradcheck_command(fast: bool = False) -> int:
 
 # ---- python -m bnpy demo: a deep network with and without BatchNorm --------
 
-DEMO_NETWORK = dict(width=64, depth=20, activation="sigmoid")
+DEMO_NETWORK: dict[str, Any] = dict(width=64, depth=20, activation="sigmoid")
 DEMO_TRAINING = [  # (learning rate, steps): a short low-rate phase at the end
     (0.3, 500),    # lets the running statistics catch up with the weights
     (0.03, 100),
@@ -153,13 +164,14 @@ DEMO_TRAINING = [  # (learning rate, steps): a short low-rate phase at the end
 DEMO_BATCH_SIZE = 64
 
 
-def _demo_networks(seed):
+def _demo_networks(seed: int) -> dict[str, nn.Sequential]:
     """The same 20-layer sigmoid network (same weights) without and with BatchNorm."""
     return {name: nn.mlp(2, 3, batch_norm=batch_norm, rng=seed, **DEMO_NETWORK)
             for name, batch_norm in (("plain", False), ("BatchNorm", True))}
 
 
-def _measure_at_init(models, x, labels):
+def _measure_at_init(models: Mapping[str, nn.Sequential], x: _Array,
+                     labels: _Array) -> _Measured:
     """One forward and backward per model; per-layer pre-activation std and gradient norm."""
     measured = {}
     for name, model in models.items():
@@ -170,7 +182,7 @@ def _measure_at_init(models, x, labels):
     return measured
 
 
-def _print_init_table(measured):
+def _print_init_table(measured: _Measured) -> None:
     (plain_std, plain_grad), (bn_std, bn_grad) = measured["plain"], measured["BatchNorm"]
     print(f"  {'':>5}   {'pre-activation std':^20}   {'weight-gradient norm':^20}")
     print(f"  {'layer':>5}   {'plain':>9} {'BatchNorm':>10}   {'plain':>9} {'BatchNorm':>10}")
@@ -182,7 +194,8 @@ def _print_init_table(measured):
           f"BatchNorm {bn_grad[0] / bn_grad[-1]:.2g}")
 
 
-def _train(models, x, labels, seed):
+def _train(models: Mapping[str, nn.Sequential], x: _Array, labels: _Array,
+           seed: int) -> dict[str, _Array]:
     """Train each model with nn.fit over the DEMO_TRAINING phases; return its losses."""
     curves = {}
     steps_per_model = sum(steps for _, steps in DEMO_TRAINING)
@@ -195,10 +208,13 @@ def _train(models, x, labels, seed):
     return curves
 
 
-def _print_results(models, curves, data):
+def _print_results(models: Mapping[str, nn.Sequential], curves: Mapping[str, _Array],
+                   data: Mapping[str, tuple[_Array, _Array]]) -> dict[str, dict[str, float]]:
     print(f"  {'':<28} {'plain':>9} {'BatchNorm':>10}")
-    for what, pick in (("loss, first step", lambda c: c[0]),
-                       ("loss, mean of last 50 steps", lambda c: np.nanmean(c[-50:]))):
+    picks: list[tuple[str, Callable[[_Array], float]]] = [
+        ("loss, first step", lambda c: float(c[0])),
+        ("loss, mean of last 50 steps", lambda c: float(np.nanmean(c[-50:])))]
+    for what, pick in picks:
         print(f"  {what:<28} {pick(curves['plain']):>9.3f} {pick(curves['BatchNorm']):>10.3f}")
     accuracies = {}
     for split, (x, labels) in data.items():
@@ -208,7 +224,9 @@ def _print_results(models, curves, data):
     return accuracies
 
 
-def _plot_demo(path, models, measured, curves, test_data, accuracies):
+def _plot_demo(path: str, models: Mapping[str, nn.Sequential], measured: _Measured,
+               curves: Mapping[str, _Array], test_data: tuple[_Array, _Array],
+               accuracies: Mapping[str, float]) -> None:
     """Write the demo's panels to path: measurements, losses, both models' decision regions."""
     from matplotlib.figure import Figure
 
@@ -231,7 +249,7 @@ def _plot_demo(path, models, measured, curves, test_data, accuracies):
     fig.savefig(path, dpi=100)
 
 
-def train_demo(plot=None, seed=0):
+def train_demo(plot: str | None = None, seed: int = 0) -> None:
     """python -m bnpy demo: train one deep network with and without BatchNorm."""
     x, labels = spirals(200, rng=seed)
     test_data = spirals(200, rng=seed + 1)
@@ -295,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv):
+def main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # refused by the command's own parser, so that its usage shows
