@@ -41,6 +41,11 @@ SOURCES = [
 # rounds exactly alike and results do not depend on the CPU.
 COMPILE_ARGS = ["-std=c11", "-O3", "-ffp-contract=off", "-Wall", "-Wextra",
                 "-Wno-missing-field-initializers"]
+# MSVC (the Windows wheels; not yet built once, see .github/workflows/wheels.yml): C11,
+# optimized; it contracts no multiply-add unless told (/fp:contract); the kernels are
+# the portable ones (core.h picks them for a compiler without GCC's vector extensions);
+# no OpenMP (MSVC's /openmp is OpenMP 2.0): one thread; 4068: the omp pragmas it skips.
+MSVC_COMPILE_ARGS = ["/std:c11", "/O2", "/fp:precise", "/wd4068"]
 
 
 @contextlib.contextmanager
@@ -92,8 +97,11 @@ def flags_before_user_cflags(command, flags):
 
 class BuildExt(build_ext):
     def build_extensions(self):
+        msvc = self.compiler.compiler_type == "msvc"
         if os.environ.get("BNPY_NO_OPENMP") == "1":
             use_openmp, why = False, "BNPY_NO_OPENMP=1"
+        elif msvc:
+            use_openmp, why = False, "MSVC's OpenMP has not been tried"
         else:
             use_openmp = compiler_has_openmp(self.compiler)
             why = "the compiler cannot build with -fopenmp; Clang's OpenMP is libomp (libomp-dev)"
@@ -101,6 +109,8 @@ class BuildExt(build_ext):
             print(f"warning: bnpy: building without OpenMP: kernels run on one thread ({why})",
                   file=sys.stderr, flush=True)
         flags = COMPILE_ARGS + (["-fopenmp"] if use_openmp else ["-Wno-unknown-pragmas"])
+        if msvc:
+            flags = MSVC_COMPILE_ARGS
         # The project's flags go before the user's CFLAGS in the compiler's command
         # (setuptools puts extra_compile_args after them), so the user's win.
         if hasattr(self.compiler, "compiler_so"):
