@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tools/build_wheel.sh OUTDIR: a wheel of this tree that PyPI takes and that runs
-# on a machine without a compiler or an OpenMP runtime (issue 27).
+# on a machine without a compiler or an OpenMP runtime (issue 27), and beside it the
+# sdist it was built from.
 #
 # The wheel is built from this tree's sdist (so a file the sdist lacks shows here),
 # without debug information (-g0 comes after Python's own -g: the user's CFLAGS
@@ -49,5 +50,5 @@ size = os.path.getsize(path)
 assert size <= 1.6e6, f"{name} is {size / 1e6:.2f} MB, over 1.6 MB"
 print(f"{name}: {size / 1e6:.2f} MB, OpenMP runtime vendored, no debug information")
 PY
-cp "$work"/repaired/*.whl "$out"/
-echo "wheel written to $out"
+cp "$work"/repaired/*.whl "$work"/dist/*.tar.gz "$out"/
+echo "wheel and sdist written to $out"
