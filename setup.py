@@ -33,6 +33,7 @@ SOURCES = [
     "csrc/bn_dispatch.c",
     "csrc/bn_layer.c",
     "csrc/bn_layer_stats.c",
+    "csrc/bn_layer_groups.c",
     "csrc/bn_functional.c",
     "csrc/bn_module.c",
 ]

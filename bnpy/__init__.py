@@ -36,6 +36,9 @@ from ._core import (
     set_num_threads,
 )
 
+from .fold import fold
+from .renorm import BatchRenorm
+
 __version__ = "0.1.0"
 
 
@@ -74,10 +77,12 @@ _cpu_capability_from_environment()
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "IncompatibleKeys",
     "batch_norm_forward",
     "batch_norm_inference",
     "batch_norm_backward",
+    "fold",
     "set_num_threads",
     "get_num_threads",
     "has_openmp",

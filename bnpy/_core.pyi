@@ -27,6 +27,7 @@ class BatchNorm:
         dtype: _DType = ...,
         *,
         training: bool = True,
+        virtual_batch_size: int | None = None,
     ) -> None: ...
     # parameters and buffers: views that share the layer's memory; assigning copies in
     gamma: _Array | None
@@ -51,6 +52,8 @@ class BatchNorm:
     def axis(self) -> int: ...
     @property
     def dtype(self) -> np.dtype[Any]: ...
+    @property
+    def virtual_batch_size(self) -> int | None: ...
     eps: float
     momentum: float | None
     training: bool

@@ -26,6 +26,7 @@ mini-batches; :func:`preactivations`, :func:`batch_std` and
 :func:`recalibrate` gives every BatchNorm of a trained model the exact
 statistics of a data set.
 """
+import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._core import BatchNorm
+from .fold import fold
 
 Array = npt.NDArray[Any]  # a float32 or float64 array
 # (param, grad) pairs: grad is None before the first backward
@@ -49,6 +51,7 @@ __all__ = [
     "Flatten",
     "Sequential",
     "SGD",
+    "fold_model",
     "softmax_cross_entropy",
     "accuracy",
     "mlp",
@@ -154,6 +157,16 @@ class _Weighted(Layer):
         if self.bias is not None:
             pairs.append((self.bias, self.grad_bias))
         return pairs
+
+    def fold_batch_norm(self, bn):
+        """Fold bn, an eval-mode BatchNorm of this layer's output, into weight and
+        bias (bnpy.fold), in place: the layer alone then computes what the pair did.
+        A layer without bias gets one; the gradients are reset. Returns the layer."""
+        weight, bias = fold(bn, self.weight, self.bias, out_axis=0)
+        self.weight = weight.astype(self.dtype, copy=False)
+        self.bias = bias.astype(self.dtype, copy=False)
+        self.grad_weight = self.grad_bias = None
+        return self
 
 
 class Linear(_Weighted):
@@ -740,3 +753,21 @@ def recalibrate(model: Sequential, batches: Iterable[npt.ArrayLike]) -> Sequenti
     finally:
         _restore_modes(model, modes)
     return model
+
+
+def fold_model(model):
+    """A copy of the Sequential `model` for inference, in eval mode, where every
+    Linear or Conv2d directly followed by a BatchNorm has it folded in
+    (fold_batch_norm) and the BatchNorm is gone; nested Sequentials too. The
+    copy's predictions are the model's in eval mode, one pass fewer per fold.
+    `model` is left as it was."""
+    layers = [fold_model(layer) if isinstance(layer, Sequential) else copy.deepcopy(layer)
+              for layer in model.layers]
+    kept = []
+    for layer in layers:
+        layer.eval()
+        if isinstance(layer, BatchNorm) and kept and isinstance(kept[-1], _Weighted):
+            kept[-1].fold_batch_norm(layer)
+        else:
+            kept.append(layer)
+    return Sequential(*kept).eval()

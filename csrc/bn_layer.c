@@ -29,15 +29,38 @@ static PyArrayObject *filled_vector(BatchNormObject *self, double value)
     return arr;
 }
 
+/* None (0: the whole batch) or an integer >= 1 */
+static int parse_virtual_batch_size(PyObject *obj, npy_intp *out)
+{
+    long long size = 0;
+    if (obj == Py_None) {
+        *out = 0;
+        return 0;
+    }
+    if (bn_parse_integer(obj, "virtual_batch_size", &size) < 0) {
+        return -1;
+    }
+    if (size < 1 || size > NPY_MAX_INTP) {
+        PyErr_Format(PyExc_ValueError,
+                     "virtual_batch_size must be None or an integer >= 1, got %lld", size);
+        return -1;
+    }
+    *out = (npy_intp)size;
+    return 0;
+}
+
 static int BatchNorm_init(BatchNormObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"num_features", "eps", "momentum", "affine",
-                             "track_running_stats", "axis", "dtype", "training", NULL};
+                             "track_running_stats", "axis", "dtype", "training",
+                             "virtual_batch_size", NULL};
     PyObject *features_obj, *eps_obj = NULL, *momentum_obj = NULL, *affine_obj = Py_True;
     PyObject *track_obj = Py_True, *axis_obj = NULL, *dtype_obj = NULL, *training_obj = Py_True;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OOOOOO$O:BatchNorm", kwlist,
+    PyObject *virtual_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OOOOOO$OO:BatchNorm", kwlist,
                                      &features_obj, &eps_obj, &momentum_obj, &affine_obj,
-                                     &track_obj, &axis_obj, &dtype_obj, &training_obj)) {
+                                     &track_obj, &axis_obj, &dtype_obj, &training_obj,
+                                     &virtual_obj)) {
         return -1;
     }
     if (self->initialized) {
@@ -57,7 +80,8 @@ static int BatchNorm_init(BatchNormObject *self, PyObject *args, PyObject *kwarg
         || bn_parse_bool(track_obj, "track_running_stats", &cfg.track_running_stats) < 0
         || (axis_obj && bn_parse_axis(axis_obj, &cfg.axis) < 0)
         || (dtype_obj && bn_parse_dtype(dtype_obj, &cfg.typenum) < 0)
-        || bn_parse_bool(training_obj, "training", &cfg.training) < 0) {
+        || bn_parse_bool(training_obj, "training", &cfg.training) < 0
+        || parse_virtual_batch_size(virtual_obj, &cfg.virtual_batch_size) < 0) {
         return -1;
     }
     if (cfg.affine) {
@@ -82,6 +106,7 @@ static int BatchNorm_init(BatchNormObject *self, PyObject *args, PyObject *kwarg
     self->track_running_stats = cfg.track_running_stats;
     self->axis = cfg.axis;
     self->typenum = cfg.typenum;
+    self->virtual_batch_size = cfg.virtual_batch_size;
     self->eps = cfg.eps;
     self->momentum = cfg.momentum;
     self->momentum_is_none = cfg.momentum_is_none;
@@ -274,7 +299,7 @@ void bn_layer_replace_saved(BatchNormObject *self, PyArrayObject *x, PyArrayObje
                             bn_shape shape, int batch_stats, double count, bn_saved *old)
 {
     *old = self->saved;
-    self->saved = (bn_saved){x, moments, shape, batch_stats, count};
+    self->saved = (bn_saved){x, moments, shape, batch_stats, count, 1};
 }
 
 int bn_layer_check_saved(BatchNormObject *self)
@@ -452,6 +477,17 @@ PyArrayObject *bn_forward_call_result(bn_forward_call *call)
     return result;
 }
 
+/* A forward's virtual batches: views of y and x, and (2G, C) moments. */
+static int prepare_groups(bn_groups *groups, npy_intp count, bn_forward_call *call)
+{
+    PyArrayObject *arrays[2] = {call->y, call->x};
+    Py_SETREF(call->moments, bn_new_matrix(NPY_DOUBLE, 2 * count, (npy_intp)call->layout.shape.channels));
+    if (call->moments == NULL) {
+        return -1;
+    }
+    return bn_groups_prepare(groups, count, call->layout.shape, arrays, 2);
+}
+
 static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"x", "out", NULL};
@@ -471,13 +507,16 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     PyArrayObject *x = call.x, *y = call.y;
     bn_shape shape = call.layout.shape;
     double *work = call.work;
-    bn_partial *stats = bn_new_scratch(channels, sizeof(bn_partial), "the batch statistics");
-    if (stats == NULL) {
+    bn_groups groups = {0};
+    int batch_stats = training || !self->track_running_stats;
+    npy_intp group_count = batch_stats ? bn_groups_of(self, x, &call.layout) : 1;
+    bn_partial *stats = group_count < 1 ? NULL : bn_new_scratch(channels, sizeof(bn_partial),
+                                                                "the batch statistics");
+    if (stats == NULL || (group_count > 1 && prepare_groups(&groups, group_count, &call) < 0)) {
         goto fail;
     }
 
     lock_layer(self);
-    int batch_stats = training || !self->track_running_stats;
     int counts_batch = training && self->track_running_stats && bn_count(shape) > 0;
     double *mean = PyArray_DATA(call.moments), *invstd = mean + channels;
     if ((batch_stats && bn_check_batch_size(x, &call.layout, training
@@ -485,7 +524,10 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
         || (counts_batch && bn_layer_check_count(self) < 0)) {
         goto fail_locked;
     }
-    if (batch_stats) {
+    if (group_count > 1) {
+        bn_groups_forward(&groups, stats, mean, self->gamma, self->beta, self->eps);
+    }
+    else if (batch_stats) {
         bn_run_forward_train(y, stats, mean, invstd, work, x, self->gamma, self->beta,
                              self->eps, shape);
     }
@@ -504,12 +546,14 @@ static PyObject *BatchNorm_forward(BatchNormObject *self, PyObject *args, PyObje
     PyArrayObject *result = bn_forward_call_result(&call);
     bn_layer_replace_saved(self, call.saved_x, call.moments, shape, batch_stats,
                            (double)bn_count(shape), &old);
+    self->saved.groups = group_count;
     call.saved_x = call.moments = NULL;
     unlock_layer(self);
 
     Py_XDECREF(old.x);
     Py_XDECREF(old.moments);
     PyMem_Free(stats);
+    bn_groups_clear(&groups);
     bn_forward_call_clear(&call);
     return (PyObject *)result;
 
@@ -517,6 +561,7 @@ fail_locked:
     unlock_layer(self);
 fail:
     PyMem_Free(stats);
+    bn_groups_clear(&groups);
     bn_forward_call_clear(&call);
     return NULL;
 }
@@ -571,6 +616,8 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     PyArrayObject *moments = (PyArrayObject *)Py_NewRef(self->saved.moments);
     bn_shape shape = self->saved.shape;
     int batch_stats = self->saved.batch_stats;
+    npy_intp group_count = self->saved.groups;
+    bn_groups groups = {0};
     PyArrayObject *dy = NULL, *dx = NULL, *grad_gamma = NULL, *grad_beta = NULL;
     size_t channels = CHANNELS(self);
     double *sums = NULL, *work = NULL;
@@ -611,16 +658,26 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
             goto fail;
         }
     }
+    PyArrayObject *arrays[3] = {dx, dy, x};
+    if (group_count > 1 && bn_groups_prepare(&groups, group_count, shape, arrays, 3) < 0) {
+        goto fail;
+    }
     double *dgamma = sums, *dbeta = sums + channels;
     const double *mean = PyArray_DATA(moments), *invstd = mean + channels;
     lock_layer(self);
-    bn_run_backward(dx, dgamma, dbeta, work, dy, x, mean, invstd, self->gamma, shape,
-                    batch_stats);
+    if (group_count > 1) {
+        bn_groups_backward(&groups, dgamma, dbeta, mean, self->gamma);
+    }
+    else {
+        bn_run_backward(dx, dgamma, dbeta, work, dy, x, mean, invstd, self->gamma, shape,
+                        batch_stats);
+    }
     PyArrayObject *old_grads[2];
     bn_layer_swap_grads(self, grad_gamma, grad_beta, dgamma, dbeta, old_grads);
     unlock_layer(self);
     Py_XDECREF(old_grads[0]);
     Py_XDECREF(old_grads[1]);
+    bn_groups_clear(&groups);
     PyMem_Free(sums);
     PyMem_Free(work);
     Py_DECREF(dy);
@@ -629,6 +686,7 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     return (PyObject *)dx;
 
 fail:
+    bn_groups_clear(&groups);
     PyMem_Free(sums);
     PyMem_Free(work);
     Py_XDECREF(dy);
@@ -1093,6 +1151,14 @@ static PyObject *get_dtype(BatchNormObject *self, void *Py_UNUSED(closure))
     return (PyObject *)PyArray_DescrFromType(self->typenum);
 }
 
+static PyObject *get_virtual_batch_size(BatchNormObject *self, void *Py_UNUSED(closure))
+{
+    if (self->virtual_batch_size == 0) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromSsize_t(self->virtual_batch_size);
+}
+
 static PyObject *get_eps(BatchNormObject *self, void *Py_UNUSED(closure))
 {
     return PyFloat_FromDouble(self->eps);
@@ -1166,6 +1232,8 @@ static PyGetSetDef BatchNorm_getset[] = {
     GETTER(track_running_stats, "Whether the layer keeps running statistics."),
     GETTER(axis, "The feature axis of the input (negative counts from the end)."),
     GETTER(dtype, "The dtype of the parameters and of the outputs."),
+    GETTER(virtual_batch_size, "Samples per virtual batch (consecutive along axis 0, each "
+                               "normalized with its own statistics), or None."),
     GETSETTER(eps, "The constant added to the variance, > 0."),
     GETSETTER(momentum, "Weight of the new batch in the running statistics, in [0, 1], "
                         "or None for a cumulative average."),
@@ -1207,6 +1275,14 @@ static PyObject *BatchNorm_reduce(BatchNormObject *self, PyObject *Py_UNUSED(ign
                           "grad_beta", self->grad_beta ? (PyObject *)self->grad_beta : Py_None);
     if (state == NULL) {
         goto done;
+    }
+    if (self->virtual_batch_size > 0) {
+        PyObject *size = PyLong_FromSsize_t(self->virtual_batch_size);
+        int status = size == NULL ? -1 : PyDict_SetItemString(state, "virtual_batch_size", size);
+        Py_XDECREF(size);
+        if (status < 0) {
+            goto done;
+        }
     }
     /* the instance dict of a Python subclass travels too */
     dict = PyObject_GenericGetDict((PyObject *)self, NULL);
@@ -1265,13 +1341,17 @@ static PyObject *BatchNorm_setstate(BatchNormObject *self, PyObject *state)
     PyObject *training = PyDict_GetItemString(state, "training");     /* borrowed */
     PyObject *state_dict = PyDict_GetItemString(state, "state_dict"); /* borrowed */
     PyObject *dict = PyDict_GetItemString(state, "__dict__");         /* borrowed */
+    PyObject *virtual_obj = PyDict_GetItemString(state, "virtual_batch_size"); /* borrowed */
+    npy_intp virtual_batch_size = 0;
     int mode;
     if (training == NULL || state_dict == NULL) {
         PyErr_SetString(PyExc_ValueError,
                         "BatchNorm.__setstate__: state lacks 'training' or 'state_dict'");
         goto fail;
     }
-    if (bn_parse_bool(training, "training", &mode) < 0 || read_state(self, state_dict, NULL, &v) < 0
+    if (bn_parse_bool(training, "training", &mode) < 0
+        || parse_virtual_batch_size(virtual_obj ? virtual_obj : Py_None, &virtual_batch_size) < 0
+        || read_state(self, state_dict, NULL, &v) < 0
         || read_gradient(self, PyDict_GetItemString(state, "grad_gamma"), "grad_gamma",
                          &grad_gamma) < 0
         || read_gradient(self, PyDict_GetItemString(state, "grad_beta"), "grad_beta",
@@ -1289,6 +1369,7 @@ static PyObject *BatchNorm_setstate(BatchNormObject *self, PyObject *state)
     lock_layer(self);
     apply_state(self, &v);
     self->training = mode;
+    self->virtual_batch_size = virtual_batch_size;
     PyArrayObject *old_grad_gamma = self->grad_gamma, *old_grad_beta = self->grad_beta;
     self->grad_gamma = grad_gamma;
     self->grad_beta = grad_beta;
@@ -1318,18 +1399,22 @@ static PyObject *BatchNorm_repr(BatchNormObject *self)
     }
     PyObject *eps = PyFloat_FromDouble(self->eps), *momentum = momentum_object(self);
     PyObject *result = NULL;
-    if (eps != NULL && momentum != NULL) {
+    PyObject *groups = self->virtual_batch_size == 0
+        ? PyUnicode_FromString("")
+        : PyUnicode_FromFormat(", virtual_batch_size=%zd", (Py_ssize_t)self->virtual_batch_size);
+    if (eps != NULL && momentum != NULL && groups != NULL) {
         result = PyUnicode_FromFormat(
             "%U(%zd, eps=%R, momentum=%R, affine=%s, track_running_stats=%s, axis=%d, "
-            "dtype='%s', training=%s)",
+            "dtype='%s', training=%s%U)",
             name, (Py_ssize_t)self->num_features, eps, momentum,
             self->affine ? "True" : "False", self->track_running_stats ? "True" : "False",
             self->axis, self->typenum == NPY_FLOAT ? "float32" : "float64",
-            self->training ? "True" : "False");
+            self->training ? "True" : "False", groups);
     }
     Py_DECREF(name);
     Py_XDECREF(eps);
     Py_XDECREF(momentum);
+    Py_XDECREF(groups);
     return result;
 }
 
@@ -1380,10 +1465,10 @@ static PyMethodDef BatchNorm_methods[] = {
                "num_batches_tracked alone; on any rejected batch the layer is unchanged.\n"
                "Returns the layer.")},
     {"_stats_of", (PyCFunction)(void (*)(void))BatchNorm_stats_of, METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("_stats_of($self, batches, *, shift=None)\n--\n\n"
+     PyDoc_STR("_stats_of($self, batches, *, shift=None, name='batch')\n--\n\n"
                "(C, 3) float64 partial statistics (count, mean, m2) of the batches less\n"
                "shift (C,), merged in order: the means are relative to the shift.\n"
-               "Changes nothing.")},
+               "Errors name a batch `name`. Changes nothing.")},
     {"_set_running_from_stats", (PyCFunction)(void (*)(void))BatchNorm_set_running_from_stats,
      METH_VARARGS | METH_KEYWORDS,
      PyDoc_STR("_set_running_from_stats($self, stats, *, shift=None)\n--\n\n"
@@ -1391,10 +1476,12 @@ static PyMethodDef BatchNorm_methods[] = {
                "partials.")},
     {"_forward_from_stats", (PyCFunction)(void (*)(void))BatchNorm_forward_from_stats,
      METH_VARARGS | METH_KEYWORDS,
-     PyDoc_STR("_forward_from_stats($self, x, stats, *, shift=None, out=None)\n--\n\n"
+     PyDoc_STR("_forward_from_stats($self, x, stats, *, shift=None, moments=None, out=None)\n"
+               "--\n\n"
                "A batch-statistics forward that normalizes with (C, 3) partials gathered\n"
                "elsewhere (x's among them; means relative to shift), updating the\n"
-               "running statistics with them in training mode.")},
+               "running statistics with them in training mode. moments, a (2, C) mean\n"
+               "and invstd, replaces what y is normalized with (BatchRenorm's).")},
     {"_grad_sums", (PyCFunction)BatchNorm_grad_sums, METH_O,
      PyDoc_STR("_grad_sums($self, dy, /)\n--\n\n"
                "(2, C) float64: this input's sum of dy * xhat and of dy, for the last\n"
@@ -1411,7 +1498,8 @@ static PyMethodDef BatchNorm_methods[] = {
 
 PyDoc_STRVAR(BatchNorm_doc,
 "BatchNorm(num_features, eps=1e-05, momentum=0.1, affine=True,\n"
-"          track_running_stats=True, axis=1, dtype='float32', *, training=True)\n"
+"          track_running_stats=True, axis=1, dtype='float32', *, training=True,\n"
+"          virtual_batch_size=None)\n"
 "--\n"
 "\n"
 "Batch normalization over every axis but the feature axis `axis`:\n"
@@ -1419,7 +1507,12 @@ PyDoc_STRVAR(BatchNorm_doc,
 "\n"
 "momentum follows PyTorch: running = (1 - momentum) * running + momentum * batch;\n"
 "momentum=None keeps a cumulative average. running_var holds the unbiased\n"
-"variance; the biased one normalizes.");
+"variance; the biased one normalizes.\n"
+"\n"
+"virtual_batch_size=k splits axis 0 into consecutive groups of k samples, each\n"
+"normalized with its own statistics whenever batch statistics are used; the\n"
+"running statistics take the mean over the groups of their means and unbiased\n"
+"variances, once per call.");
 
 static PyType_Slot BatchNorm_slots[] = {
     {Py_tp_doc, (void *)BatchNorm_doc},

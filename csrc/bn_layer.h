@@ -2,6 +2,7 @@
  *   bn_layer.c        construction, forward, backward, state, pickle, the type
  *   bn_layer_stats.c  statistics gathered elsewhere: calibrate, and the hooks
  *                     bnpy.distributed.SyncBatchNorm builds on
+ *   bn_layer_groups.c virtual batches (virtual_batch_size)
  */
 #ifndef BNPY_BN_LAYER_H
 #define BNPY_BN_LAYER_H
@@ -16,6 +17,8 @@ typedef struct {
     int batch_stats;        /* 1 when the moments were batch statistics (x's own, or
                                gathered across processes with x's among them) */
     double count;           /* values per feature those statistics came from */
+    npy_intp groups;        /* virtual batches: moments is then (2 * groups, C), each
+                               group's mean and invstd; 1 (or 0) for the whole input */
 } bn_saved;
 
 typedef struct {
@@ -32,6 +35,7 @@ typedef struct {
     int track_running_stats;
     int axis;    /* as given: may be negative */
     int typenum; /* NPY_FLOAT or NPY_DOUBLE */
+    npy_intp virtual_batch_size; /* samples per virtual batch; 0: the whole batch */
     /* settable configuration */
     double eps;
     double momentum;
@@ -149,6 +153,40 @@ void bn_layer_swap_grads(BatchNormObject *self, PyArrayObject *grad_gamma,
 
 /* FloatingPointError naming the features whose statistics are not finite */
 int bn_layer_check_finite_stats(const bn_partial *stats, size_t channels);
+
+/* ---- bn_layer_groups.c: virtual batches ---------------------------------- */
+
+/* An input's virtual batches: each group's block of up to 3 arrays as views. */
+typedef struct {
+    npy_intp count;            /* number of groups */
+    bn_shape shape;            /* one group's [outer][C][inner] */
+    PyArrayObject **views[3];  /* views[a][g]: group g of arrays[a]; NULL when unused */
+    double *sums;              /* 3 * C doubles: one group's statistics or gradient sums */
+    double *work;              /* the kernels' workspace for one group */
+} bn_groups;
+
+/* How many virtual batches x (batch statistics) splits into: 1 without
+ * virtual_batch_size; -1 with ValueError when it does not split, when axis 0
+ * holds the features or is not outermost in memory, or when a group would
+ * hold one value per feature. */
+npy_intp bn_groups_of(BatchNormObject *self, PyArrayObject *x, const bn_layout *layout);
+
+/* Views of `count` groups of each of arrays[narrays] (of shape whole) and
+ * the scratch the kernels need; -1 with an error (groups then cleared). */
+int bn_groups_prepare(bn_groups *groups, npy_intp count, bn_shape whole, PyArrayObject **arrays,
+                      int narrays);
+void bn_groups_clear(bn_groups *groups);
+
+/* views {y, x}: each group normalized with its own statistics; moments
+ * (2G, C) <- each group's mean and invstd; stats <- partials whose mean is the
+ * mean of the groups' means and whose m2 / (count - 1) is the mean of their
+ * unbiased variances: what the running statistics take. */
+void bn_groups_forward(bn_groups *groups, bn_partial *stats, double *moments,
+                       PyArrayObject *gamma, PyArrayObject *beta, double eps);
+
+/* views {dx, dy, x}: each group's training backward; dgamma, dbeta summed. */
+void bn_groups_backward(bn_groups *groups, double *dgamma, double *dbeta, const double *moments,
+                        PyArrayObject *gamma);
 
 /* the methods of bn_layer_stats.c */
 PyObject *BatchNorm_calibrate(BatchNormObject *self, PyObject *batches);

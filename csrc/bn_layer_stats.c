@@ -100,9 +100,9 @@ static PyArrayObject *absolute_stats(PyObject *stats_obj, PyObject *shift_obj, n
 /* The statistics of every batch, less shift[C], merged in order. With
  * auto_shift, shift[] is set from the first value of each feature in the first
  * non-empty batch: a value of the data, so the means merged stay small and
- * keep their last bits. */
+ * keep their last bits. Errors name a batch `name`. */
 static PyArrayObject *stats_of(BatchNormObject *self, PyObject *batches, double *shift,
-                               int auto_shift)
+                               int auto_shift, const char *name)
 {
     PyObject *iterator = PyObject_GetIter(batches);
     if (iterator == NULL) {
@@ -121,7 +121,7 @@ static PyArrayObject *stats_of(BatchNormObject *self, PyObject *batches, double 
     bn_partial *merged = PyArray_DATA(total);
     while ((item = PyIter_Next(iterator)) != NULL) {
         bn_layout layout;
-        PyArrayObject *x = bn_as_data(item, self->typenum, "batch", NULL);
+        PyArrayObject *x = bn_as_data(item, self->typenum, name, NULL);
         Py_CLEAR(item);
         if (x == NULL || bn_get_layout(x, self->axis, self->num_features, &layout) < 0) {
             Py_XDECREF(x);
@@ -163,10 +163,11 @@ fail:
 
 PyObject *BatchNorm_stats_of(BatchNormObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"batches", "shift", NULL};
+    static char *kwlist[] = {"batches", "shift", "name", NULL};
     PyObject *batches, *shift_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$O:_stats_of", kwlist, &batches,
-                                     &shift_obj)
+    const char *name = "batch";
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$Os:_stats_of", kwlist, &batches,
+                                     &shift_obj, &name)
         || check_initialized(self) < 0) {
         return NULL;
     }
@@ -179,7 +180,7 @@ PyObject *BatchNorm_stats_of(BatchNormObject *self, PyObject *args, PyObject *kw
     if (shift_obj == Py_None) {
         memset(PyArray_DATA(shift), 0, (size_t)PyArray_NBYTES(shift));
     }
-    PyArrayObject *stats = stats_of(self, batches, PyArray_DATA(shift), 0);
+    PyArrayObject *stats = stats_of(self, batches, PyArray_DATA(shift), 0, name);
     Py_DECREF(shift);
     return (PyObject *)stats;
 }
@@ -253,7 +254,7 @@ PyObject *BatchNorm_calibrate(BatchNormObject *self, PyObject *batches)
         return NULL;
     }
     memset(shift, 0, CHANNELS(self) * sizeof(double));
-    PyArrayObject *stats = stats_of(self, batches, shift, 1);
+    PyArrayObject *stats = stats_of(self, batches, shift, 1, "batch");
     if (stats != NULL) {
         bn_partial_unshift(PyArray_DATA(stats), shift, CHANNELS(self));
     }
@@ -272,12 +273,42 @@ PyObject *BatchNorm_calibrate(BatchNormObject *self, PyObject *batches)
 
 /* ---- forward and backward with statistics gathered elsewhere ------------- */
 
+/* obj as a new (2, C) float64 array: the mean and invstd to normalize with.
+ * Their values are the caller's to keep finite (a private hook). */
+static PyArrayObject *read_moments(PyObject *obj, npy_intp channels)
+{
+    PyArrayObject *arr = bn_as_array(obj, NPY_DOUBLE, "moments");
+    if (arr != NULL
+        && (PyArray_NDIM(arr) != 2 || PyArray_DIM(arr, 0) != 2
+            || PyArray_DIM(arr, 1) != channels)) {
+        PyErr_Format(PyExc_ValueError, "moments must have shape (2, %zd): mean and invstd",
+                     (Py_ssize_t)channels);
+        Py_CLEAR(arr);
+    }
+    return arr;
+}
+
+/* moments: the (2, C) mean and invstd of y = gamma * (x - mean) * invstd + beta,
+ * from the statistics or, when given (not NULL), the caller's: BatchRenorm
+ * normalizes with corrected moments while its running statistics follow the
+ * batch's. */
+static void forward_moments(double *moments, const bn_partial *stats, PyArrayObject *given,
+                           size_t channels, double eps)
+{
+    if (given == NULL) {
+        bn_batch_moments(moments, moments + channels, stats, channels, eps);
+    }
+    else {
+        memcpy(moments, PyArray_DATA(given), 2 * channels * sizeof(double));
+    }
+}
+
 PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"x", "stats", "shift", "out", NULL};
-    PyObject *x_obj, *stats_obj, *shift_obj = Py_None, *out_obj = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OO:_forward_from_stats", kwlist, &x_obj,
-                                     &stats_obj, &shift_obj, &out_obj)
+    static char *kwlist[] = {"x", "stats", "shift", "moments", "out", NULL};
+    PyObject *x_obj, *stats_obj, *shift_obj = Py_None, *moments_obj = Py_None, *out_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$OOO:_forward_from_stats", kwlist,
+                                     &x_obj, &stats_obj, &shift_obj, &moments_obj, &out_obj)
         || check_initialized(self) < 0) {
         return NULL;
     }
@@ -285,17 +316,26 @@ PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, Py
     bn_saved old = {0};
     size_t channels = CHANNELS(self);
     int training = self->training; /* this call's mode */
+    PyArrayObject *given = NULL;
     if (bn_layer_prepare_forward(self, x_obj, out_obj, training, &call) < 0) {
         return NULL;
     }
     PyArrayObject *stats = absolute_stats(stats_obj, shift_obj, self->num_features);
-    if (stats == NULL) {
+    if (stats == NULL
+        || (moments_obj != Py_None
+            && (given = read_moments(moments_obj, self->num_features)) == NULL)) {
         goto fail;
     }
     const bn_partial *p = PyArray_DATA(stats);
     double *mean = PyArray_DATA(call.moments), *invstd = mean + channels;
 
     lock_layer(self);
+    if (self->virtual_batch_size > 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "_forward_from_stats normalizes with statistics gathered elsewhere, "
+                        "which have no virtual batches: use a layer without virtual_batch_size");
+        goto fail_locked;
+    }
     if (!training && self->track_running_stats) {
         PyErr_SetString(PyExc_ValueError,
                         "_forward_from_stats normalizes with batch statistics; in eval mode "
@@ -308,7 +348,7 @@ PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, Py
         || (counts_batch && bn_layer_check_count(self) < 0)) {
         goto fail_locked;
     }
-    bn_batch_moments(mean, invstd, p, channels, self->eps);
+    forward_moments(mean, p, given, channels, self->eps);
     bn_run_forward(call.y, call.work, call.x, mean, invstd, self->gamma, self->beta,
                    call.layout.shape);
     if (counts_batch && bn_layer_update_running(self, p, call.running) < 0) {
@@ -325,6 +365,7 @@ PyObject *BatchNorm_forward_from_stats(BatchNormObject *self, PyObject *args, Py
     Py_XDECREF(old.x);
     Py_XDECREF(old.moments);
     Py_DECREF(stats);
+    Py_XDECREF(given);
     bn_forward_call_clear(&call);
     return (PyObject *)y;
 
@@ -332,6 +373,7 @@ fail_locked:
     unlock_layer(self);
 fail:
     Py_XDECREF(stats);
+    Py_XDECREF(given);
     bn_forward_call_clear(&call);
     return NULL;
 }
@@ -340,6 +382,12 @@ fail:
 static int take_saved(BatchNormObject *self, bn_saved *saved)
 {
     if (bn_layer_check_saved(self) < 0) {
+        return -1;
+    }
+    if (self->saved.groups > 1) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the last forward normalized virtual batches: its gradient sums are "
+                        "per group, use backward");
         return -1;
     }
     *saved = self->saved;

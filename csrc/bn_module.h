@@ -7,6 +7,7 @@
  *   bn_dispatch.c    one function per kernel family: pick the dtype, drop the GIL
  *   bn_layer.c       the bnpy.BatchNorm type (bn_layer.h)
  *   bn_layer_stats.c its statistics gathered elsewhere: calibrate, SyncBatchNorm hooks
+ *   bn_layer_groups.c its virtual batches
  *   bn_functional.c  the stateless functional API
  *   bn_module.c      module definition and multi-phase initialization
  */

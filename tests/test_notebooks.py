@@ -48,8 +48,8 @@ def images(notebook):
     return [output for output in outputs_of_type(notebook, "display_data") if PNG in output.data]
 
 
-def test_there_are_six_notebooks():
-    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "07_", "08_"]
+def test_there_are_seven_notebooks():
+    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "06_", "07_", "08_"]
 
 
 WIDGET = "application/vnd.jupyter.widget-view+json"

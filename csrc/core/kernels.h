@@ -34,36 +34,24 @@ BN_INLINE void NAME(store)(T *p, bn_vec v)
 #endif
 }
 
-/* the n < BN_W values of p[0 .. n) as a vector, 0 in its other lanes */
-BN_INLINE bn_vec NAME(load_part)(const T *p, size_t n)
-{
-    double part[BN_W] = {0};
-    for (size_t j = 0; j < n; j++) {
-        part[j] = (double)p[j];
-    }
-    return bn_load_wide(part);
-}
-
-BN_INLINE void NAME(store_part)(T *p, bn_vec v, size_t n)
-{
-    double part[BN_W];
-    bn_store_wide(part, v);
-    for (size_t j = 0; j < n; j++) {
-        p[j] = (T)part[j];
-    }
-}
-
-/* asks the caches for the lines of p[0 .. BN_LANES): for the rows of a
- * feature, which lie C * inner apart, where the hardware does not fetch ahead */
-BN_INLINE void NAME(prefetch16)(const T *p)
+/* asks the caches for the lines of p[0 .. n) */
+BN_INLINE void NAME(prefetch_lines)(const T *p, size_t n)
 {
 #if defined(__GNUC__)
-    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
+    for (size_t b = 0; b < n * sizeof(T); b += 64) {
         __builtin_prefetch((const char *)p + b);
     }
 #else
     (void)p;
+    (void)n;
 #endif
+}
+
+/* the same for p[0 .. BN_LANES): for the rows of a feature, which lie C *
+ * inner apart, where the hardware does not fetch ahead */
+BN_INLINE void NAME(prefetch16)(const T *p)
+{
+    NAME(prefetch_lines)(p, BN_LANES);
 }
 
 /* p[0 .. BN_LANES) <- v[BN_K] rounded to T: past the caches where the build
@@ -151,38 +139,37 @@ BN_INLINE void NAME(add_sums)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, 
 
 /* ---- elementwise passes ------------------------------------------------------ */
 
-/* out[i] <- op(in, x) for i in [i0, i1) with the coefficients k of lane l
- * (or of a planar row's feature), i1 - i0 <= BN_W */
-BN_INLINE void NAME(part_out)(T *out, const T *in, const T *x, size_t n, const bn_vcoef *k,
-                              bn_op op)
+/* out[0] <- op(in, x) with the coefficients in lane 0 of k */
+BN_INLINE void NAME(value_out)(T *out, const T *in, const T *x, const bn_vcoef *k, bn_op op)
 {
-    bn_vec xv = op == BN_DX_TRAIN ? NAME(load_part)(x, n) : bn_splat(0.0);
-    NAME(store_part)(out, bn_apply(op, NAME(load_part)(in, n), xv, k), n);
+    double value[BN_W];
+    bn_vec xv = bn_splat(op == BN_DX_TRAIN ? (double)*x : 0.0);
+    bn_store_wide(value, bn_apply(op, bn_splat((double)*in), xv, k));
+    *out = (T)value[0];
 }
 
 /* out[from .. to) <- op(in, x) with one feature's coefficients k, of a row
- * of n values, to - from <= BN_LANES: from the whole vector of the row that
- * holds them when the row has one (whole loads, and loads of values just
- * stored as parts stall), else a part of a vector at a time */
+ * of n values: from whole vectors of the row when it has them (whole loads;
+ * loads of values just stored as parts would stall), rounded to T value by
+ * value, else a part of a vector at a time */
 BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t from,
                               size_t to, const bn_vcoef *k, bn_op op)
 {
-    if (n < BN_LANES) {
-        for (size_t h = from; h < to; h += BN_W) {
-            NAME(part_out)(out + h, in + h, x ? x + h : NULL, to - h < BN_W ? to - h : BN_W, k,
-                           op);
+    for (size_t h = from; h < to && n < BN_LANES; h++) {
+        NAME(value_out)(out + h, in + h, x ? x + h : NULL, k, op);
+    }
+    for (size_t h = from; h < to && n >= BN_LANES; h += BN_LANES) {
+        size_t at = h + BN_LANES <= n ? h : n - BN_LANES, end = h + BN_LANES < to ? h + BN_LANES
+                                                                                 : to;
+        double all[BN_LANES];
+        for (int q = 0; q < BN_K; q++) {
+            size_t v = at + (size_t)q * BN_W;
+            bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + v) : bn_splat(0.0);
+            bn_store_wide(all + q * BN_W, bn_apply(op, NAME(load)(in + v), xv, k));
         }
-        return;
-    }
-    size_t at = from + BN_LANES <= n ? from : n - BN_LANES;
-    double all[BN_LANES];
-    for (int q = 0; q < BN_K; q++) {
-        size_t v = at + (size_t)q * BN_W;
-        bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + v) : bn_splat(0.0);
-        bn_store_wide(all + q * BN_W, bn_apply(op, NAME(load)(in + v), xv, k));
-    }
-    for (size_t j = from; j < to; j++) {
-        out[j] = (T)all[j - at];
+        for (size_t j = h; j < end; j++) {
+            out[j] = (T)all[j - at];
+        }
     }
 }
 
@@ -221,7 +208,7 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     size_t head = stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
     for (; j < head; j++, l = l + 1 == wide ? 0 : l + 1) {
         bn_vcoef k = bn_lane_coef(&w, l);
-        NAME(part_out)(out + j, in + j, x ? x + j : NULL, 1, &k, op);
+        NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
     }
     size_t ahead = BN_PREFETCH_BYTES / sizeof(T), n = p->s.outer * p->width;
     for (; j + BN_LANES <= j1; j += BN_LANES) {
@@ -241,7 +228,7 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     }
     for (; j < j1; j++, l = l + 1 == wide ? 0 : l + 1) {
         bn_vcoef k = bn_lane_coef(&w, l);
-        NAME(part_out)(out + j, in + j, x ? x + j : NULL, 1, &k, op);
+        NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
     }
 }
 
@@ -309,7 +296,9 @@ static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
     }
 }
 
-/* out <- op(in, x) over all of x (the coefficients in w), on p->team threads */
+/* out <- op(in, x) over all of x (the coefficients in w), on p->team threads.
+ * Its tasks run from the end of x back: a pass that read x before left its
+ * end in cache. */
 static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const bn_plan *p,
                        bn_op op)
 {
@@ -320,7 +309,7 @@ static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const 
     int team = p->team;
     BN_PARALLEL_FOR
     for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
-        size_t r0 = (size_t)t * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
+        size_t r0 = (tasks - 1 - (size_t)t) * chunk, r1 = r0 + chunk < n ? r0 + chunk : n;
         NAME(span_out)(out, in, x, w, p, r0, r1, op);
     }
 }
@@ -407,7 +396,8 @@ static void NAME(feature_grads)(double *dgamma, double *dbeta, const T *dy, cons
  * for the lines `ahead` values past each vector of the next feature, and
  * `back` values past what it reads of this one (0: the line it reads). One
  * loop, so that memory reads the next feature while this one is written; op
- * and stream are constants at each call, so that it has no other test. */
+ * and stream are constants at each call (pipeline_tile), so that it has no
+ * other test. */
 BN_INLINE void NAME(pipeline_vectors)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
                                       int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
                                       const T *next_dy, const T *next_x, double center,
@@ -438,97 +428,73 @@ BN_INLINE void NAME(pipeline_vectors)(T *out, const T *in, const T *x, bn_vcoef 
     *po = o;
 }
 
-/* pipeline_vectors with the stream flag a constant */
-BN_INLINE void NAME(pipeline_run)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
-                                  int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
-                                  const T *next_dy, const T *next_x, double center, size_t *pi,
-                                  size_t *po, size_t vectors, size_t ahead, size_t back)
-{
-    if (stream) {
-        NAME(pipeline_vectors)(out, in, x, k, op, 1, acc, acc2, next_dy, next_x, center, pi, po,
-                               vectors, ahead, back);
-    }
-    else {
-        NAME(pipeline_vectors)(out, in, x, k, op, 0, acc, acc2, next_dy, next_x, center, pi, po,
-                               vectors, ahead, back);
-    }
-}
-
-/* One row of the pipeline, values i0 .. i1 of row o: out <- op(in, x) for
- * feature c with its coefficients k, while acc, acc2 sum the same values of
- * feature c + 1 as add_sums does, about center (pipeline_vectors). With
- * next_x NULL (the last feature), only out. Its vectors run in up to three
- * parts, at the places where the values BN_PREFETCH_BYTES past them (for
- * the next feature; BN_READBACK_BYTES for this one) move to a later row. */
+/* Values i0 .. i1 of row o of the pipeline (the pointers at the rows'
+ * starts): out <- op(in, x) for feature c with its coefficients k, while
+ * acc, acc2 sum the same values of feature c + 1 as add_sums does, about
+ * center (pipeline_vectors). With next_x NULL (the last feature), only out.
+ * Streamed, out's vectors start on a cache line, `head` values on from the
+ * sums' in every piece of the row: only the row's ends are written in parts.
+ * The vectors run in up to three parts, where the values BN_PREFETCH_BYTES
+ * past them (for the next feature; BN_READBACK_BYTES for this one) move to
+ * a later row. */
 BN_INLINE void NAME(pipeline_row)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
                                   int stream, bn_vec acc[BN_K], bn_vec acc2[BN_K],
                                   const T *next_dy, const T *next_x, double center,
                                   const bn_plan *p, size_t o, size_t i0, size_t i1)
 {
-    size_t n = i1 - i0;
+    size_t n = p->s.inner, head = stream ? NAME(stream_head)(out, n) : 0;
+    size_t o_at = i0 + head < n ? i0 + head : n, i = i0;
+    size_t o_end = i1 + head < n && i1 < n ? i1 + head : n;
+    if (i0 == 0) {
+        NAME(some_out)(out, in, x, n, 0, head, &k, op);
+    }
     if (next_x == NULL) {
-        NAME(row_out)(out, in, x, n, k, op, stream, 0);
+        NAME(row_out)(out + o_at, in + o_at, x ? x + o_at : NULL, o_end - o_at, k, op, stream,
+                      0);
         return;
     }
-    size_t o_at = stream ? NAME(stream_head)(out, n) : 0, i = 0;
-    NAME(some_out)(out, in, x, n, 0, o_at, &k, op);
-    bn_reach ahead = bn_reach_of(p->s, o, i0, n, BN_PREFETCH_BYTES / sizeof(T));
-    bn_reach back = bn_reach_of(p->s, o, i0, n, BN_READBACK_BYTES / sizeof(T));
-    size_t vectors = (n - o_at) / BN_LANES, first = ahead.split < back.split ? ahead.split
-                                                                             : back.split;
+    bn_reach ahead = bn_reach_of(p->s, o, 0, n, BN_PREFETCH_BYTES / sizeof(T));
+    bn_reach back = bn_reach_of(p->s, o, 0, n, BN_READBACK_BYTES / sizeof(T));
+    size_t first = ahead.split < back.split ? ahead.split : back.split;
     size_t last = ahead.split < back.split ? back.split : ahead.split;
-    size_t cuts[3] = {first / BN_LANES, last / BN_LANES, vectors}, done = 0;
+    size_t cuts[3] = {first, last, n}, end = i0 + (o_end - o_at) / BN_LANES * BN_LANES;
     for (int part = 0; part < 3; part++) {
-        size_t end = cuts[part] < vectors ? cuts[part] : vectors;
-        size_t at = done * BN_LANES;
-        NAME(pipeline_run)(out, in, x, k, op, stream, acc, acc2, next_dy, next_x, center, &i,
-                           &o_at, end > done ? end - done : 0,
-                           at + BN_LANES <= ahead.split ? ahead.before : ahead.after,
-                           at + BN_LANES <= back.split ? back.before : back.after);
-        done = end > done ? end : done;
+        size_t cut = cuts[part] / BN_LANES * BN_LANES, stop = cut < end ? cut : end;
+        NAME(pipeline_vectors)(out, in, x, k, op, stream, acc, acc2, next_dy, next_x, center,
+                               &i, &o_at, stop > i ? (stop - i) / BN_LANES : 0,
+                               i + BN_LANES <= ahead.split ? ahead.before : ahead.after,
+                               i + BN_LANES <= back.split ? back.before : back.after);
     }
-    NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, n - i, center);
-    NAME(some_out)(out, in, x, n, o_at, n, &k, op);
+    NAME(add_sums)(acc, acc2, next_dy ? next_dy + i : NULL, next_x + i, i1 - i, center);
+    NAME(some_out)(out, in, x, n, o_at, o_end, &k, op);
 }
 
-/* Tile t of feature c normalized (y <- (x - mean) * scale + shift, k) while,
- * unless next is NULL, tile t of feature c + 1 is absorbed into next, less
- * shift */
-static void NAME(normalize_tile)(T *y, const T *x, const bn_vcoef *k, bn_partial *next,
-                                 const bn_plan *p, size_t c, size_t t, double shift)
-{
-    bn_tile tile = bn_tile_at(p->s, t);
-    double center = next ? shift + NAME(tile_center)(next, x, p, c + 1, t, shift) : 0.0;
-    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
-    for (size_t o = tile.o0; o < tile.o1; o++) {
-        size_t at = bn_row_at(p->s, o, c) + tile.i0;
-        NAME(pipeline_row)(y + at, x + at, NULL, *k, BN_NORMALIZE, p->stream, acc, acc2, NULL,
-                           next ? x + at + p->s.inner : NULL, center, p, o, tile.i0, tile.i1);
-    }
-    if (next) {
-        bn_absorb(next, (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0)), center - shift,
-                  bn_total(acc), bn_total(acc2));
-    }
-}
-
-/* Tile t of feature c's dx written (op, k) while, unless next is NULL,
- * feature c + 1's gradient sums over tile t are added to next (as grad_tile) */
-BN_INLINE void NAME(dx_tile)(T *dx, const T *dy, const T *x, const bn_vcoef *k, bn_op op,
-                             double *next, double next_mean, const bn_plan *p, size_t c,
-                             size_t t)
+/* Tile t of feature c: out <- op(in, x) with its coefficients k, while
+ * (when has_next) sums[0 .. 2) <- the two sums of tile t of feature c + 1
+ * about center: of in (x) when op normalizes, else of dy (in) and x.
+ * Returns the tile's count of values. */
+BN_INLINE double NAME(pipeline_tile)(T *out, const T *in, const T *x, bn_vcoef k, bn_op op,
+                                     int has_next, double center, double sums[2],
+                                     const bn_plan *p, size_t c, size_t t)
 {
     bn_tile tile = bn_tile_at(p->s, t);
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     for (size_t o = tile.o0; o < tile.o1; o++) {
-        size_t at = bn_row_at(p->s, o, c) + tile.i0, next_at = at + p->s.inner;
-        NAME(pipeline_row)(dx + at, dy + at, x + at, *k, op, p->stream, acc, acc2,
-                           next ? dy + next_at : NULL, next ? x + next_at : NULL, next_mean,
-                           p, o, tile.i0, tile.i1);
+        size_t at = bn_row_at(p->s, o, c), next = at + p->s.inner;
+        const T *next_dy = has_next && op != BN_NORMALIZE ? in + next : NULL;
+        const T *next_x = !has_next ? NULL : op == BN_NORMALIZE ? in + next : x + next;
+        if (p->stream) {
+            NAME(pipeline_row)(out + at, in + at, x ? x + at : NULL, k, op, 1, acc, acc2,
+                               next_dy, next_x, center, p, o, tile.i0, tile.i1);
+        }
+        else {
+            NAME(pipeline_row)(out + at, in + at, x ? x + at : NULL, k, op, 0, acc, acc2,
+                               next_dy, next_x, center, p, o, tile.i0, tile.i1);
+        }
     }
-    if (next) {
-        next[0] += bn_total(acc);
-        next[1] += bn_total(acc2);
-    }
+    sums[0] = bn_total(acc);
+    sums[1] = bn_total(acc2);
+    return (double)((tile.o1 - tile.o0) * (tile.i1 - tile.i0));
 }
 
 /* Training forward of features c0 .. c1, in a pipeline: feature c, still in
@@ -550,9 +516,15 @@ static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *inv
         NAME(coefficient)(w, BN_NORMALIZE, c, mean, invstd, gamma, beta, NULL, NULL, 0.0);
         bn_vcoef k = bn_feature_coef(w, c);
         next = (bn_partial){0.0, 0.0, 0.0};
+        double shift = c + 1 < c1 ? (double)x[(c + 1) * s.inner] : 0.0, sums[2];
         for (size_t t = 0; t < p->tiles; t++) {
-            NAME(normalize_tile)(y, x, &k, c + 1 < c1 ? &next : NULL, p, c, t,
-                                 c + 1 < c1 ? (double)x[(c + 1) * s.inner] : 0.0);
+            double center = c + 1 < c1 ? shift + NAME(tile_center)(&next, x, p, c + 1, t, shift)
+                                       : 0.0;
+            double count = NAME(pipeline_tile)(y, x, NULL, k, BN_NORMALIZE, c + 1 < c1, center,
+                                               sums, p, c, t);
+            if (c + 1 < c1) {
+                bn_absorb(&next, count, center - shift, sums[0], sums[1]);
+            }
         }
     }
     if (p->stream) {
@@ -578,14 +550,17 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const bn_
                           dgamma, dbeta, count);
         bn_vcoef k = bn_feature_coef(w, c);
         next[0] = next[1] = 0.0;
-        double *sums = c + 1 < c1 ? next : NULL, next_mean = c + 1 < c1 ? mean[c + 1] : 0.0;
+        double next_mean = c + 1 < c1 ? mean[c + 1] : 0.0, sums[2];
         for (size_t t = 0; t < p->tiles; t++) {
             if (training) {
-                NAME(dx_tile)(dx, dy, x, &k, BN_DX_TRAIN, sums, next_mean, p, c, t);
+                NAME(pipeline_tile)(dx, dy, x, k, BN_DX_TRAIN, c + 1 < c1, next_mean, sums, p, c,
+                                    t);
             }
             else {
-                NAME(dx_tile)(dx, dy, x, &k, BN_DX_EVAL, sums, next_mean, p, c, t);
+                NAME(pipeline_tile)(dx, dy, x, k, BN_DX_EVAL, c + 1 < c1, next_mean, sums, p, c, t);
             }
+            next[0] += sums[0];
+            next[1] += sums[1];
         }
     }
     if (p->stream) {
@@ -599,32 +574,53 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const bn_
  * each lane, with d = x - center[l]: sum[l] += d, sum2[l] += d * d (dy NULL),
  * or sum[l] += dy, sum2[l] += dy * d (center: the means). BN_LANE_ROWS rows
  * at a time, so that the sums are loaded and stored once for them. */
+/* lane_sums over `rows` wide rows from `at`: a constant at most calls, so
+ * that the loop down the rows unrolls */
+BN_INLINE void NAME(lane_rows)(double *restrict sum, double *restrict sum2, const T *dy,
+                               const T *x, const double *restrict center, size_t wide,
+                               size_t at, size_t rows, size_t l0, size_t l1)
+{
+    size_t l = l0;
+    for (; l + BN_W <= l1; l += BN_W) {
+        bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum2 + l);
+        bn_vec mid = bn_load_wide(center + l);
+        for (size_t q = 0; q < rows; q++) {
+            bn_vec d = NAME(load)(x + at + q * wide + l) - mid;
+            bn_vec g = dy ? NAME(load)(dy + at + q * wide + l) : d;
+            s += g;
+            s2 += g * d;
+        }
+        bn_store_wide(sum + l, s);
+        bn_store_wide(sum2 + l, s2);
+    }
+    for (; l < l1; l++) {
+        for (size_t q = 0; q < rows; q++) {
+            double d = (double)x[at + q * wide + l] - center[l];
+            double g = dy ? (double)dy[at + q * wide + l] : d;
+            sum[l] += g;
+            sum2[l] += g * d;
+        }
+    }
+}
+
 static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T *dy,
                             const T *x, const double *restrict center, size_t wide, size_t r0,
                             size_t r1, size_t l0, size_t l1)
 {
+    size_t ahead = BN_PREFETCH_BYTES / (wide * sizeof(T)) + BN_LANE_ROWS; /* rows */
     for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
-        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS, at = r * wide;
-        size_t l = l0;
-        for (; l + BN_W <= l1; l += BN_W) {
-            bn_vec s = bn_load_wide(sum + l), s2 = bn_load_wide(sum2 + l);
-            bn_vec mid = bn_load_wide(center + l);
-            for (size_t q = 0; q < rows; q++) {
-                bn_vec d = NAME(load)(x + at + q * wide + l) - mid;
-                bn_vec g = dy ? NAME(load)(dy + at + q * wide + l) : d;
-                s += g;
-                s2 += g * d;
+        size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
+        for (size_t q = r + ahead; q < r + ahead + rows && q < r1; q++) {
+            NAME(prefetch_lines)(x + q * wide + l0, l1 - l0);
+            if (dy) {
+                NAME(prefetch_lines)(dy + q * wide + l0, l1 - l0);
             }
-            bn_store_wide(sum + l, s);
-            bn_store_wide(sum2 + l, s2);
         }
-        for (; l < l1; l++) {
-            for (size_t q = 0; q < rows; q++) {
-                double d = (double)x[at + q * wide + l] - center[l];
-                double g = dy ? (double)dy[at + q * wide + l] : d;
-                sum[l] += g;
-                sum2[l] += g * d;
-            }
+        if (rows == BN_LANE_ROWS) {
+            NAME(lane_rows)(sum, sum2, dy, x, center, wide, r * wide, BN_LANE_ROWS, l0, l1);
+        }
+        else {
+            NAME(lane_rows)(sum, sum2, dy, x, center, wide, r * wide, rows, l0, l1);
         }
     }
 }
