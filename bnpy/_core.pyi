@@ -69,7 +69,11 @@ class BatchNorm:
     def calibrate(self, batches: Iterable[npt.ArrayLike], /) -> BatchNorm: ...
     # bnpy.distributed's steps: statistics as (C, 3) partials (count, mean, m2), shifted
     def _stats_of(
-        self, batches: Iterable[npt.ArrayLike], *, shift: npt.ArrayLike | None = None
+        self,
+        batches: Iterable[npt.ArrayLike],
+        *,
+        shift: npt.ArrayLike | None = None,
+        name: str = "batch",  # what its error messages call a batch
     ) -> _Array: ...
     def _forward_from_stats(
         self,
@@ -77,6 +81,7 @@ class BatchNorm:
         stats: npt.ArrayLike,
         *,
         shift: npt.ArrayLike | None = None,
+        moments: npt.ArrayLike | None = None,  # (2, C) mean and invstd to normalize with
         out: _Array | None = None,
     ) -> _Array: ...
     def _grad_sums(self, dy: npt.ArrayLike, /) -> _Array: ...

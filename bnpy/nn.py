@@ -151,6 +151,7 @@ class _Weighted(Layer):
     bias: Array | None
     grad_weight: Array | None
     grad_bias: Array | None
+    dtype: np.dtype[Any]
 
     def parameters(self) -> Parameters:
         pairs: Parameters = [(self.weight, self.grad_weight)]
@@ -158,7 +159,7 @@ class _Weighted(Layer):
             pairs.append((self.bias, self.grad_bias))
         return pairs
 
-    def fold_batch_norm(self, bn):
+    def fold_batch_norm(self, bn: BatchNorm) -> "_Weighted":
         """Fold bn, an eval-mode BatchNorm of this layer's output, into weight and
         bias (bnpy.fold), in place: the layer alone then computes what the pair did.
         A layer without bias gets one; the gradients are reset. Returns the layer."""
@@ -755,7 +756,7 @@ def recalibrate(model: Sequential, batches: Iterable[npt.ArrayLike]) -> Sequenti
     return model
 
 
-def fold_model(model):
+def fold_model(model: Sequential) -> Sequential:
     """A copy of the Sequential `model` for inference, in eval mode, where every
     Linear or Conv2d directly followed by a BatchNorm has it folded in
     (fold_batch_norm) and the BatchNorm is gone; nested Sequentials too. The
@@ -763,7 +764,7 @@ def fold_model(model):
     `model` is left as it was."""
     layers = [fold_model(layer) if isinstance(layer, Sequential) else copy.deepcopy(layer)
               for layer in model.layers]
-    kept = []
+    kept: list[Any] = []
     for layer in layers:
         layer.eval()
         if isinstance(layer, BatchNorm) and kept and isinstance(kept[-1], _Weighted):
