@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover - only when run from a source checkout
 
     __path__ = extend_path(__path__, __name__)
     try:
-        from . import _core
+        from . import _core  # noqa: F401 - only to see whether it is built
     except ImportError as error:
         raise ImportError(
             "bnpy's C extension (bnpy._core) is not built: run `pip install .` "

@@ -84,8 +84,10 @@ def _show_gradcheck(rng: np.random.Generator) -> None:
         bn = layer(gamma, beta, training)
         bn(x)
         analytic = (bn.backward(dy), np.asarray(bn.grad_gamma), np.asarray(bn.grad_beta))
-        numeric = numerical_vjp(lambda x_, g_, b_: layer(g_, b_, training)(x_),
-                                (x, gamma, beta), dy)
+        def forward(x_: _Array, g_: _Array, b_: _Array, training: bool = training) -> _Array:
+            return layer(g_, b_, training)(x_)
+
+        numeric = numerical_vjp(forward, (x, gamma, beta), dy)
         errors = [relative_error(a, n) for a, n in zip(analytic, numeric)]
         mode = "train" if training else "eval "
         print(f"   {mode}: relative error dx {errors[0]:.1e}, dgamma {errors[1]:.1e}, "

@@ -145,11 +145,11 @@ class GradcheckReport:
         verdict = "passed" if self.passed else "FAILED"
         where = "worst element" if self.mode == "full" else "worst direction"
         lines = [
-            f"gradcheck {verdict} (mode={self.mode}, eps={self.eps:g}, atol={self.atol:g}, "
-            f"rtol={self.rtol:g}): max abs error {self.max_abs_error:.3g}, "
-            f"max relative error {self.max_rel_error:.3g}",
-            f"  {'input':<10} {'shape':<14} {'abs err':>9} {'rel err':>9}  "
-            f"{where:<16} {'analytic':>14} {'numerical':>14}  ok",
+            (f"gradcheck {verdict} (mode={self.mode}, eps={self.eps:g}, atol={self.atol:g}, "
+             f"rtol={self.rtol:g}): max abs error {self.max_abs_error:.3g}, "
+             f"max relative error {self.max_rel_error:.3g}"),
+            (f"  {'input':<10} {'shape':<14} {'abs err':>9} {'rel err':>9}  "
+             f"{where:<16} {'analytic':>14} {'numerical':>14}  ok"),
         ]
         for r in self.inputs:
             shape = str(r.shape)

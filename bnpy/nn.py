@@ -27,6 +27,7 @@ mini-batches; :func:`preactivations`, :func:`batch_std` and
 statistics of a data set.
 """
 import copy
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -621,7 +622,7 @@ def mlp(in_features: int, out_features: int, *, width: int = 64, depth: int = 20
     sizes = [in_features] + [width] * (depth - 1) + [out_features]
     bias_is_redundant = batch_norm and placement == "before"
     layers: list[Any] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         last = i == depth - 1
         layers.append(Linear(n_in, n_out, bias=last or not bias_is_redundant,
                              weight_scale=weight_scale, dtype=dtype, rng=rng))

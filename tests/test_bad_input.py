@@ -453,7 +453,7 @@ CONSTRUCTOR_CASES = {
     "momentum-bool": (dict(momentum=False), TypeError, "momentum"),
     "momentum-complex": (dict(momentum=0.1j), TypeError, "momentum"),
     # affine, track_running_stats, training
-    **{f"{name}-{key}": (dict({name: value}), TypeError, name)
+    **{f"{name}-{key}": ({name: value}, TypeError, name)
        for name in ("affine", "track_running_stats", "training")
        for key, value in {"str": "False", "None": None, "int": 1, "zero": 0,
                           "float": 1.0}.items()},
@@ -623,7 +623,7 @@ def test_functional_valid_calls_are_deterministic_after_failures(function):
         return [bits(a) for a in (r if isinstance(r, tuple) else (r,))]
 
     first = result()
-    for name, (f, change, exc, match) in FUNCTIONAL_CASES.items():
+    for f, change, exc, match in FUNCTIONAL_CASES.values():
         if f == function:
             args, kw = make_args(), dict(kwargs)
             change(args, kw)

@@ -64,7 +64,7 @@ def run_both(torch, ref, mine, x, dy):
 
 
 def test_are_torch_modules_with_torchs_state(torch, bt):
-    for dims, (name, _) in CLASSES.items():
+    for name, _ in CLASSES.values():
         mine = getattr(bt, name)(3, eps=1e-3, momentum=0.2)
         assert isinstance(mine, getattr(torch.nn, name)) and isinstance(mine, torch.nn.Module)
         ref = getattr(torch.nn, name)(3, eps=1e-3, momentum=0.2)

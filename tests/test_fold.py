@@ -98,7 +98,7 @@ def test_errors_say_what_is_wrong():
         bnpy.fold(bn, weight, out_axis=2)
     with pytest.raises(ValueError, match=r"bias must be a real array of shape \(3,\)"):
         bnpy.fold(bn, weight, np.zeros(4))
-    with pytest.raises(TypeError, match="bnpy.BatchNorm"):
+    with pytest.raises(TypeError, match=r"bnpy\.BatchNorm"):
         bnpy.fold(object(), weight)
     with pytest.raises(TypeError, match="real numbers"):
         bnpy.fold(bn, weight.astype(complex))

@@ -549,7 +549,7 @@ def test_singletons_do_not_gain_references():
             layer.backward(dy)
             layer.backward(x64)
             layer.state_dict()
-            layer.momentum, layer.grad_gamma, layer.gamma, layer.dtype, layer.training
+            _ = layer.momentum, layer.grad_gamma, layer.gamma, layer.dtype, layer.training
             layer.__reduce__()
             repr(layer)
         bn.gamma = ones

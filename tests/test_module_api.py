@@ -31,7 +31,7 @@ def test_weight_and_bias_share_gamma_and_beta_memory():
     np.testing.assert_array_equal(bn.beta, [1, 2, 3])
     plain = bnpy.BatchNorm(C, affine=False)
     assert plain.weight is None and plain.bias is None
-    with pytest.raises(ValueError, match="weight.*affine=False"):
+    with pytest.raises(ValueError, match=r"weight.*affine=False"):
         plain.weight = np.ones(C)
 
 

@@ -241,7 +241,7 @@ def test_sigmoid_does_not_overflow_on_large_inputs():
 
 def test_activation_backward_errors():
     layer = nn.Sigmoid()
-    with pytest.raises(RuntimeError, match="Sigmoid.backward called before any forward"):
+    with pytest.raises(RuntimeError, match=r"Sigmoid\.backward called before any forward"):
         layer.backward(np.ones(3))
     layer(np.ones((2, 3)))
     with pytest.raises(ValueError, match=r"dy has shape \(3, 2\)"):
@@ -302,7 +302,7 @@ def test_sequential_parameters_share_memory_with_the_layers():
 
 
 def test_sequential_errors():
-    with pytest.raises(TypeError, match="layer 1 .* has no forward, backward"):
+    with pytest.raises(TypeError, match=r"layer 1 .* has no forward, backward"):
         nn.Sequential(nn.ReLU(), object())
     with pytest.raises(RuntimeError, match="before any forward"):
         small_model().backward(np.ones((2, 3)))
@@ -392,11 +392,12 @@ def test_mlp_structure():
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == ["Linear", "BatchNorm", "Tanh"] * 3 + ["Linear"]
     linears = nn.linear_layers(model)
-    assert [(l.in_features, l.out_features) for l in linears] == [(2, 8), (8, 8), (8, 8), (8, 3)]
-    assert [l.bias is None for l in linears] == [True, True, True, False]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(2, 8), (8, 8), (8, 8),
+                                                                       (8, 3)]
+    assert [lin.bias is None for lin in linears] == [True, True, True, False]
     plain = nn.mlp(2, 3, width=8, depth=2, activation=nn.ReLU)
     assert [type(layer).__name__ for layer in plain.layers] == ["Linear", "ReLU", "Linear"]
-    assert all(l.bias is not None for l in nn.linear_layers(plain))
+    assert all(lin.bias is not None for lin in nn.linear_layers(plain))
     with pytest.raises(ValueError, match="activation"):
         nn.mlp(2, 3, activation="swish")
 
