@@ -35,7 +35,6 @@ from ._core import (
     set_cpu_capability,
     set_num_threads,
 )
-
 from .fold import fold
 from .renorm import BatchRenorm
 

@@ -13,7 +13,6 @@ from bnpy._progress import Progress
 from bnpy.data import spirals
 from bnpy.gradcheck import GradcheckReport, numerical_vjp, relative_error
 
-
 _Array = npt.NDArray[Any]
 # per model: (pre-activation std by layer, weight-gradient norm by layer)
 _Measured = dict[str, tuple[list[float], _Array]]

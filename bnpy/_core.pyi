@@ -2,10 +2,9 @@
 from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple
 
-from typing_extensions import disjoint_base
-
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 _DType = type[np.float32] | type[np.float64] | np.dtype[Any] | Literal["float32", "float64"]
 _Array = npt.NDArray[np.floating[Any]]

@@ -8,9 +8,9 @@ of, at and past that length, rows long enough for the pipelined passes, and
 rows cut into tiles (pieces that start inside a row)."""
 import numpy as np
 import pytest
+from bitwise import assert_same_bits_at_line_offsets, at_line_offset
 
 import bnpy
-from bitwise import assert_same_bits_at_line_offsets, at_line_offset
 
 ROW_VALUES = {np.float32: [63, 64, 65, 321, 2100], np.float64: [31, 32, 33, 321, 2100]}
 CASES = [(dtype, n) for dtype, lengths in ROW_VALUES.items() for n in lengths]

@@ -16,9 +16,9 @@ import re
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 C = 3
 
@@ -623,7 +623,7 @@ def test_functional_valid_calls_are_deterministic_after_failures(function):
         return [bits(a) for a in (r if isinstance(r, tuple) else (r,))]
 
     first = result()
-    for f, change, exc, match in FUNCTIONAL_CASES.values():
+    for f, change, exc, _match in FUNCTIONAL_CASES.values():
         if f == function:
             args, kw = make_args(), dict(kwargs)
             change(args, kw)

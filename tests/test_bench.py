@@ -172,7 +172,7 @@ def _compare_builds():
 def test_compare_builds_reports_the_median_time_and_ratio_of_the_rounds():
     compare = _compare_builds()
     rounds = [(1.0, 2.0), (3.0, 1.0), (2.0, 3.0)]  # (seconds, ratio to the copy) per round
-    results = {"main": {"1x2x3x4": {name: rounds for name in compare.PASSES}}}
+    results = {"main": {"1x2x3x4": dict.fromkeys(compare.PASSES, rounds)}}
     lines = compare.table(["main"], results).splitlines()
     assert lines[0].split() == ["1x2x3x4", "main"]
     assert len(lines) == 1 + len(compare.PASSES)

@@ -11,9 +11,9 @@ import re
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 C = 3
 
@@ -322,7 +322,7 @@ def _matrix():
     for layer in LAYERS:
         for mode in ("train", "eval"):
             for history in ("fresh", "forward"):
-                for name, applies, call, exc, match in CASES:
+                for name, applies, _call, _exc, _match in CASES:
                     if applies is None or applies(layer, mode, history):
                         yield pytest.param(layer, mode, history, name,
                                            id=f"{layer}-{mode}-{history}-{name}")

@@ -21,9 +21,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 C = 3
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]

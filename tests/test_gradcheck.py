@@ -51,7 +51,7 @@ def backward_mean_term_dropped(dy, x, gamma, beta):
 
 def backward_variance_term_dropped(dy, x, gamma, beta):
     """A bug that an all-ones dy hides: with dy = 1, dgamma = sum x-hat = 0."""
-    x_hat, invstd, dgamma, dbeta, n = _parts(dy, x, gamma)
+    _x_hat, invstd, dgamma, dbeta, n = _parts(dy, x, gamma)
     dx = gamma * invstd / n * (n * dy - dbeta)  # "- x_hat * dgamma" forgotten
     return dx, dgamma, dbeta
 
@@ -94,7 +94,7 @@ def test_wrong_gradients_are_caught(bn_inputs, wrong_backward, mode):
 
 def test_variance_term_bug_is_invisible_to_an_all_ones_dy(bn_inputs):
     """Why gradcheck draws a random dy: with dy = 1 this bug gives the right dx."""
-    x, gamma, _ = bn_inputs
+    x, _gamma, _ = bn_inputs
     dy = np.ones_like(x)
     right = bn_backward(dy, *bn_inputs)[0]
     wrong = backward_variance_term_dropped(dy, *bn_inputs)[0]

@@ -20,9 +20,9 @@ out=dy (backward) exactly are allowed and give the same bits.
 """
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 C = 4
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
@@ -183,7 +183,7 @@ ROUNDING = {np.float32: dict(rtol=2e-6, atol=2e-6), np.float64: dict(rtol=1e-13,
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_kept_layout_to_rounding_with_x_strides(dtype, layout, name, mode):
-    shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
+    _shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
     results = []
     for xs, dys in ((x0, dy0), (x, dy)):
         bn = make_layer(dtype, axis, mode)
@@ -201,7 +201,7 @@ def test_layer_kept_layout_to_rounding_with_x_strides(dtype, layout, name, mode)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_functional_kept_layout_to_rounding_with_x_strides(dtype, layout, name):
-    shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
+    _shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
     gamma, beta, mean, var = _stats(dtype)
     y, m, invstd = bnpy.batch_norm_forward(x, gamma, beta, axis=axis)
     y0, m0, invstd0 = bnpy.batch_norm_forward(x0, gamma, beta, axis=axis)

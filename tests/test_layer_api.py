@@ -12,11 +12,11 @@ import re
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
 from bnpy import reference
 from bnpy.reference import batch_stats, normalize
-from bitwise import bits
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)

@@ -13,9 +13,9 @@ import re
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
 
@@ -266,7 +266,7 @@ def test_eval_without_running_stats_propagates_feature_by_feature(dtype):
     statistics, like the functional API: it does not raise (it is not
     training), a poisoned feature comes out non-finite, and the others are
     bitwise what the clean batch gives."""
-    good_shape, bad_shape, axis = LAYOUTS["planar"]
+    _good_shape, bad_shape, axis = LAYOUTS["planar"]
     bn = bnpy.BatchNorm(C, axis=axis, dtype=dtype, track_running_stats=False).eval()
     clean = data(bad_shape, 7)
     x, _ = poisoned(clean, axis, POISONS["two-features"])
@@ -353,9 +353,9 @@ def test_functional_inference_nonfinite_statistics_stay_in_their_feature(dtype, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_functional_backward_nan_dy_stays_in_its_feature(dtype):
-    _, shape, axis = LAYOUTS["interleaved"]
+    _, shape, _axis = LAYOUTS["interleaved"]
     x = data(shape, 7, dtype)
-    y, mean, invstd = bnpy.batch_norm_forward(x, None, None)
+    _y, mean, invstd = bnpy.batch_norm_forward(x, None, None)
     dy_clean = data(shape, 8, dtype)
     dy = dy_clean.copy()
     dy[3, 1] = np.nan

@@ -20,12 +20,12 @@ tests/conftest.py loads the "ci" profile (derandomized) when CI is set.
 """
 import numpy as np
 import pytest
+from bitwise import bits
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import bnpy
 from bnpy import reference
-from bitwise import bits
 
 TOL = {np.float32: 2e-5, np.float64: 1e-10}
 
@@ -269,7 +269,7 @@ def test_functional_matches_reference(layout, dtype, distribution, affine, eps, 
             with pytest.raises(ValueError, match="more than 1 value"):
                 bnpy.batch_norm_forward(x, gamma, beta, eps=eps, axis=axis)
             return out
-        out["forward"] = y, mean, invstd = bnpy.batch_norm_forward(x, gamma, beta, eps=eps,
+        out["forward"] = _y, mean, invstd = bnpy.batch_norm_forward(x, gamma, beta, eps=eps,
                                                                    axis=axis)
         out["backward"] = bnpy.batch_norm_backward(dy, x, gamma, mean, invstd, axis=axis)
         return out

@@ -106,7 +106,7 @@ def test_float32_layer_is_close_to_the_float64_formulas():
     bn = _layer(5, rng, dtype=np.float32)
     x = rng.normal(50.0, 3.0, (32, 5, 4)).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
-    y_ref, mean_ref, var_ref, backward = renorm_reference(
+    y_ref, _mean_ref, var_ref, backward = renorm_reference(
         x, bn.gamma.astype(np.float64), bn.beta.astype(np.float64),
         bn.running_mean.astype(np.float64), bn.running_var.astype(np.float64),
         rmax=3.0, dmax=5.0, eps=bn.eps, momentum=0.1)

@@ -7,9 +7,9 @@ x), they never stream, so the two are compared, in every instruction-set
 build, at every start of the rows within a cache line."""
 import numpy as np
 import pytest
+from bitwise import assert_same_bits_at_line_offsets, at_line_offset
 
 import bnpy
-from bitwise import assert_same_bits_at_line_offsets, at_line_offset
 
 STREAM_BYTES = 16 << 20
 FEATURE_STREAM_BYTES = 1 << 20

@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 JOIN_TIMEOUT = 120  # seconds: a deadlock fails the test instead of hanging the suite
 
@@ -58,7 +58,7 @@ def run_threads(workers):
             try:
                 barrier.wait()
                 work()
-            except BaseException as error:  # noqa: BLE001 - reported below
+            except BaseException as error:
                 errors.append(error)
         return target
 

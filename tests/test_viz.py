@@ -3,13 +3,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: no display needed
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
 
-import bnpy  # noqa: E402
-from bnpy import nn, viz  # noqa: E402
-from bnpy.data import spirals  # noqa: E402
+import bnpy
+from bnpy import nn, viz
+from bnpy.data import spirals
 
 
 @pytest.fixture(autouse=True)

@@ -618,7 +618,7 @@ def test_bad_out_raises_and_changes_nothing(dtype, bad):
     shape, axis = LAYOUTS["NCL"]
     c = shape[axis]
     rng = rng_for("bad-out", dtype.__name__, bad)
-    bn, gamma, _ = new_layer(c, dtype, axis, True, True, rng=rng)
+    bn, _gamma, _ = new_layer(c, dtype, axis, True, True, rng=rng)
     x = make_x(rng, shape, axis, dtype)
     dy = make_dy(rng, shape, dtype)
     bn(x)

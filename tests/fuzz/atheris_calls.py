@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # instrumented: the branches of bnpy's Python code and of the program
 # generator guide the fuzzer
 with atheris.instrument_imports(include=["bnpy", "test_fuzz_calls"]):
-    import bnpy  # noqa: F401
     import test_fuzz_calls
+
+    import bnpy  # noqa: F401
 
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
 
