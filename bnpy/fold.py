@@ -9,6 +9,7 @@ feature's row, or slice, scaled), b' = scale * (b - running_mean) + beta. The
 folded layer computes what the two did, one pass over the activations fewer
 (PyTorch's torch.nn.utils.fusion.fuse_conv_bn_eval / fuse_linear_bn_eval).
 """
+
 from typing import Any
 
 import numpy as np
@@ -26,12 +27,13 @@ def _checked_weight(weights: npt.ArrayLike, out_axis: int, channels: int) -> npt
     if isinstance(out_axis, bool) or not isinstance(out_axis, (int, np.integer)):
         raise TypeError(f"out_axis must be an integer, got {type(out_axis).__name__}")
     if not -weight.ndim <= out_axis < weight.ndim:
-        raise ValueError(f"out_axis {out_axis} is out of bounds for weight of shape "
-                         f"{weight.shape}")
+        raise ValueError(f"out_axis {out_axis} is out of bounds for weight of shape {weight.shape}")
     if weight.shape[out_axis] != channels:
-        raise ValueError(f"weight of shape {weight.shape} has {weight.shape[out_axis]} output "
-                         f"features along out_axis={out_axis}, but the BatchNorm normalizes "
-                         f"{channels}")
+        raise ValueError(
+            f"weight of shape {weight.shape} has {weight.shape[out_axis]} output "
+            f"features along out_axis={out_axis}, but the BatchNorm normalizes "
+            f"{channels}"
+        )
     return weight
 
 
@@ -40,8 +42,10 @@ def _checked_bias(given: npt.ArrayLike | None, channels: int) -> npt.NDArray[Any
         return np.zeros(channels)
     bias = np.asarray(given)
     if bias.dtype.kind not in "fiu" or bias.shape != (channels,):
-        raise ValueError(f"bias must be a real array of shape ({channels},), got "
-                         f"{bias.dtype} of shape {bias.shape}")
+        raise ValueError(
+            f"bias must be a real array of shape ({channels},), got "
+            f"{bias.dtype} of shape {bias.shape}"
+        )
     return bias
 
 
@@ -50,13 +54,17 @@ def _scale_and_shift(bn: BatchNorm) -> tuple[npt.NDArray[np.float64], npt.NDArra
     if not isinstance(bn, BatchNorm):
         raise TypeError(f"bn must be a bnpy.BatchNorm, got {type(bn).__name__}")
     if bn.training:
-        raise ValueError("fold needs the BatchNorm in eval mode (bn.eval()): in training "
-                         "mode it normalizes with each batch's statistics, which no fixed "
-                         "weight holds")
+        raise ValueError(
+            "fold needs the BatchNorm in eval mode (bn.eval()): in training "
+            "mode it normalizes with each batch's statistics, which no fixed "
+            "weight holds"
+        )
     if not bn.track_running_stats:
-        raise ValueError("fold needs running statistics: a BatchNorm with "
-                         "track_running_stats=False normalizes with each batch's statistics "
-                         "in eval mode too")
+        raise ValueError(
+            "fold needs running statistics: a BatchNorm with "
+            "track_running_stats=False normalizes with each batch's statistics "
+            "in eval mode too"
+        )
     scale = 1.0 / np.sqrt(np.asarray(bn.running_var, np.float64) + bn.eps)
     if bn.affine:
         scale = np.asarray(bn.gamma, np.float64) * scale
@@ -66,8 +74,9 @@ def _scale_and_shift(bn: BatchNorm) -> tuple[npt.NDArray[np.float64], npt.NDArra
     return scale, shift
 
 
-def fold(bn: BatchNorm, weight: npt.ArrayLike, bias: npt.ArrayLike | None = None, *,
-         out_axis: int = 0) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+def fold(
+    bn: BatchNorm, weight: npt.ArrayLike, bias: npt.ArrayLike | None = None, *, out_axis: int = 0
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """(weight, bias) of the linear map z = W x + b followed by bn, in eval mode.
 
     bn: a bnpy.BatchNorm in eval mode, with running statistics. weight: the
@@ -81,8 +90,7 @@ def fold(bn: BatchNorm, weight: npt.ArrayLike, bias: npt.ArrayLike | None = None
     scale, shift = _scale_and_shift(bn)
     weights = _checked_weight(weight, out_axis, bn.num_features)
     biases = _checked_bias(bias, bn.num_features)
-    dtype = np.result_type(weights.dtype, bn.dtype,
-                           *(() if bias is None else (biases.dtype,)))
+    dtype = np.result_type(weights.dtype, bn.dtype, *(() if bias is None else (biases.dtype,)))
     along = [1] * weights.ndim
     along[out_axis] = -1
     folded_weight = weights.astype(np.float64) * scale.reshape(along)

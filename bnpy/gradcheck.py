@@ -23,6 +23,7 @@ index with the analytic and the numerical value there. :func:`check_layer`
 does all this for a :class:`bnpy.BatchNorm` (or any layer with ``forward``,
 ``backward``, ``gamma``, ``beta``, ``grad_gamma``, ``grad_beta``).
 """
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,8 +58,9 @@ class GradcheckError(AssertionError):
         self.report = report
 
 
-def numerical_vjp(f: Forward, inputs: Sequence[npt.ArrayLike], dy: npt.ArrayLike, *,
-                  eps: float = 1e-6) -> tuple[_Array, ...]:
+def numerical_vjp(
+    f: Forward, inputs: Sequence[npt.ArrayLike], dy: npt.ArrayLike, *, eps: float = 1e-6
+) -> tuple[_Array, ...]:
     """Central differences of <f(*inputs), dy> with respect to each input.
 
     f takes the inputs (as float64 arrays) and returns an array shaped like dy.
@@ -100,12 +102,15 @@ def _loss(f: Forward, inputs: Sequence[_Array], dy: _Array) -> float:
     """<f(*inputs), dy> in float64."""
     y = np.asarray(f(*inputs), dtype=np.float64)
     if y.shape != dy.shape:
-        raise ValueError(f"forward returned shape {y.shape}, expected {dy.shape} "
-                         "(the shape it returned for the original inputs)")
+        raise ValueError(
+            f"forward returned shape {y.shape}, expected {dy.shape} "
+            "(the shape it returned for the original inputs)"
+        )
     return float(np.sum(y * dy))
 
 
 # ---- the report -----------------------------------------------------------
+
 
 @dataclass
 class InputResult:
@@ -115,6 +120,7 @@ class InputResult:
     ``analytic``/``numerical`` the two values there; in fast mode ``index`` is
     the worst direction's number and the values are directional derivatives.
     """
+
     name: str
     shape: tuple[int, ...]
     checked: bool  # False when backward returned None for this input
@@ -129,6 +135,7 @@ class InputResult:
 @dataclass
 class GradcheckReport:
     """The outcome of a gradient check; ``str(report)`` prints it as a table."""
+
     passed: bool
     max_abs_error: float
     max_rel_error: float
@@ -145,11 +152,15 @@ class GradcheckReport:
         verdict = "passed" if self.passed else "FAILED"
         where = "worst element" if self.mode == "full" else "worst direction"
         lines = [
-            (f"gradcheck {verdict} (mode={self.mode}, eps={self.eps:g}, atol={self.atol:g}, "
-             f"rtol={self.rtol:g}): max abs error {self.max_abs_error:.3g}, "
-             f"max relative error {self.max_rel_error:.3g}"),
-            (f"  {'input':<10} {'shape':<14} {'abs err':>9} {'rel err':>9}  "
-             f"{where:<16} {'analytic':>14} {'numerical':>14}  ok"),
+            (
+                f"gradcheck {verdict} (mode={self.mode}, eps={self.eps:g}, atol={self.atol:g}, "
+                f"rtol={self.rtol:g}): max abs error {self.max_abs_error:.3g}, "
+                f"max relative error {self.max_rel_error:.3g}"
+            ),
+            (
+                f"  {'input':<10} {'shape':<14} {'abs err':>9} {'rel err':>9}  "
+                f"{where:<16} {'analytic':>14} {'numerical':>14}  ok"
+            ),
         ]
         for r in self.inputs:
             shape = str(r.shape)
@@ -160,12 +171,19 @@ class GradcheckReport:
             lines.append(
                 f"  {r.name:<10} {shape:<14} {r.max_abs_error:>9.2e} {r.rel_error:>9.2e}  "
                 f"{index:<16} {r.analytic:>14.7g} {r.numerical:>14.7g}  "
-                f"{'yes' if r.passed else 'NO'}")
+                f"{'yes' if r.passed else 'NO'}"
+            )
         return "\n".join(lines)
 
 
-def _compare(name: str, analytic: _Array, numerical: _Array, atol: float, rtol: float,
-             index_of: Callable[[int], tuple[int, ...]]) -> InputResult:
+def _compare(
+    name: str,
+    analytic: _Array,
+    numerical: _Array,
+    atol: float,
+    rtol: float,
+    index_of: Callable[[int], tuple[int, ...]],
+) -> InputResult:
     """InputResult for two float64 arrays of one shape, element by element.
 
     The worst element is the one that most exceeds atol + rtol * |numerical|;
@@ -177,7 +195,9 @@ def _compare(name: str, analytic: _Array, numerical: _Array, atol: float, rtol: 
         return InputResult(name, analytic.shape, True)
     worst = int(np.argmax(diff / allowed))
     return InputResult(
-        name, analytic.shape, True,
+        name,
+        analytic.shape,
+        True,
         passed=bool(np.all(diff <= allowed)),
         max_abs_error=float(diff.max()),
         rel_error=relative_error(analytic, numerical),
@@ -188,6 +208,7 @@ def _compare(name: str, analytic: _Array, numerical: _Array, atol: float, rtol: 
 
 
 # ---- the checks -----------------------------------------------------------
+
 
 def _validate_options(eps: float, atol: float, rtol: float, mode: str, directions: int) -> None:
     if mode not in MODES:
@@ -200,8 +221,9 @@ def _validate_options(eps: float, atol: float, rtol: float, mode: str, direction
         raise ValueError(f"directions must be a positive integer, got {directions!r}")
 
 
-def _analytic_gradients(backward: Backward, dy: _Array,
-                        inputs: Sequence[_Array]) -> list[_Array | None]:
+def _analytic_gradients(
+    backward: Backward, dy: _Array, inputs: Sequence[_Array]
+) -> list[_Array | None]:
     grads = backward(dy, *inputs)
     if not isinstance(grads, (tuple, list)):
         grads = (grads,)
@@ -214,14 +236,16 @@ def _analytic_gradients(backward: Backward, dy: _Array,
             continue
         grad = np.array(g, dtype=np.float64)
         if grad.shape != a.shape:
-            raise ValueError(f"backward's gradient {i} has shape {grad.shape}, "
-                             f"but input {i} has shape {a.shape}")
+            raise ValueError(
+                f"backward's gradient {i} has shape {grad.shape}, but input {i} has shape {a.shape}"
+            )
         result.append(grad)
     return result
 
 
-def _directional(f: Forward, inputs: Sequence[_Array], dy: _Array, which: int,
-                 direction: _Array, eps: float) -> float:
+def _directional(
+    f: Forward, inputs: Sequence[_Array], dy: _Array, which: int, direction: _Array, eps: float
+) -> float:
     """Central difference of <f, dy> along `direction` in input `which`."""
     base = inputs[which]
     moved = list(inputs)
@@ -237,10 +261,19 @@ def _unravel(shape: tuple[int, ...]) -> Callable[[int], tuple[int, ...]]:
     return lambda flat: tuple(int(i) for i in np.unravel_index(flat, shape))
 
 
-def gradcheck(forward: Forward, backward: Backward, inputs: Sequence[npt.ArrayLike], *,
-              eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1e-3, mode: str = "full",
-              seed: int = 0, directions: int = 3,
-              names: Sequence[str] | None = None) -> GradcheckReport:
+def gradcheck(
+    forward: Forward,
+    backward: Backward,
+    inputs: Sequence[npt.ArrayLike],
+    *,
+    eps: float = 1e-6,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    mode: str = "full",
+    seed: int = 0,
+    directions: int = 3,
+    names: Sequence[str] | None = None,
+) -> GradcheckReport:
     """Compare backward's gradients with central finite differences of forward.
 
     forward(*inputs) returns an array y; backward(dy, *inputs) returns one
@@ -273,8 +306,9 @@ def gradcheck(forward: Forward, backward: Backward, inputs: Sequence[npt.ArrayLi
     if mode == "full":
         numerical = numerical_vjp(forward, arrays, dy, eps=eps)
         results = [
-            InputResult(name, a.shape, False) if g is None else
-            _compare(name, g, n, atol, rtol, _unravel(a.shape))
+            InputResult(name, a.shape, False)
+            if g is None
+            else _compare(name, g, n, atol, rtol, _unravel(a.shape))
             for name, a, g, n in zip(labels, arrays, analytic, numerical)
         ]
     else:
@@ -295,12 +329,17 @@ def gradcheck(forward: Forward, backward: Backward, inputs: Sequence[npt.ArrayLi
         passed=all(r.passed for r in checked),
         max_abs_error=max((r.max_abs_error for r in checked), default=0.0),
         max_rel_error=max((r.rel_error for r in checked), default=0.0),
-        inputs=results, mode=mode, eps=eps, atol=atol, rtol=rtol,
+        inputs=results,
+        mode=mode,
+        eps=eps,
+        atol=atol,
+        rtol=rtol,
     )
 
 
-def assert_gradients(forward: Forward, backward: Backward, inputs: Sequence[npt.ArrayLike],
-                     **options: Any) -> GradcheckReport:
+def assert_gradients(
+    forward: Forward, backward: Backward, inputs: Sequence[npt.ArrayLike], **options: Any
+) -> GradcheckReport:
     """gradcheck(...), raising GradcheckError with the report's table on failure.
 
     Returns the report when the gradients agree.
@@ -315,8 +354,11 @@ def _snapshot(layer: Any) -> tuple[str, dict[str, Any]]:
     """What check_layer must put back: the state dict, or gamma and beta."""
     if hasattr(layer, "state_dict") and hasattr(layer, "load_state_dict"):
         return ("state_dict", layer.state_dict())
-    params = {k: np.array(getattr(layer, k)) for k in ("gamma", "beta")
-              if getattr(layer, k, None) is not None}
+    params = {
+        k: np.array(getattr(layer, k))
+        for k in ("gamma", "beta")
+        if getattr(layer, k, None) is not None
+    }
     return ("params", params)
 
 
@@ -362,7 +404,7 @@ def check_layer(layer: Any, x: npt.ArrayLike, **options: Any) -> GradcheckReport
         return (dx, layer.grad_gamma, layer.grad_beta) if has_params else (dx,)
 
     inputs = [x] + ([layer.gamma, layer.beta] if has_params else [])
-    names = ["x", "gamma", "beta"][:len(inputs)]
+    names = ["x", "gamma", "beta"][: len(inputs)]
     try:
         return gradcheck(forward, backward, inputs, names=names, **options)
     finally:

@@ -26,6 +26,7 @@ mini-batches; :func:`preactivations`, :func:`batch_std` and
 :func:`recalibrate` gives every BatchNorm of a trained model the exact
 statistics of a data set.
 """
+
 import copy
 import itertools
 from collections.abc import Callable, Iterable
@@ -94,8 +95,9 @@ def _positive_int(name: str, value: Any, least: int = 1) -> int:
     return int(value)
 
 
-def _normal_weights(shape: tuple[int, ...], fan_in: int, weight_scale: float,
-                    dtype: np.dtype[Any], rng: Any) -> Array:
+def _normal_weights(
+    shape: tuple[int, ...], fan_in: int, weight_scale: float, dtype: np.dtype[Any], rng: Any
+) -> Array:
     """Weights drawn from N(0, weight_scale**2 / fan_in), in dtype."""
     if not (np.isfinite(weight_scale) and weight_scale >= 0):
         raise ValueError(f"weight_scale must be a finite number >= 0, got {weight_scale!r}")
@@ -137,8 +139,9 @@ class Layer:
             raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
         grad = _as_float_array(dy)
         if grad.shape != saved.shape:
-            raise ValueError(f"dy has shape {grad.shape}, but the last forward's "
-                             f"output has shape {saved.shape}")
+            raise ValueError(
+                f"dy has shape {grad.shape}, but the last forward's output has shape {saved.shape}"
+            )
         return saved, grad
 
     def __repr__(self) -> str:
@@ -184,14 +187,22 @@ class Linear(_Weighted):
     None until a backward, then hold the gradients of the last backward.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
-                 weight_scale: float = 1.0, dtype: npt.DTypeLike = np.float32,
-                 rng: Any = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        weight_scale: float = 1.0,
+        dtype: npt.DTypeLike = np.float32,
+        rng: Any = None,
+    ) -> None:
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         self.dtype = _float_dtype(dtype)
-        self.weight = _normal_weights((out_features, in_features), in_features, weight_scale,
-                                      self.dtype, rng)
+        self.weight = _normal_weights(
+            (out_features, in_features), in_features, weight_scale, self.dtype, rng
+        )
         self.bias = np.zeros(out_features, self.dtype) if bias else None
         self.grad_weight = None
         self.grad_bias = None
@@ -200,8 +211,10 @@ class Linear(_Weighted):
     def forward(self, x: npt.ArrayLike) -> Array:
         inputs = np.asarray(_as_float_array(x), dtype=self.dtype)
         if inputs.ndim < 1 or inputs.shape[-1] != self.in_features:
-            raise ValueError(f"expected {self.in_features} features on the last axis, "
-                             f"got input of shape {inputs.shape}")
+            raise ValueError(
+                f"expected {self.in_features} features on the last axis, "
+                f"got input of shape {inputs.shape}"
+            )
         y: Array = inputs @ self.weight.T
         if self.bias is not None:
             y += self.bias
@@ -222,8 +235,10 @@ class Linear(_Weighted):
         return grad @ self.weight
 
     def __repr__(self) -> str:
-        return (f"Linear({self.in_features}, {self.out_features}, "
-                f"bias={self.bias is not None}, dtype='{self.dtype}')")
+        return (
+            f"Linear({self.in_features}, {self.out_features}, "
+            f"bias={self.bias is not None}, dtype='{self.dtype}')"
+        )
 
 
 class ReLU(Layer):
@@ -276,12 +291,15 @@ ACTIVATIONS: dict[str, type[Layer]] = {"relu": ReLU, "tanh": Tanh, "sigmoid": Si
 
 # ---- images: (N, C, H, W) ----------------------------------------------------
 
+
 def _image_input(layer: Layer, x: npt.ArrayLike, channels: int) -> Array:
     """x as an (N, C, H, W) float array with C == channels; ValueError otherwise."""
     images = _as_float_array(x)
     if images.ndim != 4 or images.shape[1] != channels:
-        raise ValueError(f"{type(layer).__name__} expected input of shape (N, {channels}, H, W), "
-                         f"got {images.shape}")
+        raise ValueError(
+            f"{type(layer).__name__} expected input of shape (N, {channels}, H, W), "
+            f"got {images.shape}"
+        )
     return images
 
 
@@ -289,8 +307,10 @@ def _output_size(layer: Layer, size: int, kernel_size: int, stride: int, padding
     """Windows that fit along one side of `size` values (after padding); ValueError if none."""
     out = (size + 2 * padding - kernel_size) // stride + 1
     if out < 1:
-        raise ValueError(f"{type(layer).__name__}: a kernel of {kernel_size} with padding "
-                         f"{padding} does not fit an image side of {size}")
+        raise ValueError(
+            f"{type(layer).__name__}: a kernel of {kernel_size} with padding "
+            f"{padding} does not fit an image side of {size}"
+        )
     return out
 
 
@@ -314,8 +334,9 @@ def _sum_windows(pieces: Array, shape: tuple[int, ...], stride: int) -> Array:
     total = np.zeros(shape, dtype=pieces.dtype)
     for i in range(k):
         for j in range(k):
-            total[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += \
-                pieces[:, :, :, :, i, j]
+            total[:, :, i : i + stride * out_h : stride, j : j + stride * out_w : stride] += pieces[
+                :, :, :, :, i, j
+            ]
     return total
 
 
@@ -331,10 +352,19 @@ class Conv2d(_Weighted):
     or a numpy Generator; inputs are converted to the layer's dtype.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
-                 stride: int = 1, padding: int = 0, bias: bool = True,
-                 weight_scale: float = 1.0, dtype: npt.DTypeLike = np.float32,
-                 rng: Any = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        weight_scale: float = 1.0,
+        dtype: npt.DTypeLike = np.float32,
+        rng: Any = None,
+    ) -> None:
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.kernel_size = _positive_int("kernel_size", kernel_size)
@@ -342,8 +372,13 @@ class Conv2d(_Weighted):
         self.padding = _positive_int("padding", padding, least=0)
         self.dtype = _float_dtype(dtype)
         fan_in = in_channels * kernel_size * kernel_size
-        self.weight = _normal_weights((out_channels, in_channels, kernel_size, kernel_size),
-                                      fan_in, weight_scale, self.dtype, rng)
+        self.weight = _normal_weights(
+            (out_channels, in_channels, kernel_size, kernel_size),
+            fan_in,
+            weight_scale,
+            self.dtype,
+            rng,
+        )
         self.bias = np.zeros(out_channels, self.dtype) if bias else None
         self.grad_weight = None
         self.grad_bias = None
@@ -383,12 +418,14 @@ class Conv2d(_Weighted):
         pieces = drows.reshape(n, out_h, out_w, self.in_channels, k, k).transpose(0, 3, 1, 2, 4, 5)
         dpadded = _sum_windows(pieces, padded_shape, self.stride)
         h, w = padded_shape[2] - 2 * p, padded_shape[3] - 2 * p
-        return dpadded[:, :, p:p + h, p:p + w]
+        return dpadded[:, :, p : p + h, p : p + w]
 
     def __repr__(self) -> str:
-        return (f"Conv2d({self.in_channels}, {self.out_channels}, {self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
-                f"dtype='{self.dtype}')")
+        return (
+            f"Conv2d({self.in_channels}, {self.out_channels}, {self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"dtype='{self.dtype}')"
+        )
 
 
 class MaxPool2d(Layer):
@@ -410,8 +447,9 @@ class MaxPool2d(Layer):
             raise ValueError(f"MaxPool2d expected input of shape (N, C, H, W), got {images.shape}")
         k, s = self.kernel_size, self.stride
         out_h, out_w = (_output_size(self, side, k, s, 0) for side in images.shape[2:])
-        windows = _windows(images, k, s, out_h, out_w).reshape(*images.shape[:2], out_h, out_w,
-                                                               k * k)
+        windows = _windows(images, k, s, out_h, out_w).reshape(
+            *images.shape[:2], out_h, out_w, k * k
+        )
         argmax = windows.argmax(axis=-1)
         self._argmax, self._x_shape = argmax, images.shape
         return np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
@@ -473,11 +511,13 @@ class Sequential(Layer):
 
     def __init__(self, *layers: Any) -> None:
         for i, layer in enumerate(layers):
-            missing = [m for m in ("forward", "backward", "train", "eval")
-                       if not callable(getattr(layer, m, None))]
+            missing = [
+                m
+                for m in ("forward", "backward", "train", "eval")
+                if not callable(getattr(layer, m, None))
+            ]
             if missing:
-                raise TypeError(f"layer {i} ({type(layer).__name__}) has no "
-                                f"{', '.join(missing)}")
+                raise TypeError(f"layer {i} ({type(layer).__name__}) has no {', '.join(missing)}")
         self.layers: list[Any] = list(layers)  # bnpy.nn layers, BatchNorms or look-alikes
         self.outputs: list[Array] = []
         self.grads: list[Array] = []
@@ -575,11 +615,13 @@ def softmax_cross_entropy(logits: npt.ArrayLike, labels: npt.ArrayLike) -> tuple
         raise ValueError(f"logits must have shape (N, K), got {logits.shape}")
     n, k = logits.shape
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be {n} integers, got shape {labels.shape} "
-                         f"and dtype {labels.dtype}")
+        raise ValueError(
+            f"labels must be {n} integers, got shape {labels.shape} and dtype {labels.dtype}"
+        )
     if n and (labels.min() < 0 or labels.max() >= k):
-        raise ValueError(f"labels must lie in [0, {k}), got values from "
-                         f"{labels.min()} to {labels.max()}")
+        raise ValueError(
+            f"labels must lie in [0, {k}), got values from {labels.min()} to {labels.max()}"
+        )
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     rows = np.arange(n)
@@ -594,10 +636,19 @@ def accuracy(logits: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
 
 
-def mlp(in_features: int, out_features: int, *, width: int = 64, depth: int = 20,
-        activation: str | Callable[[], Any] = "sigmoid", batch_norm: bool = False,
-        placement: str = "before", weight_scale: float = 1.0,
-        dtype: npt.DTypeLike = np.float32, rng: Any = None) -> Sequential:
+def mlp(
+    in_features: int,
+    out_features: int,
+    *,
+    width: int = 64,
+    depth: int = 20,
+    activation: str | Callable[[], Any] = "sigmoid",
+    batch_norm: bool = False,
+    placement: str = "before",
+    weight_scale: float = 1.0,
+    dtype: npt.DTypeLike = np.float32,
+    rng: Any = None,
+) -> Sequential:
     """A deep fully connected network of `depth` Linear layers.
 
     Every hidden block is Linear -> [BatchNorm] -> activation with
@@ -610,35 +661,56 @@ def mlp(in_features: int, out_features: int, *, width: int = 64, depth: int = 20
     weight, in the same order whatever the placement and batch_norm.
     """
     depth = _positive_int("depth", depth)
-    make_activation = ACTIVATIONS.get(activation, activation) if isinstance(activation, str) \
-        else activation
+    make_activation = (
+        ACTIVATIONS.get(activation, activation) if isinstance(activation, str) else activation
+    )
     if not callable(make_activation):
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, "
-                         f"got {activation!r}")
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}"
+        )
     if placement not in ("before", "after"):
-        raise ValueError(f'placement must be "before" or "after" (the activation), '
-                         f"got {placement!r}")
+        raise ValueError(
+            f'placement must be "before" or "after" (the activation), got {placement!r}'
+        )
     rng = np.random.default_rng(rng)
     sizes = [in_features] + [width] * (depth - 1) + [out_features]
     bias_is_redundant = batch_norm and placement == "before"
     layers: list[Any] = []
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         last = i == depth - 1
-        layers.append(Linear(n_in, n_out, bias=last or not bias_is_redundant,
-                             weight_scale=weight_scale, dtype=dtype, rng=rng))
+        layers.append(
+            Linear(
+                n_in,
+                n_out,
+                bias=last or not bias_is_redundant,
+                weight_scale=weight_scale,
+                dtype=dtype,
+                rng=rng,
+            )
+        )
         if last:
             break
         block = [make_activation()]
         if batch_norm:
-            block.insert(0 if placement == "before" else 1,
-                         BatchNorm(n_out, dtype=_float_dtype(dtype)))
+            block.insert(
+                0 if placement == "before" else 1, BatchNorm(n_out, dtype=_float_dtype(dtype))
+            )
         layers += block
     return Sequential(*layers)
 
 
-def fit(model: Sequential, x: npt.ArrayLike, labels: npt.ArrayLike, *, lr: float, steps: int,
-        batch_size: int = 64, momentum: float = 0.0, rng: Any = None,
-        on_step: Callable[[], object] | None = None) -> npt.NDArray[np.float64]:
+def fit(
+    model: Sequential,
+    x: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    lr: float,
+    steps: int,
+    batch_size: int = 64,
+    momentum: float = 0.0,
+    rng: Any = None,
+    on_step: Callable[[], object] | None = None,
+) -> npt.NDArray[np.float64]:
     """Train model with SGD on random mini-batches; return the loss of every step.
 
     Each step draws batch_size rows without replacement, runs forward,
@@ -671,6 +743,7 @@ def fit(model: Sequential, x: npt.ArrayLike, labels: npt.ArrayLike, *, lr: float
 
 # ---- what the notebooks measure ---------------------------------------------
 
+
 def linear_layers(model: Sequential) -> list[Linear]:
     """The Linear layers of a Sequential, first to last."""
     return [layer for layer in model.layers if isinstance(layer, Linear)]
@@ -684,8 +757,11 @@ def preactivations(model: Sequential) -> list[Array]:
     """
     if len(model.outputs) != len(model.layers):
         raise RuntimeError("preactivations needs a forward through the model first")
-    return [model.outputs[i - 1] for i, layer in enumerate(model.layers)
-            if i > 0 and isinstance(layer, (ReLU, Tanh, Sigmoid))]
+    return [
+        model.outputs[i - 1]
+        for i, layer in enumerate(model.layers)
+        if i > 0 and isinstance(layer, (ReLU, Tanh, Sigmoid))
+    ]
 
 
 def batch_std(values: npt.ArrayLike, axis: int = 0) -> float:
@@ -763,8 +839,10 @@ def fold_model(model: Sequential) -> Sequential:
     (fold_batch_norm) and the BatchNorm is gone; nested Sequentials too. The
     copy's predictions are the model's in eval mode, one pass fewer per fold.
     `model` is left as it was."""
-    layers = [fold_model(layer) if isinstance(layer, Sequential) else copy.deepcopy(layer)
-              for layer in model.layers]
+    layers = [
+        fold_model(layer) if isinstance(layer, Sequential) else copy.deepcopy(layer)
+        for layer in model.layers
+    ]
     kept: list[Any] = []
     for layer in layers:
         layer.eval()

@@ -20,6 +20,7 @@ No new kernel: y = gamma * (x - m) * s + beta is BatchNorm's normalization
 with the corrected moments s = r / sigma_B and m = mu_B - d / s, computed in
 double; backward is BatchNorm's with gradient sums rewritten for r and d.
 """
+
 import math
 import numbers
 from typing import Any
@@ -44,6 +45,7 @@ def _bound(name: str, value: object, least: float) -> float:
 
 def _bounded(name: str, least: float, doc: str) -> Any:
     """A settable attribute kept in self._<name>, checked by _bound."""
+
     def get(self: object) -> float:
         value: float = getattr(self, "_" + name)
         return value
@@ -54,9 +56,14 @@ def _bounded(name: str, least: float, doc: str) -> Any:
     return property(get, set, doc=doc)
 
 
-def _corrections(stats: npt.NDArray[Any], shift: npt.NDArray[np.float64],
-                 running_var: npt.NDArray[np.float64], rmax: float, dmax: float,
-                 eps: float) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
+def _corrections(
+    stats: npt.NDArray[Any],
+    shift: npt.NDArray[np.float64],
+    running_var: npt.NDArray[np.float64],
+    rmax: float,
+    dmax: float,
+    eps: float,
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
     """r, d (C,) and the (2, C) moments that normalize with them, in float64.
 
     stats: (C, 3) count, mean - shift, m2 of the batch; shift: the running mean.
@@ -80,21 +87,33 @@ class BatchRenorm(BatchNorm):
     is BatchNorm's; the running statistics are always tracked.
     """
 
-    def __init__(self, num_features: int, rmax: float = 3.0, dmax: float = 5.0,
-                 eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 axis: int = 1, dtype: Any = np.float32, *, training: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        axis: int = 1,
+        dtype: Any = np.float32,
+        *,
+        training: bool = True,
+    ) -> None:
         r_bound = _bound("rmax", rmax, 1.0)
         d_bound = _bound("dmax", dmax, 0.0)
-        super().__init__(num_features, eps, momentum, affine, True, axis, dtype,
-                         training=training)
+        super().__init__(num_features, eps, momentum, affine, True, axis, dtype, training=training)
         self._rmax, self._dmax = r_bound, d_bound
-        self._rd: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = None  # (r, d) of the last forward when it renormalized
+        self._rd: tuple[npt.NDArray[Any], npt.NDArray[Any]] | None = (
+            None  # (r, d) of the last forward when it renormalized
+        )
 
     rmax = _bounded("rmax", 1.0, "The bound of r: 1/rmax <= r <= rmax (>= 1; 1 makes r = 1).")
     dmax = _bounded("dmax", 0.0, "The bound of d: |d| <= dmax (>= 0; 0 makes d = 0).")
 
-    def forward(self, x: npt.ArrayLike, *,
-                out: npt.NDArray[np.floating[Any]] | None = None) -> npt.NDArray[np.floating[Any]]:
+    def forward(
+        self, x: npt.ArrayLike, *, out: npt.NDArray[np.floating[Any]] | None = None
+    ) -> npt.NDArray[np.floating[Any]]:
         """y for x: renormalized in training mode, BatchNorm's in eval mode."""
         if not self.training:
             y = super().forward(x, out=out)
@@ -107,14 +126,21 @@ class BatchRenorm(BatchNorm):
             self._rd = None
             return y
         with np.errstate(invalid="ignore", divide="ignore"):  # non-finite x: raised below
-            r, d, moments = _corrections(stats, shift, np.array(self.running_var, np.float64),
-                                         self._rmax, self._dmax, self.eps)
+            r, d, moments = _corrections(
+                stats,
+                shift,
+                np.array(self.running_var, np.float64),
+                self._rmax,
+                self._dmax,
+                self.eps,
+            )
         y = self._forward_from_stats(x, stats, shift=shift, moments=moments, out=out)
         self._rd = (r, d)
         return y
 
-    def backward(self, dy: npt.ArrayLike, *,
-                 out: npt.NDArray[np.floating[Any]] | None = None) -> npt.NDArray[np.floating[Any]]:
+    def backward(
+        self, dy: npt.ArrayLike, *, out: npt.NDArray[np.floating[Any]] | None = None
+    ) -> npt.NDArray[np.floating[Any]]:
         """dx for the last forward, with r and d held constant; sets grad_gamma, grad_beta."""
         if self._rd is None:
             return super().backward(dy, out=out)
@@ -129,10 +155,12 @@ class BatchRenorm(BatchNorm):
 
     def __repr__(self) -> str:
         momentum = self.momentum
-        return (f"{type(self).__name__}({self.num_features}, rmax={self._rmax!r}, "
-                f"dmax={self._dmax!r}, eps={self.eps!r}, momentum={momentum!r}, "
-                f"affine={self.affine}, axis={self.axis}, dtype='{self.dtype.name}', "
-                f"training={self.training})")
+        return (
+            f"{type(self).__name__}({self.num_features}, rmax={self._rmax!r}, "
+            f"dmax={self._dmax!r}, eps={self.eps!r}, momentum={momentum!r}, "
+            f"affine={self.affine}, axis={self.axis}, dtype='{self.dtype.name}', "
+            f"training={self.training})"
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickles the configuration, state and mode, not the last forward's input."""
@@ -140,8 +168,15 @@ class BatchRenorm(BatchNorm):
         assert isinstance(reduced, tuple)  # BatchNorm's: (constructor, args, state)
         _, args, state = reduced
         num_features, eps, momentum, affine, _, axis, dtype = args
-        config = dict(rmax=self._rmax, dmax=self._dmax, eps=eps, momentum=momentum,
-                      affine=affine, axis=axis, dtype=dtype)
+        config = dict(
+            rmax=self._rmax,
+            dmax=self._dmax,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            axis=axis,
+            dtype=dtype,
+        )
         state = dict(state)
         state["__dict__"] = {k: v for k, v in state.get("__dict__", {}).items() if k != "_rd"}
         return (_rebuild, (type(self), num_features, config), state)

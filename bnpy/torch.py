@@ -16,6 +16,7 @@ run torch's own batch norm. Differences from torch's forward: a training batch
 with one value per channel raises before `num_batches_tracked` counts it, and
 the backward is not differentiable again (no double backward).
 """
+
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,9 +41,15 @@ def _array(tensor: torch.Tensor | None) -> Any:
     return None if tensor is None else tensor.detach().numpy()
 
 
-def _update_running(running_mean: torch.Tensor, running_var: torch.Tensor,
-                    mean: npt.NDArray[Any], invstd: npt.NDArray[Any], eps: float, count: int,
-                    momentum: float) -> None:
+def _update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: npt.NDArray[Any],
+    invstd: npt.NDArray[Any],
+    eps: float,
+    count: int,
+    momentum: float,
+) -> None:
     """running <- (1 - momentum) * running + momentum * batch, in place, with
     the unbiased batch variance; mean and invstd (C,) as bnpy returns them."""
     biased = np.maximum(1.0 / np.square(invstd.astype(np.float64)) - eps, 0.0)
@@ -56,10 +63,17 @@ class _BatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x) by bnpy; the gradients of x, weight and bias."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, running_mean: torch.Tensor | None,
-                running_var: torch.Tensor | None, batch_stats: bool, momentum: float | None,
-                eps: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        batch_stats: bool,
+        momentum: float | None,
+        eps: float,
+    ) -> torch.Tensor:
         # momentum: the factor for the running statistics, None: do not update them
         x_np, weight_np = _array(x), _array(weight)
         if batch_stats:
@@ -69,8 +83,9 @@ class _BatchNormFunction(torch.autograd.Function):
                 count = x_np.size // x_np.shape[1]
                 _update_running(running_mean, running_var, mean, invstd, eps, count, momentum)
         else:
-            y = bnpy.batch_norm_inference(x_np, weight_np, _array(bias), _array(running_mean),
-                                          _array(running_var), eps=eps)
+            y = bnpy.batch_norm_inference(
+                x_np, weight_np, _array(bias), _array(running_mean), _array(running_var), eps=eps
+            )
             mean = _array(running_mean).astype(np.float64)
             invstd = 1.0 / np.sqrt(_array(running_var).astype(np.float64) + eps)
         ctx.save_for_backward(x, weight)
@@ -82,11 +97,13 @@ class _BatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         mean, invstd = ctx.moments
-        dx, dweight, dbias = bnpy.batch_norm_backward(_array(dy), _array(x), _array(weight),
-                                                      mean, invstd, training=ctx.batch_stats)
+        dx, dweight, dbias = bnpy.batch_norm_backward(
+            _array(dy), _array(x), _array(weight), mean, invstd, training=ctx.batch_stats
+        )
         grads: list[torch.Tensor | None] = [torch.from_numpy(dx)]
-        grads += [None, None] if weight is None else [torch.from_numpy(dweight),
-                                                      torch.from_numpy(dbias)]
+        grads += (
+            [None, None] if weight is None else [torch.from_numpy(dweight), torch.from_numpy(dbias)]
+        )
         return (*grads, None, None, None, None, None)
 
 
@@ -100,8 +117,10 @@ class _BnpyForward(_ModuleBase):
         batch_stats = self.training or self.running_mean is None
         updates = self.training and self.running_mean is not None
         if batch_stats and x.numel() == x.shape[1]:
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"input size {tuple(x.shape)}")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got "
+                f"input size {tuple(x.shape)}"
+            )
         momentum = None
         if updates:
             momentum = self.momentum
@@ -110,8 +129,15 @@ class _BnpyForward(_ModuleBase):
                 if momentum is None:  # a cumulative average
                     momentum = 1.0 / float(self.num_batches_tracked)
         y: torch.Tensor = _BatchNormFunction.apply(  # type: ignore[no-untyped-call]
-            x, self.weight, self.bias, self.running_mean, self.running_var, batch_stats,
-            momentum, self.eps)
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            batch_stats,
+            momentum,
+            self.eps,
+        )
         return y
 
 
@@ -127,8 +153,11 @@ class BatchNorm3d(_BnpyForward, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d computed by bnpy: (N, C, D, H, W) input."""
 
 
-_REPLACEMENTS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
-                 torch.nn.BatchNorm3d: BatchNorm3d}
+_REPLACEMENTS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
 
 
 def _replacement(module: torch.nn.Module) -> torch.nn.Module | None:
@@ -138,9 +167,14 @@ def _replacement(module: torch.nn.Module) -> torch.nn.Module | None:
     cls = _REPLACEMENTS.get(type(module))
     if cls is None:
         return None
-    new = cls(module.num_features, eps=module.eps, momentum=module.momentum,
-              affine=module.affine, track_running_stats=module.track_running_stats,
-              device="meta")
+    new = cls(
+        module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        device="meta",
+    )
     for name, param in module.named_parameters(recurse=False):
         setattr(new, name, param)
     for name, buffer in module.named_buffers(recurse=False):

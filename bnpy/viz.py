@@ -15,6 +15,7 @@ Curves are given as a dict {legend label: values}, so that one picture
 compares several networks or settings. :func:`interactive` puts ipywidgets
 controls over any drawing function.
 """
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -68,11 +69,17 @@ def _common_range(values: Sequence[npt.ArrayLike], clip: float) -> tuple[float, 
     return float(low), float(high)
 
 
-def activation_histograms(values: "nn.Sequential | Sequence[npt.ArrayLike]", *,
-                          ax: Axes | None = None, bins: int = 60,
-                          value_range: tuple[float, float] | None = None, clip: float = 0.5,
-                          title: str = "Pre-activations by layer", color: str = "C0",
-                          label: str | None = None) -> Axes:
+def activation_histograms(
+    values: "nn.Sequential | Sequence[npt.ArrayLike]",
+    *,
+    ax: Axes | None = None,
+    bins: int = 60,
+    value_range: tuple[float, float] | None = None,
+    clip: float = 0.5,
+    title: str = "Pre-activations by layer",
+    color: str = "C0",
+    label: str | None = None,
+) -> Axes:
     """A ridgeline of histograms: one row per layer, the first layer at the top.
 
     values is a list of arrays (one per layer) or a Sequential after a
@@ -89,12 +96,25 @@ def activation_histograms(values: "nn.Sequential | Sequence[npt.ArrayLike]", *,
         counts, edges = np.histogram(v, bins=bins, range=(low, high))
         heights = 0.9 * counts / max(counts.max(), 1)
         base = -row
-        ax.fill_between(edges[:-1], base, base + heights, step="post", color=color,
-                        alpha=0.6, linewidth=0, label=label if row == 0 else None)
+        ax.fill_between(
+            edges[:-1],
+            base,
+            base + heights,
+            step="post",
+            color=color,
+            alpha=0.6,
+            linewidth=0,
+            label=label if row == 0 else None,
+        )
         mean = v.mean()
         if low <= mean <= high:
-            ax.plot([mean, mean], [base, base + 0.9], color="k", linewidth=1,
-                    label="mean" if row == 0 else None)
+            ax.plot(
+                [mean, mean],
+                [base, base + 0.9],
+                color="k",
+                linewidth=1,
+                label="mean" if row == 0 else None,
+            )
     step = max(1, len(layers) // 10)
     rows = list(range(0, len(layers), step))
     ax.set_yticks([-r for r in rows], [str(r + 1) for r in rows])
@@ -102,8 +122,9 @@ def activation_histograms(values: "nn.Sequential | Sequence[npt.ArrayLike]", *,
     return _finish(ax, title, "value", "layer (first at the top)")
 
 
-def _by_depth(curves: Mapping[str, npt.ArrayLike], ax: Axes | None, title: str, ylabel: str,
-              log: bool) -> Axes:
+def _by_depth(
+    curves: Mapping[str, npt.ArrayLike], ax: Axes | None, title: str, ylabel: str, log: bool
+) -> Axes:
     ax = _axes(ax)
     for label, measured in curves.items():
         values = np.asarray(measured, dtype=np.float64)
@@ -114,27 +135,43 @@ def _by_depth(curves: Mapping[str, npt.ArrayLike], ax: Axes | None, title: str, 
     return _finish(ax, title, "layer (input side = 1)", ylabel)
 
 
-def activation_stds(models: Models, *, ax: Axes | None = None,
-                    title: str = "Pre-activation spread by layer", log: bool = True) -> Axes:
+def activation_stds(
+    models: Models,
+    *,
+    ax: Axes | None = None,
+    title: str = "Pre-activation spread by layer",
+    log: bool = True,
+) -> Axes:
     """Each layer's pre-activation std over the batch (nn.batch_std), by depth.
 
     models maps a legend label to a Sequential after a forward, or to a
     sequence of per-layer values already measured.
     """
-    curves = {label: [nn.batch_std(v) for v in nn.preactivations(m)]
-              if isinstance(m, nn.Sequential) else m for label, m in models.items()}
+    curves = {
+        label: [nn.batch_std(v) for v in nn.preactivations(m)]
+        if isinstance(m, nn.Sequential)
+        else m
+        for label, m in models.items()
+    }
     return _by_depth(curves, ax, title, "std over the batch (mean over units)", log)
 
 
-def gradient_norms(models: Models, *, ax: Axes | None = None,
-                   title: str = "Weight-gradient norm by layer", log: bool = True) -> Axes:
+def gradient_norms(
+    models: Models,
+    *,
+    ax: Axes | None = None,
+    title: str = "Weight-gradient norm by layer",
+    log: bool = True,
+) -> Axes:
     """The norm of each Linear layer's weight gradient, by depth.
 
     models maps a legend label to a Sequential after a backward
     (nn.weight_gradient_norms), or to a sequence of norms already measured.
     """
-    curves = {label: nn.weight_gradient_norms(m) if isinstance(m, nn.Sequential) else m
-              for label, m in models.items()}
+    curves = {
+        label: nn.weight_gradient_norms(m) if isinstance(m, nn.Sequential) else m
+        for label, m in models.items()
+    }
     return _by_depth(curves, ax, title, "‖dL/dW‖ (Frobenius)", log)
 
 
@@ -150,9 +187,15 @@ def _moving_average(steps: npt.ArrayLike, window: int) -> npt.NDArray[np.float64
     return averages
 
 
-def loss_curves(curves: Mapping[str, npt.ArrayLike], *, ax: Axes | None = None, smooth: int = 1,
-                log: bool = False, title: str = "Training loss",
-                ylabel: str = "cross-entropy loss") -> Axes:
+def loss_curves(
+    curves: Mapping[str, npt.ArrayLike],
+    *,
+    ax: Axes | None = None,
+    smooth: int = 1,
+    log: bool = False,
+    title: str = "Training loss",
+    ylabel: str = "cross-entropy loss",
+) -> Axes:
     """Loss (or any per-step value) against the step, one line per entry.
 
     smooth > 1 draws the moving average over that many steps. NaN entries
@@ -177,9 +220,15 @@ def _plain_log_y(ax: Axes) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def running_stats(histories: Mapping[str, npt.ArrayLike], *, target: float | None = None,
-                  ax: Axes | None = None, title: str = "Running statistic over steps",
-                  ylabel: str = "running mean", target_label: str = "true value") -> Axes:
+def running_stats(
+    histories: Mapping[str, npt.ArrayLike],
+    *,
+    target: float | None = None,
+    ax: Axes | None = None,
+    title: str = "Running statistic over steps",
+    ylabel: str = "running mean",
+    target_label: str = "true value",
+) -> Axes:
     """A running statistic recorded at every step, one line per setting.
 
     histories maps a legend label to the values recorded after each step
@@ -195,9 +244,15 @@ def running_stats(histories: Mapping[str, npt.ArrayLike], *, target: float | Non
     return _finish(ax, title, "step", ylabel)
 
 
-def decision_regions(model: Any, x: npt.ArrayLike, labels: npt.ArrayLike, *,
-                     ax: Axes | None = None, resolution: int = 200,
-                     title: str = "Decision regions") -> Axes:
+def decision_regions(
+    model: Any,
+    x: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    ax: Axes | None = None,
+    resolution: int = 200,
+    title: str = "Decision regions",
+) -> Axes:
     """The class a 2-D classifier predicts over the plane, with the data on top.
 
     The model runs in eval mode (running statistics, no state changes) and
@@ -217,8 +272,14 @@ def decision_regions(model: Any, x: npt.ArrayLike, labels: npt.ArrayLike, *,
         model.train(was_training)
     n_classes = int(max(classes.max(), predicted.max())) + 1
     colors = [f"C{k}" for k in range(n_classes)]
-    ax.contourf(gx, gy, predicted.reshape(gx.shape), levels=np.arange(n_classes + 1) - 0.5,
-                colors=colors, alpha=0.25)
+    ax.contourf(
+        gx,
+        gy,
+        predicted.reshape(gx.shape),
+        levels=np.arange(n_classes + 1) - 0.5,
+        colors=colors,
+        alpha=0.25,
+    )
     for k in range(n_classes):
         members = points[classes == k]
         ax.scatter(members[:, 0], members[:, 1], s=8, color=colors[k], label=f"class {k}")
@@ -243,8 +304,10 @@ def interactive(draw: Callable[..., Figure], **controls: Any) -> Any:
 
     for name, control in controls.items():
         if not isinstance(control, ipywidgets.ValueWidget):
-            raise TypeError(f"control {name!r} must be an ipywidgets widget with a value, "
-                            f"got {type(control).__name__}")
+            raise TypeError(
+                f"control {name!r} must be an ipywidgets widget with a value, "
+                f"got {type(control).__name__}"
+            )
     output = ipywidgets.Output()
 
     def show(_change: object = None) -> None:
@@ -260,6 +323,11 @@ def interactive(draw: Callable[..., Figure], **controls: Any) -> Any:
     for control in controls.values():
         control.observe(redraw, names="value")
     show()
-    return ipywidgets.VBox([ipywidgets.HBox(list(controls.values()),
-                                            layout=ipywidgets.Layout(flex_flow="row wrap")),
-                            output])
+    return ipywidgets.VBox(
+        [
+            ipywidgets.HBox(
+                list(controls.values()), layout=ipywidgets.Layout(flex_flow="row wrap")
+            ),
+            output,
+        ]
+    )

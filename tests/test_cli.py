@@ -1,6 +1,7 @@
 """python -m bnpy's command line (issue 27): --version, argparse for every command
 (--help prints help and runs nothing, an unknown flag exits 2 naming it), and a
 progress counter that shows only on a terminal."""
+
 import io
 import subprocess
 import sys
@@ -14,8 +15,9 @@ from bnpy.data import spirals
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "bnpy", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bnpy", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_version_prints_the_package_version():
@@ -88,6 +90,14 @@ def test_fit_calls_on_step_after_every_step():
     x, labels = spirals(10, rng=0)
     model = nn.mlp(2, 3, width=8, depth=2, rng=0)
     calls = []
-    nn.fit(model, x, labels, lr=0.1, steps=7, batch_size=8, rng=0,
-           on_step=lambda: calls.append(len(calls)))
+    nn.fit(
+        model,
+        x,
+        labels,
+        lr=0.1,
+        steps=7,
+        batch_size=8,
+        rng=0,
+        on_step=lambda: calls.append(len(calls)),
+    )
     assert calls == list(range(7))

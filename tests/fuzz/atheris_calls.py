@@ -6,6 +6,7 @@ call; a failed check, an undocumented exception or a crash stops the run.
 
     python tests/fuzz/atheris_calls.py -max_total_time=60 -rss_limit_mb=4096
 """
+
 import os
 import sys
 import warnings
