@@ -13,6 +13,7 @@ Environment:
                       without compiler vector extensions.
   CFLAGS              come after the project's flags, so they win (e.g. -O2 over -O3).
 """
+
 import contextlib
 import glob
 import os
@@ -40,8 +41,19 @@ SOURCES = [
 
 # -ffp-contract=off: no fused multiply-adds, so every instruction-set build
 # rounds exactly alike and results do not depend on the CPU.
-COMPILE_ARGS = ["-std=c11", "-O3", "-ffp-contract=off", "-Wall", "-Wextra",
-                "-Wno-missing-field-initializers"]
+COMPILE_ARGS = [
+    "-std=c11",
+    "-O3",
+    "-ffp-contract=off",
+    "-Wall",
+    "-Wextra",
+    "-Wno-missing-field-initializers",
+]
+# MSVC (the Windows wheels; not yet built once, see .github/workflows/wheels.yml): C11,
+# optimized; it contracts no multiply-add unless told (/fp:contract); the kernels are
+# the portable ones (core.h picks them for a compiler without GCC's vector extensions);
+# no OpenMP (MSVC's /openmp is OpenMP 2.0): one thread; 4068: the omp pragmas it skips.
+MSVC_COMPILE_ARGS = ["/std:c11", "/O2", "/fp:precise", "/wd4068"]
 
 
 @contextlib.contextmanager
@@ -69,10 +81,10 @@ def compiler_has_openmp(compiler):
             f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n")
         try:
             with quiet():  # a failure is an answer here, not an error to show
-                objects = compiler.compile([source], output_dir=tmp,
-                                           extra_postargs=["-fopenmp"])
-                compiler.link_executable(objects, "omp", output_dir=tmp,
-                                         extra_postargs=["-fopenmp"])
+                objects = compiler.compile([source], output_dir=tmp, extra_postargs=["-fopenmp"])
+                compiler.link_executable(
+                    objects, "omp", output_dir=tmp, extra_postargs=["-fopenmp"]
+                )
         except Exception:  # any compile or link error means: no OpenMP here
             return False
     return True
@@ -86,27 +98,34 @@ def flags_before_user_cflags(command, flags):
     if not user:
         return command + flags
     for start in range(len(command) - len(user), -1, -1):
-        if command[start:start + len(user)] == user:
+        if command[start : start + len(user)] == user:
             return command[:start] + flags + command[start:]
     return command + flags + user
 
 
 class BuildExt(build_ext):
     def build_extensions(self):
+        msvc = self.compiler.compiler_type == "msvc"
         if os.environ.get("BNPY_NO_OPENMP") == "1":
             use_openmp, why = False, "BNPY_NO_OPENMP=1"
+        elif msvc:
+            use_openmp, why = False, "MSVC's OpenMP has not been tried"
         else:
             use_openmp = compiler_has_openmp(self.compiler)
             why = "the compiler cannot build with -fopenmp; Clang's OpenMP is libomp (libomp-dev)"
         if not use_openmp:
-            print(f"warning: bnpy: building without OpenMP: kernels run on one thread ({why})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: bnpy: building without OpenMP: kernels run on one thread ({why})",
+                file=sys.stderr,
+                flush=True,
+            )
         flags = COMPILE_ARGS + (["-fopenmp"] if use_openmp else ["-Wno-unknown-pragmas"])
+        if msvc:
+            flags = MSVC_COMPILE_ARGS
         # The project's flags go before the user's CFLAGS in the compiler's command
         # (setuptools puts extra_compile_args after them), so the user's win.
         if hasattr(self.compiler, "compiler_so"):
-            self.compiler.compiler_so = flags_before_user_cflags(self.compiler.compiler_so,
-                                                                 flags)
+            self.compiler.compiler_so = flags_before_user_cflags(self.compiler.compiler_so, flags)
             flags = []
         portable = os.environ.get("BNPY_PORTABLE") == "1"
         for ext in self.extensions:
@@ -117,10 +136,16 @@ class BuildExt(build_ext):
         # setuptools rebuilds only when a source is newer than the built extension:
         # after a change of compiler or switch (CC=clang, BNPY_PORTABLE=1) it would
         # silently keep the old build. The build's settings are kept beside its objects.
-        settings = repr((self.compiler.__dict__.get("compiler_so"),
-                         self.compiler.__dict__.get("linker_so"),
-                         [(ext.define_macros, ext.extra_compile_args, ext.extra_link_args)
-                          for ext in self.extensions]))
+        settings = repr(
+            (
+                self.compiler.__dict__.get("compiler_so"),
+                self.compiler.__dict__.get("linker_so"),
+                [
+                    (ext.define_macros, ext.extra_compile_args, ext.extra_link_args)
+                    for ext in self.extensions
+                ],
+            )
+        )
         record = os.path.join(self.build_temp, "bnpy-build-settings.txt")
         try:
             with open(record) as f:

@@ -1,7 +1,8 @@
 """Benchmark bnpy against PyTorch, NumPy and memcpy: see bnpy/bench.py.
 
-    python benchmarks/bench.py [--quick] [--results benchmarks/RESULTS.md]
+python benchmarks/bench.py [--quick] [--results benchmarks/RESULTS.md]
 """
+
 import sys
 
 from bnpy.bench import main

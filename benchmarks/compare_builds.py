@@ -17,6 +17,7 @@ It exists because a C harness that runs one pass back to back on warm data
 can miss what the benchmark sees: a change the harness found neutral took
 the in-place backward of 32x256x28x28 from 1.15 to 1.47 times a copy here.
 """
+
 import argparse
 import ast
 import collections
@@ -62,8 +63,12 @@ def built_version(spec, workdir):
     os.makedirs(target)
     archive = subprocess.run(["git", "-C", REPO, "archive", spec], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
-    built = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-                           cwd=target, capture_output=True, text=True)
+    built = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+        cwd=target,
+        capture_output=True,
+        text=True,
+    )
     if built.returncode != 0:
         raise RuntimeError(f"building {spec} failed:\n{built.stderr}")
     return target
@@ -71,9 +76,22 @@ def built_version(spec, workdir):
 
 def time_version(directory, shapes, repeats, axis=1, dtype="float32", passes=PASSES):
     env = dict(os.environ, PYTHONPATH=directory, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), json.dumps(passes),
-                           str(repeats), str(axis), dtype],
-                          capture_output=True, text=True, env=env, cwd=directory)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            json.dumps(shapes),
+            json.dumps(passes),
+            str(repeats),
+            str(axis),
+            dtype,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=directory,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"timing {directory} failed:\n{done.stderr}")
     return json.loads(done.stdout)
@@ -97,33 +115,46 @@ def table(specs, results, passes=PASSES):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("versions", nargs="+", help="git revisions or directories with a built bnpy")
+    parser.add_argument(
+        "versions", nargs="+", help="git revisions or directories with a built bnpy"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=15, help="repeats per process")
-    parser.add_argument("--shapes", default="[(32,256,28,28),(8,64,112,112),(128,64,56,56)]",
-                        help="a Python list of shapes of x")
-    parser.add_argument("--axis", type=int, default=1,
-                        help="the feature axis (-1: channels-last)")
+    parser.add_argument(
+        "--shapes",
+        default="[(32,256,28,28),(8,64,112,112),(128,64,56,56)]",
+        help="a Python list of shapes of x",
+    )
+    parser.add_argument("--axis", type=int, default=1, help="the feature axis (-1: channels-last)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--passes", default=",".join(PASSES),
-                        help="the passes to time, comma-separated (default: all four)")
+    parser.add_argument(
+        "--passes",
+        default=",".join(PASSES),
+        help="the passes to time, comma-separated (default: all four)",
+    )
     args = parser.parse_args(argv)
     shapes = [list(shape) for shape in ast.literal_eval(args.shapes)]
     passes = tuple(args.passes.split(","))
     unknown = sorted(set(passes) - set(PASSES))
     if unknown:
-        parser.error(f"--passes: unknown {', '.join(unknown)}; expected some of {', '.join(PASSES)}")
-    results = {spec: collections.defaultdict(lambda: collections.defaultdict(list))
-               for spec in args.versions}
+        parser.error(
+            f"--passes: unknown {', '.join(unknown)}; expected some of {', '.join(PASSES)}"
+        )
+    results = {
+        spec: collections.defaultdict(lambda: collections.defaultdict(list))
+        for spec in args.versions
+    }
     with tempfile.TemporaryDirectory() as workdir:
         directories = {spec: built_version(spec, workdir) for spec in args.versions}
         for _ in range(args.rounds):
             for spec, directory in directories.items():
-                for shape, times in time_version(directory, shapes, args.repeats, args.axis,
-                                                 args.dtype, passes).items():
+                for shape, times in time_version(
+                    directory, shapes, args.repeats, args.axis, args.dtype, passes
+                ).items():
                     for name in passes:
-                        results[spec][shape][name].append((times[name],
-                                                           times[name] / times["copy"]))
+                        results[spec][shape][name].append(
+                            (times[name], times[name] / times["copy"])
+                        )
     print(table(args.versions, results, passes))
     return 0
 

@@ -27,6 +27,7 @@ too) and spread over wide rows, interleaved (channels-last) rows, and
 outputs large enough to stream, of planar rows and of wide rows a multiple
 of 16 values. `--quick` takes a few small shapes (for the tests).
 """
+
 import argparse
 import hashlib
 import importlib.util
@@ -38,12 +39,31 @@ import tempfile
 
 import numpy as np
 
-SHAPES = [(4, 6, 300, 301), (3, 5, 1000, 7), (2, 3, 2049), (130, 4, 3137), (64, 8, 56, 56),
-          (32, 16, 28, 28), (8, 4, 112, 112), (2, 3, 200000), (2000, 3, 300), (30000, 3, 20),
-          (400000, 3, 1), (256, 1024), (64, 40, 7, 7), (16, 3, 64, 64), (5, 7), (1, 3, 5),
-          (300, 2, 4097), (20, 5, 16384), (17, 64, 64, 64), (2, 4, 600000),
-          (262144, 16), (65536, 64),  # wide rows of 32 and 64 values, 16 MiB
-          (64, 512, 7, 7)]  # short rows from memory, too many features to spread
+SHAPES = [
+    (4, 6, 300, 301),
+    (3, 5, 1000, 7),
+    (2, 3, 2049),
+    (130, 4, 3137),
+    (64, 8, 56, 56),
+    (32, 16, 28, 28),
+    (8, 4, 112, 112),
+    (2, 3, 200000),
+    (2000, 3, 300),
+    (30000, 3, 20),
+    (400000, 3, 1),
+    (256, 1024),
+    (64, 40, 7, 7),
+    (16, 3, 64, 64),
+    (5, 7),
+    (1, 3, 5),
+    (300, 2, 4097),
+    (20, 5, 16384),
+    (17, 64, 64, 64),
+    (2, 4, 600000),
+    (262144, 16),
+    (65536, 64),  # wide rows of 32 and 64 values, 16 MiB
+    (64, 512, 7, 7),
+]  # short rows from memory, too many features to spread
 QUICK_SHAPES = [(4, 6, 30, 31), (3, 5, 1000, 7), (2000, 3), (64, 40, 7, 7), (5, 7)]
 THREADS = (1, 2)
 
@@ -64,8 +84,16 @@ def results_of(shape, dtype, seed):
     bn.backward(dy, out=dx_out)
     dx_over_dy = dy.copy()
     bn.backward(dx_over_dy, out=dx_over_dy)
-    yield from (y, dx, dx_out, dx_over_dy, bn.grad_gamma, bn.grad_beta, bn.running_mean,
-                bn.running_var)
+    yield from (
+        y,
+        dx,
+        dx_out,
+        dx_over_dy,
+        bn.grad_gamma,
+        bn.grad_beta,
+        bn.running_mean,
+        bn.running_var,
+    )
     bn.eval()
     yield bn.forward(x)
     yield bn.backward(dy)
@@ -122,9 +150,13 @@ def digest_of_version(directory, quick):
     there, PYTHONPATH falls through to an installed bnpy)"""
     directory = os.path.realpath(directory)
     env = dict(os.environ, PYTHONPATH=directory)
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--origin"]
-                          + ["--quick"] * quick,
-                          capture_output=True, text=True, env=env, cwd=directory)
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--origin"] + ["--quick"] * quick,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=directory,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"digest of {directory} failed:\n{done.stdout}{done.stderr}")
     core = re.search(r"^core (.+)$", done.stdout, re.M).group(1)
@@ -158,11 +190,15 @@ def digest_versions(specs, quick):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("versions", nargs="*",
-                        help="git revisions or directories with a built bnpy")
+    parser.add_argument(
+        "versions", nargs="*", help="git revisions or directories with a built bnpy"
+    )
     parser.add_argument("--quick", action="store_true", help="a few small shapes")
-    parser.add_argument("--origin", action="store_true",  # for digest_of_version
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--origin",
+        action="store_true",  # for digest_of_version
+        help=argparse.SUPPRESS,
+    )
     args = parser.parse_args(argv)
     if args.versions:
         return digest_versions(args.versions, args.quick)

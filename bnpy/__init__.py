@@ -1,10 +1,11 @@
 """bnpy: batch normalization with its numerical core in C, for NumPy.
 
-    >>> import numpy as np, bnpy
-    >>> bn = bnpy.BatchNorm(3)
-    >>> y = bn(np.random.default_rng(0).normal(5, 2, size=(16, 3)))
-    >>> dx = bn.backward(np.ones_like(y))
+>>> import numpy as np, bnpy
+>>> bn = bnpy.BatchNorm(3)
+>>> y = bn(np.random.default_rng(0).normal(5, 2, size=(16, 3)))
+>>> dx = bn.backward(np.ones_like(y))
 """
+
 try:
     from . import _core
 except ImportError:  # pragma: no cover - only when run from a source checkout
@@ -15,7 +16,7 @@ except ImportError:  # pragma: no cover - only when run from a source checkout
 
     __path__ = extend_path(__path__, __name__)
     try:
-        from . import _core
+        from . import _core  # noqa: F401 - only to see whether it is built
     except ImportError as error:
         raise ImportError(
             "bnpy's C extension (bnpy._core) is not built: run `pip install .` "
@@ -35,14 +36,13 @@ from ._core import (
     set_cpu_capability,
     set_num_threads,
 )
-
 from .fold import fold
 from .renorm import BatchRenorm
 
 __version__ = "0.1.0"
 
 
-def _threads_from_environment():
+def _threads_from_environment() -> None:
     """Apply BNPY_NUM_THREADS (a positive integer) if it is set."""
     import os
     import warnings
@@ -53,11 +53,15 @@ def _threads_from_environment():
     try:
         set_num_threads(int(value))
     except ValueError:
-        warnings.warn(f"BNPY_NUM_THREADS must be a positive integer, got {value!r}; "
-                      f"using {get_num_threads()} threads", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"BNPY_NUM_THREADS must be a positive integer, got {value!r}; "
+            f"using {get_num_threads()} threads",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
-def _cpu_capability_from_environment():
+def _cpu_capability_from_environment() -> None:
     """Apply BNPY_CPU_CAPABILITY ('default' or 'portable', 'avx2', 'avx512') if it is set."""
     import os
     import warnings
@@ -66,10 +70,13 @@ def _cpu_capability_from_environment():
     if not value:
         return
     try:
-        set_cpu_capability(value)
+        set_cpu_capability(value)  # type: ignore[arg-type]  # checked here: ValueError
     except ValueError as error:
-        warnings.warn(f"BNPY_CPU_CAPABILITY: {error}; using {get_cpu_capability()!r}",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"BNPY_CPU_CAPABILITY: {error}; using {get_cpu_capability()!r}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _threads_from_environment()

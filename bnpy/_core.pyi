@@ -1,9 +1,11 @@
 """Type stubs of bnpy._core, the C extension (see DESIGN.md section 3)."""
+
 from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
 
 _DType = type[np.float32] | type[np.float64] | np.dtype[Any] | Literal["float32", "float64"]
 _Array = npt.NDArray[np.floating[Any]]
@@ -12,6 +14,7 @@ class IncompatibleKeys(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
 
+@disjoint_base  # a C type: a class cannot derive from it and another such type
 class BatchNorm:
     def __init__(
         self,
@@ -60,10 +63,41 @@ class BatchNorm:
     def train(self, mode: bool = True) -> BatchNorm: ...
     def eval(self) -> BatchNorm: ...
     def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any], /, strict: bool = True) -> IncompatibleKeys: ...
+    def load_state_dict(
+        self, state: dict[str, Any], /, strict: bool = True
+    ) -> IncompatibleKeys: ...
     def reset_running_stats(self) -> None: ...
     def reset_parameters(self) -> None: ...
     def calibrate(self, batches: Iterable[npt.ArrayLike], /) -> BatchNorm: ...
+    # bnpy.distributed's steps: statistics as (C, 3) partials (count, mean, m2), shifted
+    def _stats_of(
+        self,
+        batches: Iterable[npt.ArrayLike],
+        *,
+        shift: npt.ArrayLike | None = None,
+        name: str = "batch",  # what its error messages call a batch
+    ) -> _Array: ...
+    def _forward_from_stats(
+        self,
+        x: npt.ArrayLike,
+        stats: npt.ArrayLike,
+        *,
+        shift: npt.ArrayLike | None = None,
+        moments: npt.ArrayLike | None = None,  # (2, C) mean and invstd to normalize with
+        out: _Array | None = None,
+    ) -> _Array: ...
+    def _grad_sums(self, dy: npt.ArrayLike, /) -> _Array: ...
+    def _backward_from_sums(
+        self,
+        dy: npt.ArrayLike,
+        sums: npt.ArrayLike,
+        local_sums: npt.ArrayLike,
+        *,
+        out: _Array | None = None,
+    ) -> _Array: ...
+    def _set_running_from_stats(
+        self, stats: npt.ArrayLike, *, shift: npt.ArrayLike | None = None
+    ) -> None: ...
 
 def batch_norm_forward(
     x: npt.ArrayLike,
@@ -98,7 +132,11 @@ def batch_norm_backward(
 ) -> tuple[_Array, _Array | None, _Array | None]: ...
 def set_num_threads(n: int, /) -> None: ...
 def get_num_threads() -> int: ...
-def set_cpu_capability(name: Literal["default", "avx2", "avx512"], /) -> None: ...
-def get_cpu_capability() -> Literal["default", "avx2", "avx512"]: ...
+
+_Capability = Literal["default", "portable", "avx2", "avx512"]  # "portable": BNPY_PORTABLE=1 builds
+
+def set_cpu_capability(name: _Capability, /) -> None: ...
+def get_cpu_capability() -> _Capability: ...
 def cpu_capabilities() -> tuple[str, ...]: ...
 def has_openmp() -> bool: ...
+def _merge_partials(parts: npt.ArrayLike, /) -> _Array: ...  # (P, C, 3) -> (C, 3)

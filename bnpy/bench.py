@@ -26,6 +26,7 @@ forward; x, dy and dx backward), and the ratios bnpy/copy and torch/bnpy.
 
 ``--steady-heap`` times torch at its fastest: see ``steady_heap``.
 """
+
 import argparse
 import ctypes
 import os
@@ -34,12 +35,16 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 import bnpy
 from bnpy import reference
+from bnpy._progress import Progress
 
 # name, shape, feature axis
 CASES = [
@@ -62,10 +67,16 @@ BACKWARDS = ("backward", "backward-inplace")
 MODULE = "module"  # bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward
 
 
+_Array = npt.NDArray[Any]
+Row = dict[str, Any]  # one measurement: case, dtype, op, threads, times in seconds, bytes
+_Runner = Callable[[], object]
+_Key = str | tuple[str, int]  # "copy", or ("bnpy" or "torch", threads)
+# torch is an optional dependency: the module, or None, passed around as Any
+
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
-def steady_heap():
+def steady_heap() -> bool:
     """Make glibc's malloc keep freed memory for reuse: nothing mapped per
     allocation, nothing handed back to the system. torch allocates its output
     on every call. With glibc's defaults, outputs over 32 MiB are mapped
@@ -81,10 +92,10 @@ def steady_heap():
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return bool(mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1)
 
 
-def _time_once(fn):
+def _time_once(fn: _Runner) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -95,28 +106,28 @@ class _OnThreads:
     call, outside the timing, so that runs on different thread counts can be
     interleaved repeat by repeat."""
 
-    def __init__(self, threads, fn, set_threads):
+    def __init__(self, threads: int, fn: _Runner, set_threads: Callable[[int], object]) -> None:
         self.threads, self.fn, self.set_threads = threads, fn, set_threads
 
-    def prepare(self):
+    def prepare(self) -> None:
         self.set_threads(self.threads)
 
-    def __call__(self):
+    def __call__(self) -> object:
         return self.fn()
 
 
-def _prepare(fn):
+def _prepare(fn: _Runner) -> None:
     if isinstance(fn, _OnThreads):
         fn.prepare()
 
 
-def _medians(runners, repeats):
+def _medians(runners: Mapping[_Key, _Runner], repeats: int) -> dict[_Key, float]:
     """Median seconds of each runner, timed in turn within every repeat so that
     a noisy moment on a shared machine hits all of them alike."""
     for fn in runners.values():  # warm up: page faults, caches, lazy setup
         _prepare(fn)
         fn()
-    times = {name: [] for name in runners}
+    times: dict[_Key, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, fn in runners.items():
             _prepare(fn)
@@ -124,14 +135,18 @@ def _medians(runners, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _torch_runners(torch, x, dy, axis, op, momentum=0.1, eps=1e-5):
+def _torch_runners(
+    torch: Any, x: _Array, dy: _Array, axis: int, op: str, momentum: float = 0.1, eps: float = 1e-5
+) -> _Runner:
     """torch's functional batch norm on the same data (channels-last stays
     channels-last: a permuted view, the layout torch's NHWC kernels use)."""
     xt = torch.from_numpy(x)
     dyt = torch.from_numpy(dy)
     if axis != 1:
-        xt, dyt = xt.permute(0, x.ndim - 1, *range(1, x.ndim - 1)), dyt.permute(
-            0, x.ndim - 1, *range(1, x.ndim - 1))
+        xt, dyt = (
+            xt.permute(0, x.ndim - 1, *range(1, x.ndim - 1)),
+            dyt.permute(0, x.ndim - 1, *range(1, x.ndim - 1)),
+        )
     channels = x.shape[axis]
     weight = torch.ones(channels, dtype=xt.dtype, requires_grad=True)
     bias = torch.zeros(channels, dtype=xt.dtype, requires_grad=True)
@@ -141,14 +156,15 @@ def _torch_runners(torch, x, dy, axis, op, momentum=0.1, eps=1e-5):
     if op not in BACKWARDS:  # torch has no in-place batch norm backward: both time autograd
         training = op == "forward-train"
         with torch.no_grad():
-            return lambda: F.batch_norm(xt, running_mean, running_var, weight, bias,
-                                        training, momentum, eps)
+            return lambda: F.batch_norm(
+                xt, running_mean, running_var, weight, bias, training, momentum, eps
+            )
     xg = xt.detach().requires_grad_(True)
     y = F.batch_norm(xg, running_mean, running_var, weight, bias, True, momentum, eps)
     return lambda: torch.autograd.grad(y, (xg, weight, bias), dyt, retain_graph=True)
 
 
-def _module_runner(torch, cls, x, dy, axis):
+def _module_runner(torch: Any, cls: Any, x: _Array, dy: _Array, axis: int) -> _Runner:
     """A training forward and autograd backward of the module cls(C) on x
     (NCHW; NHWC data as a channels_last tensor), returning the gradients
     rather than accumulating them."""
@@ -161,56 +177,58 @@ def _module_runner(torch, cls, x, dy, axis):
     return lambda: torch.autograd.grad(module(xt), wanted, dyt)
 
 
-def _bnpy_runner(x, dy, axis, op, out=None):
+def _bnpy_runner(x: _Array, dy: _Array, axis: int, op: str, out: _Array | None = None) -> _Runner:
     """bnpy's layer doing `op`, writing into out (a new array when None)."""
     bn = bnpy.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
-    out = np.empty_like(x) if out is None else out
+    y = np.empty_like(x) if out is None else out
     if op == "forward-train":
-        return lambda: bn.forward(x, out=out)
+        return lambda: bn.forward(x, out=y)
     if op == "forward-eval":
         bn.eval()
-        return lambda: bn.forward(x, out=out)
+        return lambda: bn.forward(x, out=y)
     bn.forward(x)
     if op == "backward-inplace":
         # dx over dy, round after round: dx is dy less its projections on 1
         # and xhat, so repeating it keeps the values where they are
-        np.copyto(out, dy)
-        return lambda: bn.backward(out, out=out)
-    return lambda: bn.backward(dy, out=out)
+        np.copyto(y, dy)
+        return lambda: bn.backward(y, out=y)
+    return lambda: bn.backward(dy, out=y)
 
 
-def _reference_runner(x, dy, axis, op):
+def _reference_runner(x: _Array, dy: _Array, axis: int, op: str) -> _Runner:
     if op == "forward-train":
         return lambda: reference.forward_train(x, axis=axis)
     if op == "forward-eval":
         channels = x.shape[axis]
-        return lambda: reference.forward_eval(x, np.zeros(channels), np.ones(channels),
-                                              axis=axis)
+        return lambda: reference.forward_eval(x, np.zeros(channels), np.ones(channels), axis=axis)
     mean, var = reference.batch_stats(x, axis)
     return lambda: reference.backward(dy, x, mean, var, axis=axis)
 
 
-def _copy_on_two_threads(pool, out, x):
+def _copy_on_two_threads(pool: ThreadPoolExecutor, out: _Array, x: _Array) -> None:
     """np.copyto(out, x) as two halves copied at once on the two threads of
     `pool` (NumPy releases the GIL while it copies); x and out contiguous"""
     flat_x, flat_out = x.reshape(-1), out.reshape(-1)
     half = flat_x.size // 2
-    parts = [pool.submit(np.copyto, flat_out[:half], flat_x[:half]),
-             pool.submit(np.copyto, flat_out[half:], flat_x[half:])]
+    parts = [
+        pool.submit(np.copyto, flat_out[:half], flat_x[:half]),
+        pool.submit(np.copyto, flat_out[half:], flat_x[half:]),
+    ]
     for part in parts:
         part.result()
 
 
 class _Case(NamedTuple):
     """One case's data in one dtype; copy_out is the copy's output"""
+
     name: str
-    x: np.ndarray
-    dy: np.ndarray
+    x: _Array
+    dy: _Array
     axis: int
-    copy_out: np.ndarray
+    copy_out: _Array
 
 
-def _make_case(name, shape, axis, dtype):
+def _make_case(name: str, shape: tuple[int, ...], axis: int, dtype: npt.DTypeLike) -> _Case:
     """x and dy of `shape` drawn from the same seed for every case"""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
@@ -218,7 +236,7 @@ def _make_case(name, shape, axis, dtype):
     return _Case(name, x, dy, axis, np.empty_like(x))
 
 
-def _reference_time(case, op, repeats):
+def _reference_time(case: _Case, op: str, repeats: int) -> float | None:
     """The NumPy reference's median seconds for op (None for backward-inplace:
     the reference's backward is the same; None for the modules)"""
     if op in ("backward-inplace", MODULE):
@@ -227,14 +245,16 @@ def _reference_time(case, op, repeats):
     return _medians({"ref": runner}, max(1, repeats // 4))["ref"]
 
 
-def _runners(pool, case, op, threads, torch):
+def _runners(
+    pool: ThreadPoolExecutor, case: _Case, op: str, threads: Sequence[int], torch: Any
+) -> dict[_Key, _Runner]:
     """What is timed together for one op of a case: the copy (for the large
     cases also on the two threads of `pool`), and bnpy and torch at every
     thread count, so that the speedup compares moments alike; the thread
     counts share bnpy's out="""
     x, copy_out = case.x, case.copy_out
     out = np.empty_like(x)
-    runners = {"copy": lambda: np.copyto(copy_out, x)}
+    runners: dict[_Key, _Runner] = {"copy": lambda: np.copyto(copy_out, x)}
     if case.name in LARGE_CASES and 2 in threads:
         runners["copy2"] = lambda: _copy_on_two_threads(pool, copy_out, x)
     for n in threads:
@@ -242,53 +262,87 @@ def _runners(pool, case, op, threads, torch):
             from bnpy.torch import BatchNorm2d
 
             runners["bnpy", n] = _OnThreads(
-                n, _module_runner(torch, BatchNorm2d, x, case.dy, case.axis),
-                bnpy.set_num_threads)
+                n, _module_runner(torch, BatchNorm2d, x, case.dy, case.axis), bnpy.set_num_threads
+            )
             runners["torch", n] = _OnThreads(
-                n, _module_runner(torch, torch.nn.BatchNorm2d, x, case.dy, case.axis),
-                torch.set_num_threads)
+                n,
+                _module_runner(torch, torch.nn.BatchNorm2d, x, case.dy, case.axis),
+                torch.set_num_threads,
+            )
             continue
-        runners["bnpy", n] = _OnThreads(n, _bnpy_runner(x, case.dy, case.axis, op, out),
-                                        bnpy.set_num_threads)
+        runners["bnpy", n] = _OnThreads(
+            n, _bnpy_runner(x, case.dy, case.axis, op, out), bnpy.set_num_threads
+        )
         if torch is not None:
-            runners["torch", n] = _OnThreads(n, _torch_runners(torch, x, case.dy, case.axis, op),
-                                             torch.set_num_threads)
+            runners["torch", n] = _OnThreads(
+                n, _torch_runners(torch, x, case.dy, case.axis, op), torch.set_num_threads
+            )
     return runners
 
 
-def _measure(pool, case, op, threads, repeats, with_reference, torch):
+def _measure(
+    pool: ThreadPoolExecutor,
+    case: _Case,
+    op: str,
+    threads: Sequence[int],
+    repeats: int,
+    with_reference: bool,
+    torch: Any,
+) -> list[Row]:
     """One result dict per thread count for one op of a case"""
     reference_time = _reference_time(case, op, repeats) if with_reference else None
     t = _medians(_runners(pool, case, op, threads, torch), repeats)
     moved = case.x.nbytes * (5 if op == MODULE else 3 if op in BACKWARDS else 2)
-    return [dict(case=case.name, dtype=case.x.dtype.name, op=op, threads=n, bnpy=t["bnpy", n],
-                 torch=t.get(("torch", n)), copy=t["copy"], copy2=t.get("copy2"),
-                 reference=reference_time, bytes=moved)
-            for n in threads]
+    return [
+        dict(
+            case=case.name,
+            dtype=case.x.dtype.name,
+            op=op,
+            threads=n,
+            bnpy=t["bnpy", n],
+            torch=t.get(("torch", n)),
+            copy=t["copy"],
+            copy2=t.get("copy2"),
+            reference=reference_time,
+            bytes=moved,
+        )
+        for n in threads
+    ]
 
 
-def run(cases, dtypes, threads, repeats, with_reference, torch=None, echo=print):
+def _ops(shape: tuple[int, ...], torch: Any) -> tuple[str, ...]:
+    """The ops timed for a case of this shape: MODULE too for 4-D cases when torch is here."""
+    return OPS + ((MODULE,) if torch is not None and len(shape) == 4 else ())
+
+
+def run(
+    cases: Iterable[tuple[str, tuple[int, ...], int]],
+    dtypes: Sequence[npt.DTypeLike],
+    threads: Sequence[int],
+    repeats: int,
+    with_reference: bool,
+    torch: Any = None,
+    echo: Callable[[str], object] = print,
+) -> list[Row]:
     """Measure every case; returns a list of result dicts (times in seconds)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     rows = []
     with ThreadPoolExecutor(2) as pool:  # the copy on two threads
         for name, shape, axis in cases:
             for dtype in dtypes:
                 case = _make_case(name, shape, axis, dtype)
-                module = (MODULE,) if torch is not None and len(shape) == 4 else ()
-                for op in OPS + module:
+                for op in _ops(shape, torch):
                     for row in _measure(pool, case, op, threads, repeats, with_reference, torch):
                         rows.append(row)
                         echo(format_row(row))
     return rows
 
 
-def median_over_rounds(rounds):
+def median_over_rounds(rounds: Sequence[Sequence[Row]]) -> list[Row]:
     """One row per measurement: each time the median of its rounds' medians."""
-    def median(values):
-        values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
+
+    def median(values: Iterable[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else None
 
     combined = []
     for same in zip(*rounds):  # every round measures the same rows in the same order
@@ -299,74 +353,91 @@ def median_over_rounds(rounds):
     return combined
 
 
-HEADER = (f"{'case':<26} {'dtype':<8} {'op':<16} {'thr':>3} {'bnpy ms':>9} {'GB/s':>6} "
-          f"{'torch ms':>9} {'numpy ms':>9} {'copy ms':>8} {'bnpy/copy':>9} {'torch/bnpy':>10}")
+HEADER = (
+    f"{'case':<26} {'dtype':<8} {'op':<16} {'thr':>3} {'bnpy ms':>9} {'GB/s':>6} "
+    f"{'torch ms':>9} {'numpy ms':>9} {'copy ms':>8} {'bnpy/copy':>9} {'torch/bnpy':>10}"
+)
 
 
-def format_row(r):
-    def ms(t):
+def format_row(r: Row) -> str:
+    def ms(t: float | None) -> str:
         return f"{t * 1e3:9.2f}" if t is not None else f"{'-':>9}"
 
     torch_ratio = f"{r['torch'] / r['bnpy']:10.2f}" if r["torch"] is not None else f"{'-':>10}"
-    return (f"{r['case']:<26} {r['dtype']:<8} {r['op']:<16} {r['threads']:>3} {ms(r['bnpy'])} "
-            f"{r['bytes'] / r['bnpy'] / 1e9:6.1f} {ms(r['torch'])} {ms(r['reference'])} "
-            f"{r['copy'] * 1e3:8.2f} {r['bnpy'] / r['copy']:9.2f} {torch_ratio}")
+    return (
+        f"{r['case']:<26} {r['dtype']:<8} {r['op']:<16} {r['threads']:>3} {ms(r['bnpy'])} "
+        f"{r['bytes'] / r['bnpy'] / 1e9:6.1f} {ms(r['torch'])} {ms(r['reference'])} "
+        f"{r['copy'] * 1e3:8.2f} {r['bnpy'] / r['copy']:9.2f} {torch_ratio}"
+    )
 
 
-def machine_description(torch=None):
+def machine_description(torch: Any = None) -> str:
     """What the numbers were measured on."""
-    lines = [f"- Python {platform.python_version()}, NumPy {np.__version__}, "
-             f"bnpy {bnpy.__version__} (OpenMP: {bnpy.has_openmp()}; kernels built for "
-             f"{bnpy.get_cpu_capability()!r}, of {', '.join(bnpy.cpu_capabilities())})"
-             + (f", PyTorch {torch.__version__}" if torch is not None else ", no PyTorch")]
+    lines = [
+        f"- Python {platform.python_version()}, NumPy {np.__version__}, "
+        f"bnpy {bnpy.__version__} (OpenMP: {bnpy.has_openmp()}; kernels built for "
+        f"{bnpy.get_cpu_capability()!r}, of {', '.join(bnpy.cpu_capabilities())})"
+        + (f", PyTorch {torch.__version__}" if torch is not None else ", no PyTorch")
+    ]
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         keep = ("Model name", "CPU(s):", "L1d", "L2", "L3", "Thread(s) per core")
-        lines += [f"- {line.strip()}" for line in lscpu.splitlines()
-                  if line.strip().startswith(keep)]
+        lines += [
+            f"- {line.strip()}" for line in lscpu.splitlines() if line.strip().startswith(keep)
+        ]
         lines += _cache_sizes_each()
     except (OSError, subprocess.SubprocessError):
-        lines.append(f"- {platform.processor() or platform.machine()}, "
-                     f"{os.cpu_count()} logical CPUs")
+        lines.append(
+            f"- {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+        )
     return "\n".join(lines)
 
 
-def _cache_sizes_each():
+def _cache_sizes_each() -> list[str]:
     """lscpu's summary adds up the instances of a cache (2 cores' 1 MiB L2s
     read "2 MiB (2 instances)"): the size of one, from its table."""
-    table = subprocess.run(["lscpu", "-C=NAME,ONE-SIZE"], capture_output=True, text=True,
-                           timeout=10).stdout.split()
+    table = subprocess.run(
+        ["lscpu", "-C=NAME,ONE-SIZE"], capture_output=True, text=True, timeout=10
+    ).stdout.split()
     pairs = list(zip(table[2::2], table[3::2]))  # after the header NAME ONE-SIZE
-    return [f"- one of each cache: {', '.join(f'{n} {size}' for n, size in pairs)}"] if pairs else []
+    return (
+        [f"- one of each cache: {', '.join(f'{n} {size}' for n, size in pairs)}"] if pairs else []
+    )
 
 
 LARGE_CASES = ("NCHW 64x64x56x56", "NCHW 128x64x56x56 (> L3)")
 
 
-def targets(rows, rounds=()):
+def targets(rows: Sequence[Row], rounds: Sequence[Sequence[Row]] = ()) -> list[str]:
     """The kernel-core issue's targets, each with the worst measured value,
     where it was measured and whether it was met; given the rounds that rows
     combines (median_over_rounds), also what that worst value read in each
     round: on a shared machine a miss inside that range says little."""
-    def pick(**match):
+
+    def pick(**match: object) -> list[int]:
         return [i for i, r in enumerate(rows) if all(r[k] == v for k, v in match.items())]
 
-    def where(i):
+    def where(i: int) -> str:
         r = rows[i]
-        return (f"{r['case']} {r['dtype']} {r['op']}, {r['threads']} "
-                f"thread{'s' if r['threads'] != 1 else ''}")
+        return (
+            f"{r['case']} {r['dtype']} {r['op']}, {r['threads']} "
+            f"thread{'s' if r['threads'] != 1 else ''}"
+        )
 
-    def torch_over_bnpy(i):
+    _Measure = tuple[str, Callable[[Sequence[Row]], float]]  # (where, ratio in rows)
+
+    def torch_over_bnpy(i: int) -> _Measure:
         return where(i), lambda rs: rs[i]["torch"] / rs[i]["bnpy"]
 
-    def speedup_over_copys(i, one):
+    def speedup_over_copys(i: int, one: int) -> _Measure:
         """bnpy's speedup from a second thread over the copy's own"""
-        return where(i), lambda rs: (rs[one]["bnpy"] / rs[i]["bnpy"]) / (rs[i]["copy"]
-                                                                         / rs[i]["copy2"])
+        return where(
+            i
+        ), lambda rs: (rs[one]["bnpy"] / rs[i]["bnpy"]) / (rs[i]["copy"] / rs[i]["copy2"])
 
     lines = []
 
-    def check(label, measures, limit):
+    def check(label: str, measures: Sequence[_Measure], limit: float) -> None:
         """measures: (where, ratio) pairs, ratio(rs) the value in rows rs;
         higher is better"""
         if not measures:
@@ -374,49 +445,79 @@ def targets(rows, rounds=()):
         worst, name, ratio = min(((m[1](rows), *m) for m in measures), key=lambda m: m[0])
         each = [ratio(r) for r in rounds] if len(rounds) > 1 else []
         over = f"; in the {len(each)} rounds {min(each):.2f} to {max(each):.2f}" if each else ""
-        lines.append(f"- {label}: worst {worst:.2f} ({'met' if worst >= limit else 'NOT met'}; "
-                     f"target >= {limit}), {name}{over}")
+        lines.append(
+            f"- {label}: worst {worst:.2f} ({'met' if worst >= limit else 'NOT met'}; "
+            f"target >= {limit}), {name}{over}"
+        )
 
     for threads, limit in ((1, 1.5), (2, 1.0)):
-        check(f"every case, dtype and op, {threads} thread{'s' if threads > 1 else ''}: "
-              f"torch/bnpy", [torch_over_bnpy(i) for i in pick(threads=threads)
-                              if rows[i]["torch"] is not None and rows[i]["op"] != MODULE],
-              limit)
-    check("bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward, NCHW "
-          "float32, 1 thread: torch/bnpy",
-          [torch_over_bnpy(i) for i in pick(op=MODULE, dtype="float32", threads=1)
-           if rows[i]["case"].startswith("NCHW")], 1.5)
+        check(
+            f"every case, dtype and op, {threads} thread{'s' if threads > 1 else ''}: torch/bnpy",
+            [
+                torch_over_bnpy(i)
+                for i in pick(threads=threads)
+                if rows[i]["torch"] is not None and rows[i]["op"] != MODULE
+            ],
+            limit,
+        )
+    check(
+        "bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward, NCHW "
+        "float32, 1 thread: torch/bnpy",
+        [
+            torch_over_bnpy(i)
+            for i in pick(op=MODULE, dtype="float32", threads=1)
+            if rows[i]["case"].startswith("NCHW")
+        ],
+        1.5,
+    )
     speedups = []
     for i, r in enumerate(rows):
         one = pick(case=r["case"], dtype=r["dtype"], op=r["op"], threads=1)
         if r["case"] in LARGE_CASES and r["threads"] == 2 and r.get("copy2") and one:
             speedups.append(speedup_over_copys(i, one[0]))
     check("large cases: bnpy's speedup from a second thread / the copy's", speedups, 0.9)
-    copies = [r["copy"] / r["copy2"] for r in rows
-              if r["case"] in LARGE_CASES and r.get("copy2") is not None]
+    copies = [
+        r["copy"] / r["copy2"]
+        for r in rows
+        if r["case"] in LARGE_CASES and r.get("copy2") is not None
+    ]
     if copies:  # at best: load from elsewhere only slows one side
-        lines.append(f"- for scale: np.copyto of the same cases split over 2 threads ran at "
-                     f"best {max(copies):.2f} times as fast as on 1 (the memory system's own "
-                     f"speedup: a pass that moves as many bytes cannot exceed it)")
+        lines.append(
+            f"- for scale: np.copyto of the same cases split over 2 threads ran at "
+            f"best {max(copies):.2f} times as fast as on 1 (the memory system's own "
+            f"speedup: a pass that moves as many bytes cannot exceed it)"
+        )
     return lines
 
 
-def write_results(path, rows, torch, command, steady=False, rounds=()):
+def write_results(
+    path: str,
+    rows: Sequence[Row],
+    torch: Any,
+    command: str,
+    steady: bool = False,
+    rounds: Sequence[Sequence[Row]] = (),
+) -> None:
     with open(path, "w") as f:
         f.write("# bnpy benchmark results\n\n")
         f.write(f"Measured with `{command}` on:\n\n{machine_description(torch)}\n\n")
-        f.write("Medians of interleaved repeats (and of whole rounds, with --rounds); "
-                "bnpy writes into a preallocated `out=`. "
-                "`backward-inplace` writes dx over dy (`out=dy`); torch's column there is its "
-                "usual autograd backward, which has no in-place form. "
-                "GB/s counts the bytes bnpy must move (forward: x and y; backward: x, dy, dx). "
-                "copy is `np.copyto` of x's bytes. The machine is shared and noisy: compare "
-                "the ratios within a row, not times across runs.")
-        f.write(" Freed memory stayed in the process (`--steady-heap`): torch's outputs reuse "
-                "their pages instead of faulting new ones in, its fastest mode.\n\n" if steady
-                else " glibc's malloc ran with its defaults: torch's outputs over 32 MiB fault "
-                "in new pages on every call, smaller ones in some runs (see `--steady-heap`)."
-                "\n\n")
+        f.write(
+            "Medians of interleaved repeats (and of whole rounds, with --rounds); "
+            "bnpy writes into a preallocated `out=`. "
+            "`backward-inplace` writes dx over dy (`out=dy`); torch's column there is its "
+            "usual autograd backward, which has no in-place form. "
+            "GB/s counts the bytes bnpy must move (forward: x and y; backward: x, dy, dx). "
+            "copy is `np.copyto` of x's bytes. The machine is shared and noisy: compare "
+            "the ratios within a row, not times across runs."
+        )
+        f.write(
+            " Freed memory stayed in the process (`--steady-heap`): torch's outputs reuse "
+            "their pages instead of faulting new ones in, its fastest mode.\n\n"
+            if steady
+            else " glibc's malloc ran with its defaults: torch's outputs over 32 MiB fault "
+            "in new pages on every call, smaller ones in some runs (see `--steady-heap`)."
+            "\n\n"
+        )
         f.write("## Against the targets\n\n" + "\n".join(targets(rows, rounds)) + "\n\n")
         f.write("## All measurements\n\n")
         f.write("```\n" + HEADER + "\n")
@@ -425,33 +526,59 @@ def write_results(path, rows, torch, command, steady=False, rounds=()):
         f.write("```\n")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bnpy bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke test)")
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """bench's options (python -m bnpy takes them as its bench command's: add_help=False)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bnpy bench", add_help=add_help, description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small shapes, few repeats (a smoke test)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="repeats per measurement")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run everything this many times; report the median of the rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run everything this many times; report the median of the rounds",
+    )
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow NumPy reference")
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--results", default=None, help="write a Markdown table to this file")
-    parser.add_argument("--cpu-capability", default=None, choices=("default", "avx2", "avx512"),
-                        help="time the kernels built for this instruction set "
-                             "(default: the best this CPU runs)")
-    parser.add_argument("--steady-heap", action="store_true",
-                        help="keep freed memory in the process (glibc), so that torch's "
-                             "per-call outputs reuse pages: torch at its fastest")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--cpu-capability",
+        default=None,
+        choices=("default", "avx2", "avx512"),
+        help="time the kernels built for this instruction set (default: the best this CPU runs)",
+    )
+    parser.add_argument(
+        "--steady-heap",
+        action="store_true",
+        help="keep freed memory in the process (glibc), so that torch's "
+        "per-call outputs reuse pages: torch at its fastest",
+    )
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv), argv)
+
+
+def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark as parsed into args; argv, the options as given, for the results file."""
     steady = args.steady_heap and steady_heap()
     if args.steady_heap and not steady:
-        print("(--steady-heap: this C library's malloc does not take glibc's settings; "
-              "timing with its defaults)")
-    torch = None
+        print(
+            "(--steady-heap: this C library's malloc does not take glibc's settings; "
+            "timing with its defaults)"
+        )
+    torch: Any = None
     if not args.no_torch:
         try:
-            import torch
+            import torch as torch_module
+
+            torch = torch_module
         except ImportError:
             print("(PyTorch is not installed: timing bnpy, NumPy and the copy only)")
     cases = QUICK_CASES if args.quick else CASES
@@ -463,12 +590,24 @@ def main(argv=None):
         bnpy.set_cpu_capability(args.cpu_capability)
     print(f"bnpy kernels built for {bnpy.get_cpu_capability()!r}")
     print(HEADER)
+    rows_per_round = (
+        sum(len(_ops(shape, torch)) for _, shape, _ in cases) * len(dtypes) * len(threads)
+    )
+    progress = Progress(rows_per_round * args.rounds, "bench: measurement")
+
+    def echo(line: str) -> None:
+        progress.advance()
+        progress.print(line)
+
     try:
         rounds = []
         for k in range(args.rounds):
             if args.rounds > 1:
-                print(f"round {k + 1} of {args.rounds}")
-            rounds.append(run(cases, dtypes, threads, repeats, not args.no_reference, torch))
+                progress.print(f"round {k + 1} of {args.rounds}")
+            rounds.append(
+                run(cases, dtypes, threads, repeats, not args.no_reference, torch, echo=echo)
+            )
+        progress.close()
         rows = median_over_rounds(rounds)
         if args.rounds > 1:
             print(f"\nmedians of {args.rounds} rounds\n{HEADER}")
@@ -476,11 +615,17 @@ def main(argv=None):
                 print(format_row(row))
         print("\nAgainst the targets:\n" + "\n".join(targets(rows, rounds)))
         if args.results:  # while the build that ran is still chosen: the file names it
-            write_results(args.results, rows, torch,
-                          "python -m bnpy bench " + " ".join(argv or sys.argv[1:]), steady,
-                          rounds)
+            write_results(
+                args.results,
+                rows,
+                torch,
+                "python -m bnpy bench " + " ".join(argv or sys.argv[1:]),
+                steady,
+                rounds,
+            )
             print(f"\nwrote {args.results}")
     finally:
+        progress.close()
         bnpy.set_num_threads(threads_before)
         bnpy.set_cpu_capability(capability_before)
     return 0

@@ -8,12 +8,18 @@ handwritten digits that scikit-learn ships inside its package.
     >>> x.shape, labels.shape
     ((300, 2), (300,))
 """
+
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["spirals", "digits"]
 
 
-def spirals(n_per_class, *, n_classes=3, turns=1.0, noise=0.2, rng=None):
+def spirals(
+    n_per_class: int, *, n_classes: int = 3, turns: float = 1.0, noise: float = 0.2, rng: Any = None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """Interleaved spiral arms in the plane, one arm per class.
 
     Arm k holds n_per_class points at radius r in [0, 1], angle
@@ -40,7 +46,7 @@ def spirals(n_per_class, *, n_classes=3, turns=1.0, noise=0.2, rng=None):
     return (x / x.std()).astype(np.float32), labels.astype(np.int64)
 
 
-def digits():
+def digits() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """scikit-learn's 1,797 handwritten digits as (N, C, H, W) images for a CNN.
 
     Returns (images, labels): images float32 of shape (1797, 1, 8, 8) with
@@ -51,8 +57,10 @@ def digits():
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ImportError('bnpy.data.digits needs scikit-learn: pip install "bnpy[notebooks]" '
-                          "(or pip install scikit-learn)") from None
+        raise ImportError(
+            'bnpy.data.digits needs scikit-learn: pip install "bnpy[notebooks]" '
+            "(or pip install scikit-learn)"
+        ) from None
     data = load_digits()
     images = (data.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
     return images, data.target.astype(np.int64)

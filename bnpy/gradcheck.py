@@ -23,9 +23,13 @@ index with the analytic and the numerical value there. :func:`check_layer`
 does all this for a :class:`bnpy.BatchNorm` (or any layer with ``forward``,
 ``backward``, ``gamma``, ``beta``, ``grad_gamma``, ``grad_beta``).
 """
+
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "numerical_vjp",
@@ -39,65 +43,74 @@ __all__ = [
 ]
 
 MODES = ("full", "fast")
+_Array = npt.NDArray[np.float64]
+# forward(*inputs) -> y and backward(dy, *inputs) -> one gradient (or None) per input
+Forward = Callable[..., npt.ArrayLike]
+Backward = Callable[..., Any]
 _DY_STREAM = 0x6772616463  # "gradc": keys gradcheck's random stream apart from the user's
 
 
 class GradcheckError(AssertionError):
     """Analytic gradients disagree with finite differences; the message is the report."""
 
-    def __init__(self, report):
+    def __init__(self, report: "GradcheckReport") -> None:
         super().__init__(str(report))
         self.report = report
 
 
-def numerical_vjp(f, inputs, dy, *, eps=1e-6):
+def numerical_vjp(
+    f: Forward, inputs: Sequence[npt.ArrayLike], dy: npt.ArrayLike, *, eps: float = 1e-6
+) -> tuple[_Array, ...]:
     """Central differences of <f(*inputs), dy> with respect to each input.
 
     f takes the inputs (as float64 arrays) and returns an array shaped like dy.
     Each element of each input is moved by +eps and -eps in turn; the result
     is one float64 array per input, shaped like that input.
     """
-    inputs = [np.array(a, dtype=np.float64) for a in inputs]
+    arrays = [np.array(a, dtype=np.float64) for a in inputs]
     dy = np.asarray(dy, dtype=np.float64)
     grads = []
-    for a in inputs:
+    for a in arrays:
         grad = np.zeros_like(a)
         flat, flat_grad = a.reshape(-1), grad.reshape(-1)  # views of a and grad
         for i in range(flat.size):
             saved = flat[i]
             flat[i] = saved + eps
-            up = _loss(f, inputs, dy)
+            up = _loss(f, arrays, dy)
             flat[i] = saved - eps
-            down = _loss(f, inputs, dy)
+            down = _loss(f, arrays, dy)
             flat[i] = saved
             flat_grad[i] = (up - down) / (2 * eps)
         grads.append(grad)
     return tuple(grads)
 
 
-def relative_error(analytic, numeric):
+def relative_error(analytic: npt.ArrayLike, numeric: npt.ArrayLike) -> float:
     """max|a - n| divided by the larger of max|a| and max|n|.
 
     Dividing by the largest magnitude, not element by element, keeps entries
     near zero from inflating the error. 0 when both are all zeros.
     """
-    analytic = np.asarray(analytic, dtype=np.float64)
-    numeric = np.asarray(numeric, dtype=np.float64)
-    scale = max(np.max(np.abs(analytic), initial=0.0), np.max(np.abs(numeric), initial=0.0))
-    error = np.max(np.abs(analytic - numeric), initial=0.0)
+    a = np.asarray(analytic, dtype=np.float64)
+    n = np.asarray(numeric, dtype=np.float64)
+    scale = max(np.max(np.abs(a), initial=0.0), np.max(np.abs(n), initial=0.0))
+    error = np.max(np.abs(a - n), initial=0.0)
     return 0.0 if scale == 0.0 else float(error / scale)
 
 
-def _loss(f, inputs, dy):
+def _loss(f: Forward, inputs: Sequence[_Array], dy: _Array) -> float:
     """<f(*inputs), dy> in float64."""
     y = np.asarray(f(*inputs), dtype=np.float64)
     if y.shape != dy.shape:
-        raise ValueError(f"forward returned shape {y.shape}, expected {dy.shape} "
-                         "(the shape it returned for the original inputs)")
+        raise ValueError(
+            f"forward returned shape {y.shape}, expected {dy.shape} "
+            "(the shape it returned for the original inputs)"
+        )
     return float(np.sum(y * dy))
 
 
 # ---- the report -----------------------------------------------------------
+
 
 @dataclass
 class InputResult:
@@ -107,13 +120,14 @@ class InputResult:
     ``analytic``/``numerical`` the two values there; in fast mode ``index`` is
     the worst direction's number and the values are directional derivatives.
     """
+
     name: str
-    shape: tuple
+    shape: tuple[int, ...]
     checked: bool  # False when backward returned None for this input
     passed: bool = True
     max_abs_error: float = 0.0
     rel_error: float = 0.0
-    index: tuple = ()
+    index: tuple[int, ...] = ()
     analytic: float = 0.0
     numerical: float = 0.0
 
@@ -121,27 +135,32 @@ class InputResult:
 @dataclass
 class GradcheckReport:
     """The outcome of a gradient check; ``str(report)`` prints it as a table."""
+
     passed: bool
     max_abs_error: float
     max_rel_error: float
-    inputs: list = field(default_factory=list)  # one InputResult per input
+    inputs: list[InputResult] = field(default_factory=list)  # one InputResult per input
     mode: str = "full"
     eps: float = 1e-6
     atol: float = 1e-5
     rtol: float = 1e-3
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return self.passed
 
-    def __str__(self):
+    def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
         where = "worst element" if self.mode == "full" else "worst direction"
         lines = [
-            f"gradcheck {verdict} (mode={self.mode}, eps={self.eps:g}, atol={self.atol:g}, "
-            f"rtol={self.rtol:g}): max abs error {self.max_abs_error:.3g}, "
-            f"max relative error {self.max_rel_error:.3g}",
-            f"  {'input':<10} {'shape':<14} {'abs err':>9} {'rel err':>9}  "
-            f"{where:<16} {'analytic':>14} {'numerical':>14}  ok",
+            (
+                f"gradcheck {verdict} (mode={self.mode}, eps={self.eps:g}, atol={self.atol:g}, "
+                f"rtol={self.rtol:g}): max abs error {self.max_abs_error:.3g}, "
+                f"max relative error {self.max_rel_error:.3g}"
+            ),
+            (
+                f"  {'input':<10} {'shape':<14} {'abs err':>9} {'rel err':>9}  "
+                f"{where:<16} {'analytic':>14} {'numerical':>14}  ok"
+            ),
         ]
         for r in self.inputs:
             shape = str(r.shape)
@@ -152,11 +171,19 @@ class GradcheckReport:
             lines.append(
                 f"  {r.name:<10} {shape:<14} {r.max_abs_error:>9.2e} {r.rel_error:>9.2e}  "
                 f"{index:<16} {r.analytic:>14.7g} {r.numerical:>14.7g}  "
-                f"{'yes' if r.passed else 'NO'}")
+                f"{'yes' if r.passed else 'NO'}"
+            )
         return "\n".join(lines)
 
 
-def _compare(name, analytic, numerical, atol, rtol, index_of):
+def _compare(
+    name: str,
+    analytic: _Array,
+    numerical: _Array,
+    atol: float,
+    rtol: float,
+    index_of: Callable[[int], tuple[int, ...]],
+) -> InputResult:
     """InputResult for two float64 arrays of one shape, element by element.
 
     The worst element is the one that most exceeds atol + rtol * |numerical|;
@@ -168,7 +195,9 @@ def _compare(name, analytic, numerical, atol, rtol, index_of):
         return InputResult(name, analytic.shape, True)
     worst = int(np.argmax(diff / allowed))
     return InputResult(
-        name, analytic.shape, True,
+        name,
+        analytic.shape,
+        True,
         passed=bool(np.all(diff <= allowed)),
         max_abs_error=float(diff.max()),
         rel_error=relative_error(analytic, numerical),
@@ -180,7 +209,8 @@ def _compare(name, analytic, numerical, atol, rtol, index_of):
 
 # ---- the checks -----------------------------------------------------------
 
-def _validate_options(eps, atol, rtol, mode, directions):
+
+def _validate_options(eps: float, atol: float, rtol: float, mode: str, directions: int) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be 'full' or 'fast', got {mode!r}")
     if not (eps > 0 and np.isfinite(eps)):
@@ -191,26 +221,31 @@ def _validate_options(eps, atol, rtol, mode, directions):
         raise ValueError(f"directions must be a positive integer, got {directions!r}")
 
 
-def _analytic_gradients(backward, dy, inputs):
+def _analytic_gradients(
+    backward: Backward, dy: _Array, inputs: Sequence[_Array]
+) -> list[_Array | None]:
     grads = backward(dy, *inputs)
     if not isinstance(grads, (tuple, list)):
         grads = (grads,)
     if len(grads) != len(inputs):
         raise ValueError(f"backward returned {len(grads)} gradients for {len(inputs)} inputs")
-    result = []
+    result: list[_Array | None] = []
     for i, (g, a) in enumerate(zip(grads, inputs)):
         if g is None:
             result.append(None)
             continue
-        g = np.array(g, dtype=np.float64)
-        if g.shape != a.shape:
-            raise ValueError(f"backward's gradient {i} has shape {g.shape}, "
-                             f"but input {i} has shape {a.shape}")
-        result.append(g)
+        grad = np.array(g, dtype=np.float64)
+        if grad.shape != a.shape:
+            raise ValueError(
+                f"backward's gradient {i} has shape {grad.shape}, but input {i} has shape {a.shape}"
+            )
+        result.append(grad)
     return result
 
 
-def _directional(f, inputs, dy, which, direction, eps):
+def _directional(
+    f: Forward, inputs: Sequence[_Array], dy: _Array, which: int, direction: _Array, eps: float
+) -> float:
     """Central difference of <f, dy> along `direction` in input `which`."""
     base = inputs[which]
     moved = list(inputs)
@@ -221,8 +256,24 @@ def _directional(f, inputs, dy, which, direction, eps):
     return (up - down) / (2 * eps)
 
 
-def gradcheck(forward, backward, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, mode="full",
-              seed=0, directions=3, names=None):
+def _unravel(shape: tuple[int, ...]) -> Callable[[int], tuple[int, ...]]:
+    """The index into an array of this shape of each flat position."""
+    return lambda flat: tuple(int(i) for i in np.unravel_index(flat, shape))
+
+
+def gradcheck(
+    forward: Forward,
+    backward: Backward,
+    inputs: Sequence[npt.ArrayLike],
+    *,
+    eps: float = 1e-6,
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    mode: str = "full",
+    seed: int = 0,
+    directions: int = 3,
+    names: Sequence[str] | None = None,
+) -> GradcheckReport:
     """Compare backward's gradients with central finite differences of forward.
 
     forward(*inputs) returns an array y; backward(dy, *inputs) returns one
@@ -240,35 +291,35 @@ def gradcheck(forward, backward, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, mode
     Returns a GradcheckReport (truthy when it passed); `names` labels the inputs.
     """
     _validate_options(eps, atol, rtol, mode, directions)
-    inputs = [np.array(a, dtype=np.float64) for a in inputs]
-    names = list(names) if names is not None else [f"input {i}" for i in range(len(inputs))]
-    if len(names) != len(inputs):
-        raise ValueError(f"got {len(names)} names for {len(inputs)} inputs")
+    arrays = [np.array(a, dtype=np.float64) for a in inputs]
+    labels = list(names) if names is not None else [f"input {i}" for i in range(len(arrays))]
+    if len(labels) != len(arrays):
+        raise ValueError(f"got {len(labels)} names for {len(arrays)} inputs")
     # a stream of its own: data a user drew from default_rng(seed) must not
     # coincide with dy (in training-mode batch norm, a dy that is an affine
     # function of x-hat has dx = 0, and any wrong dx would pass)
     rng = np.random.default_rng([seed, _DY_STREAM])
-    y = np.asarray(forward(*inputs), dtype=np.float64)
+    y = np.asarray(forward(*arrays), dtype=np.float64)
     dy = rng.standard_normal(y.shape)
-    analytic = _analytic_gradients(backward, dy, inputs)
+    analytic = _analytic_gradients(backward, dy, arrays)
 
     if mode == "full":
-        numerical = numerical_vjp(forward, inputs, dy, eps=eps)
+        numerical = numerical_vjp(forward, arrays, dy, eps=eps)
         results = [
-            InputResult(name, a.shape, False) if g is None else
-            _compare(name, g, n, atol, rtol,
-                     lambda flat, shape=a.shape: tuple(int(i) for i in np.unravel_index(flat, shape)))
-            for name, a, g, n in zip(names, inputs, analytic, numerical)
+            InputResult(name, a.shape, False)
+            if g is None
+            else _compare(name, g, n, atol, rtol, _unravel(a.shape))
+            for name, a, g, n in zip(labels, arrays, analytic, numerical)
         ]
     else:
         results = []
-        for which, (name, a, g) in enumerate(zip(names, inputs, analytic)):
+        for which, (name, a, g) in enumerate(zip(labels, arrays, analytic)):
             if g is None:
                 results.append(InputResult(name, a.shape, False))
                 continue
             vs = [rng.standard_normal(a.shape) for _ in range(directions)]
             along_a = np.array([np.sum(g * v) for v in vs])
-            along_n = np.array([_directional(forward, inputs, dy, which, v, eps) for v in vs])
+            along_n = np.array([_directional(forward, arrays, dy, which, v, eps) for v in vs])
             result = _compare(name, along_a, along_n, atol, rtol, lambda k: (k,))
             result.shape = a.shape
             results.append(result)
@@ -278,11 +329,17 @@ def gradcheck(forward, backward, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, mode
         passed=all(r.passed for r in checked),
         max_abs_error=max((r.max_abs_error for r in checked), default=0.0),
         max_rel_error=max((r.rel_error for r in checked), default=0.0),
-        inputs=results, mode=mode, eps=eps, atol=atol, rtol=rtol,
+        inputs=results,
+        mode=mode,
+        eps=eps,
+        atol=atol,
+        rtol=rtol,
     )
 
 
-def assert_gradients(forward, backward, inputs, **options):
+def assert_gradients(
+    forward: Forward, backward: Backward, inputs: Sequence[npt.ArrayLike], **options: Any
+) -> GradcheckReport:
     """gradcheck(...), raising GradcheckError with the report's table on failure.
 
     Returns the report when the gradients agree.
@@ -293,16 +350,19 @@ def assert_gradients(forward, backward, inputs, **options):
     return report
 
 
-def _snapshot(layer):
+def _snapshot(layer: Any) -> tuple[str, dict[str, Any]]:
     """What check_layer must put back: the state dict, or gamma and beta."""
     if hasattr(layer, "state_dict") and hasattr(layer, "load_state_dict"):
         return ("state_dict", layer.state_dict())
-    params = {k: np.array(getattr(layer, k)) for k in ("gamma", "beta")
-              if getattr(layer, k, None) is not None}
+    params = {
+        k: np.array(getattr(layer, k))
+        for k in ("gamma", "beta")
+        if getattr(layer, k, None) is not None
+    }
     return ("params", params)
 
 
-def _restore(layer, snapshot):
+def _restore(layer: Any, snapshot: tuple[str, dict[str, Any]]) -> None:
     kind, saved = snapshot
     if kind == "state_dict":
         layer.load_state_dict(saved)
@@ -311,7 +371,7 @@ def _restore(layer, snapshot):
             setattr(layer, k, v)
 
 
-def check_layer(layer, x, **options):
+def check_layer(layer: Any, x: npt.ArrayLike, **options: Any) -> GradcheckReport:
     """Check a batch-norm-like layer's gradients for x, gamma and beta.
 
     `layer` has forward(x), backward(dy) -> dx and the attributes gamma, beta
@@ -329,22 +389,22 @@ def check_layer(layer, x, **options):
     has_params = getattr(layer, "gamma", None) is not None
     snapshot = _snapshot(layer)
 
-    def set_params(*params):  # (gamma, beta), or () for a layer without them
+    def set_params(*params: _Array) -> None:  # (gamma, beta), or () for a layer without them
         if params:
             layer.gamma, layer.beta = params
 
-    def forward(x_, *params):
+    def forward(x_: _Array, *params: _Array) -> Any:
         set_params(*params)
         return layer.forward(x_)
 
-    def backward(dy, x_, *params):
+    def backward(dy: _Array, x_: _Array, *params: _Array) -> tuple[Any, ...]:
         set_params(*params)
         layer.forward(x_)  # the forward that backward differentiates
         dx = layer.backward(dy)
         return (dx, layer.grad_gamma, layer.grad_beta) if has_params else (dx,)
 
     inputs = [x] + ([layer.gamma, layer.beta] if has_params else [])
-    names = ["x", "gamma", "beta"][:len(inputs)]
+    names = ["x", "gamma", "beta"][: len(inputs)]
     try:
         return gradcheck(forward, backward, inputs, names=names, **options)
     finally:

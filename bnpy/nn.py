@@ -26,12 +26,21 @@ mini-batches; :func:`preactivations`, :func:`batch_std` and
 :func:`recalibrate` gives every BatchNorm of a trained model the exact
 statistics of a data set.
 """
+
 import copy
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._core import BatchNorm
 from .fold import fold
+
+Array = npt.NDArray[Any]  # a float32 or float64 array
+# (param, grad) pairs: grad is None before the first backward
+Parameters = list[tuple[Array, Array | None]]
 
 __all__ = [
     "Layer",
@@ -57,28 +66,28 @@ __all__ = [
 ]
 
 
-def _as_float_array(x):
+def _as_float_array(x: npt.ArrayLike) -> Array:
     """x as a floating-point array: float inputs keep their dtype, others become float64."""
-    x = np.asarray(x)
-    if x.dtype.kind == "f":
-        return x
-    if x.dtype.kind in "biu":  # booleans, signed and unsigned integers
-        return x.astype(np.float64)
-    raise TypeError(f"expected an array of real numbers, got dtype {x.dtype}")
+    array = np.asarray(x)
+    if array.dtype.kind == "f":
+        return array
+    if array.dtype.kind in "biu":  # booleans, signed and unsigned integers
+        return array.astype(np.float64)
+    raise TypeError(f"expected an array of real numbers, got dtype {array.dtype}")
 
 
-def _float_dtype(dtype):
+def _float_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
     """np.dtype for float32 or float64 (as a type, a string or a dtype); ValueError otherwise."""
     try:
-        dtype = np.dtype(dtype)
+        result = np.dtype(dtype)
     except TypeError:
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}") from None
-    if dtype not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    return dtype
+    if result not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {result}")
+    return result
 
 
-def _positive_int(name, value, least=1):
+def _positive_int(name: str, value: Any, least: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < least:
@@ -86,12 +95,15 @@ def _positive_int(name, value, least=1):
     return int(value)
 
 
-def _normal_weights(shape, fan_in, weight_scale, dtype, rng):
+def _normal_weights(
+    shape: tuple[int, ...], fan_in: int, weight_scale: float, dtype: np.dtype[Any], rng: Any
+) -> Array:
     """Weights drawn from N(0, weight_scale**2 / fan_in), in dtype."""
     if not (np.isfinite(weight_scale) and weight_scale >= 0):
         raise ValueError(f"weight_scale must be a finite number >= 0, got {weight_scale!r}")
     std = weight_scale / np.sqrt(fan_in)
-    return (np.random.default_rng(rng).standard_normal(shape) * std).astype(dtype)
+    weights: Array = (np.random.default_rng(rng).standard_normal(shape) * std).astype(dtype)
+    return weights
 
 
 class Layer:
@@ -99,46 +111,59 @@ class Layer:
 
     training = True
 
-    def __call__(self, x):
+    def forward(self, x: npt.ArrayLike) -> Array:
+        raise NotImplementedError
+
+    def backward(self, dy: npt.ArrayLike) -> Array:
+        raise NotImplementedError
+
+    def __call__(self, x: npt.ArrayLike) -> Array:
         return self.forward(x)
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "Layer":
         """Set training mode (eval mode when mode is False); return the layer."""
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> "Layer":
         """Set eval (inference) mode; return the layer."""
         return self.train(False)
 
-    def parameters(self):
+    def parameters(self) -> Parameters:
         """A list of (param, grad) pairs; grad is None before the first backward."""
         return []
 
-    def _saved(self, saved, dy):
+    def _saved(self, saved: Array | None, dy: npt.ArrayLike) -> tuple[Array, Array]:
         """The array forward saved, and dy checked against its shape."""
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
-        dy = _as_float_array(dy)
-        if dy.shape != saved.shape:
-            raise ValueError(f"dy has shape {dy.shape}, but the last forward's "
-                             f"output has shape {saved.shape}")
-        return saved, dy
+        grad = _as_float_array(dy)
+        if grad.shape != saved.shape:
+            raise ValueError(
+                f"dy has shape {grad.shape}, but the last forward's output has shape {saved.shape}"
+            )
+        return saved, grad
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
 class _Weighted(Layer):
     """A layer with a weight and an optional bias (None), and their gradients."""
 
-    def parameters(self):
-        pairs = [(self.weight, self.grad_weight)]
+    weight: Array
+    bias: Array | None
+    grad_weight: Array | None
+    grad_bias: Array | None
+    dtype: np.dtype[Any]
+
+    def parameters(self) -> Parameters:
+        pairs: Parameters = [(self.weight, self.grad_weight)]
         if self.bias is not None:
             pairs.append((self.bias, self.grad_bias))
         return pairs
 
-    def fold_batch_norm(self, bn):
+    def fold_batch_norm(self, bn: BatchNorm) -> "_Weighted":
         """Fold bn, an eval-mode BatchNorm of this layer's output, into weight and
         bias (bnpy.fold), in place: the layer alone then computes what the pair did.
         A layer without bias gets one; the gradients are reset. Returns the layer."""
@@ -162,114 +187,134 @@ class Linear(_Weighted):
     None until a backward, then hold the gradients of the last backward.
     """
 
-    def __init__(self, in_features, out_features, *, bias=True, weight_scale=1.0,
-                 dtype=np.float32, rng=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        weight_scale: float = 1.0,
+        dtype: npt.DTypeLike = np.float32,
+        rng: Any = None,
+    ) -> None:
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         self.dtype = _float_dtype(dtype)
-        self.weight = _normal_weights((out_features, in_features), in_features, weight_scale,
-                                      self.dtype, rng)
+        self.weight = _normal_weights(
+            (out_features, in_features), in_features, weight_scale, self.dtype, rng
+        )
         self.bias = np.zeros(out_features, self.dtype) if bias else None
         self.grad_weight = None
         self.grad_bias = None
-        self._x = None
+        self._x: Array | None = None
 
-    def forward(self, x):
-        x = np.asarray(_as_float_array(x), dtype=self.dtype)
-        if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"expected {self.in_features} features on the last axis, "
-                             f"got input of shape {x.shape}")
-        y = x @ self.weight.T
+    def forward(self, x: npt.ArrayLike) -> Array:
+        inputs = np.asarray(_as_float_array(x), dtype=self.dtype)
+        if inputs.ndim < 1 or inputs.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected {self.in_features} features on the last axis, "
+                f"got input of shape {inputs.shape}"
+            )
+        y: Array = inputs @ self.weight.T
         if self.bias is not None:
             y += self.bias
-        self._x = x
+        self._x = inputs
         return y
 
-    def backward(self, dy):
+    def backward(self, dy: npt.ArrayLike) -> Array:
         if self._x is None:
             raise RuntimeError("Linear.backward called before any forward")
-        dy = np.asarray(_as_float_array(dy), dtype=self.dtype)
+        grad = np.asarray(_as_float_array(dy), dtype=self.dtype)
         expected = self._x.shape[:-1] + (self.out_features,)
-        if dy.shape != expected:
-            raise ValueError(f"dy has shape {dy.shape}, expected {expected}")
-        rows = dy.reshape(-1, self.out_features)
+        if grad.shape != expected:
+            raise ValueError(f"dy has shape {grad.shape}, expected {expected}")
+        rows = grad.reshape(-1, self.out_features)
         self.grad_weight = rows.T @ self._x.reshape(-1, self.in_features)
         if self.bias is not None:
             self.grad_bias = rows.sum(axis=0)
-        return dy @ self.weight
+        return grad @ self.weight
 
-    def __repr__(self):
-        return (f"Linear({self.in_features}, {self.out_features}, "
-                f"bias={self.bias is not None}, dtype='{self.dtype}')")
+    def __repr__(self) -> str:
+        return (
+            f"Linear({self.in_features}, {self.out_features}, "
+            f"bias={self.bias is not None}, dtype='{self.dtype}')"
+        )
 
 
 class ReLU(Layer):
     """y = max(x, 0); the gradient at 0 is taken as 0."""
 
-    _x = None
+    _x: Array | None = None
 
-    def forward(self, x):
+    def forward(self, x: npt.ArrayLike) -> Array:
         self._x = _as_float_array(x)
         return np.maximum(self._x, 0)
 
-    def backward(self, dy):
-        x, dy = self._saved(self._x, dy)
-        return dy * (x > 0)
+    def backward(self, dy: npt.ArrayLike) -> Array:
+        x, grad = self._saved(self._x, dy)
+        return grad * (x > 0)
 
 
 class Tanh(Layer):
     """y = tanh(x); dy/dx = 1 - y**2."""
 
-    _y = None
+    _y: Array | None = None
 
-    def forward(self, x):
+    def forward(self, x: npt.ArrayLike) -> Array:
         self._y = np.tanh(_as_float_array(x))
         return self._y
 
-    def backward(self, dy):
-        y, dy = self._saved(self._y, dy)
-        return dy * (1 - y * y)
+    def backward(self, dy: npt.ArrayLike) -> Array:
+        y, grad = self._saved(self._y, dy)
+        dx: Array = grad * (1 - y * y)
+        return dx
 
 
 class Sigmoid(Layer):
     """y = 1 / (1 + exp(-x)); dy/dx = y * (1 - y). Never overflows."""
 
-    _y = None
+    _y: Array | None = None
 
-    def forward(self, x):
+    def forward(self, x: npt.ArrayLike) -> Array:
         # the same function as 1 / (1 + exp(-x)), without exp's overflow
         self._y = 0.5 * (1 + np.tanh(0.5 * _as_float_array(x)))
         return self._y
 
-    def backward(self, dy):
-        y, dy = self._saved(self._y, dy)
-        return dy * y * (1 - y)
+    def backward(self, dy: npt.ArrayLike) -> Array:
+        y, grad = self._saved(self._y, dy)
+        dx: Array = grad * y * (1 - y)
+        return dx
 
 
-ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+ACTIVATIONS: dict[str, type[Layer]] = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
 
 
 # ---- images: (N, C, H, W) ----------------------------------------------------
 
-def _image_input(layer, x, channels):
+
+def _image_input(layer: Layer, x: npt.ArrayLike, channels: int) -> Array:
     """x as an (N, C, H, W) float array with C == channels; ValueError otherwise."""
-    x = _as_float_array(x)
-    if x.ndim != 4 or x.shape[1] != channels:
-        raise ValueError(f"{type(layer).__name__} expected input of shape (N, {channels}, H, W), "
-                         f"got {x.shape}")
-    return x
+    images = _as_float_array(x)
+    if images.ndim != 4 or images.shape[1] != channels:
+        raise ValueError(
+            f"{type(layer).__name__} expected input of shape (N, {channels}, H, W), "
+            f"got {images.shape}"
+        )
+    return images
 
 
-def _output_size(layer, size, kernel_size, stride, padding):
+def _output_size(layer: Layer, size: int, kernel_size: int, stride: int, padding: int) -> int:
     """Windows that fit along one side of `size` values (after padding); ValueError if none."""
     out = (size + 2 * padding - kernel_size) // stride + 1
     if out < 1:
-        raise ValueError(f"{type(layer).__name__}: a kernel of {kernel_size} with padding "
-                         f"{padding} does not fit an image side of {size}")
+        raise ValueError(
+            f"{type(layer).__name__}: a kernel of {kernel_size} with padding "
+            f"{padding} does not fit an image side of {size}"
+        )
     return out
 
 
-def _windows(x, kernel_size, stride, out_h, out_w):
+def _windows(x: Array, kernel_size: int, stride: int, out_h: int, out_w: int) -> Array:
     """Every kernel_size x kernel_size window of x, read without a copy.
 
     x (N, C, H, W) -> (N, C, out_h, out_w, k, k): [n, c, i, j] is the window
@@ -279,7 +324,7 @@ def _windows(x, kernel_size, stride, out_h, out_w):
     return view[:, :, ::stride, ::stride][:, :, :out_h, :out_w]
 
 
-def _sum_windows(pieces, shape, stride):
+def _sum_windows(pieces: Array, shape: tuple[int, ...], stride: int) -> Array:
     """The adjoint of _windows: add each window's values back where they were read.
 
     pieces (N, C, out_h, out_w, k, k) -> an array of `shape` (N, C, H, W).
@@ -289,8 +334,9 @@ def _sum_windows(pieces, shape, stride):
     total = np.zeros(shape, dtype=pieces.dtype)
     for i in range(k):
         for j in range(k):
-            total[:, :, i:i + stride * out_h:stride, j:j + stride * out_w:stride] += \
-                pieces[:, :, :, :, i, j]
+            total[:, :, i : i + stride * out_h : stride, j : j + stride * out_w : stride] += pieces[
+                :, :, :, :, i, j
+            ]
     return total
 
 
@@ -306,8 +352,19 @@ class Conv2d(_Weighted):
     or a numpy Generator; inputs are converted to the layer's dtype.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, *, stride=1, padding=0,
-                 bias=True, weight_scale=1.0, dtype=np.float32, rng=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        weight_scale: float = 1.0,
+        dtype: npt.DTypeLike = np.float32,
+        rng: Any = None,
+    ) -> None:
         self.in_channels = _positive_int("in_channels", in_channels)
         self.out_channels = _positive_int("out_channels", out_channels)
         self.kernel_size = _positive_int("kernel_size", kernel_size)
@@ -315,20 +372,26 @@ class Conv2d(_Weighted):
         self.padding = _positive_int("padding", padding, least=0)
         self.dtype = _float_dtype(dtype)
         fan_in = in_channels * kernel_size * kernel_size
-        self.weight = _normal_weights((out_channels, in_channels, kernel_size, kernel_size),
-                                      fan_in, weight_scale, self.dtype, rng)
+        self.weight = _normal_weights(
+            (out_channels, in_channels, kernel_size, kernel_size),
+            fan_in,
+            weight_scale,
+            self.dtype,
+            rng,
+        )
         self.bias = np.zeros(out_channels, self.dtype) if bias else None
         self.grad_weight = None
         self.grad_bias = None
-        self._rows = None  # the last forward's windows, one per row
-        self._shapes = None  # (padded input shape, output shape)
+        self._rows: Array | None = None  # the last forward's windows, one per row
+        # (padded input shape, output shape)
+        self._shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
-    def forward(self, x):
-        x = np.asarray(_image_input(self, x, self.in_channels), dtype=self.dtype)
-        n, _, h, w = x.shape
+    def forward(self, x: npt.ArrayLike) -> Array:
+        images = np.asarray(_image_input(self, x, self.in_channels), dtype=self.dtype)
+        n, _, h, w = images.shape
         k, s, p = self.kernel_size, self.stride, self.padding
         out_h, out_w = (_output_size(self, side, k, s, p) for side in (h, w))
-        padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p))) if p else x
+        padded = np.pad(images, ((0, 0), (0, 0), (p, p), (p, p))) if p else images
         windows = _windows(padded, k, s, out_h, out_w)  # (N, C, H', W', k, k)
         rows = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * out_h * out_w, -1)
         y = rows @ self.weight.reshape(self.out_channels, -1).T  # (N*H'*W', out_channels)
@@ -338,16 +401,16 @@ class Conv2d(_Weighted):
         self._shapes = (padded.shape, (n, self.out_channels, out_h, out_w))
         return np.ascontiguousarray(y.reshape(n, out_h, out_w, -1).transpose(0, 3, 1, 2))
 
-    def backward(self, dy):
-        if self._rows is None:
+    def backward(self, dy: npt.ArrayLike) -> Array:
+        if self._rows is None or self._shapes is None:
             raise RuntimeError("Conv2d.backward called before any forward")
         padded_shape, out_shape = self._shapes
-        dy = np.asarray(_as_float_array(dy), dtype=self.dtype)
-        if dy.shape != out_shape:
-            raise ValueError(f"dy has shape {dy.shape}, expected {out_shape}")
+        grad = np.asarray(_as_float_array(dy), dtype=self.dtype)
+        if grad.shape != out_shape:
+            raise ValueError(f"dy has shape {grad.shape}, expected {out_shape}")
         n, _, out_h, out_w = out_shape
         k, p = self.kernel_size, self.padding
-        dy_rows = dy.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)  # (N*H'*W', out)
+        dy_rows = grad.transpose(0, 2, 3, 1).reshape(-1, self.out_channels)  # (N*H'*W', out)
         self.grad_weight = (dy_rows.T @ self._rows).reshape(self.weight.shape)
         if self.bias is not None:
             self.grad_bias = dy_rows.sum(axis=0)
@@ -355,12 +418,14 @@ class Conv2d(_Weighted):
         pieces = drows.reshape(n, out_h, out_w, self.in_channels, k, k).transpose(0, 3, 1, 2, 4, 5)
         dpadded = _sum_windows(pieces, padded_shape, self.stride)
         h, w = padded_shape[2] - 2 * p, padded_shape[3] - 2 * p
-        return dpadded[:, :, p:p + h, p:p + w]
+        return dpadded[:, :, p : p + h, p : p + w]
 
-    def __repr__(self):
-        return (f"Conv2d({self.in_channels}, {self.out_channels}, {self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
-                f"dtype='{self.dtype}')")
+    def __repr__(self) -> str:
+        return (
+            f"Conv2d({self.in_channels}, {self.out_channels}, {self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"dtype='{self.dtype}')"
+        )
 
 
 class MaxPool2d(Layer):
@@ -370,61 +435,63 @@ class MaxPool2d(Layer):
     window's gradient to the position of its maximum (the first one on a tie).
     """
 
-    def __init__(self, kernel_size, stride=None):
+    def __init__(self, kernel_size: int, stride: int | None = None) -> None:
         self.kernel_size = _positive_int("kernel_size", kernel_size)
         self.stride = self.kernel_size if stride is None else _positive_int("stride", stride)
-        self._argmax = None  # (N, C, H', W'): where in its window each maximum was
-        self._x_shape = None
+        self._argmax: Array | None = None  # (N, C, H', W'): where in its window each maximum was
+        self._x_shape: tuple[int, ...] | None = None
 
-    def forward(self, x):
-        x = _as_float_array(x)
-        if x.ndim != 4:
-            raise ValueError(f"MaxPool2d expected input of shape (N, C, H, W), got {x.shape}")
+    def forward(self, x: npt.ArrayLike) -> Array:
+        images = _as_float_array(x)
+        if images.ndim != 4:
+            raise ValueError(f"MaxPool2d expected input of shape (N, C, H, W), got {images.shape}")
         k, s = self.kernel_size, self.stride
-        out_h, out_w = (_output_size(self, side, k, s, 0) for side in x.shape[2:])
-        windows = _windows(x, k, s, out_h, out_w).reshape(*x.shape[:2], out_h, out_w, k * k)
-        self._argmax = windows.argmax(axis=-1)
-        self._x_shape = x.shape
-        return np.take_along_axis(windows, self._argmax[..., None], axis=-1)[..., 0]
+        out_h, out_w = (_output_size(self, side, k, s, 0) for side in images.shape[2:])
+        windows = _windows(images, k, s, out_h, out_w).reshape(
+            *images.shape[:2], out_h, out_w, k * k
+        )
+        argmax = windows.argmax(axis=-1)
+        self._argmax, self._x_shape = argmax, images.shape
+        return np.take_along_axis(windows, argmax[..., None], axis=-1)[..., 0]
 
-    def backward(self, dy):
-        if self._argmax is None:
+    def backward(self, dy: npt.ArrayLike) -> Array:
+        if self._argmax is None or self._x_shape is None:
             raise RuntimeError("MaxPool2d.backward called before any forward")
-        dy = _as_float_array(dy)
-        if dy.shape != self._argmax.shape:
-            raise ValueError(f"dy has shape {dy.shape}, expected {self._argmax.shape}")
+        grad = _as_float_array(dy)
+        if grad.shape != self._argmax.shape:
+            raise ValueError(f"dy has shape {grad.shape}, expected {self._argmax.shape}")
         k = self.kernel_size
         winners = np.arange(k * k) == self._argmax[..., None]  # (N, C, H', W', k*k)
-        pieces = (winners * dy[..., None]).reshape(*dy.shape, k, k)
+        pieces = (winners * grad[..., None]).reshape(*grad.shape, k, k)
         return _sum_windows(pieces, self._x_shape, self.stride)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"MaxPool2d({self.kernel_size}, stride={self.stride})"
 
 
 class Flatten(Layer):
     """(N, ...) -> (N, everything else): images into rows for a Linear layer."""
 
-    _x_shape = None
+    _x_shape: tuple[int, ...] | None = None
 
-    def forward(self, x):
-        x = _as_float_array(x)
-        if x.ndim < 1:
+    def forward(self, x: npt.ArrayLike) -> Array:
+        inputs = _as_float_array(x)
+        if inputs.ndim < 1:
             raise ValueError("Flatten expected an input with a batch axis, got a scalar")
-        self._x_shape = x.shape
-        return x.reshape(len(x), -1)
+        self._x_shape = inputs.shape
+        return inputs.reshape(len(inputs), -1)
 
-    def backward(self, dy):
+    def backward(self, dy: npt.ArrayLike) -> Array:
         if self._x_shape is None:
             raise RuntimeError("Flatten.backward called before any forward")
-        dy = _as_float_array(dy)
+        grad = _as_float_array(dy)
         expected = (self._x_shape[0], int(np.prod(self._x_shape[1:])))
-        if dy.shape != expected:
-            raise ValueError(f"dy has shape {dy.shape}, expected {expected}")
-        return dy.reshape(self._x_shape)
+        if grad.shape != expected:
+            raise ValueError(f"dy has shape {grad.shape}, expected {expected}")
+        return grad.reshape(self._x_shape)
 
 
-def _layer_parameters(layer):
+def _layer_parameters(layer: Any) -> Parameters:
     """(param, grad) pairs of a bnpy.nn layer, or of a BatchNorm's gamma and beta."""
     if hasattr(layer, "parameters"):
         return list(layer.parameters())
@@ -442,50 +509,58 @@ class Sequential(Layer):
     forward, backward, train and eval works as a layer, bnpy.BatchNorm included.
     """
 
-    def __init__(self, *layers):
+    def __init__(self, *layers: Any) -> None:
         for i, layer in enumerate(layers):
-            missing = [m for m in ("forward", "backward", "train", "eval")
-                       if not callable(getattr(layer, m, None))]
+            missing = [
+                m
+                for m in ("forward", "backward", "train", "eval")
+                if not callable(getattr(layer, m, None))
+            ]
             if missing:
-                raise TypeError(f"layer {i} ({type(layer).__name__}) has no "
-                                f"{', '.join(missing)}")
-        self.layers = list(layers)
-        self.outputs = []
-        self.grads = []
+                raise TypeError(f"layer {i} ({type(layer).__name__}) has no {', '.join(missing)}")
+        self.layers: list[Any] = list(layers)  # bnpy.nn layers, BatchNorms or look-alikes
+        self.outputs: list[Array] = []
+        self.grads: list[Array] = []
 
-    def forward(self, x):
-        outputs = []
+    def forward(self, x: npt.ArrayLike) -> Array:
+        outputs: list[Array] = []
+        out = x
         for layer in self.layers:
-            x = layer.forward(x)
-            outputs.append(x)
+            out = np.asarray(layer.forward(out))
+            outputs.append(out)
         self.outputs = outputs
-        return x
+        return np.asarray(out)
 
-    def backward(self, dy):
+    def backward(self, dy: npt.ArrayLike) -> Array:
         if len(self.outputs) != len(self.layers):
             raise RuntimeError("Sequential.backward called before any forward")
-        grads = [None] * len(self.layers)
-        for i in reversed(range(len(self.layers))):
-            grads[i] = dy = np.asarray(dy)
-            dy = self.layers[i].backward(dy)
-        self.grads = grads
-        return dy
+        grads: list[Array] = []
+        grad = np.asarray(dy)
+        for layer in reversed(self.layers):
+            grads.append(grad)
+            grad = np.asarray(layer.backward(grad))
+        self.grads = grads[::-1]
+        return grad
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "Sequential":
         for layer in self.layers:
             layer.train(mode)
-        return super().train(mode)
+        self.training = bool(mode)
+        return self
 
-    def parameters(self):
+    def eval(self) -> "Sequential":
+        return self.train(False)
+
+    def parameters(self) -> Parameters:
         return [pair for layer in self.layers for pair in _layer_parameters(layer)]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.layers)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Any:
         return self.layers[index]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = "".join(f"\n  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential({inner}\n)"
 
@@ -498,7 +573,7 @@ class SGD:
     (param -= lr * grad when momentum is 0).
     """
 
-    def __init__(self, model, lr, momentum=0.0):
+    def __init__(self, model: Any, lr: float, momentum: float = 0.0) -> None:
         if not (np.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
         if not 0 <= momentum < 1:
@@ -506,12 +581,13 @@ class SGD:
         self.model = model
         self.lr = lr
         self.momentum = momentum
-        self._velocities = None
+        self._velocities: list[Array] | None = None
 
-    def step(self):
+    def step(self) -> None:
         """One update with the gradients of the last backward."""
-        pairs = self.model.parameters()
-        if any(grad is None for _, grad in pairs):
+        parameters: Parameters = self.model.parameters()
+        pairs = [(param, grad) for param, grad in parameters if grad is not None]
+        if len(pairs) != len(parameters):
             raise RuntimeError("SGD.step called before the model's first backward")
         if self.momentum == 0:
             for param, grad in pairs:
@@ -525,7 +601,7 @@ class SGD:
             param -= self.lr * velocity
 
 
-def softmax_cross_entropy(logits, labels):
+def softmax_cross_entropy(logits: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[float, Array]:
     """Mean cross-entropy of softmax(logits) against integer labels, and its gradient.
 
     logits has shape (N, K), labels N integers in [0, K). Returns (loss, dlogits):
@@ -534,15 +610,18 @@ def softmax_cross_entropy(logits, labels):
     """
     logits = _as_float_array(logits)
     labels = np.asarray(labels)
+    assert isinstance(logits, np.ndarray) and isinstance(labels, np.ndarray)  # for mypy
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (N, K), got {logits.shape}")
     n, k = logits.shape
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be {n} integers, got shape {labels.shape} "
-                         f"and dtype {labels.dtype}")
+        raise ValueError(
+            f"labels must be {n} integers, got shape {labels.shape} and dtype {labels.dtype}"
+        )
     if n and (labels.min() < 0 or labels.max() >= k):
-        raise ValueError(f"labels must lie in [0, {k}), got values from "
-                         f"{labels.min()} to {labels.max()}")
+        raise ValueError(
+            f"labels must lie in [0, {k}), got values from {labels.min()} to {labels.max()}"
+        )
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     rows = np.arange(n)
@@ -552,13 +631,24 @@ def softmax_cross_entropy(logits, labels):
     return float(loss), (dlogits / n).astype(logits.dtype)
 
 
-def accuracy(logits, labels):
+def accuracy(logits: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     """The fraction of rows whose largest logit is at the label."""
     return float(np.mean(np.argmax(logits, axis=1) == np.asarray(labels)))
 
 
-def mlp(in_features, out_features, *, width=64, depth=20, activation="sigmoid",
-        batch_norm=False, placement="before", weight_scale=1.0, dtype=np.float32, rng=None):
+def mlp(
+    in_features: int,
+    out_features: int,
+    *,
+    width: int = 64,
+    depth: int = 20,
+    activation: str | Callable[[], Any] = "sigmoid",
+    batch_norm: bool = False,
+    placement: str = "before",
+    weight_scale: float = 1.0,
+    dtype: npt.DTypeLike = np.float32,
+    rng: Any = None,
+) -> Sequential:
     """A deep fully connected network of `depth` Linear layers.
 
     Every hidden block is Linear -> [BatchNorm] -> activation with
@@ -571,37 +661,63 @@ def mlp(in_features, out_features, *, width=64, depth=20, activation="sigmoid",
     weight, in the same order whatever the placement and batch_norm.
     """
     depth = _positive_int("depth", depth)
-    make_activation = ACTIVATIONS.get(activation, activation)
+    make_activation = (
+        ACTIVATIONS.get(activation, activation) if isinstance(activation, str) else activation
+    )
     if not callable(make_activation):
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or a callable, "
-                         f"got {activation!r}")
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)} or a callable, got {activation!r}"
+        )
     if placement not in ("before", "after"):
-        raise ValueError(f'placement must be "before" or "after" (the activation), '
-                         f"got {placement!r}")
+        raise ValueError(
+            f'placement must be "before" or "after" (the activation), got {placement!r}'
+        )
     rng = np.random.default_rng(rng)
     sizes = [in_features] + [width] * (depth - 1) + [out_features]
     bias_is_redundant = batch_norm and placement == "before"
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    layers: list[Any] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         last = i == depth - 1
-        layers.append(Linear(n_in, n_out, bias=last or not bias_is_redundant,
-                             weight_scale=weight_scale, dtype=dtype, rng=rng))
+        layers.append(
+            Linear(
+                n_in,
+                n_out,
+                bias=last or not bias_is_redundant,
+                weight_scale=weight_scale,
+                dtype=dtype,
+                rng=rng,
+            )
+        )
         if last:
             break
         block = [make_activation()]
         if batch_norm:
-            block.insert(0 if placement == "before" else 1, BatchNorm(n_out, dtype=dtype))
+            block.insert(
+                0 if placement == "before" else 1, BatchNorm(n_out, dtype=_float_dtype(dtype))
+            )
         layers += block
     return Sequential(*layers)
 
 
-def fit(model, x, labels, *, lr, steps, batch_size=64, momentum=0.0, rng=None):
+def fit(
+    model: Sequential,
+    x: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    *,
+    lr: float,
+    steps: int,
+    batch_size: int = 64,
+    momentum: float = 0.0,
+    rng: Any = None,
+    on_step: Callable[[], object] | None = None,
+) -> npt.NDArray[np.float64]:
     """Train model with SGD on random mini-batches; return the loss of every step.
 
     Each step draws batch_size rows without replacement, runs forward,
     softmax_cross_entropy, backward and one SGD step. Training stops at the
     first non-finite loss (the network diverged): the remaining entries of
-    the returned float64 array of length `steps` are NaN.
+    the returned float64 array of length `steps` are NaN. `on_step()`, when
+    given, is called after every step (a progress counter, for instance).
     """
     x = np.asarray(x)
     labels = np.asarray(labels)
@@ -620,17 +736,20 @@ def fit(model, x, labels, *, lr, steps, batch_size=64, momentum=0.0, rng=None):
             losses[step] = loss
             model.backward(dlogits)
             optimizer.step()
+        if on_step is not None:
+            on_step()
     return losses
 
 
 # ---- what the notebooks measure ---------------------------------------------
 
-def linear_layers(model):
+
+def linear_layers(model: Sequential) -> list[Linear]:
     """The Linear layers of a Sequential, first to last."""
     return [layer for layer in model.layers if isinstance(layer, Linear)]
 
 
-def preactivations(model):
+def preactivations(model: Sequential) -> list[Array]:
     """After a forward: the inputs of every activation layer, first to last.
 
     These are the outputs of the layers just before each ReLU, Tanh or
@@ -638,37 +757,39 @@ def preactivations(model):
     """
     if len(model.outputs) != len(model.layers):
         raise RuntimeError("preactivations needs a forward through the model first")
-    return [model.outputs[i - 1] for i, layer in enumerate(model.layers)
-            if i > 0 and isinstance(layer, (ReLU, Tanh, Sigmoid))]
+    return [
+        model.outputs[i - 1]
+        for i, layer in enumerate(model.layers)
+        if i > 0 and isinstance(layer, (ReLU, Tanh, Sigmoid))
+    ]
 
 
-def batch_std(values, axis=0):
+def batch_std(values: npt.ArrayLike, axis: int = 0) -> float:
     """Each unit's standard deviation over the batch, averaged over units.
 
     This measures how much a layer's output still depends on the input: a
     unit whose value is the same for every example carries no information,
     however large its value.
     """
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.std(axis=axis).mean())
+    return float(np.asarray(values, dtype=np.float64).std(axis=axis).mean())
 
 
-def weight_gradient_norms(model):
+def weight_gradient_norms(model: Sequential) -> npt.NDArray[np.float64]:
     """After a backward: the Frobenius norm of each Linear layer's grad_weight."""
-    layers = linear_layers(model)
-    if any(layer.grad_weight is None for layer in layers):
+    grads = [layer.grad_weight for layer in linear_layers(model)]
+    if any(grad is None for grad in grads):
         raise RuntimeError("weight_gradient_norms needs a backward through the model first")
-    return np.array([np.linalg.norm(layer.grad_weight) for layer in layers])
+    return np.array([np.linalg.norm(grad) for grad in grads if grad is not None])
 
 
-def _modes(layer):
+def _modes(layer: Any) -> Any:
     """Every layer's training flag, nested Sequentials included, to put back."""
     if isinstance(layer, Sequential):
         return (layer.training, [_modes(inner) for inner in layer.layers])
     return layer.training
 
 
-def _restore_modes(layer, modes):
+def _restore_modes(layer: Any, modes: Any) -> None:
     if isinstance(layer, Sequential):
         own, inner_modes = modes
         for inner, mode in zip(layer.layers, inner_modes):
@@ -678,13 +799,13 @@ def _restore_modes(layer, modes):
         layer.train(modes)
 
 
-def _flatten(layer):
+def _flatten(layer: Any) -> list[Any]:
     if isinstance(layer, Sequential):
         return [leaf for inner in layer.layers for leaf in _flatten(inner)]
     return [layer]
 
 
-def recalibrate(model, batches):
+def recalibrate(model: Sequential, batches: Iterable[npt.ArrayLike]) -> Sequential:
     """Give every BatchNorm of `model` the exact statistics of `batches`.
 
     Runs the data through the network in eval mode and calibrates each
@@ -712,15 +833,17 @@ def recalibrate(model, batches):
     return model
 
 
-def fold_model(model):
+def fold_model(model: Sequential) -> Sequential:
     """A copy of the Sequential `model` for inference, in eval mode, where every
     Linear or Conv2d directly followed by a BatchNorm has it folded in
     (fold_batch_norm) and the BatchNorm is gone; nested Sequentials too. The
     copy's predictions are the model's in eval mode, one pass fewer per fold.
     `model` is left as it was."""
-    layers = [fold_model(layer) if isinstance(layer, Sequential) else copy.deepcopy(layer)
-              for layer in model.layers]
-    kept = []
+    layers = [
+        fold_model(layer) if isinstance(layer, Sequential) else copy.deepcopy(layer)
+        for layer in model.layers
+    ]
+    kept: list[Any] = []
     for layer in layers:
         layer.eval()
         if isinstance(layer, BatchNorm) and kept and isinstance(kept[-1], _Weighted):

@@ -1,5 +1,6 @@
 """Arrays compared to the last bit, and arrays placed within a cache line:
 the helpers the test modules share."""
+
 import numpy as np
 
 
@@ -20,7 +21,7 @@ def at_line_offset(shape, dtype, offset):
     count = int(np.prod(shape))
     raw = np.full(count + 64 // dtype.itemsize * 2, np.nan, dtype)
     skip = (-raw.ctypes.data % 64) // dtype.itemsize + offset
-    return raw[skip:skip + count].reshape(shape)
+    return raw[skip : skip + count].reshape(shape)
 
 
 def assert_same_bits_at_line_offsets(write, want, offsets):

@@ -7,6 +7,7 @@ that the comparison cannot silently stop running. The ``capability`` fixture
 sets the kernels' instruction set for one test; ``run_python`` runs code in a
 new interpreter with environment variables set.
 """
+
 import os
 import subprocess
 import sys
@@ -56,11 +57,11 @@ def run_python():
     """run(code, NAME=value, ...): `python -c code` in a new interpreter whose
     environment is this one's with those variables set (None: removed);
     returns the CompletedProcess, output as text."""
+
     def run(code, **variables):
         env = {k: v for k, v in os.environ.items() if k not in variables}
         env.update({k: v for k, v in variables.items() if v is not None})
-        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                              text=True)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
     return run
 
@@ -77,8 +78,9 @@ except ImportError:  # a test extra: only tests/test_properties.py needs it
     pass
 else:
     _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    settings.register_profile("ci", max_examples=100, derandomize=True, database=None,
-                              print_blob=True, **_common)
+    settings.register_profile(
+        "ci", max_examples=100, derandomize=True, database=None, print_blob=True, **_common
+    )
     settings.register_profile("dev", max_examples=100, **_common)
     settings.register_profile("thorough", max_examples=2000, **_common)
     _in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")

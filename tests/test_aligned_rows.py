@@ -6,11 +6,12 @@ separate output or in place, writes the same bits at every start within a
 line, in every instruction-set build, on 1 and 2 threads, for rows just short
 of, at and past that length, rows long enough for the pipelined passes, and
 rows cut into tiles (pieces that start inside a row)."""
+
 import numpy as np
 import pytest
+from bitwise import assert_same_bits_at_line_offsets, at_line_offset
 
 import bnpy
-from bitwise import assert_same_bits_at_line_offsets, at_line_offset
 
 ROW_VALUES = {np.float32: [63, 64, 65, 321, 2100], np.float64: [31, 32, 33, 321, 2100]}
 CASES = [(dtype, n) for dtype, lengths in ROW_VALUES.items() for n in lengths]
@@ -43,9 +44,11 @@ def _inputs(dtype, n):
 
 def _in_place(op, start):
     """op over its own input: out <- start, then op(out) writes into out"""
+
     def write(out):
         out[...] = start
         op(out)
+
     return write
 
 
@@ -55,26 +58,41 @@ def _ops(dtype, n):
     _, mean, invstd = bnpy.batch_norm_forward(x, gamma, beta, axis=1)
     return {
         "inference": lambda out: bnpy.batch_norm_inference(
-            x, gamma, beta, running_mean, running_var, axis=1, out=out),
-        "inference-in-place": _in_place(lambda out: bnpy.batch_norm_inference(
-            out, gamma, beta, running_mean, running_var, axis=1, out=out), x),
-        "training-forward": lambda out: bnpy.batch_norm_forward(
-            x, gamma, beta, axis=1, out=out),
+            x, gamma, beta, running_mean, running_var, axis=1, out=out
+        ),
+        "inference-in-place": _in_place(
+            lambda out: bnpy.batch_norm_inference(
+                out, gamma, beta, running_mean, running_var, axis=1, out=out
+            ),
+            x,
+        ),
+        "training-forward": lambda out: bnpy.batch_norm_forward(x, gamma, beta, axis=1, out=out),
         "backward": lambda out: bnpy.batch_norm_backward(
-            dy, x, gamma, mean, invstd, axis=1, out=out),
-        "backward-in-place": _in_place(lambda out: bnpy.batch_norm_backward(
-            out, x, gamma, mean, invstd, axis=1, out=out), dy),
+            dy, x, gamma, mean, invstd, axis=1, out=out
+        ),
+        "backward-in-place": _in_place(
+            lambda out: bnpy.batch_norm_backward(out, x, gamma, mean, invstd, axis=1, out=out), dy
+        ),
         "backward-inference": lambda out: bnpy.batch_norm_backward(
-            dy, x, gamma, mean, invstd, axis=1, training=False, out=out),
+            dy, x, gamma, mean, invstd, axis=1, training=False, out=out
+        ),
     }
 
 
-@pytest.mark.parametrize("op", ["inference", "inference-in-place", "training-forward",
-                                "backward", "backward-in-place", "backward-inference"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "inference",
+        "inference-in-place",
+        "training-forward",
+        "backward",
+        "backward-in-place",
+        "backward-inference",
+    ],
+)
 @pytest.mark.parametrize("dtype,n", CASES, ids=[f"{d.__name__}-{n}" for d, n in CASES])
 @pytest.mark.parametrize("build", bnpy.cpu_capabilities())
-def test_every_start_within_a_line_gives_the_same_bits(capability, threads, build, dtype, n,
-                                                        op):
+def test_every_start_within_a_line_gives_the_same_bits(capability, threads, build, dtype, n, op):
     capability(build)
     write = _ops(dtype, n)[op]
     want = at_line_offset(_shape(n), dtype, 0)

@@ -11,6 +11,7 @@ eval mode overwrites its input, after which backward has nothing to
 differentiate and says so. Had bnpy copied x, the copy would be saved and
 backward would run.
 """
+
 import numpy as np
 import pytest
 
@@ -92,9 +93,11 @@ def test_every_argument_of_every_entry_point(kind):
     got = bnpy.batch_norm_backward(w(dy), w(x), w(gamma), w(mean), w(invstd))
     for r, g in zip(ref, got):
         np.testing.assert_array_equal(g, r)
-    var = 1 / invstd ** 2
-    np.testing.assert_array_equal(bnpy.batch_norm_inference(w(x), w(gamma), w(beta), w(mean), w(var)),
-                                  bnpy.batch_norm_inference(x, gamma, beta, mean, var))
+    var = 1 / invstd**2
+    np.testing.assert_array_equal(
+        bnpy.batch_norm_inference(w(x), w(gamma), w(beta), w(mean), w(var)),
+        bnpy.batch_norm_inference(x, gamma, beta, mean, var),
+    )
 
     ref_bn, bn = bnpy.BatchNorm(C, dtype=np.float64), bnpy.BatchNorm(C, dtype=np.float64)
     ref_bn.gamma, ref_bn.beta = gamma, beta
@@ -106,8 +109,12 @@ def test_every_argument_of_every_entry_point(kind):
     bn.calibrate([w(x), w(dy)])
     ref_bn.calibrate([x, dy])
     np.testing.assert_array_equal(bn.running_var, ref_bn.running_var)
-    bn.load_state_dict({k: w(np.asarray(v)) if k != "num_batches_tracked" else v
-                        for k, v in ref_bn.state_dict().items()})
+    bn.load_state_dict(
+        {
+            k: w(np.asarray(v)) if k != "num_batches_tracked" else v
+            for k, v in ref_bn.state_dict().items()
+        }
+    )
     np.testing.assert_array_equal(bn.running_mean, ref_bn.running_mean)
 
 

@@ -1,4 +1,5 @@
 """The benchmark script runs and reports (speed itself is never asserted here)."""
+
 import importlib.util
 import platform
 import subprocess
@@ -11,75 +12,142 @@ from bnpy import bench
 
 def test_quick_benchmark_writes_a_results_table(tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
-    assert bench.main(["--quick", "--no-reference", "--threads", "1", "--dtypes", "float64",
-                       "--repeats", "1", "--results", str(results)]) == 0
+    assert (
+        bench.main(
+            [
+                "--quick",
+                "--no-reference",
+                "--threads",
+                "1",
+                "--dtypes",
+                "float64",
+                "--repeats",
+                "1",
+                "--results",
+                str(results),
+            ]
+        )
+        == 0
+    )
     text = results.read_text()
     assert "## Against the targets" in text and bench.HEADER in text
     table = text.split(bench.HEADER, 1)[1]
     rows = [line for line in table.splitlines() if " float64 " in line]
     with_torch = importlib.util.find_spec("torch") is not None  # then 4-D cases add "module"
-    assert len(rows) == sum(len(bench.OPS) + (with_torch and len(shape) == 4)
-                            for _, shape, _ in bench.QUICK_CASES)
+    assert len(rows) == sum(
+        len(bench.OPS) + (with_torch and len(shape) == 4) for _, shape, _ in bench.QUICK_CASES
+    )
     assert (" module " in table) == with_torch
     assert "bnpy/copy" in capsys.readouterr().out
 
 
 def test_targets_are_judged_from_the_measurements():
     def row(case, op, threads, bnpy, torch, copy2=None):
-        return dict(case=case, dtype="float32", op=op, threads=threads, bnpy=bnpy,
-                    torch=torch, copy=1.0, copy2=copy2, reference=None, bytes=1)
+        return dict(
+            case=case,
+            dtype="float32",
+            op=op,
+            threads=threads,
+            bnpy=bnpy,
+            torch=torch,
+            copy=1.0,
+            copy2=copy2,
+            reference=None,
+            bytes=1,
+        )
 
-    rows = [row("NCHW 64x64x56x56", "module", 1, 1.0, 1.4),  # judged apart: below
-            row("NCHW 64x64x56x56", "forward-train", 1, 1.2, 2.0),
-            row("NCHW 64x64x56x56", "forward-train", 2, 0.8, 0.9, copy2=0.625),
-            row("NCHW 64x64x56x56", "backward", 1, 2.5, 3.0),
-            row("NCHW 64x64x56x56", "backward", 2, 2.0, 2.2, copy2=0.5)]
+    rows = [
+        row("NCHW 64x64x56x56", "module", 1, 1.0, 1.4),  # judged apart: below
+        row("NCHW 64x64x56x56", "forward-train", 1, 1.2, 2.0),
+        row("NCHW 64x64x56x56", "forward-train", 2, 0.8, 0.9, copy2=0.625),
+        row("NCHW 64x64x56x56", "backward", 1, 2.5, 3.0),
+        row("NCHW 64x64x56x56", "backward", 2, 2.0, 2.2, copy2=0.5),
+    ]
     lines = "\n".join(bench.targets(rows))
     # 1 thread: torch 2.0 / 1.2 and 3.0 / 2.5; the worst is the backward
-    assert ("every case, dtype and op, 1 thread: torch/bnpy: worst 1.20 (NOT met; "
-            "target >= 1.5), NCHW 64x64x56x56 float32 backward, 1 thread") in lines
-    assert ("bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward, NCHW "
-            "float32, 1 thread: torch/bnpy: worst 1.40 (NOT met; target >= 1.5)") in lines
+    assert (
+        "every case, dtype and op, 1 thread: torch/bnpy: worst 1.20 (NOT met; "
+        "target >= 1.5), NCHW 64x64x56x56 float32 backward, 1 thread"
+    ) in lines
+    assert (
+        "bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward, NCHW "
+        "float32, 1 thread: torch/bnpy: worst 1.40 (NOT met; target >= 1.5)"
+    ) in lines
     # 2 threads: 0.9 / 0.8 and 2.2 / 2.0
-    assert ("every case, dtype and op, 2 threads: torch/bnpy: worst 1.10 (met; "
-            "target >= 1.0), NCHW 64x64x56x56 float32 backward, 2 threads") in lines
+    assert (
+        "every case, dtype and op, 2 threads: torch/bnpy: worst 1.10 (met; "
+        "target >= 1.0), NCHW 64x64x56x56 float32 backward, 2 threads"
+    ) in lines
     # forward: 1.2 / 0.8 = 1.5 against the copy's 1.6; backward 1.25 against 2.0
-    assert ("large cases: bnpy's speedup from a second thread / the copy's: worst 0.62 "
-            "(NOT met; target >= 0.9), NCHW 64x64x56x56 float32 backward, 2 threads") in lines
+    assert (
+        "large cases: bnpy's speedup from a second thread / the copy's: worst 0.62 "
+        "(NOT met; target >= 0.9), NCHW 64x64x56x56 float32 backward, 2 threads"
+    ) in lines
 
 
 def test_targets_give_the_worst_case_over_the_rounds():
     def row(case, threads, bnpy, torch):
-        return dict(case=case, dtype="float32", op="forward-train", threads=threads, bnpy=bnpy,
-                    torch=torch, copy=1.0, copy2=0.5, reference=None, bytes=1)
+        return dict(
+            case=case,
+            dtype="float32",
+            op="forward-train",
+            threads=threads,
+            bnpy=bnpy,
+            torch=torch,
+            copy=1.0,
+            copy2=0.5,
+            reference=None,
+            bytes=1,
+        )
 
     def measured(small, large, large_on_two, torch):
-        return [row("NCHW 8x64x112x112", 1, small, torch),
-                row("NCHW 64x64x56x56", 1, large, torch),
-                row("NCHW 64x64x56x56", 2, large_on_two, torch)]
+        return [
+            row("NCHW 8x64x112x112", 1, small, torch),
+            row("NCHW 64x64x56x56", 1, large, torch),
+            row("NCHW 64x64x56x56", 2, large_on_two, torch),
+        ]
 
-    rounds = [measured(1.1, 1.25, 0.5, 2.0), measured(1.4, 1.2, 0.8, 2.4),
-              measured(1.2, 1.3, 0.6, 2.2)]
+    rounds = [
+        measured(1.1, 1.25, 0.5, 2.0),
+        measured(1.4, 1.2, 0.8, 2.4),
+        measured(1.2, 1.3, 0.6, 2.2),
+    ]
     lines = "\n".join(bench.targets(bench.median_over_rounds(rounds), rounds))
     # the worst median (not the first case), then that case in each round:
     # torch 2.2 / 1.25; each round 2.0 / 1.25, 2.4 / 1.2, 2.2 / 1.3
-    assert ("1 thread: torch/bnpy: worst 1.76 (met; target >= 1.5), NCHW 64x64x56x56 "
-            "float32 forward-train, 1 thread; in the 3 rounds 1.60 to 2.00") in lines
+    assert (
+        "1 thread: torch/bnpy: worst 1.76 (met; target >= 1.5), NCHW 64x64x56x56 "
+        "float32 forward-train, 1 thread; in the 3 rounds 1.60 to 2.00"
+    ) in lines
     # threads: 1.25 / 0.6 over the copy's 2; each round 1.25 / 0.5, 1.2 / 0.8, 1.3 / 0.6
-    assert ("the copy's: worst 1.04 (met; target >= 0.9), NCHW 64x64x56x56 "
-            "float32 forward-train, 2 threads; in the 3 rounds 0.75 to 1.25") in lines
+    assert (
+        "the copy's: worst 1.04 (met; target >= 0.9), NCHW 64x64x56x56 "
+        "float32 forward-train, 2 threads; in the 3 rounds 0.75 to 1.25"
+    ) in lines
     # one round: nothing to range over
     assert "rounds" not in "\n".join(bench.targets(rounds[0], rounds[:1]))
 
 
 def test_targets_give_the_copys_own_speedup_from_a_second_thread():
     def row(case, op, threads, copy2):
-        return dict(case=case, dtype="float32", op=op, threads=threads, bnpy=1.0, torch=None,
-                    copy=1.0, copy2=copy2, reference=None, bytes=1)
+        return dict(
+            case=case,
+            dtype="float32",
+            op=op,
+            threads=threads,
+            bnpy=1.0,
+            torch=None,
+            copy=1.0,
+            copy2=copy2,
+            reference=None,
+            bytes=1,
+        )
 
-    rows = [row("NCHW 64x64x56x56", "forward-eval", 2, 0.9),
-            row("NCHW 128x64x56x56 (> L3)", "forward-eval", 2, 0.8),
-            row("NCHW 32x256x28x28", "forward-eval", 2, None)]
+    rows = [
+        row("NCHW 64x64x56x56", "forward-eval", 2, 0.9),
+        row("NCHW 128x64x56x56 (> L3)", "forward-eval", 2, 0.8),
+        row("NCHW 32x256x28x28", "forward-eval", 2, None),
+    ]
     lines = "\n".join(bench.targets(rows))
     assert "split over 2 threads ran at best 1.25 times as fast as on 1" in lines
     # not measured (no second thread timed): no line
@@ -108,9 +176,14 @@ def test_runs_on_different_thread_counts_alternate_each_on_its_own_count():
 
     before = bnpy.get_num_threads()
     try:
-        bench._medians({"one": bench._OnThreads(1, record("one"), bnpy.set_num_threads),
-                        "two": bench._OnThreads(2, record("two"), bnpy.set_num_threads),
-                        "plain": record("plain")}, repeats=2)
+        bench._medians(
+            {
+                "one": bench._OnThreads(1, record("one"), bnpy.set_num_threads),
+                "two": bench._OnThreads(2, record("two"), bnpy.set_num_threads),
+                "plain": record("plain"),
+            },
+            repeats=2,
+        )
     finally:
         bnpy.set_num_threads(before)
     # a warm-up call each, then the repeats in turn; a plain runner keeps the last count
@@ -119,8 +192,17 @@ def test_runs_on_different_thread_counts_alternate_each_on_its_own_count():
 
 def test_rounds_combine_into_the_median_of_each_time():
     def row(bnpy, torch):
-        return dict(case="NC 2x3", dtype="float32", op="backward", threads=1, bnpy=bnpy,
-                    torch=torch, copy=1.0, reference=None, bytes=1)
+        return dict(
+            case="NC 2x3",
+            dtype="float32",
+            op="backward",
+            threads=1,
+            bnpy=bnpy,
+            torch=torch,
+            copy=1.0,
+            reference=None,
+            bytes=1,
+        )
 
     rounds = [[row(3.0, None)], [row(1.0, 5.0)], [row(2.0, 4.0)]]
     rounds[1][0]["copy2"] = 0.5
@@ -151,8 +233,9 @@ print(default, faults_of_a_fresh_64_mib_array())
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="steady_heap sets glibc's malloc")
 def test_steady_heap_reuses_freed_pages_instead_of_faulting_in_new_ones():
-    done = subprocess.run([sys.executable, "-c", FAULTS_OF_A_FRESH_ARRAY],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", FAULTS_OF_A_FRESH_ARRAY], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     default, steady = map(int, done.stdout.split())
     assert steady * 10 < default, (default, steady)
@@ -172,7 +255,7 @@ def _compare_builds():
 def test_compare_builds_reports_the_median_time_and_ratio_of_the_rounds():
     compare = _compare_builds()
     rounds = [(1.0, 2.0), (3.0, 1.0), (2.0, 3.0)]  # (seconds, ratio to the copy) per round
-    results = {"main": {"1x2x3x4": {name: rounds for name in compare.PASSES}}}
+    results = {"main": {"1x2x3x4": dict.fromkeys(compare.PASSES, rounds)}}
     lines = compare.table(["main"], results).splitlines()
     assert lines[0].split() == ["1x2x3x4", "main"]
     assert len(lines) == 1 + len(compare.PASSES)

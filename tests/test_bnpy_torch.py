@@ -11,6 +11,7 @@ bnpy computes in double and rounds once; torch's float64 batch norm differs
 from it by rounding only, so float64 comparisons use a tolerance of about
 1e-12 relative to the values' scale.
 """
+
 import copy
 import io
 import pickle
@@ -18,13 +19,17 @@ import pickle
 import numpy as np
 import pytest
 
-CLASSES = {1: ("BatchNorm1d", (6, 4, 5)), 2: ("BatchNorm2d", (6, 4, 3, 5)),
-           3: ("BatchNorm3d", (4, 4, 3, 2, 3))}
+CLASSES = {
+    1: ("BatchNorm1d", (6, 4, 5)),
+    2: ("BatchNorm2d", (6, 4, 3, 5)),
+    3: ("BatchNorm3d", (4, 4, 3, 2, 3)),
+}
 
 
 @pytest.fixture(scope="module")
 def bt(torch):
     import bnpy.torch
+
     return bnpy.torch
 
 
@@ -64,7 +69,7 @@ def run_both(torch, ref, mine, x, dy):
 
 
 def test_are_torch_modules_with_torchs_state(torch, bt):
-    for dims, (name, _) in CLASSES.items():
+    for name, _ in CLASSES.values():
         mine = getattr(bt, name)(3, eps=1e-3, momentum=0.2)
         assert isinstance(mine, getattr(torch.nn, name)) and isinstance(mine, torch.nn.Module)
         ref = getattr(torch.nn, name)(3, eps=1e-3, momentum=0.2)
@@ -167,6 +172,7 @@ def test_forward_and_backward_copy_nothing(torch, bt, memory_format):
     """NumPy's allocations are traced: bnpy allocates y and dx (2 x's worth)
     and nothing else the size of the data; a copy of x or dy would be a third."""
     import tracemalloc
+
     memory_format = getattr(torch, memory_format)
     mine = bt.BatchNorm2d(16, dtype=torch.float64)
     x = batch(torch, (8, 16, 32, 32), 16).contiguous(memory_format=memory_format)
@@ -186,8 +192,10 @@ def test_forward_and_backward_copy_nothing(torch, bt, memory_format):
 
 
 def test_other_dtypes_run_torchs_batch_norm(torch, bt):
-    mine, ref = bt.BatchNorm2d(4, dtype=torch.bfloat16), torch.nn.BatchNorm2d(
-        4, dtype=torch.bfloat16)
+    mine, ref = (
+        bt.BatchNorm2d(4, dtype=torch.bfloat16),
+        torch.nn.BatchNorm2d(4, dtype=torch.bfloat16),
+    )
     x = batch(torch, (6, 4, 3, 5), 13).to(torch.bfloat16)
     assert torch.equal(mine(x), ref(x))
 
@@ -202,8 +210,11 @@ def test_load_state_dict_and_pickle(torch, bt):
     buffer = io.BytesIO()
     torch.save(mine, buffer)
     buffer.seek(0)
-    for again in (pickle.loads(pickle.dumps(mine)), copy.deepcopy(mine),
-                  torch.load(buffer, weights_only=False)):
+    for again in (
+        pickle.loads(pickle.dumps(mine)),
+        copy.deepcopy(mine),
+        torch.load(buffer, weights_only=False),
+    ):
         assert type(again) is type(mine)
         assert torch.equal(again.running_var, mine.running_var)
         x = batch(torch, shape, 15)
@@ -212,10 +223,15 @@ def test_load_state_dict_and_pickle(torch, bt):
 
 def test_convert_replaces_every_batch_norm_and_keeps_its_tensors(torch, bt):
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None),
-        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 5),
-                            torch.nn.BatchNorm1d(5, affine=False, eps=1e-3)),
-        torch.nn.Identity())
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4, momentum=None),
+        torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(16, 5),
+            torch.nn.BatchNorm1d(5, affine=False, eps=1e-3),
+        ),
+        torch.nn.Identity(),
+    )
     model.eval()
     weight, running_var = model[1].weight, model[1].running_var
     converted = bt.convert(model)
@@ -231,10 +247,18 @@ def test_convert_replaces_every_batch_norm_and_keeps_its_tensors(torch, bt):
 
 def _cnn(torch):
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.BatchNorm2d(8, momentum=None),
-        torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 3 * 3, 16),
-        torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2),
+        torch.nn.BatchNorm2d(8, momentum=None),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 3 * 3, 16),
+        torch.nn.BatchNorm1d(16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 4),
+    )
 
 
 def test_cnn_trained_both_ways_has_the_same_losses(torch, bt):

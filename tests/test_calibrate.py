@@ -1,4 +1,5 @@
 """BatchNorm.calibrate and bnpy.nn.recalibrate: exact population statistics."""
+
 from fractions import Fraction
 
 import numpy as np
@@ -63,11 +64,11 @@ def test_a_rejected_batch_leaves_the_layer_unchanged():
     layer(rng.normal(size=(6, 3)))
     before = layer.state_dict()
     bad_batches = [
-        [rng.normal(size=(5, 3)), rng.normal(size=(5, 4))],          # wrong feature count
-        [rng.normal(size=(5, 3)), np.array([["a", "b", "c"]])],      # not numbers
-        [rng.normal(size=(1, 3))],                                   # one value: no variance
-        [np.full((4, 3), np.nan)],                                   # not finite
-        [],                                                          # nothing at all
+        [rng.normal(size=(5, 3)), rng.normal(size=(5, 4))],  # wrong feature count
+        [rng.normal(size=(5, 3)), np.array([["a", "b", "c"]])],  # not numbers
+        [rng.normal(size=(1, 3))],  # one value: no variance
+        [np.full((4, 3), np.nan)],  # not finite
+        [],  # nothing at all
     ]
     for batches in bad_batches:
         with pytest.raises((ValueError, TypeError, FloatingPointError)):
@@ -111,8 +112,8 @@ def test_recalibrate_gives_each_batchnorm_the_statistics_of_its_inputs():
     model.eval()
     for layer in model.layers:
         if isinstance(layer, bnpy.BatchNorm):
-            np.testing.assert_allclose(layer.running_mean, activations.mean(0), rtol=1e-4,
-                                       atol=1e-6)
-            np.testing.assert_allclose(layer.running_var, activations.var(0, ddof=1),
-                                       rtol=1e-4)
+            np.testing.assert_allclose(
+                layer.running_mean, activations.mean(0), rtol=1e-4, atol=1e-6
+            )
+            np.testing.assert_allclose(layer.running_var, activations.var(0, ddof=1), rtol=1e-4)
         activations = layer(activations)

@@ -9,15 +9,15 @@ import bnpy
 
 # (shape, axis): each kernel path with vector tails of every length
 SHAPES = [
-    ((3, 5, 5000), 1),       # planar, rows of 5000: tiles within a row, a tail of 8
-    ((4, 7, 47, 43), 1),     # planar, rows of 2021 (one tile and a tail of 5)
-    ((5, 3, 337), 1),        # planar, rows just above the short-row limit
-    ((1200, 4, 60), 1),      # short rows as lanes: wide rows of 240 values
-    ((700, 3, 150), 1),      # planar: tiles of 13 rows, a pipeline of 3 features
-    ((30, 200, 100), 1),     # planar: tiles of 20 rows, one of 10
-    ((16, 6, 15), 1),        # rows shorter than 16 values, as lanes
-    ((9000, 3), 1),          # interleaved, three features folded into wide rows
-    ((2, 21, 23, 37), -1),   # channels-last, 37 features
+    ((3, 5, 5000), 1),  # planar, rows of 5000: tiles within a row, a tail of 8
+    ((4, 7, 47, 43), 1),  # planar, rows of 2021 (one tile and a tail of 5)
+    ((5, 3, 337), 1),  # planar, rows just above the short-row limit
+    ((1200, 4, 60), 1),  # short rows as lanes: wide rows of 240 values
+    ((700, 3, 150), 1),  # planar: tiles of 13 rows, a pipeline of 3 features
+    ((30, 200, 100), 1),  # planar: tiles of 20 rows, one of 10
+    ((16, 6, 15), 1),  # rows shorter than 16 values, as lanes
+    ((9000, 3), 1),  # interleaved, three features folded into wide rows
+    ((2, 21, 23, 37), -1),  # channels-last, 37 features
     ((5, 3, 17, 2, 19), 2),  # a middle feature axis
 ]
 

@@ -1,4 +1,5 @@
 """python -m bnpy demo: the README's set-up command runs it; what it prints is true."""
+
 import os
 import re
 import subprocess
@@ -15,8 +16,14 @@ def run(*args, cwd):
     env = dict(os.environ)
     package_parent = str(Path(bnpy.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "bnpy", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "bnpy", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +59,15 @@ def test_demo_prints_every_layer_with_vanishing_and_stable_gradients(demo):
 
 def test_demo_prints_accuracies_batchnorm_learns_and_plain_does_not(demo):
     stdout, _ = demo
-    accuracy = {split: [float(v) for v in re.search(
-        rf"{split} accuracy \(eval mode\)\s+([\d.]+)%\s+([\d.]+)%", stdout).groups()]
-        for split in ("train", "test")}
+    accuracy = {
+        split: [
+            float(v)
+            for v in re.search(
+                rf"{split} accuracy \(eval mode\)\s+([\d.]+)%\s+([\d.]+)%", stdout
+            ).groups()
+        ]
+        for split in ("train", "test")
+    }
     for plain, with_bn in accuracy.values():
         assert plain < 45  # chance is 33.3%
         assert with_bn > 90
@@ -78,6 +91,7 @@ def test_the_other_commands_still_work(tmp_path):
 
 def test_demo_figure_draws_decision_regions_for_both_models(tmp_path, monkeypatch):
     import matplotlib
+
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
@@ -88,15 +102,25 @@ def test_demo_figure_draws_decision_regions_for_both_models(tmp_path, monkeypatc
     saved = []
     monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: saved.append(figure))
     x, labels = spirals(20, rng=0)
-    models = {name: nn.mlp(2, 3, width=4, depth=3, batch_norm=bn, rng=0)
-              for name, bn in (("plain", False), ("BatchNorm", True))}
+    models = {
+        name: nn.mlp(2, 3, width=4, depth=3, batch_norm=bn, rng=0)
+        for name, bn in (("plain", False), ("BatchNorm", True))
+    }
     for model in models.values():
         _, dlogits = nn.softmax_cross_entropy(model(x), labels)
         model.backward(dlogits)
-    measured = {name: ([nn.batch_std(v) for v in nn.preactivations(m)], nn.weight_gradient_norms(m))
-                for name, m in models.items()}
-    _plot_demo(tmp_path / "demo.png", models, measured, {"plain": [1.0, 0.9]}, (x, labels),
-               {"plain": 0.4, "BatchNorm": 0.9})
+    measured = {
+        name: ([nn.batch_std(v) for v in nn.preactivations(m)], nn.weight_gradient_norms(m))
+        for name, m in models.items()
+    }
+    _plot_demo(
+        tmp_path / "demo.png",
+        models,
+        measured,
+        {"plain": [1.0, 0.9]},
+        (x, labels),
+        {"plain": 0.4, "BatchNorm": 0.9},
+    )
     titles = [ax.get_title() for ax in saved[0].axes]
     assert "plain: test set, accuracy 40.0%" in titles
     assert "BatchNorm: test set, accuracy 90.0%" in titles

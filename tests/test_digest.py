@@ -1,5 +1,6 @@
 """benchmarks/digest.py: the SHA-256 that shows a kernel change kept every
 result's bits."""
+
 import importlib.util
 import os
 import re
@@ -49,8 +50,9 @@ def test_one_changed_bit_in_one_result_changes_the_digest(digest, monkeypatch):
 @pytest.mark.skipif(not bnpy.has_openmp(), reason="one thread only without OpenMP")
 def test_settings_that_disagree_are_named_and_left_as_they_were(digest, monkeypatch, capsys):
     build, threads = bnpy.get_cpu_capability(), bnpy.get_num_threads()
-    monkeypatch.setattr(digest, "digest",
-                        lambda shapes: "b" * 64 if bnpy.get_num_threads() == 2 else "a" * 64)
+    monkeypatch.setattr(
+        digest, "digest", lambda shapes: "b" * 64 if bnpy.get_num_threads() == 2 else "a" * 64
+    )
     assert digest.main(["--quick"]) == 1
     out = capsys.readouterr().out
     assert "disagree" in out
@@ -73,8 +75,11 @@ def test_a_version_without_its_own_built_core_is_refused(digest, tmp_path):
     """whether or not an installed bnpy stands behind it"""
     empty, unbuilt = tmp_path / "empty", tmp_path / "unbuilt"
     empty.mkdir()
-    shutil.copytree(Path(bnpy.__file__).parent, unbuilt / "bnpy",
-                    ignore=shutil.ignore_patterns("_core*.so", "_core*.pyd", "__pycache__"))
+    shutil.copytree(
+        Path(bnpy.__file__).parent,
+        unbuilt / "bnpy",
+        ignore=shutil.ignore_patterns("_core*.so", "_core*.pyd", "__pycache__"),
+    )
     for directory in (empty, unbuilt):
         with pytest.raises(RuntimeError, match=re.escape(os.path.realpath(directory))):
             digest.digest_of_version(str(directory), quick=True)

@@ -4,6 +4,7 @@ The multi-rank checks run tests/mpi/check_sync.py under mpiexec. They skip
 when mpi4py or mpiexec is missing, except where BNPY_REQUIRE_MPI=1 (CI), in
 which case they fail.
 """
+
 import copy
 import os
 import pickle
@@ -39,10 +40,12 @@ def mpi():
 
 
 def test_import_bnpy_works_without_mpi4py():
-    code = ("import sys; sys.modules['mpi4py'] = None\n"
-            "import bnpy, bnpy.distributed\n"
-            "try:\n    bnpy.distributed.SyncBatchNorm(3)\n"
-            "except ImportError as e:\n    print('ImportError:', e)\n")
+    code = (
+        "import sys; sys.modules['mpi4py'] = None\n"
+        "import bnpy, bnpy.distributed\n"
+        "try:\n    bnpy.distributed.SyncBatchNorm(3)\n"
+        "except ImportError as e:\n    print('ImportError:', e)\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "ImportError: bnpy.distributed needs mpi4py" in run.stdout
@@ -73,8 +76,7 @@ def test_one_rank_is_plain_batchnorm(mpi, dtype):
 def test_pickle_and_copy_keep_the_layer_but_not_the_communicator(mpi):
     from bnpy.distributed import SyncBatchNorm
 
-    sync = SyncBatchNorm(3, comm=mpi.COMM_SELF, eps=1e-3, momentum=0.3, axis=-1,
-                         dtype=np.float64)
+    sync = SyncBatchNorm(3, comm=mpi.COMM_SELF, eps=1e-3, momentum=0.3, axis=-1, dtype=np.float64)
     sync(np.random.default_rng(1).normal(size=(5, 3)))
     for clone in (pickle.loads(pickle.dumps(sync)), copy.deepcopy(sync)):
         assert type(clone) is SyncBatchNorm and repr(clone) == repr(sync)
@@ -97,15 +99,20 @@ def test_plain_backward_refuses_statistics_gathered_elsewhere():
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_ranks_match_one_process_on_the_concatenated_batch(mpi, ranks):
-    mpiexec = shutil.which("mpiexec", path=os.pathsep.join(
-        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    mpiexec = shutil.which(
+        "mpiexec",
+        path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    )
     _need(mpiexec is not None, "mpiexec is not installed")
     command = [mpiexec, "-n", str(ranks), sys.executable, str(HERE / "mpi" / "check_sync.py")]
     package_root = str(Path(bnpy.__file__).parent.parent)  # the bnpy this test imported
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "BNPY_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
-                                                        os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "BNPY_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+    }
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("SyncBatchNorm matches one process") == ranks

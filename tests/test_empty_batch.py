@@ -8,6 +8,7 @@ empty dx and zero dgamma, dbeta. The functional API does the same without
 state. A zero-length *feature* axis is not a batch at all: the layer refuses
 it (num_features >= 1); the functional API must not crash on it.
 """
+
 import os
 import subprocess
 import sys
@@ -15,9 +16,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 C = 3
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
@@ -156,13 +157,17 @@ def test_empty_batch_with_out(dtype):
 
 def test_empty_batch_still_checks_the_feature_count():
     bn = bnpy.BatchNorm(C)
-    with pytest.raises(ValueError, match=r"expected 3 features on axis 1, got input of shape "
-                                         r"\(0, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expected 3 features on axis 1, got input of shape "
+        r"\(0, 4\)",
+    ):
         bn(np.empty((0, 4)))
     assert bn.num_batches_tracked == 0
 
 
 # --- the functional API ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", list(EMPTY))
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -179,15 +184,15 @@ def test_functional_empty_batch(dtype, case):
     assert y.shape == shape and y.dtype == dtype
 
     for training in (True, False):
-        dx, dgamma, dbeta = bnpy.batch_norm_backward(np.empty(shape, dtype), x, gamma,
-                                                     np.zeros(C), np.ones(C), axis=axis,
-                                                     training=training)
+        dx, dgamma, dbeta = bnpy.batch_norm_backward(
+            np.empty(shape, dtype), x, gamma, np.zeros(C), np.ones(C), axis=axis, training=training
+        )
         assert dx.shape == shape and dx.dtype == dtype
         assert bits(dgamma) == bits(np.zeros(C, dtype))
         assert bits(dbeta) == bits(np.zeros(C, dtype))
-        dx, dgamma, dbeta = bnpy.batch_norm_backward(np.empty(shape, dtype), x, None,
-                                                     np.zeros(C), np.ones(C), axis=axis,
-                                                     training=training)
+        dx, dgamma, dbeta = bnpy.batch_norm_backward(
+            np.empty(shape, dtype), x, None, np.zeros(C), np.ones(C), axis=axis, training=training
+        )
         assert dx.shape == shape and dgamma is None and dbeta is None
 
 
@@ -198,9 +203,9 @@ ZERO_FEATURE_CALLS = {
     "forward-(2,0,3)-f32": "bnpy.batch_norm_forward(np.zeros((2, 0, 3), np.float32), None, None)",
     "forward-(5,0)-axis-1": "bnpy.batch_norm_forward(np.zeros((5, 0)), None, None, axis=-1)",
     "inference-(5,0)": "bnpy.batch_norm_inference(np.zeros((5, 0)), None, None, "
-                       "np.zeros(0), np.ones(0))",
+    "np.zeros(0), np.ones(0))",
     "backward-(5,0,2)": "bnpy.batch_norm_backward(np.zeros((5, 0, 2)), np.zeros((5, 0, 2)), "
-                        "None, np.zeros(0), np.ones(0))",
+    "None, np.zeros(0), np.ones(0))",
 }
 
 
@@ -221,10 +226,13 @@ def test_functional_zero_features_does_not_crash(call):
     """)
     # the child imports the bnpy this test imported
     root = os.path.dirname(os.path.dirname(os.path.abspath(bnpy.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
     assert run.returncode == 0, f"exit status {run.returncode}; stderr: {run.stderr[-2000:]}"
     assert run.stdout.startswith(("ValueError", "empty")), run.stdout
 

@@ -7,13 +7,14 @@ and running statistics). A snapshot of everything observable -- state_dict,
 mode, eps/momentum, grad_gamma/grad_beta, and what a backward with a fixed dy
 returns (or that it still raises) -- must be bitwise identical afterwards.
 """
+
 import re
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 C = 3
 
@@ -29,6 +30,7 @@ def shape_text(shape):
 
 # --- the layer: exact messages ----------------------------------------------
 
+
 def test_feature_mismatch_message():
     bn = bnpy.BatchNorm(64)
     msg = "expected 64 features on axis 1, got input of shape (8, 32)"
@@ -40,15 +42,20 @@ def test_feature_mismatch_message():
 
 
 def test_feature_mismatch_message_4d_and_other_axes():
-    with pytest.raises(ValueError, match=re.escape(
-            "expected 3 features on axis 1, got input of shape (2, 5, 4, 4)")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("expected 3 features on axis 1, got input of shape (2, 5, 4, 4)"),
+    ):
         bnpy.BatchNorm(3)(np.zeros((2, 5, 4, 4)))
-    with pytest.raises(ValueError, match=re.escape(
-            "expected 3 features on axis 2, got input of shape (2, 3, 4)")):
+    with pytest.raises(
+        ValueError, match=re.escape("expected 3 features on axis 2, got input of shape (2, 3, 4)")
+    ):
         bnpy.BatchNorm(3, axis=2)(np.zeros((2, 3, 4)))
     # a negative axis: the values must be there; how the axis is spelled is open
-    with pytest.raises(ValueError, match=r"expected 64 features on axis (-1|2), got input of shape "
-                                         + shape_text((8, 5, 32))):
+    with pytest.raises(
+        ValueError,
+        match=r"expected 64 features on axis (-1|2), got input of shape " + shape_text((8, 5, 32)),
+    ):
         bnpy.BatchNorm(64, axis=-1)(np.zeros((8, 5, 32)))
 
 
@@ -68,9 +75,11 @@ def test_one_value_per_channel_is_fine_when_not_training():
     assert bn(np.arange(8.0).reshape(1, 4, 2)).shape == (1, 4, 2)  # 2 values per channel
 
 
-@pytest.mark.parametrize("x", [np.zeros(64, np.float32), np.float32(1.0),
-                               np.zeros((64,), np.float64)],
-                         ids=["(64,)", "()", "(64,)f64"])
+@pytest.mark.parametrize(
+    "x",
+    [np.zeros(64, np.float32), np.float32(1.0), np.zeros((64,), np.float64)],
+    ids=["(64,)", "()", "(64,)f64"],
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_fewer_than_two_dims(x, training):
     bn = bnpy.BatchNorm(64).train(training)
@@ -78,8 +87,9 @@ def test_fewer_than_two_dims(x, training):
         bn(x)
 
 
-@pytest.mark.parametrize("axis, x_shape", [(2, (8, 3)), (5, (4, 3, 2)), (-3, (8, 3)),
-                                           (-4, (2, 3, 4))])
+@pytest.mark.parametrize(
+    "axis, x_shape", [(2, (8, 3)), (5, (4, 3, 2)), (-3, (8, 3)), (-4, (2, 3, 4))]
+)
 def test_layer_axis_out_of_range(axis, x_shape):
     bn = bnpy.BatchNorm(3, axis=axis)
     with pytest.raises(ValueError, match=rf"axis {axis}\b"):
@@ -95,8 +105,11 @@ def test_backward_dy_shape_message():
 
 
 def test_backward_before_forward_is_runtime_error():
-    for bn in (bnpy.BatchNorm(3), bnpy.BatchNorm(3).eval(),
-               bnpy.BatchNorm(3, affine=False, track_running_stats=False)):
+    for bn in (
+        bnpy.BatchNorm(3),
+        bnpy.BatchNorm(3).eval(),
+        bnpy.BatchNorm(3, affine=False, track_running_stats=False),
+    ):
         with pytest.raises(RuntimeError):
             bn.backward(np.zeros((8, 3), np.float32))
 
@@ -158,8 +171,10 @@ def snapshot(bn, dy):
         # the last forward's backward; it was already run with this dy, so the
         # grads it sets are the ones recorded above
         snap["backward"] = bits(bn.backward(dy))
-        snap["grads_after_backward"] = (bits(bn.grad_gamma) if bn.grad_gamma is not None else None,
-                                        bits(bn.grad_beta) if bn.grad_beta is not None else None)
+        snap["grads_after_backward"] = (
+            bits(bn.grad_gamma) if bn.grad_gamma is not None else None,
+            bits(bn.grad_beta) if bn.grad_beta is not None else None,
+        )
     return snap
 
 
@@ -196,70 +211,163 @@ def _other_dtype(bn):
 # Each case: (name, applies(layer, mode, history), call(bn, layer_name), exception, match)
 # match may be a callable of the layer name.
 CASES = [
-    ("forward-features", None,
-     lambda bn, n: bn(data(_shape_with(n, features=C + 1))), ValueError,
-     lambda n: rf"expected {C} features on axis \d, got input of shape "
-               + shape_text(_shape_with(n, features=C + 1))),
+    (
+        "forward-features",
+        None,
+        lambda bn, n: bn(data(_shape_with(n, features=C + 1))),
+        ValueError,
+        lambda n: (
+            rf"expected {C} features on axis \d, got input of shape "
+            + shape_text(_shape_with(n, features=C + 1))
+        ),
+    ),
     ("forward-1d", None, lambda bn, n: bn(np.zeros(C)), ValueError, lambda n: shape_text((C,))),
     ("forward-0d", None, lambda bn, n: bn(np.float64(1.0)), ValueError, lambda n: r"\(\)"),
-    ("forward-single-value", lambda layer, mode, h: mode == "train",
-     lambda bn, n: bn(data(_shape_with(n, single=True))), ValueError,
-     lambda n: re.escape("Expected more than 1 value per channel when training, got input of "
-                         "shape " + str(_shape_with(n, single=True)))),
-    ("forward-axis-out-of-range", lambda layer, mode, h: layer == "axis2",
-     lambda bn, n: bn(np.zeros((8, C))), ValueError, lambda n: r"axis 2\b"),
-    ("forward-complex", None,
-     lambda bn, n: bn(data(LAYERS[n]["shape"]).astype(complex)), TypeError, None),
-    ("forward-object", None,
-     lambda bn, n: bn(data(LAYERS[n]["shape"]).astype(object)), TypeError, None),
-    ("forward-str", None,
-     lambda bn, n: bn(np.full(LAYERS[n]["shape"], "1.0")), TypeError, None),
-    ("forward-out-shape", None,
-     lambda bn, n: bn.forward(data(LAYERS[n]["shape"]),
-                              out=np.zeros(_shape_with(n, features=C + 1), _layer_dtype(bn))),
-     (ValueError, TypeError), None),
-    ("forward-out-dtype", None,
-     lambda bn, n: bn.forward(data(LAYERS[n]["shape"]),
-                              out=np.zeros(LAYERS[n]["shape"], _other_dtype(bn))),
-     (ValueError, TypeError), None),
-    ("forward-out-noncontiguous", None,  # a Fortran out is fine: x takes its layout
-     lambda bn, n: bn.forward(data(LAYERS[n]["shape"]),
-                              out=_strided_out(LAYERS[n]["shape"], _layer_dtype(bn))),
-     (ValueError, TypeError), None),
-    ("forward-out-readonly", None,
-     lambda bn, n: bn.forward(data(LAYERS[n]["shape"]),
-                              out=_readonly(LAYERS[n]["shape"], _layer_dtype(bn))),
-     (ValueError, TypeError), None),
-    ("backward-before-forward", lambda layer, mode, h: h == "fresh",
-     lambda bn, n: bn.backward(data(LAYERS[n]["shape"])), RuntimeError, None),
-    ("backward-dy-features", lambda layer, mode, h: h == "forward",
-     lambda bn, n: bn.backward(data(_shape_with(n, features=C + 1))), ValueError,
-     lambda n: shape_text(_shape_with(n, features=C + 1))),
-    ("backward-dy-extra-dim", lambda layer, mode, h: h == "forward",
-     lambda bn, n: bn.backward(data(LAYERS[n]["shape"] + (1,))), ValueError,
-     lambda n: shape_text(LAYERS[n]["shape"] + (1,))),
-    ("backward-dy-1d", lambda layer, mode, h: h == "forward",
-     lambda bn, n: bn.backward(np.zeros(C)), ValueError, None),
-    ("backward-out-shape", lambda layer, mode, h: h == "forward",
-     lambda bn, n: bn.backward(data(LAYERS[n]["shape"], 6),
-                               out=np.zeros(_shape_with(n, features=C + 1), _layer_dtype(bn))),
-     (ValueError, TypeError), None),
-    ("backward-out-readonly", lambda layer, mode, h: h == "forward",
-     lambda bn, n: bn.backward(data(LAYERS[n]["shape"], 6),
-                               out=_readonly(LAYERS[n]["shape"], _layer_dtype(bn))),
-     (ValueError, TypeError), None),
-    ("backward-dy-complex", lambda layer, mode, h: h == "forward",
-     lambda bn, n: bn.backward(data(LAYERS[n]["shape"], 6).astype(complex)), TypeError, None),
-    ("set-gamma-shape", lambda layer, mode, h: LAYERS[layer]["kw"].get("affine", True),
-     lambda bn, n: setattr(bn, "gamma", np.ones(C + 1)), ValueError, None),
-    ("set-running_var-shape",
-     lambda layer, mode, h: LAYERS[layer]["kw"].get("track_running_stats", True),
-     lambda bn, n: setattr(bn, "running_var", np.ones((C, 1))), ValueError, None),
+    (
+        "forward-single-value",
+        lambda layer, mode, h: mode == "train",
+        lambda bn, n: bn(data(_shape_with(n, single=True))),
+        ValueError,
+        lambda n: re.escape(
+            "Expected more than 1 value per channel when training, got input of "
+            "shape " + str(_shape_with(n, single=True))
+        ),
+    ),
+    (
+        "forward-axis-out-of-range",
+        lambda layer, mode, h: layer == "axis2",
+        lambda bn, n: bn(np.zeros((8, C))),
+        ValueError,
+        lambda n: r"axis 2\b",
+    ),
+    (
+        "forward-complex",
+        None,
+        lambda bn, n: bn(data(LAYERS[n]["shape"]).astype(complex)),
+        TypeError,
+        None,
+    ),
+    (
+        "forward-object",
+        None,
+        lambda bn, n: bn(data(LAYERS[n]["shape"]).astype(object)),
+        TypeError,
+        None,
+    ),
+    ("forward-str", None, lambda bn, n: bn(np.full(LAYERS[n]["shape"], "1.0")), TypeError, None),
+    (
+        "forward-out-shape",
+        None,
+        lambda bn, n: bn.forward(
+            data(LAYERS[n]["shape"]), out=np.zeros(_shape_with(n, features=C + 1), _layer_dtype(bn))
+        ),
+        (ValueError, TypeError),
+        None,
+    ),
+    (
+        "forward-out-dtype",
+        None,
+        lambda bn, n: bn.forward(
+            data(LAYERS[n]["shape"]), out=np.zeros(LAYERS[n]["shape"], _other_dtype(bn))
+        ),
+        (ValueError, TypeError),
+        None,
+    ),
+    (
+        "forward-out-noncontiguous",
+        None,  # a Fortran out is fine: x takes its layout
+        lambda bn, n: bn.forward(
+            data(LAYERS[n]["shape"]), out=_strided_out(LAYERS[n]["shape"], _layer_dtype(bn))
+        ),
+        (ValueError, TypeError),
+        None,
+    ),
+    (
+        "forward-out-readonly",
+        None,
+        lambda bn, n: bn.forward(
+            data(LAYERS[n]["shape"]), out=_readonly(LAYERS[n]["shape"], _layer_dtype(bn))
+        ),
+        (ValueError, TypeError),
+        None,
+    ),
+    (
+        "backward-before-forward",
+        lambda layer, mode, h: h == "fresh",
+        lambda bn, n: bn.backward(data(LAYERS[n]["shape"])),
+        RuntimeError,
+        None,
+    ),
+    (
+        "backward-dy-features",
+        lambda layer, mode, h: h == "forward",
+        lambda bn, n: bn.backward(data(_shape_with(n, features=C + 1))),
+        ValueError,
+        lambda n: shape_text(_shape_with(n, features=C + 1)),
+    ),
+    (
+        "backward-dy-extra-dim",
+        lambda layer, mode, h: h == "forward",
+        lambda bn, n: bn.backward(data(LAYERS[n]["shape"] + (1,))),
+        ValueError,
+        lambda n: shape_text(LAYERS[n]["shape"] + (1,)),
+    ),
+    (
+        "backward-dy-1d",
+        lambda layer, mode, h: h == "forward",
+        lambda bn, n: bn.backward(np.zeros(C)),
+        ValueError,
+        None,
+    ),
+    (
+        "backward-out-shape",
+        lambda layer, mode, h: h == "forward",
+        lambda bn, n: bn.backward(
+            data(LAYERS[n]["shape"], 6),
+            out=np.zeros(_shape_with(n, features=C + 1), _layer_dtype(bn)),
+        ),
+        (ValueError, TypeError),
+        None,
+    ),
+    (
+        "backward-out-readonly",
+        lambda layer, mode, h: h == "forward",
+        lambda bn, n: bn.backward(
+            data(LAYERS[n]["shape"], 6), out=_readonly(LAYERS[n]["shape"], _layer_dtype(bn))
+        ),
+        (ValueError, TypeError),
+        None,
+    ),
+    (
+        "backward-dy-complex",
+        lambda layer, mode, h: h == "forward",
+        lambda bn, n: bn.backward(data(LAYERS[n]["shape"], 6).astype(complex)),
+        TypeError,
+        None,
+    ),
+    (
+        "set-gamma-shape",
+        lambda layer, mode, h: LAYERS[layer]["kw"].get("affine", True),
+        lambda bn, n: setattr(bn, "gamma", np.ones(C + 1)),
+        ValueError,
+        None,
+    ),
+    (
+        "set-running_var-shape",
+        lambda layer, mode, h: LAYERS[layer]["kw"].get("track_running_stats", True),
+        lambda bn, n: setattr(bn, "running_var", np.ones((C, 1))),
+        ValueError,
+        None,
+    ),
     ("set-eps", None, lambda bn, n: setattr(bn, "eps", -1.0), ValueError, lambda n: "eps"),
-    ("set-momentum", None, lambda bn, n: setattr(bn, "momentum", 1.5), ValueError,
-     lambda n: "momentum"),
-    ("set-num_features", None, lambda bn, n: setattr(bn, "num_features", 4), AttributeError,
-     None),
+    (
+        "set-momentum",
+        None,
+        lambda bn, n: setattr(bn, "momentum", 1.5),
+        ValueError,
+        lambda n: "momentum",
+    ),
+    ("set-num_features", None, lambda bn, n: setattr(bn, "num_features", 4), AttributeError, None),
 ]
 
 
@@ -282,18 +390,21 @@ def _load_with(change):
         sd = _good_state(bn)
         change(sd)
         bn.load_state_dict(sd)
+
     return call
 
 
 def _set(key, value):
     def change(sd):
         sd[key] = value
+
     return change
 
 
 def _drop(key):
     def change(sd):
         del sd[key]
+
     return change
 
 
@@ -302,19 +413,42 @@ _tracked = lambda layer, mode, h: LAYERS[layer]["kw"].get("track_running_stats",
 
 CASES += [
     ("load-missing-gamma", _affine, _load_with(_drop("gamma")), ValueError, lambda n: "gamma"),
-    ("load-missing-running_var", _tracked, _load_with(_drop("running_var")), ValueError,
-     lambda n: "running_var"),
-    ("load-unknown-key", None, _load_with(_set("foo", np.zeros(C))), ValueError,
-     lambda n: "foo"),
-    ("load-gamma-shape", _affine, _load_with(_set("gamma", np.ones(C + 1))), ValueError,
-     lambda n: "gamma"),
-    ("load-running_mean-shape", _tracked,
-     _load_with(_set("running_mean", np.zeros((1, C)))), ValueError, lambda n: "running_mean"),
-    ("load-beta-nan", _affine, _load_with(_set("beta", np.array([0, np.nan, 0]))), ValueError,
-     lambda n: "beta"),
-    ("load-running_var-inf", _tracked,
-     _load_with(_set("running_var", np.array([1, 1, np.inf]))), ValueError,
-     lambda n: "running_var"),
+    (
+        "load-missing-running_var",
+        _tracked,
+        _load_with(_drop("running_var")),
+        ValueError,
+        lambda n: "running_var",
+    ),
+    ("load-unknown-key", None, _load_with(_set("foo", np.zeros(C))), ValueError, lambda n: "foo"),
+    (
+        "load-gamma-shape",
+        _affine,
+        _load_with(_set("gamma", np.ones(C + 1))),
+        ValueError,
+        lambda n: "gamma",
+    ),
+    (
+        "load-running_mean-shape",
+        _tracked,
+        _load_with(_set("running_mean", np.zeros((1, C)))),
+        ValueError,
+        lambda n: "running_mean",
+    ),
+    (
+        "load-beta-nan",
+        _affine,
+        _load_with(_set("beta", np.array([0, np.nan, 0]))),
+        ValueError,
+        lambda n: "beta",
+    ),
+    (
+        "load-running_var-inf",
+        _tracked,
+        _load_with(_set("running_var", np.array([1, 1, np.inf]))),
+        ValueError,
+        lambda n: "running_var",
+    ),
 ]
 
 
@@ -322,10 +456,11 @@ def _matrix():
     for layer in LAYERS:
         for mode in ("train", "eval"):
             for history in ("fresh", "forward"):
-                for name, applies, call, exc, match in CASES:
+                for name, applies, _call, _exc, _match in CASES:
                     if applies is None or applies(layer, mode, history):
-                        yield pytest.param(layer, mode, history, name,
-                                           id=f"{layer}-{mode}-{history}-{name}")
+                        yield pytest.param(
+                            layer, mode, history, name, id=f"{layer}-{mode}-{history}-{name}"
+                        )
 
 
 CASE_BY_NAME = {c[0]: c for c in CASES}
@@ -367,6 +502,7 @@ def test_failed_forward_keeps_previous_forward_for_backward():
 
 # --- empty batch (a later issue): empty output, running statistics unchanged
 
+
 @pytest.mark.parametrize("shape", [(0, C), (4, C, 0), (0, C, 2)])
 def test_empty_batch(shape):
     bn = bnpy.BatchNorm(C)
@@ -379,69 +515,160 @@ def test_empty_batch(shape):
 
 # --- the functional API -------------------------------------------------------
 
+
 def _stats(n=C):
     return np.linspace(-0.5, 0.5, n), np.linspace(1.0, 2.0, n)
 
 
 FUNCTIONAL_CASES = {
     # name: (function, args, kwargs, exception, match)
-    "forward-1d": (bnpy.batch_norm_forward, lambda: (data(5), None, None), {}, ValueError,
-                   shape_text((5,))),
-    "forward-0d": (bnpy.batch_norm_forward, lambda: (np.float64(2.0), None, None), {},
-                   ValueError, r"\(\)"),
-    "forward-axis": (bnpy.batch_norm_forward, lambda: (data((8, C)), None, None),
-                     dict(axis=2), ValueError, r"axis 2\b"),
-    "forward-axis-neg": (bnpy.batch_norm_forward, lambda: (data((8, C)), None, None),
-                         dict(axis=-3), ValueError, r"axis -3\b"),
-    "forward-gamma-shape": (bnpy.batch_norm_forward,
-                            lambda: (data((8, C)), np.ones(C + 1), np.zeros(C)), {},
-                            ValueError, "gamma"),
-    "forward-beta-shape": (bnpy.batch_norm_forward,
-                           lambda: (data((8, C)), np.ones(C), np.zeros((C, 1))), {},
-                           ValueError, "beta"),
-    "forward-complex": (bnpy.batch_norm_forward,
-                        lambda: (data((8, C)).astype(complex), None, None), {}, TypeError, None),
-    "forward-str": (bnpy.batch_norm_forward,
-                    lambda: (np.full((8, C), "x"), None, None), {}, TypeError, None),
-    "inference-1d": (bnpy.batch_norm_inference,
-                     lambda: (data(C), None, None) + _stats(), {}, ValueError,
-                     shape_text((C,))),
-    "inference-axis": (bnpy.batch_norm_inference,
-                       lambda: (data((8, C)), None, None) + _stats(), dict(axis=3), ValueError,
-                       r"axis 3\b"),
-    "inference-mean-shape": (bnpy.batch_norm_inference,
-                             lambda: (data((8, C)), None, None, np.zeros(C + 1), np.ones(C)),
-                             {}, ValueError, "mean"),
-    "inference-var-shape": (bnpy.batch_norm_inference,
-                            lambda: (data((8, C)), None, None, np.zeros(C), np.ones(C - 1)),
-                            {}, ValueError, "var"),
-    "inference-gamma-shape": (bnpy.batch_norm_inference,
-                              lambda: (data((8, C)), np.ones(C + 1), None) + _stats(),
-                              {}, ValueError, "gamma"),
-    "inference-complex": (bnpy.batch_norm_inference,
-                          lambda: (data((8, C)).astype(complex), None, None) + _stats(), {},
-                          TypeError, None),
-    "backward-dy-shape": (bnpy.batch_norm_backward,
-                          lambda: (data((8, C + 1)), data((8, C)), None) + _stats(), {},
-                          ValueError, None),
-    "backward-1d": (bnpy.batch_norm_backward,
-                    lambda: (data(C), data(C), None) + _stats(), {}, ValueError,
-                    shape_text((C,))),
-    "backward-axis": (bnpy.batch_norm_backward,
-                      lambda: (data((8, C)), data((8, C)), None) + _stats(), dict(axis=-3),
-                      ValueError, r"axis -3\b"),
-    "backward-mean-shape": (bnpy.batch_norm_backward,
-                            lambda: (data((8, C)), data((8, C)), None, np.zeros(C + 1),
-                                     np.ones(C)), {}, ValueError, "mean"),
-    "backward-invstd-shape": (bnpy.batch_norm_backward,
-                              lambda: (data((8, C)), data((8, C)), None, np.zeros(C),
-                                       np.ones((C, 1))), {}, ValueError, "invstd"),
-    "backward-gamma-shape": (bnpy.batch_norm_backward,
-                             lambda: (data((8, C)), data((8, C)), np.ones(C - 1)) + _stats(),
-                             {}, ValueError, "gamma"),
-    "backward-complex-dy": (bnpy.batch_norm_backward,
-                            lambda: (data((8, C)).astype(complex), data((8, C)), None)
-                            + _stats(), {}, TypeError, None),
+    "forward-1d": (
+        bnpy.batch_norm_forward,
+        lambda: (data(5), None, None),
+        {},
+        ValueError,
+        shape_text((5,)),
+    ),
+    "forward-0d": (
+        bnpy.batch_norm_forward,
+        lambda: (np.float64(2.0), None, None),
+        {},
+        ValueError,
+        r"\(\)",
+    ),
+    "forward-axis": (
+        bnpy.batch_norm_forward,
+        lambda: (data((8, C)), None, None),
+        dict(axis=2),
+        ValueError,
+        r"axis 2\b",
+    ),
+    "forward-axis-neg": (
+        bnpy.batch_norm_forward,
+        lambda: (data((8, C)), None, None),
+        dict(axis=-3),
+        ValueError,
+        r"axis -3\b",
+    ),
+    "forward-gamma-shape": (
+        bnpy.batch_norm_forward,
+        lambda: (data((8, C)), np.ones(C + 1), np.zeros(C)),
+        {},
+        ValueError,
+        "gamma",
+    ),
+    "forward-beta-shape": (
+        bnpy.batch_norm_forward,
+        lambda: (data((8, C)), np.ones(C), np.zeros((C, 1))),
+        {},
+        ValueError,
+        "beta",
+    ),
+    "forward-complex": (
+        bnpy.batch_norm_forward,
+        lambda: (data((8, C)).astype(complex), None, None),
+        {},
+        TypeError,
+        None,
+    ),
+    "forward-str": (
+        bnpy.batch_norm_forward,
+        lambda: (np.full((8, C), "x"), None, None),
+        {},
+        TypeError,
+        None,
+    ),
+    "inference-1d": (
+        bnpy.batch_norm_inference,
+        lambda: (data(C), None, None) + _stats(),
+        {},
+        ValueError,
+        shape_text((C,)),
+    ),
+    "inference-axis": (
+        bnpy.batch_norm_inference,
+        lambda: (data((8, C)), None, None) + _stats(),
+        dict(axis=3),
+        ValueError,
+        r"axis 3\b",
+    ),
+    "inference-mean-shape": (
+        bnpy.batch_norm_inference,
+        lambda: (data((8, C)), None, None, np.zeros(C + 1), np.ones(C)),
+        {},
+        ValueError,
+        "mean",
+    ),
+    "inference-var-shape": (
+        bnpy.batch_norm_inference,
+        lambda: (data((8, C)), None, None, np.zeros(C), np.ones(C - 1)),
+        {},
+        ValueError,
+        "var",
+    ),
+    "inference-gamma-shape": (
+        bnpy.batch_norm_inference,
+        lambda: (data((8, C)), np.ones(C + 1), None) + _stats(),
+        {},
+        ValueError,
+        "gamma",
+    ),
+    "inference-complex": (
+        bnpy.batch_norm_inference,
+        lambda: (data((8, C)).astype(complex), None, None) + _stats(),
+        {},
+        TypeError,
+        None,
+    ),
+    "backward-dy-shape": (
+        bnpy.batch_norm_backward,
+        lambda: (data((8, C + 1)), data((8, C)), None) + _stats(),
+        {},
+        ValueError,
+        None,
+    ),
+    "backward-1d": (
+        bnpy.batch_norm_backward,
+        lambda: (data(C), data(C), None) + _stats(),
+        {},
+        ValueError,
+        shape_text((C,)),
+    ),
+    "backward-axis": (
+        bnpy.batch_norm_backward,
+        lambda: (data((8, C)), data((8, C)), None) + _stats(),
+        dict(axis=-3),
+        ValueError,
+        r"axis -3\b",
+    ),
+    "backward-mean-shape": (
+        bnpy.batch_norm_backward,
+        lambda: (data((8, C)), data((8, C)), None, np.zeros(C + 1), np.ones(C)),
+        {},
+        ValueError,
+        "mean",
+    ),
+    "backward-invstd-shape": (
+        bnpy.batch_norm_backward,
+        lambda: (data((8, C)), data((8, C)), None, np.zeros(C), np.ones((C, 1))),
+        {},
+        ValueError,
+        "invstd",
+    ),
+    "backward-gamma-shape": (
+        bnpy.batch_norm_backward,
+        lambda: (data((8, C)), data((8, C)), np.ones(C - 1)) + _stats(),
+        {},
+        ValueError,
+        "gamma",
+    ),
+    "backward-complex-dy": (
+        bnpy.batch_norm_backward,
+        lambda: (data((8, C)).astype(complex), data((8, C)), None) + _stats(),
+        {},
+        TypeError,
+        None,
+    ),
 }
 
 

@@ -13,6 +13,7 @@ failure, even through aliases"): one test (or a few) per reproducer.
 6. an input with no values returns at once, however many empty rows it has;
 7. a MemoryError says how much was asked for.
 """
+
 import copy
 import pickle
 import subprocess
@@ -21,9 +22,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 C = 3
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
@@ -50,6 +51,7 @@ def assert_round_trips(bn):
 
 
 # --- 1. out = the input saved for backward ------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(8, C), (4, C, 5)], ids=["interleaved", "planar"])
@@ -84,6 +86,7 @@ def test_forward_into_saved_input_writes_out_when_it_succeeds(dtype):
 
 # --- 2. out = the memory x was converted from ------------------------------------
 
+
 def _aliases(big):
     """(x, out): out is 8 contiguous rows of big, x a view of big overlapping it
     that the layer must copy (not contiguous, or reversed)."""
@@ -117,12 +120,20 @@ def test_forward_into_memory_of_its_input_succeeds():
 
 # --- 3. load_state_dict of the layer's own views -------------------------------
 
+
 def test_load_state_dict_of_own_views_swapped():
     bn = bnpy.BatchNorm(C, dtype=np.float64)
     bn.gamma, bn.beta = [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]
     bn.running_mean, bn.running_var = [7.0, 8.0, 9.0], [10.0, 11.0, 12.0]
-    bn.load_state_dict({"gamma": bn.beta, "beta": bn.gamma, "running_mean": bn.running_var,
-                        "running_var": bn.running_mean, "num_batches_tracked": 2})
+    bn.load_state_dict(
+        {
+            "gamma": bn.beta,
+            "beta": bn.gamma,
+            "running_mean": bn.running_var,
+            "running_var": bn.running_mean,
+            "num_batches_tracked": 2,
+        }
+    )
     assert bn.gamma.tolist() == [4.0, 5.0, 6.0]
     assert bn.beta.tolist() == [1.0, 2.0, 3.0]
     assert bn.running_mean.tolist() == [10.0, 11.0, 12.0]
@@ -165,6 +176,7 @@ def test_count_does_not_wrap(momentum):
 
 # --- 5. one rule for the state: the layer reloads whatever it holds -------------
 
+
 def test_forward_refuses_running_var_beyond_float32():
     bn = bnpy.BatchNorm(C)
     bn(data((8, C)))
@@ -201,13 +213,19 @@ def test_float64_layer_keeps_what_float32_cannot():
     assert_round_trips(bn)
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("gamma", [np.nan, 1.0, 1.0], r"gamma must be finite, got nan at index 0"),
-    ("beta", [0.0, 0.0, np.inf], r"beta must be finite, got inf at index 2"),
-    ("running_mean", [0.0, -np.inf, 0.0], r"running_mean must be finite, got -inf at index 1"),
-    ("running_var", [1.0, -1.0, 1.0],
-     r"running_var must be finite and non-negative, got -1.0 at index 1"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("gamma", [np.nan, 1.0, 1.0], r"gamma must be finite, got nan at index 0"),
+        ("beta", [0.0, 0.0, np.inf], r"beta must be finite, got inf at index 2"),
+        ("running_mean", [0.0, -np.inf, 0.0], r"running_mean must be finite, got -inf at index 1"),
+        (
+            "running_var",
+            [1.0, -1.0, 1.0],
+            r"running_var must be finite and non-negative, got -1.0 at index 1",
+        ),
+    ],
+)
 def test_setters_follow_load_state_dict_rule(name, value, message):
     bn = bnpy.BatchNorm(C)
     before = state(bn)
@@ -222,6 +240,7 @@ def test_setters_follow_load_state_dict_rule(name, value, message):
 
 
 # --- 6. an input with no values returns at once ---------------------------------
+
 
 def test_empty_input_with_huge_leading_dimensions_returns_at_once():
     # in a child process with a timeout: before the fix each call walked
@@ -245,13 +264,13 @@ def test_empty_input_with_huge_leading_dimensions_returns_at_once():
         bn(x)
         print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
 
 # --- 7. a MemoryError says how much was asked for -------------------------------
+
 
 def test_memory_error_names_the_amount():
     with pytest.raises(MemoryError) as caught:

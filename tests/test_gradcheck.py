@@ -1,4 +1,5 @@
 """bnpy.gradcheck: it passes correct gradients and catches wrong ones."""
+
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ MODES = ["full", "fast"]
 
 
 # ---- batch normalization through the functional API, right and wrong ------
+
 
 def bn_forward(x, gamma, beta):
     return bnpy.batch_norm_forward(x, gamma, beta)[0]
@@ -51,7 +53,7 @@ def backward_mean_term_dropped(dy, x, gamma, beta):
 
 def backward_variance_term_dropped(dy, x, gamma, beta):
     """A bug that an all-ones dy hides: with dy = 1, dgamma = sum x-hat = 0."""
-    x_hat, invstd, dgamma, dbeta, n = _parts(dy, x, gamma)
+    _x_hat, invstd, dgamma, dbeta, n = _parts(dy, x, gamma)
     dx = gamma * invstd / n * (n * dy - dbeta)  # "- x_hat * dgamma" forgotten
     return dx, dgamma, dbeta
 
@@ -81,10 +83,16 @@ def test_correct_batch_norm_gradients_pass(bn_inputs, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("wrong_backward", [
-    backward_dx_scaled, backward_mean_term_dropped, backward_variance_term_dropped,
-    backward_swapped, backward_gamma_sign,
-])
+@pytest.mark.parametrize(
+    "wrong_backward",
+    [
+        backward_dx_scaled,
+        backward_mean_term_dropped,
+        backward_variance_term_dropped,
+        backward_swapped,
+        backward_gamma_sign,
+    ],
+)
 def test_wrong_gradients_are_caught(bn_inputs, wrong_backward, mode):
     report = gradcheck(bn_forward, wrong_backward, bn_inputs, mode=mode)
     assert not report.passed, f"{wrong_backward.__name__} passed:\n{report}"
@@ -94,7 +102,7 @@ def test_wrong_gradients_are_caught(bn_inputs, wrong_backward, mode):
 
 def test_variance_term_bug_is_invisible_to_an_all_ones_dy(bn_inputs):
     """Why gradcheck draws a random dy: with dy = 1 this bug gives the right dx."""
-    x, gamma, _ = bn_inputs
+    x, _gamma, _ = bn_inputs
     dy = np.ones_like(x)
     right = bn_backward(dy, *bn_inputs)[0]
     wrong = backward_variance_term_dropped(dy, *bn_inputs)[0]
@@ -120,6 +128,7 @@ def test_wrong_gradients_of_a_layer_are_caught_in_train_and_eval(mode, training)
 
 # ---- the sweep --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", MODES)
 def test_sweep_passes_in_float64_below_1e_7(mode):
     cases = list(sweep_gradcheck(dtypes=(np.float64,), mode=mode))
@@ -135,8 +144,9 @@ def test_sweep_passes_in_float32_with_float32_tolerances():
 
 
 def test_command_line_sweep_prints_one_line_per_case():
-    run = subprocess.run([sys.executable, "-m", "bnpy", "gradcheck"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "bnpy", "gradcheck"], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     case_lines = [line for line in run.stdout.splitlines() if "max_rel_error" in line]
     assert len(case_lines) == 5 * 2 * 2 * 2  # layouts x dtypes x train/eval x affine
@@ -145,6 +155,7 @@ def test_command_line_sweep_prints_one_line_per_case():
 
 
 # ---- properties of the analytic gradients -----------------------------------
+
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -194,13 +205,14 @@ def test_training_backward_invariants(shape, axis):
 
 # ---- the checker itself ---------------------------------------------------
 
+
 def test_numerical_vjp_of_a_known_function():
     x = np.array([[1.0, -2.0], [0.5, 3.0]])
     w = np.array([2.0, -1.0])
     dy = np.array([[1.0, 2.0], [-1.0, 0.5]])
-    gx, gw = numerical_vjp(lambda x_, w_: x_ ** 2 * w_, [x, w], dy)
+    gx, gw = numerical_vjp(lambda x_, w_: x_**2 * w_, [x, w], dy)
     np.testing.assert_allclose(gx, 2 * x * w * dy, rtol=1e-8)
-    np.testing.assert_allclose(gw, (x ** 2 * dy).sum(axis=0), rtol=1e-8)
+    np.testing.assert_allclose(gw, (x**2 * dy).sum(axis=0), rtol=1e-8)
     assert x[0, 0] == 1.0  # the caller's inputs are not moved
 
 
@@ -255,8 +267,9 @@ def test_fast_mode_costs_a_few_forward_calls():
         calls.append(1)
         return np.sin(x)
 
-    gradcheck(forward, lambda dy, x: dy * np.cos(x), [np.zeros((50, 40))], mode="fast",
-              directions=3)
+    gradcheck(
+        forward, lambda dy, x: dy * np.cos(x), [np.zeros((50, 40))], mode="fast", directions=3
+    )
     assert len(calls) == 1 + 2 * 3
 
 
@@ -278,12 +291,12 @@ def test_check_layer_leaves_parameters_and_running_stats_alone(training):
 
 def test_check_layer_without_affine_and_for_a_user_layer():
     rng = np.random.default_rng(5)
-    report = check_layer(bnpy.BatchNorm(3, affine=False, dtype=np.float64),
-                         rng.normal(size=(6, 3)))
+    report = check_layer(bnpy.BatchNorm(3, affine=False, dtype=np.float64), rng.normal(size=(6, 3)))
     assert report.passed and [r.name for r in report.inputs] == ["x"]
 
     class NumpyBatchNorm:
         """A user's own layer, written with bnpy.reference."""
+
         def __init__(self, c):
             self.gamma, self.beta = rng.normal(size=c), rng.normal(size=c)
             self.grad_gamma = self.grad_beta = None
@@ -295,7 +308,8 @@ def test_check_layer_without_affine_and_for_a_user_layer():
         def backward(self, dy):
             mean, var = reference.batch_stats(self.x)
             dx, self.grad_gamma, self.grad_beta = reference.backward(
-                dy, self.x, mean, var, self.gamma)
+                dy, self.x, mean, var, self.gamma
+            )
             return dx
 
     layer = NumpyBatchNorm(3)

@@ -18,11 +18,12 @@ not contiguous, misaligned, not an ndarray, partly overlapping an input) raises
 and writes nothing, for every function that takes out; out=x (forward) and
 out=dy (backward) exactly are allowed and give the same bits.
 """
+
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 C = 4
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
@@ -46,6 +47,7 @@ def native_copy(a):
 
 
 # --- layout variants ------------------------------------------------------------
+
 
 def _misaligned(a, writable):
     raw = b"\x00" + a.tobytes()
@@ -132,13 +134,23 @@ def test_variants_really_differ_in_layout():
 
 def vector_variants(v):
     """(C,) vectors in other layouts, zero stride included."""
-    out = {name: variant(name, v) for name in
-           ("strided", "reversed", "misaligned", "byteswapped", "big-endian-f8", "read-only")}
+    out = {
+        name: variant(name, v)
+        for name in (
+            "strided",
+            "reversed",
+            "misaligned",
+            "byteswapped",
+            "big-endian-f8",
+            "read-only",
+        )
+    }
     out["broadcast-scalar"] = np.broadcast_to(v[:1], v.shape)  # zero stride
     return out
 
 
 # --- the layer ------------------------------------------------------------------
+
 
 def make_layer(dtype, axis, mode="train"):
     bn = bnpy.BatchNorm(C, axis=axis, dtype=dtype, momentum=0.3, eps=1e-3)
@@ -154,9 +166,13 @@ def run_layer(dtype, axis, mode, x, dy):
     bn = make_layer(dtype, axis, mode)
     y = bn(x)
     dx = bn.backward(dy)
-    return {"y": bits(y), "dx": bits(dx), "grad_gamma": bits(bn.grad_gamma),
-            "grad_beta": bits(bn.grad_beta),
-            **{k: bits(v) for k, v in bn.state_dict().items()}}
+    return {
+        "y": bits(y),
+        "dx": bits(dx),
+        "grad_gamma": bits(bn.grad_gamma),
+        "grad_beta": bits(bn.grad_beta),
+        **{k: bits(v) for k, v in bn.state_dict().items()},
+    }
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -183,7 +199,7 @@ ROUNDING = {np.float32: dict(rtol=2e-6, atol=2e-6), np.float64: dict(rtol=1e-13,
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_kept_layout_to_rounding_with_x_strides(dtype, layout, name, mode):
-    shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
+    _shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
     results = []
     for xs, dys in ((x0, dy0), (x, dy)):
         bn = make_layer(dtype, axis, mode)
@@ -201,15 +217,22 @@ def test_layer_kept_layout_to_rounding_with_x_strides(dtype, layout, name, mode)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_functional_kept_layout_to_rounding_with_x_strides(dtype, layout, name):
-    shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
+    _shape, axis, x0, dy0, x, dy = inputs(name, layout, dtype)
     gamma, beta, mean, var = _stats(dtype)
     y, m, invstd = bnpy.batch_norm_forward(x, gamma, beta, axis=axis)
     y0, m0, invstd0 = bnpy.batch_norm_forward(x0, gamma, beta, axis=axis)
     yi = bnpy.batch_norm_inference(x, gamma, beta, mean, var, axis=axis)
     dx, dg, db = bnpy.batch_norm_backward(dy, x, gamma, m, invstd, axis=axis)
     dx0, dg0, db0 = bnpy.batch_norm_backward(dy0, x0, gamma, m0, invstd0, axis=axis)
-    for got, want in [(y, y0), (m, m0), (invstd, invstd0), (dx, dx0), (dg, dg0), (db, db0),
-                      (yi, bnpy.batch_norm_inference(x0, gamma, beta, mean, var, axis=axis))]:
+    for got, want in [
+        (y, y0),
+        (m, m0),
+        (invstd, invstd0),
+        (dx, dx0),
+        (dg, dg0),
+        (db, db0),
+        (yi, bnpy.batch_norm_inference(x0, gamma, beta, mean, var, axis=axis)),
+    ]:
         np.testing.assert_allclose(got, want, **ROUNDING[dtype])
     assert y.strides == yi.strides == dx.strides == x.strides
 
@@ -222,8 +245,9 @@ def test_channels_last_seen_as_nchw_runs_on_its_memory():
     bn = bnpy.BatchNorm(C).eval()
     y = bn(x)
     assert y.strides == x.strides
-    np.testing.assert_allclose(y, bnpy.BatchNorm(C).eval()(np.ascontiguousarray(x)),
-                               **ROUNDING[np.float32])
+    np.testing.assert_allclose(
+        y, bnpy.BatchNorm(C).eval()(np.ascontiguousarray(x)), **ROUNDING[np.float32]
+    )
     bn(x, out=x)  # in place: no copy was made, so backward has no input
     with pytest.raises(RuntimeError, match="wrote its output over its input"):
         bn.backward(y)
@@ -234,8 +258,10 @@ def test_out_in_another_layout_gets_y_in_its_layout():
     out's layout, as before layouts were kept."""
     x0 = data((6, C, 5), 4, np.float64)
     want = bnpy.BatchNorm(C, dtype=np.float64)(x0)
-    for x, out in ((np.asfortranarray(x0), np.empty_like(x0, order="C")),
-                   (x0, np.empty_like(x0, order="F"))):
+    for x, out in (
+        (np.asfortranarray(x0), np.empty_like(x0, order="C")),
+        (x0, np.empty_like(x0, order="F")),
+    ):
         y = bnpy.BatchNorm(C, dtype=np.float64)(x, out=out)
         assert y is out
         np.testing.assert_allclose(y, want, **ROUNDING[np.float64])
@@ -285,10 +311,12 @@ def test_layer_x_saved_for_backward_survives_any_layout(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_setters_and_load_state_dict_take_any_layout(dtype):
-    values = {"gamma": np.array([0.5, -1.5, 2.0, 1.25], dtype),
-              "beta": np.array([0.25, 0.0, -1.0, 3.0], dtype),
-              "running_mean": np.array([0.5, -0.5, 1.0, 2.0], dtype),
-              "running_var": np.array([2.0, 0.5, 1.5, 3.0], dtype)}
+    values = {
+        "gamma": np.array([0.5, -1.5, 2.0, 1.25], dtype),
+        "beta": np.array([0.25, 0.0, -1.0, 3.0], dtype),
+        "running_mean": np.array([0.5, -0.5, 1.0, 2.0], dtype),
+        "running_var": np.array([2.0, 0.5, 1.5, 3.0], dtype),
+    }
     for name, v in values.items():
         for kind, w in vector_variants(v).items():
             bn = bnpy.BatchNorm(C, dtype=dtype)
@@ -306,22 +334,36 @@ def test_setters_and_load_state_dict_take_any_layout(dtype):
 
 # --- the functional API -------------------------------------------------------------
 
+
 def run_functional(x, dy, gamma, beta, mean, var, axis):
     y, m, invstd = bnpy.batch_norm_forward(x, gamma, beta, eps=1e-3, axis=axis)
     yi = bnpy.batch_norm_inference(x, gamma, beta, mean, var, eps=1e-3, axis=axis)
     out = {"y": bits(y), "mean": bits(m), "invstd": bits(invstd), "y_inference": bits(yi)}
     for training in (True, False):
-        dx, dg, db = bnpy.batch_norm_backward(dy, x, gamma, m if training else mean,
-                                              invstd if training else 1 / np.sqrt(var + 1e-3),
-                                              axis=axis, training=training)
+        dx, dg, db = bnpy.batch_norm_backward(
+            dy,
+            x,
+            gamma,
+            m if training else mean,
+            invstd if training else 1 / np.sqrt(var + 1e-3),
+            axis=axis,
+            training=training,
+        )
         out[f"dx-{training}"], out[f"dg-{training}"], out[f"db-{training}"] = (
-            bits(dx), bits(dg), bits(db))
+            bits(dx),
+            bits(dg),
+            bits(db),
+        )
     return out
 
 
 def _stats(dtype):
-    return (np.array([0.5, -1.5, 2.0, 1.25], dtype), np.array([0.25, 0.0, -1.0, 3.0], dtype),
-            np.array([0.5, -0.5, 1.0, 2.0], dtype), np.array([2.0, 0.5, 1.5, 3.0], dtype))
+    return (
+        np.array([0.5, -1.5, 2.0, 1.25], dtype),
+        np.array([0.25, 0.0, -1.0, 3.0], dtype),
+        np.array([0.5, -0.5, 1.0, 2.0], dtype),
+        np.array([2.0, 0.5, 1.5, 3.0], dtype),
+    )
 
 
 @pytest.mark.parametrize("name", COPIED)
@@ -331,16 +373,33 @@ def test_functional_any_layout_bitwise(dtype, layout, name):
     shape, axis = LAYOUTS[layout]
     x0, dy0 = data(shape, 1, dtype), data(shape, 2, dtype)
     gamma, beta, mean, var = _stats(dtype)
-    want = run_functional(native_copy(variant(name, x0)), native_copy(variant(name, dy0)),
-                          gamma, beta, mean, var, axis)
+    want = run_functional(
+        native_copy(variant(name, x0)),
+        native_copy(variant(name, dy0)),
+        gamma,
+        beta,
+        mean,
+        var,
+        axis,
+    )
     x, dy = variant(name, x0), variant(name, dy0)
     x_bits = bits(x)
     assert run_functional(x, dy, gamma, beta, mean, var, axis) == want
     assert bits(x) == x_bits
 
 
-@pytest.mark.parametrize("kind", ["strided", "reversed", "misaligned", "byteswapped",
-                                  "big-endian-f8", "read-only", "broadcast-scalar"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "strided",
+        "reversed",
+        "misaligned",
+        "byteswapped",
+        "big-endian-f8",
+        "read-only",
+        "broadcast-scalar",
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_functional_vector_arguments_any_layout(dtype, kind):
     shape, axis = LAYOUTS["planar"]
@@ -416,8 +475,8 @@ _PAD = 16
 def _inputs_in_one_buffer(dtype):
     n = int(np.prod(SHAPE))
     buf = np.full(3 * n + 4 * _PAD, 99, dtype)
-    x = buf[_PAD:_PAD + n].reshape(SHAPE)
-    dy = buf[2 * _PAD + n:2 * _PAD + 2 * n].reshape(SHAPE)
+    x = buf[_PAD : _PAD + n].reshape(SHAPE)
+    dy = buf[2 * _PAD + n : 2 * _PAD + 2 * n].reshape(SHAPE)
     x[...] = data(SHAPE, 1, dtype)
     dy[...] = data(SHAPE, 2, dtype)
     return buf, x, dy
@@ -427,9 +486,10 @@ def _shifted(a, elements):
     """A C-contiguous array of a's shape starting `elements` after a's start,
     in the same buffer."""
     base = a.base
-    start = (a.__array_interface__["data"][0] - base.__array_interface__["data"][0]) \
-        // a.itemsize + elements
-    return base[start:start + a.size].reshape(a.shape)
+    start = (
+        a.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    ) // a.itemsize + elements
+    return base[start : start + a.size].reshape(a.shape)
 
 
 OUT_FUNCTIONS = ["layer-forward", "layer-backward", "forward", "inference", "backward"]
@@ -457,9 +517,13 @@ def _layer_snapshot(bn, dy):
     return snap
 
 
-BAD_OUT_CASES = [(function, bad) for function in OUT_FUNCTIONS for bad in bad_outs(np.float32)
-                 if bad != "overlaps-dy" or function in ("layer-backward", "backward")
-                 if bad != "fortran" or function == "layer-backward"]  # else x takes its layout
+BAD_OUT_CASES = [
+    (function, bad)
+    for function in OUT_FUNCTIONS
+    for bad in bad_outs(np.float32)
+    if bad != "overlaps-dy" or function in ("layer-backward", "backward")
+    if bad != "fortran" or function == "layer-backward"
+]  # else x takes its layout
 
 
 @pytest.mark.parametrize("function, bad", BAD_OUT_CASES)
@@ -499,13 +563,23 @@ def test_layer_backward_out_must_not_touch_the_saved_input(dtype):
     assert _layer_snapshot(bn, dy) == before
 
 
-@pytest.mark.parametrize("function, target", [
-    ("layer-forward", "x"), ("forward", "x"), ("inference", "x"),
-    ("layer-backward", "dy"), ("backward", "dy"), ("backward", "x"),
-])
+@pytest.mark.parametrize(
+    "function, target",
+    [
+        ("layer-forward", "x"),
+        ("forward", "x"),
+        ("inference", "x"),
+        ("layer-backward", "dy"),
+        ("backward", "dy"),
+        ("backward", "x"),
+    ],
+)
 @pytest.mark.parametrize("same_object", [True, False], ids=["same-object", "same-memory"])
-@pytest.mark.parametrize("shape", [(6, C, 5), (3, 7, 3000), (20000, 5)],
-                         ids=["small", "planar-tiles", "interleaved-groups"])
+@pytest.mark.parametrize(
+    "shape",
+    [(6, C, 5), (3, 7, 3000), (20000, 5)],
+    ids=["small", "planar-tiles", "interleaved-groups"],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_out_may_be_the_input_exactly(dtype, shape, same_object, function, target):
     """In place: out=x for the forwards, out=dy for the backwards (and out=x
@@ -523,7 +597,9 @@ def test_out_may_be_the_input_exactly(dtype, shape, same_object, function, targe
     assert _result_bits(got) == _result_bits(want)
     if function == "layer-backward":
         assert (bits(got_bn.grad_gamma), bits(got_bn.grad_beta)) == (
-            bits(want_bn.grad_gamma), bits(want_bn.grad_beta))
+            bits(want_bn.grad_gamma),
+            bits(want_bn.grad_beta),
+        )
     if function == "layer-forward":
         # the in-place forward kept the original x for backward
         assert bits(got_bn.backward(dy0)) == bits(want_bn.backward(dy0))
@@ -533,8 +609,12 @@ def test_out_may_be_the_input_exactly(dtype, shape, same_object, function, targe
 
 def _params(c, dtype):
     rng = np.random.default_rng(c)
-    return (rng.uniform(0.5, 2, c).astype(dtype), rng.uniform(-1, 1, c).astype(dtype),
-            rng.uniform(-1, 1, c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype))
+    return (
+        rng.uniform(0.5, 2, c).astype(dtype),
+        rng.uniform(-1, 1, c).astype(dtype),
+        rng.uniform(-1, 1, c).astype(dtype),
+        rng.uniform(0.5, 2, c).astype(dtype),
+    )
 
 
 def _run_any(function, dtype, x, dy, out, c):
@@ -568,7 +648,7 @@ def test_out_overlapping_a_copied_input_is_harmless(dtype):
     buf = data((n, 2 * c), 1, dtype)
     x = buf[:, ::2]  # strided: copied by the binding
     x_values = x.copy()
-    out = buf.reshape(-1)[:n * c].reshape(n, c)  # overlaps x's memory
+    out = buf.reshape(-1)[: n * c].reshape(n, c)  # overlaps x's memory
     assert np.shares_memory(out, x)
     want_layer = bnpy.BatchNorm(c, dtype=dtype)(x_values)
     got = bnpy.BatchNorm(c, dtype=dtype).forward(x, out=out)
@@ -579,10 +659,13 @@ def test_out_overlapping_a_copied_input_is_harmless(dtype):
     assert _result_bits(got) == _result_bits(want)
 
 
-@pytest.mark.parametrize("shape", [
-    pytest.param((6, C), id="interleaved"),
-    pytest.param((6, C, 5), id="planar"),
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param((6, C), id="interleaved"),
+        pytest.param((6, C, 5), id="planar"),
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_out_aliasing_parameters_or_statistics(dtype, shape):
     """out sharing memory with gamma, beta, mean, var or invstd: the result must
@@ -592,12 +675,18 @@ def test_out_aliasing_parameters_or_statistics(dtype, shape):
     gamma, beta, mean, var = _stats(dtype)
     _, m, invstd = bnpy.batch_norm_forward(x, gamma, beta)
     cases = {
-        "forward": (lambda g, b, s1, s2, out: bnpy.batch_norm_forward(x, g, b, out=out)[0],
-                    ("gamma", "beta")),
-        "inference": (lambda g, b, s1, s2, out: bnpy.batch_norm_inference(
-            x, g, b, s1, s2, out=out), ("gamma", "beta", "s1", "s2")),
-        "backward": (lambda g, b, s1, s2, out: bnpy.batch_norm_backward(
-            dy, x, g, s1, s2, out=out)[0], ("gamma", "s1", "s2")),
+        "forward": (
+            lambda g, b, s1, s2, out: bnpy.batch_norm_forward(x, g, b, out=out)[0],
+            ("gamma", "beta"),
+        ),
+        "inference": (
+            lambda g, b, s1, s2, out: bnpy.batch_norm_inference(x, g, b, s1, s2, out=out),
+            ("gamma", "beta", "s1", "s2"),
+        ),
+        "backward": (
+            lambda g, b, s1, s2, out: bnpy.batch_norm_backward(dy, x, g, s1, s2, out=out)[0],
+            ("gamma", "s1", "s2"),
+        ),
     }
     wrong = []
     for name, (call, aliasable) in cases.items():
@@ -607,8 +696,8 @@ def test_out_aliasing_parameters_or_statistics(dtype, shape):
             out = np.zeros(shape, dtype)
             flat = out.reshape(-1)
             args = {"gamma": gamma, "beta": beta, "s1": stats[0], "s2": stats[1]}
-            flat[2 * C:3 * C] = args[which]  # the argument lives inside out
-            args[which] = flat[2 * C:3 * C]
+            flat[2 * C : 3 * C] = args[which]  # the argument lives inside out
+            args[which] = flat[2 * C : 3 * C]
             try:
                 got = call(args["gamma"], args["beta"], args["s1"], args["s2"], out)
             except ValueError:

@@ -5,6 +5,7 @@ pickling, repr and the layer's dtype rules. The numerics are checked only as
 far as needed to see that the API wires the right data through; the full
 comparison with the reference lives elsewhere.
 """
+
 import copy
 import gc
 import pickle
@@ -12,11 +13,11 @@ import re
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
 from bnpy import reference
 from bnpy.reference import batch_stats, normalize
-from bitwise import bits
 
 F32 = np.dtype(np.float32)
 F64 = np.dtype(np.float64)
@@ -25,6 +26,7 @@ PARAMS = ("gamma", "beta", "running_mean", "running_var")
 
 
 # --- small helpers (float64, written for reading) ---------------------------
+
 
 def data(shape, seed=0, scale=3.0, offset=1.0):
     return np.random.default_rng(seed).standard_normal(shape) * scale + offset
@@ -52,6 +54,7 @@ def state(bn):
 
 # --- constructor ------------------------------------------------------------
 
+
 def test_constructor_defaults():
     bn = bnpy.BatchNorm(4)
     assert bn.num_features == 4 and type(bn.num_features) is int
@@ -72,10 +75,23 @@ def test_constructor_defaults():
 
 
 def test_constructor_keywords():
-    bn = bnpy.BatchNorm(num_features=6, eps=1e-3, momentum=0.25, affine=False,
-                        track_running_stats=True, axis=-1, dtype=np.float64)
-    assert (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-            bn.axis) == (6, 1e-3, 0.25, False, True, -1)
+    bn = bnpy.BatchNorm(
+        num_features=6,
+        eps=1e-3,
+        momentum=0.25,
+        affine=False,
+        track_running_stats=True,
+        axis=-1,
+        dtype=np.float64,
+    )
+    assert (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, bn.axis) == (
+        6,
+        1e-3,
+        0.25,
+        False,
+        True,
+        -1,
+    )
     assert np.dtype(bn.dtype) == F64
     assert bn.gamma is None and bn.beta is None
     assert bn.running_mean.dtype == F64 and bn.running_mean.shape == (6,)
@@ -83,17 +99,30 @@ def test_constructor_keywords():
 
 def test_constructor_positional():
     bn = bnpy.BatchNorm(5, 1e-3, 0.5, True, False, 2, np.float64)
-    assert (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-            bn.axis) == (5, 1e-3, 0.5, True, False, 2)
+    assert (bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, bn.axis) == (
+        5,
+        1e-3,
+        0.5,
+        True,
+        False,
+        2,
+    )
     assert np.dtype(bn.dtype) == F64
     assert bn.running_mean is None and bn.running_var is None
     assert bn.gamma.dtype == F64
 
 
-@pytest.mark.parametrize("spelling, expected", [
-    (np.float32, F32), ("float32", F32), (np.dtype("float32"), F32),
-    (np.float64, F64), ("float64", F64), (np.dtype("float64"), F64),
-])
+@pytest.mark.parametrize(
+    "spelling, expected",
+    [
+        (np.float32, F32),
+        ("float32", F32),
+        (np.dtype("float32"), F32),
+        (np.float64, F64),
+        ("float64", F64),
+        (np.dtype("float64"), F64),
+    ],
+)
 def test_dtype_spellings(spelling, expected):
     bn = bnpy.BatchNorm(3, dtype=spelling)
     assert np.dtype(bn.dtype) == expected
@@ -137,9 +166,11 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs, exc, name", BAD_ARGUMENTS,
-                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items())
-                              for kw, _, _ in BAD_ARGUMENTS])
+@pytest.mark.parametrize(
+    "kwargs, exc, name",
+    BAD_ARGUMENTS,
+    ids=[",".join(f"{k}={v!r}" for k, v in kw.items()) for kw, _, _ in BAD_ARGUMENTS],
+)
 def test_constructor_rejects(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         bnpy.BatchNorm(**kwargs)
@@ -162,6 +193,7 @@ def test_constructor_signature_errors():
 
 
 # --- parameter and statistics attributes -----------------------------------
+
 
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track", [True, False])
@@ -191,14 +223,18 @@ def test_writing_through_views_changes_forward(dtype):
     bn.gamma[:] = 2
     bn.beta[:] = [1, -1, 0.5]
     mean, var = batch_stats(x.astype(dtype))
-    np.testing.assert_allclose(bn(x), normalize(x.astype(dtype), mean, var, [2, 2, 2], [1, -1, 0.5]),
-                               **TOL[dtype])
+    np.testing.assert_allclose(
+        bn(x), normalize(x.astype(dtype), mean, var, [2, 2, 2], [1, -1, 0.5]), **TOL[dtype]
+    )
 
     bn.eval()
     bn.running_mean[:] = [1, 2, 3]
     bn.running_var[:] = [4, 0.25, 9]
-    np.testing.assert_allclose(bn(x), normalize(x.astype(dtype), [1, 2, 3], [4, 0.25, 9],
-                                                [2, 2, 2], [1, -1, 0.5]), **TOL[dtype])
+    np.testing.assert_allclose(
+        bn(x),
+        normalize(x.astype(dtype), [1, 2, 3], [4, 0.25, 9], [2, 2, 2], [1, -1, 0.5]),
+        **TOL[dtype],
+    )
 
 
 def test_view_outlives_layer():
@@ -232,9 +268,11 @@ def test_assignment_copies_values_in(name, dtype):
 
 
 @pytest.mark.parametrize("name", PARAMS)
-@pytest.mark.parametrize("bad", [np.ones(4), np.ones(2), np.ones((3, 1)), np.ones((1, 3)),
-                                 np.float64(1.0), np.ones(0)],
-                         ids=["(4,)", "(2,)", "(3,1)", "(1,3)", "()", "(0,)"])
+@pytest.mark.parametrize(
+    "bad",
+    [np.ones(4), np.ones(2), np.ones((3, 1)), np.ones((1, 3)), np.float64(1.0), np.ones(0)],
+    ids=["(4,)", "(2,)", "(3,1)", "(1,3)", "()", "(0,)"],
+)
 def test_assignment_wrong_shape(name, bad):
     bn = bnpy.BatchNorm(3)
     bn(data((6, 3)))
@@ -244,10 +282,16 @@ def test_assignment_wrong_shape(name, bad):
     assert state(bn) == before
 
 
-@pytest.mark.parametrize("name, value", [
-    ("num_features", 5), ("affine", False), ("track_running_stats", False),
-    ("axis", 0), ("dtype", np.float64),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("num_features", 5),
+        ("affine", False),
+        ("track_running_stats", False),
+        ("axis", 0),
+        ("dtype", np.float64),
+    ],
+)
 def test_read_only_attributes(name, value):
     bn = bnpy.BatchNorm(3)
     before = getattr(bn, name)
@@ -263,7 +307,9 @@ def test_eps_and_momentum_are_settable():
     bn.eps = 0.5
     assert bn.eps == 0.5
     mean, var = batch_stats(x.astype(np.float32))
-    np.testing.assert_allclose(bn(x), normalize(x.astype(np.float32), mean, var, eps=0.5), **TOL[F32])
+    np.testing.assert_allclose(
+        bn(x), normalize(x.astype(np.float32), mean, var, eps=0.5), **TOL[F32]
+    )
 
     bn = bnpy.BatchNorm(3, dtype=np.float64)
     bn.momentum = 0.5
@@ -286,12 +332,20 @@ def test_eps_and_momentum_are_settable():
     assert bn.num_batches_tracked == 2
 
 
-@pytest.mark.parametrize("name, value, exc", [
-    ("eps", 0.0, ValueError), ("eps", -1e-5, ValueError), ("eps", float("nan"), ValueError),
-    ("eps", "0.1", TypeError), ("eps", None, TypeError),
-    ("momentum", -0.1, ValueError), ("momentum", 1.5, ValueError),
-    ("momentum", float("nan"), ValueError), ("momentum", "0.1", TypeError),
-])
+@pytest.mark.parametrize(
+    "name, value, exc",
+    [
+        ("eps", 0.0, ValueError),
+        ("eps", -1e-5, ValueError),
+        ("eps", float("nan"), ValueError),
+        ("eps", "0.1", TypeError),
+        ("eps", None, TypeError),
+        ("momentum", -0.1, ValueError),
+        ("momentum", 1.5, ValueError),
+        ("momentum", float("nan"), ValueError),
+        ("momentum", "0.1", TypeError),
+    ],
+)
 def test_eps_and_momentum_setters_validate(name, value, exc):
     bn = bnpy.BatchNorm(3, eps=1e-3, momentum=0.3)
     with pytest.raises(exc, match=name):
@@ -300,6 +354,7 @@ def test_eps_and_momentum_setters_validate(name, value, exc):
 
 
 # --- modes ------------------------------------------------------------------
+
 
 def test_train_and_eval_return_layer():
     bn = bnpy.BatchNorm(3)
@@ -334,6 +389,7 @@ def test_modes_choose_statistics():
 
 
 # --- forward ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("training", [True, False])
 def test_call_is_forward(training):
@@ -407,6 +463,7 @@ def test_forward_leaves_input_and_old_results_alone():
 
 
 # --- backward ---------------------------------------------------------------
+
 
 def test_backward_before_forward():
     bn = bnpy.BatchNorm(3)
@@ -540,12 +597,16 @@ def test_backward_converts_dy():
 
 # --- state_dict / load_state_dict ------------------------------------------
 
-@pytest.mark.parametrize("affine, track, keys", [
-    (True, True, {"gamma", "beta", "running_mean", "running_var", "num_batches_tracked"}),
-    (True, False, {"gamma", "beta"}),
-    (False, True, {"running_mean", "running_var", "num_batches_tracked"}),
-    (False, False, set()),
-])
+
+@pytest.mark.parametrize(
+    "affine, track, keys",
+    [
+        (True, True, {"gamma", "beta", "running_mean", "running_var", "num_batches_tracked"}),
+        (True, False, {"gamma", "beta"}),
+        (False, True, {"running_mean", "running_var", "num_batches_tracked"}),
+        (False, False, set()),
+    ],
+)
 def test_state_dict_keys(affine, track, keys):
     bn = bnpy.BatchNorm(3, affine=affine, track_running_stats=track)
     assert set(bn.state_dict()) == keys
@@ -628,7 +689,7 @@ def test_load_state_dict_torch_names_and_conversion():
 def _corrupt(kind):
     sd = _new_state()
     if kind.startswith("missing-"):
-        key = kind[len("missing-"):]
+        key = kind[len("missing-") :]
         del sd[key]
         return sd, key
     if kind == "unknown":
@@ -649,13 +710,25 @@ def _corrupt(kind):
     return sd, key
 
 
-@pytest.mark.parametrize("kind", [
-    "missing-gamma", "missing-beta", "missing-running_mean", "missing-running_var",
-    "unknown",
-    "shape-gamma", "shape-beta", "shape-running_mean", "shape-running_var",
-    "nan-gamma", "inf-beta", "neginf-running_mean", "nan-running_var",
-    "negative-running_var",
-])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing-gamma",
+        "missing-beta",
+        "missing-running_mean",
+        "missing-running_var",
+        "unknown",
+        "shape-gamma",
+        "shape-beta",
+        "shape-running_mean",
+        "shape-running_var",
+        "nan-gamma",
+        "inf-beta",
+        "neginf-running_mean",
+        "nan-running_var",
+        "negative-running_var",
+    ],
+)
 def test_load_state_dict_rejects(kind):
     bn = _trained()
     bn.backward(data((6, 3), seed=8))
@@ -671,7 +744,7 @@ def test_load_state_dict_keys_follow_flags():
     bn = bnpy.BatchNorm(3, affine=False)
     sd = _new_state()
     before = state(bn)
-    with pytest.raises(ValueError, match="gamma|beta"):
+    with pytest.raises(ValueError, match=r"gamma|beta"):
         bn.load_state_dict(sd)  # gamma/beta are unknown keys without affine
     assert state(bn) == before
     del sd["gamma"], sd["beta"]
@@ -722,8 +795,15 @@ def test_round_trip(how, cfg):
     bn = _configured(CONFIGS[cfg])
     c = ROUND_TRIPS[how](bn)
     assert type(c) is type(bn) and c is not bn
-    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats", "axis",
-                 "training"):
+    for name in (
+        "num_features",
+        "eps",
+        "momentum",
+        "affine",
+        "track_running_stats",
+        "axis",
+        "training",
+    ):
         assert getattr(c, name) == getattr(bn, name), name
     assert np.dtype(c.dtype) == np.dtype(bn.dtype)
     if bn.track_running_stats:
@@ -760,9 +840,17 @@ def test_round_trip_is_independent(how):
 
 # --- repr -------------------------------------------------------------------
 
+
 def test_repr_shows_arguments_and_mode():
-    bn = bnpy.BatchNorm(7, eps=0.001, momentum=0.25, affine=False, track_running_stats=True,
-                        axis=-1, dtype=np.float64)
+    bn = bnpy.BatchNorm(
+        7,
+        eps=0.001,
+        momentum=0.25,
+        affine=False,
+        track_running_stats=True,
+        axis=-1,
+        dtype=np.float64,
+    )
     r = repr(bn)
     assert "BatchNorm" in r
     assert re.search(r"\b7\b", r), r
@@ -786,9 +874,12 @@ def test_repr_shows_arguments_and_mode():
 
 # --- the layer's dtype rules ------------------------------------------------
 
+
 @pytest.mark.parametrize("layer_dtype", [F32, F64])
-@pytest.mark.parametrize("input_dtype", [np.float32, np.float64, np.float16, np.int8, np.int32,
-                                         np.int64, np.uint8, np.uint64])
+@pytest.mark.parametrize(
+    "input_dtype",
+    [np.float32, np.float64, np.float16, np.int8, np.int32, np.int64, np.uint8, np.uint64],
+)
 def test_input_converted_to_layer_dtype(layer_dtype, input_dtype):
     x = np.arange(24).reshape(6, 4) % 7 + np.array([0, 1, 3, 5])
     x = x.astype(input_dtype)
@@ -826,13 +917,17 @@ def test_python_lists():
     np.testing.assert_allclose(y, normalize(np.array(x), mean, var), **TOL[F32])
 
 
-@pytest.mark.parametrize("x", [
-    np.ones((4, 3), np.complex128),
-    np.ones((4, 3), np.complex64),
-    np.ones((4, 3), object),
-    np.full((4, 3), "a"),
-    np.full((4, 3), b"a"),
-], ids=["complex128", "complex64", "object", "str", "bytes"])
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.ones((4, 3), np.complex128),
+        np.ones((4, 3), np.complex64),
+        np.ones((4, 3), object),
+        np.full((4, 3), "a"),
+        np.full((4, 3), b"a"),
+    ],
+    ids=["complex128", "complex64", "object", "str", "bytes"],
+)
 def test_non_real_inputs(x):
     bn = bnpy.BatchNorm(3)
     before = state(bn)

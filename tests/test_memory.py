@@ -11,6 +11,7 @@
   BatchNorm type) stay put over many calls; and objects the layer lets go
   (old gradients, the previous forward's input, outputs) are really freed.
 """
+
 import copy
 import gc
 import pickle
@@ -53,21 +54,26 @@ def traced_growth(step, iterations, warmup=200):
 def raises(call):
     try:
         call()
-    except Exception:  # noqa: BLE001 - any error: these calls are meant to fail
+    except Exception:
         return True
     return False
 
 
 # --- traced memory ------------------------------------------------------------------
 
+
 def test_5000_layer_forward_backward_iterations():
     """Training and eval, two layouts, inputs needing conversion or not, with
     and without out=: every path through forward and backward."""
-    layers = {"planar": bnpy.BatchNorm(C), "interleaved": bnpy.BatchNorm(C, dtype=np.float64,
-                                                                         momentum=None)}
+    layers = {
+        "planar": bnpy.BatchNorm(C),
+        "interleaved": bnpy.BatchNorm(C, dtype=np.float64, momentum=None),
+    }
     shapes = {"planar": (4, C, 6), "interleaved": (16, C)}
-    xs = {k: [data(s, 1), data(s, 2, np.float64), np.asfortranarray(data(s, 3))]
-          for k, s in shapes.items()}
+    xs = {
+        k: [data(s, 1), data(s, 2, np.float64), np.asfortranarray(data(s, 3))]
+        for k, s in shapes.items()
+    }
     dys = {k: data(s, 4) for k, s in shapes.items()}
     outs = {k: np.empty(s, np.dtype(layers[k].dtype)) for k, s in shapes.items()}
 
@@ -95,11 +101,11 @@ def test_5000_functional_forward_backward_iterations():
 
     def step(i):
         if i % 2:
-            y, m, invstd = bnpy.batch_norm_forward(x, gamma, beta)
+            _y, m, invstd = bnpy.batch_norm_forward(x, gamma, beta)
             bnpy.batch_norm_backward(dy, x, gamma, m, invstd, training=bool(i % 3))
             bnpy.batch_norm_inference(x, gamma, beta, mean, var)
         else:
-            y, m, invstd = bnpy.batch_norm_forward(x3, None, None, axis=1)
+            _y, m, invstd = bnpy.batch_norm_forward(x3, None, None, axis=1)
             bnpy.batch_norm_backward(x3, x3, None, m, invstd, axis=1)
 
     growth = traced_growth(step, 5000)
@@ -130,21 +136,25 @@ def failing_calls():
     buffer = np.concatenate([x.ravel(), np.zeros(1, x.dtype)])
     shifted_x = buffer[1:].reshape(x.shape)  # x's memory, one element on
     x = buffer[:-1].reshape(x.shape)
-    gamma_in_out = np.ones_like(x).reshape(x.shape[0], -1)[:, :x[0].size].reshape(x.shape)
-    bad_grads = {"training": True, "state_dict": sd, "grad_gamma": np.ones(C),
-                 "grad_beta": long_vector}
+    gamma_in_out = np.ones_like(x).reshape(x.shape[0], -1)[:, : x[0].size].reshape(x.shape)
+    bad_grads = {
+        "training": True,
+        "state_dict": sd,
+        "grad_gamma": np.ones(C),
+        "grad_beta": long_vector,
+    }
     return {
         "constructor-num_features": lambda: bnpy.BatchNorm(0),
         "constructor-eps": lambda: bnpy.BatchNorm(C, eps=-1.0),
         "constructor-dtype": lambda: bnpy.BatchNorm(C, dtype="float16"),
         "constructor-momentum": lambda: bnpy.BatchNorm(C, momentum="x"),
-        "forward-features": lambda: bn(wide),                  # after converting x
+        "forward-features": lambda: bn(wide),  # after converting x
         "forward-features-converted": lambda: bn(wide.astype(np.float64)),
-        "forward-single-value": lambda: bn(single),            # after allocating, locked
-        "forward-nonfinite": lambda: bn(nan_x),                # after the kernel ran
+        "forward-single-value": lambda: bn(single),  # after allocating, locked
+        "forward-nonfinite": lambda: bn(nan_x),  # after the kernel ran
         "forward-nonfinite-out": lambda: bn.forward(nan_x, out=x.copy()),
         "forward-nonfinite-converted": lambda: bn(nan_x.astype(np.float64)),
-        "forward-out": lambda: bn.forward(x, out=bad_out),     # out refused
+        "forward-out": lambda: bn.forward(x, out=bad_out),  # out refused
         "forward-complex": lambda: bn(complex_x),
         "forward-ragged": lambda: bn(ragged),
         "backward-before-forward": lambda: fresh.backward(dy),
@@ -157,7 +167,7 @@ def failing_calls():
         "set-momentum": lambda: setattr(bn, "momentum", 2.0),
         "set-training": lambda: setattr(bn, "training", "yes"),
         "train": lambda: bn.train("yes"),
-        "load-nan": lambda: bn.load_state_dict(bad_sd),       # after converting earlier keys
+        "load-nan": lambda: bn.load_state_dict(bad_sd),  # after converting earlier keys
         "load-count": lambda: bn.load_state_dict(late_bad_sd),  # after converting every vector
         "load-not-a-dict": lambda: bn.load_state_dict([]),
         "setstate-grad": lambda: bn.__setstate__(bad_grads),  # after reading the state dict
@@ -165,21 +175,28 @@ def failing_calls():
         "functional-forward-gamma": lambda: bnpy.batch_norm_forward(x, long_vector, None),
         "functional-forward-out": lambda: bnpy.batch_norm_forward(x, None, mean, out=bad_out),
         "functional-forward-single": lambda: bnpy.batch_norm_forward(single, None, None),
-        "functional-inference-var": lambda: bnpy.batch_norm_inference(x, None, None, mean,
-                                                                      long_vector),
-        "functional-inference-out": lambda: bnpy.batch_norm_inference(x64, None, None, mean,
-                                                                      invstd, out=bad_out[:1]),
-        "functional-backward-invstd": lambda: bnpy.batch_norm_backward(dy, x, None, mean,
-                                                                       short_vector),
-        "functional-backward-out": lambda: bnpy.batch_norm_backward(dy, x, mean, mean, invstd,
-                                                                    out=bad_out),
+        "functional-inference-var": lambda: bnpy.batch_norm_inference(
+            x, None, None, mean, long_vector
+        ),
+        "functional-inference-out": lambda: bnpy.batch_norm_inference(
+            x64, None, None, mean, invstd, out=bad_out[:1]
+        ),
+        "functional-backward-invstd": lambda: bnpy.batch_norm_backward(
+            dy, x, None, mean, short_vector
+        ),
+        "functional-backward-out": lambda: bnpy.batch_norm_backward(
+            dy, x, mean, mean, invstd, out=bad_out
+        ),
         "functional-backward-overlap": lambda: bnpy.batch_norm_backward(
-            dy, x, mean, mean, invstd, out=shifted_x),  # out partly overlaps x
+            dy, x, mean, mean, invstd, out=shifted_x
+        ),  # out partly overlaps x
         "functional-forward-out-aliases-gamma": lambda: bnpy.batch_norm_forward(
-            x, gamma_in_out[0, :C], None, out=gamma_in_out),
+            x, gamma_in_out[0, :C], None, out=gamma_in_out
+        ),
         "functional-backward-dy": lambda: bnpy.batch_norm_backward(wide, x, None, mean, invstd),
         "functional-backward-training": lambda: bnpy.batch_norm_backward(
-            dy, x, None, mean, invstd, training="no"),
+            dy, x, None, mean, invstd, training="no"
+        ),
         "set_num_threads-zero": lambda: bnpy.set_num_threads(0),
         "set_num_threads-float": lambda: bnpy.set_num_threads(1.5),
     }
@@ -216,12 +233,27 @@ def succeeding_calls():
         "forward-backward": lambda: (bn(x), bn.backward(dy)),
         "forward-backward-out": lambda: (bn(x), bn.backward(dy, out=out)),
         "forward-backward-f64-no-affine": lambda: (bn64(x), bn64.backward(dy)),
-        "getters": lambda: (bn.gamma, bn.beta, bn.running_mean, bn.running_var, bn.grad_gamma,
-                            bn.grad_beta, bn.num_batches_tracked, bn.dtype, bn.eps,
-                            bn.momentum, bn.training, bn.axis),
-        "setters": lambda: (setattr(bn, "gamma", gamma), setattr(bn, "running_var", var),
-                            setattr(bn, "eps", 1e-5), setattr(bn, "momentum", 0.1),
-                            setattr(bn, "training", True)),
+        "getters": lambda: (
+            bn.gamma,
+            bn.beta,
+            bn.running_mean,
+            bn.running_var,
+            bn.grad_gamma,
+            bn.grad_beta,
+            bn.num_batches_tracked,
+            bn.dtype,
+            bn.eps,
+            bn.momentum,
+            bn.training,
+            bn.axis,
+        ),
+        "setters": lambda: (
+            setattr(bn, "gamma", gamma),
+            setattr(bn, "running_var", var),
+            setattr(bn, "eps", 1e-5),
+            setattr(bn, "momentum", 0.1),
+            setattr(bn, "training", True),
+        ),
         "state_dict": lambda: bn.state_dict(),
         "load_state_dict": lambda: bn.load_state_dict(sd),
         "reduce": lambda: bn.__reduce__(),
@@ -233,8 +265,9 @@ def succeeding_calls():
         "batch_norm_forward-planar": lambda: bnpy.batch_norm_forward(x3, None, None),
         "batch_norm_inference": lambda: bnpy.batch_norm_inference(x, gamma, None, mean, var),
         "batch_norm_backward": lambda: bnpy.batch_norm_backward(dy, x, gamma, mean, var),
-        "batch_norm_backward-eval": lambda: bnpy.batch_norm_backward(dy, x, None, mean, var,
-                                                                     training=False),
+        "batch_norm_backward-eval": lambda: bnpy.batch_norm_backward(
+            dy, x, None, mean, var, training=False
+        ),
         "threads": lambda: (bnpy.set_num_threads(bnpy.get_num_threads()), bnpy.has_openmp()),
     }
 
@@ -303,8 +336,12 @@ def test_layers_made_and_dropped():
     x, dy = data((6, C), 1), data((6, C), 2)
 
     def step(i):
-        bn = bnpy.BatchNorm(C, dtype=np.float64 if i % 2 else np.float32,
-                            affine=bool(i % 3), track_running_stats=bool(i % 5))
+        bn = bnpy.BatchNorm(
+            C,
+            dtype=np.float64 if i % 2 else np.float32,
+            affine=bool(i % 3),
+            track_running_stats=bool(i % 5),
+        )
         bn(x)
         bn.backward(dy)
         clone = pickle.loads(pickle.dumps(bn)) if i % 2 else copy.deepcopy(bn)
@@ -316,6 +353,7 @@ def test_layers_made_and_dropped():
 
 
 # --- reference counts ---------------------------------------------------------------------
+
 
 def counts(*objects):
     return [sys.getrefcount(o) for o in objects]
@@ -333,7 +371,7 @@ def _internal(bn):
 
 def test_refcounts_layer_calls():
     bn = bnpy.BatchNorm(C)
-    x = data((16, C), 1)            # C-contiguous float32: the layer keeps it for backward
+    x = data((16, C), 1)  # C-contiguous float32: the layer keeps it for backward
     x64 = data((16, C), 2, np.float64)  # converted: the layer keeps its own copy
     dy = data((16, C), 3)
     out = np.empty((16, C), np.float32)
@@ -362,9 +400,23 @@ def test_refcounts_layer_calls():
     pickle.loads(pickle.dumps(bn))
     copy.deepcopy(bn)
     repr(bn)
-    for name in ("gamma", "beta", "running_mean", "running_var", "grad_gamma", "grad_beta",
-                 "num_batches_tracked", "num_features", "affine", "track_running_stats",
-                 "axis", "dtype", "eps", "momentum", "training"):
+    for name in (
+        "gamma",
+        "beta",
+        "running_mean",
+        "running_var",
+        "grad_gamma",
+        "grad_beta",
+        "num_batches_tracked",
+        "num_features",
+        "affine",
+        "track_running_stats",
+        "axis",
+        "dtype",
+        "eps",
+        "momentum",
+        "training",
+    ):
         getattr(bn, name)
     after = counts(*watched)
     assert after == base
@@ -396,8 +448,7 @@ def test_refcounts_unchanged_by_raising_calls():
     sd = bn.state_dict()
     params = _internal(bn)
     mean, invstd = np.zeros(C), np.ones(C)
-    watched = [bn, x, nan_x, dy, bad_out, good_out, wrong, mean, invstd, *sd.values(),
-               *params]
+    watched = [bn, x, nan_x, dy, bad_out, good_out, wrong, mean, invstd, *sd.values(), *params]
     base = counts(*watched)
     calls = [
         lambda: bn(nan_x),
@@ -466,8 +517,8 @@ def test_results_are_freed():
     refs += [weakref.ref(a) for a in r2]
     refs.append(weakref.ref(x))
     del y, dx, sd, r, r2, x
-    bn(data((16, C), 5))      # lets go of x
-    bn.backward(dy)           # replaces the gradients
+    bn(data((16, C), 5))  # lets go of x
+    bn.backward(dy)  # replaces the gradients
     gc.collect()
     assert [ref() is None for ref in refs] == [True] * len(refs)
 
@@ -492,6 +543,7 @@ def test_layer_is_freed_with_everything_it_holds():
 def test_layer_in_a_reference_cycle_is_collected():
     """The full GC protocol: a layer reachable only from a cycle through its
     own instance state is collected (a subclass can hold attributes)."""
+
     class Holder(bnpy.BatchNorm):
         pass
 
@@ -529,12 +581,18 @@ def test_singletons_do_not_gain_references():
     sd = bn.state_dict()
     bad_sd = {**sd, "running_var": -sd["running_var"]}
     failing = [
-        lambda: bn(nan_x), lambda: bn(wrong_dy), lambda: bn.backward(wrong_dy),
-        lambda: bn.backward(wrong), lambda: bn.forward(x, out=x64),
-        lambda: setattr(bn, "gamma", wrong), lambda: setattr(bn, "eps", -1.0),
-        lambda: bn.load_state_dict(bad_sd), lambda: bn.train(None),
+        lambda: bn(nan_x),
+        lambda: bn(wrong_dy),
+        lambda: bn.backward(wrong_dy),
+        lambda: bn.backward(wrong),
+        lambda: bn.forward(x, out=x64),
+        lambda: setattr(bn, "gamma", wrong),
+        lambda: setattr(bn, "eps", -1.0),
+        lambda: bn.load_state_dict(bad_sd),
+        lambda: bn.train(None),
         lambda: bn.__setstate__({"training": True, "state_dict": sd, "grad_gamma": wrong}),
-        lambda: bnpy.BatchNorm(C, dtype="float16"), lambda: bnpy.BatchNorm(C, dtype=None),
+        lambda: bnpy.BatchNorm(C, dtype="float16"),
+        lambda: bnpy.BatchNorm(C, dtype=None),
         lambda: bnpy.batch_norm_forward(x, wrong, None),
         lambda: bnpy.batch_norm_inference(x64, None, None, zeros, wrong),
         lambda: bnpy.batch_norm_backward(dy, x, None, zeros, wrong),
@@ -549,12 +607,12 @@ def test_singletons_do_not_gain_references():
             layer.backward(dy)
             layer.backward(x64)
             layer.state_dict()
-            layer.momentum, layer.grad_gamma, layer.gamma, layer.dtype, layer.training
+            _ = layer.momentum, layer.grad_gamma, layer.gamma, layer.dtype, layer.training
             layer.__reduce__()
             repr(layer)
         bn.gamma = ones
         bn.load_state_dict(sd)
-        y, mean, invstd = bnpy.batch_norm_forward(x, None, None)
+        _y, mean, invstd = bnpy.batch_norm_forward(x, None, None)
         bnpy.batch_norm_backward(dy, x, None, mean, invstd)
         bnpy.batch_norm_backward(dy, x, ones, zeros, ones, training=False)
         bnpy.batch_norm_inference(x64, None, None, zeros, ones)
@@ -575,8 +633,11 @@ def test_singletons_do_not_gain_references():
         after = {k: sys.getrefcount(v) for k, v in SINGLETONS.items()}
     finally:
         bnpy.set_num_threads(threads)
-    grew = {k: after[k] - before[k] for k in SINGLETONS
-            if before[k] < 2 ** 29 and after[k] - before[k] >= n // 2}
+    grew = {
+        k: after[k] - before[k]
+        for k in SINGLETONS
+        if before[k] < 2**29 and after[k] - before[k] >= n // 2
+    }
     assert not grew, f"reference counts grew by (per {n} rounds): {grew}"
 
 
@@ -591,4 +652,4 @@ def test_thread_functions_refcounts():
         raises(lambda: bnpy.set_num_threads(-n))
     bnpy.set_num_threads(before)
     after = sys.getrefcount(n)
-    assert after == base or base > 2 ** 29
+    assert after == base or base > 2**29

@@ -2,6 +2,7 @@
 as aliases of gamma and beta, reset_running_stats, reset_parameters,
 load_state_dict(d, strict=...) returning IncompatibleKeys, and checkpoints
 without num_batches_tracked."""
+
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ def test_weight_and_bias_share_gamma_and_beta_memory():
     np.testing.assert_array_equal(bn.beta, [1, 2, 3])
     plain = bnpy.BatchNorm(C, affine=False)
     assert plain.weight is None and plain.bias is None
-    with pytest.raises(ValueError, match="weight.*affine=False"):
+    with pytest.raises(ValueError, match=r"weight.*affine=False"):
         plain.weight = np.ones(C)
 
 
@@ -75,8 +76,13 @@ def test_strict_load_returns_empty_report():
 
 def test_non_strict_load_takes_known_keys_and_reports_the_rest():
     src, bn = trained(), bnpy.BatchNorm(C)
-    sd = {"weight": src.gamma.copy(), "running_var": src.running_var.copy(),
-          "num_batches_tracked": 3, "layer.extra": np.ones(2), "momentum": 0.3}
+    sd = {
+        "weight": src.gamma.copy(),
+        "running_var": src.running_var.copy(),
+        "num_batches_tracked": 3,
+        "layer.extra": np.ones(2),
+        "momentum": 0.3,
+    }
     result = bn.load_state_dict(sd, strict=False)
     assert result.missing_keys == ["beta", "running_mean"]
     assert sorted(result.unexpected_keys) == ["layer.extra", "momentum"]
@@ -84,7 +90,7 @@ def test_non_strict_load_takes_known_keys_and_reports_the_rest():
     assert missing == result.missing_keys and unexpected == result.unexpected_keys
     np.testing.assert_array_equal(bn.gamma, src.gamma)
     np.testing.assert_array_equal(bn.running_var, src.running_var)
-    np.testing.assert_array_equal(bn.beta, np.zeros(C))      # kept
+    np.testing.assert_array_equal(bn.beta, np.zeros(C))  # kept
     np.testing.assert_array_equal(bn.running_mean, np.zeros(C))
     assert bn.num_batches_tracked == 3
 

@@ -5,6 +5,7 @@ pin what the notebooks and the demo claim: a 20-layer sigmoid network's
 gradient vanishes without BatchNorm and stays within a factor of ten with it,
 and BatchNorm trains it where the plain network cannot.
 """
+
 import numpy as np
 import pytest
 
@@ -47,6 +48,7 @@ def data(shape, seed=0):
 
 # ---- every layer's backward passes gradcheck --------------------------------
 
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(5, 4), (3, 2, 4)])
 def test_linear_gradients_pass_gradcheck(bias, shape):
@@ -69,9 +71,13 @@ def test_activation_gradients_pass_gradcheck(make):
 @pytest.mark.parametrize("affine", [True, False])
 def test_sequential_with_batchnorm_passes_gradcheck(training, affine):
     model = nn.Sequential(
-        nn.Linear(3, 5, dtype=np.float64, rng=0), bnpy.BatchNorm(5, affine=affine, dtype=np.float64),
-        nn.Tanh(), nn.Linear(5, 4, dtype=np.float64, rng=1), nn.Sigmoid(),
-        nn.Linear(4, 2, dtype=np.float64, rng=2))
+        nn.Linear(3, 5, dtype=np.float64, rng=0),
+        bnpy.BatchNorm(5, affine=affine, dtype=np.float64),
+        nn.Tanh(),
+        nn.Linear(5, 4, dtype=np.float64, rng=1),
+        nn.Sigmoid(),
+        nn.Linear(4, 2, dtype=np.float64, rng=2),
+    )
     model.forward(data((8, 3), seed=3))  # running statistics away from (0, 1)
     model.train(training)
     model[1].momentum = 0.0  # forward calls during the check leave them alone
@@ -102,6 +108,7 @@ def test_softmax_cross_entropy_gradient_passes_gradcheck():
 
 def test_a_wrong_layer_backward_is_caught():
     """The checks above can fail: a Tanh whose backward forgets the square."""
+
     class WrongTanh(nn.Tanh):
         def backward(self, dy):
             return dy * (1 - self._y)
@@ -112,11 +119,11 @@ def test_a_wrong_layer_backward_is_caught():
 
 # ---- the deep-network claims of the issue, the notebooks and the demo -------
 
+
 def deep_sigmoid(batch_norm, seed):
     """A 20-layer sigmoid network of width 64 and one forward/backward on spirals."""
     x, labels = spirals(200, rng=seed)
-    model = nn.mlp(2, 3, width=64, depth=20, activation="sigmoid",
-                   batch_norm=batch_norm, rng=seed)
+    model = nn.mlp(2, 3, width=64, depth=20, activation="sigmoid", batch_norm=batch_norm, rng=seed)
     _, dlogits = nn.softmax_cross_entropy(model.forward(x), labels)
     model.backward(dlogits)
     return model
@@ -140,8 +147,11 @@ def test_batchnorm_preactivations_have_mean_0_and_std_1_on_the_training_batch():
         np.testing.assert_allclose(values.mean(axis=0), 0, atol=1e-4)
         assert np.median(values.std(axis=0)) > 0.999
     # exactly: eps makes each unit's std sqrt(var / (var + eps)), var its input's variance
-    inputs = [model.outputs[i - 1] for i, layer in enumerate(model.layers)
-              if isinstance(layer, bnpy.BatchNorm)]
+    inputs = [
+        model.outputs[i - 1]
+        for i, layer in enumerate(model.layers)
+        if isinstance(layer, bnpy.BatchNorm)
+    ]
     for before, after in zip(inputs, preactivations):
         var = before.astype(np.float64).var(axis=0)
         np.testing.assert_allclose(after.std(axis=0), np.sqrt(var / (var + 1e-5)), atol=1e-4)
@@ -163,6 +173,7 @@ def test_batchnorm_trains_where_the_plain_network_does_not():
 
 
 # ---- Linear, activations -----------------------------------------------------
+
 
 def test_linear_forward_is_x_weight_transposed_plus_bias():
     layer = nn.Linear(4, 3, rng=0)
@@ -241,7 +252,7 @@ def test_sigmoid_does_not_overflow_on_large_inputs():
 
 def test_activation_backward_errors():
     layer = nn.Sigmoid()
-    with pytest.raises(RuntimeError, match="Sigmoid.backward called before any forward"):
+    with pytest.raises(RuntimeError, match=r"Sigmoid\.backward called before any forward"):
         layer.backward(np.ones(3))
     layer(np.ones((2, 3)))
     with pytest.raises(ValueError, match=r"dy has shape \(3, 2\)"):
@@ -249,6 +260,7 @@ def test_activation_backward_errors():
 
 
 # ---- Sequential --------------------------------------------------------------
+
 
 def small_model(batch_norm=True):
     layers = [nn.Linear(2, 4, rng=0)]
@@ -265,8 +277,9 @@ def test_sequential_records_outputs_and_output_gradients():
     np.testing.assert_allclose(model.outputs[0], x @ linear.weight.T + linear.bias, rtol=1e-5)
     np.testing.assert_allclose(model.outputs[1].mean(axis=0), 0, atol=1e-6)
     np.testing.assert_array_equal(model.outputs[2], np.maximum(model.outputs[1], 0))
-    np.testing.assert_allclose(model.outputs[3], model.outputs[2] @ last.weight.T + last.bias,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        model.outputs[3], model.outputs[2] @ last.weight.T + last.bias, rtol=1e-5
+    )
     assert y is model.outputs[3]
     dx = model.backward(dy)
     assert dx.shape == x.shape
@@ -302,13 +315,14 @@ def test_sequential_parameters_share_memory_with_the_layers():
 
 
 def test_sequential_errors():
-    with pytest.raises(TypeError, match="layer 1 .* has no forward, backward"):
+    with pytest.raises(TypeError, match=r"layer 1 .* has no forward, backward"):
         nn.Sequential(nn.ReLU(), object())
     with pytest.raises(RuntimeError, match="before any forward"):
         small_model().backward(np.ones((2, 3)))
 
 
 # ---- SGD, loss, accuracy -----------------------------------------------------
+
 
 def one_linear_step(optimizer_options, steps):
     """weight after `steps` SGD steps on one Linear layer, and the gradients seen."""
@@ -387,16 +401,22 @@ def test_accuracy():
 
 # ---- mlp, fit, measurements, data ---------------------------------------------
 
+
 def test_mlp_structure():
     model = nn.mlp(2, 3, width=8, depth=4, activation="tanh", batch_norm=True)
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == ["Linear", "BatchNorm", "Tanh"] * 3 + ["Linear"]
     linears = nn.linear_layers(model)
-    assert [(l.in_features, l.out_features) for l in linears] == [(2, 8), (8, 8), (8, 8), (8, 3)]
-    assert [l.bias is None for l in linears] == [True, True, True, False]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [
+        (2, 8),
+        (8, 8),
+        (8, 8),
+        (8, 3),
+    ]
+    assert [lin.bias is None for lin in linears] == [True, True, True, False]
     plain = nn.mlp(2, 3, width=8, depth=2, activation=nn.ReLU)
     assert [type(layer).__name__ for layer in plain.layers] == ["Linear", "ReLU", "Linear"]
-    assert all(l.bias is not None for l in nn.linear_layers(plain))
+    assert all(lin.bias is not None for lin in nn.linear_layers(plain))
     with pytest.raises(ValueError, match="activation"):
         nn.mlp(2, 3, activation="swish")
 
@@ -413,7 +433,9 @@ def test_fit_stops_at_the_first_non_finite_loss():
     forward_calls = []
     forward = model.forward
     model.forward = lambda x_: forward_calls.append(1) or forward(x_)
-    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no floating-point warnings escape fit
+    with np.errstate(
+        over="raise", invalid="raise", divide="raise"
+    ):  # no floating-point warnings escape fit
         losses = nn.fit(model, x, labels, lr=1e30, steps=20, batch_size=16, rng=0)
     assert np.isfinite(losses[0])
     assert np.isnan(losses[-1])
@@ -458,23 +480,29 @@ def test_spirals():
 
 # ---- placement: BatchNorm before or after the activation ---------------------
 
+
 def test_mlp_placement_after_puts_batchnorm_after_the_activation():
-    model = nn.mlp(2, 3, width=8, depth=3, activation="relu", batch_norm=True, placement="after",
-                   rng=4)
+    model = nn.mlp(
+        2, 3, width=8, depth=3, activation="relu", batch_norm=True, placement="after", rng=4
+    )
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == ["Linear", "ReLU", "BatchNorm"] * 2 + ["Linear"]
     # the activation sits between Linear and BatchNorm: the bias is no longer redundant
     assert all(layer.bias is not None for layer in nn.linear_layers(model))
     before = nn.mlp(2, 3, width=8, depth=3, activation="relu", batch_norm=True, rng=4)
-    assert [type(layer).__name__ for layer in before.layers] == \
-        ["Linear", "BatchNorm", "ReLU"] * 2 + ["Linear"]
+    assert [type(layer).__name__ for layer in before.layers] == [
+        "Linear",
+        "BatchNorm",
+        "ReLU",
+    ] * 2 + ["Linear"]
     for a, b in zip(nn.linear_layers(model), nn.linear_layers(before)):  # same seed, same weights
         np.testing.assert_array_equal(a.weight, b.weight)
 
 
 def test_mlp_placement_after_normalizes_the_activations():
-    model = nn.mlp(2, 3, width=16, depth=4, activation="sigmoid", batch_norm=True,
-                   placement="after", rng=0)
+    model = nn.mlp(
+        2, 3, width=16, depth=4, activation="sigmoid", batch_norm=True, placement="after", rng=0
+    )
     model(spirals(50, rng=0)[0])
     for i, layer in enumerate(model.layers):
         if isinstance(layer, bnpy.BatchNorm):
@@ -489,6 +517,7 @@ def test_mlp_placement_errors():
 
 # ---- Conv2d, MaxPool2d, Flatten ------------------------------------------------
 
+
 def direct_convolution(x, weight, bias, stride, padding):
     """The definition, one output value at a time."""
     n, _, h, w = x.shape
@@ -498,7 +527,7 @@ def direct_convolution(x, weight, bias, stride, padding):
     y = np.zeros((n, out_channels, out_h, out_w))
     for i in range(out_h):
         for j in range(out_w):
-            window = padded[:, :, i * stride:i * stride + k, j * stride:j * stride + k]
+            window = padded[:, :, i * stride : i * stride + k, j * stride : j * stride + k]
             y[:, :, i, j] = np.einsum("nchw,ochw->no", window, weight)
     return y + (0 if bias is None else bias[:, None, None])
 
@@ -514,8 +543,9 @@ def test_conv2d_forward_is_the_direct_convolution(stride, padding):
     np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stride, padding, bias", [(1, 0, True), (1, 1, False), (2, 1, True),
-                                                   (2, 0, True)])
+@pytest.mark.parametrize(
+    "stride, padding, bias", [(1, 0, True), (1, 1, False), (2, 1, True), (2, 0, True)]
+)
 def test_conv2d_gradients_pass_gradcheck(stride, padding, bias):
     layer = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, bias=bias, dtype=np.float64, rng=1)
     report = model_gradcheck(layer, data((2, 2, 6, 5)))
@@ -525,14 +555,16 @@ def test_conv2d_gradients_pass_gradcheck(stride, padding, bias):
 
 def test_a_wrong_conv2d_backward_is_caught():
     """A convolution whose backward forgets the padding's border: gradcheck fails."""
+
     class WrongConv(nn.Conv2d):
         def backward(self, dy):
             dx = super().backward(dy)
             dx[:, :, 0, :] = 0
             return dx
 
-    report = model_gradcheck(WrongConv(1, 2, 3, padding=1, dtype=np.float64, rng=0),
-                             data((2, 1, 5, 5)))
+    report = model_gradcheck(
+        WrongConv(1, 2, 3, padding=1, dtype=np.float64, rng=0), data((2, 1, 5, 5))
+    )
     assert not report.passed
 
 
@@ -546,9 +578,13 @@ def test_conv2d_weights_have_the_documented_scale():
 
 def test_conv2d_errors():
     layer = nn.Conv2d(3, 4, 5)
-    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\), got \(2, 1, 8, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"expected input of shape \(N, 3, H, W\), got \(2, 1, 8, 8\)"
+    ):
         layer(np.ones((2, 1, 8, 8)))
-    with pytest.raises(ValueError, match="kernel of 5 with padding 0 does not fit an image side of 4"):
+    with pytest.raises(
+        ValueError, match="kernel of 5 with padding 0 does not fit an image side of 4"
+    ):
         layer(np.ones((2, 3, 4, 8)))
     with pytest.raises(RuntimeError, match="before any forward"):
         layer.backward(np.ones((2, 4, 4, 4)))
@@ -601,8 +637,14 @@ def test_digits_are_scikit_learns_images_scaled_to_0_1():
 
 def test_a_cnn_with_spatial_batchnorm_learns_the_digits():
     images, labels = bnpy.data.digits()
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, rng=0), bnpy.BatchNorm(8), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10, rng=1))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, rng=0),
+        bnpy.BatchNorm(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10, rng=1),
+    )
     losses = nn.fit(model, images, labels, lr=0.1, steps=60, batch_size=64, rng=2)
     assert losses[0] > 2.0  # about log(10) = 2.3 at the start
     assert losses[-10:].mean() < 0.35 * losses[0]  # well under half

@@ -9,13 +9,14 @@
 - The functional API holds no state: it propagates NaN as NumPy would, feature
   by feature, without raising.
 """
+
 import re
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
 
@@ -93,8 +94,9 @@ def snapshot(bn, dy):
         v = getattr(bn, k)
         snap[k] = None if v is None else bits(v)
     snap["backward"] = bits(bn.backward(dy))
-    snap["grads_after_backward"] = tuple(None if g is None else bits(g)
-                                         for g in (bn.grad_gamma, bn.grad_beta))
+    snap["grads_after_backward"] = tuple(
+        None if g is None else bits(g) for g in (bn.grad_gamma, bn.grad_beta)
+    )
     return snap
 
 
@@ -104,6 +106,7 @@ def named_features(message):
 
 
 # --- training mode: raise, change nothing ------------------------------------
+
 
 @pytest.mark.parametrize("layer", list(LAYERS))
 @pytest.mark.parametrize("poison", list(POISONS))
@@ -138,8 +141,9 @@ def test_training_forward_raises_before_any_forward(dtype):
     with pytest.raises(FloatingPointError, match=r"\b2\b"):
         bn(x)
     assert bn.num_batches_tracked == 0
-    assert np.array_equal(bn.running_mean, np.zeros(C)) and np.array_equal(bn.running_var,
-                                                                            np.ones(C))
+    assert np.array_equal(bn.running_mean, np.zeros(C)) and np.array_equal(
+        bn.running_var, np.ones(C)
+    )
     with pytest.raises(RuntimeError):  # still no forward to differentiate
         bn.backward(np.zeros((6, C), dtype))
     assert bn.grad_gamma is None and bn.grad_beta is None
@@ -209,6 +213,7 @@ def test_a_refused_batch_leaves_no_trace(dtype, momentum, layout):
 
 # --- eval mode: NaN stays where it was ----------------------------------------
 
+
 def _trained_for_eval(dtype, axis, good_shape):
     bn = make_layer("default", axis, dtype, good_shape)
     bn.eval()
@@ -229,8 +234,11 @@ def test_eval_nonfinite_stays_in_its_elements(dtype, layout, poison):
     assert np.array_equal(~np.isfinite(y), mask)
     assert np.array_equal(np.isnan(y), np.isnan(x))
     # infinities keep their sign through a positive or negative gamma
-    gamma_along = np.moveaxis(np.broadcast_to(
-        bn.gamma.reshape([-1] + [1] * (x.ndim - 1)), np.moveaxis(x, axis, 0).shape), 0, axis)
+    gamma_along = np.moveaxis(
+        np.broadcast_to(bn.gamma.reshape([-1] + [1] * (x.ndim - 1)), np.moveaxis(x, axis, 0).shape),
+        0,
+        axis,
+    )
     inf = np.isinf(x)
     assert np.array_equal(np.sign(y[inf]), np.sign(x[inf]) * np.sign(gamma_along[inf]))
     assert bits(y[~mask]) == bits(y_clean[~mask])
@@ -266,7 +274,7 @@ def test_eval_without_running_stats_propagates_feature_by_feature(dtype):
     statistics, like the functional API: it does not raise (it is not
     training), a poisoned feature comes out non-finite, and the others are
     bitwise what the clean batch gives."""
-    good_shape, bad_shape, axis = LAYOUTS["planar"]
+    _good_shape, bad_shape, axis = LAYOUTS["planar"]
     bn = bnpy.BatchNorm(C, axis=axis, dtype=dtype, track_running_stats=False).eval()
     clean = data(bad_shape, 7)
     x, _ = poisoned(clean, axis, POISONS["two-features"])
@@ -280,6 +288,7 @@ def test_eval_without_running_stats_propagates_feature_by_feature(dtype):
 
 
 # --- the functional API: propagates, never raises -------------------------------
+
 
 @pytest.mark.parametrize("poison", ["nan", "posinf", "inf-minus-inf", "two-features"])
 @pytest.mark.parametrize("layout", ["interleaved", "planar", "channels-last"])
@@ -308,7 +317,8 @@ def test_functional_forward_propagates_per_feature(dtype, layout, poison):
     dy = data(shape, 8, dtype)
     dx, dgamma, dbeta = bnpy.batch_norm_backward(dy, x, gamma, mean, invstd, axis=axis)
     dx_clean, dgamma_clean, dbeta_clean = bnpy.batch_norm_backward(
-        dy, clean, gamma, mean_clean, invstd_clean, axis=axis)
+        dy, clean, gamma, mean_clean, invstd_clean, axis=axis
+    )
     for c in range(C):
         if bad[c]:
             assert np.isnan(feature_view(dx, axis, c)).all()
@@ -337,8 +347,12 @@ def test_functional_inference_confines_nonfinite_input(dtype, layout):
 def test_functional_inference_nonfinite_statistics_stay_in_their_feature(dtype, which):
     _, shape, axis = LAYOUTS["planar"]
     x = data(shape, 7, dtype)
-    args = dict(gamma=np.linspace(0.5, 2, C), beta=np.linspace(-1, 1, C),
-                mean=np.linspace(-1, 1, C), var=np.linspace(0.5, 3, C))
+    args = dict(
+        gamma=np.linspace(0.5, 2, C),
+        beta=np.linspace(-1, 1, C),
+        mean=np.linspace(-1, 1, C),
+        var=np.linspace(0.5, 3, C),
+    )
     y_clean = bnpy.batch_norm_inference(x, **args, axis=axis)
     args[which] = args[which].copy()
     args[which][2] = np.nan
@@ -353,22 +367,22 @@ def test_functional_inference_nonfinite_statistics_stay_in_their_feature(dtype, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_functional_backward_nan_dy_stays_in_its_feature(dtype):
-    _, shape, axis = LAYOUTS["interleaved"]
+    _, shape, _axis = LAYOUTS["interleaved"]
     x = data(shape, 7, dtype)
-    y, mean, invstd = bnpy.batch_norm_forward(x, None, None)
+    _y, mean, invstd = bnpy.batch_norm_forward(x, None, None)
     dy_clean = data(shape, 8, dtype)
     dy = dy_clean.copy()
     dy[3, 1] = np.nan
     for training in (True, False):
         dx, _, _ = bnpy.batch_norm_backward(dy, x, None, mean, invstd, training=training)
-        dx_clean, _, _ = bnpy.batch_norm_backward(dy_clean, x, None, mean, invstd,
-                                                  training=training)
+        dx_clean, _, _ = bnpy.batch_norm_backward(
+            dy_clean, x, None, mean, invstd, training=training
+        )
         if training:  # the sums over feature 1 carry the NaN to all of it
             assert np.isnan(dx[:, 1]).all()
         else:  # elementwise
             assert np.array_equal(np.isnan(dx), np.isnan(dy))
-            assert bits(dx[:, 1][~np.isnan(dy[:, 1])]) == bits(
-                dx_clean[:, 1][~np.isnan(dy[:, 1])])
+            assert bits(dx[:, 1][~np.isnan(dy[:, 1])]) == bits(dx_clean[:, 1][~np.isnan(dy[:, 1])])
         others = [0, 2, 3, 4]
         assert bits(dx[:, others]) == bits(dx_clean[:, others])
 

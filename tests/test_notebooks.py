@@ -6,6 +6,7 @@ same bnpy as these tests. To refresh the committed outputs after editing a noteb
 
     BNPY_UPDATE_NOTEBOOKS=1 pytest tests/test_notebooks.py
 """
+
 import os
 import re
 from pathlib import Path
@@ -40,8 +41,12 @@ def code_cells(notebook):
 
 
 def outputs_of_type(notebook, output_type):
-    return [output for cell in code_cells(notebook) for output in cell.outputs
-            if output.output_type == output_type]
+    return [
+        output
+        for cell in code_cells(notebook)
+        for output in cell.outputs
+        if output.output_type == output_type
+    ]
 
 
 def images(notebook):
@@ -49,7 +54,15 @@ def images(notebook):
 
 
 def test_there_are_seven_notebooks():
-    assert [path.name[:3] for path in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "06_", "07_", "08_"]
+    assert [path.name[:3] for path in NOTEBOOKS] == [
+        "01_",
+        "02_",
+        "03_",
+        "04_",
+        "06_",
+        "07_",
+        "08_",
+    ]
 
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
@@ -60,8 +73,11 @@ def test_notebooks_01_and_03_have_controls_and_keep_a_static_figure_of_them():
     is an ordinary image output of the same cell, what a viewer without a kernel shows."""
     for path in NOTEBOOKS[0], NOTEBOOKS[2]:
         notebook = nbformat.read(path, as_version=4)
-        cells = [cell for cell in code_cells(notebook)
-                 if any(WIDGET in output.get("data", {}) for output in cell.outputs)]
+        cells = [
+            cell
+            for cell in code_cells(notebook)
+            if any(WIDGET in output.get("data", {}) for output in cell.outputs)
+        ]
         assert cells, f"{path.name} has no ipywidgets controls"
         assert "viz.interactive(" in cells[0].source
         assert any(PNG in output.get("data", {}) for output in cells[0].outputs)
@@ -78,8 +94,13 @@ def test_notebook_ends_with_exercises(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs_without_error_and_draws_figures(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
-    client = NotebookClient(notebook, kernel_name="python3", timeout=300, record_timing=False,
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=300,
+        record_timing=False,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
     client.execute(env=kernel_environment())  # raises CellExecutionError if a cell fails
     assert not outputs_of_type(notebook, "error")
     assert images(notebook), "the notebook drew no figure"
@@ -113,7 +134,19 @@ def test_notebook_reads_as_documentation_and_uses_the_public_api(path):
 
 def test_notebook_01_maps_the_notes_symbols_to_bnpy_names():
     notebook = nbformat.read(NOTEBOOKS[0], as_version=4)
-    table = next(cell.source for cell in notebook.cells if "From the notes to the code" in cell.source)
-    for needed in ("1 - momentum", "`eps=1e-5`", "epsilon=1e-3", "momentum=0.99", "axis=-1",
-                   "$K$", "unbiased", "biased", "$\\delta$", "$\\alpha$"):
+    table = next(
+        cell.source for cell in notebook.cells if "From the notes to the code" in cell.source
+    )
+    for needed in (
+        "1 - momentum",
+        "`eps=1e-5`",
+        "epsilon=1e-3",
+        "momentum=0.99",
+        "axis=-1",
+        "$K$",
+        "unbiased",
+        "biased",
+        "$\\delta$",
+        "$\\alpha$",
+    ):
         assert needed in table, needed

@@ -16,6 +16,7 @@ For the 1e8 case the reference is computed with math.fsum (correctly rounded
 sums): bnpy.reference's plain float64 np.mean of 1e5 values near 1e8 is
 itself off by ~1e-6 in x_hat, too close to the bound to judge by.
 """
+
 import math
 
 import numpy as np
@@ -26,10 +27,10 @@ from bnpy import reference
 
 # name: (shape, axis); every family of kernels
 LAYOUTS = {
-    "interleaved": ((30000, 3), 1),        # 8 row groups of 4096 rows
+    "interleaved": ((30000, 3), 1),  # 8 row groups of 4096 rows
     "planar-short-rows": ((700, 3, 150), 1),  # planar: tiles of 13 rows
     "planar-spread-rows": ((3000, 3, 20), 1),  # short rows as lanes: wide rows of 60
-    "planar-long-rows": ((6, 3, 5000), 1),   # rows cut into 2048-value tiles
+    "planar-long-rows": ((6, 3, 5000), 1),  # rows cut into 2048-value tiles
     "channels-last": ((100, 30, 3), -1),
 }
 C = 3
@@ -70,18 +71,22 @@ def max_abs(a, b):
 def run_all(x, axis, dtype, eps=1e-5, gamma=None, beta=None, track_running_stats=True):
     """y from the layer (training mode) and from the functional API."""
     c = x.shape[axis]
-    bn = bnpy.BatchNorm(c, axis=axis, dtype=dtype, eps=eps,
-                        track_running_stats=track_running_stats)
+    bn = bnpy.BatchNorm(c, axis=axis, dtype=dtype, eps=eps, track_running_stats=track_running_stats)
     if gamma is not None:
         bn.gamma, bn.beta = gamma, beta
     y_layer = bn(x)
     y_functional, mean, invstd = bnpy.batch_norm_forward(
-        x, None if gamma is None else np.asarray(gamma, dtype),
-        None if beta is None else np.asarray(beta, dtype), eps=eps, axis=axis)
+        x,
+        None if gamma is None else np.asarray(gamma, dtype),
+        None if beta is None else np.asarray(beta, dtype),
+        eps=eps,
+        axis=axis,
+    )
     return {"layer": y_layer, "functional": y_functional}, bn, mean, invstd
 
 
 # --- large offsets ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_float32_mean_1e4_std_1(layout):
@@ -114,15 +119,16 @@ def test_exact_reference_is_exact_enough():
     """The fsum reference agrees with bnpy.reference where float64 sums are
     exact (small integers), so its own error is not what the 1e-6 measures."""
     x = np.random.default_rng(3).integers(-50, 50, size=(400, 3)).astype(np.float64) + 1e8
-    np.testing.assert_allclose(exact_normalized(x, 1, 1e-5),
-                               reference.forward_train(x, axis=1)[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        exact_normalized(x, 1, 1e-5), reference.forward_train(x, axis=1)[0], rtol=0, atol=1e-12
+    )
 
 
 # --- constant features ---------------------------------------------------------------
 
 CONSTANTS = {
     np.float32: [0.0, 0.1, 1 / 3, -7.3, 1e4 + 0.1, 1e30, 3.0e38, -1e-30],
-    np.float64: [0.0, 0.1, 1 / 3, -7.3, 1e8 + 0.5, 1e300, -1e-300, 2.0 ** 52 + 1],
+    np.float64: [0.0, 0.1, 1 / 3, -7.3, 1e8 + 0.5, 1e300, -1e-300, 2.0**52 + 1],
 }
 
 
@@ -181,8 +187,9 @@ def test_two_valued_feature_is_plus_minus_one():
 HUGE = {
     "spread-1e30": lambda rng, shape: rng.standard_normal(shape) * 1e30,
     "offset-1e30": lambda rng, shape: 1e30 + rng.standard_normal(shape) * 1e28,
-    "mixed-sign-1e30": lambda rng, shape: rng.choice([-1.0, 1.0], shape) * 1e30
-                                          * (1 + rng.standard_normal(shape) * 1e-3),
+    "mixed-sign-1e30": lambda rng, shape: (
+        rng.choice([-1.0, 1.0], shape) * 1e30 * (1 + rng.standard_normal(shape) * 1e-3)
+    ),
     "near-float32-max": lambda rng, shape: rng.uniform(-3.4e38, 3.4e38, shape),
 }
 
@@ -203,8 +210,9 @@ def test_float32_values_near_1e30(layout, case):
     with pytest.raises(FloatingPointError, match=r"running statistics .* float32"):
         tracking(x)
     assert tracking.num_batches_tracked == 0 and np.all(tracking.running_var == 1)
-    ys, bn, mean, invstd = run_all(x, axis, np.float32, gamma=gamma, beta=beta,
-                                   track_running_stats=False)
+    ys, bn, mean, invstd = run_all(
+        x, axis, np.float32, gamma=gamma, beta=beta, track_running_stats=False
+    )
     for name, y in ys.items():
         assert np.isfinite(y).all(), name
         err = max_abs(y, want) / np.max(np.abs(want))
@@ -214,12 +222,14 @@ def test_float32_values_near_1e30(layout, case):
 
     dy = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
     dx = bn.backward(dy)
-    want_dx, want_dgamma, want_dbeta = reference.backward(dy, x, want_mean, want_var, gamma,
-                                                          axis=axis)
+    want_dx, want_dgamma, _want_dbeta = reference.backward(
+        dy, x, want_mean, want_var, gamma, axis=axis
+    )
     assert np.isfinite(dx).all() and np.isfinite(bn.grad_gamma).all()
     assert max_abs(dx, want_dx) <= 1e-5 * np.max(np.abs(want_dx))
-    np.testing.assert_allclose(bn.grad_gamma, want_dgamma, rtol=1e-4,
-                               atol=1e-5 * np.max(np.abs(want_dgamma)))
+    np.testing.assert_allclose(
+        bn.grad_gamma, want_dgamma, rtol=1e-4, atol=1e-5 * np.max(np.abs(want_dgamma))
+    )
 
 
 def test_float32_values_near_1e30_in_eval_mode():
@@ -246,5 +256,6 @@ def test_float32_tiny_values_whose_squares_underflow(layout):
     ys, _, _, _ = run_all(x, axis, np.float32, eps=1e-80)
     for name, y in ys.items():
         assert max_abs(y, want) <= 1e-5 * np.max(np.abs(want)), name
-        np.testing.assert_allclose(np.moveaxis(y, axis, 0).reshape(C, -1).std(axis=1), 1.0,
-                                   rtol=1e-4)
+        np.testing.assert_allclose(
+            np.moveaxis(y, axis, 0).reshape(C, -1).std(axis=1), 1.0, rtol=1e-4
+        )

@@ -1,5 +1,6 @@
 """out=: a training loop that allocates nothing the size of its data, and
 inference in place."""
+
 import tracemalloc
 
 import numpy as np
@@ -30,7 +31,10 @@ def _peak_bytes(step, repeats=3):
 def test_a_training_step_with_out_allocates_nothing_the_size_of_x(axis):
     x, dy = _data()
     if axis == -1:
-        x, dy = np.ascontiguousarray(np.moveaxis(x, 1, -1)), np.ascontiguousarray(np.moveaxis(dy, 1, -1))
+        x, dy = (
+            np.ascontiguousarray(np.moveaxis(x, 1, -1)),
+            np.ascontiguousarray(np.moveaxis(dy, 1, -1)),
+        )
     bn = bnpy.BatchNorm(x.shape[axis], axis=axis)
     y, dx = np.empty_like(x), np.empty_like(x)
 
@@ -50,7 +54,7 @@ def test_the_functional_api_writes_into_out():
     def step():
         bnpy.batch_norm_forward(x, gamma, beta, out=y)
         bnpy.batch_norm_backward(dy, x, gamma, mean, invstd, out=dx)
-        bnpy.batch_norm_inference(x, gamma, beta, mean, 1 / invstd ** 2, out=y)
+        bnpy.batch_norm_inference(x, gamma, beta, mean, 1 / invstd**2, out=y)
 
     assert _peak_bytes(step) < x.nbytes / 50
 

@@ -1,6 +1,7 @@
 """Statistics to the last bits: a training forward's mean and variance against
 the exact values (rationals), for data far from zero and inputs large enough
 that the kernels merge many tiles and row groups."""
+
 from fractions import Fraction
 
 import numpy as np
@@ -15,11 +16,14 @@ def exact(values):
     return mean, sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
 
 
-@pytest.mark.parametrize("shape, axis", [
-    ((6000, 2), 1),        # interleaved: two row groups, many wide rows
-    ((12, 2, 2500), 1),    # planar: rows cut into tiles, the next feature pipelined
-    ((300, 2, 7), 1),      # short rows as lanes: wide rows of 14 values, folded
-])
+@pytest.mark.parametrize(
+    "shape, axis",
+    [
+        ((6000, 2), 1),  # interleaved: two row groups, many wide rows
+        ((12, 2, 2500), 1),  # planar: rows cut into tiles, the next feature pipelined
+        ((300, 2, 7), 1),  # short rows as lanes: wide rows of 14 values, folded
+    ],
+)
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):
     x = np.random.default_rng(0).normal(offset, 1.0, size=shape)
@@ -33,11 +37,14 @@ def test_batch_statistics_are_exact_to_rounding(shape, axis, offset):
         assert abs(float((Fraction(float(layer.running_mean[c])) - mean) / scale)) < 1e-15
 
 
-@pytest.mark.parametrize("shape", [
-    (4100, 3),      # channels-last, 11 rows folded into a wide row
-    (4100, 40),     # one row a wide row: each lane is one feature's column
-    (4100, 3, 5),   # short rows as lanes: 3 rows of 15 lanes a wide row
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (4100, 3),  # channels-last, 11 rows folded into a wide row
+        (4100, 40),  # one row a wide row: each lane is one feature's column
+        (4100, 3, 5),  # short rows as lanes: 3 rows of 15 lanes a wide row
+    ],
+)
 @pytest.mark.parametrize("far_rows", [slice(0, 16), slice(16, 32), slice(256, 272)])
 @pytest.mark.parametrize("far_by", [0.0, 1e4])
 def test_lane_statistics_when_some_rows_are_far_from_the_rest(shape, far_rows, far_by):
@@ -52,7 +59,7 @@ def test_lane_statistics_when_some_rows_are_far_from_the_rest(shape, far_rows, f
     channels, width = shape[1], int(np.prod(shape[1:]))
     x = np.random.default_rng(1).normal(1e6, 1.0, size=shape)  # one group of rows, and a few
     fold = -(-32 // width)  # rows in a wide row
-    x[far_rows.start * fold:far_rows.stop * fold] -= far_by  # exactly those wide rows
+    x[far_rows.start * fold : far_rows.stop * fold] -= far_by  # exactly those wide rows
     layer = bnpy.BatchNorm(channels, dtype=np.float64, momentum=1.0)
     layer(x)
     for c in range(channels):
@@ -71,7 +78,7 @@ def test_short_row_statistics_when_the_first_tile_is_far_from_the_rest(inner, fi
     center far from its values: the squares those lose, the spread between
     the blocks makes up. Still exact to rounding."""
     x = np.random.default_rng(2).normal(1e6, 1.0, size=(400, 2, inner))
-    x[:max(256 // inner, 1)] -= first_tile_off_by  # exactly the first tile's rows
+    x[: max(256 // inner, 1)] -= first_tile_off_by  # exactly the first tile's rows
     layer = bnpy.BatchNorm(2, dtype=np.float64, momentum=1.0)
     layer(x)
     for c in range(2):

@@ -18,19 +18,21 @@ Properties:
 
 tests/conftest.py loads the "ci" profile (derandomized) when CI is set.
 """
+
 import numpy as np
 import pytest
+from bitwise import bits
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 
 import bnpy
 from bnpy import reference
-from bitwise import bits
 
 TOL = {np.float32: 2e-5, np.float64: 1e-10}
 
 
 # --- strategies -----------------------------------------------------------------------
+
 
 @st.composite
 def layouts(draw):
@@ -102,6 +104,7 @@ def as_kernels_see_it(a, dtype):
 
 # --- comparison helpers ------------------------------------------------------------------
 
+
 def per_feature(v, ndim, axis):
     shape = [1] * ndim
     shape[axis % ndim] = -1
@@ -116,8 +119,9 @@ def assert_close(got, want, atol, what):
     assert np.all(err <= atol), f"{what}: max error {np.max(err):.3g} > {np.max(atol):.3g}"
 
 
-def check_forward_backward(y, dx, dgamma, dbeta, x, dy, gamma, beta, mean, var, eps, axis,
-                           training, dtype, check_y=True):
+def check_forward_backward(
+    y, dx, dgamma, dbeta, x, dy, gamma, beta, mean, var, eps, axis, training, dtype, check_y=True
+):
     """y, dx, dgamma, dbeta against the reference for given (float64) statistics."""
     tol = TOL[dtype]
     ndim = x.ndim
@@ -130,35 +134,48 @@ def check_forward_backward(y, dx, dgamma, dbeta, x, dy, gamma, beta, mean, var, 
     invstd = 1 / np.sqrt(np.asarray(var, np.float64) + eps)
     g = np.ones_like(invstd) if gamma is None else np.abs(np.asarray(gamma, np.float64))
     xhat = (np.asarray(x, np.float64) - per_feature(mean, ndim, axis)) * per_feature(
-        invstd, ndim, axis)
+        invstd, ndim, axis
+    )
     others = tuple(a for a in range(ndim) if a != axis % ndim)
     abs_dy = np.abs(np.asarray(dy, np.float64))
     sum_dy = abs_dy.sum(axis=others)
     sum_dy_xhat = (abs_dy * np.abs(xhat)).sum(axis=others)
-    dx_scale = per_feature(g * invstd, ndim, axis) * (abs_dy + per_feature(
-        sum_dy + sum_dy_xhat, ndim, axis) * (np.abs(xhat) + 1) / max(1, x.size // x.shape[axis]))
+    dx_scale = per_feature(g * invstd, ndim, axis) * (
+        abs_dy
+        + per_feature(sum_dy + sum_dy_xhat, ndim, axis)
+        * (np.abs(xhat) + 1)
+        / max(1, x.size // x.shape[axis])
+    )
     assert_close(dx, dx_ref, tol * (dx_scale + np.abs(dx_ref)) * 4, "dx")
     if dgamma is not None:
         # and the reference's own error: its float64 mean is rounded, which
         # shifts x_hat by about invstd * |mean| * 1e-16 -- visible when a
         # constant feature makes invstd = 1/sqrt(eps) and x_hat = 0 exactly
         xhat_error = invstd * (np.abs(np.asarray(mean, np.float64)) + 1) * 1e-13
-        assert_close(dgamma, dg_ref, tol * (sum_dy_xhat + 1e-30) * 4 + sum_dy * xhat_error,
-                     "dgamma")
+        assert_close(
+            dgamma, dg_ref, tol * (sum_dy_xhat + 1e-30) * 4 + sum_dy * xhat_error, "dgamma"
+        )
         assert_close(dbeta, db_ref, tol * (sum_dy + 1e-30) * 4, "dbeta")
 
 
 # --- the layer --------------------------------------------------------------------------
 
-@given(layout=layouts(),
-       dtype=st.sampled_from([np.float32, np.float64]),
-       distribution=st.sampled_from(DISTRIBUTIONS),
-       training=st.booleans(), affine=st.booleans(), track=st.booleans(),
-       momentum=st.sampled_from([0.1, 0.0, 1.0, 0.5, None]),
-       eps=st.sampled_from([1e-5, 1e-3, 0.5]),
-       preset=st.booleans(), seed=st.integers(0, 2 ** 32 - 1))
-def test_layer_matches_reference(layout, dtype, distribution, training, affine, track,
-                                 momentum, eps, preset, seed):
+
+@given(
+    layout=layouts(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    distribution=st.sampled_from(DISTRIBUTIONS),
+    training=st.booleans(),
+    affine=st.booleans(),
+    track=st.booleans(),
+    momentum=st.sampled_from([0.1, 0.0, 1.0, 0.5, None]),
+    eps=st.sampled_from([1e-5, 1e-3, 0.5]),
+    preset=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_layer_matches_reference(
+    layout, dtype, distribution, training, affine, track, momentum, eps, preset, seed
+):
     shape, axis, steps, order, byteswap = layout
     c = shape[axis]
     n = int(np.prod(shape)) // c
@@ -169,8 +186,15 @@ def test_layer_matches_reference(layout, dtype, distribution, training, affine, 
     note(f"x strides {x.strides}, dtype {x.dtype.str}")
 
     def make():
-        bn = bnpy.BatchNorm(c, eps=eps, momentum=momentum, affine=affine,
-                            track_running_stats=track, axis=axis, dtype=dtype)
+        bn = bnpy.BatchNorm(
+            c,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track,
+            axis=axis,
+            dtype=dtype,
+        )
         r = np.random.default_rng(seed + 1)
         if affine:
             bn.gamma = r.uniform(0.5, 2.0, c) * r.choice([-1.0, 1.0], c)
@@ -198,7 +222,8 @@ def test_layer_matches_reference(layout, dtype, distribution, training, affine, 
     assert bits(twin.backward(as_kernels_see_it(dy, dtype))) == bits(dx)
     assert bits(twin.grad_gamma) == bits(bn.grad_gamma)
     assert {k: bits(v) for k, v in twin.state_dict().items()} == {
-        k: bits(v) for k, v in bn.state_dict().items()}
+        k: bits(v) for k, v in bn.state_dict().items()
+    }
 
     if n == 0:  # an empty batch: nothing to learn from it
         assert {k: bits(v) for k, v in bn.state_dict().items()} == before
@@ -215,8 +240,22 @@ def test_layer_matches_reference(layout, dtype, distribution, training, affine, 
     else:
         mean = np.frombuffer(before["running_mean"][2], dtype).astype(np.float64)
         var = np.frombuffer(before["running_var"][2], dtype).astype(np.float64)
-    check_forward_backward(y, dx, bn.grad_gamma, bn.grad_beta, x64, dy0, gamma, beta, mean,
-                           var, eps, axis, batch_stats, dtype)
+    check_forward_backward(
+        y,
+        dx,
+        bn.grad_gamma,
+        bn.grad_beta,
+        x64,
+        dy0,
+        gamma,
+        beta,
+        mean,
+        var,
+        eps,
+        axis,
+        batch_stats,
+        dtype,
+    )
     if not affine:
         assert bn.grad_gamma is None and bn.grad_beta is None
 
@@ -225,8 +264,7 @@ def test_layer_matches_reference(layout, dtype, distribution, training, affine, 
         old_var = np.frombuffer(before["running_var"][2], dtype).astype(np.float64)
         if training:
             factor = 1.0 if momentum is None else momentum
-            want_mean, want_var = reference.update_running(old_mean, old_var, mean, var, n,
-                                                           factor)
+            want_mean, want_var = reference.update_running(old_mean, old_var, mean, var, n, factor)
             assert bn.num_batches_tracked == 1
         else:
             want_mean, want_var = old_mean, old_var
@@ -240,11 +278,15 @@ def test_layer_matches_reference(layout, dtype, distribution, training, affine, 
 
 # --- the functional API ---------------------------------------------------------------------
 
-@given(layout=layouts(),
-       dtype=st.sampled_from([np.float32, np.float64]),
-       distribution=st.sampled_from(DISTRIBUTIONS),
-       affine=st.booleans(), eps=st.sampled_from([1e-5, 1e-3, 0.5]),
-       seed=st.integers(0, 2 ** 32 - 1))
+
+@given(
+    layout=layouts(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    distribution=st.sampled_from(DISTRIBUTIONS),
+    affine=st.booleans(),
+    eps=st.sampled_from([1e-5, 1e-3, 0.5]),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_functional_matches_reference(layout, dtype, distribution, affine, eps, seed):
     shape, axis, steps, order, byteswap = layout
     c = shape[axis]
@@ -253,35 +295,41 @@ def test_functional_matches_reference(layout, dtype, distribution, affine, eps, 
     x0 = values(shape, axis, dtype, distribution, seed)
     dy0 = (rng.standard_normal(shape) + 0.3).astype(dtype)
     x, dy = strided(x0, steps, order, byteswap), strided(dy0, steps, order, byteswap)
-    gamma = (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(dtype) if affine \
-        else None
+    gamma = (
+        (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(dtype) if affine else None
+    )
     beta = rng.uniform(-1.0, 1.0, c).astype(dtype) if affine else None
     run_mean = rng.uniform(-2, 2, c).astype(dtype)
     run_var = rng.uniform(0.25, 4, c).astype(dtype)
 
     def calls(x, dy):
-        out = {"inference": bnpy.batch_norm_inference(x, gamma, beta, run_mean, run_var,
-                                                      eps=eps, axis=axis)}
+        out = {
+            "inference": bnpy.batch_norm_inference(
+                x, gamma, beta, run_mean, run_var, eps=eps, axis=axis
+            )
+        }
         run_invstd = (1 / np.sqrt(run_var.astype(np.float64) + eps)).astype(dtype)
-        out["eval-backward"] = bnpy.batch_norm_backward(dy, x, gamma, run_mean, run_invstd,
-                                                        axis=axis, training=False)
+        out["eval-backward"] = bnpy.batch_norm_backward(
+            dy, x, gamma, run_mean, run_invstd, axis=axis, training=False
+        )
         if n == 1:
             with pytest.raises(ValueError, match="more than 1 value"):
                 bnpy.batch_norm_forward(x, gamma, beta, eps=eps, axis=axis)
             return out
-        out["forward"] = y, mean, invstd = bnpy.batch_norm_forward(x, gamma, beta, eps=eps,
-                                                                   axis=axis)
+        out["forward"] = _y, mean, invstd = bnpy.batch_norm_forward(
+            x, gamma, beta, eps=eps, axis=axis
+        )
         out["backward"] = bnpy.batch_norm_backward(dy, x, gamma, mean, invstd, axis=axis)
         return out
 
     got = calls(x, dy)
-    flat = {k: [bits(a) for a in (v if isinstance(v, tuple) else (v,))]
-            for k, v in got.items()}
+    flat = {k: [bits(a) for a in (v if isinstance(v, tuple) else (v,))] for k, v in got.items()}
     again = calls(contiguous(x), contiguous(dy))
-    assert flat == {k: [bits(a) for a in (v if isinstance(v, tuple) else (v,))]
-                    for k, v in again.items()}
+    assert flat == {
+        k: [bits(a) for a in (v if isinstance(v, tuple) else (v,))] for k, v in again.items()
+    }
     for v in got.values():
-        for a in (v if isinstance(v, tuple) else (v,)):
+        for a in v if isinstance(v, tuple) else (v,):
             assert a is None or a.dtype == dtype
 
     if n == 0:
@@ -301,10 +349,23 @@ def test_functional_matches_reference(layout, dtype, distribution, affine, eps, 
     # those (float32 ones are rounded, which matters with a large offset)
     dx, dg, db = got["eval-backward"]
     run_invstd = (1 / np.sqrt(run_var.astype(np.float64) + eps)).astype(dtype)
-    check_forward_backward(got["inference"], dx, dg, db, x64, dy0, g64, b64,
-                           run_mean.astype(np.float64),
-                           1 / run_invstd.astype(np.float64) ** 2 - eps, eps, axis, False, dtype,
-                           check_y=False)
+    check_forward_backward(
+        got["inference"],
+        dx,
+        dg,
+        db,
+        x64,
+        dy0,
+        g64,
+        b64,
+        run_mean.astype(np.float64),
+        1 / run_invstd.astype(np.float64) ** 2 - eps,
+        eps,
+        axis,
+        False,
+        dtype,
+        check_y=False,
+    )
     if n > 1:
         y, mean, invstd = got["forward"]
         mean_ref, var_ref = reference.batch_stats(x64, axis)
@@ -314,6 +375,20 @@ def test_functional_matches_reference(layout, dtype, distribution, affine, eps, 
         y_ref = reference.normalize(x64, mean_ref, var_ref, g64, b64, eps, axis)
         assert_close(y, y_ref, tol * (1 + np.abs(y_ref).max()), "y")
         dx, dg, db = got["backward"]
-        check_forward_backward(y, dx, dg, db, x64, dy0, g64, b64, mean.astype(np.float64),
-                               1 / invstd.astype(np.float64) ** 2 - eps, eps, axis, True, dtype,
-                               check_y=False)
+        check_forward_backward(
+            y,
+            dx,
+            dg,
+            db,
+            x64,
+            dy0,
+            g64,
+            b64,
+            mean.astype(np.float64),
+            1 / invstd.astype(np.float64) ** 2 - eps,
+            eps,
+            axis,
+            True,
+            dtype,
+            check_y=False,
+        )

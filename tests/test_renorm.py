@@ -1,5 +1,6 @@
 """bnpy.BatchRenorm against a direct float64 NumPy implementation of Batch
 Renormalization (Ioffe, 2017), and against BatchNorm at rmax=1, dmax=0."""
+
 import copy
 import pickle
 
@@ -19,8 +20,9 @@ def _per_feature(v, x, axis):
     return np.reshape(v, shape)
 
 
-def renorm_reference(x, gamma, beta, running_mean, running_var, *, rmax, dmax, eps,
-                     momentum, axis=1):
+def renorm_reference(
+    x, gamma, beta, running_mean, running_var, *, rmax, dmax, eps, momentum, axis=1
+):
     """y, the new running statistics and backward(dy) -> (dx, dgamma, dbeta), in float64."""
     x = np.asarray(x, np.float64)
     axes = _axes(x, axis)
@@ -72,8 +74,17 @@ def test_matches_the_formulas_in_float64(shape, axis, rmax, dmax):
     x = rng.normal(4.0, 3.0, shape)
     dy = rng.normal(size=shape)
     y_ref, mean_ref, var_ref, backward = renorm_reference(
-        x, bn.gamma, bn.beta, bn.running_mean.copy(), bn.running_var.copy(), rmax=rmax,
-        dmax=dmax, eps=bn.eps, momentum=0.3, axis=axis)
+        x,
+        bn.gamma,
+        bn.beta,
+        bn.running_mean.copy(),
+        bn.running_var.copy(),
+        rmax=rmax,
+        dmax=dmax,
+        eps=bn.eps,
+        momentum=0.3,
+        axis=axis,
+    )
     y = bn(x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(bn.running_mean, mean_ref, rtol=1e-13, atol=1e-14)
@@ -106,10 +117,17 @@ def test_float32_layer_is_close_to_the_float64_formulas():
     bn = _layer(5, rng, dtype=np.float32)
     x = rng.normal(50.0, 3.0, (32, 5, 4)).astype(np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
-    y_ref, mean_ref, var_ref, backward = renorm_reference(
-        x, bn.gamma.astype(np.float64), bn.beta.astype(np.float64),
-        bn.running_mean.astype(np.float64), bn.running_var.astype(np.float64),
-        rmax=3.0, dmax=5.0, eps=bn.eps, momentum=0.1)
+    y_ref, _mean_ref, var_ref, backward = renorm_reference(
+        x,
+        bn.gamma.astype(np.float64),
+        bn.beta.astype(np.float64),
+        bn.running_mean.astype(np.float64),
+        bn.running_var.astype(np.float64),
+        rmax=3.0,
+        dmax=5.0,
+        eps=bn.eps,
+        momentum=0.1,
+    )
     y = bn(x)
     dx = bn.backward(dy)
     assert y.dtype == dx.dtype == np.float32
@@ -127,8 +145,7 @@ def test_rmax_one_dmax_zero_is_batch_norm(momentum):
         x = rng.normal(step, 2.0, (8, 4, 3))
         dy = rng.normal(size=x.shape)
         np.testing.assert_allclose(renorm(x), plain(x), rtol=1e-13, atol=1e-13)
-        np.testing.assert_allclose(renorm.backward(dy), plain.backward(dy), rtol=1e-11,
-                                   atol=1e-13)
+        np.testing.assert_allclose(renorm.backward(dy), plain.backward(dy), rtol=1e-11, atol=1e-13)
         np.testing.assert_allclose(renorm.grad_gamma, plain.grad_gamma, rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(renorm.grad_beta, plain.grad_beta, rtol=1e-13)
     np.testing.assert_allclose(renorm.running_mean, plain.running_mean, rtol=1e-14)
@@ -162,14 +179,17 @@ def test_rmax_and_dmax_are_settable_and_take_effect():
     np.testing.assert_allclose(bn(x), plain(x), rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("name,value,error,words", [
-    ("rmax", 0.5, ValueError, ">= 1, got 0.5"),
-    ("rmax", float("inf"), ValueError, "got inf"),
-    ("dmax", -1, ValueError, ">= 0, got -1.0"),
-    ("dmax", float("nan"), ValueError, "got nan"),
-    ("rmax", "3", TypeError, "real number, got str"),
-    ("dmax", True, TypeError, "got bool"),
-])
+@pytest.mark.parametrize(
+    "name,value,error,words",
+    [
+        ("rmax", 0.5, ValueError, ">= 1, got 0.5"),
+        ("rmax", float("inf"), ValueError, "got inf"),
+        ("dmax", -1, ValueError, ">= 0, got -1.0"),
+        ("dmax", float("nan"), ValueError, "got nan"),
+        ("rmax", "3", TypeError, "real number, got str"),
+        ("dmax", True, TypeError, "got bool"),
+    ],
+)
 def test_bad_bounds_are_rejected_by_name(name, value, error, words):
     with pytest.raises(error, match=f"{name} must be.*{words}"):
         bnpy.BatchRenorm(3, **{name: value})
@@ -197,8 +217,10 @@ def test_repr_pickle_deepcopy_and_state_dict():
     bn(x)
     bn.backward(np.ones_like(x))
     bn.eval()
-    assert repr(bn) == ("BatchRenorm(3, rmax=2.5, dmax=0.25, eps=1e-05, momentum=0.2, "
-                        "affine=True, axis=-1, dtype='float64', training=False)")
+    assert repr(bn) == (
+        "BatchRenorm(3, rmax=2.5, dmax=0.25, eps=1e-05, momentum=0.2, "
+        "affine=True, axis=-1, dtype='float64', training=False)"
+    )
     for other in (pickle.loads(pickle.dumps(bn)), copy.deepcopy(bn)):
         assert type(other) is bnpy.BatchRenorm and repr(other) == repr(bn)
         for key, value in bn.state_dict().items():
@@ -206,8 +228,13 @@ def test_repr_pickle_deepcopy_and_state_dict():
         np.testing.assert_array_equal(other.grad_gamma, bn.grad_gamma)
         with pytest.raises(RuntimeError, match="before any forward"):
             other.backward(np.ones_like(x))  # a copy has no saved input
-    assert set(bn.state_dict()) == {"gamma", "beta", "running_mean", "running_var",
-                                    "num_batches_tracked"}
+    assert set(bn.state_dict()) == {
+        "gamma",
+        "beta",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    }
     bn.weight = [1.0, 2.0, 3.0]
     np.testing.assert_array_equal(bn.gamma, [1.0, 2.0, 3.0])
 
@@ -236,7 +263,9 @@ def test_errors_name_the_input_and_change_nothing():
     bad[1, 2] = np.nan
     with pytest.raises(FloatingPointError, match="2"):
         bn(bad)
-    with pytest.raises(ValueError, match=r"expected 3 features on axis 1, got input of shape \(4, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"expected 3 features on axis 1, got input of shape \(4, 5\)"
+    ):
         bn(np.ones((4, 5)))
     with pytest.raises(ValueError, match="more than 1 value"):
         bn(np.ones((1, 3)))

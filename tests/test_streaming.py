@@ -5,11 +5,12 @@ over lanes (channels last, short rows). They must hold the same bits as
 outputs written through the caches: written in place (dx over dy, y over
 x), they never stream, so the two are compared, in every instruction-set
 build, at every start of the rows within a cache line."""
+
 import numpy as np
 import pytest
+from bitwise import assert_same_bits_at_line_offsets, at_line_offset
 
 import bnpy
-from bitwise import assert_same_bits_at_line_offsets, at_line_offset
 
 STREAM_BYTES = 16 << 20
 FEATURE_STREAM_BYTES = 1 << 20
@@ -50,8 +51,7 @@ ROW_IDS = ["long-rows", "many-rows", "short-rows", "interleaved", "spread"]
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("build", bnpy.cpu_capabilities())
-def test_streamed_dx_has_the_bits_of_dx_written_in_place(capability, build, dtype, training,
-                                                          rows):
+def test_streamed_dx_has_the_bits_of_dx_written_in_place(capability, build, dtype, training, rows):
     capability(build)
     itemsize = np.dtype(dtype).itemsize
     shape = rows(itemsize)
@@ -66,8 +66,9 @@ def test_streamed_dx_has_the_bits_of_dx_written_in_place(capability, build, dtyp
     in_place = dy.copy()
     bn.backward(in_place, out=in_place)
     assert in_place.nbytes >= STREAM_BYTES
-    assert_same_bits_at_line_offsets(lambda out: bn.backward(dy, out=out), in_place,
-                                     (0, 1, 64 // itemsize - 1))
+    assert_same_bits_at_line_offsets(
+        lambda out: bn.backward(dy, out=out), in_place, (0, 1, 64 // itemsize - 1)
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -102,8 +103,11 @@ def test_streamed_y_has_the_bits_of_y_written_in_place(capability, build, dtype,
     itemsize = np.dtype(dtype).itemsize
     shape = rows(itemsize)
     channels = shape[1]
-    assert (np.prod(shape) // channels * itemsize >= FEATURE_STREAM_BYTES
-            or rows in (_short_rows, _interleaved, _spread))
+    assert np.prod(shape) // channels * itemsize >= FEATURE_STREAM_BYTES or rows in (
+        _short_rows,
+        _interleaved,
+        _spread,
+    )
     rng = np.random.default_rng(7)
     x = rng.normal(2.0, 3.0, size=shape).astype(dtype)
     bn = bnpy.BatchNorm(channels, dtype=dtype)  # training: y uses the batch's statistics
@@ -115,8 +119,9 @@ def test_streamed_y_has_the_bits_of_y_written_in_place(capability, build, dtype,
     in_place = x.copy()
     bn.forward(in_place, out=in_place)
     assert in_place.nbytes >= STREAM_BYTES
-    assert_same_bits_at_line_offsets(lambda out: bn.forward(x, out=out), in_place,
-                                     (0, 1, 64 // itemsize - 1))
+    assert_same_bits_at_line_offsets(
+        lambda out: bn.forward(x, out=out), in_place, (0, 1, 64 // itemsize - 1)
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -126,8 +131,9 @@ def test_streamed_y_of_the_functional_forward(dtype):
     itemsize = np.dtype(dtype).itemsize
     shape = (2, 3, STREAM_BYTES // (6 * itemsize) + 7)
     x = np.random.default_rng(8).normal(5.0, 0.5, size=shape).astype(dtype)
-    y, mean, invstd = bnpy.batch_norm_forward(x, None, None, axis=1,
-                                              out=at_line_offset(shape, dtype, 3))
+    y, mean, invstd = bnpy.batch_norm_forward(
+        x, None, None, axis=1, out=at_line_offset(shape, dtype, 3)
+    )
     in_place = x.copy()
     y2, mean2, invstd2 = bnpy.batch_norm_forward(in_place, None, None, axis=1, out=in_place)
     assert y.tobytes() == y2.tobytes()

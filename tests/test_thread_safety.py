@@ -13,6 +13,7 @@ threads at once:
   back into the same layer; and the kernels really let other threads run.
 (tests/test_threads.py is about the OpenMP threads inside one call.)
 """
+
 import pickle
 import sys
 import threading
@@ -20,9 +21,9 @@ import time
 
 import numpy as np
 import pytest
+from bitwise import bits
 
 import bnpy
-from bitwise import bits
 
 JOIN_TIMEOUT = 120  # seconds: a deadlock fails the test instead of hanging the suite
 
@@ -58,8 +59,9 @@ def run_threads(workers):
             try:
                 barrier.wait()
                 work()
-            except BaseException as error:  # noqa: BLE001 - reported below
+            except BaseException as error:
                 errors.append(error)
+
         return target
 
     threads = [threading.Thread(target=wrap(w), daemon=True) for w in workers]
@@ -88,6 +90,7 @@ def state_bits(bn):
 
 # --- the issue's two scenarios -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_eval_forwards_in_8_threads_equal_a_serial_run(layout):
     shape, axis = LAYOUTS[layout]
@@ -103,6 +106,7 @@ def test_eval_forwards_in_8_threads_equal_a_serial_run(layout):
                 k = (t + i) % len(inputs)
                 if bits(bn(inputs[k])) != serial[k]:
                     mismatches.append((t, i))
+
         return work
 
     errors = run_threads([worker(t) for t in range(8)])
@@ -127,7 +131,7 @@ def test_training_forwards_in_4_threads_count_every_batch(layout):
     def work():
         for _ in range(100):
             if bits(shared(x)) != y_serial:
-                wrong.append(1)
+                wrong.append(1)  # noqa: PERF401 - counted as they happen, in threads
 
     errors = run_threads([work] * 4)
     assert not errors and not wrong
@@ -151,6 +155,7 @@ def test_training_forwards_of_different_batches_average_correctly(dtype):
         def work():
             for x in batches[t]:
                 bn(x)
+
         return work
 
     errors = run_threads([worker(t) for t in range(4)])
@@ -163,6 +168,7 @@ def test_training_forwards_of_different_batches_average_correctly(dtype):
 
 
 # --- mixed in: backward, setters, state ---------------------------------------------------
+
 
 def test_backward_setters_and_state_from_other_threads():
     """Training forwards of one x in two threads; backward in two more; a
@@ -220,8 +226,10 @@ def test_backward_setters_and_state_from_other_threads():
         while not stop.is_set():
             sd = bn.state_dict()
             g = sd["gamma"].astype(np.float64)
-            if not (np.array_equal(g, gamma_a.astype(np.float32))
-                    or np.array_equal(g, gamma_b.astype(np.float32))):
+            if not (
+                np.array_equal(g, gamma_a.astype(np.float32))
+                or np.array_equal(g, gamma_b.astype(np.float32))
+            ):
                 bad.append("state_dict gamma")
             clone = pickle.loads(pickle.dumps(bn))
             assert clone.num_features == c
@@ -266,7 +274,8 @@ def test_set_num_threads_while_layers_run():
             def work():
                 for _ in range(100):
                     if bits(bn(x)) != want_y or bits(bn.backward(dy)) != want_dx:
-                        bad.append(1)
+                        bad.append(1)  # noqa: PERF401 - counted as they happen, in threads
+
             return work
 
         def switcher():
@@ -297,7 +306,7 @@ def test_functional_api_in_8_threads_equals_serial():
     def compute(x):
         y, mean, invstd = bnpy.batch_norm_forward(x, gamma, beta, axis=axis)
         dx, dg, db = bnpy.batch_norm_backward(x[::-1], x, gamma, mean, invstd, axis=axis)
-        yi = bnpy.batch_norm_inference(x, gamma, beta, mean, 1 / invstd ** 2, axis=axis)
+        yi = bnpy.batch_norm_inference(x, gamma, beta, mean, 1 / invstd**2, axis=axis)
         return [bits(a) for a in (y, mean, invstd, dx, dg, db, yi)]
 
     serial = [compute(x) for x in xs]
@@ -309,6 +318,7 @@ def test_functional_api_in_8_threads_equals_serial():
                 k = (t + i) % len(xs)
                 if compute(xs[k]) != serial[k]:
                     bad.append((t, i))
+
         return work
 
     assert not run_threads([worker(t) for t in range(8)])
@@ -316,6 +326,7 @@ def test_functional_api_in_8_threads_equals_serial():
 
 
 # --- no deadlock, no crash ------------------------------------------------------------
+
 
 class CallsBack:
     """An array-like whose conversion calls back into the layer."""
@@ -350,7 +361,8 @@ def test_argument_conversion_may_call_back_into_the_layer(callback):
         "backward": lambda: bn.backward(CallsBack(bn, data((6, 3), 64), action)),
         "set-gamma": lambda: setattr(bn, "gamma", CallsBack(bn, np.ones(3), action)),
         "load_state_dict": lambda: bn.load_state_dict(
-            {**bn.state_dict(), "beta": CallsBack(bn, np.zeros(3), action)}),
+            {**bn.state_dict(), "beta": CallsBack(bn, np.zeros(3), action)}
+        ),
     }
     results = []
 

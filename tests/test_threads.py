@@ -13,20 +13,20 @@ from bnpy import reference
 # (shape, axis): planar rows longer than a tile, many interleaved tiles, a
 # feature count that leaves a partial block, and the benchmark's layouts
 LARGE = [
-    ((3, 5, 5000), 1),           # planar, rows of 5000 values: tiles inside a row
-    ((4, 7, 96, 97), 1),         # planar, odd row length
-    ((1200, 4, 60), 1),          # short rows as lanes
-    ((2000, 8, 9), 1),           # rows of 9 as lanes, wide rows of 72 values
-    ((1200, 4, 150), 1),         # planar rows of 150: a pipeline split between threads
-    ((30, 200, 100), 1),         # planar: tiles of 20 rows
-    ((70000, 3), 1),             # interleaved, hundreds of row tiles
-    ((200, 1030), 1),            # interleaved, one row group: its lanes cut between threads
-    ((2, 61, 61, 37), -1),       # channels-last, 37 features: a partial block of 16
-    ((9, 3, 17, 2, 19), 2),      # a middle feature axis
+    ((3, 5, 5000), 1),  # planar, rows of 5000 values: tiles inside a row
+    ((4, 7, 96, 97), 1),  # planar, odd row length
+    ((1200, 4, 60), 1),  # short rows as lanes
+    ((2000, 8, 9), 1),  # rows of 9 as lanes, wide rows of 72 values
+    ((1200, 4, 150), 1),  # planar rows of 150: a pipeline split between threads
+    ((30, 200, 100), 1),  # planar: tiles of 20 rows
+    ((70000, 3), 1),  # interleaved, hundreds of row tiles
+    ((200, 1030), 1),  # interleaved, one row group: its lanes cut between threads
+    ((2, 61, 61, 37), -1),  # channels-last, 37 features: a partial block of 16
+    ((9, 3, 17, 2, 19), 2),  # a middle feature axis
     # larger, and past the caches where outputs exceed half the last-level cache
-    ((150000, 8), 1),            # interleaved
-    ((1100, 16, 64), 1),         # planar rows of 64, the shortest that are not lanes
-    ((100, 300, 60), 1),         # short rows as lanes, wide rows of 18,000 values
+    ((150000, 8), 1),  # interleaved
+    ((1100, 16, 64), 1),  # planar rows of 64, the shortest that are not lanes
+    ((100, 300, 60), 1),  # short rows as lanes, wide rows of 18,000 values
 ]
 
 
@@ -84,8 +84,13 @@ def test_large_inputs_agree_with_the_reference(shape, axis, dtype, tol):
     want_dx, want_dgamma, want_dbeta = reference.backward(dy, x, mean, var, bn.gamma, axis=axis)
     n = x.size // channels
     _, want_var = reference.update_running(0, 1, mean, var, n, 0.1)
-    for got, want in [(y, want_y), (dx, want_dx), (bn.grad_gamma, want_dgamma),
-                      (bn.grad_beta, want_dbeta), (bn.running_var, want_var)]:
+    for got, want in [
+        (y, want_y),
+        (dx, want_dx),
+        (bn.grad_gamma, want_dgamma),
+        (bn.grad_beta, want_dbeta),
+        (bn.running_var, want_var),
+    ]:
         assert np.max(np.abs(got - want)) <= tol * np.max(np.abs(want))
 
 

@@ -1,5 +1,6 @@
 """BatchNorm(virtual_batch_size=k): consecutive groups of k samples along axis 0,
 each normalized with its own statistics, equal to a BatchNorm applied to each group."""
+
 import copy
 import pickle
 
@@ -16,14 +17,16 @@ def _per_group(x, dy, k, **kwargs):
         bn = bnpy.BatchNorm(dtype=np.float64, **kwargs)
         bn.gamma = np.linspace(0.5, 2.0, bn.num_features)
         bn.beta = np.linspace(-1.0, 1.0, bn.num_features)
-        ys.append(bn(x[start:start + k]))
-        dxs.append(bn.backward(dy[start:start + k]))
+        ys.append(bn(x[start : start + k]))
+        dxs.append(bn.backward(dy[start : start + k]))
         dgamma, dbeta = dgamma + bn.grad_gamma, dbeta + bn.grad_beta
     return np.concatenate(ys), np.concatenate(dxs), dgamma, dbeta
 
 
-@pytest.mark.parametrize("shape,axis,k", [((12, 3), 1, 4), ((8, 3, 5), 1, 2),
-                                          ((6, 4, 4, 3), -1, 3), ((9, 2, 3, 3), 1, 9)])
+@pytest.mark.parametrize(
+    "shape,axis,k",
+    [((12, 3), 1, 4), ((8, 3, 5), 1, 2), ((6, 4, 4, 3), -1, 3), ((9, 2, 3, 3), 1, 9)],
+)
 def test_equals_batch_norm_applied_to_each_group(shape, axis, k):
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, shape)
@@ -32,8 +35,7 @@ def test_equals_batch_norm_applied_to_each_group(shape, axis, k):
     bn = bnpy.BatchNorm(shape[axis], axis=axis, dtype=np.float64, virtual_batch_size=k)
     bn.gamma = np.linspace(0.5, 2.0, bn.num_features)
     bn.beta = np.linspace(-1.0, 1.0, bn.num_features)
-    y_ref, dx_ref, dgamma_ref, dbeta_ref = _per_group(x, dy, k, num_features=shape[axis],
-                                                      axis=axis)
+    y_ref, dx_ref, dgamma_ref, dbeta_ref = _per_group(x, dy, k, num_features=shape[axis], axis=axis)
     np.testing.assert_allclose(bn(x), y_ref, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(bn.backward(dy), dx_ref, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(bn.grad_gamma, dgamma_ref, rtol=1e-12, atol=1e-13)
@@ -45,9 +47,12 @@ def test_channels_last_memory_layout_runs_as_it_lies():
     nhwc = rng.normal(size=(6, 4, 4, 3))
     bn = bnpy.BatchNorm(3, dtype=np.float64, virtual_batch_size=2)
     plain = bnpy.BatchNorm(3, dtype=np.float64, virtual_batch_size=2)
-    np.testing.assert_allclose(bn(nhwc.transpose(0, 3, 1, 2)),
-                               plain(np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))),
-                               rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(
+        bn(nhwc.transpose(0, 3, 1, 2)),
+        plain(np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))),
+        rtol=1e-13,
+        atol=1e-13,
+    )
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -61,8 +66,9 @@ def test_running_statistics_take_the_mean_over_groups_once_per_call(momentum):
     bn(x)
     weight = 0.1 if momentum is not None else 1.0
     np.testing.assert_allclose(bn.running_mean, weight * means.mean(0), rtol=1e-14)
-    np.testing.assert_allclose(bn.running_var, (1 - weight) + weight * variances.mean(0),
-                               rtol=1e-14)
+    np.testing.assert_allclose(
+        bn.running_var, (1 - weight) + weight * variances.mean(0), rtol=1e-14
+    )
     assert bn.num_batches_tracked == 1
 
 
@@ -93,8 +99,11 @@ def test_errors_are_clear_and_change_nothing():
     bn(x)
     dx = bn.backward(x)
     state = bn.state_dict()
-    with pytest.raises(ValueError, match=r"a batch of 10 samples on axis 0 does not split into "
-                                         r"virtual batches of 4, got input of shape \(10, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"a batch of 10 samples on axis 0 does not split into "
+        r"virtual batches of 4, got input of shape \(10, 3\)",
+    ):
         bn(rng.normal(size=(10, 3)))
     with pytest.raises(ValueError, match="outermost in memory"):
         bn(np.asfortranarray(rng.normal(size=(8, 3, 2))))
@@ -105,7 +114,9 @@ def test_errors_are_clear_and_change_nothing():
     for key, value in state.items():
         np.testing.assert_array_equal(bn.state_dict()[key], value)
     np.testing.assert_array_equal(bn.backward(x), dx)
-    with pytest.raises(ValueError, match="virtual_batch_size must be None or an integer >= 1, got 0"):
+    with pytest.raises(
+        ValueError, match="virtual_batch_size must be None or an integer >= 1, got 0"
+    ):
         bnpy.BatchNorm(3, virtual_batch_size=0)
     with pytest.raises(TypeError, match="virtual_batch_size must be an integer"):
         bnpy.BatchNorm(3, virtual_batch_size=2.0)

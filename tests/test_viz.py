@@ -1,15 +1,16 @@
 """bnpy.viz: each call draws what it says, labelled, without touching the model's state."""
+
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: no display needed
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
 
-import bnpy  # noqa: E402
-from bnpy import nn, viz  # noqa: E402
-from bnpy.data import spirals  # noqa: E402
+import bnpy
+from bnpy import nn, viz
+from bnpy.data import spirals
 
 
 @pytest.fixture(autouse=True)
@@ -108,14 +109,18 @@ def test_loss_curves_on_a_log_axis_label_plain_numbers_within_a_decade():
     ax = viz.loss_curves({"a": np.geomspace(3.0, 0.3, 50)}, log=True)
     ax.figure.canvas.draw()
     low, high = ax.get_ylim()
-    labels = [t.get_text() for t, value in zip(ax.get_yticklabels(), ax.get_yticks())
-              if low <= value <= high]
+    labels = [
+        t.get_text()
+        for t, value in zip(ax.get_yticklabels(), ax.get_yticks())
+        if low <= value <= high
+    ]
     assert ax.get_yscale() == "log"
     assert {"0.5", "1", "2"} <= set(labels)  # not only 10^0
 
 
 def test_interactive_draws_once_then_redraws_on_each_change():
     import ipywidgets as widgets
+
     calls = []
 
     def draw(depth, batch_norm):

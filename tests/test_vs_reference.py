@@ -17,6 +17,7 @@ differences are bnpy's own rounding:
 that entries near zero do not make a correct result look wrong; the data keep
 every feature on a comparable scale so that this cannot hide a bad feature.
 """
+
 import zlib
 
 import numpy as np
@@ -44,6 +45,7 @@ LAYOUT_IDS = list(LAYOUTS)
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def rng_for(*parts):
     """A generator seeded from the test's parameters (stable across runs)."""
@@ -90,7 +92,8 @@ def assert_close(actual, expected, dtype, what, tol=None):
     tol = TOL[dtype] if tol is None else tol
     assert actual is not None, f"{what} is None"
     assert np.shape(actual) == np.shape(expected), (
-        f"{what}: shape {np.shape(actual)} != expected {np.shape(expected)}")
+        f"{what}: shape {np.shape(actual)} != expected {np.shape(expected)}"
+    )
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"
 
@@ -108,8 +111,15 @@ def check_param_grads(bn, dgamma, dbeta, dtype, when):
 
 
 def new_layer(c, dtype, axis, affine, track, momentum=0.1, eps=1e-3, rng=None):
-    bn = bnpy.BatchNorm(c, eps=eps, momentum=momentum, affine=affine,
-                        track_running_stats=track, axis=axis, dtype=dtype)
+    bn = bnpy.BatchNorm(
+        c,
+        eps=eps,
+        momentum=momentum,
+        affine=affine,
+        track_running_stats=track,
+        axis=axis,
+        dtype=dtype,
+    )
     gamma = beta = None
     if affine:
         gamma, beta = make_affine(rng, c, dtype)
@@ -119,6 +129,7 @@ def new_layer(c, dtype, axis, affine, track, momentum=0.1, eps=1e-3, rng=None):
 
 
 # --------------------------------------------------------------------------- the layer
+
 
 @pytest.mark.parametrize("momentum", [0.3, None], ids=["momentum0.3", "momentumNone"])
 @pytest.mark.parametrize("track", [True, False], ids=["tracked", "untracked"])
@@ -212,8 +223,9 @@ def test_layer_train_then_eval(layout, dtype, affine, track, momentum):
 
         dx = bn.backward(dy)
         assert dx.dtype == dtype and dx.shape == shape
-        dx_ref, dg_ref, db_ref = ref.backward(dy, x, mean, var, g64, eps, axis,
-                                              training=training_backward)
+        dx_ref, dg_ref, db_ref = ref.backward(
+            dy, x, mean, var, g64, eps, axis, training=training_backward
+        )
         assert_close(dx, dx_ref, dtype, f"dx ({when})")
         check_param_grads(bn, dg_ref, db_ref, dtype, when)
 
@@ -314,6 +326,7 @@ def test_backward_is_for_the_last_forward(dtype):
 
 # --------------------------------------------------------------------------- functional API
 
+
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUT_IDS)
@@ -335,8 +348,9 @@ def test_functional_matches_reference(layout, dtype, affine):
     assert_close(mean, mean_ref, dtype, "mean")
     assert_close(invstd, 1.0 / np.sqrt(var_ref + eps), dtype, "invstd")
 
-    dx, dgamma, dbeta = bnpy.batch_norm_backward(dy, x, gamma, mean, invstd,
-                                                 axis=axis, training=True)
+    dx, dgamma, dbeta = bnpy.batch_norm_backward(
+        dy, x, gamma, mean, invstd, axis=axis, training=True
+    )
     dx_ref, dg_ref, db_ref = ref.backward(dy, x, mean_ref, var_ref, g64, eps, axis, True)
     assert dx.dtype == dtype and dx.shape == shape
     assert_close(dx, dx_ref, dtype, "dx (training)")
@@ -355,10 +369,10 @@ def test_functional_matches_reference(layout, dtype, affine):
     assert_close(y, y_ref, dtype, "y (batch_norm_inference)")
 
     run_invstd = (1.0 / np.sqrt(f64(run_var) + eps)).astype(dtype)
-    dx, dgamma, dbeta = bnpy.batch_norm_backward(dy, x, gamma, run_mean, run_invstd,
-                                                 axis=axis, training=False)
-    dx_ref, dg_ref, db_ref = ref.backward(dy, x, f64(run_mean), f64(run_var), g64, eps,
-                                          axis, False)
+    dx, dgamma, dbeta = bnpy.batch_norm_backward(
+        dy, x, gamma, run_mean, run_invstd, axis=axis, training=False
+    )
+    dx_ref, dg_ref, db_ref = ref.backward(dy, x, f64(run_mean), f64(run_var), g64, eps, axis, False)
     assert_close(dx, dx_ref, dtype, "dx (training=False)")
     if affine:
         assert_close(dgamma, dg_ref, dtype, "dgamma (training=False)")
@@ -369,7 +383,7 @@ def test_functional_matches_reference(layout, dtype, affine):
 
 def test_functional_default_eps_and_axis():
     rng = rng_for("functional-defaults")
-    x = make_x(rng, (6, 3, 2), 1, np.float64) * 1e-2   # eps matters at this scale
+    x = make_x(rng, (6, 3, 2), 1, np.float64) * 1e-2  # eps matters at this scale
     y, _, invstd = bnpy.batch_norm_forward(x, None, None)
     y_ref, _, var = ref.forward_train(x, eps=1e-5, axis=1)
     assert_close(y, y_ref, np.float64, "y")
@@ -380,6 +394,7 @@ def test_functional_default_eps_and_axis():
 
 
 # --------------------------------------------------------------------------- DESIGN.md §1 worked examples
+
 
 def _worked_example_bounds(dtype, gamma, beta):
     """Rounding slack of one y = (x - m) * s + b computed in double, then stored."""
@@ -436,6 +451,7 @@ def test_worked_example_scaled_by_100(dtype):
 
 
 # --------------------------------------------------------------------------- unusual inputs
+
 
 def _variants(x):
     """Arrays with x's values but another memory layout or representation."""
@@ -507,8 +523,7 @@ def test_channels_last_view_of_channels_first(layout):
     assert not x.flags.c_contiguous
     bn = bnpy.BatchNorm(c, axis=axis, dtype=np.float64)
     y = bn(x)
-    assert_close(y, ref.forward_train(x0, np.ones(c), np.zeros(c), 1e-5, axis)[0],
-                 np.float64, "y")
+    assert_close(y, ref.forward_train(x0, np.ones(c), np.zeros(c), 1e-5, axis)[0], np.float64, "y")
 
 
 @pytest.mark.parametrize("itype", [np.int64, np.int32, np.uint8, np.int16])
@@ -548,6 +563,7 @@ def test_nested_list_input():
 
 # --------------------------------------------------------------------------- out=
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_out_argument(dtype):
     shape, axis = LAYOUTS["NCHW"]
@@ -573,8 +589,12 @@ def test_out_argument(dtype):
     bn.eval()
     y = bn.forward(x, out=out)
     assert y is out
-    assert_close(out, ref.forward_eval(x, f64(bn.running_mean), f64(bn.running_var),
-                                       g64, b64, 1e-3, axis), dtype, "y (eval) written to out")
+    assert_close(
+        out,
+        ref.forward_eval(x, f64(bn.running_mean), f64(bn.running_var), g64, b64, 1e-3, axis),
+        dtype,
+        "y (eval) written to out",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -611,14 +631,15 @@ def _bad_outs(shape, dtype):
     }
 
 
-@pytest.mark.parametrize("bad", ["wrong dtype", "wrong shape", "flat", "not contiguous",
-                                 "read-only", "list"])
+@pytest.mark.parametrize(
+    "bad", ["wrong dtype", "wrong shape", "flat", "not contiguous", "read-only", "list"]
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bad_out_raises_and_changes_nothing(dtype, bad):
     shape, axis = LAYOUTS["NCL"]
     c = shape[axis]
     rng = rng_for("bad-out", dtype.__name__, bad)
-    bn, gamma, _ = new_layer(c, dtype, axis, True, True, rng=rng)
+    bn, _gamma, _ = new_layer(c, dtype, axis, True, True, rng=rng)
     x = make_x(rng, shape, axis, dtype)
     dy = make_dy(rng, shape, dtype)
     bn(x)
@@ -721,17 +742,29 @@ def test_functional_gradients_by_finite_differences(layout, training):
     run_var = rng.uniform(0.5, 4.0, c)
 
     if training:
+
         def loss():
-            return float(np.sum(weights * bnpy.batch_norm_forward(
-                x, gamma, beta, eps=eps, axis=axis)[0]))
+            return float(
+                np.sum(weights * bnpy.batch_norm_forward(x, gamma, beta, eps=eps, axis=axis)[0])
+            )
+
         _, mean, invstd = bnpy.batch_norm_forward(x, gamma, beta, eps=eps, axis=axis)
     else:
+
         def loss():
-            return float(np.sum(weights * bnpy.batch_norm_inference(
-                x, gamma, beta, run_mean, run_var, eps=eps, axis=axis)))
+            return float(
+                np.sum(
+                    weights
+                    * bnpy.batch_norm_inference(
+                        x, gamma, beta, run_mean, run_var, eps=eps, axis=axis
+                    )
+                )
+            )
+
         mean, invstd = run_mean, 1.0 / np.sqrt(run_var + eps)
-    dx, dgamma, dbeta = bnpy.batch_norm_backward(weights, x, gamma, mean, invstd,
-                                                 axis=axis, training=training)
+    dx, dgamma, dbeta = bnpy.batch_norm_backward(
+        weights, x, gamma, mean, invstd, axis=axis, training=training
+    )
     assert_fd(central_difference(loss, x), dx, "dx")
     assert_fd(central_difference(loss, gamma), dgamma, "dgamma")
     assert_fd(central_difference(loss, beta), dbeta, "dbeta")

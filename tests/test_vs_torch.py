@@ -25,6 +25,7 @@ result, and a plain max|a - b| / max|b| would charge torch's rounding to bnpy:
 The errors are all still measured against torch; the scales only say what
 "relative" is relative to. In float64 the same scales apply and 1e-10 holds.
 """
+
 import numpy as np
 import pytest
 
@@ -41,7 +42,8 @@ def assert_close(actual, expected, dtype, what, scale=0.0):
     """max|actual - expected| <= tol * max(max|expected|, scale)."""
     assert actual is not None, f"{what}: bnpy gave None"
     assert np.shape(actual) == np.shape(expected), (
-        f"{what}: shape {np.shape(actual)} != torch's {np.shape(expected)}")
+        f"{what}: shape {np.shape(actual)} != torch's {np.shape(expected)}"
+    )
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     scale = max(float(np.max(np.abs(expected), initial=0.0)), scale, 1e-300)
@@ -71,12 +73,22 @@ def make_config(seed):
             n = int(rng.integers(1, 3))
         if n * int(np.prod(spatial, dtype=np.int64)) >= 2:  # training needs 2 values
             break
-    momentum = {"none": None, "zero": 0.0, "one": 1.0,
-                "random": float(rng.uniform(0.01, 0.99))}[momentum_kind]
+    momentum = {"none": None, "zero": 0.0, "one": 1.0, "random": float(rng.uniform(0.01, 0.99))}[
+        momentum_kind
+    ]
     eps = 1e-5 if rng.random() < 0.3 else float(10.0 ** rng.uniform(-6, -1))
-    return dict(rng=rng, kind=kind, dtype=dtype, shape=(n, c) + spatial, c=c,
-                momentum=momentum, eps=eps, affine=affine, track=track,
-                train_steps=int(rng.integers(2, 5)))
+    return dict(
+        rng=rng,
+        kind=kind,
+        dtype=dtype,
+        shape=(n, c) + spatial,
+        c=c,
+        momentum=momentum,
+        eps=eps,
+        affine=affine,
+        track=track,
+        train_steps=int(rng.integers(2, 5)),
+    )
 
 
 def make_data(rng, shape, dtype):
@@ -97,9 +109,14 @@ class TorchLayer:
         cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}[dims]
         self.torch = torch
         self.permute = permute
-        self.module = cls(c, eps=eps, momentum=momentum, affine=affine,
-                          track_running_stats=track,
-                          dtype=torch.float32 if dtype is np.float32 else torch.float64)
+        self.module = cls(
+            c,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track,
+            dtype=torch.float32 if dtype is np.float32 else torch.float64,
+        )
 
     def set_affine(self, gamma, beta):
         with self.torch.no_grad():
@@ -171,7 +188,8 @@ def compare_step(bn, tl, x, dy, dtype, when):
         assert_close(bn.running_mean, rm, dtype, f"running_mean ({when})", scales["mean"])
         assert_close(bn.running_var, rv, dtype, f"running_var ({when})")
     assert bn.num_batches_tracked == nbt, (
-        f"num_batches_tracked ({when}): {bn.num_batches_tracked} != torch's {nbt}")
+        f"num_batches_tracked ({when}): {bn.num_batches_tracked} != torch's {nbt}"
+    )
 
 
 @pytest.mark.parametrize("seed", range(N_CONFIGS))
@@ -179,10 +197,15 @@ def test_matches_torch(torch, seed):
     cfg = make_config(seed)
     rng, dtype, shape, c = cfg["rng"], cfg["dtype"], cfg["shape"], cfg["c"]
     dims = max(len(shape) - 2, 1)
-    bn = bnpy.BatchNorm(c, eps=cfg["eps"], momentum=cfg["momentum"], affine=cfg["affine"],
-                        track_running_stats=cfg["track"], dtype=dtype)
-    tl = TorchLayer(torch, dims, c, cfg["eps"], cfg["momentum"], cfg["affine"],
-                    cfg["track"], dtype)
+    bn = bnpy.BatchNorm(
+        c,
+        eps=cfg["eps"],
+        momentum=cfg["momentum"],
+        affine=cfg["affine"],
+        track_running_stats=cfg["track"],
+        dtype=dtype,
+    )
+    tl = TorchLayer(torch, dims, c, cfg["eps"], cfg["momentum"], cfg["affine"], cfg["track"], dtype)
     if cfg["affine"]:
         gamma = (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c)).astype(dtype)
         beta = rng.uniform(-1.0, 1.0, c).astype(dtype)
@@ -190,8 +213,10 @@ def test_matches_torch(torch, seed):
         tl.set_affine(gamma, beta)
         bn.beta[:] = beta
 
-    label = (f"{cfg['kind']} {shape} {np.dtype(dtype).name} momentum={cfg['momentum']} "
-             f"eps={cfg['eps']:.3g} affine={cfg['affine']} track={cfg['track']}")
+    label = (
+        f"{cfg['kind']} {shape} {np.dtype(dtype).name} momentum={cfg['momentum']} "
+        f"eps={cfg['eps']:.3g} affine={cfg['affine']} track={cfg['track']}"
+    )
     for step in range(cfg["train_steps"]):
         x, dy = make_data(rng, shape, dtype)
         compare_step(bn, tl, x, dy, dtype, f"{label}, train step {step}")
@@ -222,8 +247,10 @@ def test_channels_last_matches_torch_batchnorm2d(torch, dtype, momentum):
 
     def data():
         x, dy = make_data(rng, (n, c, h, w), dtype)  # per-feature statistics on axis 1 ...
-        return (np.ascontiguousarray(x.transpose(0, 2, 3, 1)),  # ... moved to the last axis
-                np.ascontiguousarray(dy.transpose(0, 2, 3, 1)))
+        return (
+            np.ascontiguousarray(x.transpose(0, 2, 3, 1)),  # ... moved to the last axis
+            np.ascontiguousarray(dy.transpose(0, 2, 3, 1)),
+        )
 
     for step in range(3):
         compare_step(bn, tl, *data(), dtype, f"channels-last train step {step}")

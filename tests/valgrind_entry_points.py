@@ -6,6 +6,7 @@
 error paths too: valgrind checks each call for invalid reads and writes, and
 for memory bnpy loses.
 """
+
 import copy
 import pickle
 
@@ -54,10 +55,21 @@ def exercise_layer(shape, axis, dtype):
     copy.deepcopy(bn)
     repr(bn)
     bn.eps, bn.momentum = 1e-3, 0.5
-    _ = (bn.grad_gamma, bn.grad_beta, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-         bn.dtype, bn.axis, bn.affine, bn.track_running_stats, bn.training)
-    plain = bnpy.BatchNorm(channels, affine=False, track_running_stats=False, axis=axis,
-                           dtype=dtype)
+    _ = (
+        bn.grad_gamma,
+        bn.grad_beta,
+        bn.running_mean,
+        bn.running_var,
+        bn.num_batches_tracked,
+        bn.dtype,
+        bn.axis,
+        bn.affine,
+        bn.track_running_stats,
+        bn.training,
+    )
+    plain = bnpy.BatchNorm(
+        channels, affine=False, track_running_stats=False, axis=axis, dtype=dtype
+    )
     plain(x)
     plain.eval()(x)
     plain.backward(dy)
@@ -98,8 +110,13 @@ def main():
     builds = bnpy.cpu_capabilities()[:1]
     for capability in builds:
         bnpy.set_cpu_capability(capability)
-        for shape, axis in [((6, 3, 5), 1), ((40, 3), 1), ((2, 4, 4, 5), -1), ((0, 3, 2), 1),
-                            ((3, 2, 40), 1)]:
+        for shape, axis in [
+            ((6, 3, 5), 1),
+            ((40, 3), 1),
+            ((2, 4, 4, 5), -1),
+            ((0, 3, 2), 1),
+            ((3, 2, 40), 1),
+        ]:
             for dtype in (np.float32, np.float64):
                 if shape[0] > 0:
                     exercise_layer(shape, axis, dtype)

@@ -6,6 +6,7 @@ call; a failed check, an undocumented exception or a crash stops the run.
 
     python tests/fuzz/atheris_calls.py -max_total_time=60 -rss_limit_mb=4096
 """
+
 import os
 import sys
 import warnings
@@ -17,8 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # instrumented: the branches of bnpy's Python code and of the program
 # generator guide the fuzzer
 with atheris.instrument_imports(include=["bnpy", "test_fuzz_calls"]):
-    import bnpy  # noqa: F401
     import test_fuzz_calls
+
+    import bnpy  # noqa: F401
 
 warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
 

@@ -17,6 +17,8 @@ Two phases:
 - random: fresh programs until BNPY_FUZZ_SECONDS (default 0: skipped) run out.
 .ci/run sets both; the suite runs only the first, briefly.
 """
+
+import contextlib
 import os
 import time
 
@@ -51,6 +53,7 @@ def bits(a):
 
 # --- drawing inputs -------------------------------------------------------------
 
+
 @st.composite
 def shapes(draw, channels, axis):
     """A shape with `channels` features on `axis`: 2 to 4 dimensions, some of
@@ -78,7 +81,7 @@ def arrays(draw, shape_choices, dtype=None):
     elif view == "reversed":
         x = base[tuple(slice(n - 1 if n else None, None, -1) for n in shape)]
     else:
-        x = base.reshape(-1)[:int(np.prod(shape))].reshape(shape)
+        x = base.reshape(-1)[: int(np.prod(shape))].reshape(shape)
     if x.size and dtype != np.int32:
         for _ in range(draw(st.integers(0, 2))):
             with np.errstate(all="ignore"):
@@ -103,22 +106,33 @@ def out_for(draw, bn, x, pool):
     if kind == "x":
         return x
     if kind == "pool":
-        same = [a for a in pool if a.shape == x.shape and a.dtype == dtype
-                and a.flags.c_contiguous and a.flags.writeable]
+        same = [
+            a
+            for a in pool
+            if a.shape == x.shape
+            and a.dtype == dtype
+            and a.flags.c_contiguous
+            and a.flags.writeable
+        ]
         if same:
             return draw(st.sampled_from(same))
     if kind == "base" and x.base is not None and x.base.dtype == dtype and x.size:
         flat = x.base.reshape(-1)  # the buffer x is a view of, from its start
-        return flat[:x.size].reshape(x.shape)
+        return flat[: x.size].reshape(x.shape)
     return None
 
 
 # --- what a failed call must leave as it was ---------------------------------------
 
+
 def layer_state(bn, probe):
     snap = {k: bits(v) for k, v in bn.state_dict().items()}
-    snap.update(training=bn.training, eps=bn.eps, momentum=bn.momentum,
-                grads=(bits(bn.grad_gamma), bits(bn.grad_beta)))
+    snap.update(
+        training=bn.training,
+        eps=bn.eps,
+        momentum=bn.momentum,
+        grads=(bits(bn.grad_gamma), bits(bn.grad_beta)),
+    )
     if probe is not None:
         try:
             snap["saved"] = bits(bn._grad_sums(probe))
@@ -150,8 +164,7 @@ def check_round_trip(bn):
 
 # --- the program ---------------------------------------------------------------------
 
-OPERATIONS = ["forward", "forward", "backward", "set", "load", "mode", "calibrate",
-              "functional"]
+OPERATIONS = ["forward", "forward", "backward", "set", "load", "mode", "calibrate", "functional"]
 
 
 def run_program(data):
@@ -159,35 +172,44 @@ def run_program(data):
     channels = draw(st.integers(1, 4))
     axis = draw(st.sampled_from([1, -1, 0]))
     choices = [draw(shapes(channels, axis)) for _ in range(2)]
-    bn = bnpy.BatchNorm(channels, momentum=draw(st.sampled_from([0.1, None, 1.0])),
-                        affine=draw(st.booleans()), track_running_stats=draw(st.booleans()),
-                        axis=axis, dtype=draw(st.sampled_from([np.float32, np.float64])))
-    pool = []     # arrays handed to the layer: outputs may alias them later
+    bn = bnpy.BatchNorm(
+        channels,
+        momentum=draw(st.sampled_from([0.1, None, 1.0])),
+        affine=draw(st.booleans()),
+        track_running_stats=draw(st.booleans()),
+        axis=axis,
+        dtype=draw(st.sampled_from([np.float32, np.float64])),
+    )
+    pool = []  # arrays handed to the layer: outputs may alias them later
     probe = None  # a dy of the saved forward's shape, to probe it without changing it
     for _ in range(STEPS):
         op = draw(st.sampled_from(OPERATIONS))
         if op == "forward":
             x = draw(arrays(choices))
             out = out_for(draw, bn, x, pool)
-            y = check_call(bn, probe, [x] if out is not x else [],
-                           lambda: bn.forward(x, out=out))
+            y = check_call(bn, probe, [x] if out is not x else [], lambda: bn.forward(x, out=out))
             if y is not None:
                 assert y.shape == x.shape and y.dtype == bn.dtype
                 pool += [x, y]
                 probe = np.random.default_rng(0).normal(size=x.shape).astype(bn.dtype)
         elif op == "backward":
             shape = probe.shape if probe is not None else (2, channels)
-            dy = draw(arrays(choices)) if draw(st.booleans()) else \
-                np.random.default_rng(1).normal(size=shape)
+            dy = (
+                draw(arrays(choices))
+                if draw(st.booleans())
+                else np.random.default_rng(1).normal(size=shape)
+            )
             out = out_for(draw, bn, dy, pool)
-            check_call(bn, probe, [dy] if out is not dy else [],
-                       lambda: bn.backward(dy, out=out))
+            check_call(bn, probe, [dy] if out is not dy else [], lambda: bn.backward(dy, out=out))
         elif op == "set":
             name = draw(st.sampled_from(["gamma", "beta", "running_mean", "running_var"]))
             own = [getattr(bn, n) for n in ("gamma", "beta", "running_mean", "running_var")]
             own = [a for a in own if a is not None]
-            value = draw(st.sampled_from(own)) if own and draw(st.booleans()) \
+            value = (
+                draw(st.sampled_from(own))
+                if own and draw(st.booleans())
                 else vector(draw, channels)
+            )
             check_call(bn, probe, [value], lambda: setattr(bn, name, value))
         elif op == "load":
             sd = bn.state_dict()
@@ -215,8 +237,11 @@ def run_functional(draw, channels):
     x = draw(arrays([draw(shapes(channels, axis))]))
     gamma = vector(draw, channels) if draw(st.booleans()) else None
     beta = vector(draw, channels) if draw(st.booleans()) else None
-    out = x if draw(st.booleans()) and x.dtype in (np.float32, np.float64) \
-        and x.flags.c_contiguous else None
+    out = (
+        x
+        if draw(st.booleans()) and x.dtype in (np.float32, np.float64) and x.flags.c_contiguous
+        else None
+    )
     inputs = [a for a in (x, gamma, beta) if a is not None and a is not out]
     before = [bits(a) for a in inputs]
     try:
@@ -226,16 +251,15 @@ def run_functional(draw, channels):
         return
     y, mean, invstd = result
     dy = np.ones_like(y)
-    try:
+    with contextlib.suppress(EXPECTED):
         bnpy.batch_norm_backward(dy, y if out is x else x, gamma, mean, invstd, axis=axis)
-    except EXPECTED:
-        pass
 
 
 # --- the two phases ----------------------------------------------------------------
 
-COMMON = dict(deadline=None, database=None, print_blob=True,
-              suppress_health_check=list(HealthCheck))
+COMMON = dict(
+    deadline=None, database=None, print_blob=True, suppress_health_check=list(HealthCheck)
+)
 
 
 @settings(max_examples=EXAMPLES, derandomize=True, **COMMON)

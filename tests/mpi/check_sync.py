@@ -9,6 +9,7 @@ plain BatchNorm run on the whole batch; grad_gamma and grad_beta summed over
 the ranks against the single-process gradients. Exits non-zero on any
 mismatch (mpiexec then fails too); prints one line per rank.
 """
+
 import sys
 
 import numpy as np
@@ -66,8 +67,7 @@ def check_training(shape_rest, axis, dtype, momentum, offset):
     x = rng.normal(offset, 2.0, size=(n,) + shape_rest).astype(dtype)
     close(sync.eval()(x[mine]), single.eval()(x)[mine], dtype, "eval y")
     # calibrate: batches of different sizes on every rank, exact statistics
-    batches = [rng.normal(offset, 3.0, size=(k,) + shape_rest).astype(dtype)
-               for k in (4, 9, 2)]
+    batches = [rng.normal(offset, 3.0, size=(k,) + shape_rest).astype(dtype) for k in (4, 9, 2)]
     per_rank = [[b[r::SIZE] for b in batches] for r in range(SIZE)]
     sync.calibrate(per_rank[RANK])
     single.calibrate([part for rank_batches in per_rank for part in rank_batches])
@@ -92,11 +92,11 @@ def check_rejection_reaches_every_rank():
 
 def main():
     for dtype in (np.float64, np.float32):
-        check_training((4,), 1, dtype, 0.1, 0.0)              # (N, C)
+        check_training((4,), 1, dtype, 0.1, 0.0)  # (N, C)
         # an offset: not 1e4, where the last bit of a mean of six values is already
         # 1e-12 of the gradient sums, and two exact computations differ by that much
-        check_training((3, 5), 1, dtype, None, 50.0)          # (N, C, L), cumulative
-        check_training((2, 3, 4), -1, dtype, 1.0, 1.0)        # channels-last (N, H, W, C)
+        check_training((3, 5), 1, dtype, None, 50.0)  # (N, C, L), cumulative
+        check_training((2, 3, 4), -1, dtype, 1.0, 1.0)  # channels-last (N, H, W, C)
     if SIZE > 1:
         check_rejection_reaches_every_rank()
     print(f"rank {RANK} of {SIZE}: SyncBatchNorm matches one process")
