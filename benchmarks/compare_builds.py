@@ -16,6 +16,13 @@ process: on a shared, noisy machine the ratio is what compares.
 It exists because a C harness that runs one pass back to back on warm data
 can miss what the benchmark sees: a change the harness found neutral took
 the in-place backward of 32x256x28x28 from 1.15 to 1.47 times a copy here.
+
+With --one-process, one process loads every version's extension
+(bnpy/_core*.so, under a name of its own) and times them call by call in
+turn, each call just after a copy of x: the versions then share every
+moment of the machine's load, which separates differences of a few percent
+on a busy machine where separate processes cannot. Each table cell is then
+the median over the repeats.
 """
 
 import argparse
@@ -53,6 +60,76 @@ for shape in shapes:
     out["x".join(map(str, shape))] = bench._medians(runners, repeats)
 print(json.dumps(out))
 """
+
+
+def load_core(directory, name):
+    """The extension module bnpy._core built in directory, loaded as `name`"""
+    import glob
+    import importlib.machinery
+    import importlib.util
+
+    path = glob.glob(os.path.join(directory, "bnpy", "_core*.so"))[0]
+    loader = importlib.machinery.ExtensionFileLoader(name, path)
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def core_runner(core, x, dy, axis, name):
+    """A call of `core`'s BatchNorm doing pass `name` into a preallocated output,
+    as bench._bnpy_runner does with bnpy's"""
+    import numpy as np
+
+    bn = core.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
+    out = np.empty_like(x)
+    if name == "forward-train":
+        return lambda: bn.forward(x, out=out)
+    if name == "forward-eval":
+        bn.eval()
+        return lambda: bn.forward(x, out=out)
+    bn.forward(x)
+    if name == "backward-inplace":
+        np.copyto(out, dy)
+        return lambda: bn.backward(out, out=out)
+    return lambda: bn.backward(dy, out=out)
+
+
+def time_in_one_process(directories, shapes, repeats, axis, dtype, passes):
+    """results[spec][shape][pass]: (seconds, ratio to the copy just before) per repeat,
+    every version's call in turn within each repeat"""
+    import time
+
+    import numpy as np
+
+    cores = {
+        spec: load_core(d, f"bnpy_version_{k}._core")
+        for k, (spec, d) in enumerate(directories.items())
+    }
+    for core in cores.values():
+        core.set_num_threads(1)
+    results = {
+        spec: collections.defaultdict(lambda: collections.defaultdict(list)) for spec in directories
+    }
+    for shape in shapes:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(shape).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        copied = np.empty_like(x)
+        key = "x".join(map(str, shape))
+        for name in passes:
+            runners = {spec: core_runner(core, x, dy, axis, name) for spec, core in cores.items()}
+            for _ in range(repeats):
+                for spec, run in runners.items():
+                    start = time.perf_counter()
+                    np.copyto(copied, x)
+                    middle = time.perf_counter()
+                    run()
+                    end = time.perf_counter()
+                    results[spec][key][name].append(
+                        (end - middle, (end - middle) / (middle - start))
+                    )
+    return results
 
 
 def built_version(spec, workdir):
@@ -132,6 +209,11 @@ def main(argv=None):
         default=",".join(PASSES),
         help="the passes to time, comma-separated (default: all four)",
     )
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="time every version in one process, call by call (see above)",
+    )
     args = parser.parse_args(argv)
     shapes = [list(shape) for shape in ast.literal_eval(args.shapes)]
     passes = tuple(args.passes.split(","))
@@ -146,6 +228,12 @@ def main(argv=None):
     }
     with tempfile.TemporaryDirectory() as workdir:
         directories = {spec: built_version(spec, workdir) for spec in args.versions}
+        if args.one_process:
+            results = time_in_one_process(
+                directories, shapes, args.rounds * args.repeats, args.axis, args.dtype, passes
+            )
+            print(table(args.versions, results, passes))
+            return 0
         for _ in range(args.rounds):
             for spec, directory in directories.items():
                 for shape, times in time_version(
