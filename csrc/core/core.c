@@ -169,9 +169,10 @@ void bn_merge_lanes(bn_partial *stats, const double *groups, const bn_plan *p)
     for (size_t c = 0; c < p->s.channels; c++) {
         stats[c] = (bn_partial){0.0, 0.0, 0.0};
         for (size_t g = 0; g < p->groups; g++) {
-            const bn_partial *lane = (const bn_partial *)(groups + g * BN_LANE_STATE * p->wide);
+            const double *count = groups + g * BN_LANE_STATE * p->wide;
+            const double *mean = count + p->wide, *m2 = mean + p->wide;
             FOR_FEATURE_LANE(p, c, l) {
-                bn_partial_merge(&stats[c], &lane[l]);
+                bn_partial_merge(&stats[c], &(bn_partial){count[l], mean[l], m2[l]});
             }
         }
     }

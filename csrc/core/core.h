@@ -150,7 +150,8 @@ typedef enum { BN_NORMALIZE, BN_DX_TRAIN, BN_DX_EVAL } bn_op;
 
 /* A kernel's workspace: the coefficients, per feature (planar) or spread
  * over a wide row (lanes), and for the lanes' reductions, per group, the
- * state of each lane: its statistics (a bn_partial), center and two sums. */
+ * state of each lane, BN_LANE_STATE arrays of `wide`: its statistics (count,
+ * mean, m2), center and two sums. */
 typedef struct {
     double *mean, *scale, *shift, *dev; /* bn_coef_len(p) each */
     double *groups;                     /* groups * BN_LANE_STATE * wide */
@@ -175,24 +176,37 @@ void bn_merge_lanes(bn_partial *stats, const double *groups, const bn_plan *p);
 void bn_add_lane_grads(double *dgamma, double *dbeta, const double *groups,
                        const double *invstd, const bn_plan *p);
 
-/* Absorbs a block of `added` values whose deviations from `center` (taken
- * less the same shift as p's mean) sum to `sum`, and their squares to `sum2`,
- * into p: the block's sums corrected as in Chan, Golub and LeVeque's two-pass
- * algorithm, then merged with their pairwise formula; the difference of the
- * means is taken from the center's offset, so that it keeps its last bits. */
+/* Absorbs, for each lane l0 .. l1, a block of `added` values whose
+ * deviations from center[l] (taken less shift[l], as mean[l] is) sum to
+ * sum[l], and their squares to sum2[l], into the lane's statistics count[l],
+ * mean[l], m2[l]: the block's sums corrected as in Chan, Golub and LeVeque's
+ * two-pass algorithm, then merged with their pairwise formula; the
+ * difference of the means is taken from the center's offset, so that it
+ * keeps its last bits. The lanes have all had the same number of values. A
+ * loop the compiler vectorizes. */
+static inline void bn_absorb_lanes(double *restrict count, double *restrict mean,
+                                   double *restrict m2, const double *restrict center,
+                                   const double *restrict shift, const double *restrict sum,
+                                   const double *restrict sum2, double added, size_t l0,
+                                   size_t l1)
+{
+    int first = l0 < l1 && count[l0] == 0.0;
+    for (size_t l = l0; l < l1; l++) {
+        double correction = sum[l] / added, at = center[l] - shift[l];
+        double block = sum2[l] - sum[l] * correction;
+        block = block < 0.0 ? 0.0 : block; /* rounding; NaN stays */
+        double total = count[l] + added, delta = (at - mean[l]) + correction;
+        m2[l] = first ? block : m2[l] + (block + delta * delta * (count[l] * added / total));
+        mean[l] = first ? at + correction : mean[l] + delta * (added / total);
+        count[l] = first ? added : total;
+    }
+}
+
+/* bn_absorb_lanes for one bn_partial p, its block about center */
 static inline void bn_absorb(bn_partial *p, double added, double center, double sum, double sum2)
 {
-    double correction = sum / added;
-    double m2 = sum2 - sum * correction;
-    m2 = m2 < 0.0 ? 0.0 : m2; /* rounding; NaN stays */
-    if (p->count == 0.0) {
-        *p = (bn_partial){added, center + correction, m2};
-        return;
-    }
-    double count = p->count + added, delta = (center - p->mean) + correction;
-    p->m2 += m2 + delta * delta * (p->count * added / count);
-    p->mean += delta * (added / count);
-    p->count = count;
+    double no_shift = 0.0;
+    bn_absorb_lanes(&p->count, &p->mean, &p->m2, &center, &no_shift, &sum, &sum2, added, 0, 1);
 }
 
 /* The hot kernels of bn.h for element type T as one build provides them

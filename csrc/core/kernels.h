@@ -619,10 +619,10 @@ static void NAME(group_stats)(double *state, const T *x, const double *shift,
 {
     size_t R = p->wide, r0 = g * BN_GROUP_ROWS;
     size_t r1 = r0 + BN_GROUP_ROWS < p->wide_rows ? r0 + BN_GROUP_ROWS : p->wide_rows;
-    bn_partial *lane = (bn_partial *)state;
+    double *count = state, *mean = count + R, *m2 = mean + R;
     double *center = state + 3 * R, *sum = center + R, *sum2 = sum + R;
     for (size_t l = l0; l < l1; l++) {
-        lane[l] = (bn_partial){0.0, 0.0, 0.0};
+        count[l] = mean[l] = m2[l] = 0.0;
         center[l] = shift[l];
         sum[l] = sum2[l] = 0.0;
     }
@@ -637,16 +637,19 @@ static void NAME(group_stats)(double *state, const T *x, const double *shift,
             }
         }
         NAME(lane_sums)(sum, sum2, NULL, x, center, R, b0, b1, l0, l1);
+        bn_absorb_lanes(count, mean, m2, center, shift, sum, sum2, added, l0, l1);
         for (size_t l = l0; l < l1; l++) {
-            bn_absorb(&lane[l], added, center[l] - shift[l], sum[l], sum2[l]);
-            center[l] = shift[l] + lane[l].mean;
+            center[l] = shift[l] + mean[l];
             sum[l] = sum2[l] = 0.0;
         }
     }
-    for (size_t l = l0; g + 1 == p->groups && l < l1 && l < p->tail; l++) {
+    size_t tail = g + 1 == p->groups ? (l1 < p->tail ? l1 : p->tail) : l0; /* lanes with one more */
+    for (size_t l = l0; l < tail; l++) {
         double d = (double)x[p->wide_rows * R + l] - center[l];
-        bn_absorb(&lane[l], 1.0, center[l] - shift[l], d, d * d);
+        sum[l] = d;
+        sum2[l] = d * d;
     }
+    bn_absorb_lanes(count, mean, m2, center, shift, sum, sum2, 1.0, l0, tail > l0 ? tail : l0);
 }
 
 /* the two gradient sums of lanes l0 .. l1 in group g, into its state */
