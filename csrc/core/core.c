@@ -45,31 +45,25 @@ size_t bn_count(bn_shape s)
     return s.outer * s.inner;
 }
 
-/* The size in bytes of the cache Linux lists as cpu0's index-th, 0 if it
- * does not say */
-static size_t bn_sysfs_cache(int index)
-{
-    char path[64], unit = 'B';
-    unsigned long size = 0;
-    snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
-    FILE *f = fopen(path, "r");
-    if (f == NULL) {
-        return 0;
-    }
-    int read = fscanf(f, "%lu%c", &size, &unit);
-    fclose(f);
-    return read < 1 ? 0 : size << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
-}
-
 /* The size of the last-level cache in bytes, read from Linux's sysfs once
  * (virtual machines report it there more truly than the CPU's own answer,
- * which sysconf gives: 256 MiB for 32 here); elsewhere a guess of 8 MiB */
+ * which sysconf gives: 256 MiB for 32 here): cpu0's cache index3, else
+ * index2; elsewhere a guess of 8 MiB */
 static size_t bn_cache_bytes(void)
 {
     static atomic_size_t bytes = 0;
     size_t b = atomic_load(&bytes);
     for (int index = 3; b == 0 && index >= 2; index--) {
-        b = bn_sysfs_cache(index);
+        char path[64], unit = 'B';
+        unsigned long size = 0;
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", index);
+        FILE *f = fopen(path, "r");
+        if (f != NULL && fscanf(f, "%lu%c", &size, &unit) >= 1) {
+            b = size << (unit == 'K' ? 10 : unit == 'M' ? 20 : 0);
+        }
+        if (f != NULL) {
+            fclose(f);
+        }
     }
     b = b > 0 ? b : (size_t)8 << 20;
     atomic_store(&bytes, b);

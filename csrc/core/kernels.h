@@ -192,17 +192,6 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef
     NAME(some_out)(out, in, x, n, i, n, &k, op);
 }
 
-/* out[*j .. end) <- op(in, x) one value at a time, *l the lane of *j; moves
- * both on */
-BN_INLINE void NAME(lane_values)(T *out, const T *in, const T *x, size_t *j, size_t *l,
-                                 size_t end, const bn_work *w, size_t wide, bn_op op)
-{
-    for (; *j < end; ++*j, *l = *l + 1 == wide ? 0 : *l + 1) {
-        bn_vcoef k = bn_lane_coef(w, *l);
-        NAME(value_out)(out + *j, in + *j, x ? x + *j : NULL, &k, op);
-    }
-}
-
 /* out[j0 .. j1) <- op(in, x) for x seen as one sequence of wide rows: value j
  * is in lane j % wide, with the coefficients spread in w */
 BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_t j1,
@@ -214,7 +203,10 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     size_t wide = p->wide, l = j0 % wide, j = j0;
     int stream = p->stream;
     size_t head = stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
-    NAME(lane_values)(out, in, x, &j, &l, head, &w, wide, op);
+    for (; j < head; j++, l = l + 1 == wide ? 0 : l + 1) {
+        bn_vcoef k = bn_lane_coef(&w, l);
+        NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
+    }
     size_t ahead = BN_PREFETCH_BYTES / sizeof(T), n = p->s.outer * p->width;
     for (; j + BN_LANES <= j1; j += BN_LANES) {
         if (j + ahead + BN_LANES <= n) {
@@ -231,7 +223,10 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
         l += BN_LANES;
         l = l >= wide ? l - wide : l;
     }
-    NAME(lane_values)(out, in, x, &j, &l, j1, &w, wide, op);
+    for (; j < j1; j++, l = l + 1 == wide ? 0 : l + 1) {
+        bn_vcoef k = bn_lane_coef(&w, l);
+        NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
+    }
 }
 
 /* The planar rows r0 .. r1 of the outer * C (or, for the lanes strategy,
@@ -314,9 +309,10 @@ static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const 
 
 /* sums[0] += sum d, sums[1] += sum d * d over feature c's values in tile k,
  * d = x - center (dy NULL: the statistics); or with dy, sums[0] += sum dy,
- * sums[1] += sum dy * d (the gradient sums; center is the mean) */
-static void NAME(tile_sums)(double sums[2], const T *dy, const T *x, double center,
-                            const bn_plan *p, size_t c, size_t k)
+ * sums[1] += sum dy * d (the gradient sums; center is the mean). Returns the
+ * tile's count of values. */
+static double NAME(tile_sums)(double sums[2], const T *dy, const T *x, double center,
+                              const bn_plan *p, size_t c, size_t k)
 {
     bn_tile t = bn_tile_at(p->s, k);
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
@@ -326,6 +322,7 @@ static void NAME(tile_sums)(double sums[2], const T *dy, const T *x, double cent
     }
     sums[0] += bn_total(acc);
     sums[1] += bn_total(acc2);
+    return (double)((t.o1 - t.o0) * (t.i1 - t.i0));
 }
 
 /* The center (less shift) that tile k of feature c is summed about: the
@@ -336,28 +333,19 @@ static double NAME(tile_center)(const bn_partial *stats, const T *x, const bn_pl
     if (k > 0) {
         return stats->mean;
     }
-    bn_tile t = bn_tile_at(p->s, k);
-    double sums[2] = {0.0, 0.0};
-    NAME(tile_sums)(sums, NULL, x, shift, p, c, k);
-    return sums[0] / (double)((t.o1 - t.o0) * (t.i1 - t.i0));
+    double sums[2] = {0.0, 0.0}, count = NAME(tile_sums)(sums, NULL, x, shift, p, c, k);
+    return sums[0] / count;
 }
 
-/* Absorbs tile k of feature c into stats, less shift, summed about its center */
-static void NAME(absorb_tile)(bn_partial *stats, const T *x, const bn_plan *p, size_t c,
-                              size_t k, double shift)
-{
-    bn_tile t = bn_tile_at(p->s, k);
-    double center = shift + NAME(tile_center)(stats, x, p, c, k, shift), sums[2] = {0.0, 0.0};
-    NAME(tile_sums)(sums, NULL, x, center, p, c, k);
-    bn_absorb(stats, (double)((t.o1 - t.o0) * (t.i1 - t.i0)), center - shift, sums[0], sums[1]);
-}
-
-/* Feature c's statistics less shift: its tiles absorbed in order */
+/* Feature c's statistics less shift: its tiles absorbed in order, each
+ * summed about its center */
 static bn_partial NAME(feature_stats)(const T *x, const bn_plan *p, size_t c, double shift)
 {
     bn_partial stats = {0.0, 0.0, 0.0};
     for (size_t k = 0; k < p->tiles; k++) {
-        NAME(absorb_tile)(&stats, x, p, c, k, shift);
+        double center = shift + NAME(tile_center)(&stats, x, p, c, k, shift), sums[2] = {0, 0};
+        double count = NAME(tile_sums)(sums, NULL, x, center, p, c, k);
+        bn_absorb(&stats, count, center - shift, sums[0], sums[1]);
     }
     return stats;
 }
