@@ -227,14 +227,12 @@ int bn_isa_supported(bn_isa isa)
         return 0;
     }
 #if BN_X86_BUILDS
-    if (isa == BN_ISA_AVX512) {
-        return __builtin_cpu_supports("avx512f");
-    }
-    if (isa == BN_ISA_AVX2) {
-        return __builtin_cpu_supports("avx2");
-    }
-#endif
+    return isa == BN_ISA_AVX512 ? __builtin_cpu_supports("avx512f")
+           : isa == BN_ISA_AVX2 ? __builtin_cpu_supports("avx2")
+                                : 1;
+#else
     return 1;
+#endif
 }
 
 const char *bn_isa_name(bn_isa isa)

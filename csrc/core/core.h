@@ -41,12 +41,10 @@ enum {
     BN_PARALLEL_MIN = 1 << 16, /* fewer values than this run on one thread */
     BN_CHUNK = 1 << 14,        /* values an elementwise task takes at least */
     BN_LANE_BLOCK_MIN = 256,   /* lanes: the fewest lanes a reduction task takes */
-    BN_STREAM_ROW_BYTES = 1024, /* planar rows shorter than this are not streamed: the
-                                   partial lines at their ends cost more than streaming
-                                   saves */
+    BN_STREAM_ROW_BYTES = 1024, /* planar rows shorter than this are not streamed: their
+                                   ends' partial lines cost more than streaming saves */
     BN_PREFETCH_BYTES = 8192,  /* how far ahead the pipeline asks for the next feature's
-                                  rows: further hides more of memory's latency, and
-                                  holds more lines in cache that are not yet read */
+                                  rows: further hides more latency, holds more lines */
     BN_READBACK_BYTES = 2048,  /* ... and for what it reads back of the feature it writes
                                   (from L2 or L3, when the feature outgrows L1) */
     BN_LANE_ROWS = 4,          /* lanes: rows a reduction takes at once: more saves loads
@@ -81,9 +79,8 @@ typedef struct {
     size_t groups;      /* lanes: groups of BN_GROUP_ROWS wide rows */
     size_t lane_blocks; /* lanes: reduction tasks a group's lanes are cut into */
     size_t tiles;       /* planar: statistics tiles of a feature */
-    int stream;         /* outputs go past the caches: they are larger than half the
-                           last-level cache, in runs of BN_STREAM_ROW_BYTES or more,
-                           and not written over an input (whose lines are in cache) */
+    int stream;         /* outputs go past the caches: larger than half the last-level
+                           cache, in runs of BN_STREAM_ROW_BYTES or more, not in place */
 } bn_plan;
 
 /* the plan for x of shape s and elements of elem_size bytes, its output

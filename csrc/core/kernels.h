@@ -246,6 +246,25 @@ BN_INLINE void NAME(span_out)(T *out, const T *in, const T *x, const bn_work *w,
     }
 }
 
+/* span_out, one inlined loop per op, which each knows; a function of its own
+ * (Clang 14 fails to compile the loops inlined in an OpenMP region) */
+static void NAME(span_out_any)(T *out, const T *in, const T *x, const bn_work *w,
+                               const bn_plan *p, size_t r0, size_t r1, bn_op op)
+{
+    if (op == BN_NORMALIZE) {
+        NAME(span_out)(out, in, x, w, p, r0, r1, BN_NORMALIZE);
+    }
+    else if (op == BN_DX_TRAIN) {
+        NAME(span_out)(out, in, x, w, p, r0, r1, BN_DX_TRAIN);
+    }
+    else {
+        NAME(span_out)(out, in, x, w, p, r0, r1, BN_DX_EVAL);
+    }
+    if (p->stream) { /* by each thread, for its own streamed stores */
+        bn_stream_fence();
+    }
+}
+
 /* w's coefficients of op (bn_op) for feature c */
 static void NAME(coefficient)(const bn_work *w, bn_op op, size_t c, const double *mean,
                               const double *invstd, const T *gamma, const T *beta,
@@ -289,19 +308,7 @@ static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const 
     BN_PARALLEL_FOR
     for (ptrdiff_t t = 0; t < (ptrdiff_t)tasks; t++) {
         size_t r0 = (from_end ? tasks - 1 - (size_t)t : (size_t)t) * chunk;
-        size_t r1 = r0 + chunk < n ? r0 + chunk : n;
-        if (op == BN_NORMALIZE) { /* one inlined loop per op, which each knows */
-            NAME(span_out)(out, in, x, w, p, r0, r1, BN_NORMALIZE);
-        }
-        else if (op == BN_DX_TRAIN) {
-            NAME(span_out)(out, in, x, w, p, r0, r1, BN_DX_TRAIN);
-        }
-        else {
-            NAME(span_out)(out, in, x, w, p, r0, r1, BN_DX_EVAL);
-        }
-        if (p->stream) { /* by each thread, for its own streamed stores */
-            bn_stream_fence();
-        }
+        NAME(span_out_any)(out, in, x, w, p, r0, r0 + chunk < n ? r0 + chunk : n, op);
     }
 }
 
@@ -610,9 +617,8 @@ static void NAME(group_stats)(double *state, const T *x, const double *shift,
     double *count = state, *mean = count + R, *m2 = mean + R;
     double *center = state + 3 * R, *sum = center + R, *sum2 = sum + R;
     for (size_t l = l0; l < l1; l++) {
-        count[l] = mean[l] = m2[l] = 0.0;
+        count[l] = mean[l] = m2[l] = sum[l] = sum2[l] = 0.0;
         center[l] = shift[l];
-        sum[l] = sum2[l] = 0.0;
     }
     for (size_t b0 = r0; b0 < r1; b0 += BN_BLOCK_ROWS) {
         size_t b1 = b0 + BN_BLOCK_ROWS < r1 ? b0 + BN_BLOCK_ROWS : r1;
