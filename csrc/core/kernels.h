@@ -148,7 +148,7 @@ BN_INLINE void NAME(value_out)(T *out, const T *in, const T *x, const bn_vcoef *
 /* out[from .. to) <- op(in, x) with one feature's coefficients k, of a row
  * of n values: from whole vectors of the row when it has them (whole loads;
  * loads of values just stored as parts would stall), rounded to T value by
- * value, else a part of a vector at a time */
+ * value, else one value at a time (value_out) */
 BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t from,
                               size_t to, const bn_vcoef *k, bn_op op)
 {
