@@ -35,6 +35,7 @@ SOURCES = [
     "csrc/bn_layer.c",
     "csrc/bn_layer_stats.c",
     "csrc/bn_layer_groups.c",
+    "csrc/bn_family.c",
     "csrc/bn_functional.c",
     "csrc/bn_module.c",
 ]

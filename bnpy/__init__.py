@@ -36,6 +36,20 @@ from ._core import (
     set_cpu_capability,
     set_num_threads,
 )
+from .family import (
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    RMSNorm,
+    group_norm_backward,
+    group_norm_forward,
+    instance_norm_backward,
+    instance_norm_forward,
+    layer_norm_backward,
+    layer_norm_forward,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 from .fold import fold
 from .renorm import BatchRenorm
 
@@ -85,10 +99,22 @@ _cpu_capability_from_environment()
 __all__ = [
     "BatchNorm",
     "BatchRenorm",
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "RMSNorm",
     "IncompatibleKeys",
     "batch_norm_forward",
     "batch_norm_inference",
     "batch_norm_backward",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "rms_norm_forward",
+    "rms_norm_backward",
+    "group_norm_forward",
+    "group_norm_backward",
+    "instance_norm_forward",
+    "instance_norm_backward",
     "fold",
     "set_num_threads",
     "get_num_threads",

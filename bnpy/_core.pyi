@@ -140,3 +140,29 @@ def get_cpu_capability() -> _Capability: ...
 def cpu_capabilities() -> tuple[str, ...]: ...
 def has_openmp() -> bool: ...
 def _merge_partials(parts: npt.ArrayLike, /) -> _Array: ...  # (P, C, 3) -> (C, 3)
+
+# the row kernels of bnpy.family (bn_family.c): C-contiguous float32 or float64 arrays only
+def _rows_forward(
+    x: _Array,
+    gamma: _Array | None,
+    beta: _Array | None,
+    n: int,
+    period: int,
+    eps: float,
+    centered: bool,
+    out: _Array | None,
+    /,
+) -> tuple[_Array, _Array]: ...  # (y, moments (2, rows))
+def _rows_backward(
+    dy: _Array,
+    x: _Array,
+    gamma: _Array | None,
+    moments: _Array,
+    n: int,
+    period: int,
+    centered: bool,
+    param_grads: bool,
+    out: _Array | None,
+    /,
+) -> tuple[_Array, _Array | None]: ...  # (dx, (2, period * n) or None)
+def _row_grad_sums(dy: _Array, x: _Array, moments: _Array, n: int, /) -> _Array: ...  # (2, rows)

@@ -150,7 +150,8 @@ static PyObject *new_incompatible_keys_type(void)
 static int bn_exec(PyObject *module)
 {
     if (PyModule_AddFunctions(module, runtime_methods) < 0
-        || PyModule_AddFunctions(module, bn_stats_methods) < 0) {
+        || PyModule_AddFunctions(module, bn_stats_methods) < 0
+        || PyModule_AddFunctions(module, bn_family_methods) < 0) {
         return -1;
     }
     if (PyArray_ImportNumPyAPI() < 0) {

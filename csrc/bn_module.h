@@ -178,6 +178,7 @@ PyArrayObject *bn_vector_from_double(int typenum, const double *values, npy_intp
 
 extern PyType_Spec bn_batchnorm_spec;
 extern PyMethodDef bn_functional_methods[];
+extern PyMethodDef bn_family_methods[]; /* private kernels of bnpy.family (bn_family.c) */
 extern PyMethodDef bn_stats_methods[]; /* module functions of bn_layer_stats.c */
 
 #endif /* BNPY_BN_MODULE_H */

@@ -34,6 +34,17 @@ typedef struct {
     double m2;    /* sum of squared deviations from that mean */
 } bn_partial;
 
+/* Rows for layer, group, instance and RMS normalization: x[rows][n], each
+ * row normalized over its own n values. Row r's value i takes the affine
+ * parameters gamma[(r % period) * n + i] and beta[...]: period 1 for a layer
+ * norm's gamma over the last axes, G for a group norm's spread over a group
+ * (n = C / G * spatial), C for an instance norm's. centered 0: RMS norm,
+ * which divides by the root mean square and subtracts no mean. */
+typedef struct {
+    size_t rows, n, period;
+    int centered;
+} bn_rows;
+
 /* --- threads ------------------------------------------------------------ */
 
 /* Threads the kernels may use: OpenMP's default (OMP_NUM_THREADS, or the
@@ -68,6 +79,7 @@ const char *bn_isa_name(bn_isa isa);
 /* Doubles of workspace the forward and backward kernels need: the caller
  * passes `work` with at least this many. */
 size_t bn_workspace_size(bn_shape s);
+size_t bn_rows_workspace_size(bn_rows s);
 
 /* --- per-feature helpers --------------------------------------------- */
 
@@ -124,7 +136,16 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
  *   block's dbeta[C] = sum dy and dgamma[C] = sum dy * xhat; bn_backward_dx
  *   gives dx from sums over `count` values in all (training: mean and invstd
  *   are the statistics of all those values; otherwise constants, and the
- *   sums are not used). */
+ *   sums are not used).
+ * bn_rows_forward: mean[rows], invstd[rows] <- each row's moments (mean 0
+ *   and invstd = 1 / sqrt(mean square + eps) when not centered), summed as a
+ *   planar feature's statistics, and y <- gamma * (x - mean) * invstd + beta.
+ *   gamma and beta may be NULL. y may be x itself.
+ * bn_rows_backward: dx <- invstd * (gamma * dy - a - xhat * b), with a and b
+ *   the means over the row of gamma * dy (a = 0 when not centered) and of
+ *   gamma * dy * xhat; unless dgamma is NULL, dgamma[period * n] <- sum dy *
+ *   xhat and dbeta <- sum dy over the rows that share each parameter, in
+ *   bn_rows_workspace_size(s) doubles of work. dx may be dy or x itself. */
 #define BN_KERNELS_API(T, S)                                                                 \
     void bn_stats##S(bn_partial *stats, double *work, const T *x, const double *shift,      \
                      bn_shape s);                                                           \
@@ -146,7 +167,12 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
                          const T *x, const double *mean, const double *invstd, bn_shape s); \
     void bn_backward_dx##S(T *dx, double *work, const T *dy, const T *x, const double *mean, \
                            const double *invstd, const T *gamma, const double *dgamma,     \
-                           const double *dbeta, double count, bn_shape s, int training);
+                           const double *dbeta, double count, bn_shape s, int training);  \
+    void bn_rows_forward##S(T *y, double *mean, double *invstd, const T *x, const T *gamma,  \
+                            const T *beta, double eps, bn_rows s);                          \
+    void bn_rows_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy, \
+                             const T *x, const double *mean, const double *invstd,          \
+                             const T *gamma, bn_rows s);
 
 BN_KERNELS_API(float, _f32)
 BN_KERNELS_API(double, _f64)

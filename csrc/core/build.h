@@ -3,6 +3,7 @@
  * its vectors, vec.h), BN_ISA (its suffix: _baseline, _avx2, _avx512) and
  * BN_TABLE (the name of its bn_kernel_table), then includes this file, which
  * instantiates kernels.h for float and double and lists them in the table. */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -16,12 +17,14 @@
 #define T float
 #define NAME(fn) BN_SUFFIXED(fn##_f32, BN_ISA)
 #include "kernels.h"
+#include "rows.h"
 #undef T
 #undef NAME
 
 #define T double
 #define NAME(fn) BN_SUFFIXED(fn##_f64, BN_ISA)
 #include "kernels.h"
+#include "rows.h"
 #undef T
 #undef NAME
 
@@ -30,6 +33,8 @@
 #define BN_KERNELS_NAMED(S)                                                         \
     .stats##S = BN_BUILD(bn_stats##S), .forward_train##S = BN_BUILD(bn_forward_train##S), \
     .forward##S = BN_BUILD(bn_forward##S), .backward##S = BN_BUILD(bn_backward##S),       \
-    .grad_sums##S = BN_BUILD(bn_grad_sums##S), .backward_dx##S = BN_BUILD(bn_backward_dx##S)
+    .grad_sums##S = BN_BUILD(bn_grad_sums##S), .backward_dx##S = BN_BUILD(bn_backward_dx##S), \
+    .rows_forward##S = BN_BUILD(bn_rows_forward##S),                                        \
+    .rows_backward##S = BN_BUILD(bn_rows_backward##S)
 
 const bn_kernel_table BN_TABLE = {BN_KERNELS_NAMED(_f32), BN_KERNELS_NAMED(_f64)};

@@ -106,6 +106,40 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place)
     return p;
 }
 
+bn_plan bn_rows_plan(bn_rows s)
+{
+    bn_plan p = bn_make_plan((bn_shape){1, s.rows, s.n}, sizeof(double), 1);
+    p.lanes = 0;
+    p.tiles = (s.n + BN_TILE - 1) / BN_TILE;
+    return p;
+}
+
+size_t bn_row_blocks(bn_rows s)
+{
+    return s.rows < BN_ROW_BLOCKS ? s.rows : BN_ROW_BLOCKS;
+}
+
+size_t bn_rows_workspace_size(bn_rows s)
+{
+    return bn_row_blocks(s) * 2 * s.period * s.n;
+}
+
+void bn_add_row_blocks(double *dgamma, double *dbeta, const double *work, size_t blocks,
+                       size_t width)
+{
+    int team = blocks * width >= BN_PARALLEL_MIN ? bn_get_num_threads() : 1;
+    BN_PARALLEL_FOR
+    for (ptrdiff_t j = 0; j < (ptrdiff_t)width; j++) {
+        double g = 0.0, b = 0.0;
+        for (size_t k = 0; k < blocks; k++) {
+            g += work[2 * k * width + (size_t)j];
+            b += work[(2 * k + 1) * width + (size_t)j];
+        }
+        dgamma[j] = g;
+        dbeta[j] = b;
+    }
+}
+
 bn_work bn_work_of(double *work, const bn_plan *p)
 {
     size_t len = bn_coef_len(p);

@@ -34,6 +34,8 @@ enum {
     BN_GROUP_ROWS = 4096, /* lanes: wide rows of a group; groups merge in order */
     BN_BLOCK_ROWS = 64,   /* lanes: wide rows summed about one center, then merged;
                              smaller is slightly more accurate, slower */
+    BN_ROW_BLOCKS = 32,   /* rows: blocks of rows whose parameter gradients are
+                             summed apart, then added in order */
 };
 
 /* Constants that change only speed */
@@ -86,6 +88,17 @@ typedef struct {
 /* the plan for x of shape s and elements of elem_size bytes, its output
  * written over an input when in_place */
 bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place);
+
+/* The plan of bn_rows s: planar, a row a feature of shape {1, rows, n} */
+bn_plan bn_rows_plan(bn_rows s);
+
+/* blocks of rows that bn_rows_backward sums parameter gradients in */
+size_t bn_row_blocks(bn_rows s);
+
+/* dgamma[width], dbeta[width] <- the blocks' sums in work (each block: its
+ * dgamma's width values, then its dbeta's), added in order */
+void bn_add_row_blocks(double *dgamma, double *dbeta, const double *work, size_t blocks,
+                       size_t width);
 
 /* A statistics tile of a planar feature: rows o0 .. o1, values i0 .. i1 of
  * each. A row of BN_TILE values or more is cut into pieces of BN_TILE;
@@ -221,7 +234,11 @@ static inline void bn_absorb(bn_partial *p, double added, double center, double 
                               const double *, const double *, bn_shape);                    \
     void (*backward_dx##SUFFIX)(T *, double *, const T *, const T *, const double *,          \
                                 const double *, const T *, const double *, const double *,  \
-                                double, bn_shape, int);
+                                double, bn_shape, int);                                     \
+    void (*rows_forward##SUFFIX)(T *, double *, double *, const T *, const T *, const T *,      \
+                                 double, bn_rows);                                          \
+    void (*rows_backward##SUFFIX)(T *, double *, double *, double *, const T *, const T *,      \
+                                  const double *, const double *, const T *, bn_rows);
 
 typedef struct {
     BN_KERNELS_OF(float, _f32)

@@ -32,4 +32,13 @@ BN_ENTRY(backward_dx,
           double count, bn_shape s, int training),
          (dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta, count, s, training))
 
+BN_ENTRY(rows_forward,
+         (T *y, double *mean, double *invstd, const T *x, const T *gamma, const T *beta,
+          double eps, bn_rows s),
+         (y, mean, invstd, x, gamma, beta, eps, s))
+BN_ENTRY(rows_backward,
+         (T *dx, double *dgamma, double *dbeta, double *work, const T *dy, const T *x,
+          const double *mean, const double *invstd, const T *gamma, bn_rows s),
+         (dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, s))
+
 #undef BN_ENTRY
