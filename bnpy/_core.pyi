@@ -147,6 +147,7 @@ def _rows_forward(
     gamma: _Array | None,
     beta: _Array | None,
     n: int,
+    spread: int,
     period: int,
     eps: float,
     centered: bool,
@@ -159,10 +160,9 @@ def _rows_backward(
     gamma: _Array | None,
     moments: _Array,
     n: int,
+    spread: int,
     period: int,
     centered: bool,
-    param_grads: bool,
     out: _Array | None,
     /,
-) -> tuple[_Array, _Array | None]: ...  # (dx, (2, period * n) or None)
-def _row_grad_sums(dy: _Array, x: _Array, moments: _Array, n: int, /) -> _Array: ...  # (2, rows)
+) -> tuple[_Array, _Array]: ...  # (dx, (2, channels): dgamma, dbeta)

@@ -14,9 +14,9 @@ plays no part, so they behave the same at any batch size and in eval mode.
 All run on the core's row kernels (bn_rows_* in csrc/core/bn.h): x is laid
 out as rows of the values that share statistics, each row's mean and
 variance summed in double about a shift (exact on data offset by 1e8), and
-results are bitwise the same at any thread count and in every build. Group
-and instance norm's gamma and beta are per channel; the kernels take them
-spread over a group's values, and sum their gradients per sample and channel.
+results are bitwise the same at any thread count and in every build. A row
+is runs of values that share a gamma and a beta: one value each for layer
+norm, a channel's positions for group and instance norm.
 
 The functional forms (layer_norm_forward, ...) keep no state: x decides the
 dtype (float32 and float64 stay, any other real dtype computes in float64).
@@ -158,13 +158,14 @@ class _Rows:
     """x laid out as rows of n values that share statistics, in a working
     layout: x itself for layer and RMS norm; for group and instance norm,
     channels-first (the channel axis `move` moved to 1, when it is not
-    there), where a sample's group of channels is contiguous. Row r's values
-    take the parameters at (r % period) * n, each of which covers `spread`
-    consecutive values."""
+    there), where a sample's group of channels is contiguous. A row is runs
+    of `spread` values, each a channel with its own gamma and beta; row r's
+    channels start at (r % period) * n / spread."""
 
-    def __init__(self, shape: tuple[int, ...], n: int, period: int, spread: int, move: int | None):
-        self.n, self.period, self.spread, self.move = n, period, spread, move
+    def __init__(self, shape: tuple[int, ...], n: int, spread: int, period: int, move: int | None):
+        self.n, self.spread, self.period, self.move = n, spread, period, move
         self.rows = math.prod(shape) // n if n else 0
+        self.channels = period * n // spread if n else 0
 
     def to_work(self, array: _Array) -> _Array:
         """array (of x's shape) in the working layout, C-contiguous"""
@@ -182,12 +183,8 @@ class _Rows:
         view = out if self.move is None else np.moveaxis(out, self.move, 1)
         return view if view.flags.c_contiguous else None
 
-    def params(self, value: _Array | None) -> _Array | None:
-        """gamma or beta as the kernels take it: each value repeated `spread` times"""
-        if value is None:
-            return None
-        flat = value.reshape(-1)
-        return np.ascontiguousarray(np.repeat(flat, self.spread) if self.spread > 1 else flat)
+    def kernel_args(self) -> tuple[int, int, int]:
+        return self.n, self.spread, self.period
 
 
 def _layer_rows(shape: tuple[int, ...], normalized: tuple[int, ...]) -> _Rows:
@@ -209,9 +206,8 @@ def _group_rows(shape: tuple[int, ...], groups: int, axis: Any) -> _Rows:
     positions = math.prod(d for i, d in enumerate(shape) if i not in (0, axis))
     if positions == 0 or channels == 0:
         raise ValueError(f"x of shape {shape} has no values to normalize over")
-    return _Rows(
-        shape, channels // groups * positions, groups, positions, None if axis == 1 else axis
-    )
+    move = None if axis == 1 else axis
+    return _Rows(shape, channels // groups * positions, positions, groups, move)
 
 
 def _finish(result: _Array, rows: _Rows, out: _Array | None, target: _Array | None) -> _Array:
@@ -241,8 +237,9 @@ def _forward(
     xw, target = rows.to_work(x), rows.target(out)
     if rows.rows == 0:
         return _finish(np.empty_like(xw), rows, out, None), np.empty((2, 0))
-    gamma, beta = rows.params(gamma), rows.params(beta)
-    y, moments = _core._rows_forward(xw, gamma, beta, rows.n, rows.period, eps, centered, target)
+    gamma = np.ones(rows.channels, x.dtype) if gamma is None else gamma
+    beta = np.zeros(rows.channels, x.dtype) if beta is None else beta
+    y, moments = _core._rows_forward(xw, gamma, beta, *rows.kernel_args(), eps, centered, target)
     return _finish(y, rows, out, target), moments
 
 
@@ -253,42 +250,20 @@ def _backward(
     gamma: _Array | None,
     moments: _Array,
     centered: bool,
-    param_grads: bool,
     out: _Array | None,
-) -> tuple[_Array, _Array | None]:
-    """(dx in x's layout, (2, parameters) sums of dy * xhat and dy, or None)"""
+) -> tuple[_Array, _Array]:
+    """(dx in x's layout, (2, channels): the sums of dy * xhat and of dy over
+    each channel's values)"""
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x {x.shape}, got shape {dy.shape}")
     _check_out(out, x.shape, x.dtype, [x, dy])
     xw, dyw, target = rows.to_work(x), rows.to_work(dy), rows.target(out)
+    if rows.rows == 0:
+        return _finish(np.empty_like(xw), rows, out, None), np.zeros((2, rows.channels))
     moments = np.ascontiguousarray(moments, dtype=np.float64)
-    # each parameter covering one value: its gradients summed by the kernel
-    per_value = param_grads and rows.spread == 1 and rows.rows > 0
-    if rows.rows == 0:
-        dx, grads = np.empty_like(xw), None
-    else:
-        gamma = rows.params(gamma)
-        dx, grads = _core._rows_backward(
-            dyw, xw, gamma, moments, rows.n, rows.period, centered, per_value, target
-        )
-    if param_grads and not per_value:
-        grads = _channel_grads(dyw, xw, rows, moments)
+    gamma = np.ones(rows.channels, x.dtype) if gamma is None else gamma
+    dx, grads = _core._rows_backward(dyw, xw, gamma, moments, *rows.kernel_args(), centered, target)
     return _finish(dx, rows, out, target), grads
-
-
-def _channel_grads(dyw: _Array, xw: _Array, rows: _Rows, moments: _Array) -> _Array:
-    """(2, parameters): sums of dy * xhat and dy per parameter, for parameters
-    each spread over `spread` values: summed per sample and channel by the
-    kernel, then over the samples in order"""
-    parameters = rows.period * rows.n // rows.spread
-    if rows.rows == 0:
-        return np.zeros((2, parameters))
-    per_row = rows.n // rows.spread  # channels of a row
-    # moments per (sample, channel): each row's repeated for its channels
-    spread_moments = np.ascontiguousarray(np.repeat(moments, per_row, axis=1))
-    sums = _core._row_grad_sums(dyw, xw, spread_moments, rows.spread)
-    grads: _Array = sums.reshape(2, -1, parameters).sum(axis=1)
-    return grads
 
 
 def _moments_of(mean: Any, invstd: Any, lead: tuple[int, ...]) -> _Array:
@@ -346,8 +321,7 @@ def layer_norm_backward(
     rows = _layer_rows(xa.shape, normalized)
     g = _vector(gamma, normalized, xa.dtype, "gamma")
     moments = _moments_of(mean, invstd, xa.shape[: xa.ndim - len(normalized)])
-    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, True, True, out)
-    assert grads is not None
+    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, True, out)
     return (
         dx,
         grads[0].reshape(normalized).astype(xa.dtype),
@@ -391,8 +365,7 @@ def rms_norm_backward(
     g = _vector(gamma, normalized, xa.dtype, "gamma")
     lead = xa.shape[: xa.ndim - len(normalized)]
     moments = _moments_of(np.zeros(lead), invstd, lead)
-    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, False, True, out)
-    assert grads is not None
+    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, False, out)
     return dx, grads[0].reshape(normalized).astype(xa.dtype)
 
 
@@ -437,8 +410,7 @@ def group_norm_backward(
     channels = (xa.shape[_channel_axis(axis, xa.ndim)],)
     g = _vector(gamma, channels, xa.dtype, "gamma")
     moments = _moments_of(mean, invstd, (xa.shape[0], groups))
-    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, True, True, out)
-    assert grads is not None
+    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, True, out)
     return dx, grads[0].astype(xa.dtype), grads[1].astype(xa.dtype)
 
 
@@ -657,8 +629,7 @@ class LayerNorm(_Normalization):
     def _backward(self, dy: _Array, out: _Array | None) -> tuple[_Array, _Array | None]:
         assert self._saved is not None
         x, rows, moments = self._saved
-        affine = self._gamma is not None
-        return _backward(dy, x, rows, self._gamma, moments, self._centered, affine, out)
+        return _backward(dy, x, rows, self._gamma, moments, self._centered, out)
 
     def _config(self) -> str:
         shape = self.normalized_shape
@@ -756,7 +727,7 @@ class GroupNorm(_Normalization):
     def _backward(self, dy: _Array, out: _Array | None) -> tuple[_Array, _Array | None]:
         assert self._saved is not None
         x, rows, moments = self._saved
-        return _backward(dy, x, rows, self._gamma, moments, True, self.affine, out)
+        return _backward(dy, x, rows, self._gamma, moments, True, out)
 
     def _config(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps!r}, affine={self.affine}, axis={self.axis}"

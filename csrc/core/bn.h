@@ -35,13 +35,15 @@ typedef struct {
 } bn_partial;
 
 /* Rows for layer, group, instance and RMS normalization: x[rows][n], each
- * row normalized over its own n values. Row r's value i takes the affine
- * parameters gamma[(r % period) * n + i] and beta[...]: period 1 for a layer
- * norm's gamma over the last axes, G for a group norm's spread over a group
- * (n = C / G * spatial), C for an instance norm's. centered 0: RMS norm,
- * which divides by the root mean square and subtracts no mean. */
+ * row normalized over its own n values. A row is runs of `spread` values
+ * (spread divides n), each a channel with its own gamma and beta: row r's
+ * run j is channel (r % period) * (n / spread) + j. Layer norm: spread 1 and
+ * period 1 (a channel per value of the last axes); group norm with G groups
+ * of channels-first data: spread the positions of a channel, period G;
+ * instance norm: a group per channel. centered 0: RMS norm, which divides by
+ * the root mean square and subtracts no mean. */
 typedef struct {
-    size_t rows, n, period;
+    size_t rows, n, spread, period;
     int centered;
 } bn_rows;
 
@@ -80,6 +82,9 @@ const char *bn_isa_name(bn_isa isa);
  * passes `work` with at least this many. */
 size_t bn_workspace_size(bn_shape s);
 size_t bn_rows_workspace_size(bn_rows s);
+/* the channels of bn_rows s, period * n / spread: of gamma, beta and their
+ * gradients */
+size_t bn_rows_channels(bn_rows s);
 
 /* --- per-feature helpers --------------------------------------------- */
 
@@ -138,14 +143,16 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
  *   are the statistics of all those values; otherwise constants, and the
  *   sums are not used).
  * bn_rows_forward: mean[rows], invstd[rows] <- each row's moments (mean 0
- *   and invstd = 1 / sqrt(mean square + eps) when not centered), summed as a
- *   planar feature's statistics, and y <- gamma * (x - mean) * invstd + beta.
- *   gamma and beta may be NULL. y may be x itself.
- * bn_rows_backward: dx <- invstd * (gamma * dy - a - xhat * b), with a and b
- *   the means over the row of gamma * dy (a = 0 when not centered) and of
- *   gamma * dy * xhat; unless dgamma is NULL, dgamma[period * n] <- sum dy *
- *   xhat and dbeta <- sum dy over the rows that share each parameter, in
- *   bn_rows_workspace_size(s) doubles of work. dx may be dy or x itself. */
+ *   and invstd = 1 / sqrt(mean square + eps) when not centered), summed in
+ *   tiles about a center as a planar feature's, and y <- (x - mean) *
+ *   (invstd * gamma) + beta, gamma and beta of bn_rows_channels(s) values
+ *   each. y may be x itself.
+ * bn_rows_backward: dx <- invstd * ((gamma * dy - a) - xhat * b), with a and
+ *   b the means over the row of gamma * dy (a = 0 when not centered) and of
+ *   gamma * dy * xhat; dgamma[channels] <- sum dy * xhat and dbeta <- sum dy
+ *   over each channel's values in all rows (channels: period * n / spread),
+ *   summed in blocks of rows in bn_rows_workspace_size(s) doubles of work.
+ *   dx may be dy or x itself. */
 #define BN_KERNELS_API(T, S)                                                                 \
     void bn_stats##S(bn_partial *stats, double *work, const T *x, const double *shift,      \
                      bn_shape s);                                                           \

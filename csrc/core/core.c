@@ -106,12 +106,9 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place)
     return p;
 }
 
-bn_plan bn_rows_plan(bn_rows s)
+int bn_rows_team(bn_rows s)
 {
-    bn_plan p = bn_make_plan((bn_shape){1, s.rows, s.n}, sizeof(double), 1);
-    p.lanes = 0;
-    p.tiles = (s.n + BN_TILE - 1) / BN_TILE;
-    return p;
+    return s.rows > 1 && s.rows * s.n >= BN_PARALLEL_MIN ? bn_get_num_threads() : 1;
 }
 
 size_t bn_row_blocks(bn_rows s)
@@ -119,9 +116,14 @@ size_t bn_row_blocks(bn_rows s)
     return s.rows < BN_ROW_BLOCKS ? s.rows : BN_ROW_BLOCKS;
 }
 
+size_t bn_rows_channels(bn_rows s)
+{
+    return s.period * (s.n / s.spread);
+}
+
 size_t bn_rows_workspace_size(bn_rows s)
 {
-    return bn_row_blocks(s) * 2 * s.period * s.n;
+    return bn_row_blocks(s) * 2 * bn_rows_channels(s);
 }
 
 void bn_add_row_blocks(double *dgamma, double *dbeta, const double *work, size_t blocks,

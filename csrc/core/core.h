@@ -89,8 +89,15 @@ typedef struct {
  * written over an input when in_place */
 bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place);
 
-/* The plan of bn_rows s: planar, a row a feature of shape {1, rows, n} */
-bn_plan bn_rows_plan(bn_rows s);
+/* threads for bn_rows s */
+int bn_rows_team(bn_rows s);
+
+/* values of a row that the elementwise passes take at once: a run, or all
+ * of the row when every value is a channel */
+static inline size_t bn_row_run(bn_rows s)
+{
+    return s.spread > 1 ? s.spread : s.n;
+}
 
 /* blocks of rows that bn_rows_backward sums parameter gradients in */
 size_t bn_row_blocks(bn_rows s);

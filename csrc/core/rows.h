@@ -1,164 +1,226 @@
 /* rows.h -- layer, group, instance and RMS normalization for one element type,
  * in one build: included by build.h after kernels.h, whose helpers it uses
  * (with the same T and NAME). x is rows x[rows][n] (bn_rows in bn.h), each
- * row normalized over its own n values, its statistics summed as a planar
- * feature's are; row r's value i takes gamma[(r % period) * n + i] and beta. */
+ * normalized over its own values. A row is runs of `spread` values, each
+ * run a channel with its own gamma and beta: y = (x - mean) * (invstd *
+ * gamma) + beta, computed alike per value or per run. */
 
-/* y[0 .. BN_LANES) <- (x - mean) * invstd * gamma + beta (gamma 1 and beta 0
- * when NULL) */
-BN_INLINE void NAME(normalize16)(T *y, const T *x, const T *gamma, const T *beta, bn_vec mean,
-                                 bn_vec invstd)
+/* ---- statistics ------------------------------------------------------------- */
+
+/* sums[0] <- sum d, sums[1] <- sum d * d over x[0 .. n), d = x - center */
+static void NAME(sums_about)(double sums[2], const T *x, size_t n, double center)
 {
-    for (int k = 0; k < BN_K; k++) {
-        size_t at = (size_t)k * BN_W;
-        bn_vec v = (NAME(load)(x + at) - mean) * invstd;
-        v = gamma ? v * NAME(load)(gamma + at) : v;
-        NAME(store)(y + at, beta ? v + NAME(load)(beta + at) : v);
-    }
+    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+    NAME(add_sums)(acc, acc2, NULL, x, n, center);
+    sums[0] = bn_total(acc);
+    sums[1] = bn_total(acc2);
 }
 
-/* For BN_LANES values, with g = gamma * dy and xhat = (x - mean) * invstd:
- * acc += g, acc2 += g * xhat and, unless dgamma is NULL, dgamma += dy * xhat
- * and dbeta += dy */
-BN_INLINE void NAME(grads16)(bn_vec acc[BN_K], bn_vec acc2[BN_K], double *dgamma, double *dbeta,
-                             const T *dy, const T *x, const T *gamma, bn_vec mean, bn_vec invstd)
+/* A row's statistics: tiles of BN_TILE values absorbed in order (as a planar
+ * feature's), each summed in one pass about a center: the mean of the first
+ * BN_LANES values, then the mean so far. A tile whose mean proves far from
+ * its center, so that the squares would cancel more than half their bits,
+ * is summed again about its mean. */
+static bn_partial NAME(row_stats)(const T *x, size_t n)
 {
-    for (int k = 0; k < BN_K; k++) {
-        size_t at = (size_t)k * BN_W;
-        bn_vec d = NAME(load)(dy + at), xhat = (NAME(load)(x + at) - mean) * invstd;
-        bn_vec g = gamma ? d * NAME(load)(gamma + at) : d;
-        acc[k] += g;
-        acc2[k] += g * xhat;
-        if (dgamma) {
-            bn_store_wide(dgamma + at, bn_load_wide(dgamma + at) + d * xhat);
-            bn_store_wide(dbeta + at, bn_load_wide(dbeta + at) + d);
+    bn_partial stats = {0.0, 0.0, 0.0};
+    double first = 0.0, sums[2];
+    size_t few = n < BN_LANES ? n : BN_LANES;
+    for (size_t j = 0; j < few; j++) {
+        first += (double)x[j];
+    }
+    for (size_t i = 0; i < n; i += BN_TILE) {
+        double len = (double)(n - i < BN_TILE ? n - i : BN_TILE);
+        double center = i == 0 ? first / (double)few : stats.mean;
+        NAME(sums_about)(sums, x + i, (size_t)len, center);
+        if (sums[0] * sums[0] > sums[1] * len / 2) {
+            center += sums[0] / len;
+            NAME(sums_about)(sums, x + i, (size_t)len, center);
+        }
+        bn_absorb(&stats, len, center, sums[0], sums[1]);
+    }
+    return stats;
+}
+
+/* ---- elementwise: per value (spread 1) or per run ---------------------------------- */
+
+/* y[0 .. n) <- (x - mean) * (invstd * gamma[i]) + beta[i], or with one
+ * gamma[0] and beta[0] for all when `one` */
+BN_INLINE void NAME(affine_out)(T *y, const T *x, size_t n, double mean, double invstd,
+                                const T *gamma, const T *beta, int one)
+{
+    size_t i = 0;
+    bn_vec m = bn_splat(mean), s = bn_splat(invstd);
+    if (one) {
+        bn_vec scale = s * bn_splat((double)*gamma), shift = bn_splat((double)*beta);
+        for (; i + BN_W <= n; i += BN_W) {
+            NAME(store)(y + i, (NAME(load)(x + i) - m) * scale + shift);
         }
     }
+    for (; !one && i + BN_W <= n; i += BN_W) {
+        bn_vec scale = s * NAME(load)(gamma + i);
+        NAME(store)(y + i, (NAME(load)(x + i) - m) * scale + NAME(load)(beta + i));
+    }
+    for (; i < n; i++) {
+        size_t c = one ? 0 : i;
+        y[i] = (T)(((double)x[i] - mean) * (invstd * (double)gamma[c]) + (double)beta[c]);
+    }
 }
 
-/* dx[0 .. BN_LANES) <- invstd * ((gamma * dy - a) - xhat * b) */
-BN_INLINE void NAME(dx16)(T *dx, const T *dy, const T *x, const T *gamma, bn_vec mean,
-                          bn_vec invstd, bn_vec a, bn_vec b)
+/* dx[0 .. n) <- invstd * ((gamma * dy - a) - xhat * b), xhat = (x - mean) *
+ * invstd, with gamma as affine_out's */
+BN_INLINE void NAME(affine_dx)(T *dx, const T *dy, const T *x, size_t n, double mean,
+                               double invstd, const T *gamma, double a, double b, int one)
+{
+    size_t i = 0;
+    bn_vec m = bn_splat(mean), s = bn_splat(invstd), va = bn_splat(a), vb = bn_splat(b);
+    if (one) {
+        bn_vec g = bn_splat((double)*gamma);
+        for (; i + BN_W <= n; i += BN_W) {
+            bn_vec xhat = (NAME(load)(x + i) - m) * s;
+            NAME(store)(dx + i, s * ((g * NAME(load)(dy + i) - va) - xhat * vb));
+        }
+    }
+    for (; !one && i + BN_W <= n; i += BN_W) {
+        bn_vec g = NAME(load)(gamma + i), xhat = (NAME(load)(x + i) - m) * s;
+        NAME(store)(dx + i, s * ((g * NAME(load)(dy + i) - va) - xhat * vb));
+    }
+    for (; i < n; i++) {
+        double g = (double)gamma[one ? 0 : i], xhat = ((double)x[i] - mean) * invstd;
+        dx[i] = (T)(invstd * ((g * (double)dy[i] - a) - xhat * b));
+    }
+}
+
+/* For values v .. v + BN_LANES of a row, g = gamma * dy: acc += g, acc2 += g *
+ * xhat in lanes, and dgamma[v + i] += dy * xhat, dbeta[v + i] += dy */
+BN_INLINE void NAME(value_grads)(bn_vec acc[BN_K], bn_vec acc2[BN_K], double *dgamma,
+                                 double *dbeta, const T *dy, const T *x, const T *gamma,
+                                 double mean, double invstd)
 {
     for (int k = 0; k < BN_K; k++) {
         size_t at = (size_t)k * BN_W;
-        bn_vec d = NAME(load)(dy + at), xhat = (NAME(load)(x + at) - mean) * invstd;
-        bn_vec g = gamma ? d * NAME(load)(gamma + at) : d;
-        NAME(store)(dx + at, invstd * ((g - a) - xhat * b));
+        bn_vec d = NAME(load)(dy + at), xhat = (NAME(load)(x + at) - bn_splat(mean)) * invstd;
+        bn_vec g = d * NAME(load)(gamma + at);
+        acc[k] += g;
+        acc2[k] += g * xhat;
+        bn_store_wide(dgamma + at, bn_load_wide(dgamma + at) + d * xhat);
+        bn_store_wide(dbeta + at, bn_load_wide(dbeta + at) + d);
     }
 }
 
-/* The last n % BN_LANES values of a row of n, copied into BN_LANES zeros, so
- * that the functions above can run on them as on the others */
-typedef struct {
-    T y[BN_LANES], x[BN_LANES], dy[BN_LANES], gamma[BN_LANES], beta[BN_LANES];
-    double dgamma[BN_LANES], dbeta[BN_LANES];
-} NAME(row_end);
-
-BN_INLINE size_t NAME(copy_end)(T *to, const T *row, size_t n)
+/* sums[0] <- the row's sum of gamma * dy, sums[1] <- of gamma * dy * xhat,
+ * per value; dgamma[n] += dy * xhat, dbeta[n] += dy. The last n % BN_LANES
+ * values run from copies padded with zeros, which add nothing. */
+static void NAME(value_sums)(double sums[2], double *dgamma, double *dbeta, const T *dy,
+                             const T *x, const T *gamma, double mean, double invstd, size_t n)
 {
-    size_t whole = n / BN_LANES * BN_LANES;
-    if (row != NULL) {
-        memcpy(to, row + whole, (n - whole) * sizeof(T));
+    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+    size_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        NAME(value_grads)(acc, acc2, dgamma + i, dbeta + i, dy + i, x + i, gamma + i, mean,
+                          invstd);
     }
-    return n - whole;
+    T end_dy[BN_LANES] = {0}, end_x[BN_LANES] = {0}, end_gamma[BN_LANES] = {0};
+    double end_dgamma[BN_LANES] = {0}, end_dbeta[BN_LANES] = {0};
+    memcpy(end_dy, dy + i, (n - i) * sizeof(T));
+    memcpy(end_x, x + i, (n - i) * sizeof(T));
+    memcpy(end_gamma, gamma + i, (n - i) * sizeof(T));
+    NAME(value_grads)(acc, acc2, end_dgamma, end_dbeta, end_dy, end_x, end_gamma, mean, invstd);
+    for (size_t j = 0; i + j < n; j++) {
+        dgamma[i + j] += end_dgamma[j];
+        dbeta[i + j] += end_dbeta[j];
+    }
+    sums[0] = bn_total(acc);
+    sums[1] = bn_total(acc2);
 }
 
-/* Row r of x: mean[r], invstd[r] <- its moments (the mean 0 and the root mean
- * square when not centered), y's row <- it normalized */
+/* The same per run of `spread` values: dgamma[j] += sum dy * xhat and
+ * dbeta[j] += sum dy over run j, added into sums times gamma[j] */
+static void NAME(run_sums)(double sums[2], double *dgamma, double *dbeta, const T *dy,
+                           const T *x, const T *gamma, double mean, double invstd, bn_rows s)
+{
+    sums[0] = sums[1] = 0.0;
+    for (size_t j = 0; j < s.n / s.spread; j++) {
+        bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
+        size_t at = j * s.spread;
+        NAME(add_sums)(acc, acc2, dy + at, x + at, s.spread, mean);
+        double sum_dy = bn_total(acc), sum_dy_xhat = bn_total(acc2) * invstd;
+        double g = (double)gamma[j];
+        dgamma[j] += sum_dy_xhat;
+        dbeta[j] += sum_dy;
+        sums[0] += g * sum_dy;
+        sums[1] += g * sum_dy_xhat;
+    }
+}
+
+/* ---- rows ---------------------------------------------------------------------- */
+
+/* Row r: mean[r], invstd[r] <- its moments (mean 0 and the root mean square
+ * when not centered), y's row <- it normalized */
 static void NAME(row_forward)(T *y, double *mean, double *invstd, const T *x, const T *gamma,
-                              const T *beta, double eps, const bn_plan *p, size_t r,
-                              int centered)
+                              const T *beta, double eps, bn_rows s, size_t r)
 {
-    size_t n = p->s.inner, at = r * n, i = 0;
-    bn_partial stats = NAME(feature_stats)(x, p, r, (double)x[at]);
-    stats.mean += (double)x[at];
+    size_t at = r * s.n, c = r % s.period * (s.n / s.spread);
+    bn_partial stats = NAME(row_stats)(x + at, s.n);
     bn_batch_moments(mean + r, invstd + r, &stats, 1, eps);
-    if (!centered) {
+    if (!s.centered) {
         mean[r] = 0.0;
         invstd[r] = 1.0 / sqrt(stats.m2 / stats.count + stats.mean * stats.mean + eps);
     }
-    bn_vec m = bn_splat(mean[r]), s = bn_splat(invstd[r]);
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        NAME(normalize16)(y + at + i, x + at + i, gamma ? gamma + i : NULL,
-                          beta ? beta + i : NULL, m, s);
+    for (size_t j = 0; j < s.n; j += bn_row_run(s)) {
+        size_t k = c + j / s.spread; /* the channel of the run, or the first of the row */
+        NAME(affine_out)(y + at + j, x + at + j, bn_row_run(s), mean[r], invstd[r], gamma + k,
+                         beta + k, s.spread > 1);
     }
-    NAME(row_end) end = {{0}};
-    size_t rest = NAME(copy_end)(end.x, x + at, n);
-    NAME(copy_end)(end.gamma, gamma, n);
-    NAME(copy_end)(end.beta, beta, n);
-    NAME(normalize16)(end.y, end.x, gamma ? end.gamma : NULL, beta ? end.beta : NULL, m, s);
-    memcpy(y + at + i, end.y, rest * sizeof(T));
 }
 
-/* One row of n values: dx <- invstd * ((gamma * dy - a) - xhat * b), with a
- * the mean of gamma * dy over the row (0 when not centered) and b that of
- * gamma * dy * xhat; unless dgamma is NULL, dgamma[n] += dy * xhat and
- * dbeta[n] += dy */
+/* Row r: dx's row, and its parameters' gradients added into dgamma, dbeta
+ * (one per channel) */
 static void NAME(row_backward)(T *dx, double *dgamma, double *dbeta, const T *dy, const T *x,
-                               const T *gamma, double mean, double invstd, size_t n,
-                               int centered)
+                               const T *gamma, double mean, double invstd, bn_rows s, size_t r)
 {
-    bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0}, m = bn_splat(mean), s = bn_splat(invstd);
-    size_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES) {
-        NAME(grads16)(acc, acc2, dgamma ? dgamma + i : NULL, dbeta ? dbeta + i : NULL, dy + i,
-                      x + i, gamma ? gamma + i : NULL, m, s);
+    size_t at = r * s.n, c = r % s.period * (s.n / s.spread);
+    double sums[2];
+    gamma += c;
+    if (s.spread > 1) {
+        NAME(run_sums)(sums, dgamma + c, dbeta + c, dy + at, x + at, gamma, mean, invstd, s);
     }
-    NAME(row_end) end = {{0}};
-    size_t rest = NAME(copy_end)(end.dy, dy, n);
-    NAME(copy_end)(end.x, x, n);
-    NAME(copy_end)(end.gamma, gamma, n);
-    NAME(grads16)(acc, acc2, dgamma ? end.dgamma : NULL, end.dbeta, end.dy, end.x,
-                  gamma ? end.gamma : NULL, m, s);
-    for (size_t j = 0; dgamma && j < rest; j++) {
-        dgamma[i + j] += end.dgamma[j];
-        dbeta[i + j] += end.dbeta[j];
+    else {
+        NAME(value_sums)(sums, dgamma + c, dbeta + c, dy + at, x + at, gamma, mean, invstd, s.n);
     }
-    bn_vec a = bn_splat(centered ? bn_total(acc) / (double)n : 0.0);
-    bn_vec b = bn_splat(bn_total(acc2) / (double)n);
-    for (i = 0; i + BN_LANES <= n; i += BN_LANES) {
-        NAME(dx16)(dx + i, dy + i, x + i, gamma ? gamma + i : NULL, m, s, a, b);
+    double a = s.centered ? sums[0] / (double)s.n : 0.0, b = sums[1] / (double)s.n;
+    for (size_t j = 0; j < s.n; j += bn_row_run(s)) {
+        NAME(affine_dx)(dx + at + j, dy + at + j, x + at + j, bn_row_run(s), mean, invstd,
+                        gamma + j / s.spread, a, b, s.spread > 1);
     }
-    NAME(dx16)(end.y, end.dy, end.x, gamma ? end.gamma : NULL, m, s, a, b);
-    memcpy(dx + i, end.y, rest * sizeof(T));
 }
 
 static void NAME(bn_rows_forward)(T *y, double *mean, double *invstd, const T *x,
                                   const T *gamma, const T *beta, double eps, bn_rows s)
 {
-    bn_plan p = bn_rows_plan(s);
-    int team = p.team;
+    int team = bn_rows_team(s);
     BN_PARALLEL_FOR
     for (ptrdiff_t r = 0; r < (ptrdiff_t)s.rows; r++) {
-        size_t at = (size_t)r % s.period * s.n;
-        NAME(row_forward)(y, mean, invstd, x, gamma ? gamma + at : NULL, beta ? beta + at : NULL,
-                          eps, &p, (size_t)r, s.centered);
+        NAME(row_forward)(y, mean, invstd, x, gamma, beta, eps, s, (size_t)r);
     }
 }
 
+/* Blocks of rows (bn_row_blocks) in parallel, each adding its rows'
+ * parameter gradients into sums of its own in work, then added in order */
 static void NAME(bn_rows_backward)(T *dx, double *dgamma, double *dbeta, double *work,
                                    const T *dy, const T *x, const double *mean,
                                    const double *invstd, const T *gamma, bn_rows s)
 {
-    bn_plan p = bn_rows_plan(s);
     size_t blocks = bn_row_blocks(s), per = (s.rows + blocks - 1) / blocks;
-    size_t width = s.period * s.n;
-    int team = p.team;
+    size_t width = bn_rows_channels(s);
+    int team = bn_rows_team(s);
     BN_PARALLEL_FOR
     for (ptrdiff_t b = 0; b < (ptrdiff_t)blocks; b++) {
-        double *sums = dgamma ? work + (size_t)b * 2 * width : NULL;
-        if (sums) {
-            memset(sums, 0, 2 * width * sizeof(double));
-        }
+        double *sums = work + (size_t)b * 2 * width;
+        memset(sums, 0, 2 * width * sizeof(double));
         for (size_t r = (size_t)b * per; r < s.rows && r < ((size_t)b + 1) * per; r++) {
-            size_t at = r % s.period * s.n, row = r * s.n;
-            NAME(row_backward)(dx + row, sums ? sums + at : NULL, sums ? sums + width + at : NULL,
-                               dy + row, x + row, gamma ? gamma + at : NULL, mean[r], invstd[r],
-                               s.n, s.centered);
+            NAME(row_backward)(dx, sums, sums + width, dy, x, gamma, mean[r], invstd[r], s, r);
         }
     }
-    if (dgamma) {
-        bn_add_row_blocks(dgamma, dbeta, work, blocks, width);
-    }
+    bn_add_row_blocks(dgamma, dbeta, work, blocks, width);
 }
