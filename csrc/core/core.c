@@ -111,6 +111,12 @@ int bn_rows_team(bn_rows s)
     return s.rows > 1 && s.rows * s.n >= BN_PARALLEL_MIN ? bn_get_num_threads() : 1;
 }
 
+int bn_rows_stream(bn_rows s, size_t elem_size, int in_place)
+{
+    bn_plan p = bn_make_plan((bn_shape){1, s.rows, s.n}, elem_size, in_place);
+    return p.stream && bn_row_run(s) * elem_size >= BN_STREAM_ROW_BYTES;
+}
+
 size_t bn_row_blocks(bn_rows s)
 {
     return s.rows < BN_ROW_BLOCKS ? s.rows : BN_ROW_BLOCKS;

@@ -92,6 +92,10 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place);
 /* threads for bn_rows s */
 int bn_rows_team(bn_rows s);
 
+/* whether bn_rows s streams its outputs of elem_size bytes each past the
+ * caches (by bn_plan's rule, a run for a row) */
+int bn_rows_stream(bn_rows s, size_t elem_size, int in_place);
+
 /* values of a row that the elementwise passes take at once: a run, or all
  * of the row when every value is a channel */
 static inline size_t bn_row_run(bn_rows s)

@@ -44,50 +44,81 @@ static bn_partial NAME(row_stats)(const T *x, size_t n)
 
 /* ---- elementwise: per value (spread 1) or per run ---------------------------------- */
 
-/* y[0 .. n) <- (x - mean) * (invstd * gamma[i]) + beta[i], or with one
- * gamma[0] and beta[0] for all when `one` */
-BN_INLINE void NAME(affine_out)(T *y, const T *x, size_t n, double mean, double invstd,
-                                const T *gamma, const T *beta, int one)
+/* (x[i] - mean) * (invstd * gamma[c]) + beta[c], c = i (or 0 when `one`) */
+BN_INLINE T NAME(affine_value)(const T *x, size_t i, double mean, double invstd, const T *gamma,
+                               const T *beta, int one)
 {
-    size_t i = 0;
-    bn_vec m = bn_splat(mean), s = bn_splat(invstd);
-    if (one) {
-        bn_vec scale = s * bn_splat((double)*gamma), shift = bn_splat((double)*beta);
-        for (; i + BN_W <= n; i += BN_W) {
-            NAME(store)(y + i, (NAME(load)(x + i) - m) * scale + shift);
-        }
+    size_t c = one ? 0 : i;
+    return (T)(((double)x[i] - mean) * (invstd * (double)gamma[c]) + (double)beta[c]);
+}
+
+/* y[0 .. n) <- affine_value for each, BN_LANES values at a time, streamed
+ * past the caches when `stream` */
+BN_INLINE void NAME(affine_out)(T *y, const T *x, size_t n, double mean, double invstd,
+                                const T *gamma, const T *beta, int one, int stream)
+{
+    size_t i = 0, head = stream ? NAME(stream_head)(y, n) : 0;
+    bn_vec m = bn_splat(mean), s = bn_splat(invstd), v[BN_K];
+    for (; i < head; i++) {
+        y[i] = NAME(affine_value)(x, i, mean, invstd, gamma, beta, one);
     }
-    for (; !one && i + BN_W <= n; i += BN_W) {
-        bn_vec scale = s * NAME(load)(gamma + i);
-        NAME(store)(y + i, (NAME(load)(x + i) - m) * scale + NAME(load)(beta + i));
+    bn_vec scale = s * bn_splat((double)*gamma), shift = bn_splat((double)*beta);
+    for (; one && i + BN_LANES <= n; i += BN_LANES) {
+        for (int k = 0; k < BN_K; k++) {
+            v[k] = (NAME(load)(x + i + (size_t)k * BN_W) - m) * scale + shift;
+        }
+        NAME(store16)(y + i, v, stream);
+    }
+    for (; !one && i + BN_LANES <= n; i += BN_LANES) {
+        for (int k = 0; k < BN_K; k++) {
+            size_t at = i + (size_t)k * BN_W;
+            v[k] = (NAME(load)(x + at) - m) * (s * NAME(load)(gamma + at)) + NAME(load)(beta + at);
+        }
+        NAME(store16)(y + i, v, stream);
     }
     for (; i < n; i++) {
-        size_t c = one ? 0 : i;
-        y[i] = (T)(((double)x[i] - mean) * (invstd * (double)gamma[c]) + (double)beta[c]);
+        y[i] = NAME(affine_value)(x, i, mean, invstd, gamma, beta, one);
     }
 }
 
-/* dx[0 .. n) <- invstd * ((gamma * dy - a) - xhat * b), xhat = (x - mean) *
- * invstd, with gamma as affine_out's */
-BN_INLINE void NAME(affine_dx)(T *dx, const T *dy, const T *x, size_t n, double mean,
-                               double invstd, const T *gamma, double a, double b, int one)
+/* invstd * ((gamma[c] * dy[i] - a) - xhat * b), xhat = (x[i] - mean) *
+ * invstd, c = i (or 0 when `one`) */
+BN_INLINE T NAME(dx_value)(const T *dy, const T *x, size_t i, double mean, double invstd,
+                           const T *gamma, double a, double b, int one)
 {
-    size_t i = 0;
+    double g = (double)gamma[one ? 0 : i], xhat = ((double)x[i] - mean) * invstd;
+    return (T)(invstd * ((g * (double)dy[i] - a) - xhat * b));
+}
+
+/* dx[0 .. n) <- dx_value for each, as affine_out */
+BN_INLINE void NAME(affine_dx)(T *dx, const T *dy, const T *x, size_t n, double mean,
+                               double invstd, const T *gamma, double a, double b, int one,
+                               int stream)
+{
+    size_t i = 0, head = stream ? NAME(stream_head)(dx, n) : 0;
     bn_vec m = bn_splat(mean), s = bn_splat(invstd), va = bn_splat(a), vb = bn_splat(b);
-    if (one) {
-        bn_vec g = bn_splat((double)*gamma);
-        for (; i + BN_W <= n; i += BN_W) {
-            bn_vec xhat = (NAME(load)(x + i) - m) * s;
-            NAME(store)(dx + i, s * ((g * NAME(load)(dy + i) - va) - xhat * vb));
-        }
+    bn_vec g = bn_splat((double)*gamma), v[BN_K];
+    for (; i < head; i++) {
+        dx[i] = NAME(dx_value)(dy, x, i, mean, invstd, gamma, a, b, one);
     }
-    for (; !one && i + BN_W <= n; i += BN_W) {
-        bn_vec g = NAME(load)(gamma + i), xhat = (NAME(load)(x + i) - m) * s;
-        NAME(store)(dx + i, s * ((g * NAME(load)(dy + i) - va) - xhat * vb));
+    for (; one && i + BN_LANES <= n; i += BN_LANES) {
+        for (int k = 0; k < BN_K; k++) {
+            size_t at = i + (size_t)k * BN_W;
+            bn_vec xhat = (NAME(load)(x + at) - m) * s;
+            v[k] = s * ((g * NAME(load)(dy + at) - va) - xhat * vb);
+        }
+        NAME(store16)(dx + i, v, stream);
+    }
+    for (; !one && i + BN_LANES <= n; i += BN_LANES) {
+        for (int k = 0; k < BN_K; k++) {
+            size_t at = i + (size_t)k * BN_W;
+            bn_vec xhat = (NAME(load)(x + at) - m) * s;
+            v[k] = s * ((NAME(load)(gamma + at) * NAME(load)(dy + at) - va) - xhat * vb);
+        }
+        NAME(store16)(dx + i, v, stream);
     }
     for (; i < n; i++) {
-        double g = (double)gamma[one ? 0 : i], xhat = ((double)x[i] - mean) * invstd;
-        dx[i] = (T)(invstd * ((g * (double)dy[i] - a) - xhat * b));
+        dx[i] = NAME(dx_value)(dy, x, i, mean, invstd, gamma, a, b, one);
     }
 }
 
@@ -120,15 +151,18 @@ static void NAME(value_sums)(double sums[2], double *dgamma, double *dbeta, cons
         NAME(value_grads)(acc, acc2, dgamma + i, dbeta + i, dy + i, x + i, gamma + i, mean,
                           invstd);
     }
-    T end_dy[BN_LANES] = {0}, end_x[BN_LANES] = {0}, end_gamma[BN_LANES] = {0};
-    double end_dgamma[BN_LANES] = {0}, end_dbeta[BN_LANES] = {0};
-    memcpy(end_dy, dy + i, (n - i) * sizeof(T));
-    memcpy(end_x, x + i, (n - i) * sizeof(T));
-    memcpy(end_gamma, gamma + i, (n - i) * sizeof(T));
-    NAME(value_grads)(acc, acc2, end_dgamma, end_dbeta, end_dy, end_x, end_gamma, mean, invstd);
-    for (size_t j = 0; i + j < n; j++) {
-        dgamma[i + j] += end_dgamma[j];
-        dbeta[i + j] += end_dbeta[j];
+    if (i < n) {
+        T end_dy[BN_LANES] = {0}, end_x[BN_LANES] = {0}, end_gamma[BN_LANES] = {0};
+        double end_dgamma[BN_LANES] = {0}, end_dbeta[BN_LANES] = {0};
+        memcpy(end_dy, dy + i, (n - i) * sizeof(T));
+        memcpy(end_x, x + i, (n - i) * sizeof(T));
+        memcpy(end_gamma, gamma + i, (n - i) * sizeof(T));
+        NAME(value_grads)(acc, acc2, end_dgamma, end_dbeta, end_dy, end_x, end_gamma, mean,
+                          invstd);
+        for (size_t j = 0; i + j < n; j++) {
+            dgamma[i + j] += end_dgamma[j];
+            dbeta[i + j] += end_dbeta[j];
+        }
     }
     sums[0] = bn_total(acc);
     sums[1] = bn_total(acc2);
@@ -158,7 +192,7 @@ static void NAME(run_sums)(double sums[2], double *dgamma, double *dbeta, const 
 /* Row r: mean[r], invstd[r] <- its moments (mean 0 and the root mean square
  * when not centered), y's row <- it normalized */
 static void NAME(row_forward)(T *y, double *mean, double *invstd, const T *x, const T *gamma,
-                              const T *beta, double eps, bn_rows s, size_t r)
+                              const T *beta, double eps, bn_rows s, size_t r, int stream)
 {
     size_t at = r * s.n, c = r % s.period * (s.n / s.spread);
     bn_partial stats = NAME(row_stats)(x + at, s.n);
@@ -170,14 +204,15 @@ static void NAME(row_forward)(T *y, double *mean, double *invstd, const T *x, co
     for (size_t j = 0; j < s.n; j += bn_row_run(s)) {
         size_t k = c + j / s.spread; /* the channel of the run, or the first of the row */
         NAME(affine_out)(y + at + j, x + at + j, bn_row_run(s), mean[r], invstd[r], gamma + k,
-                         beta + k, s.spread > 1);
+                         beta + k, s.spread > 1, stream);
     }
 }
 
 /* Row r: dx's row, and its parameters' gradients added into dgamma, dbeta
  * (one per channel) */
 static void NAME(row_backward)(T *dx, double *dgamma, double *dbeta, const T *dy, const T *x,
-                               const T *gamma, double mean, double invstd, bn_rows s, size_t r)
+                               const T *gamma, double mean, double invstd, bn_rows s, size_t r,
+                               int stream)
 {
     size_t at = r * s.n, c = r % s.period * (s.n / s.spread);
     double sums[2];
@@ -191,17 +226,20 @@ static void NAME(row_backward)(T *dx, double *dgamma, double *dbeta, const T *dy
     double a = s.centered ? sums[0] / (double)s.n : 0.0, b = sums[1] / (double)s.n;
     for (size_t j = 0; j < s.n; j += bn_row_run(s)) {
         NAME(affine_dx)(dx + at + j, dy + at + j, x + at + j, bn_row_run(s), mean, invstd,
-                        gamma + j / s.spread, a, b, s.spread > 1);
+                        gamma + j / s.spread, a, b, s.spread > 1, stream);
     }
 }
 
 static void NAME(bn_rows_forward)(T *y, double *mean, double *invstd, const T *x,
                                   const T *gamma, const T *beta, double eps, bn_rows s)
 {
-    int team = bn_rows_team(s);
+    int team = bn_rows_team(s), stream = bn_rows_stream(s, sizeof(T), y == x);
     BN_PARALLEL_FOR
     for (ptrdiff_t r = 0; r < (ptrdiff_t)s.rows; r++) {
-        NAME(row_forward)(y, mean, invstd, x, gamma, beta, eps, s, (size_t)r);
+        NAME(row_forward)(y, mean, invstd, x, gamma, beta, eps, s, (size_t)r, stream);
+        if (stream) { /* by each thread, for its own streamed stores */
+            bn_stream_fence();
+        }
     }
 }
 
@@ -213,13 +251,17 @@ static void NAME(bn_rows_backward)(T *dx, double *dgamma, double *dbeta, double 
 {
     size_t blocks = bn_row_blocks(s), per = (s.rows + blocks - 1) / blocks;
     size_t width = bn_rows_channels(s);
-    int team = bn_rows_team(s);
+    int team = bn_rows_team(s), stream = bn_rows_stream(s, sizeof(T), dx == dy || dx == x);
     BN_PARALLEL_FOR
     for (ptrdiff_t b = 0; b < (ptrdiff_t)blocks; b++) {
         double *sums = work + (size_t)b * 2 * width;
         memset(sums, 0, 2 * width * sizeof(double));
         for (size_t r = (size_t)b * per; r < s.rows && r < ((size_t)b + 1) * per; r++) {
-            NAME(row_backward)(dx, sums, sums + width, dy, x, gamma, mean[r], invstd[r], s, r);
+            NAME(row_backward)(dx, sums, sums + width, dy, x, gamma, mean[r], invstd[r], s, r,
+                               stream);
+        }
+        if (stream) {
+            bn_stream_fence();
         }
     }
     bn_add_row_blocks(dgamma, dbeta, work, blocks, width);
