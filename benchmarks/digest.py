@@ -18,6 +18,10 @@ digest and whether they agree:
 
     python setup.py build_ext --inplace && python benchmarks/digest.py HEAD~1 .
 
+A second line, `family <sha-256>`, digests layer, RMS, group and instance
+norm (their y, dx and parameter gradients, and instance norm's running
+statistics) on shapes of their own; it is left out for a bnpy without them.
+
 What goes in, for each shape and both dtypes: the training forward's y and
 running statistics; dx of the backward, fresh, into `out=` and in place over
 dy; dgamma and dbeta; the inference forward and backward, and the dgamma
@@ -65,6 +69,17 @@ SHAPES = [
     (64, 512, 7, 7),
 ]  # short rows from memory, too many features to spread
 QUICK_SHAPES = [(4, 6, 30, 31), (3, 5, 1000, 7), (2000, 3), (64, 40, 7, 7), (5, 7)]
+# the family (layer, RMS, group and instance norm) on shapes with rows of a
+# few values, of tails, of several tiles, and large enough to stream
+FAMILY_SHAPES = [
+    (32, 64, 300),
+    (8, 16, 28, 28),
+    (2, 4, 5000),
+    (4, 64, 128, 128),
+    (64, 8, 7, 7),
+    (6, 4, 3),
+]
+QUICK_FAMILY_SHAPES = [(8, 16, 28, 28), (6, 4, 3)]
 THREADS = (1, 2)
 
 
@@ -100,6 +115,42 @@ def results_of(shape, dtype, seed):
     yield from (bn.grad_gamma, bn.grad_beta)
 
 
+def family_results_of(shape, dtype, seed):
+    """Every array layer, RMS, group and instance norm compute for one x of
+    `shape`, in a fixed order: each layer's y, dx, dgamma and dbeta"""
+    import bnpy
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    channels = shape[1]
+    layers = [
+        bnpy.LayerNorm(shape[-1], dtype=dtype),
+        bnpy.RMSNorm(shape[-1], dtype=dtype),
+        bnpy.GroupNorm(2 if channels % 2 == 0 else 1, channels, dtype=dtype),
+        bnpy.GroupNorm(1, shape[-1], axis=-1, dtype=dtype),
+        bnpy.InstanceNorm(channels, affine=True, track_running_stats=True, dtype=dtype),
+    ]
+    for layer in layers:
+        layer.gamma = rng.standard_normal(layer.gamma.shape)
+        if layer.beta is not None:
+            layer.beta = rng.standard_normal(layer.beta.shape)
+        yield layer.forward(x)
+        yield layer.backward(dy)
+        yield from (layer.grad_gamma, layer.grad_beta if layer.beta is not None else dy[:0])
+    yield from (layers[-1].running_mean, layers[-1].running_var)
+
+
+def family_digest(shapes):
+    """The SHA-256 (hex) of family_results_of every shape and both dtypes"""
+    h = hashlib.sha256()
+    for seed, shape in enumerate(shapes):
+        for dtype in (np.float32, np.float64):
+            for a in family_results_of(shape, dtype, seed):
+                h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def digest(shapes):
     """The SHA-256 (hex) of results_of every shape, both dtypes, under the
     current build and thread count"""
@@ -111,10 +162,11 @@ def digest(shapes):
     return h.hexdigest()
 
 
-def digests(shapes):
-    """{(build, threads): digest} for every build the CPU runs and THREADS;
-    the build and thread count are set back as they were (the thread count
-    as a number: one that followed OpenMP's default stays fixed at it)"""
+def digests(shapes, family_shapes=()):
+    """{(build, threads): digest} for every build the CPU runs and THREADS,
+    with the family's digest after a space when there are family_shapes; the
+    build and thread count are set back as they were (the thread count as a
+    number: one that followed OpenMP's default stays fixed at it)"""
     import bnpy
 
     build, threads = bnpy.get_cpu_capability(), bnpy.get_num_threads()
@@ -125,18 +177,28 @@ def digests(shapes):
             for n in THREADS:
                 bnpy.set_num_threads(n)
                 out[cap, n] = digest(shapes)
+                if family_shapes:
+                    out[cap, n] += " " + family_digest(family_shapes)
     finally:
         bnpy.set_cpu_capability(build)
         bnpy.set_num_threads(threads)
     return out
 
 
-def digest_here(shapes):
-    """Prints the one digest of this process's bnpy, or the settings that
-    disagree; 0 when they agree, else 1"""
-    found = digests(shapes)
+def digest_here(shapes, family_shapes=()):
+    """Prints the one digest of this process's bnpy (and of its family on a
+    line of its own, when it has one), or the settings that disagree; 0 when
+    they agree, else 1"""
+    import bnpy
+
+    family_shapes = family_shapes if hasattr(bnpy, "LayerNorm") else ()
+    found = digests(shapes, family_shapes)
     if len(set(found.values())) == 1:
-        print(f"digest {next(iter(found.values()))}")
+        print(
+            "digest {}\nfamily {}".format(*next(iter(found.values())).split())
+            if family_shapes
+            else f"digest {next(iter(found.values()))}"
+        )
         return 0
     print("the builds and thread counts disagree:")
     for (cap, threads), hexdigest in found.items():
@@ -206,7 +268,9 @@ def main(argv=None):
         import bnpy._core
 
         print(f"core {os.path.realpath(bnpy._core.__file__)}")
-    return digest_here(QUICK_SHAPES if args.quick else SHAPES)
+    if args.quick:
+        return digest_here(QUICK_SHAPES, QUICK_FAMILY_SHAPES)
+    return digest_here(SHAPES, FAMILY_SHAPES)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 import bnpy
 
-DIGEST_LINE = re.compile(r"digest [0-9a-f]{64}")
+DIGEST_LINES = re.compile(r"digest [0-9a-f]{64}\nfamily [0-9a-f]{64}")
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,10 @@ def digest():
 
 def test_every_build_and_thread_count_gives_the_one_digest(digest, capsys):
     assert digest.main(["--quick"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert DIGEST_LINE.fullmatch(line), line
-    assert line.split()[1] == digest.digest(digest.QUICK_SHAPES)
+    lines = capsys.readouterr().out.strip()
+    assert DIGEST_LINES.fullmatch(lines), lines
+    assert lines.split()[1] == digest.digest(digest.QUICK_SHAPES)
+    assert lines.split()[3] == digest.family_digest(digest.QUICK_FAMILY_SHAPES)
 
 
 def test_one_changed_bit_in_one_result_changes_the_digest(digest, monkeypatch):
@@ -45,6 +46,21 @@ def test_one_changed_bit_in_one_result_changes_the_digest(digest, monkeypatch):
 
     monkeypatch.setattr(digest, "results_of", one_bit_off)
     assert digest.digest(digest.QUICK_SHAPES) != want
+
+
+def test_one_changed_bit_in_a_family_result_changes_its_digest(digest, monkeypatch):
+    want = digest.family_digest(digest.QUICK_FAMILY_SHAPES)
+    family_results_of = digest.family_results_of
+
+    def one_bit_off(shape, dtype, seed):
+        for k, a in enumerate(family_results_of(shape, dtype, seed)):
+            if seed == 0 and dtype == np.float32 and k == 9:  # RMS norm's dx
+                a = a.copy()
+                a.reshape(-1).view(np.uint32)[0] ^= 1
+            yield a
+
+    monkeypatch.setattr(digest, "family_results_of", one_bit_off)
+    assert digest.family_digest(digest.QUICK_FAMILY_SHAPES) != want
 
 
 @pytest.mark.skipif(not bnpy.has_openmp(), reason="one thread only without OpenMP")

@@ -188,6 +188,63 @@ static void *alloc(size_t n, size_t size)
 DEFINE_RUN(float, f32)
 DEFINE_RUN(double, f64)
 
+/* The row kernels on the same data seen as rows: a layer norm over inner (a
+ * gamma per value), its RMS form, a group norm of all C features of an outer
+ * row (a gamma per run of inner), and an instance norm (a row per feature) */
+#define DEFINE_ROWS(T, SUF)                                                                    \
+    static void rows_##SUF(bn_shape s, double offset)                                         \
+    {                                                                                          \
+        const char *dt = #SUF;                                                                 \
+        size_t C = s.channels, total = bn_count(s) * C;                                        \
+        const bn_rows cases[4] = {{s.outer * C, s.inner, 1, 1, 1},                             \
+                                  {s.outer * C, s.inner, 1, 1, 0},                             \
+                                  {s.outer, C * s.inner, s.inner, 1, 1},                       \
+                                  {s.outer * C, s.inner, s.inner, C, 1}};                      \
+        const char *names[4] = {"rows_layer", "rows_rms", "rows_group", "rows_instance"};     \
+        size_t most = s.inner > C ? s.inner : C, rows = s.outer * C;                           \
+        T *x = alloc(total, sizeof(T)), *dy = alloc(total, sizeof(T));                         \
+        T *y = alloc(total, sizeof(T)), *dx = alloc(total, sizeof(T));                         \
+        T *gamma = alloc(most, sizeof(T)), *beta = alloc(most, sizeof(T));                     \
+        double *mean = alloc(rows, 8), *invstd = alloc(rows, 8);                               \
+        double *dgamma = alloc(most, 8), *dbeta = alloc(most, 8);                              \
+        lcg_state = 0x2545f4914f6cdd1dULL ^ (uint64_t)total;                                   \
+        for (size_t k = 0; k < total; k++) {                                                   \
+            x[k] = (T)(offset + 3.0 * lcg_next());                                             \
+            dy[k] = (T)lcg_next();                                                             \
+        }                                                                                      \
+        for (size_t c = 0; c < most; c++) {                                                    \
+            gamma[c] = (T)(1.0 + lcg_next());                                                  \
+            beta[c] = (T)lcg_next();                                                           \
+        }                                                                                      \
+        for (int k = 0; k < 4; k++) {                                                          \
+            bn_rows r = cases[k];                                                              \
+            size_t channels = bn_rows_channels(r);                                             \
+            double *work = alloc(bn_rows_workspace_size(r), 8);                                \
+            char op[64];                                                                       \
+            bn_rows_forward_##SUF(y, mean, invstd, x, gamma, beta, 1e-5, r);                   \
+            snprintf(op, sizeof op, "%s.y", names[k]);                                         \
+            emit(dt, op, hash_##SUF(FNV_OFFSET, y, total));                                    \
+            snprintf(op, sizeof op, "%s.moments", names[k]);                                   \
+            emit(dt, op, hash_f64(hash_f64(FNV_OFFSET, mean, r.rows), invstd, r.rows));        \
+            bn_rows_backward_##SUF(dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, r);    \
+            snprintf(op, sizeof op, "%s.dx", names[k]);                                        \
+            emit(dt, op, hash_##SUF(FNV_OFFSET, dx, total));                                   \
+            snprintf(op, sizeof op, "%s.sums", names[k]);                                      \
+            emit(dt, op, hash_f64(hash_f64(FNV_OFFSET, dgamma, channels), dbeta, channels));  \
+            memcpy(y, x, total * sizeof(T));                                                    \
+            bn_rows_forward_##SUF(y, mean, invstd, y, gamma, beta, 1e-5, r);                   \
+            memcpy(dx, dy, total * sizeof(T));                                                  \
+            bn_rows_backward_##SUF(dx, dgamma, dbeta, work, dx, y, mean, invstd, gamma, r);    \
+            snprintf(op, sizeof op, "%s_inplace.dx", names[k]);                                \
+            emit(dt, op, hash_##SUF(hash_##SUF(FNV_OFFSET, y, total), dx, total));             \
+            free(work);                                                                        \
+        }                                                                                      \
+        free(x); free(dy); free(y); free(dx); free(gamma); free(beta); free(mean);             \
+        free(invstd); free(dgamma); free(dbeta);                                               \
+    }
+DEFINE_ROWS(float, f32)
+DEFINE_ROWS(double, f64)
+
 /* The shapes: together they reach every layout of the current core (and of any
  * plan that chooses by inner, C * inner, outer and the bytes involved). */
 static const struct {
@@ -245,6 +302,8 @@ int main(int argc, char **argv)
         snprintf(shape_label, sizeof shape_label, "%zux%zux%zu", s.outer, s.channels, s.inner);
         run_f32(s, cases[k].offset);
         run_f64(s, cases[k].offset);
+        rows_f32(s, cases[k].offset);
+        rows_f64(s, cases[k].offset);
     }
     return fflush(stdout) == 0 ? 0 : 1;
 }
