@@ -375,7 +375,8 @@ def check_layer(layer: Any, x: npt.ArrayLike, **options: Any) -> GradcheckReport
     """Check a batch-norm-like layer's gradients for x, gamma and beta.
 
     `layer` has forward(x), backward(dy) -> dx and the attributes gamma, beta
-    (None when it has none), grad_gamma and grad_beta, like bnpy.BatchNorm.
+    (None when it has none), grad_gamma and grad_beta, like bnpy.BatchNorm
+    (bnpy.RMSNorm has gamma alone).
     The check runs in the layer's current mode (training or eval) and leaves
     its parameters and running statistics as they were. Options are those of
     gradcheck. A float32 layer cannot resolve steps of 1e-6, and its rounding
@@ -386,26 +387,26 @@ def check_layer(layer: Any, x: npt.ArrayLike, **options: Any) -> GradcheckReport
         options.setdefault("eps", 1e-3)
         options.setdefault("atol", 1e-3)
         options.setdefault("rtol", 1e-2)
-    has_params = getattr(layer, "gamma", None) is not None
+    # the parameters it has: gamma and beta, gamma alone (RMSNorm), or none
+    params = [k for k in ("gamma", "beta") if getattr(layer, k, None) is not None]
     snapshot = _snapshot(layer)
 
-    def set_params(*params: _Array) -> None:  # (gamma, beta), or () for a layer without them
-        if params:
-            layer.gamma, layer.beta = params
+    def set_params(*values: _Array) -> None:
+        for name, value in zip(params, values):
+            setattr(layer, name, value)
 
-    def forward(x_: _Array, *params: _Array) -> Any:
-        set_params(*params)
+    def forward(x_: _Array, *values: _Array) -> Any:
+        set_params(*values)
         return layer.forward(x_)
 
-    def backward(dy: _Array, x_: _Array, *params: _Array) -> tuple[Any, ...]:
-        set_params(*params)
+    def backward(dy: _Array, x_: _Array, *values: _Array) -> tuple[Any, ...]:
+        set_params(*values)
         layer.forward(x_)  # the forward that backward differentiates
         dx = layer.backward(dy)
-        return (dx, layer.grad_gamma, layer.grad_beta) if has_params else (dx,)
+        return (dx, *(getattr(layer, "grad_" + name) for name in params))
 
-    inputs = [x] + ([layer.gamma, layer.beta] if has_params else [])
-    names = ["x", "gamma", "beta"][: len(inputs)]
+    inputs = [x] + [getattr(layer, name) for name in params]
     try:
-        return gradcheck(forward, backward, inputs, names=names, **options)
+        return gradcheck(forward, backward, inputs, names=["x", *params], **options)
     finally:
         _restore(layer, snapshot)
