@@ -135,6 +135,17 @@ def _medians(runners: Mapping[_Key, _Runner], repeats: int) -> dict[_Key, float]
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _no_grad(torch: Any, fn: _Runner) -> _Runner:
+    """fn, called under torch.no_grad(): a forward that records no graph for
+    autograd, although its weight and bias require gradients"""
+
+    def call() -> object:
+        with torch.no_grad():
+            return fn()
+
+    return call
+
+
 def _torch_runners(
     torch: Any, x: _Array, dy: _Array, axis: int, op: str, momentum: float = 0.1, eps: float = 1e-5
 ) -> _Runner:
@@ -155,10 +166,12 @@ def _torch_runners(
     F = torch.nn.functional
     if op not in BACKWARDS:  # torch has no in-place batch norm backward: both time autograd
         training = op == "forward-train"
-        with torch.no_grad():
-            return lambda: F.batch_norm(
+        return _no_grad(
+            torch,
+            lambda: F.batch_norm(
                 xt, running_mean, running_var, weight, bias, training, momentum, eps
-            )
+            ),
+        )
     xg = xt.detach().requires_grad_(True)
     y = F.batch_norm(xg, running_mean, running_var, weight, bias, True, momentum, eps)
     return lambda: torch.autograd.grad(y, (xg, weight, bias), dyt, retain_graph=True)

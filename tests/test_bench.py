@@ -211,6 +211,16 @@ def test_rounds_combine_into_the_median_of_each_time():
     assert combined["reference"] is None and combined["copy2"] == 0.5
 
 
+@pytest.mark.parametrize("op", ["forward-train", "forward-eval"])
+def test_torch_s_forward_records_no_graph(torch, op):
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    y = bench._torch_runners(torch, x, x.copy(), 1, op)()
+    # under no_grad when called, not only when made: its weight requires grad
+    assert y.grad_fn is None and not y.requires_grad
+
+
 # In a child process: steady_heap changes the allocator of the whole process.
 FAULTS_OF_A_FRESH_ARRAY = """
 import resource
