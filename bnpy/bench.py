@@ -14,6 +14,14 @@ count in the same repeats, so the speedup from threads compares like moments):
   forward plus autograd backward of ``bnpy.torch.BatchNorm2d`` (the bnpy
   column) against ``torch.nn.BatchNorm2d`` (the torch column), module level,
   on tensors sharing x's and dy's memory (channels_last for NHWC),
+- for the normalization family (``--norms``: layer, group, instance and
+  rms), bnpy's ``LayerNorm``, ``GroupNorm(32)``, ``InstanceNorm(affine=True)``
+  and ``RMSNorm`` (a training forward into ``out=``; a backward after one,
+  into ``out=``) against ``torch.nn.functional``'s ``layer_norm``,
+  ``group_norm``, ``instance_norm`` and ``rms_norm`` with a weight and bias
+  of their own (RMS: a weight), so that both sides compute the same
+  gradients: instance norm is affine on both sides, which neither bnpy's
+  ``InstanceNorm`` nor torch's ``InstanceNorm2d`` is by default,
 - ``np.copyto`` of the same bytes: the floor for a pass that reads x and
   writes y once; for the large cases also split in halves over two threads
   (NumPy copies without the GIL), the memory system's own speedup from a
@@ -22,7 +30,9 @@ count in the same repeats, so the speedup from threads compares like moments):
 and prints medians in milliseconds (with ``--rounds K``, the whole run K
 times and the median of each time over the rounds, so that a minute of load
 from elsewhere on a shared machine sways one round, not the result), bnpy's GB/s (bytes it must move: x and y
-forward; x, dy and dx backward), and the ratios bnpy/copy and torch/bnpy.
+forward; x, dy and dx backward), and the ratios bnpy/copy, torch/copy and
+torch/bnpy. torch's forward runs under ``torch.no_grad()``; its backward is
+``torch.autograd.grad`` on a graph made once and retained.
 
 ``--steady-heap`` times torch at its fastest: see ``steady_heap``.
 """
@@ -62,13 +72,33 @@ QUICK_CASES = [
     ("NHWC 8x14x14x16", (8, 14, 14, 16), -1),
     ("NC 64x32", (64, 32), 1),
 ]
+# The normalization family (bnpy/family.py), each case's name, norm and
+# shape: layer and RMS norm over the last axis, group and instance norm over
+# axis 1's channels (GroupNorm with GROUPS groups); the issue's shapes.
+FAMILY_CASES = [
+    ("LayerNorm 32x128x768", "layer", (32, 128, 768)),
+    ("LayerNorm 8x512x4096", "layer", (8, 512, 4096)),
+    ("GroupNorm(32) 32x256x28x28", "group", (32, 256, 28, 28)),
+    ("InstanceNorm 32x64x56x56", "instance", (32, 64, 56, 56)),
+    ("RMSNorm 32x128x768", "rms", (32, 128, 768)),
+]
+QUICK_FAMILY_CASES = [
+    ("LayerNorm 8x16x32", "layer", (8, 16, 32)),
+    ("GroupNorm(32) 2x64x7x7", "group", (2, 64, 7, 7)),
+    ("InstanceNorm 4x8x7x7", "instance", (4, 8, 7, 7)),
+    ("RMSNorm 8x16x32", "rms", (8, 16, 32)),
+]
+GROUPS = 32
+FAMILY = ("layer", "group", "instance", "rms")
+NORMS = ("batch", *FAMILY)  # what --norms picks from: "batch" is CASES
 OPS = ("forward-train", "forward-eval", "backward", "backward-inplace")
+FAMILY_OPS = ("forward", "backward")  # forward in training mode, the same as eval's here
 BACKWARDS = ("backward", "backward-inplace")
 MODULE = "module"  # bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward
 
 
 _Array = npt.NDArray[Any]
-Row = dict[str, Any]  # one measurement: case, dtype, op, threads, times in seconds, bytes
+Row = dict[str, Any]  # one measurement: case, norm, dtype, op, threads, times in seconds, bytes
 _Runner = Callable[[], object]
 _Key = str | tuple[str, int]  # "copy", or ("bnpy" or "torch", threads)
 # torch is an optional dependency: the module, or None, passed around as Any
@@ -135,6 +165,17 @@ def _medians(runners: Mapping[_Key, _Runner], repeats: int) -> dict[_Key, float]
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _no_grad(torch: Any, fn: _Runner) -> _Runner:
+    """fn, called under torch.no_grad(): a forward that records no graph for
+    autograd, although its weight and bias require gradients"""
+
+    def call() -> object:
+        with torch.no_grad():
+            return fn()
+
+    return call
+
+
 def _torch_runners(
     torch: Any, x: _Array, dy: _Array, axis: int, op: str, momentum: float = 0.1, eps: float = 1e-5
 ) -> _Runner:
@@ -155,10 +196,12 @@ def _torch_runners(
     F = torch.nn.functional
     if op not in BACKWARDS:  # torch has no in-place batch norm backward: both time autograd
         training = op == "forward-train"
-        with torch.no_grad():
-            return lambda: F.batch_norm(
+        return _no_grad(
+            torch,
+            lambda: F.batch_norm(
                 xt, running_mean, running_var, weight, bias, training, momentum, eps
-            )
+            ),
+        )
     xg = xt.detach().requires_grad_(True)
     y = F.batch_norm(xg, running_mean, running_var, weight, bias, True, momentum, eps)
     return lambda: torch.autograd.grad(y, (xg, weight, bias), dyt, retain_graph=True)
@@ -219,30 +262,105 @@ def _copy_on_two_threads(pool: ThreadPoolExecutor, out: _Array, x: _Array) -> No
 
 
 class _Case(NamedTuple):
-    """One case's data in one dtype; copy_out is the copy's output"""
+    """One case's data in one dtype; copy_out is the copy's output; norm is
+    "batch" or one of FAMILY (axis then unused)"""
 
     name: str
     x: _Array
     dy: _Array
     axis: int
     copy_out: _Array
+    norm: str = "batch"
 
 
-def _make_case(name: str, shape: tuple[int, ...], axis: int, dtype: npt.DTypeLike) -> _Case:
+def _make_case(
+    name: str, shape: tuple[int, ...], axis: int, dtype: npt.DTypeLike, norm: str = "batch"
+) -> _Case:
     """x and dy of `shape` drawn from the same seed for every case"""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    return _Case(name, x, dy, axis, np.empty_like(x))
+    return _Case(name, x, dy, axis, np.empty_like(x), norm)
+
+
+def _family_layer(
+    norm: str, shape: tuple[int, ...], dtype: npt.DTypeLike
+) -> bnpy.LayerNorm | bnpy.GroupNorm:
+    """bnpy's layer for a family case, with gamma and beta (RMS: gamma)"""
+    if norm == "layer":
+        return bnpy.LayerNorm(shape[-1], dtype=dtype)
+    if norm == "rms":
+        return bnpy.RMSNorm(shape[-1], dtype=dtype)
+    if norm == "group":
+        return bnpy.GroupNorm(GROUPS, shape[1], dtype=dtype)
+    return bnpy.InstanceNorm(shape[1], affine=True, dtype=dtype)
+
+
+def _family_bnpy_runner(case: _Case, op: str, out: _Array) -> _Runner:
+    """bnpy's layer doing op: a training forward, or a backward after one,
+    writing into out"""
+    layer = _family_layer(case.norm, case.x.shape, case.x.dtype)
+    if op == "forward":
+        return lambda: layer.forward(case.x, out=out)
+    layer.forward(case.x)
+    return lambda: layer.backward(case.dy, out=out)
+
+
+def _family_torch_function(
+    torch: Any, norm: str, shape: tuple[int, ...], dtype: Any
+) -> tuple[Callable[[Any], Any], tuple[Any, ...]]:
+    """torch.nn.functional's counterpart of _family_layer, as a function of
+    x, and the parameters it takes the gradients of"""
+    F = torch.nn.functional
+    features = shape[-1] if norm in ("layer", "rms") else shape[1]
+    weight = torch.ones(features, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(features, dtype=dtype, requires_grad=True)
+    if norm == "layer":
+        return (lambda x: F.layer_norm(x, (features,), weight, bias, 1e-5)), (weight, bias)
+    if norm == "rms":  # eps None on both sides: the dtype's machine epsilon
+        return (lambda x: F.rms_norm(x, (features,), weight)), (weight,)
+    if norm == "group":
+        return (lambda x: F.group_norm(x, GROUPS, weight, bias, 1e-5)), (weight, bias)
+    return (lambda x: F.instance_norm(x, weight=weight, bias=bias, eps=1e-5)), (weight, bias)
+
+
+def _family_torch_runner(torch: Any, case: _Case, op: str) -> _Runner:
+    """torch on the same data: the forward under no_grad, the backward as
+    autograd.grad of x and the parameters on a graph made once and retained"""
+    xt, dyt = torch.from_numpy(case.x), torch.from_numpy(case.dy)
+    norm, parameters = _family_torch_function(torch, case.norm, case.x.shape, xt.dtype)
+    if op == "forward":
+        return _no_grad(torch, lambda: norm(xt))
+    xg = xt.detach().requires_grad_(True)
+    y = norm(xg)
+    return lambda: torch.autograd.grad(y, (xg, *parameters), dyt, retain_graph=True)
 
 
 def _reference_time(case: _Case, op: str, repeats: int) -> float | None:
     """The NumPy reference's median seconds for op (None for backward-inplace:
-    the reference's backward is the same; None for the modules)"""
-    if op in ("backward-inplace", MODULE):
+    the reference's backward is the same; None for the modules and the
+    family: the reference is batch norm's)"""
+    if op in ("backward-inplace", MODULE) or case.norm != "batch":
         return None
     runner = _reference_runner(case.x, case.dy, case.axis, op)
     return _medians({"ref": runner}, max(1, repeats // 4))["ref"]
+
+
+def _bnpy_and_torch(
+    case: _Case, op: str, torch: Any, out: _Array
+) -> tuple[_Runner, _Runner | None]:
+    """bnpy's runner and torch's (None without torch) for one op of a case"""
+    x, dy, axis = case.x, case.dy, case.axis
+    if op == MODULE:
+        from bnpy.torch import BatchNorm2d
+
+        ours = _module_runner(torch, BatchNorm2d, x, dy, axis)
+        return ours, _module_runner(torch, torch.nn.BatchNorm2d, x, dy, axis)
+    if case.norm != "batch":
+        theirs = None if torch is None else _family_torch_runner(torch, case, op)
+        return _family_bnpy_runner(case, op, out), theirs
+    theirs = None if torch is None else _torch_runners(torch, x, dy, axis, op)
+    return _bnpy_runner(x, dy, axis, op, out), theirs
 
 
 def _runners(
@@ -258,25 +376,10 @@ def _runners(
     if case.name in LARGE_CASES and 2 in threads:
         runners["copy2"] = lambda: _copy_on_two_threads(pool, copy_out, x)
     for n in threads:
-        if op == MODULE:
-            from bnpy.torch import BatchNorm2d
-
-            runners["bnpy", n] = _OnThreads(
-                n, _module_runner(torch, BatchNorm2d, x, case.dy, case.axis), bnpy.set_num_threads
-            )
-            runners["torch", n] = _OnThreads(
-                n,
-                _module_runner(torch, torch.nn.BatchNorm2d, x, case.dy, case.axis),
-                torch.set_num_threads,
-            )
-            continue
-        runners["bnpy", n] = _OnThreads(
-            n, _bnpy_runner(x, case.dy, case.axis, op, out), bnpy.set_num_threads
-        )
-        if torch is not None:
-            runners["torch", n] = _OnThreads(
-                n, _torch_runners(torch, x, case.dy, case.axis, op), torch.set_num_threads
-            )
+        ours, theirs = _bnpy_and_torch(case, op, torch, out)
+        runners["bnpy", n] = _OnThreads(n, ours, bnpy.set_num_threads)
+        if theirs is not None:
+            runners["torch", n] = _OnThreads(n, theirs, torch.set_num_threads)
     return runners
 
 
@@ -296,6 +399,7 @@ def _measure(
     return [
         dict(
             case=case.name,
+            norm=case.norm,
             dtype=case.x.dtype.name,
             op=op,
             threads=n,
@@ -310,9 +414,23 @@ def _measure(
     ]
 
 
-def _ops(shape: tuple[int, ...], torch: Any) -> tuple[str, ...]:
-    """The ops timed for a case of this shape: MODULE too for 4-D cases when torch is here."""
+def _ops(shape: tuple[int, ...], torch: Any, norm: str = "batch") -> tuple[str, ...]:
+    """The ops timed for a case of this shape: MODULE too for 4-D batch norm
+    cases when torch is here; FAMILY_OPS for the family's."""
+    if norm != "batch":
+        return FAMILY_OPS
     return OPS + ((MODULE,) if torch is not None and len(shape) == 4 else ())
+
+
+_FamilyCase = tuple[str, str, tuple[int, ...]]  # name, norm, shape: FAMILY_CASES
+
+
+def _every_case(
+    cases: Iterable[tuple[str, tuple[int, ...], int]], family: Iterable[_FamilyCase]
+) -> list[tuple[str, tuple[int, ...], int, str]]:
+    """(name, shape, axis, norm) of batch norm's cases, then the family's"""
+    batch = [(name, shape, axis, "batch") for name, shape, axis in cases]
+    return batch + [(name, shape, 1, norm) for name, norm, shape in family]
 
 
 def run(
@@ -323,14 +441,16 @@ def run(
     with_reference: bool,
     torch: Any = None,
     echo: Callable[[str], object] = print,
+    family: Iterable[_FamilyCase] = (),
 ) -> list[Row]:
-    """Measure every case; returns a list of result dicts (times in seconds)."""
+    """Measure every case, batch norm's and then the family's; returns a
+    list of result dicts (times in seconds)."""
     rows = []
     with ThreadPoolExecutor(2) as pool:  # the copy on two threads
-        for name, shape, axis in cases:
+        for name, shape, axis, norm in _every_case(cases, family):
             for dtype in dtypes:
-                case = _make_case(name, shape, axis, dtype)
-                for op in _ops(shape, torch):
+                case = _make_case(name, shape, axis, dtype, norm)
+                for op in _ops(shape, torch, norm):
                     for row in _measure(pool, case, op, threads, repeats, with_reference, torch):
                         rows.append(row)
                         echo(format_row(row))
@@ -355,7 +475,8 @@ def median_over_rounds(rounds: Sequence[Sequence[Row]]) -> list[Row]:
 
 HEADER = (
     f"{'case':<26} {'dtype':<8} {'op':<16} {'thr':>3} {'bnpy ms':>9} {'GB/s':>6} "
-    f"{'torch ms':>9} {'numpy ms':>9} {'copy ms':>8} {'bnpy/copy':>9} {'torch/bnpy':>10}"
+    f"{'torch ms':>9} {'numpy ms':>9} {'copy ms':>8} {'bnpy/copy':>9} {'torch/copy':>10} "
+    f"{'torch/bnpy':>10}"
 )
 
 
@@ -363,11 +484,14 @@ def format_row(r: Row) -> str:
     def ms(t: float | None) -> str:
         return f"{t * 1e3:9.2f}" if t is not None else f"{'-':>9}"
 
-    torch_ratio = f"{r['torch'] / r['bnpy']:10.2f}" if r["torch"] is not None else f"{'-':>10}"
+    def torch_over(t: float) -> str:
+        return f"{r['torch'] / t:10.2f}" if r["torch"] is not None else f"{'-':>10}"
+
     return (
         f"{r['case']:<26} {r['dtype']:<8} {r['op']:<16} {r['threads']:>3} {ms(r['bnpy'])} "
         f"{r['bytes'] / r['bnpy'] / 1e9:6.1f} {ms(r['torch'])} {ms(r['reference'])} "
-        f"{r['copy'] * 1e3:8.2f} {r['bnpy'] / r['copy']:9.2f} {torch_ratio}"
+        f"{r['copy'] * 1e3:8.2f} {r['bnpy'] / r['copy']:9.2f} {torch_over(r['copy'])} "
+        f"{torch_over(r['bnpy'])}"
     )
 
 
@@ -409,8 +533,9 @@ LARGE_CASES = ("NCHW 64x64x56x56", "NCHW 128x64x56x56 (> L3)")
 
 
 def targets(rows: Sequence[Row], rounds: Sequence[Sequence[Row]] = ()) -> list[str]:
-    """The kernel-core issue's targets, each with the worst measured value,
-    where it was measured and whether it was met; given the rounds that rows
+    """The kernel-core issue's targets and the family's, each with the worst
+    measured value, where it was measured and whether it was met (in the
+    build that ran: --cpu-capability); given the rounds that rows
     combines (median_over_rounds), also what that worst value read in each
     round: on a shared machine a miss inside that range says little."""
 
@@ -452,14 +577,25 @@ def targets(rows: Sequence[Row], rounds: Sequence[Sequence[Row]] = ()) -> list[s
 
     for threads, limit in ((1, 1.5), (2, 1.0)):
         check(
-            f"every case, dtype and op, {threads} thread{'s' if threads > 1 else ''}: torch/bnpy",
+            f"batch norm, every case, dtype and op, {threads} "
+            f"thread{'s' if threads > 1 else ''}: torch/bnpy",
             [
                 torch_over_bnpy(i)
-                for i in pick(threads=threads)
+                for i in pick(threads=threads, norm="batch")
                 if rows[i]["torch"] is not None and rows[i]["op"] != MODULE
             ],
             limit,
         )
+    check(
+        "LayerNorm, GroupNorm, InstanceNorm and RMSNorm, every case, float32, forward "
+        "and backward, 1 thread: torch/bnpy",
+        [
+            torch_over_bnpy(i)
+            for i in pick(dtype="float32", threads=1)
+            if rows[i]["norm"] != "batch" and rows[i]["torch"] is not None
+        ],
+        1.5,
+    )
     check(
         "bnpy.torch.BatchNorm2d against torch.nn.BatchNorm2d, forward + backward, NCHW "
         "float32, 1 thread: torch/bnpy",
@@ -507,7 +643,12 @@ def write_results(
             "`backward-inplace` writes dx over dy (`out=dy`); torch's column there is its "
             "usual autograd backward, which has no in-place form. "
             "GB/s counts the bytes bnpy must move (forward: x and y; backward: x, dy, dx). "
-            "copy is `np.copyto` of x's bytes. The machine is shared and noisy: compare "
+            "copy is `np.copyto` of x's bytes. The family's rows (LayerNorm, GroupNorm, "
+            "InstanceNorm, RMSNorm) time bnpy's layer, a training forward and a backward, "
+            "both into `out=`, against `torch.nn.functional`'s function with a weight and "
+            "bias (RMS: a weight); instance norm is affine on both sides. torch's forward "
+            "runs under `no_grad`, its backward is `torch.autograd.grad` on a retained "
+            "graph. The machine is shared and noisy: compare "
             "the ratios within a row, not times across runs."
         )
         f.write(
@@ -524,6 +665,19 @@ def write_results(
         for r in rows:
             f.write(format_row(r) + "\n")
         f.write("```\n")
+
+
+def _norms(text: str) -> tuple[str, ...]:
+    """--norms's value: the names in NORMS it lists ("family": all of FAMILY),
+    in NORMS's order"""
+    names: set[str] = set()
+    for name in text.split(","):
+        if name not in (*NORMS, "family"):
+            raise argparse.ArgumentTypeError(
+                f"unknown norm {name!r} (choose from {', '.join(NORMS)}, family)"
+            )
+        names.update(FAMILY if name == "family" else (name,))
+    return tuple(n for n in NORMS if n in names)
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -543,6 +697,14 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument(
+        "--norms",
+        type=_norms,
+        default=NORMS,
+        help=f"comma-separated, of {','.join(NORMS)} and family (= {','.join(FAMILY)}): "
+        "batch is BatchNorm's cases, the others LayerNorm's, GroupNorm's, "
+        "InstanceNorm's and RMSNorm's (default: all)",
+    )
     parser.add_argument("--no-reference", action="store_true", help="skip the slow NumPy reference")
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--results", default=None, help="write a Markdown table to this file")
@@ -581,7 +743,8 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
             torch = torch_module
         except ImportError:
             print("(PyTorch is not installed: timing bnpy, NumPy and the copy only)")
-    cases = QUICK_CASES if args.quick else CASES
+    cases = (QUICK_CASES if args.quick else CASES) if "batch" in args.norms else []
+    family = [c for c in (QUICK_FAMILY_CASES if args.quick else FAMILY_CASES) if c[1] in args.norms]
     repeats = args.repeats or (3 if args.quick else 11)
     threads = [int(t) for t in args.threads.split(",")]
     dtypes = [np.dtype(d).type for d in args.dtypes.split(",")]
@@ -591,7 +754,9 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
     print(f"bnpy kernels built for {bnpy.get_cpu_capability()!r}")
     print(HEADER)
     rows_per_round = (
-        sum(len(_ops(shape, torch)) for _, shape, _ in cases) * len(dtypes) * len(threads)
+        sum(len(_ops(shape, torch, norm)) for _, shape, _, norm in _every_case(cases, family))
+        * len(dtypes)
+        * len(threads)
     )
     progress = Progress(rows_per_round * args.rounds, "bench: measurement")
 
@@ -605,7 +770,7 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
             if args.rounds > 1:
                 progress.print(f"round {k + 1} of {args.rounds}")
             rounds.append(
-                run(cases, dtypes, threads, repeats, not args.no_reference, torch, echo=echo)
+                run(cases, dtypes, threads, repeats, not args.no_reference, torch, echo, family)
             )
         progress.close()
         rows = median_over_rounds(rounds)

@@ -34,17 +34,78 @@ def test_quick_benchmark_writes_a_results_table(tmp_path, capsys):
     table = text.split(bench.HEADER, 1)[1]
     rows = [line for line in table.splitlines() if " float64 " in line]
     with_torch = importlib.util.find_spec("torch") is not None  # then 4-D cases add "module"
+    # by default batch norm's cases, then the family's
     assert len(rows) == sum(
         len(bench.OPS) + (with_torch and len(shape) == 4) for _, shape, _ in bench.QUICK_CASES
-    )
+    ) + len(bench.FAMILY_OPS) * len(bench.QUICK_FAMILY_CASES)
     assert (" module " in table) == with_torch
+    assert rows[-1].startswith(bench.QUICK_FAMILY_CASES[-1][0])
     assert "bnpy/copy" in capsys.readouterr().out
+
+
+def test_norms_family_times_the_family_alone_against_torch(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    args = ["--quick", "--norms", "family", "--threads", "1", "--dtypes", "float32"]
+    assert bench.main([*args, "--repeats", "1", "--results", str(results)]) == 0
+    table = results.read_text().split(bench.HEADER, 1)[1]
+    rows = [line.split() for line in table.splitlines() if " float32 " in line]
+    names = [name for name, _, _ in bench.QUICK_FAMILY_CASES]
+    # every family case forward then backward, and nothing of batch norm's
+    assert [(" ".join(row[:2]), row[3]) for row in rows] == [
+        (name, op) for name in names for op in bench.FAMILY_OPS
+    ]
+    assert "torch/copy" in bench.HEADER
+    out = capsys.readouterr().out
+    with_torch = importlib.util.find_spec("torch") is not None
+    assert ("LayerNorm, GroupNorm, InstanceNorm and RMSNorm" in out) == with_torch
+    assert "batch norm, every case" not in out
+
+
+@pytest.mark.parametrize(
+    "text, norms",
+    [
+        ("family", bench.FAMILY),
+        ("rms,batch", ("batch", "rms")),
+        ("layer,family", bench.FAMILY),
+        ("batch,layer,group,instance,rms", bench.NORMS),
+    ],
+)
+def test_norms_lists_what_it_picks_in_one_order(text, norms):
+    assert bench.build_parser().parse_args(["--norms", text]).norms == norms
+    assert bench.build_parser().parse_args([]).norms == bench.NORMS  # the default: all
+
+
+@pytest.mark.parametrize("name, norm, shape", bench.QUICK_FAMILY_CASES)
+def test_family_rows_time_bnpy_and_torch_doing_the_same(torch, name, norm, shape):
+    import numpy as np
+
+    case = bench._make_case(name, shape, 1, np.float64, norm)
+    out = np.empty_like(case.x)
+    y = bench._family_torch_runner(torch, case, "forward")()
+    assert y.grad_fn is None  # under no_grad
+    assert bench._family_bnpy_runner(case, "forward", out)() is out
+    np.testing.assert_allclose(out, y.numpy(), rtol=1e-10, atol=1e-10)
+    dx = bench._family_torch_runner(torch, case, "backward")()[0]
+    assert bench._family_bnpy_runner(case, "backward", out)() is out
+    np.testing.assert_allclose(out, dx.numpy(), rtol=1e-10, atol=1e-10)
+    # the same parameters, whose gradients both compute
+    layer = bench._family_layer(norm, shape, np.float64)
+    function, parameters = bench._family_torch_function(torch, norm, shape, torch.float64)
+    xt = torch.from_numpy(case.x).requires_grad_(True)
+    _, *grads = torch.autograd.grad(function(xt), (xt, *parameters), torch.from_numpy(case.dy))
+    layer.forward(case.x)
+    layer.backward(case.dy)
+    ours = [g for g in (layer.grad_gamma, layer.grad_beta) if g is not None]
+    assert len(ours) == len(grads) == (1 if norm == "rms" else 2)
+    for mine, theirs in zip(ours, grads):
+        np.testing.assert_allclose(mine, theirs.numpy(), rtol=1e-10, atol=1e-10)
 
 
 def test_targets_are_judged_from_the_measurements():
     def row(case, op, threads, bnpy, torch, copy2=None):
         return dict(
             case=case,
+            norm="batch",
             dtype="float32",
             op=op,
             threads=threads,
@@ -85,10 +146,49 @@ def test_targets_are_judged_from_the_measurements():
     ) in lines
 
 
+def test_the_family_is_judged_apart_from_batch_norm_in_float32_at_1_thread():
+    def row(case, norm, dtype, op, threads, bnpy, torch):
+        return dict(
+            case=case,
+            norm=norm,
+            dtype=dtype,
+            op=op,
+            threads=threads,
+            bnpy=bnpy,
+            torch=torch,
+            copy=1.0,
+            copy2=None,
+            reference=None,
+            bytes=1,
+        )
+
+    rows = [
+        row("NCHW 64x64x56x56", "batch", "float32", "forward-train", 1, 1.0, 1.8),
+        row("LayerNorm 32x128x768", "layer", "float32", "forward", 1, 1.0, 2.0),
+        row("RMSNorm 32x128x768", "rms", "float32", "backward", 1, 1.0, 1.6),
+        row("RMSNorm 32x128x768", "rms", "float64", "backward", 1, 1.0, 1.1),  # no target
+        row("RMSNorm 32x128x768", "rms", "float32", "backward", 2, 1.0, 0.5),  # no target
+    ]
+    lines = "\n".join(bench.targets(rows))
+    assert (
+        "batch norm, every case, dtype and op, 1 thread: torch/bnpy: worst 1.80 (met; "
+        "target >= 1.5), NCHW 64x64x56x56 float32 forward-train, 1 thread"
+    ) in lines
+    assert (
+        "LayerNorm, GroupNorm, InstanceNorm and RMSNorm, every case, float32, forward and "
+        "backward, 1 thread: torch/bnpy: worst 1.60 (met; target >= 1.5), "
+        "RMSNorm 32x128x768 float32 backward, 1 thread"
+    ) in lines
+    assert "2 threads" not in lines  # batch norm's 2-thread target has no rows here
+    rows[2]["torch"] = 1.2
+    assert "worst 1.20 (NOT met; target >= 1.5), RMSNorm" in "\n".join(bench.targets(rows))
+
+
 def test_targets_give_the_worst_case_over_the_rounds():
     def row(case, threads, bnpy, torch):
         return dict(
             case=case,
+            norm="batch",
             dtype="float32",
             op="forward-train",
             threads=threads,
@@ -132,6 +232,7 @@ def test_targets_give_the_copys_own_speedup_from_a_second_thread():
     def row(case, op, threads, copy2):
         return dict(
             case=case,
+            norm="batch",
             dtype="float32",
             op=op,
             threads=threads,
@@ -209,6 +310,16 @@ def test_rounds_combine_into_the_median_of_each_time():
     (combined,) = bench.median_over_rounds(rounds)
     assert (combined["bnpy"], combined["torch"], combined["copy"]) == (2.0, 4.5, 1.0)
     assert combined["reference"] is None and combined["copy2"] == 0.5
+
+
+@pytest.mark.parametrize("op", ["forward-train", "forward-eval"])
+def test_torch_s_forward_records_no_graph(torch, op):
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    y = bench._torch_runners(torch, x, x.copy(), 1, op)()
+    # under no_grad when called, not only when made: its weight requires grad
+    assert y.grad_fn is None and not y.requires_grad
 
 
 # In a child process: steady_heap changes the allocator of the whole process.

@@ -43,6 +43,36 @@ def test_an_unknown_flag_exits_2_with_the_command_s_usage(command):
     assert result.stdout == ""
 
 
+def test_bench_norms_picks_the_rows_from_the_command_line():
+    result = run(
+        "bench",
+        "--quick",
+        "--norms",
+        "rms",
+        "--threads",
+        "1",
+        "--dtypes",
+        "float32",
+        "--repeats",
+        "1",
+        "--no-torch",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split()[:4] for line in result.stdout.splitlines() if " float32 " in line]
+    assert rows == [["RMSNorm", "8x16x32", "float32", op] for op in ("forward", "backward")]
+
+
+def test_bench_refuses_an_unknown_norm_naming_the_choices():
+    result = run("bench", "--norms", "layer,frob")
+    assert result.returncode == 2
+    assert "usage: python -m bnpy bench" in result.stderr
+    assert (
+        "argument --norms: unknown norm 'frob' "
+        "(choose from batch, layer, group, instance, rms, family)"
+    ) in result.stderr
+    assert result.stdout == ""
+
+
 def test_an_unknown_command_exits_2_naming_the_commands():
     result = run("frobnicate")
     assert result.returncode == 2
