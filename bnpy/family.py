@@ -129,6 +129,23 @@ def _vector(value: Any, shape: tuple[int, ...], dtype: Any, name: str) -> _Array
     return np.ascontiguousarray(array)
 
 
+def _state_vector(value: Any, shape: tuple[int, ...], dtype: Any, name: str) -> _Array:
+    """value as a new array of shape in dtype for the layer's state, or
+    ValueError unless every value is finite in dtype (and, for a variance,
+    non-negative), as bnpy.BatchNorm checks its own"""
+    array = _vector(value, shape, dtype, name)
+    assert array is not None
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = array.astype(dtype, copy=True)
+    variance = name == "running_var"
+    bad = ~np.isfinite(array) | ((array < 0) if variance else False)
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        what = "finite and non-negative" if variance else "finite"
+        raise ValueError(f"{name} must be {what}, got {array.reshape(-1)[index]} at index {index}")
+    return array
+
+
 def _check_out(
     out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], inputs: list[_Array]
 ) -> None:
@@ -388,7 +405,8 @@ def group_norm_forward(
     channels = (xa.shape[_channel_axis(axis, xa.ndim)],)
     g, b = _vector(gamma, channels, xa.dtype, "gamma"), _vector(beta, channels, xa.dtype, "beta")
     y, moments = _forward(xa, rows, g, b, _eps(eps), True, out)
-    return y, moments[0].reshape(xa.shape[0], -1), moments[1].reshape(xa.shape[0], -1)
+    groups = rows.period
+    return y, moments[0].reshape(xa.shape[0], groups), moments[1].reshape(xa.shape[0], groups)
 
 
 def group_norm_backward(
@@ -463,9 +481,7 @@ def _parameter(name: str, doc: str) -> Any:
         current = getattr(self, "_" + name)
         if current is None:
             raise ValueError(f"cannot set {name}: the layer has none ({self._no_params})")
-        checked = _vector(value, current.shape, self.dtype, name)
-        assert checked is not None
-        np.copyto(current, checked)
+        np.copyto(current, _state_vector(value, current.shape, self.dtype, name))
 
     return property(get, set, doc=doc)
 
@@ -478,15 +494,25 @@ class _Normalization:
 
     _no_params = "affine=False"
 
-    def __init__(self, shape: tuple[int, ...], eps: float, dtype: Any, gamma: bool, beta: bool):
+    def __init__(self, shape: tuple[int, ...], eps: Any, dtype: Any, gamma: bool, beta: bool):
         self.dtype = _layer_dtype(dtype)
         self.eps = eps
         self.training = True
         self._gamma = np.ones(shape, self.dtype) if gamma else None
         self._beta = np.zeros(shape, self.dtype) if beta else None
-        self.grad_gamma = np.zeros(shape, self.dtype) if gamma else None
-        self.grad_beta = np.zeros(shape, self.dtype) if beta else None
+        # None until the first backward, as bnpy.BatchNorm's
+        self.grad_gamma: _Array | None = None
+        self.grad_beta: _Array | None = None
         self._saved: tuple[Any, ...] | None = None  # what backward needs of the last forward
+
+    @property
+    def eps(self) -> float:
+        """Added to the variance (or the mean square) before its root."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: Any) -> None:
+        self._eps = _eps(value)
 
     gamma = _parameter("gamma", "The scale, one value per normalized feature (None without).")
     beta = _parameter("beta", "The offset, one value per normalized feature (None without).")
@@ -529,9 +555,10 @@ class _Normalization:
             )
         dya = _real_array(dy, "dy", self.dtype)
         dx, grads = self._backward(dya, out)
-        for target, index in ((self.grad_gamma, 0), (self.grad_beta, 1)):
-            if target is not None and grads is not None:
-                np.copyto(target, grads[index].reshape(target.shape), casting="unsafe")
+        if grads is not None and self._gamma is not None:
+            self.grad_gamma = grads[0].reshape(self._gamma.shape).astype(self.dtype)
+        if grads is not None and self._beta is not None:
+            self.grad_beta = grads[1].reshape(self._beta.shape).astype(self.dtype)
         return dx
 
     # -- state --
@@ -575,10 +602,7 @@ class _Normalization:
         return IncompatibleKeys(missing, unexpected)
 
     def _checked_state(self, name: str, value: Any) -> Any:
-        current = getattr(self, "_" + name)
-        checked = _vector(value, current.shape, self.dtype, name)
-        assert checked is not None
-        return checked.copy()
+        return _state_vector(value, getattr(self, "_" + name).shape, self.dtype, name)
 
     def _load_checked(self, name: str, value: Any) -> None:
         np.copyto(getattr(self, "_" + name), value)
@@ -617,7 +641,7 @@ class LayerNorm(_Normalization):
         self.normalized_shape = _normalized_shape(normalized_shape)
         self.elementwise_affine, self._has_bias = bool(elementwise_affine), bool(bias)
         affine = self.elementwise_affine
-        super().__init__(self.normalized_shape, _eps(eps), dtype, affine, affine and bool(bias))
+        super().__init__(self.normalized_shape, eps, dtype, affine, affine and bool(bias))
 
     _centered = True
 
@@ -666,9 +690,19 @@ class RMSNorm(LayerNorm):
         elementwise_affine: bool = True,
         dtype: Any = np.float32,
     ) -> None:
-        self._eps_given = eps
-        resolved = float(np.finfo(_layer_dtype(dtype)).eps) if eps is None else _eps(eps)
-        super().__init__(normalized_shape, resolved, elementwise_affine, False, dtype)
+        super().__init__(normalized_shape, 1.0, elementwise_affine, False, dtype)
+        self.eps = eps  # None: the dtype's machine epsilon (the setter resolves it)
+
+    @property
+    def eps(self) -> float:
+        """Added to the mean square before its root; None (given or set) is the
+        dtype's machine epsilon."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: Any) -> None:
+        self._eps_given = value
+        self._eps = float(np.finfo(self.dtype).eps) if value is None else _eps(value)
 
     def _config(self) -> str:
         shape = self.normalized_shape
@@ -710,7 +744,7 @@ class GroupNorm(_Normalization):
             raise ValueError(f"axis must be a nonzero int (axis 0 is the batch), got {axis!r}")
         self.axis: int = int(axis)
         self.affine: bool = bool(affine)
-        super().__init__((self.num_channels,), _eps(eps), dtype, self.affine, self.affine)
+        super().__init__((self.num_channels,), eps, dtype, self.affine, self.affine)
 
     def _rows(self, x: _Array) -> _Rows:
         if x.ndim < 2 or x.shape[_channel_axis(self.axis, x.ndim)] != self.num_channels:
@@ -776,14 +810,25 @@ class InstanceNorm(GroupNorm):
         axis: int = 1,
         dtype: Any = np.float32,
     ) -> None:
+        _count(num_features, "num_features")
         super().__init__(num_features, num_features, eps, affine, axis, dtype)
         self.num_features = self.num_channels
-        self.momentum = _momentum(momentum)
+        self.momentum = momentum
         self.track_running_stats = bool(track_running_stats)
         tracked = self.track_running_stats
         self._running_mean = np.zeros(num_features, self.dtype) if tracked else None
         self._running_var = np.ones(num_features, self.dtype) if tracked else None
         self.num_batches_tracked = 0
+
+    @property
+    def momentum(self) -> float | None:
+        """The new batch's weight in the running statistics; None: a cumulative
+        average."""
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value: Any) -> None:
+        self._momentum = _momentum(value)
 
     running_mean = _parameter("running_mean", "Running mean per channel (None unless tracked).")
     running_var = _parameter(
@@ -874,6 +919,9 @@ class InstanceNorm(GroupNorm):
 
     def _forward_running(self, x: _Array, out: _Array | None) -> _Array:
         assert self._running_mean is not None and self._running_var is not None
+        if out is not None and not (out.flags.c_contiguous and out.flags.aligned):
+            np.copyto(out, self._forward_running(x, None))  # the kernels write dense arrays
+            return out
         y: _Array = _core.batch_norm_inference(
             x,
             self._gamma,
@@ -892,9 +940,20 @@ class InstanceNorm(GroupNorm):
         if rows is not None:
             return super()._backward(dy, out)
         mean, invstd = moments  # the running statistics: constants
+        dense = out is None or (out.flags.c_contiguous and out.flags.aligned)
         dx, dgamma, dbeta = _core.batch_norm_backward(
-            dy, x, self._gamma, mean, invstd, axis=self.axis, training=False, out=out
+            dy,
+            x,
+            self._gamma,
+            mean,
+            invstd,
+            axis=self.axis,
+            training=False,
+            out=out if dense else None,
         )
+        if out is not None and not dense:
+            np.copyto(out, dx)
+            dx = out
         return dx, None if dgamma is None or dbeta is None else np.stack([dgamma, dbeta])
 
     def _config(self) -> str:
