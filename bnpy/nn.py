@@ -3,7 +3,8 @@
 Every layer has ``forward(x)`` (also ``layer(x)``), ``backward(dy)`` returning
 dx for the last forward, ``train()``/``eval()`` and ``parameters()``, a list of
 ``(param, grad)`` array pairs. A :class:`bnpy.BatchNorm` has the same methods
-and goes into a :class:`Sequential` as it is::
+(its gamma and beta are its parameters) and goes into a :class:`Sequential` as
+it is; so do bnpy.LayerNorm, GroupNorm, InstanceNorm and RMSNorm::
 
     import numpy as np, bnpy
     from bnpy import nn
@@ -492,12 +493,16 @@ class Flatten(Layer):
 
 
 def _layer_parameters(layer: Any) -> Parameters:
-    """(param, grad) pairs of a bnpy.nn layer, or of a BatchNorm's gamma and beta."""
+    """(param, grad) pairs of a bnpy.nn layer, or the gamma and beta a normalization
+    layer has: BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm. Either may be
+    None (affine=False; RMSNorm and LayerNorm(bias=False) have no beta): left out."""
     if hasattr(layer, "parameters"):
         return list(layer.parameters())
-    if getattr(layer, "gamma", None) is None:  # BatchNorm(affine=False) and the like
-        return []
-    return [(layer.gamma, layer.grad_gamma), (layer.beta, layer.grad_beta)]
+    return [
+        (param, getattr(layer, "grad_" + name))
+        for name in ("gamma", "beta")
+        if (param := getattr(layer, name, None)) is not None
+    ]
 
 
 class Sequential(Layer):
@@ -506,7 +511,8 @@ class Sequential(Layer):
     After a forward, ``outputs[i]`` is layer i's output; after a backward,
     ``grads[i]`` is the gradient of the loss with respect to ``outputs[i]``
     (so ``grads[-1]`` is the dy given to backward). Any object with
-    forward, backward, train and eval works as a layer, bnpy.BatchNorm included.
+    forward, backward, train and eval works as a layer: bnpy.BatchNorm,
+    LayerNorm, GroupNorm, InstanceNorm and RMSNorm included.
     """
 
     def __init__(self, *layers: Any) -> None:
@@ -644,6 +650,7 @@ def mlp(
     depth: int = 20,
     activation: str | Callable[[], Any] = "sigmoid",
     batch_norm: bool = False,
+    norm: Callable[..., Any] | None = None,
     placement: str = "before",
     weight_scale: float = 1.0,
     dtype: npt.DTypeLike = np.float32,
@@ -651,14 +658,22 @@ def mlp(
 ) -> Sequential:
     """A deep fully connected network of `depth` Linear layers.
 
-    Every hidden block is Linear -> [BatchNorm] -> activation with
-    placement="before" (BatchNorm before the activation, as in the original
-    paper), or Linear -> activation -> [BatchNorm] with placement="after"; the
-    last Linear gives the logits. activation is "sigmoid", "tanh", "relu" or
-    a callable returning a layer. With BatchNorm before the activation the
-    hidden Linear layers have no bias: BatchNorm subtracts the mean, and its
-    beta plays the bias's part. rng (a seed or a Generator) draws every
-    weight, in the same order whatever the placement and batch_norm.
+    Every hidden block is Linear -> [norm] -> activation with
+    placement="before" (the normalization before the activation, as in the
+    original BatchNorm paper), or Linear -> activation -> [norm] with
+    placement="after"; the last Linear gives the logits. activation is
+    "sigmoid", "tanh", "relu" or a callable returning a layer.
+
+    norm makes each hidden block's normalization layer, called as
+    norm(width, dtype=dtype): bnpy.BatchNorm, bnpy.LayerNorm, bnpy.RMSNorm,
+    functools.partial(bnpy.GroupNorm, 8), ...; batch_norm=True is
+    norm=bnpy.BatchNorm. With a BatchNorm (or a subclass) before the
+    activation the hidden Linear layers have no bias: BatchNorm subtracts each
+    feature's mean over the batch, and its beta plays the bias's part. The
+    others normalize each sample over its features, which does not remove a
+    per-feature bias: those Linear layers keep theirs. rng (a seed or a
+    Generator) draws every weight, in the same order whatever the placement
+    and the normalization.
     """
     depth = _positive_int("depth", depth)
     make_activation = (
@@ -672,17 +687,25 @@ def mlp(
         raise ValueError(
             f'placement must be "before" or "after" (the activation), got {placement!r}'
         )
+    if batch_norm and norm is not None:
+        raise ValueError("give batch_norm=True or norm, not both")
+    make_norm = BatchNorm if batch_norm else norm
+    if make_norm is not None and not callable(make_norm):
+        raise TypeError(f"norm must be a callable making a layer, got {norm!r}")
     rng = np.random.default_rng(rng)
     sizes = [in_features] + [width] * (depth - 1) + [out_features]
-    bias_is_redundant = batch_norm and placement == "before"
     layers: list[Any] = []
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         last = i == depth - 1
+        normalization = (
+            None if last or make_norm is None else make_norm(n_out, dtype=_float_dtype(dtype))
+        )
+        bias_is_redundant = placement == "before" and isinstance(normalization, BatchNorm)
         layers.append(
             Linear(
                 n_in,
                 n_out,
-                bias=last or not bias_is_redundant,
+                bias=not bias_is_redundant,
                 weight_scale=weight_scale,
                 dtype=dtype,
                 rng=rng,
@@ -691,10 +714,8 @@ def mlp(
         if last:
             break
         block = [make_activation()]
-        if batch_norm:
-            block.insert(
-                0 if placement == "before" else 1, BatchNorm(n_out, dtype=_float_dtype(dtype))
-            )
+        if normalization is not None:
+            block.insert(0 if placement == "before" else 1, normalization)
         layers += block
     return Sequential(*layers)
 
@@ -753,7 +774,8 @@ def preactivations(model: Sequential) -> list[Array]:
     """After a forward: the inputs of every activation layer, first to last.
 
     These are the outputs of the layers just before each ReLU, Tanh or
-    Sigmoid: of a Linear in a plain network, of a BatchNorm with batch norm.
+    Sigmoid: of a Linear in a plain network, of the normalization layer
+    (BatchNorm, LayerNorm, ...) in a normalized one.
     """
     if len(model.outputs) != len(model.layers):
         raise RuntimeError("preactivations needs a forward through the model first")
@@ -813,7 +835,9 @@ def recalibrate(model: Sequential, batches: Iterable[npt.ArrayLike]) -> Sequenti
     variance of every value it sees, not an average of per-batch variances),
     so each one sees inputs normalized by the already calibrated ones before
     it. Like torch.optim.swa_utils.update_bn, but exact. Weights, gamma, beta
-    and every layer's mode are left as they were; returns the model.
+    and every layer's mode are left as they were; returns the model. Other
+    normalization layers are left alone (LayerNorm and GroupNorm have no
+    running statistics).
     """
     layers = _flatten(model)
     modes = _modes(model)
@@ -838,7 +862,8 @@ def fold_model(model: Sequential) -> Sequential:
     Linear or Conv2d directly followed by a BatchNorm has it folded in
     (fold_batch_norm) and the BatchNorm is gone; nested Sequentials too. The
     copy's predictions are the model's in eval mode, one pass fewer per fold.
-    `model` is left as it was."""
+    Layer, group, instance and RMS normalization stay: their statistics are
+    each sample's own, not constants to fold. `model` is left as it was."""
     layers = [
         fold_model(layer) if isinstance(layer, Sequential) else copy.deepcopy(layer)
         for layer in model.layers

@@ -6,6 +6,8 @@ gradient vanishes without BatchNorm and stays within a factor of ten with it,
 and BatchNorm trains it where the plain network cannot.
 """
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -651,3 +653,139 @@ def test_a_cnn_with_spatial_batchnorm_learns_the_digits():
     # the BatchNorm normalized each channel over (N, H, W): 8 gammas, spatial statistics
     assert model[1].gamma.shape == (8,) and model[1].num_batches_tracked == 60
     assert nn.accuracy(model.eval()(images), labels) > 0.85
+
+
+# ---- layer, group, instance and RMS normalization in bnpy.nn ------------------
+
+FAMILY = {
+    "LayerNorm": lambda c: bnpy.LayerNorm(c, dtype=np.float64),
+    "LayerNorm(bias=False)": lambda c: bnpy.LayerNorm(c, bias=False, dtype=np.float64),
+    "GroupNorm": lambda c: bnpy.GroupNorm(2, c, dtype=np.float64),
+    "InstanceNorm(affine)": lambda c: bnpy.InstanceNorm(c, affine=True, dtype=np.float64),
+    "RMSNorm": lambda c: bnpy.RMSNorm(c, dtype=np.float64),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_sequential_lists_the_gamma_and_beta_each_normalization_has(name):
+    norm = FAMILY[name](4)
+    model = nn.Sequential(nn.Linear(2, 4, dtype=np.float64, rng=0), norm, nn.Tanh())
+    params = model.parameters()[2:]  # after the Linear's weight and bias
+    has_beta = name not in ("LayerNorm(bias=False)", "RMSNorm")
+    assert len(params) == 1 + has_beta
+    assert params[0][0] is norm.gamma or np.shares_memory(params[0][0], norm.gamma)
+    if has_beta:
+        assert np.shares_memory(params[1][0], norm.beta)
+    assert nn.Sequential(bnpy.LayerNorm(4, elementwise_affine=False)).parameters() == []
+    assert nn.Sequential(bnpy.GroupNorm(2, 4, affine=False)).parameters() == []
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "RMSNorm", "LayerNorm(bias=False)"])
+@pytest.mark.parametrize("training", [True, False])
+def test_sequential_with_each_normalization_passes_gradcheck(name, training):
+    model = nn.Sequential(
+        nn.Linear(3, 4, dtype=np.float64, rng=0),
+        FAMILY[name](4),
+        nn.Tanh(),
+        nn.Linear(4, 2, dtype=np.float64, rng=1),
+    )
+    model.train(training)
+    report = model_gradcheck(model, data((5, 3), seed=3))
+    assert report.passed, report
+    assert all(r.checked for r in report.inputs)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_convolution_with_group_and_instance_norm_passes_gradcheck(training):
+    instance = bnpy.InstanceNorm(4, affine=True, track_running_stats=True, dtype=np.float64)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, dtype=np.float64, rng=0),
+        bnpy.GroupNorm(2, 4, dtype=np.float64),
+        nn.Tanh(),
+        instance,
+        nn.Flatten(),
+        nn.Linear(4 * 16, 3, dtype=np.float64, rng=1),
+    )
+    model.forward(data((3, 1, 4, 4), seed=5))  # running statistics away from (0, 1)
+    instance.momentum = 0.0  # the check's forward calls leave them alone
+    model.train(training)
+    report = model_gradcheck(model, data((3, 1, 4, 4), seed=6))
+    assert report.passed, report
+    assert len(report.inputs) == 9  # x, 2 weights, 2 biases, 2 gammas, 2 betas
+
+
+def test_sgd_updates_layer_norm_parameters_in_place():
+    norm = bnpy.RMSNorm(4)
+    model = nn.Sequential(nn.Linear(2, 4, rng=0), norm, nn.Linear(4, 3, rng=1))
+    model(data((6, 2)))
+    model.backward(data((6, 3)))
+    expected = norm.gamma - 0.5 * norm.grad_gamma
+    nn.SGD(model, lr=0.5, momentum=0.9).step()  # RMSNorm has no beta: nothing to step there
+    np.testing.assert_allclose(norm.gamma, expected, rtol=1e-6)
+
+
+def test_mlp_with_a_norm_factory():
+    model = nn.mlp(2, 3, width=8, depth=3, activation="relu", norm=bnpy.LayerNorm, rng=4)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Linear", "LayerNorm", "ReLU"] * 2 + ["Linear"]
+    # LayerNorm normalizes each sample over its features: a per-feature bias stays useful
+    assert all(layer.bias is not None for layer in nn.linear_layers(model))
+    batch_norm = nn.mlp(2, 3, width=8, depth=3, activation="relu", batch_norm=True, rng=4)
+    for a, b in zip(nn.linear_layers(model), nn.linear_layers(batch_norm)):
+        np.testing.assert_array_equal(a.weight, b.weight)  # same rng, same weights
+    renorm = nn.mlp(2, 3, width=8, depth=3, norm=bnpy.BatchRenorm)  # a BatchNorm: no bias
+    assert [layer.bias is None for layer in nn.linear_layers(renorm)] == [True, True, False]
+    grouped = nn.mlp(2, 3, width=8, depth=2, norm=functools.partial(bnpy.GroupNorm, 4))
+    assert grouped[1].num_groups == 4 and grouped[1].num_channels == 8
+    wide = nn.mlp(2, 3, width=8, depth=2, norm=bnpy.LayerNorm, dtype=np.float64)
+    assert wide[1].dtype == np.float64  # norm is given the network's dtype
+    with pytest.raises(ValueError, match="not both"):
+        nn.mlp(2, 3, batch_norm=True, norm=bnpy.LayerNorm)
+    with pytest.raises(TypeError, match="norm must be a callable"):
+        nn.mlp(2, 3, norm="layer")
+
+
+def spirals_at_batch_size_2(norm):
+    """A tanh network with norm trained on batches of 2, and its eval-mode accuracy."""
+    x, labels = spirals(100, rng=0)
+    model = nn.mlp(2, 3, width=32, depth=3, activation="tanh", norm=norm, rng=0)
+    nn.fit(model, x, labels, lr=0.01, momentum=0.9, steps=800, batch_size=2, rng=1)
+    return model, x, nn.accuracy(model.eval()(x), labels)
+
+
+@pytest.mark.parametrize(
+    "norm", [bnpy.LayerNorm, functools.partial(bnpy.GroupNorm, 8)], ids=["layer", "group"]
+)
+def test_layer_and_group_norm_learn_from_batches_of_2_and_are_the_same_in_eval_mode(norm):
+    model, x, accuracy = spirals_at_batch_size_2(norm)
+    assert accuracy > 0.7  # chance is 1/3
+    in_eval = model(x)
+    np.testing.assert_array_equal(model.train()(x), in_eval)  # no batch statistics
+    # each sample on its own (up to the rounding of a one-row matrix product)
+    np.testing.assert_allclose(model(x[:1])[0], in_eval[0], rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_does_not_learn_from_batches_of_2():
+    """What the test above would not mean without: BatchNorm fails at that batch size."""
+    assert spirals_at_batch_size_2(bnpy.BatchNorm)[2] < 0.5
+
+
+def test_fold_model_and_recalibrate_leave_other_normalizations_alone():
+    model = nn.Sequential(
+        nn.Linear(2, 4, rng=0),
+        bnpy.LayerNorm(4),
+        nn.Linear(4, 4, bias=False, rng=1),
+        bnpy.BatchNorm(4),
+        nn.Linear(4, 3, rng=2),
+    )
+    x = data((16, 2)).astype(np.float32)
+    model(x)
+    nn.recalibrate(model, [x])
+    folded = nn.fold_model(model)
+    assert [type(layer).__name__ for layer in folded.layers] == [
+        "Linear",
+        "LayerNorm",
+        "Linear",
+        "Linear",
+    ]
+    np.testing.assert_allclose(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
