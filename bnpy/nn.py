@@ -3,7 +3,8 @@
 Every layer has ``forward(x)`` (also ``layer(x)``), ``backward(dy)`` returning
 dx for the last forward, ``train()``/``eval()`` and ``parameters()``, a list of
 ``(param, grad)`` array pairs. A :class:`bnpy.BatchNorm` has the same methods
-and goes into a :class:`Sequential` as it is::
+(its gamma and beta are its parameters) and goes into a :class:`Sequential` as
+it is; so do bnpy.LayerNorm, GroupNorm, InstanceNorm and RMSNorm::
 
     import numpy as np, bnpy
     from bnpy import nn
@@ -24,7 +25,9 @@ networks of the notebooks; :func:`fit` is the loop above with random
 mini-batches; :func:`preactivations`, :func:`batch_std` and
 :func:`weight_gradient_norms` measure what the notebooks plot;
 :func:`recalibrate` gives every BatchNorm of a trained model the exact
-statistics of a data set.
+statistics of a data set. :class:`RNN` and :class:`LastStep` make a small
+recurrent network of (N, T, features) sequences, with a normalization layer
+at every step.
 """
 
 import copy
@@ -51,6 +54,8 @@ __all__ = [
     "Conv2d",
     "MaxPool2d",
     "Flatten",
+    "RNN",
+    "LastStep",
     "Sequential",
     "SGD",
     "fold_model",
@@ -491,13 +496,241 @@ class Flatten(Layer):
         return grad.reshape(self._x_shape)
 
 
+# ---- sequences: (N, T, features) ---------------------------------------------
+
+
+class RNN(Layer):
+    """A simple (Elman) recurrent layer over (N, T, input_size) sequences, unrolled over
+    the T steps, with an optional normalization layer at every step:
+
+        h_t = tanh(norm_t(x_t @ W.T + b + h_{t-1} @ U.T)),   h_{-1} = 0
+
+    (without norm: tanh(x_t @ W.T + h_{t-1} @ U.T + b)). forward returns every
+    step's h, shape (N, T, hidden_size): put LastStep after it to classify
+    whole sequences. backward runs back through time and sums the gradient of
+    each shared parameter over the steps.
+
+    Made of bnpy.nn layers: ``input`` is a Linear(input_size, hidden_size) (W
+    and b) applied to every step at once; ``recurrent`` a Linear(hidden_size,
+    hidden_size, bias=False) (U) applied step after step through copies that
+    share its weight, each keeping its step's input for backward; every step
+    has a Tanh of its own. Both weights are drawn as Linear's, with
+    weight_scale; rng draws W, then U.
+
+    norm makes a normalization layer, called as norm(hidden_size, dtype=dtype):
+    bnpy.LayerNorm, bnpy.BatchNorm, bnpy.RMSNorm, functools.partial(bnpy.GroupNorm, 4).
+    Every step t has a layer of its own, ``norms[t]``, all sharing norms[0]'s
+    gamma and beta (the parameters; copied into the others at every forward),
+    so that each keeps its step's forward for backward. A layer with running
+    statistics keeps them per step: a BatchNorm normalizes step t with the
+    batch statistics of step t in training and with step t's running averages
+    in eval mode (recurrent batch normalization, Cooijmans et al., 2017). In
+    eval mode, steps beyond the last one trained use a copy of the last
+    trained step's layer, as that paper does. LayerNorm, GroupNorm and RMSNorm
+    normalize each sample on its own: their steps differ only in what they keep
+    for backward. The input Linear has no bias when the norm layer has a beta,
+    which plays its part.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        *,
+        norm: Callable[..., Any] | None = None,
+        weight_scale: float = 1.0,
+        dtype: npt.DTypeLike = np.float32,
+        rng: Any = None,
+    ) -> None:
+        self.input_size = _positive_int("input_size", input_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.dtype = _float_dtype(dtype)
+        if norm is not None and not callable(norm):
+            raise TypeError(f"norm must be a callable making a layer, got {norm!r}")
+        self.norm = norm
+        self.norms: list[Any] = []  # one per step seen in training
+        if norm is not None:
+            self.norms.append(self._new_norm())
+        has_beta = bool(self.norms) and getattr(self.norms[0], "beta", None) is not None
+        rng = np.random.default_rng(rng)
+        self.input = Linear(
+            input_size,
+            hidden_size,
+            bias=not has_beta,
+            weight_scale=weight_scale,
+            dtype=self.dtype,
+            rng=rng,
+        )
+        self.recurrent = Linear(
+            hidden_size,
+            hidden_size,
+            bias=False,
+            weight_scale=weight_scale,
+            dtype=self.dtype,
+            rng=rng,
+        )
+        # the sums over the steps of the norm layers' gradients
+        self.grad_gamma: Array | None = None
+        self.grad_beta: Array | None = None
+        self._steps: list[tuple[Linear, Any, Tanh]] = []  # the last forward's, step by step
+        self._shape = (0, 0, self.hidden_size)  # the last forward's output
+
+    def _new_norm(self) -> Any:
+        """A new step's norm layer, in the RNN's mode, with norms[0]'s gamma and beta."""
+        assert self.norm is not None
+        layer = self.norm(self.hidden_size, dtype=self.dtype)
+        missing = [
+            m
+            for m in ("forward", "backward", "train", "eval")
+            if not callable(getattr(layer, m, None))
+        ]
+        if missing:
+            raise TypeError(
+                f"norm made a {type(layer).__name__}, which has no {', '.join(missing)}"
+            )
+        if any(layer is other for other in self.norms):
+            raise ValueError(
+                "norm returned a layer it had made before: every step needs its own "
+                "(pass the class, bnpy.LayerNorm, or a function making a new layer)"
+            )
+        layer.train(self.training)
+        if self.norms:
+            self._copy_norm_parameters(layer)
+        return layer
+
+    def _copy_norm_parameters(self, layer: Any) -> None:
+        for name in ("gamma", "beta"):
+            value = getattr(self.norms[0], name, None)
+            if value is not None:
+                setattr(layer, name, value)
+
+    def _step_norm(self, t: int) -> Any:
+        """Step t's norm layer (None without norm)."""
+        if not self.norms:
+            return None
+        if t < len(self.norms):
+            return self.norms[t]
+        if self.training:
+            self.norms.append(self._new_norm())
+            return self.norms[-1]
+        return copy.deepcopy(self.norms[-1])  # longer than in training: the last step's
+
+    def forward(self, x: npt.ArrayLike) -> Array:
+        inputs = np.asarray(_as_float_array(x), dtype=self.dtype)
+        if inputs.ndim != 3 or inputs.shape[1] == 0 or inputs.shape[2] != self.input_size:
+            raise ValueError(
+                f"RNN expected input of shape (N, T, {self.input_size}) with T >= 1, "
+                f"got {inputs.shape}"
+            )
+        n, steps, _ = inputs.shape
+        for layer in self.norms[1:]:
+            self._copy_norm_parameters(layer)  # SGD updated norms[0]'s
+        projected = self.input.forward(inputs)  # x_t @ W.T + b, every step at once
+        h = np.zeros((n, self.hidden_size), self.dtype)
+        outputs = np.empty((n, steps, self.hidden_size), self.dtype)
+        self._steps, self._shape = [], outputs.shape
+        for t in range(steps):
+            recurrent, normalize, tanh = copy.copy(self.recurrent), self._step_norm(t), Tanh()
+            summed = projected[:, t] + recurrent.forward(h)
+            h = tanh.forward(summed if normalize is None else normalize.forward(summed))
+            outputs[:, t] = h
+            self._steps.append((recurrent, normalize, tanh))
+        return outputs
+
+    def backward(self, dy: npt.ArrayLike) -> Array:
+        if not self._steps:
+            raise RuntimeError("RNN.backward called before any forward")
+        grad = np.asarray(_as_float_array(dy), dtype=self.dtype)
+        n, steps, _ = expected = self._shape
+        if grad.shape != expected:
+            raise ValueError(f"dy has shape {grad.shape}, expected {expected}")
+        dprojected = np.empty(expected, self.dtype)
+        dh = np.zeros((n, self.hidden_size), self.dtype)  # dL/dh_t through h_{t+1}
+        grad_recurrent = np.zeros_like(self.recurrent.weight)
+        sums: dict[str, Array] = {}
+        for t in reversed(range(steps)):
+            recurrent, normalize, tanh = self._steps[t]
+            dsummed = tanh.backward(grad[:, t] + dh)
+            if normalize is not None:
+                dsummed = normalize.backward(dsummed)
+                for name in ("gamma", "beta"):
+                    if getattr(normalize, name, None) is not None:
+                        step_grad = np.asarray(getattr(normalize, "grad_" + name))
+                        if name in sums:
+                            sums[name] += step_grad
+                        else:
+                            sums[name] = step_grad.astype(self.dtype, copy=True)
+            dprojected[:, t] = dsummed
+            dh = recurrent.backward(dsummed)
+            assert recurrent.grad_weight is not None
+            grad_recurrent += recurrent.grad_weight
+        self.recurrent.grad_weight = grad_recurrent
+        self.grad_gamma, self.grad_beta = sums.get("gamma"), sums.get("beta")
+        return self.input.backward(dprojected)
+
+    def parameters(self) -> Parameters:
+        """W, b (when there is one), U, then the norm's gamma and beta (norms[0]'s)."""
+        pairs = self.input.parameters() + self.recurrent.parameters()
+        if self.norms:
+            for name, grad in (("gamma", self.grad_gamma), ("beta", self.grad_beta)):
+                param = getattr(self.norms[0], name, None)
+                if param is not None:
+                    pairs.append((param, grad))
+        return pairs
+
+    def train(self, mode: bool = True) -> "RNN":
+        for layer in self.norms:
+            layer.train(mode)
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "RNN":
+        return self.train(False)
+
+    def __repr__(self) -> str:
+        norm = getattr(self.norm, "__name__", None) or repr(self.norm)
+        return f"RNN({self.input_size}, {self.hidden_size}, norm={norm}, dtype='{self.dtype}')"
+
+
+class LastStep(Layer):
+    """(N, T, features) -> (N, features): each sequence's last step, to classify
+    whole sequences with a Linear after an RNN. backward sends dy to the last
+    step and zeros to the others."""
+
+    _x_shape: tuple[int, ...] | None = None
+
+    def forward(self, x: npt.ArrayLike) -> Array:
+        inputs = _as_float_array(x)
+        if inputs.ndim != 3 or inputs.shape[1] == 0:
+            raise ValueError(
+                f"LastStep expected input of shape (N, T, F) with T >= 1, got {inputs.shape}"
+            )
+        self._x_shape = inputs.shape
+        return np.ascontiguousarray(inputs[:, -1])
+
+    def backward(self, dy: npt.ArrayLike) -> Array:
+        if self._x_shape is None:
+            raise RuntimeError("LastStep.backward called before any forward")
+        grad = _as_float_array(dy)
+        expected = (self._x_shape[0], self._x_shape[2])
+        if grad.shape != expected:
+            raise ValueError(f"dy has shape {grad.shape}, expected {expected}")
+        dx = np.zeros(self._x_shape, grad.dtype)
+        dx[:, -1] = grad
+        return dx
+
+
 def _layer_parameters(layer: Any) -> Parameters:
-    """(param, grad) pairs of a bnpy.nn layer, or of a BatchNorm's gamma and beta."""
+    """(param, grad) pairs of a bnpy.nn layer, or the gamma and beta a normalization
+    layer has: BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm. Either may be
+    None (affine=False; RMSNorm and LayerNorm(bias=False) have no beta): left out."""
     if hasattr(layer, "parameters"):
         return list(layer.parameters())
-    if getattr(layer, "gamma", None) is None:  # BatchNorm(affine=False) and the like
-        return []
-    return [(layer.gamma, layer.grad_gamma), (layer.beta, layer.grad_beta)]
+    return [
+        (param, getattr(layer, "grad_" + name))
+        for name in ("gamma", "beta")
+        if (param := getattr(layer, name, None)) is not None
+    ]
 
 
 class Sequential(Layer):
@@ -506,7 +739,8 @@ class Sequential(Layer):
     After a forward, ``outputs[i]`` is layer i's output; after a backward,
     ``grads[i]`` is the gradient of the loss with respect to ``outputs[i]``
     (so ``grads[-1]`` is the dy given to backward). Any object with
-    forward, backward, train and eval works as a layer, bnpy.BatchNorm included.
+    forward, backward, train and eval works as a layer: bnpy.BatchNorm,
+    LayerNorm, GroupNorm, InstanceNorm and RMSNorm included.
     """
 
     def __init__(self, *layers: Any) -> None:
@@ -644,6 +878,7 @@ def mlp(
     depth: int = 20,
     activation: str | Callable[[], Any] = "sigmoid",
     batch_norm: bool = False,
+    norm: Callable[..., Any] | None = None,
     placement: str = "before",
     weight_scale: float = 1.0,
     dtype: npt.DTypeLike = np.float32,
@@ -651,14 +886,22 @@ def mlp(
 ) -> Sequential:
     """A deep fully connected network of `depth` Linear layers.
 
-    Every hidden block is Linear -> [BatchNorm] -> activation with
-    placement="before" (BatchNorm before the activation, as in the original
-    paper), or Linear -> activation -> [BatchNorm] with placement="after"; the
-    last Linear gives the logits. activation is "sigmoid", "tanh", "relu" or
-    a callable returning a layer. With BatchNorm before the activation the
-    hidden Linear layers have no bias: BatchNorm subtracts the mean, and its
-    beta plays the bias's part. rng (a seed or a Generator) draws every
-    weight, in the same order whatever the placement and batch_norm.
+    Every hidden block is Linear -> [norm] -> activation with
+    placement="before" (the normalization before the activation, as in the
+    original BatchNorm paper), or Linear -> activation -> [norm] with
+    placement="after"; the last Linear gives the logits. activation is
+    "sigmoid", "tanh", "relu" or a callable returning a layer.
+
+    norm makes each hidden block's normalization layer, called as
+    norm(width, dtype=dtype): bnpy.BatchNorm, bnpy.LayerNorm, bnpy.RMSNorm,
+    functools.partial(bnpy.GroupNorm, 8), ...; batch_norm=True is
+    norm=bnpy.BatchNorm. With a BatchNorm (or a subclass) before the
+    activation the hidden Linear layers have no bias: BatchNorm subtracts each
+    feature's mean over the batch, and its beta plays the bias's part. The
+    others normalize each sample over its features, which does not remove a
+    per-feature bias: those Linear layers keep theirs. rng (a seed or a
+    Generator) draws every weight, in the same order whatever the placement
+    and the normalization.
     """
     depth = _positive_int("depth", depth)
     make_activation = (
@@ -672,17 +915,25 @@ def mlp(
         raise ValueError(
             f'placement must be "before" or "after" (the activation), got {placement!r}'
         )
+    if batch_norm and norm is not None:
+        raise ValueError("give batch_norm=True or norm, not both")
+    make_norm = BatchNorm if batch_norm else norm
+    if make_norm is not None and not callable(make_norm):
+        raise TypeError(f"norm must be a callable making a layer, got {norm!r}")
     rng = np.random.default_rng(rng)
     sizes = [in_features] + [width] * (depth - 1) + [out_features]
-    bias_is_redundant = batch_norm and placement == "before"
     layers: list[Any] = []
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         last = i == depth - 1
+        normalization = (
+            None if last or make_norm is None else make_norm(n_out, dtype=_float_dtype(dtype))
+        )
+        bias_is_redundant = placement == "before" and isinstance(normalization, BatchNorm)
         layers.append(
             Linear(
                 n_in,
                 n_out,
-                bias=last or not bias_is_redundant,
+                bias=not bias_is_redundant,
                 weight_scale=weight_scale,
                 dtype=dtype,
                 rng=rng,
@@ -691,10 +942,8 @@ def mlp(
         if last:
             break
         block = [make_activation()]
-        if batch_norm:
-            block.insert(
-                0 if placement == "before" else 1, BatchNorm(n_out, dtype=_float_dtype(dtype))
-            )
+        if normalization is not None:
+            block.insert(0 if placement == "before" else 1, normalization)
         layers += block
     return Sequential(*layers)
 
@@ -753,7 +1002,8 @@ def preactivations(model: Sequential) -> list[Array]:
     """After a forward: the inputs of every activation layer, first to last.
 
     These are the outputs of the layers just before each ReLU, Tanh or
-    Sigmoid: of a Linear in a plain network, of a BatchNorm with batch norm.
+    Sigmoid: of a Linear in a plain network, of the normalization layer
+    (BatchNorm, LayerNorm, ...) in a normalized one.
     """
     if len(model.outputs) != len(model.layers):
         raise RuntimeError("preactivations needs a forward through the model first")
@@ -813,7 +1063,9 @@ def recalibrate(model: Sequential, batches: Iterable[npt.ArrayLike]) -> Sequenti
     variance of every value it sees, not an average of per-batch variances),
     so each one sees inputs normalized by the already calibrated ones before
     it. Like torch.optim.swa_utils.update_bn, but exact. Weights, gamma, beta
-    and every layer's mode are left as they were; returns the model.
+    and every layer's mode are left as they were; returns the model. Other
+    normalization layers are left alone (LayerNorm and GroupNorm have no
+    running statistics), and so are the BatchNorms inside an RNN.
     """
     layers = _flatten(model)
     modes = _modes(model)
@@ -838,7 +1090,8 @@ def fold_model(model: Sequential) -> Sequential:
     Linear or Conv2d directly followed by a BatchNorm has it folded in
     (fold_batch_norm) and the BatchNorm is gone; nested Sequentials too. The
     copy's predictions are the model's in eval mode, one pass fewer per fold.
-    `model` is left as it was."""
+    Layer, group, instance and RMS normalization stay: their statistics are
+    each sample's own, not constants to fold. `model` is left as it was."""
     layers = [
         fold_model(layer) if isinstance(layer, Sequential) else copy.deepcopy(layer)
         for layer in model.layers

@@ -6,6 +6,9 @@ gradient vanishes without BatchNorm and stays within a factor of ten with it,
 and BatchNorm trains it where the plain network cannot.
 """
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 
@@ -651,3 +654,345 @@ def test_a_cnn_with_spatial_batchnorm_learns_the_digits():
     # the BatchNorm normalized each channel over (N, H, W): 8 gammas, spatial statistics
     assert model[1].gamma.shape == (8,) and model[1].num_batches_tracked == 60
     assert nn.accuracy(model.eval()(images), labels) > 0.85
+
+
+# ---- layer, group, instance and RMS normalization in bnpy.nn ------------------
+
+FAMILY = {
+    "LayerNorm": lambda c: bnpy.LayerNorm(c, dtype=np.float64),
+    "LayerNorm(bias=False)": lambda c: bnpy.LayerNorm(c, bias=False, dtype=np.float64),
+    "GroupNorm": lambda c: bnpy.GroupNorm(2, c, dtype=np.float64),
+    "InstanceNorm(affine)": lambda c: bnpy.InstanceNorm(c, affine=True, dtype=np.float64),
+    "RMSNorm": lambda c: bnpy.RMSNorm(c, dtype=np.float64),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_sequential_lists_the_gamma_and_beta_each_normalization_has(name):
+    norm = FAMILY[name](4)
+    model = nn.Sequential(nn.Linear(2, 4, dtype=np.float64, rng=0), norm, nn.Tanh())
+    params = model.parameters()[2:]  # after the Linear's weight and bias
+    has_beta = name not in ("LayerNorm(bias=False)", "RMSNorm")
+    assert len(params) == 1 + has_beta
+    assert params[0][0] is norm.gamma or np.shares_memory(params[0][0], norm.gamma)
+    if has_beta:
+        assert np.shares_memory(params[1][0], norm.beta)
+    assert nn.Sequential(bnpy.LayerNorm(4, elementwise_affine=False)).parameters() == []
+    assert nn.Sequential(bnpy.GroupNorm(2, 4, affine=False)).parameters() == []
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "RMSNorm", "LayerNorm(bias=False)"])
+@pytest.mark.parametrize("training", [True, False])
+def test_sequential_with_each_normalization_passes_gradcheck(name, training):
+    model = nn.Sequential(
+        nn.Linear(3, 4, dtype=np.float64, rng=0),
+        FAMILY[name](4),
+        nn.Tanh(),
+        nn.Linear(4, 2, dtype=np.float64, rng=1),
+    )
+    model.train(training)
+    report = model_gradcheck(model, data((5, 3), seed=3))
+    assert report.passed, report
+    assert all(r.checked for r in report.inputs)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_convolution_with_group_and_instance_norm_passes_gradcheck(training):
+    instance = bnpy.InstanceNorm(4, affine=True, track_running_stats=True, dtype=np.float64)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, dtype=np.float64, rng=0),
+        bnpy.GroupNorm(2, 4, dtype=np.float64),
+        nn.Tanh(),
+        instance,
+        nn.Flatten(),
+        nn.Linear(4 * 16, 3, dtype=np.float64, rng=1),
+    )
+    model.forward(data((3, 1, 4, 4), seed=5))  # running statistics away from (0, 1)
+    instance.momentum = 0.0  # the check's forward calls leave them alone
+    model.train(training)
+    report = model_gradcheck(model, data((3, 1, 4, 4), seed=6))
+    assert report.passed, report
+    assert len(report.inputs) == 9  # x, 2 weights, 2 biases, 2 gammas, 2 betas
+
+
+def test_sgd_updates_layer_norm_parameters_in_place():
+    norm = bnpy.RMSNorm(4)
+    model = nn.Sequential(nn.Linear(2, 4, rng=0), norm, nn.Linear(4, 3, rng=1))
+    model(data((6, 2)))
+    model.backward(data((6, 3)))
+    expected = norm.gamma - 0.5 * norm.grad_gamma
+    nn.SGD(model, lr=0.5, momentum=0.9).step()  # RMSNorm has no beta: nothing to step there
+    np.testing.assert_allclose(norm.gamma, expected, rtol=1e-6)
+
+
+def test_mlp_with_a_norm_factory():
+    model = nn.mlp(2, 3, width=8, depth=3, activation="relu", norm=bnpy.LayerNorm, rng=4)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Linear", "LayerNorm", "ReLU"] * 2 + ["Linear"]
+    # LayerNorm normalizes each sample over its features: a per-feature bias stays useful
+    assert all(layer.bias is not None for layer in nn.linear_layers(model))
+    batch_norm = nn.mlp(2, 3, width=8, depth=3, activation="relu", batch_norm=True, rng=4)
+    for a, b in zip(nn.linear_layers(model), nn.linear_layers(batch_norm)):
+        np.testing.assert_array_equal(a.weight, b.weight)  # same rng, same weights
+    renorm = nn.mlp(2, 3, width=8, depth=3, norm=bnpy.BatchRenorm)  # a BatchNorm: no bias
+    assert [layer.bias is None for layer in nn.linear_layers(renorm)] == [True, True, False]
+    grouped = nn.mlp(2, 3, width=8, depth=2, norm=functools.partial(bnpy.GroupNorm, 4))
+    assert grouped[1].num_groups == 4 and grouped[1].num_channels == 8
+    wide = nn.mlp(2, 3, width=8, depth=2, norm=bnpy.LayerNorm, dtype=np.float64)
+    assert wide[1].dtype == np.float64  # norm is given the network's dtype
+    with pytest.raises(ValueError, match="not both"):
+        nn.mlp(2, 3, batch_norm=True, norm=bnpy.LayerNorm)
+    with pytest.raises(TypeError, match="norm must be a callable"):
+        nn.mlp(2, 3, norm="layer")
+
+
+def spirals_at_batch_size_2(norm):
+    """A tanh network with norm trained on batches of 2, and its eval-mode accuracy."""
+    x, labels = spirals(100, rng=0)
+    model = nn.mlp(2, 3, width=32, depth=3, activation="tanh", norm=norm, rng=0)
+    nn.fit(model, x, labels, lr=0.01, momentum=0.9, steps=800, batch_size=2, rng=1)
+    return model, x, nn.accuracy(model.eval()(x), labels)
+
+
+@pytest.mark.parametrize(
+    "norm", [bnpy.LayerNorm, functools.partial(bnpy.GroupNorm, 8)], ids=["layer", "group"]
+)
+def test_layer_and_group_norm_learn_from_batches_of_2_and_are_the_same_in_eval_mode(norm):
+    model, x, accuracy = spirals_at_batch_size_2(norm)
+    assert accuracy > 0.7  # chance is 1/3
+    in_eval = model(x)
+    np.testing.assert_array_equal(model.train()(x), in_eval)  # no batch statistics
+    # each sample on its own (up to the rounding of a one-row matrix product)
+    np.testing.assert_allclose(model(x[:1])[0], in_eval[0], rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_does_not_learn_from_batches_of_2():
+    """What the test above would not mean without: BatchNorm fails at that batch size."""
+    assert spirals_at_batch_size_2(bnpy.BatchNorm)[2] < 0.5
+
+
+def test_fold_model_and_recalibrate_leave_other_normalizations_alone():
+    model = nn.Sequential(
+        nn.Linear(2, 4, rng=0),
+        bnpy.LayerNorm(4),
+        nn.Linear(4, 4, bias=False, rng=1),
+        bnpy.BatchNorm(4),
+        nn.Linear(4, 3, rng=2),
+    )
+    x = data((16, 2)).astype(np.float32)
+    model(x)
+    nn.recalibrate(model, [x])
+    folded = nn.fold_model(model)
+    assert [type(layer).__name__ for layer in folded.layers] == [
+        "Linear",
+        "LayerNorm",
+        "Linear",
+        "Linear",
+    ]
+    np.testing.assert_allclose(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+# ---- sequences: RNN and LastStep ----------------------------------------------
+
+RNN_NORMS = {
+    "none": None,
+    "LayerNorm": bnpy.LayerNorm,
+    "BatchNorm": bnpy.BatchNorm,
+    "RMSNorm": bnpy.RMSNorm,
+    "GroupNorm": functools.partial(bnpy.GroupNorm, 2),
+}
+
+
+def rnn(norm, seed=0):
+    return nn.RNN(3, 4, norm=RNN_NORMS[norm], dtype=np.float64, rng=seed)
+
+
+def test_rnn_without_norm_computes_the_recurrence():
+    layer = rnn("none")
+    layer.input.bias[:] = [0.1, -0.2, 0.3, 0.0]
+    x = data((5, 6, 3))
+    h = np.zeros((5, 4))
+    expected = []
+    for t in range(6):
+        h = np.tanh(
+            x[:, t] @ layer.input.weight.T + h @ layer.recurrent.weight.T + layer.input.bias
+        )
+        expected.append(h)
+    y = layer(x)
+    assert y.shape == (5, 6, 4) and y.dtype == np.float64
+    np.testing.assert_allclose(y, np.stack(expected, axis=1), rtol=1e-13, atol=1e-13)
+
+
+def test_rnn_with_layer_norm_normalizes_each_sample_at_every_step():
+    layer = rnn("LayerNorm")
+    assert layer.input.bias is None  # LayerNorm's beta plays its part
+    norm = layer.norms[0]
+    norm.gamma[:] = [1.0, 2.0, 0.5, 1.5]
+    norm.beta[:] = [0.1, 0.0, -0.1, 0.2]
+    x = data((5, 6, 3))
+    h = np.zeros((5, 4))
+    for t in range(6):
+        summed = x[:, t] @ layer.input.weight.T + h @ layer.recurrent.weight.T
+        mean, var = summed.mean(axis=1, keepdims=True), summed.var(axis=1, keepdims=True)
+        h = np.tanh(norm.gamma * (summed - mean) / np.sqrt(var + 1e-5) + norm.beta)
+    np.testing.assert_allclose(layer(x)[:, -1], h, rtol=1e-12, atol=1e-12)
+    assert len(layer.norms) == 6  # a layer per step, sharing gamma and beta
+    for step in layer.norms:
+        np.testing.assert_array_equal(step.gamma, norm.gamma)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("norm", RNN_NORMS)
+def test_rnn_backward_through_time_passes_gradcheck(norm, training):
+    """dy at every step, so each step's gradient reaches x, W, U and gamma, beta."""
+    layer = rnn(norm)
+    layer(data((6, 5, 3), seed=1))  # every step's BatchNorm statistics away from (0, 1)
+    for step in layer.norms:
+        if isinstance(step, bnpy.BatchNorm):
+            step.momentum = 0.0  # the check's forward calls leave them alone
+    layer.train(training)
+    report = model_gradcheck(layer, data((6, 5, 3), seed=2))
+    assert report.passed, report
+    # x, W, [b], U, [gamma, [beta]]
+    # x, W, b, U without norm; x, W, U, gamma, beta with; x, W, b, U, gamma with RMSNorm
+    assert len(report.inputs) == (4 if norm == "none" else 5)
+    assert all(r.checked for r in report.inputs)
+
+
+def test_rnn_classifier_with_last_step_passes_gradcheck():
+    model = nn.Sequential(rnn("LayerNorm"), nn.LastStep(), nn.Linear(4, 3, dtype=np.float64))
+    report = model_gradcheck(model, data((4, 7, 3)))
+    assert report.passed, report
+
+
+def test_a_truncated_backward_through_time_is_caught():
+    """The checks above can fail: an RNN whose backward stops at each step, its
+    recurrent Linear sending no gradient back to h_{t-1}."""
+
+    class NoGradientToTheLastStep(nn.Linear):
+        def backward(self, dy):
+            super().backward(dy)  # grad_weight as before
+            return np.zeros_like(self._x)
+
+    layer = rnn("LayerNorm")
+    layer.recurrent = NoGradientToTheLastStep(4, 4, bias=False, dtype=np.float64, rng=1)
+    report = model_gradcheck(layer, data((4, 5, 3)))
+    assert not report.passed
+    assert report.inputs[0].passed is False  # dx misses the paths through later steps
+
+
+def test_rnn_with_batchnorm_keeps_statistics_per_step():
+    layer = nn.RNN(2, 3, norm=bnpy.BatchNorm, dtype=np.float64, rng=0)
+    for step in layer.norms:
+        step.momentum = 1.0
+    layer(data((8, 4, 2)))
+    assert len(layer.norms) == 4
+    for step in layer.norms[1:]:
+        step.momentum = 1.0
+    x = data((8, 4, 2), seed=1)
+    h = layer(x)
+    # step t's running mean is the batch mean of step t's summed inputs
+    summed = layer.input(x)
+    summed[:, 1:] += layer.recurrent(h[:, :-1])
+    for t, step in enumerate(layer.norms):
+        np.testing.assert_allclose(step.running_mean, summed[:, t].mean(axis=0), rtol=1e-12)
+    means = [step.running_mean.copy() for step in layer.norms]
+    assert not np.allclose(means[0], means[-1])  # the steps' statistics differ
+    # in eval mode a longer sequence uses the last step's statistics, and adds no layer
+    layer.eval()
+    long = data((8, 6, 2), seed=2)
+    out = layer(long)
+    assert len(layer.norms) == 4
+    np.testing.assert_allclose(layer(long[:, :4]), out[:, :4])
+    h5 = np.tanh(layer.norms[3](layer.input(long[:, 4]) + layer.recurrent(out[:, 3])))
+    np.testing.assert_allclose(out[:, 4], h5, rtol=1e-12)
+
+
+def test_rnn_shares_norm_parameters_and_sums_their_gradients_over_the_steps():
+    layer = nn.RNN(2, 3, norm=bnpy.LayerNorm, dtype=np.float64, rng=0)
+    model = nn.Sequential(layer)
+    x, dy = data((5, 4, 2)), data((5, 4, 3), seed=1)
+    model(x)
+    model.backward(dy)
+    per_step = sum(step.grad_gamma for step in layer.norms)
+    np.testing.assert_allclose(layer.grad_gamma, per_step)
+    params = model.parameters()
+    assert [p.shape for p, _ in params] == [(3, 2), (3, 3), (3,), (3,)]  # W, U, gamma, beta
+    assert np.shares_memory(params[2][0], layer.norms[0].gamma)
+    nn.SGD(model, lr=0.5).step()
+    model(x)  # the other steps take norms[0]'s new gamma and beta
+    for step in layer.norms:
+        np.testing.assert_array_equal(step.gamma, layer.norms[0].gamma)
+        np.testing.assert_array_equal(step.beta, layer.norms[0].beta)
+    assert not np.allclose(layer.norms[0].gamma, 1)
+
+
+def test_rnn_train_and_eval_reach_every_step_and_copies_work():
+    layer = nn.RNN(2, 3, norm=bnpy.BatchNorm, rng=0)
+    layer(data((4, 3, 2)))
+    assert layer.eval() is layer
+    assert not any(step.training for step in layer.norms)
+    layer.train()
+    assert all(step.training for step in layer.norms)
+    copied = copy.deepcopy(layer)
+    x = data((4, 3, 2), seed=1)
+    np.testing.assert_array_equal(copied.eval()(x), layer.eval()(x))
+    assert "RNN(2, 3, norm=BatchNorm" in repr(layer)
+
+
+def test_rnn_and_last_step_errors():
+    layer = nn.RNN(2, 3)
+    with pytest.raises(RuntimeError, match=r"RNN\.backward called before any forward"):
+        layer.backward(np.ones((4, 3, 3)))
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, T, 2\)"):
+        layer(np.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, T, 2\)"):
+        layer(np.ones((4, 0, 2)))
+    layer(np.ones((4, 3, 2)))
+    with pytest.raises(ValueError, match=r"dy has shape \(4, 2, 3\), expected \(4, 3, 3\)"):
+        layer.backward(np.ones((4, 2, 3)))
+    shared = bnpy.LayerNorm(3)
+    with pytest.raises(ValueError, match="every step needs its own"):
+        nn.RNN(2, 3, norm=lambda c, dtype: shared)(np.ones((4, 2, 2)))
+    with pytest.raises(TypeError, match="norm must be a callable"):
+        nn.RNN(2, 3, norm="layer")
+    with pytest.raises(ValueError, match="hidden_size"):
+        nn.RNN(2, 0)
+    last = nn.LastStep()
+    with pytest.raises(RuntimeError, match="before any forward"):
+        last.backward(np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"\(N, T, F\)"):
+        last(np.ones((4, 3)))
+    x = data((4, 5, 3))
+    np.testing.assert_array_equal(last(x), x[:, -1])
+    dx = last.backward(np.ones((4, 3)))
+    np.testing.assert_array_equal(dx[:, -1], 1)
+    np.testing.assert_array_equal(dx[:, :-1], 0)
+    with pytest.raises(ValueError, match=r"dy has shape \(4, 5\), expected \(4, 3\)"):
+        last.backward(np.ones((4, 5)))
+
+
+def drifting_tracks(n, steps, rng):
+    """2-D positions of tracks moving right, heading up, straight or down (labels 2, 1, 0)."""
+    rng = np.random.default_rng(rng)
+    labels = rng.integers(0, 3, n)
+    velocity = np.stack([np.ones(n), 0.3 * (labels - 1)], axis=1)
+    moves = velocity[:, None, :] + 0.5 * rng.standard_normal((n, steps, 2))
+    return np.cumsum(moves, axis=1).astype(np.float32), labels
+
+
+def test_rnn_with_layer_norm_learns_sequences_and_generalizes_to_longer_ones():
+    x, labels = drifting_tracks(1000, 10, rng=0)
+    model = nn.Sequential(
+        nn.RNN(2, 16, norm=bnpy.LayerNorm, rng=0), nn.LastStep(), nn.Linear(16, 3, rng=1)
+    )
+    losses = nn.fit(model, x, labels, lr=0.1, momentum=0.9, steps=300, batch_size=64, rng=1)
+    assert losses[:5].mean() > 1.0 and losses[-30:].mean() < 0.7  # log 3 = 1.1 at the start
+    model.eval()
+    accuracy = {
+        steps: nn.accuracy(model(xs), ys)
+        for steps in (10, 40)
+        for xs, ys in [drifting_tracks(500, steps, rng=5)]
+    }
+    assert accuracy[10] > 0.6  # chance is 1/3
+    assert accuracy[40] > accuracy[10]  # longer tracks tell their heading better

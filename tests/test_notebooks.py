@@ -53,12 +53,13 @@ def images(notebook):
     return [output for output in outputs_of_type(notebook, "display_data") if PNG in output.data]
 
 
-def test_there_are_seven_notebooks():
+def test_there_are_eight_notebooks():
     assert [path.name[:3] for path in NOTEBOOKS] == [
         "01_",
         "02_",
         "03_",
         "04_",
+        "05_",
         "06_",
         "07_",
         "08_",
