@@ -940,6 +940,9 @@ class InstanceNorm(GroupNorm):
         if rows is not None:
             return super()._backward(dy, out)
         mean, invstd = moments  # the running statistics: constants
+        if dy.shape != x.shape:
+            raise ValueError(f"dy must have the shape of x {x.shape}, got shape {dy.shape}")
+        _check_out(out, x.shape, self.dtype, [x, dy])
         dense = out is None or (out.flags.c_contiguous and out.flags.aligned)
         dx, dgamma, dbeta = _core.batch_norm_backward(
             dy,
