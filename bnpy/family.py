@@ -613,11 +613,23 @@ class _Normalization:
         state["_saved"] = None
         return state
 
-    def _config(self) -> str:
+    def _arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The constructor's arguments that make this layer again: (positional,
+        by keyword), dtype last"""
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._config()}, dtype='{self.dtype.name}', training={self.training})"
+        positional, keywords = self._arguments()
+        shown = [
+            repr(a[0]) if isinstance(a, tuple) and len(a) == 1 else repr(a) for a in positional
+        ]
+        shown += [f"{k}={v!r}" for k, v in keywords.items()]
+        return f"{type(self).__name__}({', '.join(shown)}, training={self.training})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickles the configuration, state and mode, not the last forward."""
+        positional, keywords = self._arguments()
+        return (_rebuild, (type(self), positional, keywords), self.__getstate__())
 
 
 class LayerNorm(_Normalization):
@@ -655,22 +667,9 @@ class LayerNorm(_Normalization):
         x, rows, moments = self._saved
         return _backward(dy, x, rows, self._gamma, moments, self._centered, out)
 
-    def _config(self) -> str:
-        shape = self.normalized_shape
-        return (
-            f"{shape[0] if len(shape) == 1 else shape}, eps={self.eps!r}, "
-            f"elementwise_affine={self.elementwise_affine}, bias={self._has_bias}"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        args = (
-            self.normalized_shape,
-            self.eps,
-            self.elementwise_affine,
-            self._has_bias,
-            self.dtype.name,
-        )
-        return (type(self), args, self.__getstate__())
+    def _arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        keywords = dict(eps=self.eps, elementwise_affine=self.elementwise_affine)
+        return (self.normalized_shape,), keywords | dict(bias=self._has_bias, dtype=self.dtype.name)
 
 
 class RMSNorm(LayerNorm):
@@ -704,16 +703,9 @@ class RMSNorm(LayerNorm):
         self._eps_given = value
         self._eps = float(np.finfo(self.dtype).eps) if value is None else _eps(value)
 
-    def _config(self) -> str:
-        shape = self.normalized_shape
-        return (
-            f"{shape[0] if len(shape) == 1 else shape}, eps={self._eps_given!r}, "
-            f"elementwise_affine={self.elementwise_affine}"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        args = (self.normalized_shape, self._eps_given, self.elementwise_affine, self.dtype.name)
-        return (type(self), args, self.__getstate__())
+    def _arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        keywords = dict(eps=self._eps_given, elementwise_affine=self.elementwise_affine)
+        return (self.normalized_shape,), keywords | dict(dtype=self.dtype.name)
 
 
 class GroupNorm(_Normalization):
@@ -763,19 +755,15 @@ class GroupNorm(_Normalization):
         x, rows, moments = self._saved
         return _backward(dy, x, rows, self._gamma, moments, True, out)
 
-    def _config(self) -> str:
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps!r}, affine={self.affine}, axis={self.axis}"
+    def _arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        keywords = dict(eps=self.eps, affine=self.affine, axis=self.axis, dtype=self.dtype.name)
+        return (self.num_groups, self.num_channels), keywords
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        args = (
-            self.num_groups,
-            self.num_channels,
-            self.eps,
-            self.affine,
-            self.axis,
-            self.dtype.name,
-        )
-        return (type(self), args, self.__getstate__())
+
+def _rebuild(
+    cls: type[_Normalization], positional: tuple[Any, ...], keywords: dict[str, Any]
+) -> _Normalization:
+    return cls(*positional, **keywords)
 
 
 def _momentum(value: Any) -> float | None:
@@ -959,20 +947,7 @@ class InstanceNorm(GroupNorm):
             dx = out
         return dx, None if dgamma is None or dbeta is None else np.stack([dgamma, dbeta])
 
-    def _config(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps!r}, momentum={self.momentum!r}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}, axis={self.axis}"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        args = (
-            self.num_features,
-            self.eps,
-            self.momentum,
-            self.affine,
-            self.track_running_stats,
-            self.axis,
-            self.dtype.name,
-        )
-        return (type(self), args, self.__getstate__())
+    def _arguments(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        keywords = dict(eps=self.eps, momentum=self.momentum, affine=self.affine)
+        keywords |= dict(track_running_stats=self.track_running_stats, axis=self.axis)
+        return (self.num_features,), keywords | dict(dtype=self.dtype.name)
