@@ -44,32 +44,25 @@ static bn_partial NAME(row_stats)(const T *x, size_t n)
 
 /* ---- elementwise: per value (spread 1) or per run ---------------------------------- */
 
-/* (x[i] - mean) * (invstd * gamma[c]) + beta[c], c = i (or 0 when `one`) */
+/* (x[i] - mean) * (invstd * gamma[i]) + beta[i] */
 BN_INLINE T NAME(affine_value)(const T *x, size_t i, double mean, double invstd, const T *gamma,
-                               const T *beta, int one)
+                               const T *beta)
 {
-    size_t c = one ? 0 : i;
-    return (T)(((double)x[i] - mean) * (invstd * (double)gamma[c]) + (double)beta[c]);
+    return (T)(((double)x[i] - mean) * (invstd * (double)gamma[i]) + (double)beta[i]);
 }
 
-/* y[0 .. n) <- affine_value for each, BN_LANES values at a time, streamed
- * past the caches when `stream` */
+/* y[0 .. n) <- affine_value for each (a gamma and a beta per value),
+ * BN_LANES values at a time, streamed past the caches when `stream`. Runs
+ * with one gamma and beta are batch norm's rows: row_out. */
 BN_INLINE void NAME(affine_out)(T *y, const T *x, size_t n, double mean, double invstd,
-                                const T *gamma, const T *beta, int one, int stream)
+                                const T *gamma, const T *beta, int stream)
 {
     size_t i = 0, head = stream ? NAME(stream_head)(y, n) : 0;
     bn_vec m = bn_splat(mean), s = bn_splat(invstd), v[BN_K];
     for (; i < head; i++) {
-        y[i] = NAME(affine_value)(x, i, mean, invstd, gamma, beta, one);
+        y[i] = NAME(affine_value)(x, i, mean, invstd, gamma, beta);
     }
-    bn_vec scale = s * bn_splat((double)*gamma), shift = bn_splat((double)*beta);
-    for (; one && i + BN_LANES <= n; i += BN_LANES) {
-        for (int k = 0; k < BN_K; k++) {
-            v[k] = (NAME(load)(x + i + (size_t)k * BN_W) - m) * scale + shift;
-        }
-        NAME(store16)(y + i, v, stream);
-    }
-    for (; !one && i + BN_LANES <= n; i += BN_LANES) {
+    for (; i + BN_LANES <= n; i += BN_LANES) {
         for (int k = 0; k < BN_K; k++) {
             size_t at = i + (size_t)k * BN_W;
             v[k] = (NAME(load)(x + at) - m) * (s * NAME(load)(gamma + at)) + NAME(load)(beta + at);
@@ -77,7 +70,7 @@ BN_INLINE void NAME(affine_out)(T *y, const T *x, size_t n, double mean, double 
         NAME(store16)(y + i, v, stream);
     }
     for (; i < n; i++) {
-        y[i] = NAME(affine_value)(x, i, mean, invstd, gamma, beta, one);
+        y[i] = NAME(affine_value)(x, i, mean, invstd, gamma, beta);
     }
 }
 
@@ -201,10 +194,16 @@ static void NAME(row_forward)(T *y, double *mean, double *invstd, const T *x, co
         mean[r] = 0.0;
         invstd[r] = 1.0 / sqrt(stats.m2 / stats.count + stats.mean * stats.mean + eps);
     }
-    for (size_t j = 0; j < s.n; j += bn_row_run(s)) {
-        size_t k = c + j / s.spread; /* the channel of the run, or the first of the row */
-        NAME(affine_out)(y + at + j, x + at + j, bn_row_run(s), mean[r], invstd[r], gamma + k,
-                         beta + k, s.spread > 1, stream);
+    if (s.spread == 1) {
+        NAME(affine_out)(y + at, x + at, s.n, mean[r], invstd[r], gamma + c, beta + c, stream);
+        return;
+    }
+    for (size_t j = 0; j < s.n / s.spread; j++) { /* a run per channel: a planar row */
+        bn_vcoef k = {bn_splat(mean[r]), bn_splat(invstd[r] * (double)gamma[c + j]),
+                      bn_splat((double)beta[c + j]), bn_splat(0.0)};
+        size_t from = at + j * s.spread;
+        NAME(row_out)(y + from, x + from, NULL, s.spread, k, BN_NORMALIZE, stream,
+                      s.rows * s.n - from);
     }
 }
 
