@@ -177,12 +177,31 @@ class _Rows:
     channels-first (the channel axis `move` moved to 1, when it is not
     there), where a sample's group of channels is contiguous. A row is runs
     of `spread` values, each a channel with its own gamma and beta; row r's
-    channels start at (r % period) * n / spread."""
+    channels start at (r % period) * n / spread. gamma and beta have the
+    shape `params`; the statistics, one per row, the shape `lead`."""
 
-    def __init__(self, shape: tuple[int, ...], n: int, spread: int, period: int, move: int | None):
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        n: int,
+        spread: int,
+        period: int,
+        move: int | None,
+        params: tuple[int, ...],
+        lead: tuple[int, ...],
+    ):
         self.n, self.spread, self.period, self.move = n, spread, period, move
+        self.params, self.lead = params, lead
         self.rows = math.prod(shape) // n if n else 0
         self.channels = period * n // spread if n else 0
+
+    def parameters(self, dtype: Any, *values: Any) -> list[_Array | None]:
+        """gamma (and beta) given to a functional form, checked and converted"""
+        return [_vector(v, self.params, dtype, name) for v, name in zip(values, ("gamma", "beta"))]
+
+    def statistics(self, moments: _Array) -> tuple[_Array, _Array]:
+        """the kernels' moments (2, rows) as mean and invstd of shape lead"""
+        return moments[0].reshape(self.lead), moments[1].reshape(self.lead)
 
     def to_work(self, array: _Array) -> _Array:
         """array (of x's shape) in the working layout, C-contiguous"""
@@ -210,7 +229,8 @@ def _layer_rows(shape: tuple[int, ...], normalized: tuple[int, ...]) -> _Rows:
         raise ValueError(
             f"x's last axes must have the normalized shape {normalized}, got x of shape {shape}"
         )
-    return _Rows(shape, math.prod(normalized), 1, 1, None)
+    lead = shape[: len(shape) - k]
+    return _Rows(shape, math.prod(normalized), 1, 1, None, normalized, lead)
 
 
 def _group_rows(shape: tuple[int, ...], groups: int, axis: Any) -> _Rows:
@@ -224,7 +244,8 @@ def _group_rows(shape: tuple[int, ...], groups: int, axis: Any) -> _Rows:
     if positions == 0 or channels == 0:
         raise ValueError(f"x of shape {shape} has no values to normalize over")
     move = None if axis == 1 else axis
-    return _Rows(shape, channels // groups * positions, positions, groups, move)
+    n = channels // groups * positions
+    return _Rows(shape, n, positions, groups, move, (channels,), (shape[0], groups))
 
 
 def _finish(result: _Array, rows: _Rows, out: _Array | None, target: _Array | None) -> _Array:
@@ -310,15 +331,10 @@ def layer_norm_forward(
     y = gamma * (x - mean) * invstd + beta, invstd = 1 / sqrt(var + eps) with
     the biased variance. mean and invstd (float64) have x's leading shape."""
     xa = _real_array(x, "x")
-    normalized = _normalized_shape(normalized_shape)
-    rows = _layer_rows(xa.shape, normalized)
-    g, b = (
-        _vector(gamma, normalized, xa.dtype, "gamma"),
-        _vector(beta, normalized, xa.dtype, "beta"),
-    )
+    rows = _layer_rows(xa.shape, _normalized_shape(normalized_shape))
+    g, b = rows.parameters(xa.dtype, gamma, beta)
     y, moments = _forward(xa, rows, g, b, _eps(eps), True, out)
-    lead = xa.shape[: xa.ndim - len(normalized)]
-    return y, moments[0].reshape(lead), moments[1].reshape(lead)
+    return (y, *rows.statistics(moments))
 
 
 def layer_norm_backward(
@@ -334,16 +350,8 @@ def layer_norm_backward(
     """(dx, dgamma, dbeta) for upstream gradient dy, with the mean and invstd
     layer_norm_forward gave; dgamma and dbeta have the normalized shape."""
     xa = _real_array(x, "x")
-    normalized = _normalized_shape(normalized_shape)
-    rows = _layer_rows(xa.shape, normalized)
-    g = _vector(gamma, normalized, xa.dtype, "gamma")
-    moments = _moments_of(mean, invstd, xa.shape[: xa.ndim - len(normalized)])
-    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, True, out)
-    return (
-        dx,
-        grads[0].reshape(normalized).astype(xa.dtype),
-        grads[1].reshape(normalized).astype(xa.dtype),
-    )
+    rows = _layer_rows(xa.shape, _normalized_shape(normalized_shape))
+    return _functional_backward(dy, xa, rows, gamma, mean, invstd, True, out)
 
 
 def rms_norm_forward(
@@ -358,12 +366,11 @@ def rms_norm_forward(
     over the last len(normalized_shape) axes; eps None is the dtype's machine
     epsilon (as PyTorch's)."""
     xa = _real_array(x, "x")
-    normalized = _normalized_shape(normalized_shape)
-    rows = _layer_rows(xa.shape, normalized)
-    g = _vector(gamma, normalized, xa.dtype, "gamma")
+    rows = _layer_rows(xa.shape, _normalized_shape(normalized_shape))
+    (g,) = rows.parameters(xa.dtype, gamma)
     eps = float(np.finfo(xa.dtype).eps) if eps is None else _eps(eps)
     y, moments = _forward(xa, rows, g, None, eps, False, out)
-    return y, moments[1].reshape(xa.shape[: xa.ndim - len(normalized)])
+    return y, rows.statistics(moments)[1]
 
 
 def rms_norm_backward(
@@ -377,13 +384,10 @@ def rms_norm_backward(
 ) -> tuple[_Array, _Array]:
     """(dx, dgamma) for upstream gradient dy, with rms_norm_forward's invstd."""
     xa = _real_array(x, "x")
-    normalized = _normalized_shape(normalized_shape)
-    rows = _layer_rows(xa.shape, normalized)
-    g = _vector(gamma, normalized, xa.dtype, "gamma")
-    lead = xa.shape[: xa.ndim - len(normalized)]
-    moments = _moments_of(np.zeros(lead), invstd, lead)
-    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, False, out)
-    return dx, grads[0].reshape(normalized).astype(xa.dtype)
+    rows = _layer_rows(xa.shape, _normalized_shape(normalized_shape))
+    mean = np.zeros(rows.lead)  # RMS norm subtracts nothing
+    dx, dgamma, _ = _functional_backward(dy, xa, rows, gamma, mean, invstd, False, out)
+    return dx, dgamma
 
 
 def group_norm_forward(
@@ -402,11 +406,9 @@ def group_norm_forward(
     channel. mean and invstd (float64) have shape (N, num_groups)."""
     xa = _real_array(x, "x")
     rows = _group_rows(xa.shape, _count(num_groups, "num_groups"), axis)
-    channels = (xa.shape[_channel_axis(axis, xa.ndim)],)
-    g, b = _vector(gamma, channels, xa.dtype, "gamma"), _vector(beta, channels, xa.dtype, "beta")
+    g, b = rows.parameters(xa.dtype, gamma, beta)
     y, moments = _forward(xa, rows, g, b, _eps(eps), True, out)
-    groups = rows.period
-    return y, moments[0].reshape(xa.shape[0], groups), moments[1].reshape(xa.shape[0], groups)
+    return (y, *rows.statistics(moments))
 
 
 def group_norm_backward(
@@ -423,13 +425,27 @@ def group_norm_backward(
     """(dx, dgamma, dbeta) for upstream gradient dy, with group_norm_forward's
     mean and invstd; dgamma and dbeta are per channel."""
     xa = _real_array(x, "x")
-    groups = _count(num_groups, "num_groups")
-    rows = _group_rows(xa.shape, groups, axis)
-    channels = (xa.shape[_channel_axis(axis, xa.ndim)],)
-    g = _vector(gamma, channels, xa.dtype, "gamma")
-    moments = _moments_of(mean, invstd, (xa.shape[0], groups))
-    dx, grads = _backward(_real_array(dy, "dy", xa.dtype), xa, rows, g, moments, True, out)
-    return dx, grads[0].astype(xa.dtype), grads[1].astype(xa.dtype)
+    rows = _group_rows(xa.shape, _count(num_groups, "num_groups"), axis)
+    return _functional_backward(dy, xa, rows, gamma, mean, invstd, True, out)
+
+
+def _functional_backward(
+    dy: npt.ArrayLike,
+    x: _Array,
+    rows: _Rows,
+    gamma: npt.ArrayLike | None,
+    mean: npt.ArrayLike,
+    invstd: npt.ArrayLike,
+    centered: bool,
+    out: _Array | None,
+) -> tuple[_Array, _Array, _Array]:
+    """(dx, dgamma, dbeta) of a functional form, the gradients in x's dtype
+    and gamma's shape"""
+    (g,) = rows.parameters(x.dtype, gamma)
+    moments = _moments_of(mean, invstd, rows.lead)
+    dx, grads = _backward(_real_array(dy, "dy", x.dtype), x, rows, g, moments, centered, out)
+    grads = grads.reshape(2, *rows.params).astype(x.dtype)
+    return dx, grads[0], grads[1]
 
 
 def instance_norm_forward(
