@@ -905,8 +905,12 @@ class InstanceNorm(GroupNorm):
         tracked = self.num_batches_tracked + 1
         step = 1.0 / tracked if self.momentum is None else self.momentum
         with np.errstate(over="ignore", invalid="ignore"):
-            new_mean = ((1 - step) * self._running_mean + step * mean).astype(self.dtype)
-            new_var = ((1 - step) * self._running_var + step * var).astype(self.dtype)
+            # in double, rounded once to the layer's dtype (a float32 array
+            # times a Python float stays float32 in NumPy)
+            old_mean = self._running_mean.astype(np.float64)
+            old_var = self._running_var.astype(np.float64)
+            new_mean = ((1 - step) * old_mean + step * mean).astype(self.dtype)
+            new_var = ((1 - step) * old_var + step * var).astype(self.dtype)
         if not (np.isfinite(new_mean).all() and np.isfinite(new_var).all()):
             raise FloatingPointError(
                 "the running statistics would not be finite in "

@@ -1676,3 +1676,19 @@ def test_functional_empty_batch(spec, dtype):
     assert dx.shape == spec.shape
     assert dgamma.shape == gamma.shape and np.all(dgamma == 0)
     assert dbeta is None or np.all(dbeta == 0)
+
+
+def test_float32_running_statistics_are_the_float64_ones_rounded_once():
+    """InstanceNorm's running update steps in double and rounds once to the
+    layer's dtype: after one training step from the initial 0 and 1 (exact
+    in both dtypes), a float32 layer holds the float64 layer's running
+    statistics rounded to float32, bit for bit."""
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        x = (rng.standard_normal((4, 3, 50)) * 2 + 1).astype(np.float32)
+        narrow = bnpy.InstanceNorm(3, track_running_stats=True)
+        wide = bnpy.InstanceNorm(3, track_running_stats=True, dtype=np.float64)
+        narrow(x)
+        wide(x)
+        assert bits(narrow.running_mean) == bits(wide.running_mean.astype(np.float32))
+        assert bits(narrow.running_var) == bits(wide.running_var.astype(np.float32))
