@@ -97,8 +97,11 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
                       size_t channels, double eps);
 
 /* --- the kernels, for each element type T ------------------------------
- * BN_KERNELS_API(T, S) declares them for elements T with names ending in S:
- * bn_stats_f32 for float, bn_stats_f64 for double, and so on.
+ * BN_KERNELS_API(T, P, S) declares them for elements T (x, y, dy, dx) and
+ * parameters P (gamma, beta) with names ending in S:
+ *   _f32   T = P = float                 (bn_stats_f32, ...)
+ *   _f64   T = P = double
+ * Parameters P are the elements' type.
  *
  * bn_stats: stats[C] <- count, mean and m2 of each feature of x. Every value
  *   is taken less a shift, so that the means merged block by block stay
@@ -153,35 +156,35 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
  *   over each channel's values in all rows (channels: period * n / spread),
  *   summed in blocks of rows in bn_rows_workspace_size(s) doubles of work.
  *   dx may be dy or x itself. */
-#define BN_KERNELS_API(T, S)                                                                 \
+#define BN_KERNELS_API(T, P, S)                                                              \
     void bn_stats##S(bn_partial *stats, double *work, const T *x, const double *shift,      \
                      bn_shape s);                                                           \
-    void bn_running_moments##S(double *mean, double *invstd, const T *running_mean,         \
-                               const T *running_var, size_t channels, double eps);          \
-    void bn_update_running##S(T *running_mean, T *running_var, const bn_partial *stats,     \
+    void bn_running_moments##S(double *mean, double *invstd, const P *running_mean,         \
+                               const P *running_var, size_t channels, double eps);          \
+    void bn_update_running##S(P *running_mean, P *running_var, const bn_partial *stats,     \
                               size_t channels, double momentum);                            \
-    void bn_set_running##S(T *running_mean, T *running_var, const bn_partial *stats,        \
+    void bn_set_running##S(P *running_mean, P *running_var, const bn_partial *stats,        \
                            size_t channels);                                                \
     void bn_forward_train##S(T *y, bn_partial *stats, double *mean, double *invstd,         \
-                             double *work, const T *x, const T *gamma, const T *beta,       \
+                             double *work, const T *x, const P *gamma, const P *beta,       \
                              double eps, bn_shape s);                                       \
     void bn_forward##S(T *y, double *work, const T *x, const double *mean,                  \
-                       const double *invstd, const T *gamma, const T *beta, bn_shape s);    \
+                       const double *invstd, const P *gamma, const P *beta, bn_shape s);    \
     void bn_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,    \
                         const T *x, const double *mean, const double *invstd,               \
-                        const T *gamma, bn_shape s, int training);                          \
+                        const P *gamma, bn_shape s, int training);                          \
     void bn_grad_sums##S(double *dgamma, double *dbeta, double *work, const T *dy,          \
                          const T *x, const double *mean, const double *invstd, bn_shape s); \
     void bn_backward_dx##S(T *dx, double *work, const T *dy, const T *x, const double *mean, \
-                           const double *invstd, const T *gamma, const double *dgamma,     \
+                           const double *invstd, const P *gamma, const double *dgamma,     \
                            const double *dbeta, double count, bn_shape s, int training);  \
-    void bn_rows_forward##S(T *y, double *mean, double *invstd, const T *x, const T *gamma,  \
-                            const T *beta, double eps, bn_rows s);                          \
+    void bn_rows_forward##S(T *y, double *mean, double *invstd, const T *x, const P *gamma,  \
+                            const P *beta, double eps, bn_rows s);                          \
     void bn_rows_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy, \
                              const T *x, const double *mean, const double *invstd,          \
-                             const T *gamma, bn_rows s);
+                             const P *gamma, bn_rows s);
 
-BN_KERNELS_API(float, _f32)
-BN_KERNELS_API(double, _f64)
+BN_KERNELS_API(float, float, _f32)
+BN_KERNELS_API(double, double, _f64)
 
 #endif /* BNPY_BN_H */

@@ -15,17 +15,21 @@
 #define BN_SUFFIXED(a, b) BN_PASTE(a, b)
 
 #define T float
+#define P float
 #define NAME(fn) BN_SUFFIXED(fn##_f32, BN_ISA)
 #include "kernels.h"
 #include "rows.h"
 #undef T
+#undef P
 #undef NAME
 
 #define T double
+#define P double
 #define NAME(fn) BN_SUFFIXED(fn##_f64, BN_ISA)
 #include "kernels.h"
 #include "rows.h"
 #undef T
+#undef P
 #undef NAME
 
 #define BN_BUILD(fn) BN_SUFFIXED(fn, BN_ISA)

@@ -317,15 +317,19 @@ static const bn_kernel_table *bn_kernels(void)
 /* ---- entry points, per element type ------------------------------------------- */
 
 #define T float
+#define P float
 #define NAME(fn) fn##_f32
 #include "entry.h"
 #include "running.h"
 #undef T
+#undef P
 #undef NAME
 
 #define T double
+#define P double
 #define NAME(fn) fn##_f64
 #include "entry.h"
 #include "running.h"
 #undef T
+#undef P
 #undef NAME
