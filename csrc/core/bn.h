@@ -16,6 +16,7 @@
 #define BNPY_BN_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct {
     size_t outer;    /* product of the dimensions before the feature axis */
@@ -64,8 +65,8 @@ int bn_has_openmp(void);
 typedef enum {
     BN_ISA_DEFAULT = 0, /* any CPU the compiler targets; "portable" when built
                            without vector extensions (BN_PORTABLE) */
-    BN_ISA_AVX2 = 1,
-    BN_ISA_AVX512 = 2,  /* AVX-512F */
+    BN_ISA_AVX2 = 1,    /* AVX2 and F16C */
+    BN_ISA_AVX512 = 2,  /* AVX-512F and F16C */
 } bn_isa;
 
 /* 1 when this build has code for isa and the CPU runs it, else 0 */
@@ -101,7 +102,18 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
  * parameters P (gamma, beta) with names ending in S:
  *   _f32   T = P = float                 (bn_stats_f32, ...)
  *   _f64   T = P = double
- * Parameters P are the elements' type.
+ *   _f16   T = uint16_t, the bits of IEEE binary16 (float16); P = float
+ *   _bf16  T = uint16_t, the bits of bfloat16 (a float32's top 16); P = float
+ * Halves have their parameters and running statistics in float32, as in
+ * PyTorch's mixed precision (so bn_update_running_f16 is bn_update_running_f32).
+ * Every value is read exactly into double and computed as for float and double
+ * (the same formulas, the same order of summation), and each result is
+ * rounded once to T, to nearest with ties to even (for halves as if straight
+ * from double: never twice), in the default floating-point environment:
+ * past the largest finite half it is inf, below the least normal a subnormal
+ * or a signed zero; inf stays inf, and NaN stays NaN, quiet, with the top bits
+ * of its payload (as IEEE's conversions do). The results are bitwise the same
+ * in every build, as for float and double.
  *
  * bn_stats: stats[C] <- count, mean and m2 of each feature of x. Every value
  *   is taken less a shift, so that the means merged block by block stay
@@ -186,5 +198,7 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
 
 BN_KERNELS_API(float, float, _f32)
 BN_KERNELS_API(double, double, _f64)
+BN_KERNELS_API(uint16_t, float, _f16)
+BN_KERNELS_API(uint16_t, float, _bf16)
 
 #endif /* BNPY_BN_H */

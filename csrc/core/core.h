@@ -254,6 +254,8 @@ static inline void bn_absorb(bn_partial *p, double added, double center, double 
 typedef struct {
     BN_KERNELS_OF(float, float, _f32)
     BN_KERNELS_OF(double, double, _f64)
+    BN_KERNELS_OF(uint16_t, float, _f16)
+    BN_KERNELS_OF(uint16_t, float, _bf16)
 } bn_kernel_table;
 
 /* The builds: always one for the compiler's default target; on x86-64 with

@@ -1,7 +1,8 @@
 /* kernels.h -- the kernels of bn.h for one element type, in one build:
- * included by build.h once per type, with T the element type (float or
- * double), P that of the parameters gamma and beta, NAME a macro that appends
- * the type's and the build's suffixes (NAME(bn_forward) is
+ * included by build.h once per type, with T the element type (float, double,
+ * or uint16_t holding halves of BN_HALF mantissa bits: vec.h), P that of the
+ * parameters gamma and beta, BN_HALF (0 but for halves), NAME a macro that
+ * appends the type's and the build's suffixes (NAME(bn_forward) is
  * bn_forward_f32_avx2, ...), and vec.h's vectors. Every value is computed in
  * double and rounded to T once. The strategies (planar, lanes) are described
  * in core.h. */
@@ -24,12 +25,22 @@ BN_INLINE bn_vec NAME(load_p)(const P *p)
 
 BN_INLINE bn_vec NAME(load)(const T *p)
 {
+#if BN_HALF == 10
+    return bn_load_f16(p);
+#elif BN_HALF == 7
+    return bn_load_bf16(p);
+#else
     return NAME(load_p)(p);
+#endif
 }
 
 BN_INLINE void NAME(store)(T *p, bn_vec v)
 {
-#if BN_W == 1
+#if BN_HALF == 10
+    bn_store_f16(p, v);
+#elif BN_HALF == 7
+    bn_store_bf16(p, v);
+#elif BN_W == 1
     p[0] = (T)v;
 #else
     for (int j = 0; j < BN_W; j++) {
@@ -38,15 +49,35 @@ BN_INLINE void NAME(store)(T *p, bn_vec v)
 #endif
 }
 
-/* one value x as a double, and v rounded to T */
+/* one value x as a double, and v rounded to T: halves as load and store do, but float16
+ * by vec.h's integer code, not F16C (Clang makes F16C's conversion of one value a call to
+ * a function that libgcc lacks) */
 BN_INLINE double NAME(get)(T x)
 {
+#if BN_HALF
+    T all[BN_W] = {x};
+    bn_bits h = {0};
+    double first[BN_W];
+    bn_store_wide(first, BN_HALF == 10 ? bn_from_f16(h + x) : NAME(load)(all));
+    return first[0];
+#else
     return (double)x;
+#endif
 }
 
 BN_INLINE T NAME(put)(double v)
 {
+#if BN_HALF
+    T all[BN_W];
+    bn_halves h = BN_CONVERT(bn_to_f16(bn_splat(v)), bn_halves);
+    memcpy(all, &h, sizeof all);
+    if (BN_HALF == 7) {
+        NAME(store)(all, bn_splat(v));
+    }
+    return all[0];
+#else
     return (T)v;
+#endif
 }
 
 /* asks the caches for the lines of p[0 .. n) */
@@ -70,10 +101,10 @@ BN_INLINE void NAME(prefetch16)(const T *p)
 }
 
 /* p[0 .. BN_LANES) <- v[BN_K] rounded to T: past the caches where the build
- * can when `stream` (p then on a cache line: stream_head) */
+ * can when `stream` (p then on a cache line: stream_head), but for halves */
 BN_INLINE void NAME(store16)(T *p, const bn_vec v[BN_K], int stream)
 {
-#if BN_CAN_STREAM
+#if BN_CAN_STREAM && !BN_HALF
     if (stream && sizeof(T) == sizeof(float)) {
         bn_stream_f32((float *)p, v);
         return;
