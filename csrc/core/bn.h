@@ -16,6 +16,7 @@
 #define BNPY_BN_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct {
     size_t outer;    /* product of the dimensions before the feature axis */
@@ -64,8 +65,8 @@ int bn_has_openmp(void);
 typedef enum {
     BN_ISA_DEFAULT = 0, /* any CPU the compiler targets; "portable" when built
                            without vector extensions (BN_PORTABLE) */
-    BN_ISA_AVX2 = 1,
-    BN_ISA_AVX512 = 2,  /* AVX-512F */
+    BN_ISA_AVX2 = 1,    /* AVX2 and F16C */
+    BN_ISA_AVX512 = 2,  /* AVX-512F and F16C */
 } bn_isa;
 
 /* 1 when this build has code for isa and the CPU runs it, else 0 */
@@ -97,8 +98,22 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
                       size_t channels, double eps);
 
 /* --- the kernels, for each element type T ------------------------------
- * BN_KERNELS_API(T, S) declares them for elements T with names ending in S:
- * bn_stats_f32 for float, bn_stats_f64 for double, and so on.
+ * BN_KERNELS_API(T, P, S) declares them for elements T (x, y, dy, dx) and
+ * parameters P (gamma, beta) with names ending in S:
+ *   _f32   T = P = float                 (bn_stats_f32, ...)
+ *   _f64   T = P = double
+ *   _f16   T = uint16_t, the bits of IEEE binary16 (float16); P = float
+ *   _bf16  T = uint16_t, the bits of bfloat16 (a float32's top 16); P = float
+ * Halves have their parameters and running statistics in float32, as in
+ * PyTorch's mixed precision (so bn_update_running_f16 is bn_update_running_f32).
+ * Every value is read exactly into double and computed as for float and double
+ * (the same formulas, the same order of summation), and each result is
+ * rounded once to T, to nearest with ties to even (for halves as if straight
+ * from double: never twice), in the default floating-point environment:
+ * past the largest finite half it is inf, below the least normal a subnormal
+ * or a signed zero; inf stays inf, and NaN stays NaN, quiet, with the top bits
+ * of its payload (as IEEE's conversions do). The results are bitwise the same
+ * in every build, as for float and double.
  *
  * bn_stats: stats[C] <- count, mean and m2 of each feature of x. Every value
  *   is taken less a shift, so that the means merged block by block stay
@@ -153,35 +168,37 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
  *   over each channel's values in all rows (channels: period * n / spread),
  *   summed in blocks of rows in bn_rows_workspace_size(s) doubles of work.
  *   dx may be dy or x itself. */
-#define BN_KERNELS_API(T, S)                                                                 \
+#define BN_KERNELS_API(T, P, S)                                                              \
     void bn_stats##S(bn_partial *stats, double *work, const T *x, const double *shift,      \
                      bn_shape s);                                                           \
-    void bn_running_moments##S(double *mean, double *invstd, const T *running_mean,         \
-                               const T *running_var, size_t channels, double eps);          \
-    void bn_update_running##S(T *running_mean, T *running_var, const bn_partial *stats,     \
+    void bn_running_moments##S(double *mean, double *invstd, const P *running_mean,         \
+                               const P *running_var, size_t channels, double eps);          \
+    void bn_update_running##S(P *running_mean, P *running_var, const bn_partial *stats,     \
                               size_t channels, double momentum);                            \
-    void bn_set_running##S(T *running_mean, T *running_var, const bn_partial *stats,        \
+    void bn_set_running##S(P *running_mean, P *running_var, const bn_partial *stats,        \
                            size_t channels);                                                \
     void bn_forward_train##S(T *y, bn_partial *stats, double *mean, double *invstd,         \
-                             double *work, const T *x, const T *gamma, const T *beta,       \
+                             double *work, const T *x, const P *gamma, const P *beta,       \
                              double eps, bn_shape s);                                       \
     void bn_forward##S(T *y, double *work, const T *x, const double *mean,                  \
-                       const double *invstd, const T *gamma, const T *beta, bn_shape s);    \
+                       const double *invstd, const P *gamma, const P *beta, bn_shape s);    \
     void bn_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,    \
                         const T *x, const double *mean, const double *invstd,               \
-                        const T *gamma, bn_shape s, int training);                          \
+                        const P *gamma, bn_shape s, int training);                          \
     void bn_grad_sums##S(double *dgamma, double *dbeta, double *work, const T *dy,          \
                          const T *x, const double *mean, const double *invstd, bn_shape s); \
     void bn_backward_dx##S(T *dx, double *work, const T *dy, const T *x, const double *mean, \
-                           const double *invstd, const T *gamma, const double *dgamma,     \
+                           const double *invstd, const P *gamma, const double *dgamma,     \
                            const double *dbeta, double count, bn_shape s, int training);  \
-    void bn_rows_forward##S(T *y, double *mean, double *invstd, const T *x, const T *gamma,  \
-                            const T *beta, double eps, bn_rows s);                          \
+    void bn_rows_forward##S(T *y, double *mean, double *invstd, const T *x, const P *gamma,  \
+                            const P *beta, double eps, bn_rows s);                          \
     void bn_rows_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy, \
                              const T *x, const double *mean, const double *invstd,          \
-                             const T *gamma, bn_rows s);
+                             const P *gamma, bn_rows s);
 
-BN_KERNELS_API(float, _f32)
-BN_KERNELS_API(double, _f64)
+BN_KERNELS_API(float, float, _f32)
+BN_KERNELS_API(double, double, _f64)
+BN_KERNELS_API(uint16_t, float, _f16)
+BN_KERNELS_API(uint16_t, float, _bf16)
 
 #endif /* BNPY_BN_H */

@@ -7,6 +7,9 @@
 
 #include <math.h>
 #include <stdatomic.h>
+#if BN_X86_BUILDS
+#include <cpuid.h>
+#endif
 #include <stdio.h>
 #include <string.h>
 
@@ -269,8 +272,10 @@ int bn_isa_supported(bn_isa isa)
         return 0;
     }
 #if BN_X86_BUILDS
-    return isa == BN_ISA_AVX512 ? __builtin_cpu_supports("avx512f")
-           : isa == BN_ISA_AVX2 ? __builtin_cpu_supports("avx2")
+    unsigned a, b, c, d; /* and F16C, for float16 (on every CPU with AVX2 so far) */
+    int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    return isa == BN_ISA_AVX512 ? f16c && __builtin_cpu_supports("avx512f")
+           : isa == BN_ISA_AVX2 ? f16c && __builtin_cpu_supports("avx2")
                                 : 1;
 #else
     return 1;
@@ -317,15 +322,32 @@ static const bn_kernel_table *bn_kernels(void)
 /* ---- entry points, per element type ------------------------------------------- */
 
 #define T float
+#define P float
 #define NAME(fn) fn##_f32
 #include "entry.h"
 #include "running.h"
 #undef T
+#undef P
 #undef NAME
 
 #define T double
+#define P double
 #define NAME(fn) fn##_f64
 #include "entry.h"
 #include "running.h"
 #undef T
+#undef P
+#undef NAME
+
+#define T uint16_t
+#define P float
+#define NAME(fn) fn##_f16
+#include "entry.h"
+#include "running.h"
+#undef NAME
+#define NAME(fn) fn##_bf16
+#include "entry.h"
+#include "running.h"
+#undef T
+#undef P
 #undef NAME

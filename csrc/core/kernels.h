@@ -1,13 +1,16 @@
 /* kernels.h -- the kernels of bn.h for one element type, in one build:
- * included by build.h once per type, with T the element type (float or
- * double), NAME a macro that appends the type's and the build's suffixes
- * (NAME(bn_forward) is bn_forward_f32_avx2, ...), and vec.h's vectors. Every
- * value is computed in double and rounded to T once. The strategies (planar,
- * lanes) are described in core.h. */
+ * included by build.h once per type, with T the element type (float, double,
+ * or uint16_t holding halves of BN_HALF mantissa bits: vec.h), P that of the
+ * parameters gamma and beta, BN_HALF (0 but for halves), NAME a macro that
+ * appends the type's and the build's suffixes (NAME(bn_forward) is
+ * bn_forward_f32_avx2, ...), and vec.h's vectors. Every value is computed in
+ * double and rounded to T once. The strategies (planar, lanes) are described
+ * in core.h. */
 
 /* ---- values of T as vectors of doubles ------------------------------------- */
 
-BN_INLINE bn_vec NAME(load)(const T *p)
+/* parameters p[0 .. BN_W) */
+BN_INLINE bn_vec NAME(load_p)(const P *p)
 {
 #if BN_W == 1
     return (double)p[0];
@@ -20,14 +23,60 @@ BN_INLINE bn_vec NAME(load)(const T *p)
 #endif
 }
 
+BN_INLINE bn_vec NAME(load)(const T *p)
+{
+#if BN_HALF == 10
+    return bn_load_f16(p);
+#elif BN_HALF == 7
+    return bn_load_bf16(p);
+#else
+    return NAME(load_p)(p);
+#endif
+}
+
 BN_INLINE void NAME(store)(T *p, bn_vec v)
 {
-#if BN_W == 1
+#if BN_HALF == 10
+    bn_store_f16(p, v);
+#elif BN_HALF == 7
+    bn_store_bf16(p, v);
+#elif BN_W == 1
     p[0] = (T)v;
 #else
     for (int j = 0; j < BN_W; j++) {
         p[j] = (T)v[j];
     }
+#endif
+}
+
+/* one value x as a double, and v rounded to T: halves as load and store do, but float16
+ * by vec.h's integer code, not F16C (Clang makes F16C's conversion of one value a call to
+ * a function that libgcc lacks) */
+BN_INLINE double NAME(get)(T x)
+{
+#if BN_HALF
+    T all[BN_W] = {x};
+    bn_bits h = {0};
+    double first[BN_W];
+    bn_store_wide(first, BN_HALF == 10 ? bn_from_f16(h + x) : NAME(load)(all));
+    return first[0];
+#else
+    return (double)x;
+#endif
+}
+
+BN_INLINE T NAME(put)(double v)
+{
+#if BN_HALF
+    T all[BN_W];
+    bn_halves h = BN_CONVERT(bn_to_f16(bn_splat(v)), bn_halves);
+    memcpy(all, &h, sizeof all);
+    if (BN_HALF == 7) {
+        NAME(store)(all, bn_splat(v));
+    }
+    return all[0];
+#else
+    return (T)v;
 #endif
 }
 
@@ -52,10 +101,10 @@ BN_INLINE void NAME(prefetch16)(const T *p)
 }
 
 /* p[0 .. BN_LANES) <- v[BN_K] rounded to T: past the caches where the build
- * can when `stream` (p then on a cache line: stream_head) */
+ * can when `stream` (p then on a cache line: stream_head), but for halves */
 BN_INLINE void NAME(store16)(T *p, const bn_vec v[BN_K], int stream)
 {
-#if BN_CAN_STREAM
+#if BN_CAN_STREAM && !BN_HALF
     if (stream && sizeof(T) == sizeof(float)) {
         bn_stream_f32((float *)p, v);
         return;
@@ -124,8 +173,8 @@ BN_INLINE void NAME(add_sums)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, 
     if (i < n) {
         double g[BN_LANES] = {0}, d[BN_LANES] = {0};
         for (size_t j = 0; i + j < n; j++) {
-            d[j] = (double)x[i + j] - center;
-            g[j] = dy ? (double)dy[i + j] : d[j];
+            d[j] = NAME(get)(x[i + j]) - center;
+            g[j] = dy ? NAME(get)(dy[i + j]) : d[j];
         }
         for (int k = 0; k < BN_K; k++) {
             acc[k] += bn_load_wide(g + k * BN_W);
@@ -140,15 +189,15 @@ BN_INLINE void NAME(add_sums)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, 
 BN_INLINE void NAME(value_out)(T *out, const T *in, const T *x, const bn_vcoef *k, bn_op op)
 {
     double value[BN_W];
-    bn_vec xv = bn_splat(op == BN_DX_TRAIN ? (double)*x : 0.0);
-    bn_store_wide(value, bn_apply(op, bn_splat((double)*in), xv, k));
-    *out = (T)value[0];
+    bn_vec xv = bn_splat(op == BN_DX_TRAIN ? NAME(get)(*x) : 0.0);
+    bn_store_wide(value, bn_apply(op, bn_splat(NAME(get)(*in)), xv, k));
+    *out = NAME(put)(value[0]);
 }
 
 /* out[from .. to) <- op(in, x) with one feature's coefficients k, of a row
  * of n values: from whole vectors of the row when it has them (whole loads;
- * loads of values just stored as parts would stall), rounded to T value by
- * value, else one value at a time (value_out) */
+ * loads of values just stored as parts would stall), rounded to T aside and
+ * copied value by value, else one value at a time (value_out) */
 BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t from,
                               size_t to, const bn_vcoef *k, bn_op op)
 {
@@ -158,14 +207,16 @@ BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t 
     for (size_t h = from; h < to && n >= BN_LANES; h += BN_LANES) {
         size_t at = h + BN_LANES <= n ? h : n - BN_LANES, end = h + BN_LANES < to ? h + BN_LANES
                                                                                  : to;
-        double all[BN_LANES];
+        bn_vec all[BN_K];
+        T part[BN_LANES];
         for (int q = 0; q < BN_K; q++) {
             size_t v = at + (size_t)q * BN_W;
             bn_vec xv = op == BN_DX_TRAIN ? NAME(load)(x + v) : bn_splat(0.0);
-            bn_store_wide(all + q * BN_W, bn_apply(op, NAME(load)(in + v), xv, k));
+            all[q] = bn_apply(op, NAME(load)(in + v), xv, k);
         }
+        NAME(store16)(part, all, 0);
         for (size_t j = h; j < end; j++) {
-            out[j] = (T)all[j - at];
+            out[j] = part[j - at];
         }
     }
 }
@@ -267,7 +318,7 @@ static void NAME(span_out_any)(T *out, const T *in, const T *x, const bn_work *w
 
 /* w's coefficients of op (bn_op) for feature c */
 static void NAME(coefficient)(const bn_work *w, bn_op op, size_t c, const double *mean,
-                              const double *invstd, const T *gamma, const T *beta,
+                              const double *invstd, const P *gamma, const P *beta,
                               const double *dgamma, const double *dbeta, double count)
 {
     w->mean[c] = mean[c];
@@ -281,7 +332,7 @@ static void NAME(coefficient)(const bn_work *w, bn_op op, size_t c, const double
 /* w's four arrays [C] <- the coefficients of op for each feature, spread
  * over a wide row for the lanes strategy */
 static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
-                               const double *invstd, const T *gamma, const T *beta,
+                               const double *invstd, const P *gamma, const P *beta,
                                const double *dgamma, const double *dbeta, double count,
                                const bn_plan *p)
 {
@@ -481,22 +532,22 @@ BN_INLINE double NAME(pipeline_tile)(T *out, const T *in, const T *x, bn_vcoef k
  * cache, is normalized while the statistics of feature c + 1 are summed, so
  * that memory streams the next feature in while the last one is written out */
 static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *invstd,
-                              const bn_work *w, const T *x, const T *gamma, const T *beta,
+                              const bn_work *w, const T *x, const P *gamma, const P *beta,
                               double eps, const bn_plan *p, size_t c0, size_t c1)
 {
     bn_shape s = p->s;
     bn_partial next = {0.0, 0.0, 0.0};
     if (c0 < c1) {
-        next = NAME(feature_stats)(x, p, c0, (double)x[c0 * s.inner]);
+        next = NAME(feature_stats)(x, p, c0, NAME(get)(x[c0 * s.inner]));
     }
     for (size_t c = c0; c < c1; c++) {
         stats[c] = next;
-        stats[c].mean += (double)x[c * s.inner]; /* before y (maybe x) is written */
+        stats[c].mean += NAME(get)(x[c * s.inner]); /* before y (maybe x) is written */
         bn_batch_moments(mean + c, invstd + c, stats + c, 1, eps);
         NAME(coefficient)(w, BN_NORMALIZE, c, mean, invstd, gamma, beta, NULL, NULL, 0.0);
         bn_vcoef k = bn_feature_coef(w, c);
         next = (bn_partial){0.0, 0.0, 0.0};
-        double shift = c + 1 < c1 ? (double)x[(c + 1) * s.inner] : 0.0, sums[2];
+        double shift = c + 1 < c1 ? NAME(get)(x[(c + 1) * s.inner]) : 0.0, sums[2];
         for (size_t t = 0; t < p->tiles; t++) {
             double center = c + 1 < c1 ? shift + NAME(tile_center)(&next, x, p, c + 1, t, shift)
                                        : 0.0;
@@ -516,7 +567,7 @@ static void NAME(train_range)(T *y, bn_partial *stats, double *mean, double *inv
  * feature c + 1 while dx of feature c is written */
 static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const bn_work *w,
                                  const T *dy, const T *x, const double *mean,
-                                 const double *invstd, const T *gamma, const bn_plan *p,
+                                 const double *invstd, const P *gamma, const bn_plan *p,
                                  int training, size_t c0, size_t c1)
 {
     double count = (double)bn_count(p->s), next[2] = {0.0, 0.0};
@@ -575,8 +626,8 @@ BN_INLINE void NAME(lane_rows)(double *restrict sum, double *restrict sum2, cons
     }
     for (; l < l1; l++) {
         for (size_t q = 0; q < rows; q++) {
-            double d = (double)x[at + q * wide + l] - center[l];
-            double g = dy ? (double)dy[at + q * wide + l] : d;
+            double d = NAME(get)(x[at + q * wide + l]) - center[l];
+            double g = dy ? NAME(get)(dy[at + q * wide + l]) : d;
             sum[l] += g;
             sum2[l] += g * d;
         }
@@ -639,7 +690,7 @@ static void NAME(group_stats)(double *state, const T *x, const double *shift,
     }
     size_t tail = g + 1 == p->groups ? (l1 < p->tail ? l1 : p->tail) : l0; /* lanes with one more */
     for (size_t l = l0; l < tail; l++) {
-        double d = (double)x[p->wide_rows * R + l] - center[l];
+        double d = NAME(get)(x[p->wide_rows * R + l]) - center[l];
         sum[l] = d;
         sum2[l] = d * d;
     }
@@ -683,13 +734,13 @@ static void NAME(lanes_stats)(bn_partial *stats, const bn_work *w, const T *x,
                               const double *shift, const bn_plan *p)
 {
     for (size_t c = 0; c < p->s.channels; c++) { /* each lane's shift, spread */
-        w->mean[c] = shift ? shift[c] : (double)x[c * p->s.inner];
+        w->mean[c] = shift ? shift[c] : NAME(get)(x[c * p->s.inner]);
     }
     bn_spread(w->mean, w->mean, p);
     NAME_FOR_LANE_TASKS(p, *w, g, l0, l1, NAME(group_stats)(state, x, w->mean, p, g, l0, l1));
     bn_merge_lanes(stats, w->groups, p);
     for (size_t c = 0; !shift && c < p->s.channels; c++) {
-        stats[c].mean += (double)x[c * p->s.inner];
+        stats[c].mean += NAME(get)(x[c * p->s.inner]);
     }
 }
 
@@ -725,14 +776,14 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
     int team = p.team;
     BN_PARALLEL_FOR
     for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
-        double first = (double)x[(size_t)c * s.inner];
+        double first = NAME(get)(x[(size_t)c * s.inner]);
         stats[c] = NAME(feature_stats)(x, &p, (size_t)c, shift ? shift[c] : first);
         stats[c].mean += shift ? 0.0 : first;
     }
 }
 
 static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
-                             const double *invstd, const T *gamma, const T *beta, bn_shape s)
+                             const double *invstd, const P *gamma, const P *beta, bn_shape s)
 {
     /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), y == x);
@@ -745,7 +796,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
 }
 
 static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double *invstd,
-                                   double *work, const T *x, const T *gamma, const T *beta,
+                                   double *work, const T *x, const P *gamma, const P *beta,
                                    double eps, bn_shape s)
 {
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
@@ -792,7 +843,7 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
 }
 
 static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
-                                 const double *mean, const double *invstd, const T *gamma,
+                                 const double *mean, const double *invstd, const P *gamma,
                                  const double *dgamma, const double *dbeta, double count,
                                  bn_shape s, int training)
 {
@@ -809,7 +860,7 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
 
 static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,
                               const T *x, const double *mean, const double *invstd,
-                              const T *gamma, bn_shape s, int training)
+                              const P *gamma, bn_shape s, int training)
 {
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), dx == dy || dx == x);

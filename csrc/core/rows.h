@@ -27,7 +27,7 @@ static bn_partial NAME(row_stats)(const T *x, size_t n)
     double first = 0.0, sums[2];
     size_t few = n < BN_LANES ? n : BN_LANES;
     for (size_t j = 0; j < few; j++) {
-        first += (double)x[j];
+        first += NAME(get)(x[j]);
     }
     for (size_t i = 0; i < n; i += BN_TILE) {
         double len = (double)(n - i < BN_TILE ? n - i : BN_TILE);
@@ -45,17 +45,17 @@ static bn_partial NAME(row_stats)(const T *x, size_t n)
 /* ---- elementwise: per value (spread 1) or per run ---------------------------------- */
 
 /* (x[i] - mean) * (invstd * gamma[i]) + beta[i] */
-BN_INLINE T NAME(affine_value)(const T *x, size_t i, double mean, double invstd, const T *gamma,
-                               const T *beta)
+BN_INLINE T NAME(affine_value)(const T *x, size_t i, double mean, double invstd, const P *gamma,
+                               const P *beta)
 {
-    return (T)(((double)x[i] - mean) * (invstd * (double)gamma[i]) + (double)beta[i]);
+    return NAME(put)((NAME(get)(x[i]) - mean) * (invstd * (double)gamma[i]) + (double)beta[i]);
 }
 
 /* y[0 .. n) <- affine_value for each (a gamma and a beta per value),
  * BN_LANES values at a time, streamed past the caches when `stream`. Runs
  * with one gamma and beta are batch norm's rows: row_out. */
 BN_INLINE void NAME(affine_out)(T *y, const T *x, size_t n, double mean, double invstd,
-                                const T *gamma, const T *beta, int stream)
+                                const P *gamma, const P *beta, int stream)
 {
     size_t i = 0, head = stream ? NAME(stream_head)(y, n) : 0;
     bn_vec m = bn_splat(mean), s = bn_splat(invstd), v[BN_K];
@@ -65,7 +65,8 @@ BN_INLINE void NAME(affine_out)(T *y, const T *x, size_t n, double mean, double 
     for (; i + BN_LANES <= n; i += BN_LANES) {
         for (int k = 0; k < BN_K; k++) {
             size_t at = i + (size_t)k * BN_W;
-            v[k] = (NAME(load)(x + at) - m) * (s * NAME(load)(gamma + at)) + NAME(load)(beta + at);
+            bn_vec scale_at = s * NAME(load_p)(gamma + at);
+            v[k] = (NAME(load)(x + at) - m) * scale_at + NAME(load_p)(beta + at);
         }
         NAME(store16)(y + i, v, stream);
     }
@@ -77,15 +78,15 @@ BN_INLINE void NAME(affine_out)(T *y, const T *x, size_t n, double mean, double 
 /* invstd * ((gamma[c] * dy[i] - a) - xhat * b), xhat = (x[i] - mean) *
  * invstd, c = i (or 0 when `one`) */
 BN_INLINE T NAME(dx_value)(const T *dy, const T *x, size_t i, double mean, double invstd,
-                           const T *gamma, double a, double b, int one)
+                           const P *gamma, double a, double b, int one)
 {
-    double g = (double)gamma[one ? 0 : i], xhat = ((double)x[i] - mean) * invstd;
-    return (T)(invstd * ((g * (double)dy[i] - a) - xhat * b));
+    double g = (double)gamma[one ? 0 : i], xhat = (NAME(get)(x[i]) - mean) * invstd;
+    return NAME(put)(invstd * ((g * NAME(get)(dy[i]) - a) - xhat * b));
 }
 
 /* dx[0 .. n) <- dx_value for each, as affine_out */
 BN_INLINE void NAME(affine_dx)(T *dx, const T *dy, const T *x, size_t n, double mean,
-                               double invstd, const T *gamma, double a, double b, int one,
+                               double invstd, const P *gamma, double a, double b, int one,
                                int stream)
 {
     size_t i = 0, head = stream ? NAME(stream_head)(dx, n) : 0;
@@ -106,7 +107,7 @@ BN_INLINE void NAME(affine_dx)(T *dx, const T *dy, const T *x, size_t n, double 
         for (int k = 0; k < BN_K; k++) {
             size_t at = i + (size_t)k * BN_W;
             bn_vec xhat = (NAME(load)(x + at) - m) * s;
-            v[k] = s * ((NAME(load)(gamma + at) * NAME(load)(dy + at) - va) - xhat * vb);
+            v[k] = s * ((NAME(load_p)(gamma + at) * NAME(load)(dy + at) - va) - xhat * vb);
         }
         NAME(store16)(dx + i, v, stream);
     }
@@ -118,13 +119,13 @@ BN_INLINE void NAME(affine_dx)(T *dx, const T *dy, const T *x, size_t n, double 
 /* For values v .. v + BN_LANES of a row, g = gamma * dy: acc += g, acc2 += g *
  * xhat in lanes, and dgamma[v + i] += dy * xhat, dbeta[v + i] += dy */
 BN_INLINE void NAME(value_grads)(bn_vec acc[BN_K], bn_vec acc2[BN_K], double *dgamma,
-                                 double *dbeta, const T *dy, const T *x, const T *gamma,
+                                 double *dbeta, const T *dy, const T *x, const P *gamma,
                                  double mean, double invstd)
 {
     for (int k = 0; k < BN_K; k++) {
         size_t at = (size_t)k * BN_W;
         bn_vec d = NAME(load)(dy + at), xhat = (NAME(load)(x + at) - bn_splat(mean)) * invstd;
-        bn_vec g = d * NAME(load)(gamma + at);
+        bn_vec g = d * NAME(load_p)(gamma + at);
         acc[k] += g;
         acc2[k] += g * xhat;
         bn_store_wide(dgamma + at, bn_load_wide(dgamma + at) + d * xhat);
@@ -136,7 +137,7 @@ BN_INLINE void NAME(value_grads)(bn_vec acc[BN_K], bn_vec acc2[BN_K], double *dg
  * per value; dgamma[n] += dy * xhat, dbeta[n] += dy. The last n % BN_LANES
  * values run from copies padded with zeros, which add nothing. */
 static void NAME(value_sums)(double sums[2], double *dgamma, double *dbeta, const T *dy,
-                             const T *x, const T *gamma, double mean, double invstd, size_t n)
+                             const T *x, const P *gamma, double mean, double invstd, size_t n)
 {
     bn_vec acc[BN_K] = {0}, acc2[BN_K] = {0};
     size_t i = 0;
@@ -145,11 +146,12 @@ static void NAME(value_sums)(double sums[2], double *dgamma, double *dbeta, cons
                           invstd);
     }
     if (i < n) {
-        T end_dy[BN_LANES] = {0}, end_x[BN_LANES] = {0}, end_gamma[BN_LANES] = {0};
+        T end_dy[BN_LANES] = {0}, end_x[BN_LANES] = {0};
+        P end_gamma[BN_LANES] = {0};
         double end_dgamma[BN_LANES] = {0}, end_dbeta[BN_LANES] = {0};
         memcpy(end_dy, dy + i, (n - i) * sizeof(T));
         memcpy(end_x, x + i, (n - i) * sizeof(T));
-        memcpy(end_gamma, gamma + i, (n - i) * sizeof(T));
+        memcpy(end_gamma, gamma + i, (n - i) * sizeof(P));
         NAME(value_grads)(acc, acc2, end_dgamma, end_dbeta, end_dy, end_x, end_gamma, mean,
                           invstd);
         for (size_t j = 0; i + j < n; j++) {
@@ -164,7 +166,7 @@ static void NAME(value_sums)(double sums[2], double *dgamma, double *dbeta, cons
 /* The same per run of `spread` values: dgamma[j] += sum dy * xhat and
  * dbeta[j] += sum dy over run j, added into sums times gamma[j] */
 static void NAME(run_sums)(double sums[2], double *dgamma, double *dbeta, const T *dy,
-                           const T *x, const T *gamma, double mean, double invstd, bn_rows s)
+                           const T *x, const P *gamma, double mean, double invstd, bn_rows s)
 {
     sums[0] = sums[1] = 0.0;
     for (size_t j = 0; j < s.n / s.spread; j++) {
@@ -184,8 +186,8 @@ static void NAME(run_sums)(double sums[2], double *dgamma, double *dbeta, const 
 
 /* Row r: mean[r], invstd[r] <- its moments (mean 0 and the root mean square
  * when not centered), y's row <- it normalized */
-static void NAME(row_forward)(T *y, double *mean, double *invstd, const T *x, const T *gamma,
-                              const T *beta, double eps, bn_rows s, size_t r, int stream)
+static void NAME(row_forward)(T *y, double *mean, double *invstd, const T *x, const P *gamma,
+                              const P *beta, double eps, bn_rows s, size_t r, int stream)
 {
     size_t at = r * s.n, c = r % s.period * (s.n / s.spread);
     bn_partial stats = NAME(row_stats)(x + at, s.n);
@@ -210,7 +212,7 @@ static void NAME(row_forward)(T *y, double *mean, double *invstd, const T *x, co
 /* Row r: dx's row, and its parameters' gradients added into dgamma, dbeta
  * (one per channel) */
 static void NAME(row_backward)(T *dx, double *dgamma, double *dbeta, const T *dy, const T *x,
-                               const T *gamma, double mean, double invstd, bn_rows s, size_t r,
+                               const P *gamma, double mean, double invstd, bn_rows s, size_t r,
                                int stream)
 {
     size_t at = r * s.n, c = r % s.period * (s.n / s.spread);
@@ -230,7 +232,7 @@ static void NAME(row_backward)(T *dx, double *dgamma, double *dbeta, const T *dy
 }
 
 static void NAME(bn_rows_forward)(T *y, double *mean, double *invstd, const T *x,
-                                  const T *gamma, const T *beta, double eps, bn_rows s)
+                                  const P *gamma, const P *beta, double eps, bn_rows s)
 {
     int team = bn_rows_team(s), stream = bn_rows_stream(s, sizeof(T), y == x);
     BN_PARALLEL_FOR
@@ -246,7 +248,7 @@ static void NAME(bn_rows_forward)(T *y, double *mean, double *invstd, const T *x
  * parameter gradients into sums of its own in work, then added in order */
 static void NAME(bn_rows_backward)(T *dx, double *dgamma, double *dbeta, double *work,
                                    const T *dy, const T *x, const double *mean,
-                                   const double *invstd, const T *gamma, bn_rows s)
+                                   const double *invstd, const P *gamma, bn_rows s)
 {
     size_t blocks = bn_row_blocks(s), per = (s.rows + blocks - 1) / blocks;
     size_t width = bn_rows_channels(s);

@@ -1,9 +1,9 @@
 /* test_values.c -- what the C core computes, as hashes to compare across builds.
  *
  * Runs every public entry point over shapes that reach each of the core's layouts,
- * in float32 and float64, on deterministic pseudo-random input, and prints one line
- * per (shape, dtype, op):
- *     <outer>x<C>x<inner> <f32|f64> <op> <FNV-1a 64 of the output's bits>
+ * in float32, float64, float16 and bfloat16, on deterministic pseudo-random input,
+ * and prints one line per (shape, dtype, op):
+ *     <outer>x<C>x<inner> <f32|f64|f16|bf16> <op> <FNV-1a 64 of the output's bits>
  * The results are meant to be bitwise identical on every build, compiler, machine
  * and thread count (-ffp-contract=off, and every sum has an order fixed by the
  * shape), so two runs' lines must be equal: run.sh compares a native run against
@@ -15,6 +15,7 @@
 #include "bn.h"
 
 #include <inttypes.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +56,16 @@ static uint64_t hash_f32(uint64_t h, const float *p, size_t n)
     return h;
 }
 
+/* float16 and bfloat16 alike: two bytes a value */
+static uint64_t hash_f16(uint64_t h, const uint16_t *p, size_t n)
+{
+    for (size_t k = 0; k < n; k++) {
+        h = fnv_bits(h, p[k], 2);
+    }
+    return h;
+}
+#define hash_bf16 hash_f16
+
 static uint64_t hash_f64(uint64_t h, const double *p, size_t n)
 {
     for (size_t k = 0; k < n; k++) {
@@ -94,18 +105,33 @@ static void *alloc(size_t n, size_t size)
 
 /* ---- one shape, one element type: every entry point, each output hashed ---- */
 
-/* Inputs are drawn in double and rounded to T, so both types see the same data up
- * to rounding: x = offset + 3 * noise, dy = noise, gamma in [0, 2), beta, running
- * mean and variance near the data's. */
-#define DEFINE_RUN(T, SUF)                                                                     \
+/* v cut to a half of m mantissa bits (float16: 10, bfloat16: 7), toward zero, and 0
+ * below the least normal half: the halves' inputs, made plainly (|v| < 65504) */
+static uint16_t half_of(double v, int m)
+{
+    int e, bias = (1 << (14 - m)) - 1;
+    double f = frexp(fabs(v), &e); /* |v| = f * 2^e, f in [0.5, 1) */
+    unsigned sign = v < 0 ? 0x8000u : 0u, mantissa = (unsigned)ldexp(f, m + 1) & ((1u << m) - 1);
+    int normal = f != 0.0 && e - 1 + bias > 0;
+    return (uint16_t)(normal ? sign | (unsigned)(e - 1 + bias) << m | mantissa : sign);
+}
+#define TO_f32(v) ((float)(v))
+#define TO_f64(v) ((double)(v))
+#define TO_f16(v) half_of(v, 10)
+#define TO_bf16(v) half_of(v, 7)
+
+/* Inputs are drawn in double and rounded to T (parameters to P, suffix PS), so all
+ * types see the same data up to rounding: x = offset + 3 * noise, dy = noise, gamma
+ * in [0, 2), beta, running mean and variance near the data's. */
+#define DEFINE_RUN(T, P, SUF, PS)                                                              \
     static void run_##SUF(bn_shape s, double offset)                                          \
     {                                                                                          \
         const char *dt = #SUF;                                                                 \
         size_t C = s.channels, total = bn_count(s) * C;                                        \
         T *x = alloc(total, sizeof(T)), *dy = alloc(total, sizeof(T));                         \
         T *y = alloc(total, sizeof(T)), *dx = alloc(total, sizeof(T));                         \
-        T *gamma = alloc(C, sizeof(T)), *beta = alloc(C, sizeof(T));                           \
-        T *run_mean = alloc(C, sizeof(T)), *run_var = alloc(C, sizeof(T));                     \
+        P *gamma = alloc(C, sizeof(P)), *beta = alloc(C, sizeof(P));                           \
+        P *run_mean = alloc(C, sizeof(P)), *run_var = alloc(C, sizeof(P));                     \
         double *shift = alloc(C, sizeof(double)), *mean = alloc(C, sizeof(double));            \
         double *invstd = alloc(C, sizeof(double)), *dgamma = alloc(C, sizeof(double));         \
         double *dbeta = alloc(C, sizeof(double)), *work = alloc(bn_workspace_size(s), 8);      \
@@ -113,14 +139,14 @@ static void *alloc(size_t n, size_t size)
         const double eps = 1e-5, momentum = 0.1;                                               \
         lcg_state = 0x9e3779b97f4a7c15ULL ^ (uint64_t)total;                                   \
         for (size_t k = 0; k < total; k++) {                                                   \
-            x[k] = (T)(offset + 3.0 * lcg_next());                                             \
-            dy[k] = (T)lcg_next();                                                             \
+            x[k] = TO_##SUF(offset + 3.0 * lcg_next());                                        \
+            dy[k] = TO_##SUF(lcg_next());                                                      \
         }                                                                                      \
         for (size_t c = 0; c < C; c++) {                                                       \
-            gamma[c] = (T)(1.0 + lcg_next());                                                  \
-            beta[c] = (T)lcg_next();                                                           \
-            run_mean[c] = (T)(offset + lcg_next());                                            \
-            run_var[c] = (T)(2.0 + lcg_next());                                                \
+            gamma[c] = (P)(1.0 + lcg_next());                                                  \
+            beta[c] = (P)lcg_next();                                                           \
+            run_mean[c] = (P)(offset + lcg_next());                                            \
+            run_var[c] = (P)(2.0 + lcg_next());                                                \
             shift[c] = offset + 0.5 * lcg_next();                                              \
         }                                                                                      \
                                                                                                \
@@ -155,14 +181,14 @@ static void *alloc(size_t n, size_t size)
                                                                                                \
         /* the running statistics, from the batch's */                                         \
         if (bn_count(s) > 1) {                                                                 \
-            T *new_mean = alloc(C, sizeof(T)), *new_var = alloc(C, sizeof(T));                 \
-            memcpy(new_mean, run_mean, C * sizeof(T));                                          \
-            memcpy(new_var, run_var, C * sizeof(T));                                            \
+            P *new_mean = alloc(C, sizeof(P)), *new_var = alloc(C, sizeof(P));                 \
+            memcpy(new_mean, run_mean, C * sizeof(P));                                          \
+            memcpy(new_var, run_var, C * sizeof(P));                                            \
             bn_update_running_##SUF(new_mean, new_var, stats, C, momentum);                    \
             emit(dt, "update_running",                                                         \
-                 hash_##SUF(hash_##SUF(FNV_OFFSET, new_mean, C), new_var, C));                 \
+                 hash_##PS(hash_##PS(FNV_OFFSET, new_mean, C), new_var, C));                   \
             bn_set_running_##SUF(new_mean, new_var, stats, C);                                 \
-            emit(dt, "set_running", hash_##SUF(hash_##SUF(FNV_OFFSET, new_mean, C), new_var, C)); \
+            emit(dt, "set_running", hash_##PS(hash_##PS(FNV_OFFSET, new_mean, C), new_var, C)); \
             free(new_mean);                                                                    \
             free(new_var);                                                                     \
         }                                                                                      \
@@ -185,13 +211,15 @@ static void *alloc(size_t n, size_t size)
         free(run_var); free(shift); free(mean); free(invstd); free(dgamma); free(dbeta);       \
         free(work); free(stats);                                                               \
     }
-DEFINE_RUN(float, f32)
-DEFINE_RUN(double, f64)
+DEFINE_RUN(float, float, f32, f32)
+DEFINE_RUN(double, double, f64, f64)
+DEFINE_RUN(uint16_t, float, f16, f32)
+DEFINE_RUN(uint16_t, float, bf16, f32)
 
 /* The row kernels on the same data seen as rows: a layer norm over inner (a
  * gamma per value), its RMS form, a group norm of all C features of an outer
  * row (a gamma per run of inner), and an instance norm (a row per feature) */
-#define DEFINE_ROWS(T, SUF)                                                                    \
+#define DEFINE_ROWS(T, P, SUF)                                                                 \
     static void rows_##SUF(bn_shape s, double offset)                                         \
     {                                                                                          \
         const char *dt = #SUF;                                                                 \
@@ -204,17 +232,17 @@ DEFINE_RUN(double, f64)
         size_t most = s.inner > C ? s.inner : C, rows = s.outer * C;                           \
         T *x = alloc(total, sizeof(T)), *dy = alloc(total, sizeof(T));                         \
         T *y = alloc(total, sizeof(T)), *dx = alloc(total, sizeof(T));                         \
-        T *gamma = alloc(most, sizeof(T)), *beta = alloc(most, sizeof(T));                     \
+        P *gamma = alloc(most, sizeof(P)), *beta = alloc(most, sizeof(P));                     \
         double *mean = alloc(rows, 8), *invstd = alloc(rows, 8);                               \
         double *dgamma = alloc(most, 8), *dbeta = alloc(most, 8);                              \
         lcg_state = 0x2545f4914f6cdd1dULL ^ (uint64_t)total;                                   \
         for (size_t k = 0; k < total; k++) {                                                   \
-            x[k] = (T)(offset + 3.0 * lcg_next());                                             \
-            dy[k] = (T)lcg_next();                                                             \
+            x[k] = TO_##SUF(offset + 3.0 * lcg_next());                                        \
+            dy[k] = TO_##SUF(lcg_next());                                                      \
         }                                                                                      \
         for (size_t c = 0; c < most; c++) {                                                    \
-            gamma[c] = (T)(1.0 + lcg_next());                                                  \
-            beta[c] = (T)lcg_next();                                                           \
+            gamma[c] = (P)(1.0 + lcg_next());                                                  \
+            beta[c] = (P)lcg_next();                                                           \
         }                                                                                      \
         for (int k = 0; k < 4; k++) {                                                          \
             bn_rows r = cases[k];                                                              \
@@ -242,8 +270,10 @@ DEFINE_RUN(double, f64)
         free(x); free(dy); free(y); free(dx); free(gamma); free(beta); free(mean);             \
         free(invstd); free(dgamma); free(dbeta);                                               \
     }
-DEFINE_ROWS(float, f32)
-DEFINE_ROWS(double, f64)
+DEFINE_ROWS(float, float, f32)
+DEFINE_ROWS(double, double, f64)
+DEFINE_ROWS(uint16_t, float, f16)
+DEFINE_ROWS(uint16_t, float, bf16)
 
 /* The shapes: together they reach every layout of the current core (and of any
  * plan that chooses by inner, C * inner, outer and the bytes involved). */
@@ -302,8 +332,12 @@ int main(int argc, char **argv)
         snprintf(shape_label, sizeof shape_label, "%zux%zux%zu", s.outer, s.channels, s.inner);
         run_f32(s, cases[k].offset);
         run_f64(s, cases[k].offset);
+        run_f16(s, cases[k].offset);
+        run_bf16(s, cases[k].offset);
         rows_f32(s, cases[k].offset);
         rows_f64(s, cases[k].offset);
+        rows_f16(s, cases[k].offset);
+        rows_bf16(s, cases[k].offset);
     }
     return fflush(stdout) == 0 ? 0 : 1;
 }
