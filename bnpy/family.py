@@ -56,17 +56,34 @@ _Array = npt.NDArray[Any]
 # ---- checks -----------------------------------------------------------------
 
 
+def _is_half(dtype: np.dtype[Any]) -> bool:
+    """float16, or ml_dtypes' bfloat16: read and written in their own format,
+    with parameters in float32"""
+    return dtype == np.float16 or (dtype.name == "bfloat16" and dtype.itemsize == 2)
+
+
+def _param_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """the dtype of gamma, beta and their gradients for data of dtype"""
+    return np.dtype(np.float32) if _is_half(dtype) else dtype
+
+
 def _real_array(value: Any, name: str, dtype: Any = None) -> _Array:
-    """value as an ndarray of real numbers (in dtype when given, else float32 or
-    float64 as its own dtype decides), or TypeError naming it."""
+    """value as an ndarray of real numbers (in dtype when given, else float32,
+    float64 or a half as its own dtype decides), or TypeError naming it."""
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name} must not be a masked array: its mask would be ignored")
     array = np.asarray(value)
-    if array.dtype.kind not in "biuf":
+    if array.dtype.kind not in "biuf" and not _is_half(array.dtype):
         raise TypeError(f"{name} must hold real numbers, got an array of dtype {array.dtype!r}")
     if dtype is None:
-        dtype = np.float32 if array.dtype == np.float32 else np.float64
+        kept = array.dtype == np.float32 or _is_half(array.dtype)
+        dtype = array.dtype if kept else np.float64
     return np.asarray(array, dtype=dtype)
+
+
+def _machine_eps(dtype: np.dtype[Any]) -> float:
+    """the distance from 1 to the next value of dtype (bfloat16: 7 bits of fraction)"""
+    return 2.0**-7 if dtype.name == "bfloat16" else float(np.finfo(dtype).eps)
 
 
 def _layer_dtype(dtype: Any) -> np.dtype[Any]:
@@ -197,6 +214,7 @@ class _Rows:
 
     def parameters(self, dtype: Any, *values: Any) -> list[_Array | None]:
         """gamma (and beta) given to a functional form, checked and converted"""
+        dtype = _param_dtype(np.dtype(dtype))
         return [_vector(v, self.params, dtype, name) for v, name in zip(values, ("gamma", "beta"))]
 
     def statistics(self, moments: _Array) -> tuple[_Array, _Array]:
@@ -275,8 +293,8 @@ def _forward(
     xw, target = rows.to_work(x), rows.target(out)
     if rows.rows == 0:
         return _finish(np.empty_like(xw), rows, out, None), np.empty((2, 0))
-    gamma = np.ones(rows.channels, x.dtype) if gamma is None else gamma
-    beta = np.zeros(rows.channels, x.dtype) if beta is None else beta
+    gamma = np.ones(rows.channels, _param_dtype(x.dtype)) if gamma is None else gamma
+    beta = np.zeros(rows.channels, _param_dtype(x.dtype)) if beta is None else beta
     y, moments = _core._rows_forward(xw, gamma, beta, *rows.kernel_args(), eps, centered, target)
     return _finish(y, rows, out, target), moments
 
@@ -299,7 +317,7 @@ def _backward(
     if rows.rows == 0:
         return _finish(np.empty_like(xw), rows, out, None), np.zeros((2, rows.channels))
     moments = np.ascontiguousarray(moments, dtype=np.float64)
-    gamma = np.ones(rows.channels, x.dtype) if gamma is None else gamma
+    gamma = np.ones(rows.channels, _param_dtype(x.dtype)) if gamma is None else gamma
     dx, grads = _core._rows_backward(dyw, xw, gamma, moments, *rows.kernel_args(), centered, target)
     return _finish(dx, rows, out, target), grads
 
@@ -368,7 +386,7 @@ def rms_norm_forward(
     xa = _real_array(x, "x")
     rows = _layer_rows(xa.shape, _normalized_shape(normalized_shape))
     (g,) = rows.parameters(xa.dtype, gamma)
-    eps = float(np.finfo(xa.dtype).eps) if eps is None else _eps(eps)
+    eps = _machine_eps(xa.dtype) if eps is None else _eps(eps)
     y, moments = _forward(xa, rows, g, None, eps, False, out)
     return y, rows.statistics(moments)[1]
 
@@ -439,12 +457,12 @@ def _functional_backward(
     centered: bool,
     out: _Array | None,
 ) -> tuple[_Array, _Array, _Array]:
-    """(dx, dgamma, dbeta) of a functional form, the gradients in x's dtype
-    and gamma's shape"""
+    """(dx, dgamma, dbeta) of a functional form, the gradients in gamma's
+    dtype (x's, or float32 for half x) and shape"""
     (g,) = rows.parameters(x.dtype, gamma)
     moments = _moments_of(mean, invstd, rows.lead)
     dx, grads = _backward(_real_array(dy, "dy", x.dtype), x, rows, g, moments, centered, out)
-    grads = grads.reshape(2, *rows.params).astype(x.dtype)
+    grads = grads.reshape(2, *rows.params).astype(_param_dtype(x.dtype))
     return dx, grads[0], grads[1]
 
 
@@ -554,8 +572,10 @@ class _Normalization:
     def forward(self, x: npt.ArrayLike, *, out: _Array | None = None) -> _Array:
         """y for x, in the layer's dtype; keeps what backward needs. out, when
         given, is a writable array of y's shape and dtype (it may be x)."""
-        xa = _real_array(x, "x", self.dtype)
-        _check_out(out, xa.shape, self.dtype, [xa])
+        xa = _real_array(x, "x")
+        mixed = self.dtype == np.float32 and _is_half(xa.dtype)  # halves stay halves
+        xa = xa if mixed else np.asarray(xa, self.dtype)
+        _check_out(out, xa.shape, xa.dtype, [xa])
         if out is not None and np.shares_memory(out, xa):
             xa = xa.copy()  # backward needs x after y overwrites it
         y, saved = self._forward(xa, out)
@@ -569,7 +589,7 @@ class _Normalization:
             raise RuntimeError(
                 "backward called before any forward: there is nothing to differentiate"
             )
-        dya = _real_array(dy, "dy", self.dtype)
+        dya = _real_array(dy, "dy", self._saved[0].dtype)  # the saved x's
         dx, grads = self._backward(dya, out)
         if grads is not None and self._gamma is not None:
             self.grad_gamma = grads[0].reshape(self._gamma.shape).astype(self.dtype)
@@ -950,7 +970,7 @@ class InstanceNorm(GroupNorm):
         mean, invstd = moments  # the running statistics: constants
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the shape of x {x.shape}, got shape {dy.shape}")
-        _check_out(out, x.shape, self.dtype, [x, dy])
+        _check_out(out, x.shape, x.dtype, [x, dy])
         dense = out is None or (out.flags.c_contiguous and out.flags.aligned)
         dx, dgamma, dbeta = _core.batch_norm_backward(
             dy,

@@ -1,6 +1,8 @@
 /* bn_convert.c -- from Python arguments to checked C values and arrays. */
 #include "bn_module.h"
 
+#include <string.h>
+
 #include <math.h>
 
 /* ---- scalar arguments ---------------------------------------------------- */
@@ -159,11 +161,42 @@ int bn_parse_dtype(PyObject *obj, int *typenum)
 
 /* ---- arrays -------------------------------------------------------------- */
 
-/* 1 for booleans, integers and floats: the kinds batch norm accepts. */
+/* bfloat16's type number, once an array of it has been seen (ml_dtypes
+ * registers it at run time); -1 before */
+static int bfloat16_typenum = -1;
+
+/* 1 for ml_dtypes' bfloat16: two bytes, of the scalar type named bfloat16 */
+static int is_bfloat16(PyArray_Descr *descr)
+{
+    if (descr->type_num == bfloat16_typenum) {
+        return 1;
+    }
+    const char *name = descr->typeobj != NULL ? descr->typeobj->tp_name : "";
+    const char *dot = strrchr(name, '.');
+    if (descr->type_num < NPY_USERDEF || PyDataType_ELSIZE(descr) != 2
+        || strcmp(dot != NULL ? dot + 1 : name, "bfloat16") != 0) {
+        return 0;
+    }
+    bfloat16_typenum = descr->type_num;
+    return 1;
+}
+
+int bn_is_half(int typenum)
+{
+    return typenum == NPY_HALF || (typenum == bfloat16_typenum && typenum >= 0);
+}
+
+int bn_param_typenum(int typenum)
+{
+    return bn_is_half(typenum) ? NPY_FLOAT : typenum;
+}
+
+/* 1 for booleans, integers and floats (bfloat16 too): the kinds batch norm
+ * accepts. */
 static int is_real_kind(PyArray_Descr *descr)
 {
     return PyDataType_ISBOOL(descr) || PyDataType_ISINTEGER(descr)
-           || PyDataType_ISFLOAT(descr);
+           || PyDataType_ISFLOAT(descr) || is_bfloat16(descr);
 }
 
 /* TypeError when obj is a numpy.ma.MaskedArray: the kernels would take the
@@ -275,7 +308,16 @@ int bn_compute_typenum(PyObject *obj, const char *name)
     }
     int type = PyArray_TYPE(arr);
     Py_DECREF(arr);
-    return (type == NPY_FLOAT || type == NPY_DOUBLE) ? type : NPY_DOUBLE;
+    return (type == NPY_FLOAT || type == NPY_DOUBLE || bn_is_half(type)) ? type : NPY_DOUBLE;
+}
+
+int bn_layer_data_typenum(PyObject *obj, int layer_typenum, const char *name)
+{
+    if (layer_typenum != NPY_FLOAT) {
+        return layer_typenum;
+    }
+    int type = bn_compute_typenum(obj, name);
+    return type < 0 ? -1 : bn_is_half(type) ? type : NPY_FLOAT;
 }
 
 int bn_is_dense(PyArrayObject *arr)

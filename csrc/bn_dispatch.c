@@ -1,12 +1,14 @@
 /* bn_dispatch.c -- pick the kernel for an array's dtype and run it without
- * the GIL. Arrays reaching here are C-contiguous, aligned, native-order
- * float32 or float64 (bn_as_array, bn_output_like), and the caller holds a
+ * the GIL. Arrays reaching here are aligned, native-order float32, float64,
+ * float16 or bfloat16 data in a dense layout (bn_as_data, bn_output_like),
+ * their parameters float32 or float64, and the caller holds a
  * reference to each, so none can go away while the GIL is released. */
 #include "bn_module.h"
 
 #include <string.h>
 
 #define IS_F32(arr) (PyArray_TYPE(arr) == NPY_FLOAT)
+
 /* the data of an optional array, or NULL */
 #define DATA_OR_NULL(arr) ((arr) != NULL ? PyArray_DATA(arr) : NULL)
 
@@ -37,15 +39,7 @@ void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, const doubl
         return;
     }
     const void *x_data = PyArray_DATA(x);
-    int f32 = IS_F32(x);
-    Py_BEGIN_ALLOW_THREADS
-    if (f32) {
-        bn_stats_f32(stats, work, x_data, shift, s);
-    }
-    else {
-        bn_stats_f64(stats, work, x_data, shift, s);
-    }
-    Py_END_ALLOW_THREADS
+    BN_CALL_TYPED(x, bn_stats, stats, work, x_data, shift, s);
 }
 
 void bn_run_running_moments(double *mean, double *invstd, PyArrayObject *running_mean,
@@ -89,17 +83,8 @@ void bn_run_forward_train(PyArrayObject *y, bn_partial *stats, double *mean, dou
     void *y_data = PyArray_DATA(y);
     const void *x_data = PyArray_DATA(x);
     const void *gamma_data = DATA_OR_NULL(gamma), *beta_data = DATA_OR_NULL(beta);
-    int f32 = IS_F32(x);
-    Py_BEGIN_ALLOW_THREADS
-    if (f32) {
-        bn_forward_train_f32(y_data, stats, mean, invstd, work, x_data, gamma_data, beta_data,
-                             eps, s);
-    }
-    else {
-        bn_forward_train_f64(y_data, stats, mean, invstd, work, x_data, gamma_data, beta_data,
-                             eps, s);
-    }
-    Py_END_ALLOW_THREADS
+    BN_CALL_TYPED(x, bn_forward_train, y_data, stats, mean, invstd, work, x_data, gamma_data,
+               beta_data, eps, s);
 }
 
 void bn_run_forward(PyArrayObject *y, double *work, PyArrayObject *x, const double *mean,
@@ -112,15 +97,8 @@ void bn_run_forward(PyArrayObject *y, double *work, PyArrayObject *x, const doub
     void *y_data = PyArray_DATA(y);
     const void *x_data = PyArray_DATA(x);
     const void *gamma_data = DATA_OR_NULL(gamma), *beta_data = DATA_OR_NULL(beta);
-    int f32 = IS_F32(x);
-    Py_BEGIN_ALLOW_THREADS
-    if (f32) {
-        bn_forward_f32(y_data, work, x_data, mean, invstd, gamma_data, beta_data, s);
-    }
-    else {
-        bn_forward_f64(y_data, work, x_data, mean, invstd, gamma_data, beta_data, s);
-    }
-    Py_END_ALLOW_THREADS
+    BN_CALL_TYPED(x, bn_forward, y_data, work, x_data, mean, invstd, gamma_data, beta_data,
+               s);
 }
 
 void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *work,
@@ -134,17 +112,8 @@ void bn_run_backward(PyArrayObject *dx, double *dgamma, double *dbeta, double *w
     void *dx_data = PyArray_DATA(dx);
     const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
     const void *gamma_data = DATA_OR_NULL(gamma);
-    int f32 = IS_F32(x);
-    Py_BEGIN_ALLOW_THREADS
-    if (f32) {
-        bn_backward_f32(dx_data, dgamma, dbeta, work, dy_data, x_data, mean, invstd,
-                        gamma_data, s, training);
-    }
-    else {
-        bn_backward_f64(dx_data, dgamma, dbeta, work, dy_data, x_data, mean, invstd,
-                        gamma_data, s, training);
-    }
-    Py_END_ALLOW_THREADS
+    BN_CALL_TYPED(x, bn_backward, dx_data, dgamma, dbeta, work, dy_data, x_data, mean, invstd,
+               gamma_data, s, training);
 }
 
 void bn_run_set_running(PyArrayObject *running_mean, PyArrayObject *running_var,
@@ -169,15 +138,7 @@ void bn_run_grad_sums(double *dgamma, double *dbeta, double *work, PyArrayObject
         return;
     }
     const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
-    int f32 = IS_F32(x);
-    Py_BEGIN_ALLOW_THREADS
-    if (f32) {
-        bn_grad_sums_f32(dgamma, dbeta, work, dy_data, x_data, mean, invstd, s);
-    }
-    else {
-        bn_grad_sums_f64(dgamma, dbeta, work, dy_data, x_data, mean, invstd, s);
-    }
-    Py_END_ALLOW_THREADS
+    BN_CALL_TYPED(x, bn_grad_sums, dgamma, dbeta, work, dy_data, x_data, mean, invstd, s);
 }
 
 void bn_run_backward_dx(PyArrayObject *dx, double *work, PyArrayObject *dy, PyArrayObject *x,
@@ -191,17 +152,8 @@ void bn_run_backward_dx(PyArrayObject *dx, double *work, PyArrayObject *dy, PyAr
     void *dx_data = PyArray_DATA(dx);
     const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x);
     const void *gamma_data = DATA_OR_NULL(gamma);
-    int f32 = IS_F32(x);
-    Py_BEGIN_ALLOW_THREADS
-    if (f32) {
-        bn_backward_dx_f32(dx_data, work, dy_data, x_data, mean, invstd, gamma_data, dgamma,
-                           dbeta, count, s, training);
-    }
-    else {
-        bn_backward_dx_f64(dx_data, work, dy_data, x_data, mean, invstd, gamma_data, dgamma,
-                           dbeta, count, s, training);
-    }
-    Py_END_ALLOW_THREADS
+    BN_CALL_TYPED(x, bn_backward_dx, dx_data, work, dy_data, x_data, mean, invstd, gamma_data,
+               dgamma, dbeta, count, s, training);
 }
 
 void bn_run_from_double(PyArrayObject *out, const double *values)

@@ -1,8 +1,9 @@
 /* bn_family.c -- the kernels of layer, group, instance and RMS normalization
  * (bn_rows_* in bn.h) for bnpy.family, which checks the user's arguments and
  * lays the data out as rows: these private functions take C-contiguous
- * float32 or float64 arrays only, and check just enough that no call can
- * write out of bounds.
+ * arrays of float32, float64 or a half (float16, bfloat16; its gamma and
+ * beta float32) only, and check just enough that no call can write out of
+ * bounds.
  */
 #include "bn_module.h"
 
@@ -16,8 +17,10 @@ static PyArrayObject *rows_array(PyObject *obj, int typenum, npy_intp size, int 
         || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj)
         || !PyArray_ISALIGNED((PyArrayObject *)obj)
         || (writable && !PyArray_ISWRITEABLE((PyArrayObject *)obj))) {
-        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous, aligned%s %s array", name,
-                     writable ? ", writable" : "", typenum == NPY_FLOAT ? "float32" : "float64");
+        PyArray_Descr *want = PyArray_DescrFromType(typenum);
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous, aligned%s array of %R", name,
+                     writable ? ", writable" : "", (PyObject *)want);
+        Py_XDECREF(want);
         return NULL;
     }
     if (size >= 0 && PyArray_SIZE((PyArrayObject *)obj) != size) {
@@ -56,8 +59,10 @@ static PyObject *rows_forward(PyObject *Py_UNUSED(module), PyObject *args)
                           &spread, &period, &eps, &centered, &out_obj)) {
         return NULL;
     }
-    int typenum = PyArray_Check(x_obj) ? PyArray_TYPE((PyArrayObject *)x_obj) : NPY_DOUBLE;
-    typenum = typenum == NPY_FLOAT ? NPY_FLOAT : NPY_DOUBLE;
+    int typenum = bn_compute_typenum(x_obj, "x"), params = bn_param_typenum(typenum);
+    if (typenum < 0) {
+        return NULL;
+    }
     PyArrayObject *x = rows_array(x_obj, typenum, -1, 0, "x"), *gamma = NULL, *beta = NULL;
     PyArrayObject *y = NULL, *moments = NULL;
     PyObject *result = NULL;
@@ -66,8 +71,8 @@ static PyObject *rows_forward(PyObject *Py_UNUSED(module), PyObject *args)
         goto done;
     }
     npy_intp channels = (npy_intp)bn_rows_channels(s);
-    gamma = rows_array(gamma_obj, typenum, channels, 0, "gamma");
-    beta = gamma ? rows_array(beta_obj, typenum, channels, 0, "beta") : NULL;
+    gamma = rows_array(gamma_obj, params, channels, 0, "gamma");
+    beta = gamma ? rows_array(beta_obj, params, channels, 0, "beta") : NULL;
     if (beta == NULL) {
         goto done;
     }
@@ -80,14 +85,9 @@ static PyObject *rows_forward(PyObject *Py_UNUSED(module), PyObject *args)
     double *mean = PyArray_DATA(moments), *invstd = mean + s.rows;
     const void *x_data = PyArray_DATA(x), *g = PyArray_DATA(gamma), *b = PyArray_DATA(beta);
     void *y_data = PyArray_DATA(y);
-    Py_BEGIN_ALLOW_THREADS
-    if (s.rows > 0 && typenum == NPY_FLOAT) {
-        bn_rows_forward_f32(y_data, mean, invstd, x_data, g, b, eps, s);
+    if (s.rows > 0) {
+        BN_CALL_TYPED(x, bn_rows_forward, y_data, mean, invstd, x_data, g, b, eps, s);
     }
-    else if (s.rows > 0) {
-        bn_rows_forward_f64(y_data, mean, invstd, x_data, g, b, eps, s);
-    }
-    Py_END_ALLOW_THREADS
     result = Py_BuildValue("OO", y, moments);
 
 done:
@@ -108,8 +108,10 @@ static PyObject *rows_backward(PyObject *Py_UNUSED(module), PyObject *args)
                           &moments_obj, &n, &spread, &period, &centered, &out_obj)) {
         return NULL;
     }
-    int typenum = PyArray_Check(x_obj) ? PyArray_TYPE((PyArrayObject *)x_obj) : NPY_DOUBLE;
-    typenum = typenum == NPY_FLOAT ? NPY_FLOAT : NPY_DOUBLE;
+    int typenum = bn_compute_typenum(x_obj, "x"), params = bn_param_typenum(typenum);
+    if (typenum < 0) {
+        return NULL;
+    }
     PyArrayObject *x = rows_array(x_obj, typenum, -1, 0, "x"), *dy = NULL, *gamma = NULL;
     PyArrayObject *moments = NULL, *dx = NULL, *grads = NULL;
     PyObject *result = NULL;
@@ -122,7 +124,7 @@ static PyObject *rows_backward(PyObject *Py_UNUSED(module), PyObject *args)
         goto done;
     }
     npy_intp channels = (npy_intp)bn_rows_channels(s);
-    gamma = rows_array(gamma_obj, typenum, channels, 0, "gamma");
+    gamma = rows_array(gamma_obj, params, channels, 0, "gamma");
     if (gamma == NULL) {
         goto done;
     }
@@ -139,17 +141,13 @@ static PyObject *rows_backward(PyObject *Py_UNUSED(module), PyObject *args)
     const double *mean = PyArray_DATA(moments), *invstd = mean + s.rows;
     const void *dy_data = PyArray_DATA(dy), *x_data = PyArray_DATA(x), *g = PyArray_DATA(gamma);
     void *dx_data = PyArray_DATA(dx);
-    Py_BEGIN_ALLOW_THREADS
     if (s.rows == 0) {
         memset(dgamma, 0, 2 * (size_t)channels * sizeof(double));
     }
-    else if (typenum == NPY_FLOAT) {
-        bn_rows_backward_f32(dx_data, dgamma, dbeta, work, dy_data, x_data, mean, invstd, g, s);
-    }
     else {
-        bn_rows_backward_f64(dx_data, dgamma, dbeta, work, dy_data, x_data, mean, invstd, g, s);
+        BN_CALL_TYPED(x, bn_rows_backward, dx_data, dgamma, dbeta, work, dy_data, x_data, mean,
+                      invstd, g, s);
     }
-    Py_END_ALLOW_THREADS
     result = Py_BuildValue("OO", dx, grads);
 
 done:

@@ -4,7 +4,9 @@
  *
  * dtype rule: x decides. float32 and float64 inputs compute in their own
  * dtype, any other real input in float64; the other arrays are converted to
- * that dtype (statistics go to the kernels as float64).
+ * that dtype (statistics go to the kernels as float64). float16 and bfloat16
+ * inputs stay in their dtype, and so do y and dx; gamma, beta and what comes
+ * back per feature are float32 (mixed precision, as PyTorch's).
  */
 #include "bn_module.h"
 
@@ -60,8 +62,8 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
         goto done;
     }
     npy_intp channels = (npy_intp)layout.shape.channels;
-    if (optional_vector(gamma_obj, typenum, channels, "gamma", &gamma) < 0
-        || optional_vector(beta_obj, typenum, channels, "beta", &beta) < 0) {
+    if (optional_vector(gamma_obj, bn_param_typenum(typenum), channels, "gamma", &gamma) < 0
+        || optional_vector(beta_obj, bn_param_typenum(typenum), channels, "beta", &beta) < 0) {
         goto done;
     }
     y = bn_output_like(out_obj, x, typenum);
@@ -80,8 +82,8 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
     }
     double *mean_d = PyArray_DATA(moments), *invstd_d = mean_d + channels;
     bn_run_forward_train(y, stats, mean_d, invstd_d, work, x, gamma, beta, eps, layout.shape);
-    mean = bn_vector_from_double(typenum, mean_d, channels);
-    invstd = bn_vector_from_double(typenum, invstd_d, channels);
+    mean = bn_vector_from_double(bn_param_typenum(typenum), mean_d, channels);
+    invstd = bn_vector_from_double(bn_param_typenum(typenum), invstd_d, channels);
     if (mean != NULL && invstd != NULL) {
         result = PyTuple_Pack(3, (PyObject *)y, (PyObject *)mean, (PyObject *)invstd);
     }
@@ -129,8 +131,8 @@ static PyObject *batch_norm_inference(PyObject *Py_UNUSED(module), PyObject *arg
         goto done;
     }
     npy_intp channels = (npy_intp)layout.shape.channels;
-    if (optional_vector(gamma_obj, typenum, channels, "gamma", &gamma) < 0
-        || optional_vector(beta_obj, typenum, channels, "beta", &beta) < 0
+    if (optional_vector(gamma_obj, bn_param_typenum(typenum), channels, "gamma", &gamma) < 0
+        || optional_vector(beta_obj, bn_param_typenum(typenum), channels, "beta", &beta) < 0
         || read_moments(mean_obj, var_obj, channels, "mean", "var", &mean, &var) < 0) {
         goto done;
     }
@@ -207,7 +209,7 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
         goto done;
     }
     npy_intp channels = (npy_intp)layout.shape.channels;
-    if (optional_vector(gamma_obj, typenum, channels, "gamma", &gamma) < 0
+    if (optional_vector(gamma_obj, bn_param_typenum(typenum), channels, "gamma", &gamma) < 0
         || read_moments(mean_obj, invstd_obj, channels, "mean", "invstd", &mean, &invstd) < 0) {
         goto done;
     }
@@ -237,8 +239,8 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
         result = PyTuple_Pack(3, (PyObject *)dx, Py_None, Py_None);
         goto done;
     }
-    dgamma = bn_vector_from_double(typenum, dgamma_d, channels);
-    dbeta = bn_vector_from_double(typenum, dbeta_d, channels);
+    dgamma = bn_vector_from_double(bn_param_typenum(typenum), dgamma_d, channels);
+    dbeta = bn_vector_from_double(bn_param_typenum(typenum), dbeta_d, channels);
     if (dgamma != NULL && dbeta != NULL) {
         result = PyTuple_Pack(3, (PyObject *)dx, (PyObject *)dgamma, (PyObject *)dbeta);
     }

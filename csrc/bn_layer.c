@@ -395,12 +395,13 @@ int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *o
 {
     *call = (bn_forward_call){0};
     PyArrayObject *source = NULL; /* the caller's x before any conversion */
-    call->x = bn_as_data(x_obj, self->typenum, "x", &source);
+    int data_type = bn_layer_data_typenum(x_obj, self->typenum, "x");
+    call->x = data_type < 0 ? NULL : bn_as_data(x_obj, data_type, "x", &source);
     if (call->x == NULL || bn_relayout_to_out(&call->x, out_obj) < 0
         || bn_get_layout(call->x, self->axis, self->num_features, &call->layout) < 0) {
         goto fail;
     }
-    call->y = bn_output_like(out_obj, call->x, self->typenum);
+    call->y = bn_output_like(out_obj, call->x, data_type);
     if (call->y == NULL || bn_check_separate(call->y, self->gamma, "gamma") < 0
         || bn_check_separate(call->y, self->beta, "beta") < 0
         || bn_check_separate(call->y, self->running_mean, "running_mean") < 0
@@ -413,7 +414,7 @@ int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *o
     call->in_place = bn_arrays_overlap(call->y, call->x);
     if (training && !call->in_place && overlaps_kept_memory(self, call->y, source)) {
         call->out = call->y;
-        call->y = bn_output_like(NULL, call->x, self->typenum);
+        call->y = bn_output_like(NULL, call->x, data_type);
         if (call->y == NULL) {
             goto fail;
         }
@@ -622,7 +623,7 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     size_t channels = CHANNELS(self);
     double *sums = NULL, *work = NULL;
 
-    dy = bn_as_data(dy_obj, self->typenum, "dy", NULL);
+    dy = bn_as_data(dy_obj, PyArray_TYPE(x), "dy", NULL); /* x's dtype: a half's too */
     if (dy == NULL) {
         goto fail;
     }
@@ -633,7 +634,7 @@ static PyObject *BatchNorm_backward(BatchNormObject *self, PyObject *args, PyObj
     if (bn_relayout(&dy, x) < 0) {
         goto fail;
     }
-    dx = bn_output_like(out_obj, dy, self->typenum);
+    dx = bn_output_like(out_obj, dy, PyArray_TYPE(x));
     if (dx == NULL) {
         goto fail;
     }

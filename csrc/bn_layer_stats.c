@@ -404,10 +404,10 @@ static int take_saved(BatchNormObject *self, bn_saved *saved)
     return 0;
 }
 
-/* dy as an array of the layer's dtype and the shape of the saved input */
-static PyArrayObject *read_dy(BatchNormObject *self, PyObject *dy_obj, PyArrayObject *x)
+/* dy as an array of the saved input's dtype and shape */
+static PyArrayObject *read_dy(PyObject *dy_obj, PyArrayObject *x)
 {
-    PyArrayObject *dy = bn_as_data(dy_obj, self->typenum, "dy", NULL);
+    PyArrayObject *dy = bn_as_data(dy_obj, PyArray_TYPE(x), "dy", NULL);
     if (dy != NULL && !bn_same_shape(dy, x)) {
         PyErr_SetString(PyExc_ValueError,
                         "dy must have the shape of the last forward's input");
@@ -425,7 +425,7 @@ PyObject *BatchNorm_grad_sums(BatchNormObject *self, PyObject *dy_obj)
     if (check_initialized(self) < 0 || take_saved(self, &saved) < 0) {
         return NULL;
     }
-    PyArrayObject *dy = read_dy(self, dy_obj, saved.x);
+    PyArrayObject *dy = read_dy(dy_obj, saved.x);
     PyArrayObject *sums = dy ? bn_new_matrix(NPY_DOUBLE, 2, self->num_features) : NULL;
     double *work = sums ? bn_new_workspace(saved.shape) : NULL;
     if (work != NULL) {
@@ -458,7 +458,7 @@ PyObject *BatchNorm_backward_from_sums(BatchNormObject *self, PyObject *args, Py
     double *work = NULL;
     size_t channels = CHANNELS(self);
 
-    dy = read_dy(self, dy_obj, saved.x);
+    dy = read_dy(dy_obj, saved.x);
     sums = dy ? bn_as_vector(sums_obj, NPY_DOUBLE, 2 * self->num_features, "sums") : NULL;
     local = sums ? bn_as_vector(local_obj, NPY_DOUBLE, 2 * self->num_features, "local_sums")
                  : NULL;

@@ -58,6 +58,17 @@ int bn_parse_dtype(PyObject *obj, int *typenum); /* NPY_FLOAT or NPY_DOUBLE */
  * their own, any other real input computes in float64. -1 and TypeError for
  * complex, object, string and other non-real inputs. */
 int bn_compute_typenum(PyObject *obj, const char *name);
+/* Half precision: float16, and bfloat16 (ml_dtypes', a dtype registered at
+ * run time, recognized by name once an array of it is seen). The kernels
+ * read and write halves in their own format, with parameters and statistics
+ * in float32 (bn.h). */
+int bn_is_half(int typenum);
+/* the dtype of gamma, beta and the statistics for data of typenum: float32
+ * for halves, else typenum itself */
+int bn_param_typenum(int typenum);
+/* the dtype a float32 layer computes x in: x's own when it is a half, else
+ * float32; a float64 layer's is float64. -1 with an error for no array. */
+int bn_layer_data_typenum(PyObject *obj, int layer_typenum, const char *name);
 
 /* obj as a new reference to a C-contiguous, aligned, native-order array of
  * typenum (a copy only when needed): vectors and tables of statistics.
@@ -141,6 +152,28 @@ static inline int bn_shape_is_empty(bn_shape s)
  * gamma and beta may be NULL. double buffers have length C. */
 
 /* statistics of x less shift[C] (or NULL) */
+/* bn_<fn>_<suffix>(...) without the GIL, for the element type of the array
+ * `data`: float32, float64, float16 or else bfloat16 (whose parameters are
+ * float32: bn_param_typenum) */
+#define BN_CALL_TYPED(data, fn, ...)                                                           \
+    do {                                                                                    \
+        int type_ = PyArray_TYPE(data);                                                     \
+        Py_BEGIN_ALLOW_THREADS                                                              \
+        if (type_ == NPY_FLOAT) {                                                           \
+            fn##_f32(__VA_ARGS__);                                                          \
+        }                                                                                   \
+        else if (type_ == NPY_DOUBLE) {                                                     \
+            fn##_f64(__VA_ARGS__);                                                          \
+        }                                                                                   \
+        else if (type_ == NPY_HALF) {                                                       \
+            fn##_f16(__VA_ARGS__);                                                          \
+        }                                                                                   \
+        else {                                                                              \
+            fn##_bf16(__VA_ARGS__);                                                         \
+        }                                                                                   \
+        Py_END_ALLOW_THREADS                                                                \
+    } while (0)
+
 void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, const double *shift,
                   bn_shape s);
 void bn_run_running_moments(double *mean, double *invstd, PyArrayObject *running_mean,

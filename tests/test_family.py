@@ -342,13 +342,14 @@ def test_functional_against_torch(torch, spec, affine, dtype):
 
 
 def test_functional_dtypes():
-    """float32 and float64 stay; other real inputs compute in float64; gamma
-    and beta follow x's dtype"""
+    """float32, float64 and float16 stay (float16 is tested in test_half);
+    other real inputs compute in float64; gamma and beta follow x's dtype"""
     x = np.arange(24).reshape(2, 3, 4)
     for spec in (Spec("layer", x.shape, 4), Spec("rms", x.shape, 4), Spec("group", x.shape, 3)):
         y32 = spec.forward(x.astype(np.float32), np.ones(spec.layer(np.float64).gamma.shape), None)
         assert y32[0].dtype == np.float32
-        for source in (x, x.astype(np.int8), x.astype(np.uint16), x > 5, x.astype(np.float16)):
+        assert spec.forward(x.astype(np.float16), None, None)[0].dtype == np.float16
+        for source in (x, x.astype(np.int8), x.astype(np.uint16), x > 5):
             y, _, invstd = spec.forward(source, None, None)
             assert y.dtype == np.float64 and invstd.dtype == np.float64
             want = spec.forward(np.asarray(source, np.float64), None, None)[0]

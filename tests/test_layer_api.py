@@ -885,9 +885,11 @@ def test_input_converted_to_layer_dtype(layer_dtype, input_dtype):
     x = x.astype(input_dtype)
     bn = bnpy.BatchNorm(4, dtype=layer_dtype)
     y = bn(x)
-    assert y.dtype == layer_dtype and y.shape == (6, 4)
+    # a float32 layer keeps float16 (mixed precision: tests/test_half.py)
+    kept = input_dtype == np.float16 and layer_dtype == F32
+    assert y.dtype == (np.float16 if kept else layer_dtype) and y.shape == (6, 4)
     ref = bnpy.BatchNorm(4, dtype=layer_dtype)(x.astype(layer_dtype))
-    np.testing.assert_allclose(y, ref, **TOL[layer_dtype])
+    np.testing.assert_allclose(y, ref, **(dict(rtol=1e-3, atol=1e-3) if kept else TOL[layer_dtype]))
     np.testing.assert_allclose(bn.running_mean, batch_stats(x)[0] * 0.1, **TOL[layer_dtype])
 
 
