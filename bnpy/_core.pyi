@@ -153,7 +153,7 @@ def _rows_forward(
     centered: bool,
     out: _Array | None,
     /,
-) -> tuple[_Array, _Array]: ...  # (y, moments (2, rows))
+) -> tuple[_Array, _Array]: ...  # (y, moments (3, rows): mean, invstd, var)
 def _rows_backward(
     dy: _Array,
     x: _Array,

@@ -288,11 +288,12 @@ def _forward(
     centered: bool,
     out: _Array | None,
 ) -> tuple[_Array, _Array]:
-    """(y in x's layout, moments (2, rows): the rows' means and invstds)"""
+    """(y in x's layout, moments (3, rows): the rows' means, invstds and
+    biased variances)"""
     _check_out(out, x.shape, x.dtype, [x])
     xw, target = rows.to_work(x), rows.target(out)
     if rows.rows == 0:
-        return _finish(np.empty_like(xw), rows, out, None), np.empty((2, 0))
+        return _finish(np.empty_like(xw), rows, out, None), np.empty((3, 0))
     gamma = np.ones(rows.channels, _param_dtype(x.dtype)) if gamma is None else gamma
     beta = np.zeros(rows.channels, _param_dtype(x.dtype)) if beta is None else beta
     y, moments = _core._rows_forward(xw, gamma, beta, *rows.kernel_args(), eps, centered, target)
@@ -316,7 +317,7 @@ def _backward(
     xw, dyw, target = rows.to_work(x), rows.to_work(dy), rows.target(out)
     if rows.rows == 0:
         return _finish(np.empty_like(xw), rows, out, None), np.zeros((2, rows.channels))
-    moments = np.ascontiguousarray(moments, dtype=np.float64)
+    moments = np.ascontiguousarray(moments[:2], dtype=np.float64)  # mean, invstd
     gamma = np.ones(rows.channels, _param_dtype(x.dtype)) if gamma is None else gamma
     dx, grads = _core._rows_backward(dyw, xw, gamma, moments, *rows.kernel_args(), centered, target)
     return _finish(dx, rows, out, target), grads
@@ -915,12 +916,11 @@ class InstanceNorm(GroupNorm):
 
     def _update_running(self, moments: _Array, count: int) -> None:
         """running statistics <- momentum's step towards the batch's mean of
-        each instance's mean and unbiased variance (var = 1/invstd**2 - eps,
-        whose rounding error is far below the float32 or float64 result's)"""
+        each instance's mean and unbiased variance"""
         assert self._running_mean is not None and self._running_var is not None
         channels = self.num_channels
         mean = moments[0].reshape(-1, channels).mean(axis=0)
-        var = np.maximum(1.0 / moments[1] ** 2 - self.eps, 0.0) * (count / (count - 1))
+        var = moments[2] * (count / (count - 1))
         var = var.reshape(-1, channels).mean(axis=0)
         tracked = self.num_batches_tracked + 1
         step = 1.0 / tracked if self.momentum is None else self.momentum

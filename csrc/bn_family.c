@@ -78,15 +78,16 @@ static PyObject *rows_forward(PyObject *Py_UNUSED(module), PyObject *args)
     }
     y = out_obj == Py_None ? (PyArrayObject *)PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0)
                            : rows_array(out_obj, typenum, PyArray_SIZE(x), 1, "out");
-    moments = y ? bn_new_matrix(NPY_DOUBLE, 2, (npy_intp)s.rows) : NULL;
+    moments = y ? bn_new_matrix(NPY_DOUBLE, 3, (npy_intp)s.rows) : NULL;
     if (moments == NULL) {
         goto done;
     }
-    double *mean = PyArray_DATA(moments), *invstd = mean + s.rows;
+    double *mean = PyArray_DATA(moments), *invstd = mean + s.rows, *var = invstd + s.rows;
     const void *x_data = PyArray_DATA(x), *g = PyArray_DATA(gamma), *b = PyArray_DATA(beta);
     void *y_data = PyArray_DATA(y);
     if (s.rows > 0) {
-        BN_CALL_TYPED(x, bn_rows_forward, y_data, mean, invstd, x_data, g, b, eps, s);
+        BN_CALL_TYPED(x, bn_rows_forward, y_data, mean, invstd, var, x_data, g, b, eps,
+                      s);
     }
     result = Py_BuildValue("OO", y, moments);
 
@@ -166,7 +167,8 @@ PyMethodDef bn_family_methods[] = {
      PyDoc_STR("_rows_forward(x, gamma, beta, n, spread, period, eps, centered, out)"
                " -> (y, moments)\n\n"
                "x seen as rows of n values, each normalized (bn_rows_forward in bn.h);\n"
-               "moments[0] and [1] are the rows' means and invstds. For bnpy.family.")},
+               "moments[0], [1] and [2] are the rows' means, invstds and biased\n"
+               "variances. For bnpy.family.")},
     {"_rows_backward", rows_backward, METH_VARARGS,
      PyDoc_STR("_rows_backward(dy, x, gamma, moments, n, spread, period, centered, out)"
                " -> (dx, grads)\n\ngrads[0] and [1]: the channels' dgamma and dbeta"

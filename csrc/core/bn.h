@@ -158,7 +158,8 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
  *   are the statistics of all those values; otherwise constants, and the
  *   sums are not used).
  * bn_rows_forward: mean[rows], invstd[rows] <- each row's moments (mean 0
- *   and invstd = 1 / sqrt(mean square + eps) when not centered), summed in
+ *   and invstd = 1 / sqrt(mean square + eps) when not centered), var[rows]
+ *   <- each row's biased variance (for running statistics), summed in
  *   tiles about a center as a planar feature's, and y <- (x - mean) *
  *   (invstd * gamma) + beta, gamma and beta of bn_rows_channels(s) values
  *   each. y may be x itself.
@@ -190,8 +191,8 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
     void bn_backward_dx##S(T *dx, double *work, const T *dy, const T *x, const double *mean, \
                            const double *invstd, const P *gamma, const double *dgamma,     \
                            const double *dbeta, double count, bn_shape s, int training);  \
-    void bn_rows_forward##S(T *y, double *mean, double *invstd, const T *x, const P *gamma,  \
-                            const P *beta, double eps, bn_rows s);                          \
+    void bn_rows_forward##S(T *y, double *mean, double *invstd, double *var, const T *x,    \
+                            const P *gamma, const P *beta, double eps, bn_rows s);          \
     void bn_rows_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy, \
                              const T *x, const double *mean, const double *invstd,          \
                              const P *gamma, bn_rows s);

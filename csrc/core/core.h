@@ -246,8 +246,8 @@ static inline void bn_absorb(bn_partial *p, double added, double center, double 
     void (*backward_dx##SUFFIX)(T *, double *, const T *, const T *, const double *,          \
                                 const double *, const P *, const double *, const double *,  \
                                 double, bn_shape, int);                                     \
-    void (*rows_forward##SUFFIX)(T *, double *, double *, const T *, const P *, const P *,      \
-                                 double, bn_rows);                                          \
+    void (*rows_forward##SUFFIX)(T *, double *, double *, double *, const T *, const P *,      \
+                                 const P *, double, bn_rows);                               \
     void (*rows_backward##SUFFIX)(T *, double *, double *, double *, const T *, const T *,      \
                                   const double *, const double *, const P *, bn_rows);
 

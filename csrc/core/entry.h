@@ -33,9 +33,9 @@ BN_ENTRY(backward_dx,
          (dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta, count, s, training))
 
 BN_ENTRY(rows_forward,
-         (T *y, double *mean, double *invstd, const T *x, const P *gamma, const P *beta,
-          double eps, bn_rows s),
-         (y, mean, invstd, x, gamma, beta, eps, s))
+         (T *y, double *mean, double *invstd, double *var, const T *x, const P *gamma,
+          const P *beta, double eps, bn_rows s),
+         (y, mean, invstd, var, x, gamma, beta, eps, s))
 BN_ENTRY(rows_backward,
          (T *dx, double *dgamma, double *dbeta, double *work, const T *dy, const T *x,
           const double *mean, const double *invstd, const P *gamma, bn_rows s),

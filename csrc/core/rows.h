@@ -185,13 +185,15 @@ static void NAME(run_sums)(double sums[2], double *dgamma, double *dbeta, const 
 /* ---- rows ---------------------------------------------------------------------- */
 
 /* Row r: mean[r], invstd[r] <- its moments (mean 0 and the root mean square
- * when not centered), y's row <- it normalized */
-static void NAME(row_forward)(T *y, double *mean, double *invstd, const T *x, const P *gamma,
-                              const P *beta, double eps, bn_rows s, size_t r, int stream)
+ * when not centered), var[r] <- its biased variance, y's row <- it normalized */
+static void NAME(row_forward)(T *y, double *mean, double *invstd, double *var, const T *x,
+                              const P *gamma, const P *beta, double eps, bn_rows s, size_t r,
+                              int stream)
 {
     size_t at = r * s.n, c = r % s.period * (s.n / s.spread);
     bn_partial stats = NAME(row_stats)(x + at, s.n);
     bn_batch_moments(mean + r, invstd + r, &stats, 1, eps);
+    var[r] = stats.m2 / stats.count;
     if (!s.centered) {
         mean[r] = 0.0;
         invstd[r] = 1.0 / sqrt(stats.m2 / stats.count + stats.mean * stats.mean + eps);
@@ -231,13 +233,13 @@ static void NAME(row_backward)(T *dx, double *dgamma, double *dbeta, const T *dy
     }
 }
 
-static void NAME(bn_rows_forward)(T *y, double *mean, double *invstd, const T *x,
+static void NAME(bn_rows_forward)(T *y, double *mean, double *invstd, double *var, const T *x,
                                   const P *gamma, const P *beta, double eps, bn_rows s)
 {
     int team = bn_rows_team(s), stream = bn_rows_stream(s, sizeof(T), y == x);
     BN_PARALLEL_FOR
     for (ptrdiff_t r = 0; r < (ptrdiff_t)s.rows; r++) {
-        NAME(row_forward)(y, mean, invstd, x, gamma, beta, eps, s, (size_t)r, stream);
+        NAME(row_forward)(y, mean, invstd, var, x, gamma, beta, eps, s, (size_t)r, stream);
         if (stream) { /* by each thread, for its own streamed stores */
             bn_stream_fence();
         }

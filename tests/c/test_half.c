@@ -282,7 +282,8 @@ static void test_against_double(bn_shape s, int m, const char *name)
         dbeta[c] = beta[c];
         shift[c % 64] = 3.0;
     }
-    /* each: mean, invstd [C], then dgamma, dbeta [C], row moments [2 rows], work */
+    /* each: mean, invstd [C], then dgamma, dbeta [C], row moments [2 rows], work; the row
+     * kernels' three moments [3 outer] from dgamma on */
     double *hm = sums, *hi = hm + C, *hg = hi + C, *hb = hg + C, *hw = hb + C + 2 * rows;
     double *dm = dsums, *di = dm + C, *dg = di + C, *db = dg + C, *dw = db + C + 2 * rows;
     int f16 = m == 10;
@@ -308,10 +309,10 @@ static void test_against_double(bn_shape s, int m, const char *name)
                                                          (double)bn_count(s), s, training);
         rounded("backward_dx", name, hy, dy, n, m);
     }
-    (f16 ? bn_rows_forward_f16 : bn_rows_forward_bf16)(hy, hg, hg + r.rows, hx, gamma, beta,
-                                                       1e-5, r);
-    bn_rows_forward_f64(dy, dg, dg + r.rows, dx, dgamma, dbeta, 1e-5, r);
-    same_doubles("rows_forward moments", name, hg, dg, 2 * r.rows * sizeof(double));
+    (f16 ? bn_rows_forward_f16 : bn_rows_forward_bf16)(hy, hg, hg + r.rows, hg + 2 * r.rows, hx,
+                                                       gamma, beta, 1e-5, r);
+    bn_rows_forward_f64(dy, dg, dg + r.rows, dg + 2 * r.rows, dx, dgamma, dbeta, 1e-5, r);
+    same_doubles("rows_forward moments", name, hg, dg, 3 * r.rows * sizeof(double));
     rounded("rows_forward", name, hy, dy, n, m);
     (f16 ? bn_rows_backward_f16 : bn_rows_backward_bf16)(hy, hm, hi, hw, hdy, hx, hg,
                                                          hg + r.rows, gamma, r);

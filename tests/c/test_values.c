@@ -233,7 +233,7 @@ DEFINE_RUN(uint16_t, float, bf16, f32)
         T *x = alloc(total, sizeof(T)), *dy = alloc(total, sizeof(T));                         \
         T *y = alloc(total, sizeof(T)), *dx = alloc(total, sizeof(T));                         \
         P *gamma = alloc(most, sizeof(P)), *beta = alloc(most, sizeof(P));                     \
-        double *mean = alloc(rows, 8), *invstd = alloc(rows, 8);                               \
+        double *mean = alloc(rows, 8), *invstd = alloc(rows, 8), *var = alloc(rows, 8);        \
         double *dgamma = alloc(most, 8), *dbeta = alloc(most, 8);                              \
         lcg_state = 0x2545f4914f6cdd1dULL ^ (uint64_t)total;                                   \
         for (size_t k = 0; k < total; k++) {                                                   \
@@ -249,18 +249,20 @@ DEFINE_RUN(uint16_t, float, bf16, f32)
             size_t channels = bn_rows_channels(r);                                             \
             double *work = alloc(bn_rows_workspace_size(r), 8);                                \
             char op[64];                                                                       \
-            bn_rows_forward_##SUF(y, mean, invstd, x, gamma, beta, 1e-5, r);                   \
+            bn_rows_forward_##SUF(y, mean, invstd, var, x, gamma, beta, 1e-5, r);              \
             snprintf(op, sizeof op, "%s.y", names[k]);                                         \
             emit(dt, op, hash_##SUF(FNV_OFFSET, y, total));                                    \
             snprintf(op, sizeof op, "%s.moments", names[k]);                                   \
             emit(dt, op, hash_f64(hash_f64(FNV_OFFSET, mean, r.rows), invstd, r.rows));        \
+            snprintf(op, sizeof op, "%s.var", names[k]);                                       \
+            emit(dt, op, hash_f64(FNV_OFFSET, var, r.rows));                                   \
             bn_rows_backward_##SUF(dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, r);    \
             snprintf(op, sizeof op, "%s.dx", names[k]);                                        \
             emit(dt, op, hash_##SUF(FNV_OFFSET, dx, total));                                   \
             snprintf(op, sizeof op, "%s.sums", names[k]);                                      \
             emit(dt, op, hash_f64(hash_f64(FNV_OFFSET, dgamma, channels), dbeta, channels));  \
             memcpy(y, x, total * sizeof(T));                                                    \
-            bn_rows_forward_##SUF(y, mean, invstd, y, gamma, beta, 1e-5, r);                   \
+            bn_rows_forward_##SUF(y, mean, invstd, var, y, gamma, beta, 1e-5, r);              \
             memcpy(dx, dy, total * sizeof(T));                                                  \
             bn_rows_backward_##SUF(dx, dgamma, dbeta, work, dx, y, mean, invstd, gamma, r);    \
             snprintf(op, sizeof op, "%s_inplace.dx", names[k]);                                \
@@ -268,7 +270,7 @@ DEFINE_RUN(uint16_t, float, bf16, f32)
             free(work);                                                                        \
         }                                                                                      \
         free(x); free(dy); free(y); free(dx); free(gamma); free(beta); free(mean);             \
-        free(invstd); free(dgamma); free(dbeta);                                               \
+        free(invstd); free(var); free(dgamma); free(dbeta);                                    \
     }
 DEFINE_ROWS(float, float, f32)
 DEFINE_ROWS(double, double, f64)
