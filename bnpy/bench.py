@@ -22,6 +22,10 @@ count in the same repeats, so the speedup from threads compares like moments):
   of their own (RMS: a weight), so that both sides compute the same
   gradients: instance norm is affine on both sides, which neither bnpy's
   ``InstanceNorm`` nor torch's ``InstanceNorm2d`` is by default,
+- for ``HALF_CASES``, when float32 is timed (unless ``--no-half``), the same
+  batch norm in float16 and bfloat16 (ml_dtypes') x with a float32 layer,
+  against torch with float32 parameters: half precision's target is its
+  time against float32's,
 - ``np.copyto`` of the same bytes: the floor for a pass that reads x and
   writes y once; for the large cases also split in halves over two threads
   (NumPy copies without the GIL), the memory system's own speedup from a
@@ -39,6 +43,7 @@ torch/bnpy. torch's forward runs under ``torch.no_grad()``; its backward is
 
 import argparse
 import ctypes
+import importlib.util
 import os
 import platform
 import statistics
@@ -88,6 +93,10 @@ QUICK_FAMILY_CASES = [
     ("InstanceNorm 4x8x7x7", "instance", (4, 8, 7, 7)),
     ("RMSNorm 8x16x32", "rms", (8, 16, 32)),
 ]
+# Batch norm's cases also timed with float16 and bfloat16 x (the layer in
+# float32: mixed precision), when float32 is timed: the half-precision target
+# is a ratio to float32's time. The second is --quick's.
+HALF_CASES = ("NCHW 64x64x56x56", "NCHW 8x16x14x14")
 GROUPS = 32
 FAMILY = ("layer", "group", "instance", "rms")
 NORMS = ("batch", *FAMILY)  # what --norms picks from: "batch" is CASES
@@ -180,19 +189,20 @@ def _torch_runners(
     torch: Any, x: _Array, dy: _Array, axis: int, op: str, momentum: float = 0.1, eps: float = 1e-5
 ) -> _Runner:
     """torch's functional batch norm on the same data (channels-last stays
-    channels-last: a permuted view, the layout torch's NHWC kernels use)."""
-    xt = torch.from_numpy(x)
-    dyt = torch.from_numpy(dy)
+    channels-last: a permuted view, the layout torch's NHWC kernels use); for
+    half x, float32 parameters and statistics, as bnpy's."""
+    xt, dyt = _tensor(torch, x), _tensor(torch, dy)
     if axis != 1:
         xt, dyt = (
             xt.permute(0, x.ndim - 1, *range(1, x.ndim - 1)),
             dyt.permute(0, x.ndim - 1, *range(1, x.ndim - 1)),
         )
     channels = x.shape[axis]
-    weight = torch.ones(channels, dtype=xt.dtype, requires_grad=True)
-    bias = torch.zeros(channels, dtype=xt.dtype, requires_grad=True)
-    running_mean = torch.zeros(channels, dtype=xt.dtype)
-    running_var = torch.ones(channels, dtype=xt.dtype)
+    params = torch.float32 if _is_half(x.dtype) else xt.dtype
+    weight = torch.ones(channels, dtype=params, requires_grad=True)
+    bias = torch.zeros(channels, dtype=params, requires_grad=True)
+    running_mean = torch.zeros(channels, dtype=params)
+    running_var = torch.ones(channels, dtype=params)
     F = torch.nn.functional
     if op not in BACKWARDS:  # torch has no in-place batch norm backward: both time autograd
         training = op == "forward-train"
@@ -205,6 +215,13 @@ def _torch_runners(
     xg = xt.detach().requires_grad_(True)
     y = F.batch_norm(xg, running_mean, running_var, weight, bias, True, momentum, eps)
     return lambda: torch.autograd.grad(y, (xg, weight, bias), dyt, retain_graph=True)
+
+
+def _tensor(torch: Any, array: _Array) -> Any:
+    """array as a tensor sharing its memory (bfloat16 through its bits)"""
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _module_runner(torch: Any, cls: Any, x: _Array, dy: _Array, axis: int) -> _Runner:
@@ -221,8 +238,10 @@ def _module_runner(torch: Any, cls: Any, x: _Array, dy: _Array, axis: int) -> _R
 
 
 def _bnpy_runner(x: _Array, dy: _Array, axis: int, op: str, out: _Array | None = None) -> _Runner:
-    """bnpy's layer doing `op`, writing into out (a new array when None)."""
-    bn = bnpy.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
+    """bnpy's layer doing `op`, writing into out (a new array when None); a
+    float32 layer for half x"""
+    layer_dtype = np.float32 if _is_half(x.dtype) else x.dtype
+    bn = bnpy.BatchNorm(x.shape[axis], axis=axis, dtype=layer_dtype)
     y = np.empty_like(x) if out is None else out
     if op == "forward-train":
         return lambda: bn.forward(x, out=y)
@@ -273,13 +292,48 @@ class _Case(NamedTuple):
     norm: str = "batch"
 
 
+def _dtype(name: str) -> np.dtype[Any]:
+    """the NumPy dtype called name; bfloat16 is ml_dtypes' (ValueError naming
+    what is missing when ml_dtypes is not installed)"""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ValueError("bfloat16 needs ml_dtypes: pip install ml_dtypes") from None
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
+    return np.dtype(name)
+
+
+def half_dtypes() -> list[np.dtype[Any]]:
+    """float16, and bfloat16 when ml_dtypes is installed"""
+    return [np.dtype(np.float16)] + (
+        [_dtype("bfloat16")] if importlib.util.find_spec("ml_dtypes") else []
+    )
+
+
+def _is_half(dtype: np.dtype[Any]) -> bool:
+    return dtype.kind in "fV" and dtype.itemsize == 2
+
+
+def _case_dtypes(
+    name: str, norm: str, dtypes: Sequence[np.dtype[Any]], half: bool
+) -> list[np.dtype[Any]]:
+    """the dtypes a case is timed in: dtypes, and the halves for HALF_CASES
+    when float32 is among them and `half`"""
+    wanted = list(dtypes)
+    if half and norm == "batch" and name in HALF_CASES and np.dtype(np.float32) in wanted:
+        wanted += [d for d in half_dtypes() if d not in wanted]
+    return wanted
+
+
 def _make_case(
     name: str, shape: tuple[int, ...], axis: int, dtype: npt.DTypeLike, norm: str = "batch"
 ) -> _Case:
     """x and dy of `shape` drawn from the same seed for every case"""
     rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
+    x = rng.standard_normal(shape, np.float32).astype(dtype)
+    dy = rng.standard_normal(shape, np.float32).astype(dtype)
     return _Case(name, x, dy, axis, np.empty_like(x), norm)
 
 
@@ -340,7 +394,7 @@ def _reference_time(case: _Case, op: str, repeats: int) -> float | None:
     """The NumPy reference's median seconds for op (None for backward-inplace:
     the reference's backward is the same; None for the modules and the
     family: the reference is batch norm's)"""
-    if op in ("backward-inplace", MODULE) or case.norm != "batch":
+    if op in ("backward-inplace", MODULE) or case.norm != "batch" or _is_half(case.x.dtype):
         return None
     runner = _reference_runner(case.x, case.dy, case.axis, op)
     return _medians({"ref": runner}, max(1, repeats // 4))["ref"]
@@ -414,12 +468,16 @@ def _measure(
     ]
 
 
-def _ops(shape: tuple[int, ...], torch: Any, norm: str = "batch") -> tuple[str, ...]:
+def _ops(
+    shape: tuple[int, ...], torch: Any, norm: str = "batch", dtype: npt.DTypeLike = np.float32
+) -> tuple[str, ...]:
     """The ops timed for a case of this shape: MODULE too for 4-D batch norm
-    cases when torch is here; FAMILY_OPS for the family's."""
+    cases in float32 and float64 when torch is here; FAMILY_OPS for the
+    family's."""
     if norm != "batch":
         return FAMILY_OPS
-    return OPS + ((MODULE,) if torch is not None and len(shape) == 4 else ())
+    module = torch is not None and len(shape) == 4 and not _is_half(np.dtype(dtype))
+    return OPS + ((MODULE,) if module else ())
 
 
 _FamilyCase = tuple[str, str, tuple[int, ...]]  # name, norm, shape: FAMILY_CASES
@@ -442,15 +500,17 @@ def run(
     torch: Any = None,
     echo: Callable[[str], object] = print,
     family: Iterable[_FamilyCase] = (),
+    half: bool = True,
 ) -> list[Row]:
-    """Measure every case, batch norm's and then the family's; returns a
-    list of result dicts (times in seconds)."""
+    """Measure every case, batch norm's and then the family's (HALF_CASES
+    also in half precision when `half`: _case_dtypes); returns a list of
+    result dicts (times in seconds)."""
     rows = []
     with ThreadPoolExecutor(2) as pool:  # the copy on two threads
         for name, shape, axis, norm in _every_case(cases, family):
-            for dtype in dtypes:
+            for dtype in _case_dtypes(name, norm, [np.dtype(d) for d in dtypes], half):
                 case = _make_case(name, shape, axis, dtype, norm)
-                for op in _ops(shape, torch, norm):
+                for op in _ops(shape, torch, norm, dtype):
                     for row in _measure(pool, case, op, threads, repeats, with_reference, torch):
                         rows.append(row)
                         echo(format_row(row))
@@ -554,6 +614,10 @@ def targets(rows: Sequence[Row], rounds: Sequence[Sequence[Row]] = ()) -> list[s
     def torch_over_bnpy(i: int) -> _Measure:
         return where(i), lambda rs: rs[i]["torch"] / rs[i]["bnpy"]
 
+    def float32_over(i: int, single: int) -> _Measure:
+        """float32's time over that of row i, the same case and op in a half"""
+        return where(i), lambda rs: rs[single]["bnpy"] / rs[i]["bnpy"]
+
     def speedup_over_copys(i: int, one: int) -> _Measure:
         """bnpy's speedup from a second thread over the copy's own"""
         return where(
@@ -582,9 +646,26 @@ def targets(rows: Sequence[Row], rounds: Sequence[Sequence[Row]] = ()) -> list[s
             [
                 torch_over_bnpy(i)
                 for i in pick(threads=threads, norm="batch")
-                if rows[i]["torch"] is not None and rows[i]["op"] != MODULE
+                if rows[i]["torch"] is not None
+                and rows[i]["op"] != MODULE
+                and rows[i]["dtype"] in ("float32", "float64")
             ],
             limit,
+        )
+    for half in ("float16", "bfloat16"):
+        check(
+            f"{half} batch norm at most 0.6x float32's time, every op, 1 thread: "
+            f"float32's time / {half}'s (target >= 1/0.6)",
+            [
+                float32_over(i, single[0])
+                for i in pick(dtype=half, threads=1, norm="batch")
+                if (
+                    single := pick(
+                        case=rows[i]["case"], dtype="float32", op=rows[i]["op"], threads=1
+                    )
+                )
+            ],
+            round(1 / 0.6, 2),
         )
     check(
         "LayerNorm, GroupNorm, InstanceNorm and RMSNorm, every case, float32, forward "
@@ -696,7 +777,17 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="run everything this many times; report the median of the rounds",
     )
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument(
+        "--dtypes",
+        default="float32,float64",
+        help="comma-separated, of float32, float64, float16 and bfloat16 (ml_dtypes's)",
+    )
+    parser.add_argument(
+        "--no-half",
+        action="store_true",
+        help=f"do not time {', '.join(HALF_CASES)} in float16 and bfloat16 as well "
+        "(the default when float32 is timed)",
+    )
     parser.add_argument(
         "--norms",
         type=_norms,
@@ -747,16 +838,16 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
     family = [c for c in (QUICK_FAMILY_CASES if args.quick else FAMILY_CASES) if c[1] in args.norms]
     repeats = args.repeats or (3 if args.quick else 11)
     threads = [int(t) for t in args.threads.split(",")]
-    dtypes = [np.dtype(d).type for d in args.dtypes.split(",")]
+    dtypes = [_dtype(d) for d in args.dtypes.split(",")]
     threads_before, capability_before = bnpy.get_num_threads(), bnpy.get_cpu_capability()
     if args.cpu_capability:
         bnpy.set_cpu_capability(args.cpu_capability)
     print(f"bnpy kernels built for {bnpy.get_cpu_capability()!r}")
     print(HEADER)
-    rows_per_round = (
-        sum(len(_ops(shape, torch, norm)) for _, shape, _, norm in _every_case(cases, family))
-        * len(dtypes)
-        * len(threads)
+    rows_per_round = len(threads) * sum(
+        len(_ops(shape, torch, norm, dtype))
+        for name, shape, _, norm in _every_case(cases, family)
+        for dtype in _case_dtypes(name, norm, dtypes, not args.no_half)
     )
     progress = Progress(rows_per_round * args.rounds, "bench: measurement")
 
@@ -770,7 +861,17 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> 
             if args.rounds > 1:
                 progress.print(f"round {k + 1} of {args.rounds}")
             rounds.append(
-                run(cases, dtypes, threads, repeats, not args.no_reference, torch, echo, family)
+                run(
+                    cases,
+                    dtypes,
+                    threads,
+                    repeats,
+                    not args.no_reference,
+                    torch,
+                    echo,
+                    family,
+                    not args.no_half,
+                )
             )
         progress.close()
         rows = median_over_rounds(rounds)

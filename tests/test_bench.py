@@ -5,6 +5,7 @@ import platform
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bnpy import bench
@@ -371,3 +372,61 @@ def test_compare_builds_reports_the_median_time_and_ratio_of_the_rounds():
     assert lines[0].split() == ["1x2x3x4", "main"]
     assert len(lines) == 1 + len(compare.PASSES)
     assert all(line.split()[1:] == ["2000.00", "ms", "(2.00x)"] for line in lines[1:])
+
+
+def test_half_rows_join_float32_for_the_half_cases_only():
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    halves = bench.half_dtypes()
+    assert halves[0] == np.float16
+    assert bench._case_dtypes("NCHW 64x64x56x56", "batch", [f32, f64], True) == [f32, f64, *halves]
+    assert bench._case_dtypes("NCHW 64x64x56x56", "batch", [f64], True) == [f64]  # no ratio
+    assert bench._case_dtypes("NCHW 64x64x56x56", "batch", [f32], False) == [f32]  # --no-half
+    assert bench._case_dtypes("NC 256x1024", "batch", [f32], True) == [f32]
+
+
+def test_half_precision_is_judged_by_its_time_against_float32s():
+    def row(dtype, op, bnpy, threads=1):
+        return dict(
+            case="NCHW 64x64x56x56",
+            norm="batch",
+            dtype=dtype,
+            op=op,
+            threads=threads,
+            bnpy=bnpy,
+            torch=None,
+            copy=1.0,
+            copy2=None,
+            reference=None,
+            bytes=1,
+        )
+
+    rows = [
+        row("float32", "forward-train", 5.0),
+        row("float32", "backward", 8.0),
+        row("float16", "forward-train", 2.5),  # 2.0: met
+        row("float16", "backward", 6.4),  # 1.25: not met, the worst
+        row("float16", "backward", 1.0, threads=2),  # no target
+    ]
+    lines = "\n".join(bench.targets(rows))
+    assert (
+        "float16 batch norm at most 0.6x float32's time, every op, 1 thread: float32's time / "
+        "float16's (target >= 1/0.6): worst 1.25 (NOT met; target >= 1.67), "
+        "NCHW 64x64x56x56 float16 backward, 1 thread"
+    ) in lines
+    assert "bfloat16" not in lines  # no rows, no line
+    rows[3]["bnpy"] = 4.0
+    assert "worst 2.00 (met; target >= 1.67)" in "\n".join(bench.targets(rows))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_torch_runs_half_batch_norm_with_float32_parameters():
+    import torch
+
+    x = np.random.default_rng(0).standard_normal((4, 3, 5), np.float32)
+    for dtype in bench.half_dtypes():
+        xh = x.astype(dtype)
+        tensor = bench._tensor(torch, xh)
+        assert tensor.dtype in (torch.float16, torch.bfloat16)
+        assert np.array_equal(tensor.float().numpy(), xh.astype(np.float32))  # same values
+        y = bench._torch_runners(torch, xh, xh, 1, "forward-train")()
+        assert y.dtype == tensor.dtype
