@@ -430,3 +430,17 @@ def test_torch_runs_half_batch_norm_with_float32_parameters():
         assert np.array_equal(tensor.float().numpy(), xh.astype(np.float32))  # same values
         y = bench._torch_runners(torch, xh, xh, 1, "forward-train")()
         assert y.dtype == tensor.dtype
+
+
+def test_quick_benchmark_times_its_half_case_in_the_halves(capsys):
+    argv = ["--quick", "--no-reference", "--threads", "1", "--dtypes", "float32"]
+    assert bench.main([*argv, "--norms", "batch", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    half_case = next(name for name, _, _ in bench.QUICK_CASES if name in bench.HALF_CASES)
+    for dtype in bench.half_dtypes():
+        rows = [line for line in out.splitlines() if line.startswith(half_case)]
+        timed = {line[len(half_case) :].split()[1] for line in rows if f" {dtype.name} " in line}
+        assert timed == set(bench.OPS)  # every op but the module's
+        assert f"{dtype.name} batch norm at most 0.6x float32's time" in out
+    assert bench.main([*argv, "--norms", "batch", "--repeats", "1", "--no-half"]) == 0
+    assert " float16 " not in capsys.readouterr().out
