@@ -81,11 +81,6 @@ def _real_array(value: Any, name: str, dtype: Any = None) -> _Array:
     return np.asarray(array, dtype=dtype)
 
 
-def _machine_eps(dtype: np.dtype[Any]) -> float:
-    """the distance from 1 to the next value of dtype (bfloat16: 7 bits of fraction)"""
-    return 2.0**-7 if dtype.name == "bfloat16" else float(np.finfo(dtype).eps)
-
-
 def _layer_dtype(dtype: Any) -> np.dtype[Any]:
     try:
         resolved: np.dtype[Any] | None = np.dtype(dtype)
@@ -218,7 +213,7 @@ class _Rows:
         return [_vector(v, self.params, dtype, name) for v, name in zip(values, ("gamma", "beta"))]
 
     def statistics(self, moments: _Array) -> tuple[_Array, _Array]:
-        """the kernels' moments (2, rows) as mean and invstd of shape lead"""
+        """the kernels' moments (3, rows) as mean and invstd of shape lead"""
         return moments[0].reshape(self.lead), moments[1].reshape(self.lead)
 
     def to_work(self, array: _Array) -> _Array:
@@ -382,12 +377,12 @@ def rms_norm_forward(
     out: _Array | None = None,
 ) -> tuple[_Array, _Array]:
     """(y, invstd): y = gamma * x * invstd, invstd = 1 / sqrt(mean(x**2) + eps)
-    over the last len(normalized_shape) axes; eps None is the dtype's machine
-    epsilon (as PyTorch's)."""
+    over the last len(normalized_shape) axes; eps None is the machine epsilon
+    of x's dtype, or of float32 for half x (as PyTorch's)."""
     xa = _real_array(x, "x")
     rows = _layer_rows(xa.shape, _normalized_shape(normalized_shape))
     (g,) = rows.parameters(xa.dtype, gamma)
-    eps = _machine_eps(xa.dtype) if eps is None else _eps(eps)
+    eps = float(np.finfo(_param_dtype(xa.dtype)).eps) if eps is None else _eps(eps)
     y, moments = _forward(xa, rows, g, None, eps, False, out)
     return y, rows.statistics(moments)[1]
 
@@ -573,9 +568,9 @@ class _Normalization:
     def forward(self, x: npt.ArrayLike, *, out: _Array | None = None) -> _Array:
         """y for x, in the layer's dtype; keeps what backward needs. out, when
         given, is a writable array of y's shape and dtype (it may be x)."""
-        xa = _real_array(x, "x")
-        mixed = self.dtype == np.float32 and _is_half(xa.dtype)  # halves stay halves
-        xa = xa if mixed else np.asarray(xa, self.dtype)
+        given = x if isinstance(x, np.ma.MaskedArray) else np.asarray(x)
+        mixed = self.dtype == np.float32 and _is_half(given.dtype)  # halves stay halves
+        xa = _real_array(given, "x", None if mixed else self.dtype)  # one conversion
         _check_out(out, xa.shape, xa.dtype, [xa])
         if out is not None and np.shares_memory(out, xa):
             xa = xa.copy()  # backward needs x after y overwrites it

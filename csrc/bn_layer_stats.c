@@ -462,7 +462,7 @@ PyObject *BatchNorm_backward_from_sums(BatchNormObject *self, PyObject *args, Py
     sums = dy ? bn_as_vector(sums_obj, NPY_DOUBLE, 2 * self->num_features, "sums") : NULL;
     local = sums ? bn_as_vector(local_obj, NPY_DOUBLE, 2 * self->num_features, "local_sums")
                  : NULL;
-    dx = local ? bn_output_like(out_obj, dy, self->typenum) : NULL;
+    dx = local ? bn_output_like(out_obj, dy, PyArray_TYPE(saved.x)) : NULL;
     if (dx == NULL) {
         goto fail;
     }

@@ -54,8 +54,10 @@ int bn_parse_bool(PyObject *obj, const char *name, int *out);
 int bn_parse_axis(PyObject *obj, int *out);
 int bn_parse_dtype(PyObject *obj, int *typenum); /* NPY_FLOAT or NPY_DOUBLE */
 
-/* The type a functional call computes in: float32 and float64 inputs keep
- * their own, any other real input computes in float64. -1 and TypeError for
+/* The type a functional call computes in: float32, float64, float16 and
+ * bfloat16 inputs keep their own (halves are read and written as they are,
+ * computed in double), any other real input computes in float64. -1 and
+ * TypeError for
  * complex, object, string and other non-real inputs. */
 int bn_compute_typenum(PyObject *obj, const char *name);
 /* Half precision: float16, and bfloat16 (ml_dtypes', a dtype registered at
@@ -147,11 +149,10 @@ static inline int bn_shape_is_empty(bn_shape s)
 }
 
 /* ---- bn_dispatch.c ------------------------------------------------------- */
-/* Each function picks the kernel for x's dtype (float32 or float64) and runs
- * it without the GIL. Arrays are well formed (bn_as_array, bn_output_like);
+/* Each function picks the kernel for x's dtype (float32, float64, float16
+ * or bfloat16: BN_CALL_TYPED) and runs it without the GIL. Arrays are well formed (bn_as_array, bn_output_like);
  * gamma and beta may be NULL. double buffers have length C. */
 
-/* statistics of x less shift[C] (or NULL) */
 /* bn_<fn>_<suffix>(...) without the GIL, for the element type of the array
  * `data`: float32, float64, float16 or else bfloat16 (whose parameters are
  * float32: bn_param_typenum) */
@@ -174,6 +175,7 @@ static inline int bn_shape_is_empty(bn_shape s)
         Py_END_ALLOW_THREADS                                                                \
     } while (0)
 
+/* statistics of x less shift[C] (or NULL) */
 void bn_run_stats(bn_partial *stats, double *work, PyArrayObject *x, const double *shift,
                   bn_shape s);
 void bn_run_running_moments(double *mean, double *invstd, PyArrayObject *running_mean,

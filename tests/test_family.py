@@ -328,7 +328,8 @@ def test_functional_against_torch(torch, spec, affine, dtype):
 
 def test_functional_dtypes():
     """float32, float64 and float16 stay (float16 is tested in test_half);
-    other real inputs compute in float64; gamma and beta follow x's dtype"""
+    other real inputs compute in float64; gamma and beta follow x's dtype
+    (float32 for halves)"""
     x = np.arange(24).reshape(2, 3, 4)
     for spec in (Spec("layer", x.shape, 4), Spec("rms", x.shape, 4), Spec("group", x.shape, 3)):
         y32 = spec.forward(x.astype(np.float32), np.ones(spec.layer(np.float64).gamma.shape), None)
@@ -1678,3 +1679,10 @@ def test_float32_running_statistics_are_the_float64_ones_rounded_once():
         wide(x)
         assert bits(narrow.running_mean) == bits(wide.running_mean.astype(np.float32))
         assert bits(narrow.running_var) == bits(wide.running_var.astype(np.float32))
+
+
+@pytest.mark.parametrize("make", [lambda: bnpy.LayerNorm(4), lambda: bnpy.GroupNorm(2, 4)])
+def test_integer_input_is_rounded_once_to_the_layer_dtype(make):
+    """int64 straight to float32, not through float64 (which rounds twice)"""
+    v = np.array([[2**60 + 2**36 + 1, 2**60, 0, 1]] * 2, dtype=np.int64)
+    assert bits(make()(v)) == bits(make()(v.astype(np.float32)))

@@ -178,3 +178,53 @@ def test_results_do_not_depend_on_threads_or_build(dtype):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_batch_renorm_backward_from_sums_keeps_the_half(dtype):
+    """BatchRenorm (and SyncBatchNorm) take dx from the gradient sums
+    (_backward_from_sums): dx in x's half, the float64 twin's rounded once"""
+    from bnpy.renorm import BatchRenorm
+
+    x, dy = data(SHAPE, dtype, seed=5)
+    layer, twin = BatchRenorm(6), BatchRenorm(6, dtype=np.float64)
+    for _ in range(2):  # the second step renormalizes by the running statistics
+        y, want_y = layer(x), twin(x.astype(np.float64))
+        same_bits(y, round_to(want_y, dtype))
+        dx, want_dx = layer.backward(dy), twin.backward(dy.astype(np.float64))
+        same_bits(dx, round_to(want_dx, dtype))
+    out = np.empty_like(dy)
+    assert layer.backward(dy, out=out) is out
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_functional_backward_is_the_double_result_rounded_once(dtype):
+    x, dy = data((8, 4, 9), dtype, seed=6)
+    gamma = np.linspace(0.5, 1.5, 9).astype(np.float32)
+    _, mean, invstd = bnpy.layer_norm_forward(x, 9, gamma, np.zeros(9, np.float32))
+    dx, dgamma, dbeta = bnpy.layer_norm_backward(dy, x, 9, gamma, mean, invstd)
+    want = bnpy.layer_norm_backward(
+        dy.astype(np.float64), x.astype(np.float64), 9, gamma.astype(np.float64), mean, invstd
+    )
+    same_bits(dx, round_to(want[0], dtype))
+    assert np.array_equal(dgamma, want[1].astype(np.float32))
+    assert np.array_equal(dbeta, want[2].astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", HALVES, ids=str)
+def test_rms_norm_default_eps_of_half_x_is_float32s(dtype):
+    """as PyTorch's and the RMSNorm layer's: the parameters' dtype"""
+    x, _ = data((3, 8), dtype, seed=7, offset=0.0)
+    x[0] = 0.01  # a row whose mean square is near eps: eps shows
+    y, invstd = bnpy.rms_norm_forward(x, 8, np.ones(8, np.float32))
+    same_bits(y, bnpy.RMSNorm(8)(x))
+    want = 1 / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=1) + np.finfo(np.float32).eps)
+    np.testing.assert_allclose(invstd, want, rtol=1e-12)
+
+
+def test_torch_rms_norm_of_half_x_uses_float32s_eps(torch):
+    x, _ = data((3, 8), np.float16, seed=7, offset=0.0)
+    x[0] = 0.01
+    y, _ = bnpy.rms_norm_forward(x, 8, np.ones(8, np.float32))
+    t = torch.nn.functional.rms_norm(torch.from_numpy(x), (8,)).numpy()
+    assert np.max(np.abs(y.astype(np.float64) - t.astype(np.float64))) <= 2**-10  # an ulp near 1
