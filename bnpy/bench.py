@@ -320,9 +320,12 @@ def _case_dtypes(
     name: str, norm: str, dtypes: Sequence[np.dtype[Any]], half: bool
 ) -> list[np.dtype[Any]]:
     """the dtypes a case is timed in: dtypes, and the halves for HALF_CASES
-    when float32 is among them and `half`"""
+    when float32 is among them and `half`; the family's cases only in float32
+    and float64 (their layers' dtypes)"""
+    if norm != "batch":
+        return [d for d in dtypes if not _is_half(d)]
     wanted = list(dtypes)
-    if half and norm == "batch" and name in HALF_CASES and np.dtype(np.float32) in wanted:
+    if half and name in HALF_CASES and np.dtype(np.float32) in wanted:
         wanted += [d for d in half_dtypes() if d not in wanted]
     return wanted
 

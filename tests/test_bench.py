@@ -382,23 +382,21 @@ def test_half_rows_join_float32_for_the_half_cases_only():
     assert bench._case_dtypes("NCHW 64x64x56x56", "batch", [f64], True) == [f64]  # no ratio
     assert bench._case_dtypes("NCHW 64x64x56x56", "batch", [f32], False) == [f32]  # --no-half
     assert bench._case_dtypes("NC 256x1024", "batch", [f32], True) == [f32]
+    given = [f32, *halves]  # --dtypes float32,float16,...: the family keeps float32
+    assert bench._case_dtypes("LayerNorm 32x128x768", "layer", given, True) == [f32]
+
+
+def _row(**fields):
+    """one measurement as bench.run gives it: batch norm's NCHW 64x64x56x56,
+    float32, 1 thread, times of 1 s, but for fields"""
+    row = dict(case="NCHW 64x64x56x56", norm="batch", dtype="float32", op="forward-train")
+    row.update(threads=1, bnpy=1.0, torch=None, copy=1.0, copy2=None, reference=None, bytes=1)
+    return {**row, **fields}
 
 
 def test_half_precision_is_judged_by_its_time_against_float32s():
     def row(dtype, op, bnpy, threads=1):
-        return dict(
-            case="NCHW 64x64x56x56",
-            norm="batch",
-            dtype=dtype,
-            op=op,
-            threads=threads,
-            bnpy=bnpy,
-            torch=None,
-            copy=1.0,
-            copy2=None,
-            reference=None,
-            bytes=1,
-        )
+        return _row(dtype=dtype, op=op, bnpy=bnpy, threads=threads)
 
     rows = [
         row("float32", "forward-train", 5.0),
@@ -418,10 +416,7 @@ def test_half_precision_is_judged_by_its_time_against_float32s():
     assert "worst 2.00 (met; target >= 1.67)" in "\n".join(bench.targets(rows))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
-def test_torch_runs_half_batch_norm_with_float32_parameters():
-    import torch
-
+def test_torch_runs_half_batch_norm_with_float32_parameters(torch):
     x = np.random.default_rng(0).standard_normal((4, 3, 5), np.float32)
     for dtype in bench.half_dtypes():
         xh = x.astype(dtype)
