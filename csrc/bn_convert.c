@@ -260,9 +260,45 @@ static int check_dlpack_source(PyObject *obj, const char *name)
     return 0;
 }
 
+/* After np.from_dlpack(obj) failed, with its exception set: obj's __array__
+ * when that works (NumPy takes no bfloat16 through DLPack, and JAX's
+ * __array__ gives ml_dtypes' bfloat16), else TypeError naming the first
+ * failure (with the way around it for bfloat16). */
+static PyObject *array_after_dlpack_failed(PyObject *obj, const char *name)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyObject *arr = PyObject_HasAttrString(obj, "__array__")
+                        ? PyArray_FromAny(obj, NULL, 0, 0, 0, NULL)
+                        : NULL;
+    PyErr_Clear();
+    if (arr == NULL) {
+        PyObject *dtype = PyObject_GetAttrString(obj, "dtype");
+        PyObject *text = dtype ? PyObject_Str(dtype) : NULL;
+        const char *dtype_name = text ? PyUnicode_AsUTF8(text) : NULL;
+        PyErr_Clear();
+        int bfloat16 = dtype_name != NULL && strstr(dtype_name, "bfloat16") != NULL;
+        PyErr_Format(PyExc_TypeError,
+                     "%s cannot be read as a NumPy array: np.from_dlpack(%s) raised %R%s", name,
+                     name, value,
+                     bfloat16 ? ". NumPy takes no bfloat16 through DLPack: pass an ndarray of "
+                                "ml_dtypes.bfloat16 (for a torch tensor t: t.view(torch.int16)"
+                                ".numpy().view(ml_dtypes.bfloat16)), or use bnpy.torch's modules"
+                              : "");
+        Py_XDECREF(text);
+        Py_XDECREF(dtype);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return arr;
+}
+
 /* obj as an array of its own: np.from_dlpack(obj) (zero-copy) for an object
- * that speaks DLPack and is no ndarray, PyArray_FromAny otherwise (buffer
- * protocol, __array_interface__, __array__, sequences). */
+ * that speaks DLPack and is no ndarray (its __array__ if that fails),
+ * PyArray_FromAny otherwise (buffer protocol, __array_interface__,
+ * __array__, sequences). */
 static PyArrayObject *any_to_array(PyObject *obj, const char *name)
 {
     if (PyArray_Check(obj) || !PyObject_HasAttrString(obj, "__dlpack__")) {
@@ -277,6 +313,9 @@ static PyArrayObject *any_to_array(PyObject *obj, const char *name)
     PyObject *numpy = PyImport_ImportModule("numpy");
     PyObject *arr = numpy ? PyObject_CallMethod(numpy, "from_dlpack", "O", obj) : NULL;
     Py_XDECREF(numpy);
+    if (arr == NULL) {
+        arr = array_after_dlpack_failed(obj, name);
+    }
     if (arr != NULL && !PyArray_Check(arr)) {
         PyErr_Format(PyExc_TypeError, "np.from_dlpack(%s) did not give an ndarray", name);
         Py_CLEAR(arr);

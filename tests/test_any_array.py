@@ -171,3 +171,40 @@ def test_torch_tensor_that_requires_grad_raises(torch):
         bnpy.BatchNorm(C)(t)
     y = bnpy.BatchNorm(C)(t.detach())
     assert type(y) is np.ndarray
+
+
+class DLPackThatFails(DLPackOnly):
+    """As NumPy finds a bfloat16 tensor: np.from_dlpack raises; maybe an
+    __array__ that works (JAX's gives ml_dtypes.bfloat16)"""
+
+    def __init__(self, array, dtype="bfloat16", with_array=True):
+        super().__init__(array)
+        self.dtype = dtype
+        if with_array:
+            self.__array__ = lambda dtype=None, copy=None: array
+
+    def __dlpack__(self, **kwargs):
+        raise RuntimeError("Unsupported dtype in DLTensor.")
+
+
+def test_dlpack_that_numpy_cannot_take_falls_back_to_array():
+    x = data()
+    assert np.array_equal(bnpy.BatchNorm(C)(DLPackThatFails(x)), bnpy.BatchNorm(C)(x))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "complex32"])
+def test_dlpack_that_numpy_cannot_take_raises_naming_why(dtype):
+    bn = bnpy.BatchNorm(C)
+    with pytest.raises(TypeError, match=r"np.from_dlpack\(x\) raised RuntimeError") as error:
+        bn(DLPackThatFails(data(), dtype, with_array=False))
+    assert ("ml_dtypes.bfloat16" in str(error.value)) == (dtype == "bfloat16")
+    assert bn.num_batches_tracked == 0
+
+
+def test_torch_bfloat16_tensor_raises_saying_what_to_pass(torch):
+    t = torch.randn(8, C).bfloat16()
+    with pytest.raises(TypeError, match=r"t\.view\(torch\.int16\)\.numpy\(\)"):
+        bnpy.BatchNorm(C)(t)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)  # the way the message gives
+    assert bnpy.BatchNorm(C)(x).dtype == x.dtype
