@@ -60,6 +60,7 @@ import numpy.typing as npt
 import bnpy
 from bnpy import reference
 from bnpy._progress import Progress
+from bnpy.family import _is_half
 
 # name, shape, feature axis
 CASES = [
@@ -310,10 +311,6 @@ def half_dtypes() -> list[np.dtype[Any]]:
     return [np.dtype(np.float16)] + (
         [_dtype("bfloat16")] if importlib.util.find_spec("ml_dtypes") else []
     )
-
-
-def _is_half(dtype: np.dtype[Any]) -> bool:
-    return dtype.kind in "fV" and dtype.itemsize == 2
 
 
 def _case_dtypes(

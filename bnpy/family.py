@@ -566,8 +566,9 @@ class _Normalization:
         return self.forward(x, out=out)
 
     def forward(self, x: npt.ArrayLike, *, out: _Array | None = None) -> _Array:
-        """y for x, in the layer's dtype; keeps what backward needs. out, when
-        given, is a writable array of y's shape and dtype (it may be x)."""
+        """y for x, in the layer's dtype (a float32 layer keeps half x's);
+        keeps what backward needs. out, when given, is a writable array of
+        y's shape and dtype (it may be x)."""
         given = x if isinstance(x, np.ma.MaskedArray) else np.asarray(x)
         mixed = self.dtype == np.float32 and _is_half(given.dtype)  # halves stay halves
         xa = _real_array(given, "x", None if mixed else self.dtype)  # one conversion

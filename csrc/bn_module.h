@@ -57,8 +57,7 @@ int bn_parse_dtype(PyObject *obj, int *typenum); /* NPY_FLOAT or NPY_DOUBLE */
 /* The type a functional call computes in: float32, float64, float16 and
  * bfloat16 inputs keep their own (halves are read and written as they are,
  * computed in double), any other real input computes in float64. -1 and
- * TypeError for
- * complex, object, string and other non-real inputs. */
+ * TypeError for complex, object, string and other non-real inputs. */
 int bn_compute_typenum(PyObject *obj, const char *name);
 /* Half precision: float16, and bfloat16 (ml_dtypes', a dtype registered at
  * run time, recognized by name once an array of it is seen). The kernels
@@ -150,8 +149,9 @@ static inline int bn_shape_is_empty(bn_shape s)
 
 /* ---- bn_dispatch.c ------------------------------------------------------- */
 /* Each function picks the kernel for x's dtype (float32, float64, float16
- * or bfloat16: BN_CALL_TYPED) and runs it without the GIL. Arrays are well formed (bn_as_array, bn_output_like);
- * gamma and beta may be NULL. double buffers have length C. */
+ * or bfloat16: BN_CALL_TYPED) and runs it without the GIL. Arrays are well
+ * formed (bn_as_array, bn_output_like); gamma and beta may be NULL. double
+ * buffers have length C. */
 
 /* bn_<fn>_<suffix>(...) without the GIL, for the element type of the array
  * `data`: float32, float64, float16 or else bfloat16 (whose parameters are
