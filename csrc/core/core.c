@@ -94,6 +94,7 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place)
         size_t rows = BN_TILE / s.inner;
         p.tiles = s.inner >= BN_TILE ? s.outer * ((s.inner + BN_TILE - 1) / BN_TILE)
                                      : (s.outer + rows - 1) / rows;
+        p.pipeline = s.inner >= BN_PIPELINE_ROW;
     }
     p.stream = BN_STREAMS && bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2
                && (p.lanes || s.inner * elem_size >= BN_STREAM_ROW_BYTES) && !in_place;

@@ -7,6 +7,9 @@
  *   planar  features one by one: a feature's values are `outer` rows of
  *           `inner` contiguous values. A pipeline writes feature c's output
  *           while it sums feature c + 1, so memory sees one read of x.
+ *           Short rows, of which a pipeline would fetch a few lines from
+ *           each page, instead take two passes over x in memory order (the
+ *           sums, then the output), with the same sums in the same order.
  *   lanes   channels-last and short rows: each outer row of C * inner values
  *           is a row of lanes (lane l belongs to feature (l % (C*inner)) /
  *           inner), folded with the next rows into a wide row of at least
@@ -51,6 +54,10 @@ enum {
                                   (from L2 or L3, when the feature outgrows L1) */
     BN_LANE_ROWS = 4,          /* lanes: rows a reduction takes at once: more saves loads
                                   and stores of the sums, and needs more streams */
+    BN_PIPELINE_ROW = 512,     /* planar rows shorter than this take two passes in memory
+                                  order instead of the pipeline's one pass feature by feature */
+    BN_WALK_FEATURES = 32,     /* ... and their sums walk this many features at once, whose
+                                  accumulators (256 bytes each) stay in the first-level cache */
 };
 
 #ifdef _OPENMP
@@ -81,6 +88,7 @@ typedef struct {
     size_t groups;      /* lanes: groups of BN_GROUP_ROWS wide rows */
     size_t lane_blocks; /* lanes: reduction tasks a group's lanes are cut into */
     size_t tiles;       /* planar: statistics tiles of a feature */
+    int pipeline;       /* planar: in a pipeline (long rows), else in memory order */
     int stream;         /* outputs go past the caches: larger than half the last-level
                            cache, in runs of BN_STREAM_ROW_BYTES or more, not in place */
 } bn_plan;

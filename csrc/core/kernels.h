@@ -599,6 +599,78 @@ static void NAME(backward_range)(T *dx, double *dgamma, double *dbeta, const bn_
     }
 }
 
+/* ---- planar, short rows: sums in memory order ---------------------------------- */
+
+/* tile_sums of tile k for each of features c0 .. c1 (at most
+ * BN_WALK_FEATURES) into sums[c - c0], about center[c - c0]: the same lanes
+ * and order, the tile's rows walked in memory order. Returns its count. */
+static double NAME(walk_tile_sums)(double (*sums)[2], const T *dy, const T *x,
+                                   const double *center, const bn_plan *p, size_t c0, size_t c1,
+                                   size_t k)
+{
+    bn_tile t = bn_tile_at(p->s, k);
+    bn_vec acc[BN_WALK_FEATURES][2][BN_K];
+    memset(acc, 0, sizeof acc);
+    for (size_t o = t.o0; o < t.o1; o++) {
+        for (size_t c = c0; c < c1; c++) {
+            size_t at = bn_row_at(p->s, o, c) + t.i0;
+            NAME(add_sums)(acc[c - c0][0], acc[c - c0][1], dy ? dy + at : NULL, x + at,
+                           t.i1 - t.i0, center[c - c0]);
+        }
+    }
+    for (size_t c = c0; c < c1; c++) {
+        sums[c - c0][0] += bn_total(acc[c - c0][0]);
+        sums[c - c0][1] += bn_total(acc[c - c0][1]);
+    }
+    return (double)((t.o1 - t.o0) * (t.i1 - t.i0));
+}
+
+/* stats[c] <- feature_stats(x, p, c, shift[c - c0]) for features c0 .. c1
+ * (at most BN_WALK_FEATURES): the same tiles, centers and sums */
+static void NAME(walk_stats)(bn_partial *stats, const T *x, const double *shift,
+                             const bn_plan *p, size_t c0, size_t c1)
+{
+    double center[BN_WALK_FEATURES], sums[BN_WALK_FEATURES][2];
+    size_t n = c1 - c0;
+    for (size_t j = 0; j < n; j++) {
+        stats[c0 + j] = (bn_partial){0.0, 0.0, 0.0};
+    }
+    for (size_t k = 0; k < p->tiles; k++) {
+        memset(sums, 0, sizeof sums);
+        if (k == 0) { /* the first tile's own rough mean */
+            memcpy(center, shift, n * sizeof *shift);
+            double count = NAME(walk_tile_sums)(sums, NULL, x, center, p, c0, c1, k);
+            for (size_t j = 0; j < n; j++) {
+                center[j] = shift[j] + sums[j][0] / count;
+            }
+            memset(sums, 0, sizeof sums);
+        }
+        for (size_t j = 0; k > 0 && j < n; j++) {
+            center[j] = shift[j] + stats[c0 + j].mean;
+        }
+        double count = NAME(walk_tile_sums)(sums, NULL, x, center, p, c0, c1, k);
+        for (size_t j = 0; j < n; j++) {
+            bn_absorb(&stats[c0 + j], count, center[j] - shift[j], sums[j][0], sums[j][1]);
+        }
+    }
+}
+
+/* feature_grads for features c0 .. c1 (at most BN_WALK_FEATURES) */
+static void NAME(walk_grads)(double *dgamma, double *dbeta, const T *dy, const T *x,
+                             const double *mean, const double *invstd, const bn_plan *p,
+                             size_t c0, size_t c1)
+{
+    double sums[BN_WALK_FEATURES][2];
+    memset(sums, 0, sizeof sums);
+    for (size_t k = 0; k < p->tiles; k++) {
+        NAME(walk_tile_sums)(sums, dy, x, mean + c0, p, c0, c1, k);
+    }
+    for (size_t c = c0; c < c1; c++) {
+        dbeta[c] = sums[c - c0][0];
+        dgamma[c] = sums[c - c0][1] * invstd[c];
+    }
+}
+
 /* ---- lanes: sums down each lane of wide rows --------------------------------- */
 
 /* For lanes l0 .. l1 of wide rows r0 .. r1, one row after the other down
@@ -774,11 +846,23 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
         return;
     }
     int team = p.team;
+    size_t step = p.pipeline ? 1 : BN_WALK_FEATURES; /* features a task takes */
     BN_PARALLEL_FOR
-    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
-        double first = NAME(get)(x[(size_t)c * s.inner]);
-        stats[c] = NAME(feature_stats)(x, &p, (size_t)c, shift ? shift[c] : first);
-        stats[c].mean += shift ? 0.0 : first;
+    for (ptrdiff_t task = 0; task < (ptrdiff_t)((s.channels + step - 1) / step); task++) {
+        size_t c0 = (size_t)task * step, c1 = c0 + step < s.channels ? c0 + step : s.channels;
+        double first[BN_WALK_FEATURES];
+        for (size_t c = c0; c < c1; c++) {
+            first[c - c0] = shift ? shift[c] : NAME(get)(x[c * s.inner]);
+        }
+        if (p.pipeline) {
+            stats[c0] = NAME(feature_stats)(x, &p, c0, first[0]);
+        }
+        else {
+            NAME(walk_stats)(stats, x, first, &p, c0, c1);
+        }
+        for (size_t c = c0; !shift && c < c1; c++) {
+            stats[c].mean += first[c - c0];
+        }
     }
 }
 
@@ -802,7 +886,7 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), y == x);
     bn_work w = bn_work_of(work, &p);
-    if (p.lanes || bn_count(s) == 0) {
+    if (p.lanes || !p.pipeline || bn_count(s) == 0) { /* two passes */
         NAME(bn_stats)(stats, work, x, NULL, s);
         bn_batch_moments(mean, invstd, stats, s.channels, eps);
         NAME(coefficients)(&w, BN_NORMALIZE, mean, invstd, gamma, beta, NULL, NULL, 0.0, &p);
@@ -836,9 +920,16 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
         return;
     }
     int team = p.team;
+    size_t step = p.pipeline ? 1 : BN_WALK_FEATURES; /* features a task takes */
     BN_PARALLEL_FOR
-    for (ptrdiff_t c = 0; c < (ptrdiff_t)s.channels; c++) {
-        NAME(feature_grads)(dgamma, dbeta, dy, x, mean, invstd, &p, (size_t)c);
+    for (ptrdiff_t task = 0; task < (ptrdiff_t)((s.channels + step - 1) / step); task++) {
+        size_t c0 = (size_t)task * step, c1 = c0 + step < s.channels ? c0 + step : s.channels;
+        if (p.pipeline) {
+            NAME(feature_grads)(dgamma, dbeta, dy, x, mean, invstd, &p, c0);
+        }
+        else {
+            NAME(walk_grads)(dgamma, dbeta, dy, x, mean, invstd, &p, c0, c1);
+        }
     }
 }
 
@@ -865,7 +956,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), dx == dy || dx == x);
     bn_work w = bn_work_of(work, &p);
-    if (p.lanes || bn_count(s) == 0) {
+    if (p.lanes || !p.pipeline || bn_count(s) == 0) { /* two passes */
         NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,
                              (double)bn_count(s), s, training);
