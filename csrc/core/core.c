@@ -81,6 +81,7 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place)
     bn_plan p = {.s = s, .team = 1, .lane_blocks = 1};
     size_t width = s.channels * s.inner;
     p.lanes = s.inner == 1 || (s.inner < BN_SHORT_ROW && width <= BN_MAX_LANES);
+    p.spread = p.lanes && s.inner < BN_SPREAD_ROW;
     if (p.lanes && width > 0) {
         size_t fold = width >= BN_MIN_LANES ? 1 : (BN_MIN_LANES + width - 1) / width;
         p.width = width;
@@ -97,7 +98,7 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place)
         p.pipeline = s.inner >= BN_PIPELINE_ROW;
     }
     p.stream = BN_STREAMS && bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2
-               && (p.lanes || s.inner * elem_size >= BN_STREAM_ROW_BYTES) && !in_place;
+               && (p.spread || s.inner * elem_size >= BN_STREAM_ROW_BYTES) && !in_place;
     if (bn_count(s) * s.channels >= BN_PARALLEL_MIN) {
         p.team = bn_get_num_threads();
     }
@@ -182,7 +183,8 @@ void bn_spread(double *wide, const double *values, const bn_plan *p)
 
 /* ---- partial statistics ---------------------------------------------------------- */
 
-void bn_partial_merge(bn_partial *a, const bn_partial *b)
+/* bn_partial_merge, inlined where merges of several features interleave */
+static inline void bn_merge(bn_partial *a, const bn_partial *b)
 {
     if (b->count == 0.0) {
         return;
@@ -198,21 +200,38 @@ void bn_partial_merge(bn_partial *a, const bn_partial *b)
     a->count = count;
 }
 
+void bn_partial_merge(bn_partial *a, const bn_partial *b)
+{
+    bn_merge(a, b);
+}
+
 /* The lanes of feature c in a wide row, in order: for each of the fold outer
  * rows, the feature's inner values */
 #define FOR_FEATURE_LANE(p, c, l)                                                     \
     for (size_t r_ = 0; r_ < (p)->wide; r_ += (p)->width)                             \
         for (size_t l = r_ + (c) * (p)->s.inner; l < r_ + ((c) + 1) * (p)->s.inner; l++)
 
+/* Each feature's lanes merged in order (FOR_FEATURE_LANE's), four features
+ * side by side: each feature's merges are a chain of divisions, and four
+ * chains overlap */
 void bn_merge_lanes(bn_partial *stats, const double *groups, const bn_plan *p)
 {
-    for (size_t c = 0; c < p->s.channels; c++) {
+    size_t channels = p->s.channels, inner = p->s.inner;
+    for (size_t c = 0; c < channels; c++) {
         stats[c] = (bn_partial){0.0, 0.0, 0.0};
+    }
+    for (size_t c0 = 0; c0 < channels; c0 += 4) {
+        size_t c1 = c0 + 4 < channels ? c0 + 4 : channels;
         for (size_t g = 0; g < p->groups; g++) {
             const double *count = groups + g * BN_LANE_STATE * p->wide;
             const double *mean = count + p->wide, *m2 = mean + p->wide;
-            FOR_FEATURE_LANE(p, c, l) {
-                bn_partial_merge(&stats[c], &(bn_partial){count[l], mean[l], m2[l]});
+            for (size_t r = 0; r < p->wide; r += p->width) {
+                for (size_t i = 0; i < inner; i++) {
+                    for (size_t c = c0; c < c1; c++) {
+                        size_t l = r + c * inner + i;
+                        bn_merge(&stats[c], &(bn_partial){count[l], mean[l], m2[l]});
+                    }
+                }
             }
         }
     }

@@ -15,7 +15,8 @@
  *           inner), folded with the next rows into a wide row of at least
  *           BN_MIN_LANES lanes. Sums run down each lane; the elementwise
  *           passes run over x as one long sequence, the coefficients spread
- *           over a wide row.
+ *           over a wide row (rows of BN_SPREAD_ROW values or more: row by
+ *           row, as planar ones).
  */
 #ifndef BNPY_CORE_H
 #define BNPY_CORE_H
@@ -56,6 +57,8 @@ enum {
                                   and stores of the sums, and needs more streams */
     BN_PIPELINE_ROW = 512,     /* planar rows shorter than this take two passes in memory
                                   order instead of the pipeline's one pass feature by feature */
+    BN_SPREAD_ROW = 32,        /* lanes: rows of this many values or more take the
+                                  elementwise passes row by row, not spread coefficients */
     BN_WALK_FEATURES = 32,     /* ... and their sums walk this many features at once, whose
                                   accumulators (256 bytes each) stay in the first-level cache */
 };
@@ -89,6 +92,8 @@ typedef struct {
     size_t lane_blocks; /* lanes: reduction tasks a group's lanes are cut into */
     size_t tiles;       /* planar: statistics tiles of a feature */
     int pipeline;       /* planar: in a pipeline (long rows), else in memory order */
+    int spread;         /* lanes: the elementwise passes take the coefficients spread
+                           over a wide row; else row by row, as planar ones do */
     int stream;         /* outputs go past the caches: larger than half the last-level
                            cache, in runs of BN_STREAM_ROW_BYTES or more, not in place */
 } bn_plan;

@@ -280,12 +280,12 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     }
 }
 
-/* The planar rows r0 .. r1 of the outer * C (or, for the lanes strategy,
+/* The rows r0 .. r1 of the outer * C (or, with the coefficients spread,
  * values r0 .. r1 of x as one sequence) <- op(in, x) */
 BN_INLINE void NAME(span_out)(T *out, const T *in, const T *x, const bn_work *w,
                               const bn_plan *p, size_t r0, size_t r1, bn_op op)
 {
-    if (p->lanes) {
+    if (p->spread) {
         NAME(lanes_out)(out, in, x, r0, r1, w, p, op);
         return;
     }
@@ -330,7 +330,7 @@ static void NAME(coefficient)(const bn_work *w, bn_op op, size_t c, const double
 }
 
 /* w's four arrays [C] <- the coefficients of op for each feature, spread
- * over a wide row for the lanes strategy */
+ * over a wide row when p->spread */
 static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
                                const double *invstd, const P *gamma, const P *beta,
                                const double *dgamma, const double *dbeta, double count,
@@ -340,7 +340,7 @@ static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
         NAME(coefficient)(w, op, c, mean, invstd, gamma, beta, dgamma, dbeta, count);
     }
     double *arrays[] = {w->mean, w->scale, w->shift, w->dev};
-    for (int a = 0; p->lanes && a < 4; a++) {
+    for (int a = 0; p->spread && a < 4; a++) {
         bn_spread(arrays[a], arrays[a], p);
     }
 }
@@ -351,9 +351,9 @@ static void NAME(coefficients)(const bn_work *w, bn_op op, const double *mean,
 static void NAME(pass)(T *out, const T *in, const T *x, const bn_work *w, const bn_plan *p,
                        bn_op op, int from_end)
 {
-    /* the lanes' values, or the planar rows, in tasks of about BN_CHUNK values */
-    size_t n = p->lanes ? p->s.outer * p->width : p->s.outer * p->s.channels;
-    size_t chunk = p->lanes ? BN_CHUNK : BN_CHUNK / p->s.inner + 1;
+    /* x's values (spread coefficients), or its rows, in tasks of about BN_CHUNK values */
+    size_t n = p->spread ? p->s.outer * p->width : p->s.outer * p->s.channels;
+    size_t chunk = p->spread ? BN_CHUNK : BN_CHUNK / p->s.inner + 1;
     size_t tasks = (n + chunk - 1) / chunk;
     int team = p->team;
     BN_PARALLEL_FOR
