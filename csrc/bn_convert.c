@@ -350,15 +350,6 @@ int bn_compute_typenum(PyObject *obj, const char *name)
     return (type == NPY_FLOAT || type == NPY_DOUBLE || bn_is_half(type)) ? type : NPY_DOUBLE;
 }
 
-int bn_layer_data_typenum(PyObject *obj, int layer_typenum, const char *name)
-{
-    if (layer_typenum != NPY_FLOAT) {
-        return layer_typenum;
-    }
-    int type = bn_compute_typenum(obj, name);
-    return type < 0 ? -1 : bn_is_half(type) ? type : NPY_FLOAT;
-}
-
 int bn_is_dense(PyArrayObject *arr)
 {
     /* walk the axes from the smallest stride up: each must step over exactly
@@ -420,12 +411,9 @@ static PyArrayObject *copy_like(PyArrayObject *arr, PyArrayObject *like, int typ
     return copy;
 }
 
-PyArrayObject *bn_as_data(PyObject *obj, int typenum, const char *name, PyArrayObject **source)
+/* bn_as_data of src, an array of obj's (a reference it takes over) */
+static PyArrayObject *data_of(PyArrayObject *src, int typenum, PyArrayObject **source)
 {
-    PyArrayObject *src = as_real_array(obj, name);
-    if (src == NULL) {
-        return NULL;
-    }
     /* a copy is C-contiguous: a strided or broadcast input gives the bits
        its C-contiguous copy gives */
     int usable = PyArray_TYPE(src) == typenum && PyArray_ISNOTSWAPPED(src)
@@ -441,6 +429,34 @@ PyArrayObject *bn_as_data(PyObject *obj, int typenum, const char *name, PyArrayO
         Py_DECREF(src);
     }
     return result;
+}
+
+PyArrayObject *bn_as_data(PyObject *obj, int typenum, const char *name, PyArrayObject **source)
+{
+    PyArrayObject *src = as_real_array(obj, name);
+    return src == NULL ? NULL : data_of(src, typenum, source);
+}
+
+PyArrayObject *bn_as_compute_data(PyObject *obj, const char *name)
+{
+    PyArrayObject *src = as_real_array(obj, name);
+    if (src == NULL) {
+        return NULL;
+    }
+    int type = PyArray_TYPE(src);
+    int keep = type == NPY_FLOAT || type == NPY_DOUBLE || bn_is_half(type);
+    return data_of(src, keep ? type : NPY_DOUBLE, NULL);
+}
+
+PyArrayObject *bn_as_layer_data(PyObject *obj, int layer_typenum, const char *name,
+                                PyArrayObject **source)
+{
+    PyArrayObject *src = as_real_array(obj, name);
+    if (src == NULL) {
+        return NULL;
+    }
+    int keep_half = layer_typenum == NPY_FLOAT && bn_is_half(PyArray_TYPE(src));
+    return data_of(src, keep_half ? PyArray_TYPE(src) : layer_typenum, source);
 }
 
 int bn_relayout(PyArrayObject **arr, PyArrayObject *like)

@@ -52,11 +52,8 @@ static PyObject *batch_norm_forward(PyObject *Py_UNUSED(module), PyObject *args,
     double *work = NULL;
     PyObject *result = NULL;
     bn_layout layout;
-    int typenum = bn_compute_typenum(x_obj, "x");
-    if (typenum < 0) {
-        return NULL;
-    }
-    x = bn_as_data(x_obj, typenum, "x", NULL);
+    x = bn_as_compute_data(x_obj, "x");
+    int typenum = x == NULL ? -1 : PyArray_TYPE(x);
     if (x == NULL || bn_relayout_to_out(&x, out_obj) < 0 || bn_get_layout(x, axis, 0, &layout) < 0
         || bn_check_batch_size(x, &layout, "training") < 0) {
         goto done;
@@ -121,11 +118,8 @@ static PyObject *batch_norm_inference(PyObject *Py_UNUSED(module), PyObject *arg
     double *work = NULL;
     PyObject *result = NULL;
     bn_layout layout;
-    int typenum = bn_compute_typenum(x_obj, "x");
-    if (typenum < 0) {
-        return NULL;
-    }
-    x = bn_as_data(x_obj, typenum, "x", NULL);
+    x = bn_as_compute_data(x_obj, "x");
+    int typenum = x == NULL ? -1 : PyArray_TYPE(x);
     if (x == NULL || bn_relayout_to_out(&x, out_obj) < 0
         || bn_get_layout(x, axis, 0, &layout) < 0) {
         goto done;
@@ -184,11 +178,8 @@ static PyObject *batch_norm_backward(PyObject *Py_UNUSED(module), PyObject *args
     double *work = NULL;
     PyObject *result = NULL;
     bn_layout layout;
-    int typenum = bn_compute_typenum(x_obj, "x");
-    if (typenum < 0) {
-        return NULL;
-    }
-    x = bn_as_data(x_obj, typenum, "x", NULL);
+    x = bn_as_compute_data(x_obj, "x");
+    int typenum = x == NULL ? -1 : PyArray_TYPE(x);
     dy = x ? bn_as_data(dy_obj, typenum, "dy", NULL) : NULL;
     if (dy == NULL || bn_relayout_to_out(&x, out_obj) < 0
         || bn_get_layout(x, axis, 0, &layout) < 0) {

@@ -395,8 +395,8 @@ int bn_layer_prepare_forward(BatchNormObject *self, PyObject *x_obj, PyObject *o
 {
     *call = (bn_forward_call){0};
     PyArrayObject *source = NULL; /* the caller's x before any conversion */
-    int data_type = bn_layer_data_typenum(x_obj, self->typenum, "x");
-    call->x = data_type < 0 ? NULL : bn_as_data(x_obj, data_type, "x", &source);
+    call->x = bn_as_layer_data(x_obj, self->typenum, "x", &source);
+    int data_type = call->x == NULL ? -1 : PyArray_TYPE(call->x);
     if (call->x == NULL || bn_relayout_to_out(&call->x, out_obj) < 0
         || bn_get_layout(call->x, self->axis, self->num_features, &call->layout) < 0) {
         goto fail;

@@ -67,10 +67,6 @@ int bn_is_half(int typenum);
 /* the dtype of gamma, beta and the statistics for data of typenum: float32
  * for halves, else typenum itself */
 int bn_param_typenum(int typenum);
-/* the dtype a float32 layer computes x in: x's own when it is a half, else
- * float32; a float64 layer's is float64. -1 with an error for no array. */
-int bn_layer_data_typenum(PyObject *obj, int layer_typenum, const char *name);
-
 /* obj as a new reference to a C-contiguous, aligned, native-order array of
  * typenum (a copy only when needed): vectors and tables of statistics.
  * TypeError for non-real input. */
@@ -93,6 +89,16 @@ int bn_same_layout(PyArrayObject *a, PyArrayObject *b);
  * any conversion (obj itself when it is an ndarray): the caller's memory,
  * which the result may be a copy of. NULL and TypeError for non-real input. */
 PyArrayObject *bn_as_data(PyObject *obj, int typenum, const char *name, PyArrayObject **source);
+
+/* bn_as_data in the dtype a stateless function computes x in (that of
+ * bn_compute_typenum), obj converted to an array once */
+PyArrayObject *bn_as_compute_data(PyObject *obj, const char *name);
+
+/* bn_as_data for a layer of layer_typenum: a float32 layer keeps float16 and
+ * bfloat16 input as it is, and takes anything else as float32; a float64
+ * layer takes float64. obj is converted to an array once. */
+PyArrayObject *bn_as_layer_data(PyObject *obj, int layer_typenum, const char *name,
+                                PyArrayObject **source);
 
 /* *arr <- a copy in like's layout when it has like's shape and another
  * layout (the kernels read arrays of one layout together). -1 on error. */

@@ -208,3 +208,32 @@ def test_torch_bfloat16_tensor_raises_saying_what_to_pass(torch):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)  # the way the message gives
     assert bnpy.BatchNorm(C)(x).dtype == x.dtype
+
+
+class CountingDLPack(DLPackOnly):
+    """DLPackOnly that counts the times NumPy asks it for its data"""
+
+    def __init__(self, array):
+        super().__init__(array)
+        self.asked = 0
+
+    def __dlpack__(self, **kwargs):
+        self.asked += 1
+        return super().__dlpack__(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_a_dlpack_input_is_converted_once_per_call(dtype):
+    """x through DLPack (a torch tensor's way in) is taken once, not once to
+    learn its dtype and again for its data"""
+    layer_dtype = np.float64 if dtype == np.float64 else np.float32
+    x = CountingDLPack(data(dtype=dtype))
+    bn = bnpy.BatchNorm(C, dtype=layer_dtype)
+    y = bn(x)
+    assert x.asked == 1 and y.dtype == dtype
+    bnpy.batch_norm_forward(x, None, None)
+    bnpy.batch_norm_inference(x, None, None, np.zeros(C), np.ones(C))
+    assert x.asked == 3
+    bnpy.batch_norm_backward(x, data(dtype=dtype), None, np.zeros(C), np.ones(C))  # as dy
+    bnpy.batch_norm_backward(data(dtype=dtype), x, None, np.zeros(C), np.ones(C))  # as x
+    assert x.asked == 5
