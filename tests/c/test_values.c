@@ -294,7 +294,9 @@ static const struct {
     {{2000, 3, 50}, 1e4},     /* short rows, several row groups; a large common offset */
     {{700, 3, 150}, 0.5},     /* short rows of 150 */
     {{2000, 3, 300}, 0.5},    /* short rows from memory */
-    {{37, 2, 400}, 0.5},      /* rows of a few tiles, pipelined feature by feature */
+    {{37, 2, 400}, 0.5},      /* rows of a few tiles, summed in memory order */
+    {{60, 70, 100}, 0.5},     /* the same, features in three walks of up to 32 */
+    {{33, 40, 600}, 0.5},     /* rows of 600, a few tiles, pipelined feature by feature */
     {{8, 4, 3000}, 0.5},      /* long rows, cut into tiles */
     {{4, 3, 3000}, 1e4},      /* the same with a large common offset */
     {{2, 3, 720000}, 0.5},    /* long rows from memory: outputs past the caches */
