@@ -47,8 +47,8 @@ enum {
     BN_PARALLEL_MIN = 1 << 16, /* fewer values than this run on one thread */
     BN_CHUNK = 1 << 14,        /* values an elementwise task takes at least */
     BN_LANE_BLOCK_MIN = 256,   /* lanes: the fewest lanes a reduction task takes */
-    BN_STREAM_ROW_BYTES = 1024, /* planar rows shorter than this are not streamed: their
-                                   ends' partial lines cost more than streaming saves */
+    BN_STREAM_ROW_BYTES = 1024, /* rows shorter than this are not streamed (but spread
+                                   lanes): their ends' partial lines cost more than it saves */
     BN_PREFETCH_BYTES = 8192,  /* how far ahead the pipeline asks for the next feature's
                                   rows: further hides more latency, holds more lines */
     BN_READBACK_BYTES = 2048,  /* ... and for what it reads back of the feature it writes
@@ -57,10 +57,10 @@ enum {
                                   and stores of the sums, and needs more streams */
     BN_PIPELINE_ROW = 512,     /* planar rows shorter than this take two passes in memory
                                   order instead of the pipeline's one pass feature by feature */
+    BN_WALK_FEATURES = 32,     /* ... and their sums walk up to this many features at once,
+                                  whose accumulators (256 bytes each) stay in the L1 cache */
     BN_SPREAD_ROW = 32,        /* lanes: rows of this many values or more take the
                                   elementwise passes row by row, not spread coefficients */
-    BN_WALK_FEATURES = 32,     /* ... and their sums walk this many features at once, whose
-                                  accumulators (256 bytes each) stay in the first-level cache */
 };
 
 #ifdef _OPENMP
@@ -165,9 +165,19 @@ static inline size_t bn_row_at(bn_shape s, size_t o, size_t c)
     return (o * s.channels + c) * s.inner;
 }
 
-/* The lanes strategy's per-feature coefficients, each spread over a wide row
- * and repeated for BN_LANES more lanes, so that a vector starting at any lane
- * of a wide row reads them without wrapping: bn_spread */
+/* features a task of a planar reduction takes: one in the pipeline; in
+ * memory order up to BN_WALK_FEATURES, but few enough that every thread
+ * has a task */
+static inline size_t bn_sum_task_features(const bn_plan *p)
+{
+    size_t share = (p->s.channels + (size_t)p->team - 1) / (size_t)p->team;
+    return p->pipeline || share == 0 ? 1 : share < BN_WALK_FEATURES ? share : BN_WALK_FEATURES;
+}
+
+/* The lanes strategy's per-lane values (its shifts and means, and when
+ * p->spread its coefficients), spread over a wide row and repeated for
+ * BN_LANES more lanes, so that a vector starting at any lane of a wide row
+ * reads them without wrapping: bn_spread */
 static inline size_t bn_spread_len(const bn_plan *p)
 {
     return p->wide + BN_LANES;
@@ -182,8 +192,9 @@ void bn_spread(double *wide, const double *values, const bn_plan *p);
  *   dx, eval: out = dy * scale */
 typedef enum { BN_NORMALIZE, BN_DX_TRAIN, BN_DX_EVAL } bn_op;
 
-/* A kernel's workspace: the coefficients, per feature (planar) or spread
- * over a wide row (lanes), and for the lanes' reductions, per group, the
+/* A kernel's workspace: the coefficients, per feature or spread over a wide
+ * row (p->spread; room for that in every lanes plan), and for the lanes'
+ * reductions, per group, the
  * state of each lane, BN_LANE_STATE arrays of `wide`: its statistics (count,
  * mean, m2), center and two sums. */
 typedef struct {

@@ -846,7 +846,7 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
         return;
     }
     int team = p.team;
-    size_t step = p.pipeline ? 1 : BN_WALK_FEATURES; /* features a task takes */
+    size_t step = bn_sum_task_features(&p);
     BN_PARALLEL_FOR
     for (ptrdiff_t task = 0; task < (ptrdiff_t)((s.channels + step - 1) / step); task++) {
         size_t c0 = (size_t)task * step, c1 = c0 + step < s.channels ? c0 + step : s.channels;
@@ -920,7 +920,7 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
         return;
     }
     int team = p.team;
-    size_t step = p.pipeline ? 1 : BN_WALK_FEATURES; /* features a task takes */
+    size_t step = bn_sum_task_features(&p);
     BN_PARALLEL_FOR
     for (ptrdiff_t task = 0; task < (ptrdiff_t)((s.channels + step - 1) / step); task++) {
         size_t c0 = (size_t)task * step, c1 = c0 + step < s.channels ? c0 + step : s.channels;

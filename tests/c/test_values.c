@@ -287,10 +287,11 @@ static const struct {
     {{300, 40, 1}, 0.5},      /* interleaved, a wide row of features */
     {{256, 1024, 1}, 0.5},    /* interleaved, many features: (256, 1024) */
     {{1100000, 4, 1}, 0.5},   /* interleaved from memory: outputs past the caches */
-    {{5, 4, 3}, 0.5},         /* planar rows shorter than a vector */
+    {{5, 4, 3}, 0.5},         /* rows shorter than a vector, as lanes */
     {{5000, 2, 7}, 0.5},      /* planar rows of 7 (7x7 maps of few features), row groups */
     {{64, 16, 49}, 0.5},      /* rows of 49 (7x7), features that fit one wide row */
-    {{20, 512, 49}, 0.5},     /* rows of 49, too many features to spread: 256x512x7x7 */
+    {{20, 512, 49}, 0.5},     /* rows of 49, written row by row: 256x512x7x7 */
+    {{3, 20000, 7}, 0.5},     /* planar rows of 7 (too wide for lanes), in memory order */
     {{2000, 3, 50}, 1e4},     /* short rows, several row groups; a large common offset */
     {{700, 3, 150}, 0.5},     /* short rows of 150 */
     {{2000, 3, 300}, 0.5},    /* short rows from memory */
