@@ -23,6 +23,9 @@ turn, each call just after a copy of x: the versions then share every
 moment of the machine's load, which separates differences of a few percent
 on a busy machine where separate processes cannot. Each table cell is then
 the median over the repeats.
+
+BNPY_CPU_CAPABILITY (avx2, avx512, default) chooses the kernels' build in
+every version, in either mode, as it does for bnpy.
 """
 
 import argparse
@@ -106,8 +109,11 @@ def time_in_one_process(directories, shapes, repeats, axis, dtype, passes):
         spec: load_core(d, f"bnpy_version_{k}._core")
         for k, (spec, d) in enumerate(directories.items())
     }
+    capability = os.environ.get("BNPY_CPU_CAPABILITY")  # as bnpy's import applies it
     for core in cores.values():
         core.set_num_threads(1)
+        if capability:
+            core.set_cpu_capability(capability)
     results = {
         spec: collections.defaultdict(lambda: collections.defaultdict(list)) for spec in directories
     }
