@@ -97,8 +97,9 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place)
                                      : (s.outer + rows - 1) / rows;
         p.pipeline = s.inner >= BN_PIPELINE_ROW;
     }
-    p.stream = BN_STREAMS && bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2
-               && (p.spread || s.inner * elem_size >= BN_STREAM_ROW_BYTES) && !in_place;
+    p.large = bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2;
+    p.stream = BN_STREAMS && p.large && (p.spread || s.inner * elem_size >= BN_STREAM_ROW_BYTES)
+               && !in_place;
     if (bn_count(s) * s.channels >= BN_PARALLEL_MIN) {
         p.team = bn_get_num_threads();
     }
@@ -153,16 +154,25 @@ void bn_add_row_blocks(double *dgamma, double *dbeta, const double *work, size_t
     }
 }
 
-bn_work bn_work_of(double *work, const bn_plan *p)
+enum { BN_LINE_DOUBLES = 8 }; /* doubles of a 64-byte cache line */
+
+bn_work bn_work_of(double *work, const bn_plan *p, const void *out, size_t elem_size)
 {
-    size_t len = bn_coef_len(p);
-    return (bn_work){work, work + len, work + 2 * len, work + 3 * len, work + 4 * len};
+    /* each part from a line, with a line to spare for the coefficients' phase */
+    size_t len = bn_coef_len(p) + BN_LINE_DOUBLES, phase = 0;
+    double *line = work + (64 - (uintptr_t)work % 64) % 64 / sizeof(double);
+    if (p->spread && out != NULL && (uintptr_t)out % elem_size == 0) {
+        phase = (uintptr_t)out % 64 / elem_size % BN_LINE_DOUBLES;
+    }
+    return (bn_work){line + phase, line + len + phase, line + 2 * len + phase,
+                     line + 3 * len + phase, line + 4 * len};
 }
 
 size_t bn_workspace_size(bn_shape s)
 {
     bn_plan p = bn_make_plan(s, sizeof(double), 0);
-    return 4 * bn_coef_len(&p) + (p.lanes ? p.groups * BN_LANE_STATE * p.wide : 0);
+    size_t coefficients = 4 * (bn_coef_len(&p) + BN_LINE_DOUBLES);
+    return BN_LINE_DOUBLES + coefficients + (p.lanes ? p.groups * BN_LANE_STATE * p.wide : 0);
 }
 
 void bn_spread(double *wide, const double *values, const bn_plan *p)

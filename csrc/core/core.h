@@ -53,6 +53,8 @@ enum {
                                   rows: further hides more latency, holds more lines */
     BN_READBACK_BYTES = 2048,  /* ... and for what it reads back of the feature it writes
                                   (from L2 or L3, when the feature outgrows L1) */
+    BN_LANES_PREFETCH_BYTES = 2048, /* ... and the lanes' elementwise passes ask for x's
+                                       values from memory (x larger than the cache) */
     BN_LANE_ROWS = 4,          /* lanes: rows a reduction takes at once: more saves loads
                                   and stores of the sums, and needs more streams */
     BN_PIPELINE_ROW = 512,     /* planar rows shorter than this take two passes in memory
@@ -94,8 +96,9 @@ typedef struct {
     int pipeline;       /* planar: in a pipeline (long rows), else in memory order */
     int spread;         /* lanes: the elementwise passes take the coefficients spread
                            over a wide row; else row by row, as planar ones do */
-    int stream;         /* outputs go past the caches: larger than half the last-level
-                           cache, in runs of BN_STREAM_ROW_BYTES or more, not in place */
+    int large;          /* x is larger than half the last-level cache: it comes from memory */
+    int stream;         /* outputs go past the caches: large, in runs of
+                           BN_STREAM_ROW_BYTES or more, not in place */
 } bn_plan;
 
 /* the plan for x of shape s and elements of elem_size bytes, its output
@@ -194,9 +197,11 @@ typedef enum { BN_NORMALIZE, BN_DX_TRAIN, BN_DX_EVAL } bn_op;
 
 /* A kernel's workspace: the coefficients, per feature or spread over a wide
  * row (p->spread; room for that in every lanes plan), and for the lanes'
- * reductions, per group, the
- * state of each lane, BN_LANE_STATE arrays of `wide`: its statistics (count,
- * mean, m2), center and two sums. */
+ * reductions, per group, the state of each lane, BN_LANE_STATE arrays of
+ * `wide`: its statistics (count, mean, m2), center and two sums. Each array
+ * starts on a cache line; spread coefficients a few values on, so that a
+ * vector of the output `out` that starts on a line reads its coefficients
+ * from one line each (when `wide` is a multiple of 16). */
 typedef struct {
     double *mean, *scale, *shift, *dev; /* bn_coef_len(p) each */
     double *groups;                     /* groups * BN_LANE_STATE * wide */
@@ -209,7 +214,7 @@ static inline size_t bn_coef_len(const bn_plan *p)
     return p->lanes ? bn_spread_len(p) : p->s.channels;
 }
 
-bn_work bn_work_of(double *work, const bn_plan *p);
+bn_work bn_work_of(double *work, const bn_plan *p, const void *out, size_t elem_size);
 
 /* stats[C] <- the statistics of the lanes of each feature in every group's
  * state (group_stats in kernels.h), merged in order: group by group, and in

@@ -80,24 +80,18 @@ BN_INLINE T NAME(put)(double v)
 #endif
 }
 
-/* asks the caches for the lines of p[0 .. n) */
-BN_INLINE void NAME(prefetch_lines)(const T *p, size_t n)
+/* asks the caches for the lines of p[0 .. BN_LANES): for long rows read from
+ * memory, one feature's rows C * inner apart, where the hardware does not
+ * fetch far enough ahead */
+BN_INLINE void NAME(prefetch16)(const T *p)
 {
 #if defined(__GNUC__)
-    for (size_t b = 0; b < n * sizeof(T); b += 64) {
+    for (size_t b = 0; b < BN_LANES * sizeof(T); b += 64) {
         __builtin_prefetch((const char *)p + b);
     }
 #else
     (void)p;
-    (void)n;
 #endif
-}
-
-/* the same for p[0 .. BN_LANES): for the rows of a feature, which lie C *
- * inner apart, where the hardware does not fetch ahead */
-BN_INLINE void NAME(prefetch16)(const T *p)
-{
-    NAME(prefetch_lines)(p, BN_LANES);
 }
 
 /* p[0 .. BN_LANES) <- v[BN_K] rounded to T: past the caches where the build
@@ -224,7 +218,7 @@ BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t 
 /* out[0 .. n) <- op(in, x) with one feature's coefficients k, BN_LANES
  * values at a time; streamed past the caches when `stream`. in (and x) have
  * `room` values from here: it asks for those BN_PREFETCH_BYTES ahead (0:
- * none; the data is in cache) */
+ * none; the data is in cache, or short rows, read in memory order) */
 BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef k, bn_op op,
                              int stream, size_t room)
 {
@@ -253,12 +247,15 @@ BN_INLINE void NAME(lanes_out)(T *out, const T *in, const T *x, size_t j0, size_
     bn_work w = *work;
     size_t wide = p->wide, l = j0 % wide, j = j0;
     int stream = p->stream;
-    size_t head = stream ? j0 + NAME(stream_head)(out + j0, j1 - j0) : j0;
+    /* vectors from out's first cache line on: streamed stores need it, and
+       their coefficients then lie on lines too (bn_work_of) */
+    size_t head = j0 + NAME(stream_head)(out + j0, j1 - j0);
     for (; j < head; j++, l = l + 1 == wide ? 0 : l + 1) {
         bn_vcoef k = bn_lane_coef(&w, l);
         NAME(value_out)(out + j, in + j, x ? x + j : NULL, &k, op);
     }
-    size_t ahead = BN_PREFETCH_BYTES / sizeof(T), n = p->s.outer * p->width;
+    /* from memory, x is read BN_LANES_PREFETCH_BYTES ahead */
+    size_t ahead = BN_LANES_PREFETCH_BYTES / sizeof(T), n = p->large ? p->s.outer * p->width : 0;
     for (; j + BN_LANES <= j1; j += BN_LANES) {
         if (j + ahead + BN_LANES <= n) {
             NAME(prefetch16)(in + j + ahead);
@@ -292,8 +289,8 @@ BN_INLINE void NAME(span_out)(T *out, const T *in, const T *x, const bn_work *w,
     for (size_t r = r0; r < r1; r++) {
         bn_vcoef k = bn_feature_coef(w, r % p->s.channels);
         size_t at = r * p->s.inner;
-        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, k, op, p->stream,
-                      p->s.outer * p->s.channels * p->s.inner - at);
+        size_t room = p->pipeline ? p->s.outer * p->s.channels * p->s.inner - at : 0;
+        NAME(row_out)(out + at, in + at, x ? x + at : NULL, p->s.inner, k, op, p->stream, room);
     }
 }
 
@@ -710,15 +707,8 @@ static void NAME(lane_sums)(double *restrict sum, double *restrict sum2, const T
                             const T *x, const double *restrict center, size_t wide, size_t r0,
                             size_t r1, size_t l0, size_t l1)
 {
-    size_t ahead = BN_PREFETCH_BYTES / (wide * sizeof(T)) + BN_LANE_ROWS; /* rows */
     for (size_t r = r0; r < r1; r += BN_LANE_ROWS) {
         size_t rows = r1 - r < BN_LANE_ROWS ? r1 - r : BN_LANE_ROWS;
-        for (size_t q = r + ahead; q < r + ahead + rows && q < r1; q++) {
-            NAME(prefetch_lines)(x + q * wide + l0, l1 - l0);
-            if (dy) {
-                NAME(prefetch_lines)(dy + q * wide + l0, l1 - l0);
-            }
-        }
         if (rows == BN_LANE_ROWS) {
             NAME(lane_rows)(sum, sum2, dy, x, center, wide, r * wide, BN_LANE_ROWS, l0, l1);
         }
@@ -836,7 +826,7 @@ static void NAME(bn_stats)(bn_partial *stats, double *work, const T *x, const do
 {
     /* stats[C]; x[outer][C][inner]; shift[C] or NULL */
     bn_plan p = bn_make_plan(s, sizeof(T), 0);
-    bn_work w = bn_work_of(work, &p);
+    bn_work w = bn_work_of(work, &p, NULL, sizeof(T));
     if (bn_count(s) == 0) {
         memset(stats, 0, s.channels * sizeof *stats);
         return;
@@ -871,7 +861,7 @@ static void NAME(bn_forward)(T *y, double *work, const T *x, const double *mean,
 {
     /* y, x [outer][C][inner]; mean, invstd, gamma, beta [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), y == x);
-    bn_work w = bn_work_of(work, &p);
+    bn_work w = bn_work_of(work, &p, y, sizeof(T));
     if (bn_count(s) == 0) {
         return;
     }
@@ -885,7 +875,7 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
 {
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), y == x);
-    bn_work w = bn_work_of(work, &p);
+    bn_work w = bn_work_of(work, &p, y, sizeof(T));
     if (p.lanes || !p.pipeline || bn_count(s) == 0) { /* two passes */
         NAME(bn_stats)(stats, work, x, NULL, s);
         bn_batch_moments(mean, invstd, stats, s.channels, eps);
@@ -909,7 +899,7 @@ static void NAME(bn_grad_sums)(double *dgamma, double *dbeta, double *work, cons
 {
     /* dgamma, dbeta, mean, invstd [C]; dy, x [outer][C][inner] */
     bn_plan p = bn_make_plan(s, sizeof(T), 0);
-    bn_work w = bn_work_of(work, &p);
+    bn_work w = bn_work_of(work, &p, NULL, sizeof(T));
     if (bn_count(s) == 0) {
         memset(dgamma, 0, s.channels * sizeof *dgamma);
         memset(dbeta, 0, s.channels * sizeof *dbeta);
@@ -940,7 +930,7 @@ static void NAME(bn_backward_dx)(T *dx, double *work, const T *dy, const T *x,
 {
     /* dx, dy, x [outer][C][inner]; mean, invstd, gamma, dgamma, dbeta [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), dx == dy || dx == x);
-    bn_work w = bn_work_of(work, &p);
+    bn_work w = bn_work_of(work, &p, dx, sizeof(T));
     if (bn_count(s) == 0) {
         return;
     }
@@ -955,7 +945,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
 {
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), dx == dy || dx == x);
-    bn_work w = bn_work_of(work, &p);
+    bn_work w = bn_work_of(work, &p, dx, sizeof(T));
     if (p.lanes || !p.pipeline || bn_count(s) == 0) { /* two passes */
         NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,
