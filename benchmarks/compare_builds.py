@@ -79,13 +79,12 @@ def load_core(directory, name):
     return module
 
 
-def core_runner(core, x, dy, axis, name):
-    """A call of `core`'s BatchNorm doing pass `name` into a preallocated output,
-    as bench._bnpy_runner does with bnpy's"""
+def core_runner(core, x, dy, axis, name, out):
+    """A call of `core`'s BatchNorm doing pass `name` into out, as
+    bench._bnpy_runner does with bnpy's"""
     import numpy as np
 
     bn = core.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
-    out = np.empty_like(x)
     if name == "forward-train":
         return lambda: bn.forward(x, out=out)
     if name == "forward-eval":
@@ -122,9 +121,14 @@ def time_in_one_process(directories, shapes, repeats, axis, dtype, passes):
         x = rng.standard_normal(shape).astype(dtype)
         dy = rng.standard_normal(shape).astype(dtype)
         copied = np.empty_like(x)
+        # one output for every version, so that all write the same pages (arrays
+        # of their own could differ in how they lie on pages, huge or not)
+        out = np.empty_like(x)
         key = "x".join(map(str, shape))
         for name in passes:
-            runners = {spec: core_runner(core, x, dy, axis, name) for spec, core in cores.items()}
+            runners = {
+                spec: core_runner(core, x, dy, axis, name, out) for spec, core in cores.items()
+            }
             for _ in range(repeats):
                 for spec, run in runners.items():
                     start = time.perf_counter()
