@@ -179,26 +179,37 @@ BN_INLINE void NAME(add_sums)(bn_vec acc[BN_K], bn_vec acc2[BN_K], const T *dy, 
 
 /* ---- elementwise passes ------------------------------------------------------ */
 
-/* out[0] <- op(in, x) with the coefficients in lane 0 of k */
+/* out[0] <- op(in, x) with the coefficients in lane 0 of k, in doubles: the
+ * operations of a vector's (bn_apply), in the same order */
 BN_INLINE void NAME(value_out)(T *out, const T *in, const T *x, const bn_vcoef *k, bn_op op)
 {
-    double value[BN_W];
-    bn_vec xv = bn_splat(op == BN_DX_TRAIN ? NAME(get)(*x) : 0.0);
-    bn_store_wide(value, bn_apply(op, bn_splat(NAME(get)(*in)), xv, k));
-    *out = NAME(put)(value[0]);
+    double xv = op == BN_DX_TRAIN ? NAME(get)(*x) : 0.0;
+    *out = NAME(put)(BN_APPLY(op, NAME(get)(*in), xv, bn_first(k->mean), bn_first(k->scale),
+                              bn_first(k->shift), bn_first(k->dev)));
 }
 
-/* out[from .. to) <- op(in, x) with one feature's coefficients k, of a row
- * of n values: from whole vectors of the row when it has them (whole loads;
- * loads of values just stored as parts would stall), rounded to T aside and
- * copied value by value, else one value at a time (value_out) */
+/* out[from .. to) <- op(in, x) with one feature's coefficients k, value by
+ * value: the ends of a row around its whole vectors */
+BN_INLINE void NAME(values_out)(T *out, const T *in, const T *x, size_t from, size_t to,
+                                const bn_vcoef *k, bn_op op)
+{
+    for (size_t h = from; h < to; h++) {
+        NAME(value_out)(out + h, in + h, x ? x + h : NULL, k, op);
+    }
+}
+
+/* the same for the pipeline's row ends (pipeline_row), of a row of n values:
+ * from whole vectors of the row when it has them, rounded to T aside and
+ * copied; value by value proved slower in the pipeline, which computes as
+ * much as it moves (benchmarks/NOTES.md) */
 BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t from,
                               size_t to, const bn_vcoef *k, bn_op op)
 {
-    for (size_t h = from; h < to && n < BN_LANES; h++) {
-        NAME(value_out)(out + h, in + h, x ? x + h : NULL, k, op);
+    if (n < BN_LANES) {
+        NAME(values_out)(out, in, x, from, to, k, op);
+        return;
     }
-    for (size_t h = from; h < to && n >= BN_LANES; h += BN_LANES) {
+    for (size_t h = from; h < to; h += BN_LANES) {
         size_t at = h + BN_LANES <= n ? h : n - BN_LANES, end = h + BN_LANES < to ? h + BN_LANES
                                                                                  : to;
         bn_vec all[BN_K];
@@ -223,7 +234,7 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef
                              int stream, size_t room)
 {
     size_t i = stream ? NAME(stream_head)(out, n) : 0;
-    NAME(some_out)(out, in, x, n, 0, i, &k, op);
+    NAME(values_out)(out, in, x, 0, i, &k, op);
     size_t ahead = BN_PREFETCH_BYTES / sizeof(T);
     for (; i + BN_LANES <= n; i += BN_LANES) {
         if (i + ahead + BN_LANES <= room) {
@@ -234,7 +245,7 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef
         }
         NAME(out16)(out + i, in + i, x ? x + i : NULL, &k, 0, op, stream);
     }
-    NAME(some_out)(out, in, x, n, i, n, &k, op);
+    NAME(values_out)(out, in, x, i, n, &k, op);
 }
 
 /* out[j0 .. j1) <- op(in, x) for x seen as one sequence of wide rows: value j

@@ -246,16 +246,26 @@ typedef struct {
     bn_vec mean, scale, shift, dev;
 } bn_vcoef;
 
-/* op on one vector: in is x (normalize) or dy; x is used by BN_DX_TRAIN */
+/* op (bn_op) on doubles or on vectors: in is x (normalize) or dy; x is used by
+ * BN_DX_TRAIN */
+#define BN_APPLY(op, in, x, mean, scale, shift, dev)                                       \
+    ((op) == BN_DX_TRAIN    ? (scale) * (((in) - (shift)) - ((x) - (mean)) * (dev))         \
+     : (op) == BN_NORMALIZE ? ((in) - (mean)) * (scale) + (shift)                          \
+                            : (in) * (scale))
+
 BN_INLINE bn_vec bn_apply(bn_op op, bn_vec in, bn_vec x, const bn_vcoef *k)
 {
-    if (op == BN_DX_TRAIN) {
-        return k->scale * ((in - k->shift) - (x - k->mean) * k->dev);
-    }
-    if (op == BN_NORMALIZE) {
-        return (in - k->mean) * k->scale + k->shift;
-    }
-    return in * k->scale;
+    return BN_APPLY(op, in, x, k->mean, k->scale, k->shift, k->dev);
+}
+
+/* lane 0 of v */
+BN_INLINE double bn_first(bn_vec v)
+{
+#if BN_W == 1
+    return v;
+#else
+    return v[0];
+#endif
 }
 
 /* the coefficients of feature c from the four arrays of a bn_work, alike in
