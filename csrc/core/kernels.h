@@ -220,8 +220,12 @@ BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t 
             all[q] = bn_apply(op, NAME(load)(in + v), xv, k);
         }
         NAME(store16)(part, all, 0);
-        for (size_t j = h; j < end; j++) {
-            out[j] = part[j - at];
+        /* values h .. end in pieces of fixed sizes: copies the compiler inlines */
+        for (size_t piece = BN_LANES, j = h; piece > 0; piece /= 2) {
+            if ((end - h) & piece) {
+                memcpy(out + j, part + (j - at), piece * sizeof(T));
+                j += piece;
+            }
         }
     }
 }
