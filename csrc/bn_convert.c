@@ -339,6 +339,13 @@ static PyArrayObject *as_real_array(PyObject *obj, const char *name)
     return arr;
 }
 
+/* the dtype the kernels compute data of dtype `type` in: its own when they
+ * have kernels for it, else float64 */
+static int compute_type(int type)
+{
+    return (type == NPY_FLOAT || type == NPY_DOUBLE || bn_is_half(type)) ? type : NPY_DOUBLE;
+}
+
 int bn_compute_typenum(PyObject *obj, const char *name)
 {
     PyArrayObject *arr = as_real_array(obj, name);
@@ -347,7 +354,7 @@ int bn_compute_typenum(PyObject *obj, const char *name)
     }
     int type = PyArray_TYPE(arr);
     Py_DECREF(arr);
-    return (type == NPY_FLOAT || type == NPY_DOUBLE || bn_is_half(type)) ? type : NPY_DOUBLE;
+    return compute_type(type);
 }
 
 int bn_is_dense(PyArrayObject *arr)
@@ -443,9 +450,7 @@ PyArrayObject *bn_as_compute_data(PyObject *obj, const char *name)
     if (src == NULL) {
         return NULL;
     }
-    int type = PyArray_TYPE(src);
-    int keep = type == NPY_FLOAT || type == NPY_DOUBLE || bn_is_half(type);
-    return data_of(src, keep ? type : NPY_DOUBLE, NULL);
+    return data_of(src, compute_type(PyArray_TYPE(src)), NULL);
 }
 
 PyArrayObject *bn_as_layer_data(PyObject *obj, int layer_typenum, const char *name,
