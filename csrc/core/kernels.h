@@ -891,7 +891,7 @@ static void NAME(bn_forward_train)(T *y, bn_partial *stats, double *mean, double
     /* y, x [outer][C][inner]; stats, mean, invstd, gamma, beta [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), y == x);
     bn_work w = bn_work_of(work, &p, y, sizeof(T));
-    if (p.lanes || !p.pipeline || bn_count(s) == 0) { /* two passes */
+    if (!p.pipeline || bn_count(s) == 0) { /* two passes (lanes plans have no pipeline) */
         NAME(bn_stats)(stats, work, x, NULL, s);
         bn_batch_moments(mean, invstd, stats, s.channels, eps);
         NAME(coefficients)(&w, BN_NORMALIZE, mean, invstd, gamma, beta, NULL, NULL, 0.0, &p);
@@ -961,7 +961,7 @@ static void NAME(bn_backward)(T *dx, double *dgamma, double *dbeta, double *work
     /* dx, dy, x [outer][C][inner]; dgamma, dbeta, mean, invstd, gamma [C] */
     bn_plan p = bn_make_plan(s, sizeof(T), dx == dy || dx == x);
     bn_work w = bn_work_of(work, &p, dx, sizeof(T));
-    if (p.lanes || !p.pipeline || bn_count(s) == 0) { /* two passes */
+    if (!p.pipeline || bn_count(s) == 0) { /* two passes (lanes plans have no pipeline) */
         NAME(bn_grad_sums)(dgamma, dbeta, work, dy, x, mean, invstd, s);
         NAME(bn_backward_dx)(dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta,
                              (double)bn_count(s), s, training);
