@@ -7,7 +7,9 @@ Each argument is a git revision of this repository (exported with
 `git archive` and built in a temporary directory) or a directory holding a
 built bnpy. Every round runs one Python process per version, in turn, and
 each process times bnpy's passes at 1 thread (by default on NCHW float32
-shapes; `--axis -1` makes them channels-last, as the benchmark's NHWC case)
+shapes; `--axis -1` makes them channels-last, as the benchmark's NHWC case;
+`--dtype float16` or `bfloat16` times half x with a float32 layer, as the
+benchmark does)
 with that version's own benchmark runners (`bnpy.bench`), interleaved repeat by
 repeat with a copy of the same bytes (`np.copyto`). The table gives, per
 version, the median time and the median ratio to the copy of the same
@@ -51,7 +53,7 @@ from bnpy import bench
 
 bnpy.set_num_threads(1)
 shapes, passes, repeats = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
-axis, dtype = int(sys.argv[4]), np.dtype(sys.argv[5])
+axis, dtype = int(sys.argv[4]), bench._dtype(sys.argv[5])
 out = {}
 for shape in shapes:
     rng = np.random.default_rng(0)
@@ -84,7 +86,8 @@ def core_runner(core, x, dy, axis, name, out):
     bench._bnpy_runner does with bnpy's"""
     import numpy as np
 
-    bn = core.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
+    layer_dtype = np.float32 if x.dtype.itemsize == 2 else x.dtype  # halves: a float32 layer
+    bn = core.BatchNorm(x.shape[axis], axis=axis, dtype=layer_dtype)
     if name == "forward-train":
         return lambda: bn.forward(x, out=out)
     if name == "forward-eval":
@@ -104,6 +107,9 @@ def time_in_one_process(directories, shapes, repeats, axis, dtype, passes):
 
     import numpy as np
 
+    from bnpy.bench import _dtype
+
+    dtype = _dtype(dtype)
     cores = {
         spec: load_core(d, f"bnpy_version_{k}._core")
         for k, (spec, d) in enumerate(directories.items())
@@ -213,7 +219,9 @@ def main(argv=None):
         help="a Python list of shapes of x",
     )
     parser.add_argument("--axis", type=int, default=1, help="the feature axis (-1: channels-last)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16")
+    )
     parser.add_argument(
         "--passes",
         default=",".join(PASSES),

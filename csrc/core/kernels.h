@@ -67,13 +67,14 @@ BN_INLINE double NAME(get)(T x)
 
 BN_INLINE T NAME(put)(double v)
 {
-#if BN_HALF
-    T all[BN_W];
+#if BN_HALF == 10
     bn_halves h = BN_CONVERT(bn_to_f16(bn_splat(v)), bn_halves);
+    T all[BN_W];
     memcpy(all, &h, sizeof all);
-    if (BN_HALF == 7) {
-        NAME(store)(all, bn_splat(v));
-    }
+    return all[0];
+#elif BN_HALF == 7
+    T all[BN_W];
+    NAME(store)(all, bn_splat(v));
     return all[0];
 #else
     return (T)v;
