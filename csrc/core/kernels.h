@@ -199,10 +199,11 @@ BN_INLINE void NAME(values_out)(T *out, const T *in, const T *x, size_t from, si
     }
 }
 
-/* the same for the pipeline's row ends (pipeline_row), of a row of n values:
- * from whole vectors of the row when it has them, rounded to T aside and
- * copied; value by value proved slower in the pipeline, which computes as
- * much as it moves (benchmarks/NOTES.md) */
+/* the same for the row ends of the pipeline (pipeline_row) and of halves
+ * (row_out), of a row of n values: from whole vectors of the row when it has
+ * them, rounded to T aside and copied; value by value proved slower in the
+ * pipeline, which computes as much as it moves, and for halves
+ * (benchmarks/NOTES.md) */
 BN_INLINE void NAME(some_out)(T *out, const T *in, const T *x, size_t n, size_t from,
                               size_t to, const bn_vcoef *k, bn_op op)
 {
@@ -250,7 +251,12 @@ BN_INLINE void NAME(row_out)(T *out, const T *in, const T *x, size_t n, bn_vcoef
         }
         NAME(out16)(out + i, in + i, x ? x + i : NULL, &k, 0, op, stream);
     }
-    NAME(values_out)(out, in, x, i, n, &k, op);
+    if (BN_HALF) { /* a half's one-value conversions cost as much as a vector's */
+        NAME(some_out)(out, in, x, n, i, n, &k, op);
+    }
+    else {
+        NAME(values_out)(out, in, x, i, n, &k, op);
+    }
 }
 
 /* out[j0 .. j1) <- op(in, x) for x seen as one sequence of wide rows: value j
