@@ -98,7 +98,7 @@ bn_plan bn_make_plan(bn_shape s, size_t elem_size, int in_place)
         p.pipeline = s.inner >= BN_PIPELINE_ROW;
     }
     p.large = bn_count(s) * s.channels * elem_size > bn_cache_bytes() / 2;
-    /* halves are never streamed (store16): their rows need no head value by value */
+    /* not halves, which store16 never streams: their rows then skip a streamed head */
     p.stream = BN_STREAMS && elem_size >= sizeof(float) && p.large
                && (p.spread || s.inner * elem_size >= BN_STREAM_ROW_BYTES) && !in_place;
     if (bn_count(s) * s.channels >= BN_PARALLEL_MIN) {

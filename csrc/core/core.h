@@ -97,8 +97,8 @@ typedef struct {
     int spread;         /* lanes: the elementwise passes take the coefficients spread
                            over a wide row; else row by row, as planar ones do */
     int large;          /* x is larger than half the last-level cache: it comes from memory */
-    int stream;         /* outputs go past the caches: large, in runs of
-                           BN_STREAM_ROW_BYTES or more, not in place */
+    int stream;         /* outputs go past the caches: floats or doubles, large, in
+                           runs of BN_STREAM_ROW_BYTES or more, not in place */
 } bn_plan;
 
 /* the plan for x of shape s and elements of elem_size bytes, its output
