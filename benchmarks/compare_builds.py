@@ -86,7 +86,9 @@ def core_runner(core, x, dy, axis, name, out):
     bench._bnpy_runner does with bnpy's"""
     import numpy as np
 
-    layer_dtype = np.float32 if x.dtype.itemsize == 2 else x.dtype  # halves: a float32 layer
+    from bnpy.bench import _is_half
+
+    layer_dtype = np.float32 if _is_half(x.dtype) else x.dtype
     bn = core.BatchNorm(x.shape[axis], axis=axis, dtype=layer_dtype)
     if name == "forward-train":
         return lambda: bn.forward(x, out=out)
