@@ -170,32 +170,50 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
  *   summed in blocks of rows in bn_rows_workspace_size(s) doubles of work.
  *   dx may be dy or x itself. */
 #define BN_KERNELS_API(T, P, S)                                                              \
-    void bn_stats##S(bn_partial *stats, double *work, const T *x, const double *shift,      \
-                     bn_shape s);                                                           \
+    BN_HOT_KERNELS(BN_DECLARE, T, P, S)                                                     \
     void bn_running_moments##S(double *mean, double *invstd, const P *running_mean,         \
                                const P *running_var, size_t channels, double eps);          \
     void bn_update_running##S(P *running_mean, P *running_var, const bn_partial *stats,     \
                               size_t channels, double momentum);                            \
     void bn_set_running##S(P *running_mean, P *running_var, const bn_partial *stats,        \
-                           size_t channels);                                                \
-    void bn_forward_train##S(T *y, bn_partial *stats, double *mean, double *invstd,         \
-                             double *work, const T *x, const P *gamma, const P *beta,       \
-                             double eps, bn_shape s);                                       \
-    void bn_forward##S(T *y, double *work, const T *x, const double *mean,                  \
-                       const double *invstd, const P *gamma, const P *beta, bn_shape s);    \
-    void bn_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy,    \
-                        const T *x, const double *mean, const double *invstd,               \
-                        const P *gamma, bn_shape s, int training);                          \
-    void bn_grad_sums##S(double *dgamma, double *dbeta, double *work, const T *dy,          \
-                         const T *x, const double *mean, const double *invstd, bn_shape s); \
-    void bn_backward_dx##S(T *dx, double *work, const T *dy, const T *x, const double *mean, \
-                           const double *invstd, const P *gamma, const double *dgamma,     \
-                           const double *dbeta, double count, bn_shape s, int training);  \
-    void bn_rows_forward##S(T *y, double *mean, double *invstd, double *var, const T *x,    \
-                            const P *gamma, const P *beta, double eps, bn_rows s);          \
-    void bn_rows_backward##S(T *dx, double *dgamma, double *dbeta, double *work, const T *dy, \
-                             const T *x, const double *mean, const double *invstd,          \
-                             const P *gamma, bn_rows s);
+                           size_t channels);
+
+/* The kernels that each instruction-set build provides (core.c calls the
+ * chosen build's): X(name, parameters, arguments) for each */
+#define BN_HOT_KERNELS(X, T, P, S)                                                           \
+    X(bn_stats##S, (bn_partial *stats, double *work, const T *x, const double *shift,      \
+                    bn_shape s),                                                            \
+      (stats, work, x, shift, s))                                                           \
+    X(bn_forward_train##S,                                                                  \
+      (T *y, bn_partial *stats, double *mean, double *invstd, double *work, const T *x,     \
+       const P *gamma, const P *beta, double eps, bn_shape s),                              \
+      (y, stats, mean, invstd, work, x, gamma, beta, eps, s))                               \
+    X(bn_forward##S,                                                                        \
+      (T *y, double *work, const T *x, const double *mean, const double *invstd,           \
+       const P *gamma, const P *beta, bn_shape s),                                          \
+      (y, work, x, mean, invstd, gamma, beta, s))                                           \
+    X(bn_backward##S,                                                                       \
+      (T *dx, double *dgamma, double *dbeta, double *work, const T *dy, const T *x,         \
+       const double *mean, const double *invstd, const P *gamma, bn_shape s, int training), \
+      (dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, s, training))                   \
+    X(bn_grad_sums##S,                                                                      \
+      (double *dgamma, double *dbeta, double *work, const T *dy, const T *x,               \
+       const double *mean, const double *invstd, bn_shape s),                               \
+      (dgamma, dbeta, work, dy, x, mean, invstd, s))                                        \
+    X(bn_backward_dx##S,                                                                    \
+      (T *dx, double *work, const T *dy, const T *x, const double *mean,                    \
+       const double *invstd, const P *gamma, const double *dgamma, const double *dbeta,    \
+       double count, bn_shape s, int training),                                             \
+      (dx, work, dy, x, mean, invstd, gamma, dgamma, dbeta, count, s, training))            \
+    X(bn_rows_forward##S,                                                                   \
+      (T *y, double *mean, double *invstd, double *var, const T *x, const P *gamma,         \
+       const P *beta, double eps, bn_rows s),                                               \
+      (y, mean, invstd, var, x, gamma, beta, eps, s))                                       \
+    X(bn_rows_backward##S,                                                                  \
+      (T *dx, double *dgamma, double *dbeta, double *work, const T *dy, const T *x,         \
+       const double *mean, const double *invstd, const P *gamma, bn_rows s),                \
+      (dx, dgamma, dbeta, work, dy, x, mean, invstd, gamma, s))
+#define BN_DECLARE(name, parameters, arguments) void name parameters;
 
 BN_KERNELS_API(float, float, _f32)
 BN_KERNELS_API(double, double, _f64)

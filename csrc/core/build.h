@@ -56,12 +56,9 @@
 
 #define BN_BUILD(fn) BN_SUFFIXED(fn, BN_ISA)
 
-#define BN_KERNELS_NAMED(S)                                                         \
-    .stats##S = BN_BUILD(bn_stats##S), .forward_train##S = BN_BUILD(bn_forward_train##S), \
-    .forward##S = BN_BUILD(bn_forward##S), .backward##S = BN_BUILD(bn_backward##S),       \
-    .grad_sums##S = BN_BUILD(bn_grad_sums##S), .backward_dx##S = BN_BUILD(bn_backward_dx##S), \
-    .rows_forward##S = BN_BUILD(bn_rows_forward##S),                                        \
-    .rows_backward##S = BN_BUILD(bn_rows_backward##S)
+#define BN_TABLE_ENTRY(name, parameters, arguments) .name = BN_BUILD(name),
 
-const bn_kernel_table BN_TABLE = {BN_KERNELS_NAMED(_f32), BN_KERNELS_NAMED(_f64),
-                                  BN_KERNELS_NAMED(_f16), BN_KERNELS_NAMED(_bf16)};
+const bn_kernel_table BN_TABLE = {BN_HOT_KERNELS(BN_TABLE_ENTRY, float, float, _f32)
+                                  BN_HOT_KERNELS(BN_TABLE_ENTRY, double, double, _f64)
+                                  BN_HOT_KERNELS(BN_TABLE_ENTRY, uint16_t, float, _f16)
+                                  BN_HOT_KERNELS(BN_TABLE_ENTRY, uint16_t, float, _bf16)};

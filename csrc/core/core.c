@@ -350,35 +350,34 @@ static const bn_kernel_table *bn_kernels(void)
     return bn_builds[bn_get_isa()].kernels;
 }
 
-/* ---- entry points, per element type ------------------------------------------- */
+/* ---- entry points ---------------------------------------------------------------- */
 
-#define T float
+/* each hot kernel of bn.h calls the chosen build's */
+#define BN_ENTRY(name, parameters, arguments)                                              \
+    void name parameters                                                                    \
+    {                                                                                       \
+        bn_kernels()->name arguments;                                                       \
+    }
+BN_HOT_KERNELS(BN_ENTRY, float, float, _f32)
+BN_HOT_KERNELS(BN_ENTRY, double, double, _f64)
+BN_HOT_KERNELS(BN_ENTRY, uint16_t, float, _f16)
+BN_HOT_KERNELS(BN_ENTRY, uint16_t, float, _bf16)
+
+/* the per-feature functions, on the parameters' type P */
 #define P float
 #define NAME(fn) fn##_f32
-#include "entry.h"
 #include "running.h"
-#undef T
-#undef P
 #undef NAME
-
-#define T double
-#define P double
-#define NAME(fn) fn##_f64
-#include "entry.h"
-#include "running.h"
-#undef T
-#undef P
-#undef NAME
-
-#define T uint16_t
-#define P float
 #define NAME(fn) fn##_f16
-#include "entry.h"
 #include "running.h"
 #undef NAME
 #define NAME(fn) fn##_bf16
-#include "entry.h"
 #include "running.h"
-#undef T
+#undef P
+#undef NAME
+
+#define P double
+#define NAME(fn) fn##_f64
+#include "running.h"
 #undef P
 #undef NAME

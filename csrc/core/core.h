@@ -259,32 +259,15 @@ static inline void bn_absorb(bn_partial *p, double added, double center, double 
     bn_absorb_lanes(&p->count, &p->mean, &p->m2, &center, &no_shift, &sum, &sum2, added, 0, 1);
 }
 
-/* The hot kernels of bn.h for element type T as one build provides them
- * (build.h), with the names of the fields of bn_kernel_table; core.c calls
- * the best build the CPU runs. */
-#define BN_KERNELS_OF(T, P, SUFFIX)                                                         \
-    void (*stats##SUFFIX)(bn_partial *, double *, const T *, const double *, bn_shape);     \
-    void (*forward_train##SUFFIX)(T *, bn_partial *, double *, double *, double *,           \
-                                  const T *, const P *, const P *, double, bn_shape);       \
-    void (*forward##SUFFIX)(T *, double *, const T *, const double *, const double *,         \
-                            const P *, const P *, bn_shape);                                \
-    void (*backward##SUFFIX)(T *, double *, double *, double *, const T *, const T *,         \
-                             const double *, const double *, const P *, bn_shape, int);     \
-    void (*grad_sums##SUFFIX)(double *, double *, double *, const T *, const T *,            \
-                              const double *, const double *, bn_shape);                    \
-    void (*backward_dx##SUFFIX)(T *, double *, const T *, const T *, const double *,          \
-                                const double *, const P *, const double *, const double *,  \
-                                double, bn_shape, int);                                     \
-    void (*rows_forward##SUFFIX)(T *, double *, double *, double *, const T *, const P *,      \
-                                 const P *, double, bn_rows);                               \
-    void (*rows_backward##SUFFIX)(T *, double *, double *, double *, const T *, const T *,      \
-                                  const double *, const double *, const P *, bn_rows);
-
+/* The hot kernels of bn.h (BN_HOT_KERNELS) as one build provides them
+ * (build.h), each field named as the kernel; core.c calls the best build the
+ * CPU runs. */
+#define BN_FIELD(name, parameters, arguments) void(*name) parameters;
 typedef struct {
-    BN_KERNELS_OF(float, float, _f32)
-    BN_KERNELS_OF(double, double, _f64)
-    BN_KERNELS_OF(uint16_t, float, _f16)
-    BN_KERNELS_OF(uint16_t, float, _bf16)
+    BN_HOT_KERNELS(BN_FIELD, float, float, _f32)
+    BN_HOT_KERNELS(BN_FIELD, double, double, _f64)
+    BN_HOT_KERNELS(BN_FIELD, uint16_t, float, _f16)
+    BN_HOT_KERNELS(BN_FIELD, uint16_t, float, _bf16)
 } bn_kernel_table;
 
 /* The builds: always one for the compiler's default target; on x86-64 with
