@@ -180,8 +180,8 @@ void bn_spread(double *wide, const double *values, const bn_plan *p)
 {
     size_t inner = p->s.inner;
     /* back to front: in place (wide == values), no value is overwritten before
-       it is read */
-    for (size_t c = p->s.channels; c-- > 0;) {
+       it is read; in place with one lane a feature, every value is in its lane */
+    for (size_t c = p->s.channels; c-- > 0 && (inner > 1 || wide != values);) {
         double v = values[c];
         for (size_t i = inner; i-- > 0;) {
             wide[c * inner + i] = v;
