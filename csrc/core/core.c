@@ -271,7 +271,11 @@ void bn_batch_moments(double *mean, double *invstd, const bn_partial *stats,
     for (size_t c = 0; c < channels; c++) {
         double var = stats[c].count > 0.0 ? stats[c].m2 / stats[c].count : 0.0;
         mean[c] = stats[c].mean;
-        invstd[c] = 1.0 / sqrt(var + eps);
+        invstd[c] = var;
+    }
+    /* the roots in a loop of their own, which the compiler vectorizes */
+    for (size_t c = 0; c < channels; c++) {
+        invstd[c] = 1.0 / sqrt(invstd[c] + eps);
     }
 }
 

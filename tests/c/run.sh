@@ -29,7 +29,7 @@ includes=()
 while IFS= read -r dir; do
     includes+=(-I"$dir")
 done < <(for source in "${core_sources[@]}"; do dirname "$source"; done | sort -u)
-flags=(-std=c11 -O2 -g -ffp-contract=off -Wall -Wextra -Werror -pedantic -fopenmp)
+flags=(-std=c11 -O2 -g -ffp-contract=off -fno-math-errno -Wall -Wextra -Werror -pedantic -fopenmp)
 
 cc="${CC:-cc}"
 runner=() # what runs a test binary: nothing natively, qemu for aarch64
